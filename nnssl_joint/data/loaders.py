@@ -1,0 +1,399 @@
+"""Data loaders of augmented slice views and volume views over nnU-Net preprocessed data (METHOD.md, "Data").
+
+The pretraining dataset is nnU-Net's preprocessed 2D-type configuration: every case is (C, Z, Y, X), a 2D
+image has Z == 1, a volume keeps all its slices, and the segmentation is a dummy. The loaders subclass
+:class:`nnUNetDataLoader` and reuse its random patch placement (``get_bbox``), cropping with padding
+(``crop_and_pad_nd``) and case loading, so they run inside nnU-Net's ``NonDetMultiThreadedAugmenter`` or
+``SingleThreadedAugmenter`` with ``transform=None`` (augmentation happens in the loader, per view).
+
+Batch layouts (float32 unless noted):
+
+- :class:`SliceViewsLoader`: ``{'global_views': (B, 2, C, h, w), 'small_views': (B, M, C, hs, ws) or None,
+  'keys': list of B case ids, 'slice_index': (B,) int64}``. Item b is slice ``slice_index[b]`` of case
+  ``keys[b]`` (0 for 2D images).
+- :class:`VolumeViewsLoader`: ``{'views': (B, 2, C, N, h, w), 'valid': (B, N) bool, 'keys': list of B case
+  ids, 'slice_start': (B,) int64}``. Window position n holds slice ``slice_start[b] + n``; it is padding
+  (all zero, ``valid`` False) where that slice does not exist.
+- :class:`JointLoader`: ``{'slices': <slice batch>, 'volumes': <volume batch or None>}``.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from dataclasses import replace
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
+from batchgenerators.dataloading.data_loader import DataLoader
+from batchgeneratorsv2.transforms.base.basic_transform import BasicTransform
+from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
+from nnunetv2.training.dataloading.nnunet_dataset import (
+    nnUNetBaseDataset,
+    nnUNetDatasetBlosc2,
+    nnUNetDatasetNumpy,
+)
+from nnunetv2.utilities.label_handling.label_handling import LabelManager
+from threadpoolctl import threadpool_limits
+
+from nnssl_joint.data.augment import (
+    STRONG,
+    ViewAugmentationConfig,
+    slice_view_transforms,
+    volume_view_transforms,
+)
+from nnssl_joint.errors import NnsslJointError
+
+__all__ = [
+    "GlobalIndex",
+    "JointLoader",
+    "SliceViewsLoader",
+    "VolumeViewsLoader",
+    "case_sampling_probabilities",
+    "case_shape",
+    "dataset_summary",
+]
+
+SMALL_VIEW_CROP_AREA = (0.05, 0.25)
+"""Default area fraction of the initial patch covered by a small (multi-crop) view, as in SwAV."""
+
+
+# ----------------------------------------------------------------------------------------------- shapes
+def case_shape(dataset: nnUNetBaseDataset, identifier: str) -> tuple[int, ...]:
+    """Shape (C, Z, Y, X) of a preprocessed case, read from the file header without decompressing the data.
+
+    nnU-Net's properties pkl only knows the shape before resampling, so the array itself is asked: blosc2
+    opens lazily; .npy is memory-mapped; inside a .npz the header of data.npy is read from the zip member.
+    """
+    folder = dataset.source_folder
+    if isinstance(dataset, nnUNetDatasetBlosc2):
+        import blosc2
+
+        return tuple(int(i) for i in blosc2.open(os.path.join(folder, identifier + ".b2nd"), mode="r").shape)
+    if isinstance(dataset, nnUNetDatasetNumpy):
+        npy = os.path.join(folder, identifier + ".npy")
+        if os.path.isfile(npy):
+            return tuple(int(i) for i in np.load(npy, mmap_mode="r").shape)
+        with zipfile.ZipFile(os.path.join(folder, identifier + ".npz")) as archive, archive.open("data.npy") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            shape, _, _ = read_header(f)
+        return tuple(int(i) for i in shape)
+    return tuple(int(i) for i in dataset.load_case(identifier)[0].shape)
+
+
+def dataset_summary(dataset: nnUNetBaseDataset) -> dict:
+    """Shapes of all cases of a preprocessed dataset, JSON-serialisable, for the trainer's self-configuration.
+
+    Returns ``{'cases': {id: {'n_slices', 'shape_in_plane': [Y, X], 'n_channels', 'is_2d'}},
+    'n_cases', 'n_cases_2d', 'n_cases_3d', 'n_slices_total', 'n_slices_3d', 'n_channels',
+    'median_shape_in_plane': [Y, X] (over all cases), 'median_shape_3d': [Z, Y, X] or None (volumes only)}``.
+    A case is 2D when Z == 1.
+    """
+    cases = {}
+    for identifier in dataset.identifiers:
+        shape = case_shape(dataset, identifier)
+        if len(shape) != 4:
+            raise NnsslJointError(f"case {identifier} in {dataset.source_folder} has shape {shape}; expected "
+                                  f"(C, Z, Y, X) from a 2d-type nnU-Net configuration")
+        cases[identifier] = {"n_slices": shape[1], "shape_in_plane": list(shape[2:]), "n_channels": shape[0],
+                             "is_2d": shape[1] == 1}
+    if not cases:
+        raise NnsslJointError(f"no preprocessed cases in {dataset.source_folder}")
+    channels = {c["n_channels"] for c in cases.values()}
+    if len(channels) != 1:
+        raise NnsslJointError(f"cases of {dataset.source_folder} differ in channel count {sorted(channels)}")
+    volumes = [c for c in cases.values() if not c["is_2d"]]
+    in_plane = np.array([c["shape_in_plane"] for c in cases.values()])
+    median_3d = (np.median([[c["n_slices"], *c["shape_in_plane"]] for c in volumes], axis=0).tolist()
+                 if volumes else None)
+    return {
+        "cases": cases,
+        "n_cases": len(cases),
+        "n_cases_2d": len(cases) - len(volumes),
+        "n_cases_3d": len(volumes),
+        "n_slices_total": int(sum(c["n_slices"] for c in cases.values())),
+        "n_slices_3d": int(sum(c["n_slices"] for c in volumes)),
+        "n_channels": channels.pop(),
+        "median_shape_in_plane": np.median(in_plane, axis=0).tolist(),
+        "median_shape_3d": median_3d,
+    }
+
+
+def _slices_per_case(summary: Mapping) -> dict[str, int]:
+    return {k: v["n_slices"] for k, v in summary["cases"].items()}
+
+
+# --------------------------------------------------------------------------------------------- sampling
+def case_sampling_probabilities(dataset: nnUNetBaseDataset | Sequence[str],
+                                slices_per_case: Mapping[str, int] | None = None,
+                                weight_2d_fraction: float | None = None) -> np.ndarray:
+    """Probabilities of drawing each case (in ``dataset.identifiers`` order) for :class:`SliceViewsLoader`.
+
+    The slice loader draws a case with these probabilities and then one of its slices uniformly, so a slice
+    of a Z-slice case is drawn with probability p_case / Z. With ``weight_2d_fraction=None`` p_case is
+    proportional to Z: every volume slice and every 2D image is equally likely (a 2D image counts as one
+    slice). With a fraction f in [0, 1), the 2D images together get at least mass f (shared equally among
+    them) and the volumes the rest, still proportional to their slice counts, so a dataset dominated by
+    volume slices does not drown its 2D images; when the proportional mass already exceeds f it is kept.
+    Every case keeps a positive probability, so every slice is used. ``slices_per_case`` defaults to the
+    shapes on disk (:func:`dataset_summary`).
+    """
+    identifiers = list(dataset.identifiers if isinstance(dataset, nnUNetBaseDataset) else dataset)
+    if slices_per_case is None:
+        if not isinstance(dataset, nnUNetBaseDataset):
+            raise NnsslJointError("slices_per_case is needed when only case identifiers are given")
+        slices_per_case = _slices_per_case(dataset_summary(dataset))
+    missing = [i for i in identifiers if i not in slices_per_case]
+    if missing:
+        raise NnsslJointError(f"slices_per_case lacks cases {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    counts = np.array([int(slices_per_case[i]) for i in identifiers], dtype=np.float64)
+    if len(counts) == 0 or np.any(counts < 1):
+        raise NnsslJointError("every case needs at least one slice, and there must be at least one case")
+    probabilities = counts / counts.sum()
+    if weight_2d_fraction is None:
+        return probabilities
+    if not 0.0 <= weight_2d_fraction < 1.0:
+        raise NnsslJointError(f"weight_2d_fraction must be in [0, 1) (or None for proportional sampling), got "
+                              f"{weight_2d_fraction}; 1 would never draw a volume slice")
+    is_2d = counts == 1
+    if not is_2d.any() or is_2d.all() or probabilities[is_2d].sum() >= weight_2d_fraction:
+        return probabilities
+    probabilities[is_2d] = weight_2d_fraction / is_2d.sum()
+    probabilities[~is_2d] = (1.0 - weight_2d_fraction) * counts[~is_2d] / counts[~is_2d].sum()
+    return probabilities
+
+
+class GlobalIndex:
+    """Maps (case id, slice index) to one integer in [0, total number of slices), e.g. for memory banks.
+
+    Cases are ordered by sorted id and each gets a contiguous block as long as its slice count, so two
+    distinct slices never share an index (case ids are unique within a merged dataset, whatever the source
+    dataset). :meth:`case_index` numbers the cases themselves (for volume-level memory banks).
+    """
+
+    def __init__(self, slices_per_case: Mapping[str, int]):
+        self.case_ids = sorted(slices_per_case)
+        counts = np.array([int(slices_per_case[c]) for c in self.case_ids], dtype=np.int64)
+        if len(counts) == 0 or np.any(counts < 1):
+            raise NnsslJointError("GlobalIndex needs at least one case and at least one slice per case")
+        starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
+        self._starts = starts
+        self._offset = dict(zip(self.case_ids, starts.tolist()))
+        self._count = dict(zip(self.case_ids, counts.tolist()))
+        self._case_position = {c: i for i, c in enumerate(self.case_ids)}
+        self.total = int(counts.sum())
+
+    @classmethod
+    def from_summary(cls, summary: Mapping) -> "GlobalIndex":
+        return cls(_slices_per_case(summary))
+
+    def __len__(self) -> int:
+        return self.total
+
+    def _check(self, key: str) -> None:
+        if key not in self._offset:
+            raise NnsslJointError(f"case {key!r} is not in this GlobalIndex ({len(self.case_ids)} cases)")
+
+    def __call__(self, keys: Sequence[str], slice_index: torch.Tensor | Sequence[int]) -> torch.Tensor:
+        """Global indices (int64 tensor) of ``slice_index[b]`` of case ``keys[b]``."""
+        slices = torch.as_tensor(slice_index, dtype=torch.int64).reshape(-1).tolist()
+        if len(slices) != len(keys):
+            raise NnsslJointError(f"{len(keys)} keys but {len(slices)} slice indices")
+        out = []
+        for key, s in zip(keys, slices):
+            self._check(key)
+            if not 0 <= s < self._count[key]:
+                raise NnsslJointError(f"slice {s} out of range for case {key!r} with {self._count[key]} slices")
+            out.append(self._offset[key] + s)
+        return torch.tensor(out, dtype=torch.int64)
+
+    def case_index(self, keys: Sequence[str]) -> torch.Tensor:
+        """Position of each case in sorted id order (int64 tensor)."""
+        for key in keys:
+            self._check(key)
+        return torch.tensor([self._case_position[k] for k in keys], dtype=torch.int64)
+
+    def lookup(self, index: int) -> tuple[str, int]:
+        """Inverse mapping: (case id, slice index) of a global index."""
+        if not 0 <= index < self.total:
+            raise NnsslJointError(f"global index {index} out of range [0, {self.total})")
+        position = int(np.searchsorted(self._starts, index, side="right")) - 1
+        case = self.case_ids[position]
+        return case, int(index - self._offset[case])
+
+
+# ------------------------------------------------------------------------------------------------ loaders
+def _dummy_label_manager() -> LabelManager:
+    # nnUNetDataLoader only reads the label list and the ignore flag; SSL data have no labels
+    return LabelManager({"background": 0}, regions_class_order=None)
+
+
+def _pair(value: Sequence[int], name: str) -> tuple[int, int]:
+    if len(value) != 2 or any(int(v) < 1 for v in value):
+        raise NnsslJointError(f"{name} must be two positive ints (h, w), got {tuple(value)}")
+    return int(value[0]), int(value[1])
+
+
+def _initial_patch(patch_size: Sequence[int] | None, view_size: tuple[int, int]) -> tuple[int, int]:
+    return _pair(patch_size, "patch_size") if patch_size is not None else (2 * view_size[0], 2 * view_size[1])
+
+
+class SliceViewsLoader(nnUNetDataLoader):
+    """Batches of 2D items (2D images and single slices of volumes), each in several augmented views.
+
+    Per item: a case drawn with ``sampling_probabilities`` (see :func:`case_sampling_probabilities`; None is
+    uniform over cases), one of its slices uniformly, an in-plane ``patch_size`` crop at a uniform random
+    position (zero-padded where the image is smaller; default twice ``view_size``), then 2 global views of
+    ``view_size`` and ``n_small_views`` small views of ``small_view_size`` (multi-crop), each the result of
+    its own random draw of the view pipeline (:func:`slice_view_transforms`). Crop areas are fractions of
+    the initial patch: ``config.crop_area`` for global views, ``small_crop_area`` for small ones.
+    Batch layout: see the module docstring.
+    """
+
+    def __init__(self, data: nnUNetBaseDataset, batch_size: int, view_size: Sequence[int],
+                 patch_size: Sequence[int] | None = None, n_small_views: int = 0,
+                 small_view_size: Sequence[int] | None = None,
+                 sampling_probabilities: Sequence[float] | np.ndarray | None = None,
+                 config: ViewAugmentationConfig = STRONG,
+                 small_crop_area: Sequence[float] = SMALL_VIEW_CROP_AREA,
+                 global_transforms: BasicTransform | None = None,
+                 small_transforms: BasicTransform | None = None,
+                 label_manager: LabelManager | None = None):
+        view_size = _pair(view_size, "view_size")
+        patch = _initial_patch(patch_size, view_size)
+        if sampling_probabilities is not None:
+            sampling_probabilities = _check_probabilities(sampling_probabilities, len(data.identifiers))
+        super().__init__(data, batch_size, patch, patch, label_manager or _dummy_label_manager(),
+                         oversample_foreground_percent=0.0, sampling_probabilities=sampling_probabilities)
+        if n_small_views < 0:
+            raise NnsslJointError(f"n_small_views must be >= 0, got {n_small_views}")
+        self.view_size = view_size
+        self.n_small_views = int(n_small_views)
+        self.small_view_size = (_pair(small_view_size, "small_view_size") if small_view_size is not None
+                                else (max(1, view_size[0] // 2), max(1, view_size[1] // 2)))
+        self.global_transforms = global_transforms or slice_view_transforms(view_size, config=config)
+        self.small_transforms = None
+        if self.n_small_views:
+            self.small_transforms = small_transforms or slice_view_transforms(
+                self.small_view_size, config=_with_area(config, small_crop_area))
+
+    def generate_train_batch(self) -> dict:
+        keys = [str(k) for k in self.get_indices()]
+        batch = len(keys)
+        global_views = small_views = None
+        slice_index = torch.empty(batch, dtype=torch.int64)
+        with torch.no_grad(), threadpool_limits(limits=1, user_api=None):
+            for j, key in enumerate(keys):
+                data = self._data.load_case(key)[0]
+                lbs, ubs = self.get_bbox(data.shape[1:], False, None)
+                patch = torch.from_numpy(crop_and_pad_nd(data, [[a, b] for a, b in zip(lbs, ubs)], 0))
+                patch = patch.float()[:, 0]
+                slice_index[j] = lbs[0]
+                if global_views is None:
+                    channels = patch.shape[0]
+                    global_views = torch.empty((batch, 2, channels, *self.view_size))
+                    if self.n_small_views:
+                        small_views = torch.empty((batch, self.n_small_views, channels, *self.small_view_size))
+                for v in range(2):
+                    global_views[j, v] = self.global_transforms(image=patch.clone())["image"]
+                for v in range(self.n_small_views):
+                    small_views[j, v] = self.small_transforms(image=patch.clone())["image"]
+        return {"global_views": global_views, "small_views": small_views, "keys": keys,
+                "slice_index": slice_index}
+
+
+class VolumeViewsLoader(nnUNetDataLoader):
+    """Batches of volume windows (N contiguous slices), each in 2 augmented views with slice correspondence.
+
+    Only cases with at least 2 slices are drawn (``sampling_probabilities`` is over those, in
+    ``self.indices`` order; None is uniform). The window start is uniform over the positions that fit; a
+    volume shorter than N is centred in the window and padded (nnU-Net's ``get_bbox``), never dropped: the
+    padded positions are zero in both views and False in ``valid``. The in-plane crop works as in
+    :class:`SliceViewsLoader`; the views come from :func:`volume_view_transforms`.
+    Batch layout: see the module docstring.
+    """
+
+    def __init__(self, data: nnUNetBaseDataset, batch_size: int, n_slices: int, view_size: Sequence[int],
+                 patch_size: Sequence[int] | None = None,
+                 sampling_probabilities: Sequence[float] | np.ndarray | None = None,
+                 config: ViewAugmentationConfig = STRONG,
+                 transforms: BasicTransform | None = None,
+                 summary: Mapping | None = None,
+                 label_manager: LabelManager | None = None):
+        if n_slices < 1:
+            raise NnsslJointError(f"n_slices must be >= 1, got {n_slices}")
+        view_size = _pair(view_size, "view_size")
+        patch = _initial_patch(patch_size, view_size)
+        summary = summary if summary is not None else dataset_summary(data)
+        volumes = [k for k in data.identifiers if summary["cases"][k]["n_slices"] >= 2]
+        if not volumes:
+            raise NnsslJointError(f"no volumes (cases with >= 2 slices) in {data.source_folder}: a 2D-only "
+                                  f"dataset has no volume batches; pass volume_loader=None to JointLoader")
+        if sampling_probabilities is not None:
+            sampling_probabilities = _check_probabilities(sampling_probabilities, len(volumes))
+        super().__init__(data, batch_size, (int(n_slices), *patch), (int(n_slices), *patch),
+                         label_manager or _dummy_label_manager(), oversample_foreground_percent=0.0,
+                         sampling_probabilities=sampling_probabilities)
+        self.indices = volumes
+        self.n_slices = int(n_slices)
+        self.view_size = view_size
+        self.transforms = transforms or volume_view_transforms(view_size, config=config)
+
+    def generate_train_batch(self) -> dict:
+        keys = [str(k) for k in self.get_indices()]
+        batch = len(keys)
+        views = None
+        valid = torch.empty((batch, self.n_slices), dtype=torch.bool)
+        slice_start = torch.empty(batch, dtype=torch.int64)
+        positions = torch.arange(self.n_slices)
+        with torch.no_grad(), threadpool_limits(limits=1, user_api=None):
+            for j, key in enumerate(keys):
+                data = self._data.load_case(key)[0]
+                lbs, ubs = self.get_bbox(data.shape[1:], False, None)
+                stack = torch.from_numpy(crop_and_pad_nd(data, [[a, b] for a, b in zip(lbs, ubs)], 0)).float()
+                slice_start[j] = lbs[0]
+                valid[j] = (positions + lbs[0] >= 0) & (positions + lbs[0] < data.shape[1])
+                if views is None:
+                    views = torch.empty((batch, 2, stack.shape[0], self.n_slices, *self.view_size))
+                for v in range(2):
+                    view = self.transforms(image=stack.clone())["image"]
+                    view[:, ~valid[j]] = 0  # intensity transforms touched the padding too
+                    views[j, v] = view
+        return {"views": views, "valid": valid, "keys": keys, "slice_start": slice_start}
+
+
+class JointLoader(DataLoader):
+    """One slice batch and one volume batch per ``next()``, for one iteration of nnU-Net's training loop.
+
+    A batchgenerators ``DataLoader`` (infinite, so nnU-Net's ``NonDetMultiThreadedAugmenter`` accepts it;
+    use ``transform=None`` there) holding a :class:`SliceViewsLoader` and an optional
+    :class:`VolumeViewsLoader`. Returns ``{'slices': ..., 'volumes': ... or None}``. Picklable, so worker
+    processes (fork or spawn) get their own copy; each worker is seeded by the augmenter.
+    """
+
+    def __init__(self, slice_loader: SliceViewsLoader, volume_loader: VolumeViewsLoader | None = None):
+        super().__init__(slice_loader._data, slice_loader.batch_size, num_threads_in_multithreaded=1,
+                         infinite=True)
+        self.slice_loader = slice_loader
+        self.volume_loader = volume_loader
+        self.indices = list(slice_loader.indices)
+
+    def generate_train_batch(self) -> dict:
+        volumes = self.volume_loader.generate_train_batch() if self.volume_loader is not None else None
+        return {"slices": self.slice_loader.generate_train_batch(), "volumes": volumes}
+
+
+def _check_probabilities(probabilities: Sequence[float] | np.ndarray, n: int) -> np.ndarray:
+    p = np.asarray(probabilities, dtype=np.float64)
+    if p.shape != (n,) or np.any(p < 0) or not np.isclose(p.sum(), 1.0):
+        raise NnsslJointError(f"sampling_probabilities must be {n} non-negative numbers summing to 1 (one per "
+                              f"case the loader draws from), got shape {p.shape} and sum {p.sum():.6g}")
+    return p / p.sum()
+
+
+def _with_area(config: ViewAugmentationConfig, area: Sequence[float]) -> ViewAugmentationConfig:
+    return replace(config, crop_area=(float(area[0]), float(area[1])))

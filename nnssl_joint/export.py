@@ -1,0 +1,199 @@
+"""Turn a pretraining checkpoint into weights that nnU-Net's stock ``-pretrained_weights`` accepts.
+
+nnU-Net's loader (nnunetv2/run/load_pretrained_weights.py) wants every key of the downstream network
+except ``.seg_layers.`` in the file, with identical shapes. A pretraining checkpoint holds the encoder
+(f_intra), the slice embedding (g) and the slice Transformer (f_inter) but no decoder, so this module
+builds the full downstream network, fills in the pretrained tensors and saves its state dict:
+
+* at the end of pretraining, for the preset's ``2d`` and ``3d_fullres`` networks at the pretraining
+  channel count (``pretrained_for_2d.pth``, ``pretrained_for_3d_fullres.pth`` next to
+  ``checkpoint_final.pth``);
+* on demand with ``nnssl_joint export`` for a given dataset/plans/configuration, which also adapts the
+  input stem when the channel count differs (averaged over the pretrained input channels and
+  repeated, scaled so a constant input gives the same response).
+"""
+
+from __future__ import annotations
+
+import argparse
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from nnssl_joint.checkpoint_io import atomic_torch_save
+from nnssl_joint.errors import NnsslJointError
+from nnssl_joint.models.downstream import PRETRAINED_PARTS, JointSSLUNet2D, SliceWiseUNet3D, resolve_preset
+from nnssl_joint.models.preset import ArchitecturePreset
+
+STEM_KEY_SUFFIX = "stages.0.0.convs.0.conv.weight"
+DOWNSTREAM_CLASSES = {"2d": JointSSLUNet2D, "3d_fullres": SliceWiseUNet3D}
+
+
+def load_pretraining_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load and validate a JointSSLPretrainTrainer checkpoint (or an exported file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise NnsslJointError(f"pretrained weights file {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise NnsslJointError(
+            f"{path} cannot be read as a PyTorch checkpoint ({type(e).__name__}: {e}); the file is truncated or "
+            "not a checkpoint. Use checkpoint_final.pth / checkpoint_latest.pth of a finished pretraining run") from e
+    if not isinstance(ckpt, dict) or "network_weights" not in ckpt:
+        raise NnsslJointError(f"{path} has no 'network_weights'; it is not an nnU-Net/nnssl_joint checkpoint")
+    meta = ckpt.get("nnssl_joint")
+    if meta is None or "preset" not in meta:
+        raise NnsslJointError(
+            f"{path} was not written by nnssl_joint (trainer '{ckpt.get('trainer_name', 'unknown')}', no "
+            "'nnssl_joint' record): its weights do not follow the plugin's architecture presets. Use a "
+            "JointSSLPretrainTrainer checkpoint")
+    return ckpt
+
+
+def adapt_stem(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
+    """Adapt a first-conv weight (out, in_old, ...) to ``in_channels`` input channels."""
+    old = weight.shape[1]
+    if old == in_channels:
+        return weight
+    mean = weight.mean(dim=1, keepdim=True)
+    return mean.repeat(1, in_channels, *([1] * (weight.dim() - 2))) * (old / in_channels)
+
+
+def fill_pretrained(network: nn.Module, pretrained: dict[str, torch.Tensor], adapt_channels: bool = True
+                    ) -> dict[str, list[str]]:
+    """Copy every pretrained key of the network's pretrained parts into ``network``.
+
+    Returns {'loaded': [...], 'adapted': [...]}. Raises NnsslJointError naming the keys when a
+    pretrained part is missing or has another shape (other preset)."""
+    state = network.state_dict()
+    loaded, adapted, missing, mismatched = [], [], [], []
+    for key, value in state.items():
+        if not key.startswith(tuple(f"{p}." for p in PRETRAINED_PARTS)):
+            continue
+        if key not in pretrained:
+            missing.append(key)
+            continue
+        src = pretrained[key]
+        if src.shape != value.shape:
+            if adapt_channels and key.endswith(STEM_KEY_SUFFIX) and src.shape[0] == value.shape[0] \
+                    and src.shape[2:] == value.shape[2:]:
+                state[key] = adapt_stem(src, value.shape[1]).to(value.dtype)
+                adapted.append(key)
+                continue
+            mismatched.append(f"{key}: checkpoint {tuple(src.shape)} vs network {tuple(value.shape)}")
+            continue
+        state[key] = src.to(value.dtype)
+        loaded.append(key)
+    if missing or mismatched:
+        raise NnsslJointError(
+            "the pretrained weights do not fit this network (different architecture preset?). "
+            + (f"Missing keys ({len(missing)}): {missing[:6]}{' ...' if len(missing) > 6 else ''}. " if missing else "")
+            + (f"Shape mismatches ({len(mismatched)}): {mismatched[:6]}. " if mismatched else "")
+            + "Plan the downstream dataset with the pretraining run's preset "
+              "(nnssl_joint plan_and_preprocess -d ID --downstream --preset NAME)")
+    network.load_state_dict(state)
+    return {"loaded": loaded, "adapted": adapted}
+
+
+def build_downstream_network(preset: ArchitecturePreset | dict | str, configuration: str, input_channels: int,
+                             num_classes: int = 2, deep_supervision: bool = True) -> nn.Module:
+    if configuration not in DOWNSTREAM_CLASSES:
+        raise NnsslJointError(f"configuration '{configuration}' has no plugin network; use one of "
+                              f"{sorted(DOWNSTREAM_CLASSES)}")
+    net = DOWNSTREAM_CLASSES[configuration](input_channels, num_classes, deep_supervision,
+                                           preset=resolve_preset(preset).to_dict())
+    net.apply(net.initialize)
+    return net
+
+
+def export_file(network: nn.Module, meta: dict[str, Any], out: str | Path) -> Path:
+    out = Path(out)
+    atomic_torch_save({"network_weights": network.state_dict(), "nnssl_joint": meta,
+                       "trainer_name": "nnssl_joint.export"}, out)
+    return out
+
+
+def export_for_presets(checkpoint_path: str | Path, out_folder: str | Path, seed: int = 0) -> list[Path]:
+    """Write ``pretrained_for_2d.pth`` and ``pretrained_for_3d_fullres.pth`` for the checkpoint's preset
+    and channel count (decoders freshly initialised with ``seed``)."""
+    ckpt = load_pretraining_checkpoint(checkpoint_path)
+    meta = ckpt["nnssl_joint"]
+    written = []
+    for configuration in DOWNSTREAM_CLASSES:
+        torch.manual_seed(seed)
+        net = build_downstream_network(meta["preset"], configuration, int(meta["input_channels"]))
+        fill_pretrained(net, ckpt["network_weights"], adapt_channels=False)
+        written.append(export_file(net, {"preset": meta["preset"], "input_channels": meta["input_channels"],
+                                         "source": str(checkpoint_path), "configuration": configuration},
+                                   Path(out_folder) / f"pretrained_for_{configuration}.pth"))
+    return written
+
+
+def export_for_plans(checkpoint_path: str | Path, dataset: str | int, configuration: str, plans_identifier: str,
+                     out: str | Path, seed: int = 0) -> tuple[Path, dict[str, list[str]]]:
+    """Build the downstream network exactly as nnU-Net will (plans + dataset.json of the preprocessed
+    dataset) and fill in the pretrained parts, adapting the stem to the dataset's channel count."""
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from nnunetv2.paths import nnUNet_preprocessed
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    ckpt = load_pretraining_checkpoint(checkpoint_path)
+    if nnUNet_preprocessed is None:
+        raise NnsslJointError("environment variable nnUNet_preprocessed is not set; export it (see the README)")
+    name = maybe_convert_to_dataset_name(dataset)
+    folder = Path(nnUNet_preprocessed) / name
+    plans_file = folder / f"{plans_identifier}.json"
+    if not plans_file.is_file():
+        raise NnsslJointError(f"plans file {plans_file} does not exist; run nnssl_joint plan_and_preprocess -d "
+                              f"{dataset} --downstream first, or pass the right -p")
+    pm = PlansManager(str(plans_file))
+    if configuration not in pm.available_configurations:
+        raise NnsslJointError(f"configuration '{configuration}' is not in {plans_file}; available: "
+                              f"{pm.available_configurations}")
+    cm = pm.get_configuration(configuration)
+    dataset_json = load_json(str(folder / "dataset.json"))
+    lm = pm.get_label_manager(dataset_json)
+    torch.manual_seed(seed)
+    net = get_network_from_plans(cm.network_arch_class_name, cm.network_arch_init_kwargs,
+                                 cm.network_arch_init_kwargs_req_import,
+                                 determine_num_input_channels(pm, cm, dataset_json), lm.num_segmentation_heads,
+                                 allow_init=True, deep_supervision=True)
+    if not cm.network_arch_class_name.startswith("nnssl_joint."):
+        raise NnsslJointError(
+            f"configuration '{configuration}' of {plans_file} uses {cm.network_arch_class_name}, not a plugin "
+            "architecture; plan the dataset with nnssl_joint plan_and_preprocess --downstream")
+    report = fill_pretrained(net, ckpt["network_weights"], adapt_channels=True)
+    meta = {"preset": net.preset.to_dict(), "source": str(checkpoint_path), "dataset": name,
+            "configuration": configuration, "plans": plans_identifier}
+    return export_file(net, meta, out), report
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    out, report = export_for_plans(args.checkpoint, args.d, args.c, args.p, args.o)
+    print(f"wrote {out}: {len(report['loaded'])} pretrained tensors loaded"
+          + (f", input stem adapted: {report['adapted']}" if report["adapted"] else ""))
+    print(f"use it with: nnUNetv2_train {args.d} {args.c} FOLD -p {args.p} -pretrained_weights {out}")
+    return 0
+
+
+def register_cli(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "export",
+        help="build downstream weights from a pretraining checkpoint for given plans",
+        description="Build the downstream network of DATASET/CONFIG/PLANS exactly as nnU-Net will, fill in the "
+        "pretrained encoder / slice embedding / slice Transformer (adapting the input stem to the dataset's "
+        "channel count) and save a file for nnUNetv2_train -pretrained_weights.",
+    )
+    p.add_argument("--checkpoint", required=True, help="checkpoint_final.pth of a JointSSLPretrainTrainer run")
+    p.add_argument("-d", required=True, help="downstream dataset name or id")
+    p.add_argument("-c", required=True, choices=sorted(DOWNSTREAM_CLASSES), help="configuration")
+    p.add_argument("-p", default="nnsslJointPlans", help="plans identifier (default: nnsslJointPlans)")
+    p.add_argument("-o", required=True, help="output file")
+    p.set_defaults(func=_cmd_export)

@@ -1,0 +1,263 @@
+"""Downstream segmentation networks that the pretrained weights initialise, referenced from nnU-Net
+plans by dotted path (``architecture.network_class_name``).
+
+- :class:`JointSSLUNet2D`: nnU-Net's 2D U-Net whose encoder is the pretrained f_intra.
+- :class:`SliceWiseUNet3D`: f_intra on every slice of a 3D patch, f_inter across the slices, and
+  nnU-Net's 3D decoder (Nguyen et al., AAAI 2023, downstream 3D use; the authors' release discarded
+  f_inter downstream, we inject it).
+
+Both take ``(input_channels, num_classes, deep_supervision, preset)`` with ``preset`` a preset name or
+an ``ArchitecturePreset.to_dict()`` dict, so plans can store them as JSON ``arch_kwargs``. Parts that
+pretraining trains are built by :mod:`nnssl_joint.models.encoder` under the same attribute names as in
+the pretraining model (``encoder``, ``slice_embedding``, ``slice_transformer``), which makes their
+state_dict keys and shapes identical, as nnU-Net's ``load_pretrained_weights`` demands.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from dynamic_network_architectures.architectures.abstract_arch import AbstractDynamicNetworkArchitectures
+from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
+from dynamic_network_architectures.initialization.weight_init import InitWeights_He
+from torch import Tensor, nn
+
+from nnssl_joint.models.encoder import (
+    build_encoder_2d,
+    build_slice_embedding,
+    build_slice_transformer,
+    encoder_spec_2d,
+    encoder_spec_slicewise_3d,
+)
+from nnssl_joint.models.preset import ArchitecturePreset, load_preset
+
+#: Top-level parts whose weights come from pretraining; everything else is initialised for the task.
+PRETRAINED_PARTS = ("encoder", "slice_embedding", "slice_transformer")
+
+
+def resolve_preset(preset: ArchitecturePreset | dict[str, Any] | str) -> ArchitecturePreset:
+    """A preset from an ``ArchitecturePreset``, its ``to_dict()`` form, a shipped preset name or a
+    JSON path. Plans should store the dict: a name follows later edits of the shipped file."""
+    if isinstance(preset, ArchitecturePreset):
+        return preset
+    if isinstance(preset, dict):
+        return ArchitecturePreset.from_dict(preset)
+    if isinstance(preset, str):
+        return load_preset(preset)
+    raise ValueError(f"preset must be a preset name, a path or an ArchitecturePreset dict, got {type(preset).__name__}")
+
+
+def pool_op_kernel_sizes(preset: ArchitecturePreset, spatial_dims: int) -> list[list[int]]:
+    """The per-stage downsampling of the downstream network, as nnU-Net plans store it
+    (``pool_op_kernel_sizes``). nnU-Net derives the deep-supervision target scales from it, so plans
+    for these networks must carry exactly this: (s, s) for 2D, (1, s, s) for the slice-wise 3D net."""
+    if spatial_dims == 2:
+        return [list(s) for s in encoder_spec_2d(preset).strides]
+    if spatial_dims == 3:
+        return [list(s) for s in encoder_spec_slicewise_3d(preset).strides]
+    raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+
+
+def _check_in_plane(preset: ArchitecturePreset, in_plane: Sequence[int]) -> None:
+    total = preset.encoder.total_stride
+    if any(int(s) % total for s in in_plane):
+        raise ValueError(
+            f"in-plane size {tuple(int(s) for s in in_plane)} is not divisible by {total}, the total stride of "
+            f"architecture preset '{preset.name}' (strides {list(preset.encoder.strides)}); use a patch size "
+            f"whose in-plane axes are multiples of {total}"
+        )
+
+
+def _check_classes(input_channels: int, num_classes: int) -> None:
+    if input_channels < 1 or num_classes < 1:
+        raise ValueError(f"input_channels and num_classes must be >= 1, got {input_channels} and {num_classes}")
+
+
+class _PresetUNet(AbstractDynamicNetworkArchitectures):
+    """What both downstream nets share: the preset, nnU-Net's He initialisation and the
+    dynamic_network_architectures stem keys (used by tools that adapt the input channels)."""
+
+    def __init__(self, preset: ArchitecturePreset | dict[str, Any] | str) -> None:
+        super().__init__()
+        self.preset = resolve_preset(preset)
+        self.key_to_encoder = "encoder.stages"
+        self.key_to_stem = "encoder.stages.0"
+        self.keys_to_in_proj = ("encoder.stages.0.0.convs.0.all_modules.0", "encoder.stages.0.0.convs.0.conv")
+
+    @staticmethod
+    def initialize(module: nn.Module) -> None:
+        """nnU-Net calls ``network.apply(network.initialize)`` after construction."""
+        InitWeights_He(1e-2)(module)
+        if isinstance(module, SliceContextInjection):
+            module.reset_parameters()
+
+
+class JointSSLUNet2D(_PresetUNet):
+    """nnU-Net's 2D U-Net (``PlainConvUNet`` topology) whose encoder is the pretrained f_intra.
+
+    Attributes ``encoder`` (``PlainConvEncoder``, skips returned) and ``decoder`` (``UNetDecoder``,
+    deep supervision via ``decoder.deep_supervision``). The decoder is built from an
+    :class:`~nnssl_joint.models.encoder.EncoderSpec` instead of the encoder module, so the encoder's
+    tensors are not registered a second time as ``decoder.encoder.*``.
+    """
+
+    def __init__(self, input_channels: int, num_classes: int, deep_supervision: bool = True,
+                 preset: ArchitecturePreset | dict[str, Any] | str = "cpu") -> None:
+        super().__init__(preset)
+        _check_classes(input_channels, num_classes)
+        self.encoder = build_encoder_2d(self.preset, input_channels, return_skips=True)
+        self.decoder = UNetDecoder(encoder_spec_2d(self.preset), num_classes,
+                                   list(self.preset.encoder.n_conv_per_stage_decoder), deep_supervision)
+
+    def forward(self, x: Tensor) -> Tensor | list[Tensor]:
+        if x.dim() != 4:
+            raise ValueError(f"JointSSLUNet2D expects (B, C, H, W), got {tuple(x.shape)}")
+        _check_in_plane(self.preset, x.shape[2:])
+        return self.decoder(self.encoder(x))
+
+    def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> np.int64:
+        """Feature-map elements per sample, counted like dynamic_network_architectures' U-Nets (which
+        nnU-Net's planner calibrates its memory budget against). ``input_size`` = (H, W)."""
+        if len(input_size) != 2:
+            raise ValueError(f"give the 2D patch size (H, W) without batch/channel axes, got {tuple(input_size)}")
+        return self.encoder.compute_conv_feature_map_size(input_size) + \
+            self.decoder.compute_conv_feature_map_size(input_size)
+
+
+class SliceContextInjection(nn.Module):
+    """Adds a per-slice context vector to every in-plane position of that slice's feature map.
+
+    ``proj`` maps f_inter's output of slice z (B, Z, d) to a channel vector (B, Z, C) that is
+    broadcast over (Y, X) of slice z of a (B, C, Z, Y, X) map. ``proj`` starts at zero, so a freshly
+    initialised network computes exactly the pretrained slice-wise 2D features.
+    """
+
+    def __init__(self, dim: int, channels: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim, channels)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, features: Tensor, per_slice: Tensor) -> Tensor:
+        context = self.proj(per_slice)  # (B, Z, C)
+        return features + context.transpose(1, 2)[..., None, None]
+
+
+class SliceWiseUNet3D(_PresetUNet):
+    """3D segmentation from the pretrained 2D encoder f_intra and slice Transformer f_inter.
+
+    For a patch x (B, C, Z, Y, X), Z being the slice axis: the first spatial axis, never downsampled.
+    nnU-Net's plans put the axis of largest spacing first (``transpose_forward``), which for
+    anisotropic scans is the acquisition's slice axis.
+
+    1. ``encoder`` (f_intra, 2D) runs on all B*Z slices at once; each stage output is viewed as
+       (B, C_s, Z, Y_s, X_s) without copying (strides (1, s, s)).
+    2. ``slice_embedding`` (g) turns each slice's stage outputs into a token: (B, Z, d).
+    3. ``slice_transformer`` (f_inter) mixes the Z tokens: per-slice outputs (B, Z, d). No absolute
+       position embedding, so any Z >= 1 works.
+    4. ``slice_context`` (:class:`SliceContextInjection`) adds a zero-initialised linear map of each
+       slice's output to every in-plane position of that slice of the bottleneck.
+    5. ``decoder``: nnU-Net's ``UNetDecoder`` in 3D (Conv3d, InstanceNorm3d, kernel (3, k, k),
+       transposed convolutions (1, s, s)), deep supervision via ``decoder.deep_supervision``.
+
+    Why the bottleneck, additive and zero-initialised: f_inter's outputs are slice-level descriptors
+    computed from globally pooled features, and the bottleneck is the level with the widest receptive
+    field and the most semantic channels, where such a vector is meaningful as a per-slice channel
+    shift; the decoder's transposed and (3, k, k) convolutions carry it to every resolution, at the
+    cost of one d x C_bottleneck matrix and one addition on the smallest map (injecting at every skip
+    would copy each full-resolution skip). Broadcasting per slice needs no positional encoding, so it
+    holds for any Z and in-plane size. The zero start means fine-tuning begins from the pretrained 2D
+    features untouched (no random perturbation of the pretrained path) and the Transformer's share
+    grows only as far as the task's gradient asks for it. Consequence: at initialisation the output
+    does not depend on f_inter and f_inter's gradient is exactly zero (it is multiplied by the zero
+    matrix); ``slice_context.proj`` does receive gradient, and after its first update f_inter does too.
+    """
+
+    def __init__(self, input_channels: int, num_classes: int, deep_supervision: bool = True,
+                 preset: ArchitecturePreset | dict[str, Any] | str = "cpu") -> None:
+        super().__init__(preset)
+        _check_classes(input_channels, num_classes)
+        self.encoder = build_encoder_2d(self.preset, input_channels, return_skips=True)
+        self.slice_embedding = build_slice_embedding(self.preset)
+        self.slice_transformer = build_slice_transformer(self.preset)
+        self.slice_context = SliceContextInjection(self.preset.embedding_dim,
+                                                   self.preset.encoder.features_per_stage[-1])
+        self.decoder = UNetDecoder(encoder_spec_slicewise_3d(self.preset), num_classes,
+                                   list(self.preset.encoder.n_conv_per_stage_decoder), deep_supervision)
+
+    def forward(self, x: Tensor) -> Tensor | list[Tensor]:
+        if x.dim() != 5:
+            raise ValueError(f"SliceWiseUNet3D expects (B, C, Z, Y, X) with Z the slice axis, got {tuple(x.shape)}")
+        b, c, z, h, w = x.shape
+        _check_in_plane(self.preset, (h, w))
+        slices = x.transpose(1, 2).reshape(b * z, c, h, w)
+        skips_2d = self.encoder(slices)
+        tokens = self.slice_embedding(skips_2d).unflatten(0, (b, z))
+        per_slice, _ = self.slice_transformer(tokens)
+        # views, not copies: the decoder only concatenates the skips, which reads strided tensors fine
+        skips = [s.unflatten(0, (b, z)).transpose(1, 2) for s in skips_2d]
+        skips[-1] = self.slice_context(skips[-1], per_slice)
+        return self.decoder(skips)
+
+    def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> np.int64:
+        """Feature-map elements per sample, in the unit of dynamic_network_architectures' U-Nets
+        (conv outputs; nnU-Net's planner calibrates its memory budget against that unit).
+        ``input_size`` = (Z, Y, X). Counts the 2D encoder on all Z slices, the 3D decoder, the
+        bottleneck copy made by the context addition, and the (small) token/Transformer activations."""
+        if len(input_size) != 3:
+            raise ValueError(f"give the 3D patch size (Z, Y, X) without batch/channel axes, got {tuple(input_size)}")
+        z, h, w = (int(i) for i in input_size)
+        _check_in_plane(self.preset, (h, w))
+        total = self.preset.encoder.total_stride
+        encoder = z * self.encoder.compute_conv_feature_map_size([h, w])
+        decoder = self.decoder.compute_conv_feature_map_size([z, h, w])
+        bottleneck = self.preset.encoder.features_per_stage[-1] * z * (h // total) * (w // total)
+        t = self.preset.transformer
+        d = self.preset.embedding_dim
+        inner = t.heads * t.dim_head
+        # per layer: q, k, v, attention output, two residual sums/norms, FFN hidden
+        transformer = z * (sum(self.preset.encoder.features_per_stage) + d) + \
+            t.depth * z * (4 * inner + 4 * d + t.ffn_dim)
+        return np.int64(encoder + decoder + bottleneck + transformer)
+
+
+def pretrained_key_groups(network: nn.Module) -> dict[str, list[str]]:
+    """The network's state_dict keys by part, in state_dict order.
+
+    Groups ``encoder``, ``slice_embedding``, ``slice_transformer`` (:data:`PRETRAINED_PARTS`, filled
+    from pretraining) and the newly initialised ``decoder``, ``slice_context`` and ``seg_layers``
+    (keys containing ``.seg_layers.``, which nnU-Net's loader never transfers); any other top-level
+    module gets a group of its own name. Empty groups are left out. DDP / DataParallel /
+    ``torch.compile`` wrappers are looked through, so keys carry no ``module.``/``_orig_mod.`` prefix.
+    """
+    module = network
+    while True:
+        if isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            module = module.module
+        elif isinstance(getattr(module, "_orig_mod", None), nn.Module):
+            module = module._orig_mod
+        else:
+            break
+    groups: dict[str, list[str]] = {name: [] for name in (*PRETRAINED_PARTS, "decoder", "slice_context",
+                                                          "seg_layers")}
+    for key in module.state_dict():
+        group = "seg_layers" if ".seg_layers." in key else key.split(".", 1)[0]
+        groups.setdefault(group, []).append(key)
+    return {name: keys for name, keys in groups.items() if keys}
+
+
+__all__ = [
+    "PRETRAINED_PARTS",
+    "JointSSLUNet2D",
+    "SliceContextInjection",
+    "SliceWiseUNet3D",
+    "pool_op_kernel_sizes",
+    "pretrained_key_groups",
+    "resolve_preset",
+]
+

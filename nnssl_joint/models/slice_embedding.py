@@ -1,0 +1,74 @@
+"""Slice embedding g and the clustering projection head (Nguyen et al., AAAI 2023).
+
+g pools every stage of the 2D encoder f_intra globally, L2-normalises each pooled vector (so no stage
+dominates by scale), concatenates them into a multi-level descriptor and maps it linearly to d. The
+same g feeds the 2D clustering loss (through :class:`ProjectionHead`) and the slice tokens of f_inter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def encoder_stage_channels(encoder: nn.Module) -> list[int]:
+    """Channels per stage of a dynamic_network_architectures encoder (``PlainConvEncoder``,
+    ``ResidualEncoder``) or of a network that holds one as ``.encoder`` (e.g. ``PlainConvUNet``)."""
+    source = encoder if hasattr(encoder, "output_channels") else getattr(encoder, "encoder", None)
+    channels = getattr(source, "output_channels", None)
+    if channels is None:
+        raise ValueError(f"{type(encoder).__name__} has no `output_channels` (nor an `.encoder` with one); "
+                         "pass the stage channels to SliceEmbeddingHead explicitly")
+    if isinstance(channels, int):
+        raise ValueError(f"{type(encoder).__name__}.output_channels is a single int ({channels}); "
+                         "expected one entry per stage")
+    return [int(c) for c in channels]
+
+
+class SliceEmbeddingHead(nn.Module):
+    """Multi-level slice descriptor: GAP per stage -> L2-normalise -> concat -> Linear(sum C_s, dim)."""
+
+    def __init__(self, stage_channels: Sequence[int], dim: int) -> None:
+        super().__init__()
+        if len(stage_channels) == 0 or any(c < 1 for c in stage_channels) or dim < 1:
+            raise ValueError(f"need >= 1 stage with positive channels and dim >= 1, got {list(stage_channels)}, {dim}")
+        self.stage_channels = [int(c) for c in stage_channels]
+        self.dim = dim
+        self.proj = nn.Linear(sum(self.stage_channels), dim)
+
+    def forward(self, skips: Sequence[Tensor]) -> Tensor:
+        """skips: one feature map (B, C_s, *spatial) per stage, as returned by an encoder with
+        ``return_skips=True`` -> (B, dim)."""
+        if len(skips) != len(self.stage_channels):
+            raise ValueError(f"expected {len(self.stage_channels)} stage outputs, got {len(skips)}; "
+                             "build the encoder with return_skips=True")
+        pooled = []
+        for s, (features, channels) in enumerate(zip(skips, self.stage_channels)):
+            if features.dim() < 3 or features.shape[1] != channels:
+                raise ValueError(f"stage {s}: expected (B, {channels}, ...), got {tuple(features.shape)}")
+            pooled.append(F.normalize(features.flatten(2).mean(dim=-1), dim=-1))
+        return self.proj(torch.cat(pooled, dim=-1))
+
+
+class ProjectionHead(nn.Module):
+    """SwAV-style projection MLP Linear -> norm -> ReLU -> Linear with L2-normalised output.
+
+    ``norm="batch"`` (BatchNorm1d, as in SwAV) needs more than one sample in training; ``"layer"``
+    (LayerNorm) works for any batch. Leading dimensions beyond the last are flattened and restored.
+    """
+
+    def __init__(self, dim: int, hidden: int, out_dim: int, norm: str = "batch") -> None:
+        super().__init__()
+        norms = {"batch": nn.BatchNorm1d, "layer": nn.LayerNorm}
+        if norm not in norms:
+            raise ValueError(f"norm must be one of {sorted(norms)}, got {norm!r}")
+        self.net = nn.Sequential(nn.Linear(dim, hidden), norms[norm](hidden), nn.ReLU(inplace=True),
+                                 nn.Linear(hidden, out_dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        out = self.net(x.reshape(-1, shape[-1]))
+        return F.normalize(out, dim=-1).reshape(*shape[:-1], -1)

@@ -1,0 +1,85 @@
+"""f_inter: a Transformer over slice embeddings with deformable attention along the slice axis.
+
+Nguyen et al., AAAI 2023: the slice embeddings e_1..e_N of a volume are mixed by f_inter, and the
+volume feature is Z = normalize(mean_n f_inter(E)_n).
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from nnssl_joint.models.deformable_attention import DeformableSliceAttention
+
+
+class SliceTransformerLayer(nn.Module):
+    """Deformable attention + FFN (GELU), each with dropout, residual and LayerNorm.
+
+    Post-norm (``norm_first=False``) follows the authors' layer; with 4 layers it trains without
+    warm-up tricks and its per-slice outputs are LayerNorm-ed, which keeps masked-prediction decoders
+    on a fixed scale. ``norm_first=True`` gives the pre-norm variant for deeper stacks.
+    """
+
+    def __init__(self, dim: int, heads: int, dim_head: int, ffn_dim: int, dropout: float, downsample: int,
+                 offset_scale: float, offset_kernel: int, norm_first: bool = False) -> None:
+        super().__init__()
+        self.norm_first = norm_first
+        self.attention = DeformableSliceAttention(dim, heads=heads, dim_head=dim_head, downsample=downsample,
+                                                  offset_scale=offset_scale, offset_kernel=offset_kernel,
+                                                  dropout=dropout)
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(ffn_dim, dim))
+        self.norm_attention = nn.LayerNorm(dim)
+        self.norm_ffn = nn.LayerNorm(dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, valid: Tensor | None = None) -> Tensor:
+        if self.norm_first:
+            x = x + self.dropout(self.attention(self.norm_attention(x), valid))
+            return x + self.dropout(self.ffn(self.norm_ffn(x)))
+        x = self.norm_attention(x + self.dropout(self.attention(x, valid)))
+        return self.norm_ffn(x + self.dropout(self.ffn(x)))
+
+
+class SliceTransformer(nn.Module):
+    """Stack of :class:`SliceTransformerLayer` plus the volume feature Z.
+
+    ``ffn_dim`` defaults to 4 * dim; the authors used d = 640 with ffn_dim = 720. No absolute position
+    embedding: order comes from the attention's relative-position bias, so any N >= 1 works.
+    """
+
+    def __init__(self, dim: int, depth: int = 4, heads: int = 8, dim_head: int = 64, ffn_dim: int | None = None,
+                 dropout: float = 0.1, downsample: int = 4, offset_scale: float = 2.0, offset_kernel: int = 6,
+                 norm_first: bool = False) -> None:
+        super().__init__()
+        if depth < 1:
+            raise ValueError(f"SliceTransformer needs depth >= 1, got {depth}")
+        ffn_dim = 4 * dim if ffn_dim is None else ffn_dim
+        self.dim = dim
+        self.layers = nn.ModuleList(
+            SliceTransformerLayer(dim, heads, dim_head, ffn_dim, dropout, downsample, offset_scale, offset_kernel,
+                                  norm_first)
+            for _ in range(depth)
+        )
+        self.final_norm = nn.LayerNorm(dim) if norm_first else nn.Identity()
+
+    def forward(self, tokens: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """tokens (B, N, dim), valid optional (B, N) bool -> (per_slice (B, N, dim), Z (B, dim)).
+
+        Z is the L2-normalised mean of per_slice over valid slices; padded positions of per_slice are
+        finite but meaningless and influence neither the valid positions nor Z.
+        """
+        if tokens.dim() != 3 or tokens.shape[-1] != self.dim:
+            raise ValueError(f"expected tokens of shape (B, N, {self.dim}), got {tuple(tokens.shape)}")
+        x = tokens
+        if valid is not None:
+            x = x.masked_fill(~valid[..., None], 0.0)
+        for layer in self.layers:
+            x = layer(x, valid)
+        per_slice = self.final_norm(x)
+        if valid is None:
+            pooled = per_slice.mean(dim=1)
+        else:
+            weights = valid.to(per_slice.dtype)[..., None]
+            summed = per_slice.masked_fill(~valid[..., None], 0.0).sum(dim=1)
+            pooled = summed / weights.sum(dim=1).clamp_min(1.0)
+        return per_slice, F.normalize(pooled, dim=-1)

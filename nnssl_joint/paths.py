@@ -1,0 +1,67 @@
+"""nnU-Net's data locations, read from the environment at call time.
+
+nnU-Net keeps raw data, preprocessed data and results in three folders named by the environment
+variables ``nnUNet_raw``, ``nnUNet_preprocessed`` and ``nnUNet_results`` (nnU-Net's
+documentation/setting_up_paths.md). The helpers here read them when called, not at import, and fail
+with an error that names the unset variable and shows how to set it. Plain ``os`` only: importing
+this module never imports nnU-Net or torch.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from nnssl_joint.errors import NnsslJointError
+
+NNUNET_PATH_VARIABLES = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
+
+_PURPOSE = {
+    "nnUNet_raw": "the folder holding raw datasets (DatasetXXX_Name/imagesTr + dataset.json)",
+    "nnUNet_preprocessed": "the folder where plans and preprocessed data are written",
+    "nnUNet_results": "the folder where trained models are written",
+}
+
+
+class NnUNetPathError(NnsslJointError):
+    """An nnU-Net location variable is unset, empty, or points to something that is not a folder."""
+
+
+def nnunet_path(variable: str, must_exist: bool = False) -> Path:
+    """The folder named by the environment variable ``variable`` (one of :data:`NNUNET_PATH_VARIABLES`).
+
+    Raises :class:`NnUNetPathError` naming the variable when it is unset or empty, or, with
+    ``must_exist``, when it does not point to an existing folder.
+    """
+    if variable not in NNUNET_PATH_VARIABLES:
+        raise ValueError(f"unknown nnU-Net path variable {variable!r}; expected one of {NNUNET_PATH_VARIABLES}")
+    value = os.environ.get(variable, "")
+    if not value.strip():
+        raise NnUNetPathError(
+            f"The environment variable {variable} is not set. nnU-Net and nnssl_joint need it to locate "
+            f"{_PURPOSE[variable]}. Set it before running, e.g. `export {variable}=/data/{variable}` "
+            f"(all three of {', '.join(NNUNET_PATH_VARIABLES)} are needed; see nnU-Net's "
+            f"documentation/setting_up_paths.md)."
+        )
+    path = Path(value).expanduser()
+    if must_exist and not path.is_dir():
+        raise NnUNetPathError(
+            f"{variable}={value} is not an existing folder. Create it (`mkdir -p {value}`) or point "
+            f"{variable} to {_PURPOSE[variable]}."
+        )
+    return path
+
+
+def nnunet_raw(must_exist: bool = True) -> Path:
+    """``$nnUNet_raw``; by default it must exist (it is read from)."""
+    return nnunet_path("nnUNet_raw", must_exist=must_exist)
+
+
+def nnunet_preprocessed(must_exist: bool = False) -> Path:
+    """``$nnUNet_preprocessed``; created by the steps that write into it."""
+    return nnunet_path("nnUNet_preprocessed", must_exist=must_exist)
+
+
+def nnunet_results(must_exist: bool = False) -> Path:
+    """``$nnUNet_results``; created by training."""
+    return nnunet_path("nnUNet_results", must_exist=must_exist)

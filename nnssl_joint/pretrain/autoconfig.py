@@ -1,0 +1,173 @@
+"""Self-configuration of a pretraining run, in the spirit of nnU-Net's planner.
+
+The in-plane view size, the slice count N, the 2D and 3D batch sizes and the number of prototypes are
+derived from the preprocessed dataset (median shapes, number of images, volumes and slices) and a
+memory budget for the device. Anything the user set explicitly in the configuration is kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from nnssl_joint.models.preset import ArchitecturePreset
+
+
+@dataclass
+class DatasetStats:
+    n_images_2d: int
+    n_volumes: int
+    n_slices_total: int  # 2D images + all slices of all volumes
+    median_inplane: tuple[int, int]
+    median_volume_slices: int
+
+    @classmethod
+    def from_shapes(cls, shapes: list[tuple[int, int, int]]) -> "DatasetStats":
+        """``shapes``: preprocessed (Z, Y, X) of every case; Z == 1 marks a 2D image."""
+        if not shapes:
+            raise ValueError("the preprocessed dataset holds no cases")
+        z = np.array([s[0] for s in shapes])
+        inplane = np.array([s[1:] for s in shapes])
+        vols = z[z > 1]
+        return cls(
+            n_images_2d=int((z == 1).sum()),
+            n_volumes=int((z > 1).sum()),
+            n_slices_total=int(z.sum()),
+            median_inplane=(int(np.median(inplane[:, 0])), int(np.median(inplane[:, 1]))),
+            median_volume_slices=int(np.median(vols)) if len(vols) else 0,
+        )
+
+
+def slice_activation_bytes(preset: ArchitecturePreset, view_size: int, input_channels: int = 1) -> float:
+    """Rough training memory of one slice through the encoder + heads (forward activations kept for
+    backward: conv output, norm output and nonlinearity per conv, float32)."""
+    enc = preset.encoder
+    size = float(view_size)
+    total = input_channels * size * size
+    for feats, stride, n_conv in zip(enc.features_per_stage, enc.strides, enc.n_conv_per_stage):
+        size /= stride
+        total += 3 * n_conv * feats * size * size
+    return 4.0 * total * 1.5  # + gradients of activations transiently
+
+
+def _floor_multiple(value: float, multiple: int) -> int:
+    return int(value // multiple) * multiple
+
+
+def default_memory_budget_gb(device_type: str) -> float:
+    if device_type == "cuda":
+        import torch
+
+        return 0.8 * torch.cuda.get_device_properties(0).total_memory / 1024**3
+    return 3.0
+
+
+def auto_configure(
+    stats: DatasetStats,
+    preset: ArchitecturePreset,
+    device_type: str,
+    data_cfg: Any,
+    num_prototypes_2d: Any,
+    num_prototypes_3d: Any,
+    input_channels: int = 1,
+) -> dict[str, Any]:
+    """Fill every ``"auto"``/``None`` value; returns the resolved values (explicit ones pass through)."""
+
+    def is_auto(v: Any) -> bool:
+        return v is None or v == "auto"
+
+    stride = preset.encoder.total_stride
+    on_gpu = device_type == "cuda"
+    budget = data_cfg.memory_budget_gb
+    budget_gb = default_memory_budget_gb(device_type) if is_auto(budget) else float(budget)
+
+    view = data_cfg.view_size
+    if is_auto(view):
+        cap = 192 if on_gpu else 64
+        view = _floor_multiple(min(min(stats.median_inplane) * 0.8, cap), stride)
+        # InstanceNorm needs more than one element at the bottleneck: at least 2x the total stride
+        view = max(view, 2 * stride)
+    view = int(view)
+    if view % stride:
+        raise ValueError(
+            f"data.view_size {view} is not a multiple of the preset's total stride {stride}; "
+            f"use a multiple of {stride}"
+        )
+    small = data_cfg.small_view_size
+    if is_auto(small):
+        small = max(2 * stride, _floor_multiple(view / 2, stride))
+    small = int(small)
+    n_small = int(data_cfg.n_small_views)
+    if small >= view:
+        n_small = 0  # the global views are already as small as the encoder allows
+    for name, value in (("view_size", view), ("small_view_size", small)):
+        if value < 2 * stride:
+            raise ValueError(
+                f"data.{name} {value} is too small for preset '{preset.name}': the encoder's bottleneck would be "
+                f"1x1, which InstanceNorm cannot normalise; use at least {2 * stride}"
+            )
+
+    n_slices = data_cfg.n_slices
+    if is_auto(n_slices):
+        cap = 32 if on_gpu else 16
+        n_slices = max(2, min(stats.median_volume_slices or 2, cap))
+    n_slices = int(n_slices)
+
+    per_slice = slice_activation_bytes(preset, view, input_channels)
+    per_small = slice_activation_bytes(preset, small, input_channels)
+    budget_bytes = budget_gb * 1024**3
+    has_3d = stats.n_volumes > 0
+    share_2d = 0.5 if has_3d else 1.0
+
+    b2 = data_cfg.batch_size_2d
+    if is_auto(b2):
+        per_item = 2 * per_slice + n_small * per_small
+        cap = 256 if on_gpu else 16
+        b2 = int(max(4, min(cap, budget_bytes * share_2d // per_item)))
+    b3 = data_cfg.batch_size_3d
+    if is_auto(b3):
+        if has_3d:
+            cap = 16 if on_gpu else 2
+            b3 = int(max(1, min(cap, stats.n_volumes, budget_bytes * (1 - share_2d) // (2 * n_slices * per_slice))))
+        else:
+            b3 = 0
+
+    k2 = num_prototypes_2d
+    if is_auto(k2):
+        # SwAV used 3000 prototypes for ImageNet's 1.28M images; small pools need far fewer: about
+        # one prototype per 8 distinct slices, at least 8.
+        k2 = int(min(3000, max(8, round(stats.n_slices_total / 8))))
+    k3 = num_prototypes_3d
+    if is_auto(k3):
+        k3 = int(min(300, max(2, round(stats.n_volumes / 2)))) if has_3d else 2
+
+    return {
+        "view_size": view,
+        "small_view_size": small,
+        "n_small_views": n_small,
+        "n_slices": n_slices,
+        "batch_size_2d": int(b2),
+        "batch_size_3d": int(b3),
+        "num_prototypes_2d": int(k2),
+        "num_prototypes_3d": int(k3),
+        "memory_budget_gb": round(budget_gb, 2),
+        "estimated_activation_gb": round(
+            (int(b2) * (2 * per_slice + n_small * per_small) + int(b3) * 2 * n_slices * per_slice)
+            / 1024**3,
+            3,
+        ),
+    }
+
+
+def describe(stats: DatasetStats, resolved: dict[str, Any]) -> str:
+    return (
+        f"dataset: {stats.n_images_2d} 2D images, {stats.n_volumes} volumes, {stats.n_slices_total} slices in "
+        f"all, median in-plane {stats.median_inplane}, median volume slices {stats.median_volume_slices}\n"
+        f"self-configured: view {resolved['view_size']}px (small views {resolved['small_view_size']}px), "
+        f"N={resolved['n_slices']} slices, batch 2D={resolved['batch_size_2d']} 3D={resolved['batch_size_3d']}, "
+        f"prototypes 2D={resolved['num_prototypes_2d']} 3D={resolved['num_prototypes_3d']}, budget "
+        f"{resolved['memory_budget_gb']} GB (estimated activations {resolved['estimated_activation_gb']} GB)"
+    )
+

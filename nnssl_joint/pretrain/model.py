@@ -1,0 +1,143 @@
+"""The pretraining network: f_intra, g, f_inter, the heads and the clustering losses in one module.
+
+The clustering losses (with their prototypes and queues) live inside the network so that DDP
+all-reduces prototype gradients like any other parameter and a checkpoint's ``network_weights``
+holds the whole learnable state. ``encoder``, ``slice_embedding`` and ``slice_transformer`` are built
+by :mod:`nnssl_joint.models.encoder`, the same builders the downstream networks use, so their keys
+load one to one into ``JointSSLUNet2D`` / ``SliceWiseUNet3D``.
+
+Forward computes the loss terms of Nguyen et al. (AAAI 2023) that the current stage needs:
+
+* ``intra``: SwAV swapped prediction between the views (2 global + small multi-crop views) of 2D
+  images and single slices;
+* ``intra_3d``: the same loss between slice n of the two 3D views of a volume window (valid slices);
+* ``mask`` and ``inter``: each 3D view's slice embeddings, with the same random slices replaced by the
+  mask token, go through f_inter once; the decoder predicts the detached original embeddings at the
+  masked slices (L_mask) and the pooled volume feature Z of the two views enters the 3D clustering
+  loss (L_inter). One pass serves both terms: Z is the masked pass's, like BERT's sentence feature.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from nnssl_joint.models.encoder import build_encoder_2d, build_slice_embedding, build_slice_transformer
+from nnssl_joint.models.masked_prediction import MaskedSliceModeling, masked_embedding_loss, sample_slice_mask
+from nnssl_joint.models.preset import ArchitecturePreset
+from nnssl_joint.models.slice_embedding import ProjectionHead
+from nnssl_joint.ssl.objective import TERM_INTER, TERM_INTRA, TERM_INTRA_3D, TERM_MASK, ObjectiveConfig, StagePlan
+from nnssl_joint.ssl.swav import SwAVLoss
+
+
+class JointSSLModel(nn.Module):
+    def __init__(self, preset: ArchitecturePreset, input_channels: int, objective: ObjectiveConfig) -> None:
+        super().__init__()
+        if objective.clustering != "swav":
+            raise ValueError(
+                f"objective.clustering={objective.clustering!r}: the pretraining trainer wires the SwAV "
+                "variant; DeepCluster-v2 (nnssl_joint.ssl.deepcluster) is available as a building block only. "
+                "Set objective.clustering to 'swav'."
+            )
+        self.preset = preset
+        self.objective = objective
+        d = preset.embedding_dim
+        proj = preset.projection
+        self.encoder = build_encoder_2d(preset, input_channels)
+        self.slice_embedding = build_slice_embedding(preset)
+        self.slice_transformer = build_slice_transformer(preset)
+        self.projection_2d = ProjectionHead(d, proj.hidden_dim, proj.out_dim, norm="batch")
+        # volume batches hold a handful of windows: LayerNorm instead of BatchNorm
+        self.projection_3d = ProjectionHead(d, proj.hidden_dim, proj.out_dim, norm="layer")
+        self.masked_modeling = MaskedSliceModeling(d)
+        common = dict(
+            temperature=objective.temperature,
+            epsilon=objective.epsilon,
+            sinkhorn_iterations=objective.sinkhorn_iterations,
+            freeze_prototypes_iterations=objective.freeze_prototypes_iterations,
+            queue_start_iteration=objective.queue_start_iteration,
+        )
+        self.intra_loss = SwAVLoss(proj.out_dim, objective.num_prototypes_2d,
+                                   queue_length=objective.queue_length_2d, **common)
+        self.inter_loss = SwAVLoss(proj.out_dim, objective.num_prototypes_3d,
+                                   queue_length=objective.queue_length_3d, **common)
+
+    # ------------------------------------------------------------------ embeddings
+    def embed_slices(self, x: Tensor) -> Tensor:
+        """(M, C, H, W) images/slices -> (M, d) slice embeddings e = g(f_intra(x))."""
+        return self.slice_embedding(self.encoder(x))
+
+    def pretrained_state_dict(self) -> dict[str, Tensor]:
+        """Only the parts downstream networks reuse (encoder, slice_embedding, slice_transformer)."""
+        keep = ("encoder.", "slice_embedding.", "slice_transformer.")
+        return {k: v for k, v in self.state_dict().items() if k.startswith(keep)}
+
+    # ------------------------------------------------------------------ losses
+    def forward(self, slices: dict[str, Any] | None, volumes: dict[str, Any] | None, iteration: int,
+                stage: StagePlan) -> dict[str, Tensor]:
+        """Loss terms (unweighted) of the active stage plus diagnostics (``_``-prefixed, detached)."""
+        out: dict[str, Tensor] = {}
+        want_intra = stage.is_active(TERM_INTRA) and slices is not None
+        want_3d = volumes is not None and stage.needs_volumes
+        want_intra_3d = want_3d and stage.is_active(TERM_INTRA_3D)
+        freeze = stage.freeze_intra
+
+        # one encoder pass for every input of the global view size (2D global views + volume slices)
+        same_size: list[Tensor] = []
+        if want_intra:
+            g = slices["global_views"]  # (B2, 2, C, h, w)
+            b2, n_global = g.shape[:2]
+            same_size.append(g.flatten(0, 1))
+        if want_3d:
+            v = volumes["views"]  # (B3, 2, C, N, h, w)
+            b3, n_views, c, n, h, w = v.shape
+            same_size.append(v.permute(0, 1, 3, 2, 4, 5).reshape(b3 * n_views * n, c, h, w))
+        if not same_size:
+            return out
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not freeze):
+            emb = self.embed_slices(torch.cat(same_size, 0))
+            small = None
+            if want_intra and slices.get("small_views") is not None and slices["small_views"].shape[1] > 0:
+                s = slices["small_views"]
+                small = self.embed_slices(s.flatten(0, 1)).view(s.shape[0], s.shape[1], -1)
+        offset = 0
+        if want_intra:
+            e2 = emb[: b2 * n_global].view(b2, n_global, -1)
+            offset = b2 * n_global
+            views = [e2[:, i] for i in range(n_global)]
+            if small is not None:
+                views += [small[:, i] for i in range(small.shape[1])]
+            z = [self.projection_2d(e) for e in views]
+            out[TERM_INTRA] = self.intra_loss(z, iteration)
+            with torch.no_grad():
+                out["_assign_2d"] = self.intra_loss.prototypes(z[0].detach()).argmax(1)
+        if want_3d:
+            e3 = emb[offset:].view(b3, n_views, n, -1)
+            valid = volumes["valid"].to(torch.bool)  # (B3, N)
+            if want_intra_3d:
+                zs = self.projection_2d(e3[:, 0][valid])
+                zt = self.projection_2d(e3[:, 1][valid])
+                out[TERM_INTRA_3D] = self.intra_loss([zs, zt], iteration)
+            if stage.is_active(TERM_MASK) or stage.is_active(TERM_INTER):
+                mask = sample_slice_mask(valid, self.objective.mask_ratio) if stage.is_active(TERM_MASK) else None
+                zs_3d, mask_losses = [], []
+                for view in range(n_views):
+                    tokens = e3[:, view]
+                    if mask is not None:
+                        tokens = self.masked_modeling.apply_mask(tokens, mask)
+                    per_slice, volume_feature = self.slice_transformer(tokens, valid)
+                    if mask is not None:
+                        pred = self.masked_modeling(per_slice)
+                        mask_losses.append(masked_embedding_loss(
+                            pred, e3[:, view].detach(), mask, valid,
+                            all_positions=self.objective.mask_loss_all_positions))
+                    zs_3d.append(self.projection_3d(volume_feature))
+                if mask is not None:
+                    out[TERM_MASK] = torch.stack(mask_losses).mean()
+                if stage.is_active(TERM_INTER):
+                    out[TERM_INTER] = self.inter_loss(zs_3d, iteration)
+                    with torch.no_grad():
+                        out["_assign_3d"] = self.inter_loss.prototypes(zs_3d[0].detach()).argmax(1)
+        return out

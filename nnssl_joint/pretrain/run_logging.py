@@ -1,0 +1,84 @@
+"""nnU-Net-style logging of a pretraining run: every loss term, learning rate, throughput, epoch time
+and the prototype-usage entropy per epoch, stored in nnU-Net's logger (so it lands in checkpoints) and
+drawn into ``progress.png``."""
+
+from __future__ import annotations
+
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from nnunetv2.training.logging.nnunet_logger import LocalLogger  # noqa: E402
+
+from nnssl_joint.ssl.objective import LOSS_TERMS  # noqa: E402
+
+#: per-epoch values logged besides nnU-Net's own keys
+EXTRA_KEYS = (
+    *[f"loss_{t}" for t in LOSS_TERMS],
+    "slices_per_s",
+    "volumes_per_s",
+    "entropy_2d",
+    "entropy_3d",
+    "nonfinite_steps",
+)
+
+
+class JointSSLLocalLogger(LocalLogger):
+    """nnU-Net's LocalLogger with the pretraining keys and a progress plot of all loss terms."""
+
+    def __init__(self, verbose: bool = False) -> None:
+        super().__init__(verbose)
+        for key in EXTRA_KEYS:
+            self.my_fantastic_logging[key] = []
+
+    def load_checkpoint(self, checkpoint: dict) -> None:
+        super().load_checkpoint(checkpoint)
+        for key in EXTRA_KEYS:
+            self.my_fantastic_logging.setdefault(key, [])
+
+    def plot_progress_png(self, output_folder: str) -> None:
+        log = self.my_fantastic_logging
+        n = min(len(log["train_losses"]), len(log["epoch_end_timestamps"]), len(log["lrs"]))
+        if n == 0:
+            return
+        x = np.arange(n)
+        fig, axes = plt.subplots(4, 1, figsize=(12, 16))
+        ax = axes[0]
+        ax.plot(x, log["train_losses"][:n], color="k", lw=2, label="total (weighted)")
+        for term in LOSS_TERMS:
+            values = log[f"loss_{term}"][:n]
+            if len(values) == n and not all(v is None or np.isnan(v) for v in values):
+                ax.plot(x, [np.nan if v is None else v for v in values], lw=1.5, label=f"L_{term}")
+        ax.set_ylabel("loss")
+        ax.legend(loc="upper right")
+        ax = axes[1]
+        for key, label in (("entropy_2d", "2D prototypes"), ("entropy_3d", "3D prototypes")):
+            values = log[key][:n]
+            if len(values) == n:
+                ax.plot(x, [np.nan if v is None else v for v in values], label=label)
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel("prototype usage entropy\n(1 = uniform, 0 = collapse)")
+        ax.legend(loc="lower right")
+        ax = axes[2]
+        durations = [e - s for e, s in zip(log["epoch_end_timestamps"][:n], log["epoch_start_timestamps"][:n])]
+        ax.plot(x, durations, label="epoch time [s]")
+        values = log["slices_per_s"][:n]
+        if len(values) == n:
+            ax2 = ax.twinx()
+            ax2.plot(x, values, color="tab:orange", label="slices/s")
+            ax2.set_ylabel("slices/s")
+            ax2.legend(loc="upper right")
+        ax.set_ylabel("time [s]")
+        ax.legend(loc="upper left")
+        ax = axes[3]
+        ax.plot(x, log["lrs"][:n])
+        ax.set_ylabel("learning rate")
+        ax.set_xlabel("epoch")
+        fig.tight_layout()
+        tmp = os.path.join(output_folder, ".progress.png.tmp.png")
+        fig.savefig(tmp)
+        plt.close(fig)
+        os.replace(tmp, os.path.join(output_folder, "progress.png"))

@@ -1,0 +1,205 @@
+"""Helpers of JointSSLPretrainTrainer that hold no nnU-Net trainer state: dataset statistics,
+applying the self-configuration, optimiser groups, batch handling, epoch summaries, RNG capture,
+resume checks and the export of downstream weights. Kept here so the trainer file stays thin."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import numpy as np
+import torch
+from torch import distributed as dist
+from torch import nn
+
+from nnssl_joint.errors import NnsslJointError
+from nnssl_joint.pretrain.autoconfig import DatasetStats
+from nnssl_joint.pretrain.config import PretrainConfig
+from nnssl_joint.ssl.objective import LOSS_TERMS
+from nnssl_joint.ssl.swav import prototype_usage_entropy
+
+
+def apply_resolved(cfg: PretrainConfig, resolved: dict[str, Any], iterations_per_epoch: int) -> None:
+    """Write self-configured values into the config (explicitly set values were passed through)."""
+    for key in ("view_size", "small_view_size", "n_small_views", "n_slices", "batch_size_2d", "batch_size_3d"):
+        setattr(cfg.data, key, resolved[key])
+    obj = cfg.objective
+    obj.num_prototypes_2d = resolved["num_prototypes_2d"]
+    obj.num_prototypes_3d = resolved["num_prototypes_3d"]
+    # SwAV's iteration-based defaults assume long epochs; tie them to this run's epoch length
+    if "freeze_prototypes_iterations" not in cfg.explicit_objective_keys:
+        obj.freeze_prototypes_iterations = iterations_per_epoch
+    if "queue_start_iteration" not in cfg.explicit_objective_keys:
+        obj.queue_start_iteration = iterations_per_epoch
+    resolved["freeze_prototypes_iterations"] = obj.freeze_prototypes_iterations
+    resolved["queue_start_iteration"] = obj.queue_start_iteration
+
+
+def split_batch_for_ddp(cfg: PretrainConfig, resolved: dict[str, Any], world_size: int, rank: int) -> None:
+    """The configured batch sizes are global; each rank takes its share (like nnU-Net's DDP)."""
+    for key in ("batch_size_2d", "batch_size_3d"):
+        total = int(getattr(cfg.data, key))
+        if total == 0:
+            continue
+        if total < world_size:
+            raise NnsslJointError(
+                f"data.{key}={total} is smaller than the number of processes ({world_size}); set data.{key} to at "
+                f"least {world_size} in the file named by NNSSL_JOINT_CONFIG")
+        share = total // world_size + (1 if rank < total % world_size else 0)
+        setattr(cfg.data, key, share)
+        resolved[f"{key}_per_rank"] = share
+
+
+def parameter_groups(network: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """No weight decay on norms, biases, the mask token and prototypes (unit vectors anyway)."""
+    decay, no_decay = [], []
+    for name, p in network.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim <= 1 or "prototypes" in name or "mask_token" in name:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def batch_to_device(batch: dict, device: torch.device) -> tuple[dict | None, dict | None]:
+    def move(d: dict | None) -> dict | None:
+        if d is None:
+            return None
+        return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in d.items()}
+
+    return move(batch.get("slices")), move(batch.get("volumes"))
+
+
+def count_slices(slices: dict | None, volumes: dict | None) -> int:
+    """Slice passes through f_intra in this step (all views)."""
+    n = 0
+    if slices is not None:
+        n += slices["global_views"].shape[0] * slices["global_views"].shape[1]
+        if slices.get("small_views") is not None:
+            n += slices["small_views"].shape[0] * slices["small_views"].shape[1]
+    if volumes is not None:
+        b, v, _, s = volumes["views"].shape[:4]
+        n += b * v * s
+    return int(n)
+
+
+def batch_case_ids(batch: dict) -> list[str]:
+    ids: list[str] = []
+    for part in ("slices", "volumes"):
+        if batch.get(part) is not None:
+            ids += [str(k) for k in batch[part].get("keys", [])]
+    return ids
+
+
+def _gather_list(values: list, is_ddp: bool) -> list:
+    if not is_ddp:
+        return values
+    gathered: list[list] = [None] * dist.get_world_size()  # type: ignore[list-item]
+    dist.all_gather_object(gathered, values)
+    return [v for part in gathered for v in part]
+
+
+def summarize_epoch(outputs: list[dict], model: nn.Module, seconds: float, is_ddp: bool) -> dict[str, float]:
+    """Per-epoch means of every loss term over finite steps, throughput, prototype-usage entropy."""
+    finite = [o for o in outputs if o["finite"]]
+    summary: dict[str, float] = {}
+    losses = _gather_list([o["loss"] for o in finite], is_ddp)
+    summary["train_losses"] = float(np.mean(losses)) if losses else float("nan")
+    for term in LOSS_TERMS:
+        values = _gather_list([o[term] for o in finite if term in o], is_ddp)
+        summary[f"loss_{term}"] = float(np.mean(values)) if values else float("nan")
+    slices = sum(_gather_list([o["n_slices"] for o in outputs], is_ddp))
+    volumes = sum(_gather_list([o["n_volumes"] for o in outputs], is_ddp))
+    summary["slices_per_s"] = slices / seconds
+    summary["volumes_per_s"] = volumes / seconds
+    summary["nonfinite_steps"] = float(sum(_gather_list([0 if o["finite"] else 1 for o in outputs], is_ddp)))
+    for key, loss in (("2d", model.intra_loss), ("3d", model.inter_loss)):
+        assigned = _gather_list([o[f"_assign_{key}"] for o in finite if f"_assign_{key}" in o], is_ddp)
+        if assigned:
+            idx = torch.from_numpy(np.concatenate(assigned)).long()
+            one_hot = torch.nn.functional.one_hot(idx, loss.prototypes.weight.shape[0]).float()
+            summary[f"entropy_{key}"] = prototype_usage_entropy(one_hot)
+        else:
+            summary[f"entropy_{key}"] = float("nan")
+    return summary
+
+
+def capture_rng() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"].cpu() if torch.is_tensor(state["torch"]) else state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def check_resume_compatible(checkpoint: dict, current: dict) -> dict:
+    """The checkpoint must come from this trainer with the same preset and resolved configuration."""
+    extra = checkpoint.get("nnssl_joint")
+    if extra is None:
+        raise NnsslJointError(
+            f"the checkpoint was written by {checkpoint.get('trainer_name', 'an unknown trainer')}, not by "
+            "JointSSLPretrainTrainer; --c can only resume a JointSSLPretrainTrainer run (remove --c to start anew)")
+    if extra["preset"] != current["preset"]:
+        raise NnsslJointError(
+            f"the checkpoint used architecture preset '{extra['preset']['name']}' but this run resolves to "
+            f"'{current['preset']['name']}'; resume with the same NNSSL_JOINT_CONFIG/plans, or start a new run")
+    old, new = extra["resolved"], current["resolved"]
+    changed = {k: (old.get(k), new.get(k)) for k in ("view_size", "n_slices", "num_prototypes_2d",
+                                                      "num_prototypes_3d") if old.get(k) != new.get(k)}
+    if changed:
+        raise NnsslJointError(
+            f"the run's self-configuration changed since the checkpoint (old, new): {changed}; resume with the "
+            "same configuration (pin these values in the file named by NNSSL_JOINT_CONFIG) or start a new run")
+    return extra
+
+
+def export_downstream_weights(trainer: Any, final_checkpoint: str) -> list[str]:
+    """Files next to checkpoint_final.pth that nnU-Net's stock -pretrained_weights loads into the
+    plugin's 2d / 3d_fullres networks (same preset and channel count)."""
+    from nnssl_joint.export import export_for_presets
+
+    return [str(p) for p in export_for_presets(final_checkpoint, trainer.output_folder)]
+
+
+def dataset_stats(folder: str, dataset_class: Any) -> tuple[DatasetStats, dict]:
+    """Statistics for the self-configuration and the summary the loaders reuse."""
+    from nnssl_joint.data.loaders import dataset_summary
+
+    summary = dataset_summary(dataset_class(folder))
+    shapes = [(c["n_slices"], *c["shape_in_plane"]) for c in summary["cases"].values()]
+    return DatasetStats.from_shapes(shapes), summary
+
+
+def build_joint_loader(trainer: Any, resolved: dict[str, Any]) -> Any:
+    """nnU-Net dataset of all training cases -> JointLoader (2D views + volume windows)."""
+    from nnssl_joint.data.loaders import (
+        JointLoader,
+        SliceViewsLoader,
+        VolumeViewsLoader,
+        case_sampling_probabilities,
+    )
+
+    data = trainer.ssl_config.data
+    dataset_tr, _ = trainer.get_tr_and_val_datasets()
+    summary = trainer.dataset_summary
+    slices_per_case = {k: summary["cases"][k]["n_slices"] for k in dataset_tr.identifiers}
+    probabilities = case_sampling_probabilities(dataset_tr, slices_per_case, data.min_2d_fraction)
+    view = (resolved["view_size"],) * 2
+    slice_loader = SliceViewsLoader(dataset_tr, resolved["batch_size_2d"], view,
+                                    n_small_views=resolved["n_small_views"],
+                                    small_view_size=(resolved["small_view_size"],) * 2,
+                                    sampling_probabilities=probabilities)
+    volume_loader = None
+    if resolved["batch_size_3d"] > 0 and any(n >= 2 for n in slices_per_case.values()):
+        volume_loader = VolumeViewsLoader(dataset_tr, resolved["batch_size_3d"], resolved["n_slices"], view,
+                                          summary={"cases": {k: summary["cases"][k] for k in dataset_tr.identifiers}})
+    return JointLoader(slice_loader, volume_loader)

@@ -1,0 +1,288 @@
+"""The combined pretraining objective of Nguyen et al., "Joint Self-Supervised Image-Volume
+Representation Learning with Intra-Inter Contrastive Clustering" (AAAI 2023), as data:
+
+    L = lambda_intra * L_intra + lambda_intra_3d * L_intra_3d + lambda_inter * L_inter + lambda_mask * L_mask
+
+- ``intra``: 2D clustering loss (SwAV swapped prediction or DeepCluster-v2) on views of 2D images
+  and of single slices.
+- ``intra_3d``: the same 2D loss between slice n of two 3D views of a volume (the paper's intent;
+  missing from the authors' release; switch ``slice_level_3d_loss``).
+- ``inter``: the clustering loss on the volume features Z of two 3D views.
+- ``mask``: masked slice-embedding prediction (MSE).
+
+Two schedules: ``joint`` (every term in every iteration; our default) and ``staged`` (the authors'
+runs): stage A L_intra only; stage B L_mask with f_intra frozen; stage C L_inter (+ L_intra and
+L_intra_3d if ``staged_keep_intra``) with everything trainable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from torch import Tensor
+
+TERM_INTRA = "intra"
+TERM_INTRA_3D = "intra_3d"
+TERM_INTER = "inter"
+TERM_MASK = "mask"
+LOSS_TERMS = (TERM_INTRA, TERM_INTRA_3D, TERM_INTER, TERM_MASK)
+VOLUME_TERMS = (TERM_INTRA_3D, TERM_INTER, TERM_MASK)
+SCHEDULES = ("joint", "staged")
+CLUSTERING_METHODS = ("swav", "deepcluster")
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """What to optimise in one epoch: the active loss terms with their weights and whether the 2D
+    encoder f_intra is frozen (stage B of the staged schedule)."""
+
+    name: str
+    weights: Mapping[str, float]
+    freeze_intra: bool = False
+
+    @property
+    def active_terms(self) -> tuple[str, ...]:
+        return tuple(term for term in LOSS_TERMS if term in self.weights)
+
+    def is_active(self, term: str) -> bool:
+        return term in self.weights
+
+    @property
+    def needs_volumes(self) -> bool:
+        """Whether any active term needs 3D volume batches."""
+        return any(term in self.weights for term in VOLUME_TERMS)
+
+    @property
+    def needs_images(self) -> bool:
+        """Whether 2D image / single-slice batches are needed (for ``intra``)."""
+        return TERM_INTRA in self.weights
+
+
+@dataclass
+class ObjectiveConfig:
+    """Hyperparameters of the combined objective (AAAI 2023), recorded with the plans / checkpoint.
+
+    Weights (a weight of 0 switches the term off):
+        lambda_intra: L_intra, 2D clustering on images and slices.
+        lambda_intra_3d: slice-level L_intra between two 3D views (only if ``slice_level_3d_loss``).
+        lambda_inter: L_inter, clustering of the volume features Z.
+        lambda_mask: L_mask, masked slice-embedding prediction.
+        The paper sums the terms; 1.0 each is our default.
+
+    Schedule:
+        schedule: "joint" (all terms every iteration, default) or "staged" (authors' runs).
+        stage_a_epochs, stage_b_epochs: staged only; stage C runs from epoch A+B to the end.
+            Defaults (100, 50) are ours; the paper does not report them. 0 skips a stage.
+        staged_keep_intra: staged only; keep L_intra (and L_intra_3d) in stage C.
+
+    Clustering (L_intra, L_intra_3d and L_inter):
+        clustering: "swav" (Sinkhorn codes, swapped prediction) or "deepcluster" (DeepCluster-v2).
+        temperature, epsilon, sinkhorn_iterations: SwAV defaults 0.1, 0.05, 3.
+        num_prototypes_2d: K for the 2D losses (authors 3000; small datasets need far fewer).
+        num_prototypes_3d: K for L_inter (few, since there are few volumes).
+        freeze_prototypes_iterations: prototypes get no update for this many iterations (SwAV);
+            250 = one nnU-Net epoch.
+        queue_length_2d, queue_length_3d: SwAV feature queue per code view (0 = off). Volume batches
+            are tiny, and Sinkhorn's equal partition over 2-4 samples is nearly meaningless, hence
+            the 3D queue by default.
+        queue_start_iteration: the queue fills from iteration 0 and joins the codes from here on.
+        deepcluster_heads: number of k-means heads (each with the 2D/3D K above); DC-v2 used 3.
+        kmeans_iterations: spherical k-means iterations per recompute (DC-v2: 10).
+
+    Masked slice prediction:
+        mask_ratio: fraction of slices masked per volume (at least one); paper 0.1.
+        mask_loss_all_positions: False = MSE on the masked slices only (BERT, ours); True = the
+            authors' release, which averaged the masked MSE over all slices.
+
+    Release behaviour:
+        slice_level_3d_loss: True (default) = the paper-intended slice-level loss between 3D views,
+            which the authors' release lacked (False reproduces the release).
+        :meth:`authors_release` returns a config with the release's choices.
+    """
+
+    lambda_intra: float = 1.0
+    lambda_intra_3d: float = 1.0
+    lambda_inter: float = 1.0
+    lambda_mask: float = 1.0
+
+    schedule: str = "joint"
+    stage_a_epochs: int = 100
+    stage_b_epochs: int = 50
+    staged_keep_intra: bool = True
+
+    clustering: str = "swav"
+    temperature: float = 0.1
+    epsilon: float = 0.05
+    sinkhorn_iterations: int = 3
+    num_prototypes_2d: int = 3000
+    num_prototypes_3d: int = 64
+    freeze_prototypes_iterations: int = 250
+    queue_length_2d: int = 0
+    queue_length_3d: int = 256
+    queue_start_iteration: int = 1000
+    deepcluster_heads: int = 3
+    kmeans_iterations: int = 10
+
+    mask_ratio: float = 0.1
+    mask_loss_all_positions: bool = False
+    slice_level_3d_loss: bool = True
+
+    _CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"schedule": SCHEDULES, "clustering": CLUSTERING_METHODS}
+    _POSITIVE: ClassVar[tuple[str, ...]] = (
+        "temperature",
+        "epsilon",
+        "sinkhorn_iterations",
+        "num_prototypes_2d",
+        "num_prototypes_3d",
+        "deepcluster_heads",
+        "kmeans_iterations",
+    )
+
+    def __post_init__(self) -> None:
+        self._validate_types()
+        self._validate_values()
+
+    @classmethod
+    def authors_release(cls, **overrides: Any) -> ObjectiveConfig:
+        """The behaviour of the authors' released code: staged schedule, masked MSE averaged over
+        all slices, no slice-level loss between 3D views."""
+        values: dict[str, Any] = {
+            "schedule": "staged",
+            "mask_loss_all_positions": True,
+            "slice_level_3d_loss": False,
+        }
+        values.update(overrides)
+        return cls.from_dict(values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ObjectiveConfig:
+        """Build from a mapping (e.g. JSON); missing keys take defaults, unknown keys raise."""
+        valid = [f.name for f in dataclasses.fields(cls)]
+        for key in data:
+            if key not in valid:
+                raise ValueError(f"unknown ObjectiveConfig key {key!r}; valid keys: {', '.join(valid)}.")
+        return cls(**dict(data))
+
+    def stage_at(self, epoch: int) -> StagePlan:
+        """The loss terms, weights and freezing in effect at ``epoch`` (0-based)."""
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}.")
+        intra = {TERM_INTRA: self.lambda_intra}
+        if self.slice_level_3d_loss:
+            intra[TERM_INTRA_3D] = self.lambda_intra_3d
+        if self.schedule == "joint":
+            return StagePlan(
+                "joint", _active({**intra, TERM_INTER: self.lambda_inter, TERM_MASK: self.lambda_mask})
+            )
+        if epoch < self.stage_a_epochs:
+            # Stage A is the authors' 2D pretraining on images and slices; no volume batches.
+            return StagePlan("A", _active({TERM_INTRA: self.lambda_intra}))
+        if epoch < self.stage_a_epochs + self.stage_b_epochs:
+            return StagePlan("B", _active({TERM_MASK: self.lambda_mask}), freeze_intra=True)
+        stage_c = {TERM_INTER: self.lambda_inter, **(intra if self.staged_keep_intra else {})}
+        return StagePlan("C", _active(stage_c))
+
+    def _validate_types(self) -> None:
+        for spec in dataclasses.fields(self):
+            value = getattr(self, spec.name)
+            default = spec.default
+            if isinstance(default, bool):
+                ok = isinstance(value, bool)
+            elif isinstance(default, int):
+                ok = isinstance(value, int) and not isinstance(value, bool)
+            elif isinstance(default, float):
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+                if ok:
+                    object.__setattr__(self, spec.name, float(value))
+            else:
+                ok = isinstance(value, type(default))
+            if not ok:
+                raise ValueError(
+                    f"ObjectiveConfig.{spec.name} must be a {type(default).__name__}, got {value!r}."
+                )
+
+    def _validate_values(self) -> None:
+        for name, choices in self._CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(
+                    f"ObjectiveConfig.{name} must be one of {choices}, got {getattr(self, name)!r}."
+                )
+        for name in ("lambda_intra", "lambda_intra_3d", "lambda_inter", "lambda_mask"):
+            if getattr(self, name) < 0:
+                raise ValueError(
+                    f"ObjectiveConfig.{name} must be >= 0 (0 switches the term off), "
+                    f"got {getattr(self, name)}."
+                )
+        for name in self._POSITIVE:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"ObjectiveConfig.{name} must be > 0, got {getattr(self, name)}.")
+        for name in (
+            "stage_a_epochs",
+            "stage_b_epochs",
+            "freeze_prototypes_iterations",
+            "queue_length_2d",
+            "queue_length_3d",
+            "queue_start_iteration",
+        ):
+            if getattr(self, name) < 0:
+                raise ValueError(f"ObjectiveConfig.{name} must be >= 0, got {getattr(self, name)}.")
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ValueError(
+                f"ObjectiveConfig.mask_ratio must lie in (0, 1) (paper: 0.1), got {self.mask_ratio}."
+            )
+        self._validate_schedule()
+
+    def _validate_schedule(self) -> None:
+        if self.schedule == "joint":
+            if not self.stage_at(0).weights:
+                raise ValueError(
+                    "all loss weights are 0; set at least one of lambda_intra/lambda_inter/lambda_mask > 0."
+                )
+            return
+        if self.stage_a_epochs > 0 and self.lambda_intra == 0:
+            raise ValueError(
+                "staged stage A trains only L_intra but lambda_intra is 0; "
+                "set lambda_intra > 0 or stage_a_epochs = 0."
+            )
+        if self.stage_b_epochs > 0 and self.lambda_mask == 0:
+            raise ValueError(
+                "staged stage B trains only L_mask but lambda_mask is 0; "
+                "set lambda_mask > 0 or stage_b_epochs = 0."
+            )
+        if not self.stage_at(self.stage_a_epochs + self.stage_b_epochs).weights:
+            raise ValueError(
+                "staged stage C has no active term; "
+                "set lambda_inter > 0 (or staged_keep_intra with lambda_intra > 0)."
+            )
+
+
+def _active(weights: Mapping[str, float]) -> dict[str, float]:
+    return {term: float(weight) for term, weight in weights.items() if weight > 0}
+
+
+def combine_losses(terms: Mapping[str, Tensor | None], weights: Mapping[str, float] | StagePlan) -> Tensor:
+    """Weighted sum of the active loss terms: sum over terms t with weight w_t > 0 of w_t * L_t.
+
+    Terms that are inactive (weight missing or 0) or missing / ``None`` in ``terms`` (e.g. no volume
+    in this batch) are skipped. Raises ValueError if nothing remains to optimise.
+    """
+    if isinstance(weights, StagePlan):
+        weights = weights.weights
+    total: Tensor | None = None
+    for term, weight in weights.items():
+        value = terms.get(term)
+        if weight == 0 or value is None:
+            continue
+        total = weight * value if total is None else total + weight * value
+    if total is None:
+        raise ValueError(
+            f"no active loss term to combine: active weights {dict(weights)}, computed terms "
+            f"{sorted(t for t, v in terms.items() if v is not None)}."
+        )
+    return total

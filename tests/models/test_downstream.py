@@ -1,0 +1,204 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
+from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
+from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+from nnssl_joint.models.downstream import (
+    PRETRAINED_PARTS,
+    JointSSLUNet2D,
+    SliceWiseUNet3D,
+    pool_op_kernel_sizes,
+    pretrained_key_groups,
+)
+from nnssl_joint.models.encoder import build_encoder_2d, encoder_arch_kwargs
+from nnssl_joint.models.preset import load_preset
+from nnssl_joint.models.slice_embedding import SliceEmbeddingHead
+from nnssl_joint.models.slice_transformer import SliceTransformer
+
+NET_2D = "nnssl_joint.models.downstream.JointSSLUNet2D"
+NET_3D = "nnssl_joint.models.downstream.SliceWiseUNet3D"
+IN_PLANE = (32, 48)
+
+
+@pytest.fixture(scope="module")
+def preset():
+    return load_preset("cpu")
+
+
+def _from_plans(cls_name, preset, deep_supervision=True):
+    torch.manual_seed(0)
+    # arch_kwargs round-trip through JSON as they do in a plans file
+    arch_kwargs = json.loads(json.dumps({"preset": preset.to_dict()}))
+    return get_network_from_plans(cls_name, arch_kwargs, [], 1, 3, deep_supervision=deep_supervision)
+
+
+def _expected_shapes(patch, spatial_dims, preset, classes=3, batch=1):
+    """Deep-supervision target sizes the way nnU-Net's trainer derives them from pool_op_kernel_sizes."""
+    scales = 1 / np.cumprod(np.vstack(pool_op_kernel_sizes(preset, spatial_dims)), axis=0)[:-1]
+    return [(batch, classes, *(round(p * s) for p, s in zip(patch, scale))) for scale in scales]
+
+
+def _key_shapes(state_dict, prefix=""):
+    return {prefix + k: tuple(v.shape) for k, v in state_dict.items()}
+
+
+def test_encoder_builder_is_deterministic_and_nnunet_like(preset):
+    torch.manual_seed(3)
+    a = build_encoder_2d(preset, 2)
+    torch.manual_seed(3)
+    b = build_encoder_2d(preset, 2)
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb)
+    kw = encoder_arch_kwargs(preset)
+    assert kw["conv_op"] is torch.nn.Conv2d and kw["norm_op"] is torch.nn.InstanceNorm2d
+    assert kw["norm_op_kwargs"] == {"eps": 1e-5, "affine": True} and kw["conv_bias"] is True
+    assert kw["strides"] == [[s, s] for s in preset.encoder.strides]
+    assert a.return_skips and a.output_channels == list(preset.encoder.features_per_stage)
+
+
+def test_2d_net_shapes_and_encoder_keys(preset):
+    net = _from_plans(NET_2D, preset)
+    x = torch.randn(2, 1, *IN_PLANE)
+    out = net(x)
+    assert [tuple(o.shape) for o in out] == _expected_shapes(IN_PLANE, 2, preset, batch=2)
+    net.decoder.deep_supervision = False
+    assert net(x).shape == (2, 3, *IN_PLANE)
+
+    reference = build_encoder_2d(preset, 1)
+    groups = pretrained_key_groups(net)
+    assert set(groups) == {"encoder", "decoder", "seg_layers"}
+    encoder_keys = {k: tuple(net.state_dict()[k].shape) for k in groups["encoder"]}
+    assert encoder_keys == _key_shapes(reference.state_dict(), "encoder.")
+    assert not any(k.startswith("decoder.encoder.") for k in net.state_dict())
+    assert isinstance(net.preset, type(preset)) and net.preset == preset
+
+
+@pytest.mark.parametrize("z", [1, 5, 16])
+def test_3d_net_shapes_any_slice_count(preset, z):
+    net = _from_plans(NET_3D, preset)
+    out = net(torch.randn(1, 1, z, *IN_PLANE))
+    assert [tuple(o.shape) for o in out] == _expected_shapes((z, *IN_PLANE), 3, preset)
+    assert all(o.shape[2] == z for o in out)
+
+
+def test_3d_deep_supervision_toggle_and_preset_name(preset):
+    net = SliceWiseUNet3D(1, 3, deep_supervision=True, preset="cpu")
+    assert net.preset == preset
+    net.decoder.deep_supervision = False
+    out = net(torch.randn(1, 1, 3, *IN_PLANE))
+    assert isinstance(out, torch.Tensor) and out.shape == (1, 3, 3, *IN_PLANE)
+
+
+def test_3d_net_keys_match_standalone_pretrained_parts(preset):
+    net = _from_plans(NET_3D, preset)
+    groups = pretrained_key_groups(net)
+    assert set(groups) == {*PRETRAINED_PARTS, "decoder", "slice_context", "seg_layers"}
+    shapes = _key_shapes(net.state_dict())
+
+    def part(name):
+        return {k: shapes[k] for k in groups[name]}
+
+    t = preset.transformer
+    transformer = SliceTransformer(preset.embedding_dim, depth=t.depth, heads=t.heads, dim_head=t.dim_head,
+                                   ffn_dim=t.ffn_dim, dropout=t.dropout, downsample=t.downsample,
+                                   offset_scale=t.offset_scale, offset_kernel=t.offset_kernel)
+    embedding = SliceEmbeddingHead(preset.encoder.features_per_stage, preset.embedding_dim)
+    assert part("encoder") == _key_shapes(build_encoder_2d(preset, 1).state_dict(), "encoder.")
+    assert part("slice_embedding") == _key_shapes(embedding.state_dict(), "slice_embedding.")
+    assert part("slice_transformer") == _key_shapes(transformer.state_dict(), "slice_transformer.")
+    assert all(".seg_layers." in k for k in groups["seg_layers"])
+    assert sum(len(v) for v in groups.values()) == len(shapes)
+    assert pretrained_key_groups(torch.compile(net)) == groups
+
+
+def test_3d_context_is_zero_at_init_and_transformer_learns_through_it(preset):
+    net = _from_plans(NET_3D, preset)  # nnU-Net's apply(initialize) must keep the zero init
+    assert torch.count_nonzero(net.slice_context.proj.weight) == 0
+    x = torch.randn(1, 1, 4, *IN_PLANE)
+    net.decoder.deep_supervision = False
+
+    out = net(x)
+    out.square().mean().backward()
+    assert net.encoder.stages[0][0].convs[0].conv.weight.grad.abs().sum() > 0
+    assert net.slice_context.proj.weight.grad.abs().sum() > 0
+    assert all(p.grad is None or torch.count_nonzero(p.grad) == 0 for p in net.slice_transformer.parameters())
+
+    with torch.no_grad():  # the output ignores the Transformer while the projection is zero
+        for p in net.slice_transformer.parameters():
+            p.add_(torch.randn_like(p))
+        assert torch.allclose(net(x), out)
+
+    net.zero_grad()
+    with torch.no_grad():  # as after the first optimiser step on slice_context
+        net.slice_context.proj.weight.normal_(0.0, 0.1)
+    net(x).square().mean().backward()
+    assert net.slice_transformer.layers[0].attention.to_q.weight.grad.abs().sum() > 0
+    assert net.slice_embedding.proj.weight.grad.abs().sum() > 0
+
+
+def _fake_pretraining_checkpoint(preset, downstream, path):
+    """Pretrained parts from a separately seeded build, the rest (decoder, slice_context) from a
+    same-preset downstream instance, plus a key only pretraining has."""
+    torch.manual_seed(123)
+    pretrained = {"encoder": build_encoder_2d(preset, 1),
+                  "slice_embedding": SliceEmbeddingHead(preset.encoder.features_per_stage, preset.embedding_dim),
+                  "slice_transformer": SliceTransformer(preset.embedding_dim, depth=preset.transformer.depth,
+                                                        heads=preset.transformer.heads,
+                                                        dim_head=preset.transformer.dim_head,
+                                                        ffn_dim=preset.transformer.ffn_dim,
+                                                        downsample=preset.transformer.downsample,
+                                                        offset_kernel=preset.transformer.offset_kernel)}
+    sd = {f"{name}.{k}": v for name, module in pretrained.items() for k, v in module.state_dict().items()}
+    sd["prototypes.weight"] = torch.randn(10, preset.projection.out_dim)
+    for k, v in downstream.state_dict().items():
+        if not k.startswith(PRETRAINED_PARTS):
+            sd[k] = v.clone()
+    torch.save({"network_weights": sd}, path)
+    return sd
+
+
+@pytest.mark.parametrize("cls_name", [NET_2D, NET_3D])
+def test_nnunet_loader_accepts_pretraining_weights(preset, tmp_path, cls_name):
+    net = _from_plans(cls_name, preset)
+    sd = _fake_pretraining_checkpoint(preset, _from_plans(cls_name, preset), tmp_path / "pretrained.pth")
+    load_pretrained_weights(net, str(tmp_path / "pretrained.pth"))
+    loaded = net.state_dict()
+    for k in pretrained_key_groups(net)["encoder"]:
+        assert torch.equal(loaded[k], sd[k]), k
+    if cls_name == NET_3D:
+        for k in pretrained_key_groups(net)["slice_transformer"]:
+            assert torch.equal(loaded[k], sd[k]), k
+
+
+def test_nnunet_loader_rejects_checkpoint_without_decoder(preset, tmp_path):
+    net = _from_plans(NET_2D, preset)
+    sd = {f"encoder.{k}": v for k, v in build_encoder_2d(preset, 1).state_dict().items()}
+    torch.save({"network_weights": sd}, tmp_path / "encoder_only.pth")
+    with pytest.raises(AssertionError, match="decoder"):
+        load_pretrained_weights(net, str(tmp_path / "encoder_only.pth"))
+
+
+def test_invalid_in_plane_size_names_size_and_preset(preset):
+    net3d = SliceWiseUNet3D(1, 3, preset=preset.to_dict())
+    with pytest.raises(ValueError, match=r"\(32, 40\).*'cpu'"):
+        net3d(torch.randn(1, 1, 2, 32, 40))
+    with pytest.raises(ValueError, match=r"\(24, 48\)"):
+        net3d.compute_conv_feature_map_size((4, 24, 48))
+    with pytest.raises(ValueError, match=r"\(B, C, Z, Y, X\)"):
+        net3d(torch.randn(1, 1, 32, 48))
+    with pytest.raises(ValueError, match=r"\(40, 32\)"):
+        JointSSLUNet2D(1, 3, preset="cpu")(torch.randn(1, 1, 40, 32))
+
+
+def test_feature_map_size_estimate_via_nnunet_planner(preset):
+    arch_kwargs = {"preset": preset.to_dict()}
+    est = {z: ExperimentPlanner.static_estimate_VRAM_usage((z, *IN_PLANE), 1, 3, NET_3D, arch_kwargs, ())
+           for z in (4, 8)}
+    assert est[4] > 0 and 1.9 < est[8] / est[4] < 2.1  # every part scales with the slice count
+    est_2d = ExperimentPlanner.static_estimate_VRAM_usage(IN_PLANE, 1, 3, NET_2D, arch_kwargs, ())
+    # the 3D net runs the 2D encoder on each slice and decodes in 3D: more than Z times the 2D net
+    assert est[4] > 4 * est_2d

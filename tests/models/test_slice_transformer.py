@@ -1,0 +1,137 @@
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nnssl_joint.models import SliceTransformer
+from nnssl_joint.ssl.sinkhorn import sinkhorn
+
+DIM = 32
+
+
+def _transformer(**kwargs) -> SliceTransformer:
+    torch.manual_seed(0)
+    kwargs = {"depth": 2, "heads": 4, "dim_head": 8, "ffn_dim": 64, **kwargs}
+    model = SliceTransformer(DIM, **kwargs).eval()
+    with torch.no_grad():  # non-zero offsets, so the padding checks cover the offset path
+        for layer in model.layers:
+            layer.attention.offset_net[-1].weight.normal_()
+    return model
+
+
+@pytest.mark.parametrize("n", [1, 5, 64])
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_shapes_and_unit_norm(n, norm_first):
+    model = _transformer(norm_first=norm_first)
+    per_slice, z = model(torch.randn(3, n, DIM))
+    assert per_slice.shape == (3, n, DIM)
+    assert z.shape == (3, DIM)
+    torch.testing.assert_close(z.norm(dim=-1), torch.ones(3))
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_padding_is_ignored(norm_first):
+    model = _transformer(norm_first=norm_first)
+    tokens = torch.randn(2, 10, DIM)
+    per_slice, z = model(tokens)
+    padded = torch.cat([tokens, 30 * torch.randn(2, 6, DIM)], dim=1)
+    padded[1, 12] = float("nan")
+    valid = torch.zeros(2, 16, dtype=torch.bool)
+    valid[:, :10] = True
+    per_slice_padded, z_padded = model(padded, valid)
+    torch.testing.assert_close(per_slice_padded[:, :10], per_slice, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(z_padded, z, atol=1e-5, rtol=1e-4)
+    assert torch.isfinite(per_slice_padded).all()
+
+
+def test_z_is_the_normalised_mean_over_valid_slices():
+    model = _transformer()
+    tokens = torch.randn(2, 12, DIM)
+    valid = torch.ones(2, 12, dtype=torch.bool)
+    valid[0, 7:] = False
+    per_slice, z = model(tokens, valid)
+    expected = torch.stack([per_slice[0, :7].mean(0), per_slice[1].mean(0)])
+    torch.testing.assert_close(z, F.normalize(expected, dim=-1))
+
+
+# ---------------------------------------------------------------- toy learning: volume clustering
+N_CLASSES, VOLUME_SLICES, MAX_VIEW = 4, 48, 32
+
+
+def _class_trajectories(generator: torch.Generator) -> torch.Tensor:
+    """(classes, VOLUME_SLICES, DIM): each class a smooth path through 3 random prototype vectors."""
+    anchors = torch.randn(N_CLASSES, 3, DIM, generator=generator)
+    t = torch.linspace(0, 2, VOLUME_SLICES)
+    low = t.floor().long().clamp(max=1)
+    w = (t - low)[None, :, None]
+    return (1 - w) * anchors[:, low] + w * anchors[:, low + 1]
+
+
+def _volumes(trajectories: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    volume_shift = 0.5 * torch.randn(len(labels), 1, DIM, generator=generator)
+    return trajectories[labels] + volume_shift
+
+
+def _view(volumes: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random contiguous crop (16..32 slices, random start) + slice noise, padded to MAX_VIEW."""
+    b = volumes.shape[0]
+    tokens = torch.zeros(b, MAX_VIEW, DIM)
+    valid = torch.zeros(b, MAX_VIEW, dtype=torch.bool)
+    lengths = torch.randint(16, MAX_VIEW + 1, (b,), generator=generator)
+    for i in range(b):
+        n = int(lengths[i])
+        start = int(torch.randint(0, VOLUME_SLICES - n + 1, (1,), generator=generator))
+        tokens[i, :n] = volumes[i, start:start + n] + 0.5 * torch.randn(n, DIM, generator=generator)
+        valid[i, :n] = True
+    return tokens, valid
+
+
+def _nmi(a: np.ndarray, b: np.ndarray) -> float:
+    """Normalised mutual information, arithmetic-mean normalisation."""
+    _, a = np.unique(a, return_inverse=True)
+    _, b = np.unique(b, return_inverse=True)
+    joint = np.zeros((a.max() + 1, b.max() + 1))
+    np.add.at(joint, (a, b), 1.0)
+    joint /= joint.sum()
+    pa, pb = joint.sum(1), joint.sum(0)
+    nz = joint > 0
+    mi = (joint[nz] * np.log(joint[nz] / np.outer(pa, pb)[nz])).sum()
+    ha, hb = -(pa * np.log(pa)).sum(), -(pb * np.log(pb)).sum()
+    return float(2 * mi / (ha + hb)) if ha + hb > 0 else 1.0
+
+
+def test_nmi_helper():
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    assert _nmi(labels, np.array([5, 5, 3, 3, 1, 1])) == pytest.approx(1.0)
+    assert _nmi(labels, np.array([0, 1, 0, 1, 0, 1])) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_swapped_prediction_clusters_toy_volumes():
+    generator = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    trajectories = _class_trajectories(generator)
+    model = SliceTransformer(DIM, depth=2, heads=4, dim_head=8, ffn_dim=64, dropout=0.0)
+    prototypes = torch.nn.Parameter(F.normalize(torch.randn(N_CLASSES, DIM), dim=-1))
+    optimizer = torch.optim.Adam([*model.parameters(), prototypes], lr=2e-3)
+    temperature = 0.1
+    for _ in range(120):
+        labels = torch.arange(N_CLASSES).repeat(16)
+        volumes = _volumes(trajectories, labels, generator)
+        (t1, v1), (t2, v2) = _view(volumes, generator), _view(volumes, generator)
+        _, z1 = model(t1, v1)
+        _, z2 = model(t2, v2)
+        c = F.normalize(prototypes, dim=-1)
+        s1, s2 = z1 @ c.t(), z2 @ c.t()
+        q1, q2 = sinkhorn(s1, 0.05, 3), sinkhorn(s2, 0.05, 3)
+        loss = -0.5 * ((q1 * F.log_softmax(s2 / temperature, -1)).sum(-1).mean()
+                       + (q2 * F.log_softmax(s1 / temperature, -1)).sum(-1).mean())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    model.eval()
+    labels = torch.randint(0, N_CLASSES, (200,), generator=generator)
+    with torch.no_grad():
+        _, z = model(*_view(_volumes(trajectories, labels, generator), generator))
+        assignment = (z @ F.normalize(prototypes, dim=-1).t()).argmax(-1)
+    assert _nmi(labels.numpy(), assignment.numpy()) >= 0.8

@@ -1,0 +1,294 @@
+"""JointSSLPretrainTrainer: joint 2D/3D self-supervised pretraining inside nnU-Net.
+
+    export nnUNet_extTrainer=$(nnssl_joint trainer-path)
+    nnUNetv2_train 900 joint_ssl all -tr JointSSLPretrainTrainer -p nnsslJointPlans [-device cpu] [--c]
+
+Thin orchestration: the configuration (nnssl_joint.pretrain.config), self-configuration
+(nnssl_joint.pretrain.autoconfig), the model and losses (nnssl_joint.pretrain.model), the data loaders
+(nnssl_joint.data.loaders) and logging (nnssl_joint.pretrain.run_logging) live in the library.
+"""
+
+from __future__ import annotations
+
+import json
+from time import time
+
+import numpy as np
+import torch
+from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
+from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
+from batchgenerators.utilities.file_and_folder_operations import join
+from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
+from nnunetv2.utilities.helpers import dummy_context
+from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+from torch import autocast, distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from nnssl_joint.checkpoint_io import atomic_torch_save, atomic_write_text
+from nnssl_joint.models.preset import load_preset
+from nnssl_joint.pretrain import runtime
+from nnssl_joint.pretrain.autoconfig import DatasetStats, auto_configure, describe
+from nnssl_joint.pretrain.config import load_pretrain_config
+from nnssl_joint.pretrain.model import JointSSLModel
+from nnssl_joint.pretrain.run_logging import JointSSLLocalLogger
+from nnssl_joint.pretrain.schedule import WarmupCosineLR
+from nnssl_joint.ssl.objective import LOSS_TERMS, combine_losses
+from nnssl_joint.ssl.swav import prototype_usage_entropy
+
+
+class JointSSLPretrainTrainer(nnUNetTrainer):
+    """Pretrains f_intra (2D encoder) and f_inter (deformable slice Transformer) with
+    L = l_intra L_intra + l_intra3d L_intra_3d + l_inter L_inter + l_mask L_mask (Nguyen et al., AAAI 2023)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        if self.is_ddp and not torch.cuda.is_available():
+            self.device = torch.device("cpu")  # gloo on CPU (tests, CPU clusters)
+        self.ssl_config, self.ssl_config_sources = load_pretrain_config(self.configuration_manager.configuration)
+        optim = self.ssl_config.optim
+        self.num_epochs = optim.num_epochs
+        self.num_iterations_per_epoch = optim.iterations_per_epoch
+        self.num_val_iterations_per_epoch = 0
+        self.initial_lr = optim.lr
+        self.weight_decay = optim.weight_decay
+        self.enable_deep_supervision = False
+        self.save_every = max(1, optim.save_every)
+        self.logger.local_logger = JointSSLLocalLogger()
+        self.iteration = 0
+        self.resolved: dict = {}
+        self.stats: DatasetStats | None = None
+        self.dataset_summary: dict = {}
+        self._epoch_outputs_start = 0.0
+        self._consecutive_nonfinite = 0
+        self._best_loss: float | None = None
+
+    # ------------------------------------------------------------------ set-up
+    def initialize(self):
+        if self.was_initialized:
+            raise RuntimeError("initialize() called twice")
+        self.num_input_channels = determine_num_input_channels(self.plans_manager, self.configuration_manager,
+                                                               self.dataset_json)
+        self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
+        cfg = self.ssl_config
+        self.preset = load_preset(cfg.preset)
+        self.stats, self.dataset_summary = runtime.dataset_stats(self.preprocessed_dataset_folder, self.dataset_class)
+        self.resolved = auto_configure(self.stats, self.preset, self.device.type, cfg.data,
+                                       None if "num_prototypes_2d" not in cfg.explicit_objective_keys
+                                       else cfg.objective.num_prototypes_2d,
+                                       None if "num_prototypes_3d" not in cfg.explicit_objective_keys
+                                       else cfg.objective.num_prototypes_3d,
+                                       self.num_input_channels)
+        runtime.apply_resolved(cfg, self.resolved, self.num_iterations_per_epoch)
+        if self.is_ddp:
+            runtime.split_batch_for_ddp(cfg, self.resolved, dist.get_world_size(), dist.get_rank())
+        self.print_to_log_file(describe(self.stats, self.resolved))
+        self.print_to_log_file(f"configuration sources: {', '.join(self.ssl_config_sources)}")
+        if self.stats.n_volumes == 0:
+            self.print_to_log_file("WARNING: the dataset holds no volumes (every case has one slice): L_intra_3d, "
+                                   "L_inter and L_mask are disabled; only the 2D encoder is pretrained.")
+
+        self.network = JointSSLModel(self.preset, self.num_input_channels, cfg.objective).to(self.device)
+        self.optimizer, self.lr_scheduler = self.configure_optimizers()
+        if self.is_ddp:
+            self.network = DDP(self.network, device_ids=[self.local_rank] if self.device.type == "cuda" else None,
+                               find_unused_parameters=True)
+        self.was_initialized = True
+        if self.local_rank == 0:
+            atomic_write_text(json.dumps(self.effective_config(), indent=2),
+                              join(self.output_folder, "nnssl_joint_config.json"))
+
+    def effective_config(self) -> dict:
+        return {"config": self.ssl_config.to_dict(), "resolved": self.resolved, "preset": self.preset.to_dict(),
+                "sources": self.ssl_config_sources, "input_channels": self.num_input_channels}
+
+    def configure_optimizers(self):
+        params = runtime.parameter_groups(self.network, self.ssl_config.optim.weight_decay)
+        optimizer = torch.optim.AdamW(params, lr=self.initial_lr, betas=(0.9, 0.999))
+        scheduler = WarmupCosineLR(optimizer, [self.initial_lr] * len(optimizer.param_groups), self.num_epochs,
+                                   self.ssl_config.optim.warmup_epochs, self.ssl_config.optim.min_lr_ratio)
+        return optimizer, scheduler
+
+    @property
+    def model(self) -> JointSSLModel:
+        return self.network.module if isinstance(self.network, DDP) else self.network
+
+    def set_deep_supervision_enabled(self, enabled: bool):
+        pass  # no decoder during pretraining
+
+    def plot_network_architecture(self):
+        pass
+
+    def get_dataloaders(self):
+        dl_train = runtime.build_joint_loader(self, self.resolved)
+        n_proc = get_allowed_n_proc_DA()
+        if n_proc == 0:
+            mt_train = SingleThreadedAugmenter(dl_train, None)
+        else:
+            mt_train = NonDetMultiThreadedAugmenter(data_loader=dl_train, transform=None, num_processes=n_proc,
+                                                    num_cached=max(4, n_proc // 2), seeds=None,
+                                                    pin_memory=self.device.type == "cuda", wait_time=0.002)
+        return mt_train, None
+
+    def on_train_start(self):
+        super().on_train_start()
+        self.print_to_log_file(
+            f"JointSSLPretrainTrainer: preset '{self.preset.name}', schedule '{self.ssl_config.objective.schedule}', "
+            f"{self.num_epochs} epochs x {self.num_iterations_per_epoch} iterations, effective configuration in "
+            f"{join(self.output_folder, 'nnssl_joint_config.json')}")
+
+    # ------------------------------------------------------------------ training
+    def on_train_epoch_start(self):
+        super().on_train_epoch_start()
+        self.stage = self.ssl_config.objective.stage_at(self.current_epoch)
+        self.print_to_log_file(f"stage {self.stage.name}: terms {dict(self.stage.weights)}"
+                               + (", f_intra frozen" if self.stage.freeze_intra else ""))
+        self._epoch_outputs_start = time()
+
+    def train_step(self, batch: dict) -> dict:
+        slices, volumes = runtime.batch_to_device(batch, self.device)
+        if not self.stage.needs_volumes:
+            volumes = None
+        if not self.stage.needs_images:
+            slices = None
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+            terms = self.network(slices, volumes, self.iteration, self.stage)
+            loss = combine_losses(terms, self.stage)
+        finite = bool(torch.isfinite(loss).item())
+        if self.is_ddp:  # every rank must take the same decision, or DDP hangs
+            flag = torch.tensor([0.0 if finite else 1.0], device=self.device)
+            dist.all_reduce(flag)
+            finite = flag.item() == 0
+        out = {"loss": float(loss.detach()), "finite": finite,
+               "n_slices": runtime.count_slices(slices, volumes), "n_volumes": 0 if volumes is None else
+               int(volumes["views"].shape[0])}
+        for term in LOSS_TERMS:
+            if term in terms:
+                out[term] = float(terms[term].detach())
+        for key in ("_assign_2d", "_assign_3d"):
+            if key in terms:
+                out[key] = terms[key].cpu().numpy()
+        if not finite:
+            self._consecutive_nonfinite += 1
+            self.print_to_log_file(
+                f"WARNING: non-finite loss {out['loss']} ({ {t: out.get(t) for t in LOSS_TERMS} }) at iteration "
+                f"{self.iteration}; step skipped. Cases: {runtime.batch_case_ids(batch)}")
+            limit = self.ssl_config.optim.max_consecutive_nonfinite
+            if self._consecutive_nonfinite >= limit:
+                raise RuntimeError(
+                    f"{self._consecutive_nonfinite} non-finite losses in a row (limit optim.max_consecutive_nonfinite"
+                    f"={limit}); stopping. Last batch's cases: {runtime.batch_case_ids(batch)}. Lower optim.lr, "
+                    "check the data of these cases, or resume from the last checkpoint with --c.")
+            self.iteration += 1
+            return out
+        self._consecutive_nonfinite = 0
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(loss).backward()
+            self.grad_scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.ssl_config.optim.grad_clip)
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.ssl_config.optim.grad_clip)
+            self.optimizer.step()
+        self.iteration += 1
+        return out
+
+    def on_train_epoch_end(self, train_outputs: list[dict]):
+        seconds = max(1e-9, time() - self._epoch_outputs_start)
+        summary = runtime.summarize_epoch(train_outputs, self.model, seconds, self.is_ddp)
+        for key, value in summary.items():
+            self.logger.log(key, value, self.current_epoch)
+        self._last_summary = summary
+
+    def on_validation_epoch_start(self):
+        pass
+
+    def on_validation_epoch_end(self, val_outputs: list[dict]):
+        pass
+
+    def on_epoch_end(self):
+        self.logger.log("epoch_end_timestamps", time(), self.current_epoch)
+        s = self._last_summary
+        terms = ", ".join(f"L_{t} {s[f'loss_{t}']:.4f}" for t in LOSS_TERMS if not np.isnan(s[f"loss_{t}"]))
+        self.print_to_log_file(f"train_loss {s['train_losses']:.4f} ({terms})")
+        self.print_to_log_file(
+            f"throughput: {s['slices_per_s']:.1f} slices/s, {s['volumes_per_s']:.2f} volumes/s; prototype usage "
+            f"entropy 2D {s['entropy_2d']:.3f} 3D {s['entropy_3d']:.3f}")
+        epoch_time = self.logger.get_value("epoch_end_timestamps", -1) - self.logger.get_value(
+            "epoch_start_timestamps", -1)
+        self.print_to_log_file(f"Epoch time: {epoch_time:.2f} s")
+        threshold = self.ssl_config.optim.collapse_entropy_threshold
+        for key in ("entropy_2d", "entropy_3d"):
+            if not np.isnan(s[key]) and s[key] < threshold and self.current_epoch >= 1:
+                self.print_to_log_file(
+                    f"WARNING: possible cluster collapse: {key} = {s[key]:.3f} < {threshold} "
+                    "(few prototypes take all samples). Consider a larger batch, fewer prototypes, a larger "
+                    "epsilon or a longer prototype freeze.")
+        if (self.current_epoch + 1) % self.save_every == 0 and self.current_epoch != self.num_epochs - 1:
+            self.save_checkpoint(join(self.output_folder, "checkpoint_latest.pth"))
+        if np.isfinite(s["train_losses"]) and (self._best_loss is None or s["train_losses"] < self._best_loss):
+            self._best_loss = s["train_losses"]
+            self.save_checkpoint(join(self.output_folder, "checkpoint_best.pth"))
+        if self.local_rank == 0:
+            self.logger.plot_progress_png(self.output_folder)
+        self.current_epoch += 1
+
+    def on_train_end(self):
+        super().on_train_end()
+        if self.local_rank == 0 and not self.disable_checkpointing:
+            written = runtime.export_downstream_weights(self, join(self.output_folder, "checkpoint_final.pth"))
+            for path in written:
+                self.print_to_log_file(f"pretrained weights for fine-tuning: {path}")
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        self.print_to_log_file("pretraining has no segmentation validation; skipped")
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, filename: str) -> None:
+        if self.local_rank != 0:
+            return
+        if self.disable_checkpointing:
+            self.print_to_log_file("No checkpoint written, checkpointing is disabled")
+            return
+        checkpoint = {
+            "network_weights": self.model.state_dict(),
+            "optimizer_state": self.optimizer.state_dict(),
+            "grad_scaler_state": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
+            "logging": self.logger.get_checkpoint(),
+            "_best_ema": self._best_loss,
+            "current_epoch": self.current_epoch + 1,
+            "init_args": self.my_init_kwargs,
+            "trainer_name": self.__class__.__name__,
+            "inference_allowed_mirroring_axes": None,
+            "nnssl_joint": {
+                **self.effective_config(),
+                "iteration": self.iteration,
+                "rng": runtime.capture_rng(),
+            },
+        }
+        atomic_torch_save(checkpoint, filename)
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        if not self.was_initialized:
+            self.initialize()
+        checkpoint = filename_or_checkpoint
+        if isinstance(checkpoint, str):
+            checkpoint = torch.load(checkpoint, map_location=self.device, weights_only=False)
+        extra = runtime.check_resume_compatible(checkpoint, self.effective_config())
+        self.model.load_state_dict(checkpoint["network_weights"])
+        self.optimizer.load_state_dict(checkpoint["optimizer_state"])
+        if self.grad_scaler is not None and checkpoint.get("grad_scaler_state") is not None:
+            self.grad_scaler.load_state_dict(checkpoint["grad_scaler_state"])
+        self.my_init_kwargs = checkpoint["init_args"]
+        self.current_epoch = checkpoint["current_epoch"]
+        self.logger.load_checkpoint(checkpoint["logging"])
+        self._best_loss = checkpoint["_best_ema"]
+        self.iteration = extra["iteration"]
+        runtime.restore_rng(extra["rng"])
+        self.print_to_log_file(f"resumed from epoch {self.current_epoch}, iteration {self.iteration}")
+
