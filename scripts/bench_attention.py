@@ -1,11 +1,12 @@
 """CPU benchmark: DeformableSliceAttention vs ordinary full self-attention over slices.
 
 Time: forward + backward, median of a few repeats, all configurations in this process.
-Memory: each (method, N) runs once more in a fresh subprocess that records the growth of the peak
-resident set size (``resource.getrusage(...).ru_maxrss``) over one forward + backward, after
-building the module and inputs and after a warm-up at a tiny N. This is the process-level high-water
-mark, so it includes allocator overhead and the parameter gradients; it is an honest upper-level view
-of what the step costs, not a per-tensor account.
+Memory: each (method, N) runs once more in a fresh subprocess that records how far the peak resident
+set size rises above the current one during one forward + backward (after building the module and
+inputs and a warm-up at a tiny N). On Linux the peak (VmHWM) is reset to the current RSS through
+/proc/self/clear_refs right before the step: ``ru_maxrss`` alone is not enough, because a child
+inherits its parent's high-water mark across fork + exec. This is a process-level measure, so it
+includes allocator overhead and the parameter gradients, not a per-tensor account.
 
 Methods:
   deformable    DeformableSliceAttention (downsample r, learned offsets, relative-position bias)
@@ -18,6 +19,7 @@ Usage: python scripts/bench_attention.py [--sizes 64 256 1024] [--dim 256] [--ba
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import resource
@@ -31,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from nnssl_joint.models import DeformableSliceAttention  # noqa: E402
+from nnssl_joint.models import DeformableSliceAttention
 
 METHODS = ("deformable", "full", "full_relbias")
 
@@ -91,10 +93,24 @@ def peak_rss_growth_mib(method: str, n: int, args: argparse.Namespace) -> float:
     module = build(method, args)
     step(module, torch.randn(args.batch, 8, args.dim))  # lazy initialisation at a tiny size
     x = torch.randn(args.batch, n, args.dim)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    step(module, x)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return (after - before) / 1024  # ru_maxrss is in KiB on Linux
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")  # resets VmHWM to the current RSS
+        before = _proc_status_kib("VmRSS")
+        step(module, x)
+        return (_proc_status_kib("VmHWM") - before) / 1024
+    except OSError:  # no procfs: fall back to ru_maxrss (KiB on Linux), may read low in a child
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        step(module, x)
+        return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+
+
+def _proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(f"{field} missing from /proc/self/status")
 
 
 def memory_in_subprocess(method: str, n: int, args: argparse.Namespace) -> float:
@@ -108,7 +124,7 @@ def memory_in_subprocess(method: str, n: int, args: argparse.Namespace) -> float
 def growth(values: dict[int, float], sizes: list[int]) -> dict[str, float]:
     """Ratio between consecutive sizes and the fitted exponent (value ~ N^exponent)."""
     out = {}
-    for small, large in zip(sizes, sizes[1:]):
+    for small, large in itertools.pairwise(sizes):
         out[f"x{large // small}_N_{small}_to_{large}"] = round(values[large] / max(values[small], 1e-9), 2)
     if len(sizes) > 1 and all(values[n] > 0 for n in sizes):
         logs_n = [math.log(n) for n in sizes]
@@ -128,7 +144,7 @@ def main() -> None:
     parser.add_argument("--dim-head", type=int, default=32)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--downsample", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--measure-memory", nargs=2, metavar=("METHOD", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -146,7 +162,7 @@ def main() -> None:
         "config": {"dim": args.dim, "heads": args.heads, "dim_head": args.dim_head, "batch": args.batch,
                    "downsample": args.downsample, "threads": args.threads, "repeats": args.repeats,
                    "torch": torch.__version__, "device": "cpu",
-                   "memory": "peak RSS growth over one fwd+bwd, fresh subprocess (MiB)"},
+                   "memory": "peak RSS above current RSS during one fwd+bwd, fresh subprocess (MiB)"},
         "time_ms_fwd_bwd": {m: {n: round(times[m][n], 2) for n in sizes} for m in METHODS},
         "peak_rss_growth_mib": {m: {n: round(memory[m][n], 1) for n in sizes} for m in METHODS},
         "full_over_deformable": {

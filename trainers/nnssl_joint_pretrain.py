@@ -223,8 +223,9 @@ class JointSSLPretrainTrainer(nnUNetTrainer):
             "epoch_start_timestamps", -1)
         self.print_to_log_file(f"Epoch time: {epoch_time:.2f} s")
         threshold = self.ssl_config.optim.collapse_entropy_threshold
-        for key in ("entropy_2d", "entropy_3d"):
-            if not np.isnan(s[key]) and s[key] < threshold and self.current_epoch >= 1:
+        for key, prototypes in (("entropy_2d", self.model.intra_loss), ("entropy_3d", self.model.inter_loss)):
+            enough = s[f"{key}_samples"] >= 4 * prototypes.prototypes.weight.shape[0]
+            if enough and s[key] < threshold and self.current_epoch >= 1:
                 self.print_to_log_file(
                     f"WARNING: possible cluster collapse: {key} = {s[key]:.3f} < {threshold} "
                     "(few prototypes take all samples). Consider a larger batch, fewer prototypes, a larger "

@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -49,11 +49,11 @@ from torch.nn.functional import interpolate
 from nnssl_joint.errors import NnsslJointError
 
 __all__ = [
+    "STRONG",
+    "WEAK",
     "MultiplicativeBiasFieldTransform",
     "RandomResizedCropTransform",
-    "STRONG",
     "ViewAugmentationConfig",
-    "WEAK",
     "slice_view_transforms",
     "volume_view_transforms",
 ]
@@ -192,7 +192,7 @@ class ViewAugmentationConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, values: dict) -> "ViewAugmentationConfig":
+    def from_dict(cls, values: dict) -> ViewAugmentationConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
         if unknown:

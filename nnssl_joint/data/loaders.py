@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import os
 import zipfile
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -188,7 +188,7 @@ class GlobalIndex:
         self.total = int(counts.sum())
 
     @classmethod
-    def from_summary(cls, summary: Mapping) -> "GlobalIndex":
+    def from_summary(cls, summary: Mapping) -> GlobalIndex:
         return cls(_slices_per_case(summary))
 
     def __len__(self) -> int:
@@ -238,6 +238,18 @@ def _pair(value: Sequence[int], name: str) -> tuple[int, int]:
     return int(value[0]), int(value[1])
 
 
+def _bbox_in_plane_inside(lbs: Sequence[int], ubs: Sequence[int], shape: Sequence[int]) -> list[list[int]]:
+    """nnU-Net's (Z, Y, X) bbox with the in-plane extent cut to the image (C, Z, Y, X); Z keeps its padding.
+
+    An image smaller than the initial patch is then cropped whole instead of zero-padded, and the random
+    resized crop resamples its actual content onto the view instead of views of mostly padding.
+    """
+    bbox = [[int(lbs[0]), int(ubs[0])]]
+    for lb, ub, size in zip(lbs[1:], ubs[1:], shape[2:]):
+        bbox.append([max(0, int(lb)), min(int(size), int(ub))])
+    return bbox
+
+
 def _initial_patch(patch_size: Sequence[int] | None, view_size: tuple[int, int]) -> tuple[int, int]:
     return _pair(patch_size, "patch_size") if patch_size is not None else (2 * view_size[0], 2 * view_size[1])
 
@@ -247,7 +259,8 @@ class SliceViewsLoader(nnUNetDataLoader):
 
     Per item: a case drawn with ``sampling_probabilities`` (see :func:`case_sampling_probabilities`; None is
     uniform over cases), one of its slices uniformly, an in-plane ``patch_size`` crop at a uniform random
-    position (zero-padded where the image is smaller; default twice ``view_size``), then 2 global views of
+    position (default twice ``view_size``; cut to the image along an axis where the image is smaller, so
+    views never show in-plane padding: the whole image is then the crop), then 2 global views of
     ``view_size`` and ``n_small_views`` small views of ``small_view_size`` (multi-crop), each the result of
     its own random draw of the view pipeline (:func:`slice_view_transforms`). Crop areas are fractions of
     the initial patch: ``config.crop_area`` for global views, ``small_crop_area`` for small ones.
@@ -290,7 +303,7 @@ class SliceViewsLoader(nnUNetDataLoader):
             for j, key in enumerate(keys):
                 data = self._data.load_case(key)[0]
                 lbs, ubs = self.get_bbox(data.shape[1:], False, None)
-                patch = torch.from_numpy(crop_and_pad_nd(data, [[a, b] for a, b in zip(lbs, ubs)], 0))
+                patch = torch.from_numpy(crop_and_pad_nd(data, _bbox_in_plane_inside(lbs, ubs, data.shape), 0))
                 patch = patch.float()[:, 0]
                 slice_index[j] = lbs[0]
                 if global_views is None:
@@ -354,7 +367,8 @@ class VolumeViewsLoader(nnUNetDataLoader):
             for j, key in enumerate(keys):
                 data = self._data.load_case(key)[0]
                 lbs, ubs = self.get_bbox(data.shape[1:], False, None)
-                stack = torch.from_numpy(crop_and_pad_nd(data, [[a, b] for a, b in zip(lbs, ubs)], 0)).float()
+                bbox = _bbox_in_plane_inside(lbs, ubs, data.shape)
+                stack = torch.from_numpy(crop_and_pad_nd(data, bbox, 0)).float()
                 slice_start[j] = lbs[0]
                 valid[j] = (positions + lbs[0] >= 0) & (positions + lbs[0] < data.shape[1])
                 if views is None:

@@ -113,18 +113,22 @@ def smooth_noise(rng: np.random.Generator, shape: Sequence[int], correlation: Se
     correlation length, evaluated separably by three small matrix products (no FFT, no scipy), so its
     cost barely depends on the correlation length. Axes with a correlation below one voxel get white noise.
     """
-    bases = [_bump_basis(rng, int(n), float(c)) for n, c in zip(shape, correlation)]
-    weights = rng.standard_normal(tuple(b.shape[1] for b in bases), dtype=np.float32)
-    field = np.tensordot(weights, bases[2], axes=([2], [1]))
-    field = np.tensordot(field, bases[1], axes=([1], [1]))
-    field = np.tensordot(field, bases[0], axes=([0], [1]))
-    field = np.ascontiguousarray(field.transpose(2, 1, 0))
+    shape = tuple(int(n) for n in shape)
+    bases = [_bump_basis(rng, n, float(c)) for n, c in zip(shape, correlation)]
+    weights = rng.standard_normal(tuple(n if b is None else b.shape[1] for n, b in zip(shape, bases)),
+                                  dtype=np.float32)
+    z_basis, y_basis, x_basis = bases
+    field = weights if x_basis is None else weights @ x_basis.T
+    field = field if y_basis is None else np.matmul(y_basis, field)
+    if z_basis is not None:
+        field = (z_basis @ field.reshape(field.shape[0], -1)).reshape(shape)
     return _standardise(field)
 
 
-def _bump_basis(rng: np.random.Generator, n: int, correlation: float) -> np.ndarray:
+def _bump_basis(rng: np.random.Generator, n: int, correlation: float) -> np.ndarray | None:
+    """``(n, nodes)`` interpolation matrix from coarse-grid weights to voxels; None for white noise."""
     if correlation < 1.0:
-        return np.eye(n, dtype=np.float32)
+        return None
     # Bumps of std correlation/sqrt(2) at a step of `correlation` give a covariance of std `correlation`
     # whose variance ripples by well under 1 % along the axis.
     bump_sigma = correlation / np.sqrt(2.0)
@@ -132,7 +136,9 @@ def _bump_basis(rng: np.random.Generator, n: int, correlation: float) -> np.ndar
     n_nodes = int(np.ceil((n - 1 + 2 * margin) / correlation)) + 1
     nodes = -margin + rng.uniform(0.0, correlation) + correlation * np.arange(n_nodes)
     x = np.arange(n, dtype=np.float64)[:, None]
-    return np.exp(-0.5 * ((x - nodes[None]) / bump_sigma) ** 2).astype(np.float32)
+    basis = np.exp(-0.5 * ((x - nodes[None]) / bump_sigma) ** 2)
+    basis[basis < 1e-6] = 0.0  # far tails would become float32 denormals, which slow matmul by ~30x
+    return basis.astype(np.float32)
 
 
 def _standardise(field: np.ndarray) -> np.ndarray:
@@ -209,14 +215,20 @@ class _Grid:
         return smooth_noise(rng, self.shape, self.voxels(correlation))
 
     def level(self, blob: _Blob, rng: np.random.Generator) -> np.ndarray:
-        """Rough ellipsoid level set (< 0 inside), scaled to approximate a signed distance."""
+        """Rough ellipsoid level set (< 0 inside), scaled to approximate a signed distance.
+
+        The scale is the geometric mean of the two shortest semi-axes: most of the surface of a long
+        body or tube faces those, and the longest axis must not soften the edges of a body that runs
+        through a long z field of view.
+        """
         d = [a - c for a, c in zip(self.axes, blob.center.astype(np.float32))]
         q2 = np.zeros(self.shape, dtype=np.float32)
         for i in range(3):
             r = blob.rotation[:, i].astype(np.float32)
             q2 += ((r[0] * d[0] + r[1] * d[1] + r[2] * d[2]) / np.float32(blob.semi_axes[i])) ** 2
         level = np.sqrt(q2) - 1.0 + blob.roughness * self.noise(rng, _ROUGHNESS_CORRELATION)
-        return (level * np.float32(np.exp(np.mean(np.log(blob.semi_axes))))).astype(np.float32)
+        scale = np.sqrt(np.prod(np.sort(blob.semi_axes)[:2]))
+        return (level * np.float32(scale)).astype(np.float32)
 
     def soft(self, level: np.ndarray) -> np.ndarray:
         return _sigmoid(-level / self.edge_width)
@@ -732,7 +744,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
                     "unlabeled 2D pool and a labeled 3D organ segmentation task.")
     parser.add_argument("--out", default=None,
                         help="nnU-Net raw root to write into (default: the nnUNet_raw environment variable)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="generation seed (default 0)")
     parser.add_argument("--n-3d", type=int, default=8, help="unlabeled 3D volumes (default 8)")
     parser.add_argument("--n-2d", type=int, default=16, help="unlabeled 2D images (default 16)")
     parser.add_argument("--n-train", type=int, default=6, help="labeled training cases (default 6)")

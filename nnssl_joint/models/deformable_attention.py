@@ -25,6 +25,78 @@ def signed_log_distance(distance: Tensor) -> Tensor:
     return torch.sign(distance) * torch.log1p(distance.abs())
 
 
+class _RelativeBiasFunction(torch.autograd.Function):
+    """Piecewise-linear bias of the signed log distance between query slices and key positions.
+
+    Works through the (batch x group) rows in chunks and recomputes in backward, so that besides the
+    bias itself (and later its gradient) only chunk-sized temporaries exist: plain autograd keeps about
+    ten tensors of the attention map's size alive until backward.
+
+    positions (R, M) with R = B * G rows; row r uses group ``r % G``; slope/intercept tables are flat
+    (segments * G * Hg,) and indexed by ``(segment * G + group) * Hg + head_in_group``.
+    Output: (R, Hg, N, M).
+    """
+
+    CHUNK_PAIRS = 1 << 18
+
+    @staticmethod
+    def _chunk_rows(pairs_per_row: int) -> int:
+        return max(1, _RelativeBiasFunction.CHUNK_PAIRS // max(1, pairs_per_row))
+
+    @staticmethod
+    def _evaluate(positions: Tensor, row_start: int, groups: int, hg: int, kinks: Tensor, n: int
+                  ) -> tuple[Tensor, Tensor, Tensor]:
+        rows = positions.shape[0]
+        queries = torch.arange(n, device=positions.device, dtype=positions.dtype)
+        distance = queries.view(1, n, 1) - positions[:, None, :]  # (rows, N, M)
+        s = signed_log_distance(distance)
+        segment = torch.searchsorted(kinks, s, right=True)
+        group = (torch.arange(row_start, row_start + rows, device=s.device) % groups).view(rows, 1, 1)
+        heads = torch.arange(hg, device=s.device).view(1, hg, 1, 1)
+        index = (segment * groups + group).unsqueeze(1) * hg + heads  # (rows, Hg, N, M)
+        return distance, s, index
+
+    @staticmethod
+    def forward(ctx, positions: Tensor, slope: Tensor, intercept: Tensor, kinks: Tensor, groups: int,
+                n: int) -> Tensor:
+        ctx.save_for_backward(positions, slope, intercept, kinks)
+        ctx.groups, ctx.n = groups, n
+        rows, m = positions.shape
+        hg = slope.numel() // ((kinks.numel() + 1) * groups)
+        out = positions.new_empty(rows, hg, n, m)
+        size = _RelativeBiasFunction._chunk_rows(hg * n * m)
+        for start in range(0, rows, size):
+            chunk = positions[start:start + size]
+            _, s, index = _RelativeBiasFunction._evaluate(chunk, start, groups, hg, kinks, n)
+            torch.addcmul(intercept.take(index), slope.take(index), s.unsqueeze(1),
+                          out=out[start:start + chunk.shape[0]])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        positions, slope, intercept, kinks = ctx.saved_tensors
+        need_positions, need_slope, need_intercept = ctx.needs_input_grad[:3]
+        rows, m = positions.shape
+        hg = grad.shape[1]
+        grad_positions = torch.zeros_like(positions) if need_positions else None
+        grad_slope = torch.zeros_like(slope) if need_slope else None
+        grad_intercept = torch.zeros_like(intercept) if need_intercept else None
+        size = _RelativeBiasFunction._chunk_rows(hg * ctx.n * m)
+        for start in range(0, rows, size):
+            chunk = positions[start:start + size]
+            g = grad[start:start + chunk.shape[0]]
+            distance, s, index = _RelativeBiasFunction._evaluate(chunk, start, ctx.groups, hg, kinks, ctx.n)
+            if need_positions:
+                # d bias / d position = -slope / (1 + |distance|)
+                grad_s = (g * slope.take(index)).sum(dim=1)
+                grad_positions[start:start + chunk.shape[0]] = -(grad_s / (1 + distance.abs())).sum(dim=1)
+            if need_slope:
+                grad_slope.scatter_add_(0, index.flatten(), (g * s.unsqueeze(1)).flatten())
+            if need_intercept:
+                grad_intercept.scatter_add_(0, index.flatten(), g.flatten())
+        return grad_positions, grad_slope, grad_intercept, None, None, None
+
+
 class ContinuousPositionBias(nn.Module):
     """Relative-position bias b(s) = W2 relu(W1 s + b1) + b2 of a scalar s, one output per head.
 
@@ -42,7 +114,12 @@ class ContinuousPositionBias(nn.Module):
         self.heads = heads
         self.net = nn.Sequential(nn.Linear(1, hidden), nn.ReLU(), nn.Linear(hidden, heads))
 
-    def _segment_tables(self) -> tuple[Tensor, Tensor, Tensor]:
+    def segment_tables(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(sorted kinks (hidden,), slope (hidden + 1, heads), intercept (hidden + 1, heads)).
+
+        Segment m holds the s with exactly m kinks <= s; there b(s) = slope[m] * s + intercept[m].
+        Slope and intercept are differentiable functions of the MLP weights.
+        """
         first, last = self.net[0], self.net[2]
         w1, b1 = first.weight[:, 0], first.bias
         with torch.no_grad():
@@ -52,7 +129,6 @@ class ContinuousPositionBias(nn.Module):
             sorted_kinks, order = torch.sort(kinks)
             rank = torch.empty_like(order)
             rank[order] = torch.arange(order.numel(), device=order.device)
-            # segment m holds the s with exactly m kinks <= s
             segment = torch.arange(order.numel() + 1, device=order.device)[:, None]
             past_kink = rank[None, :] < segment
             active = torch.where(w1[None, :] > 0, past_kink, ~past_kink)
@@ -62,27 +138,26 @@ class ContinuousPositionBias(nn.Module):
         intercept = (active * b1) @ last.weight.t() + last.bias
         return sorted_kinks.contiguous(), slope, intercept
 
-    def forward(self, s: Tensor, groups: int = 1) -> Tensor:
-        """Bias for inputs ``s``.
-
-        groups == 1: returns ``s.shape + (heads,)``. groups > 1: dim 1 of ``s`` indexes head groups and
-        group g only gets the heads ``g * heads/groups ... (g + 1) * heads/groups - 1``, so the result
-        is ``s.shape + (heads // groups,)``.
-        """
-        if self.heads % groups != 0:
-            raise ValueError(f"heads ({self.heads}) must be divisible by groups ({groups})")
-        if groups > 1 and (s.dim() < 2 or s.shape[1] != groups):
-            raise ValueError(f"with groups={groups}, dim 1 of s must have size {groups}, got shape {tuple(s.shape)}")
-        kinks, slope, intercept = self._segment_tables()
+    def forward(self, s: Tensor) -> Tensor:
+        """b(s) for any shape of ``s``: returns ``s.shape + (heads,)``."""
+        kinks, slope, intercept = self.segment_tables()
         segment = torch.searchsorted(kinks, s.detach().to(kinks.dtype).contiguous(), right=True)
-        n_segments = slope.shape[0]
-        slope = slope.view(n_segments, groups, self.heads // groups)
-        intercept = intercept.view(n_segments, groups, self.heads // groups)
-        if groups == 1:
-            group_index = torch.zeros((), dtype=torch.long, device=s.device)
-        else:
-            group_index = torch.arange(groups, device=s.device).view((1, groups) + (1,) * (s.dim() - 2))
-        return slope[segment, group_index] * s.unsqueeze(-1).to(slope.dtype) + intercept[segment, group_index]
+        return slope[segment] * s.unsqueeze(-1).to(slope.dtype) + intercept[segment]
+
+    def relative_bias(self, positions: Tensor, n: int) -> Tensor:
+        """Bias between query slices 0..n-1 and key positions (B, G, M) -> (B, heads, n, M).
+
+        b(signed_log(i - positions[b, g, j])) where head group g (heads g*heads/G ... (g+1)*heads/G - 1)
+        uses its own key positions. Computed in float32.
+        """
+        b, g, m = positions.shape
+        if self.heads % g != 0:
+            raise ValueError(f"heads ({self.heads}) must be divisible by the position groups ({g})")
+        kinks, slope, intercept = self.segment_tables()
+        bias = _RelativeBiasFunction.apply(positions.float().reshape(b * g, m).contiguous(),
+                                           slope.float().flatten(), intercept.float().flatten(),
+                                           kinks.float(), g, n)
+        return bias.view(b, self.heads, n, m)
 
 
 class DeformableSliceAttention(nn.Module):
@@ -239,12 +314,8 @@ class DeformableSliceAttention(nn.Module):
         k, v = sampled.view(b, g, m, 2, hg, self.dim_head).permute(3, 0, 1, 4, 2, 5).reshape(2, b, h, m, -1)
 
         q = q.view(b, n, h, self.dim_head).transpose(1, 2)
-        logits = (q @ k.transpose(-1, -2)) * self.scale  # (B, H, N, M)
-
-        query_positions = torch.arange(n, device=x.device, dtype=torch.float32)
-        distance = query_positions.view(1, 1, n, 1) - positions[:, :, None, :]
-        bias = self.position_bias(signed_log_distance(distance), groups=g)  # (B, G, N, M, hg)
-        logits = logits + bias.permute(0, 1, 4, 2, 3).reshape(b, h, n, m).to(logits.dtype)
+        logits = (q * self.scale) @ k.transpose(-1, -2)  # (B, H, N, M)
+        logits = logits + self.position_bias.relative_bias(positions, n).to(logits.dtype)
         if key_valid is not None:
             mask = key_valid[:, :, None, :].expand(b, g, hg, m).reshape(b, h, 1, m)
             # finite fill keeps all-padding samples finite instead of NaN

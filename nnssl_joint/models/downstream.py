@@ -70,6 +70,18 @@ def _check_in_plane(preset: ArchitecturePreset, in_plane: Sequence[int]) -> None
         )
 
 
+def _check_strides(preset: ArchitecturePreset, strides: Sequence[Sequence[int]] | None, spatial_dims: int) -> None:
+    """Plans carry ``strides`` (nnU-Net derives deep-supervision scales from them); they must be the preset's."""
+    if strides is None:
+        return
+    expected = pool_op_kernel_sizes(preset, spatial_dims)
+    if [list(map(int, s)) for s in strides] != expected:
+        raise ValueError(
+            f"plans arch_kwargs 'strides' {strides} do not match architecture preset '{preset.name}' "
+            f"({expected}); re-plan with nnssl_joint plan_and_preprocess --downstream instead of editing the plans"
+        )
+
+
 def _check_classes(input_channels: int, num_classes: int) -> None:
     if input_channels < 1 or num_classes < 1:
         raise ValueError(f"input_channels and num_classes must be >= 1, got {input_channels} and {num_classes}")
@@ -104,9 +116,11 @@ class JointSSLUNet2D(_PresetUNet):
     """
 
     def __init__(self, input_channels: int, num_classes: int, deep_supervision: bool = True,
-                 preset: ArchitecturePreset | dict[str, Any] | str = "cpu") -> None:
+                 preset: ArchitecturePreset | dict[str, Any] | str = "cpu",
+                 strides: Sequence[Sequence[int]] | None = None) -> None:
         super().__init__(preset)
         _check_classes(input_channels, num_classes)
+        _check_strides(self.preset, strides, 2)
         self.encoder = build_encoder_2d(self.preset, input_channels, return_skips=True)
         self.decoder = UNetDecoder(encoder_spec_2d(self.preset), num_classes,
                                    list(self.preset.encoder.n_conv_per_stage_decoder), deep_supervision)
@@ -179,9 +193,11 @@ class SliceWiseUNet3D(_PresetUNet):
     """
 
     def __init__(self, input_channels: int, num_classes: int, deep_supervision: bool = True,
-                 preset: ArchitecturePreset | dict[str, Any] | str = "cpu") -> None:
+                 preset: ArchitecturePreset | dict[str, Any] | str = "cpu",
+                 strides: Sequence[Sequence[int]] | None = None) -> None:
         super().__init__(preset)
         _check_classes(input_channels, num_classes)
+        _check_strides(self.preset, strides, 3)
         self.encoder = build_encoder_2d(self.preset, input_channels, return_skips=True)
         self.slice_embedding = build_slice_embedding(self.preset)
         self.slice_transformer = build_slice_transformer(self.preset)

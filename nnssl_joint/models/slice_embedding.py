@@ -23,7 +23,7 @@ def encoder_stage_channels(encoder: nn.Module) -> list[int]:
         raise ValueError(f"{type(encoder).__name__} has no `output_channels` (nor an `.encoder` with one); "
                          "pass the stage channels to SliceEmbeddingHead explicitly")
     if isinstance(channels, int):
-        raise ValueError(f"{type(encoder).__name__}.output_channels is a single int ({channels}); "
+        raise TypeError(f"{type(encoder).__name__}.output_channels is a single int ({channels}); "
                          "expected one entry per stage")
     return [int(c) for c in channels]
 

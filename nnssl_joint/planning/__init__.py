@@ -26,7 +26,17 @@ _EXPORTS = {
     "SpacingSpec": "nnssl_joint.planning.settings",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "DEFAULT_PLANS_NAME",
+    "PRETRAINING_CONFIGURATION",
+    "JointSSLPlanner",
+    "SpacingSpec",
+    "UnlabeledFingerprintExtractor",
+    "UnlabeledPreprocessor",
+    "plan_and_preprocess_unlabeled",
+    "prepare_pretraining_dataset",
+    "verify_preprocessed",
+]
 
 
 def __getattr__(name: str):

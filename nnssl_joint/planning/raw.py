@@ -12,9 +12,12 @@ spatial axis, is the slice axis. A 2D image is ``(C, 1, Y, X)``.
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import re
+import struct
+import zlib
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
@@ -330,12 +333,58 @@ def reader_for(dataset: RawDataset):
     return choose_reader(dataset.dataset_json, dataset.cases[0].files[0], dataset.folder)
 
 
+def _nifti_data_bytes(header: bytes) -> int | None:
+    """Bytes a NIfTI-1/2 file needs (header, extensions, voxels) according to its header; None if not NIfTI."""
+    for order in "<>":
+        size = struct.unpack(order + "i", header[:4])[0] if len(header) >= 4 else 0
+        if size == 348 and len(header) >= 112:
+            dims = struct.unpack(order + "8h", header[40:56])
+            bitpix = struct.unpack(order + "h", header[72:74])[0]
+            offset = struct.unpack(order + "f", header[108:112])[0]
+        elif size == 540 and len(header) >= 176:
+            bitpix = struct.unpack(order + "h", header[14:16])[0]
+            dims = struct.unpack(order + "8q", header[16:80])
+            offset = struct.unpack(order + "q", header[168:176])[0]
+        else:
+            continue
+        if not 1 <= dims[0] <= 7:
+            return None
+        return int(offset) + int(np.prod(dims[1 : dims[0] + 1], dtype=np.int64)) * bitpix // 8
+    return None
+
+
+def check_file_complete(path: str) -> str | None:
+    """Why ``path`` is incomplete, or None. Catches what ITK reads silently as zeros: a truncated gzip
+    stream, and NIfTI files shorter than their header announces."""
+    name = path.lower()
+    if not name.endswith((".gz", ".nii")):
+        return None
+    try:
+        with (gzip.open(path, "rb") if name.endswith(".gz") else open(path, "rb")) as f:
+            header = f.read(540)
+            total = len(header)
+            while chunk := f.read(1 << 22):
+                total += len(chunk)
+    except (EOFError, OSError, zlib.error) as e:
+        return f"its gzip stream is truncated or corrupt ({e})"
+    expected = _nifti_data_bytes(header) if name.endswith((".nii", ".nii.gz")) else None
+    if expected is not None and total < expected:
+        return f"it holds {total} bytes where its NIfTI header announces {expected}"
+    return None
+
+
 def _read_file(reader, path: str, case: RawCase) -> tuple[np.ndarray, dict]:
     """One file through nnU-Net's reader; any failure becomes an :class:`ImageReadError` naming the file."""
+    problem = check_file_complete(path)
+    if problem is not None:
+        raise ImageReadError(
+            f"Image file {path} is truncated or corrupt: {problem}. Re-export or re-download it, or remove case "
+            f"{case.identifier!r} from the dataset."
+        )
     try:
         with redirect_stdout(io.StringIO()):
             return reader.read_images([path])
-    except Exception as e:  # readers raise anything from RuntimeError to AssertionError and zlib errors
+    except Exception as e:  # noqa: BLE001 - nnU-Net's readers raise anything (RuntimeError, AssertionError, zlib)
         raise ImageReadError(
             f"Cannot read image file {path} ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else 'no message'}). "
             f"It is missing, truncated or not a valid {Path(path).name.split('.', 1)[-1]} image for "
@@ -441,7 +490,9 @@ def case_channel_names(folder: Path, dataset_json: dict, identifiers: list[str])
 
 def normalization_schemes_for(channel_names: list[str]) -> list[str]:
     """nnU-Net's normalisation class name for each channel name (``CTNormalization`` for "CT", ...)."""
-    from nnunetv2.preprocessing.normalization.map_channel_name_to_normalization import get_normalization_scheme
+    from nnunetv2.preprocessing.normalization.map_channel_name_to_normalization import (
+        get_normalization_scheme,
+    )
 
     return [get_normalization_scheme(name).__name__ for name in channel_names]
 

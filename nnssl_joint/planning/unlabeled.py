@@ -63,7 +63,12 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 
 from nnssl_joint import __version__
 from nnssl_joint.paths import nnunet_preprocessed, nnunet_raw
-from nnssl_joint.planning.errors import DatasetNotFoundError, PlanningError, PreprocessingVerificationError
+from nnssl_joint.planning.errors import (
+    DatasetJsonError,
+    DatasetNotFoundError,
+    PlanningError,
+    PreprocessingVerificationError,
+)
 from nnssl_joint.planning.raw import (
     PROVENANCE_FILE,
     RawCase,
@@ -328,7 +333,7 @@ class JointSSLPlanner(ExperimentPlanner):
             "dataset_name": self.dataset_name,
             "plans_name": self.plans_identifier,
             "original_median_spacing_after_transp": [float(i) for i in np.median(spacings, axis=0)],
-            "original_median_shape_after_transp": [int(round(i)) for i in np.median(shapes, axis=0)],
+            "original_median_shape_after_transp": [int(i) for i in np.round(np.median(shapes, axis=0))],
             "image_reader_writer": self.determine_reader_writer().__name__,
             "transpose_forward": transpose,
             "transpose_backward": transpose,
@@ -418,7 +423,7 @@ class PreprocessedCase:
     raw_shape: tuple[int, int, int]
     shape: tuple[int, int, int]
     spacing: tuple[float, float, float]
-    mean: float | None = None  # channel 0 inside the nonzero mask (deep verification only)
+    mean: float | None = None  # channel 0 where it was normalised (deep verification only)
     std: float | None = None
 
 
@@ -448,6 +453,8 @@ def verify_preprocessed(dataset: int | str, plans_name: str = DEFAULT_PLANS_NAME
             f"{' ...' if len(missing) > 5 else ''}. Rerun `nnssl_joint plan_and_preprocess`."
         )
     loader = infer_dataset_class(str(data_folder))(str(data_folder))
+    per_case = manager.configuration.get("per_case_normalization")
+    recorded_schemes, default_schemes = _case_schemes_of_raw_dataset(str(raw_folder))
     transpose = plans_manager.transpose_forward
     rows, problems = [], []
     for case in raw.cases:
@@ -466,8 +473,14 @@ def verify_preprocessed(dataset: int | str, plans_name: str = DEFAULT_PLANS_NAME
             voxels = np.asarray(data[:])
             if not np.isfinite(voxels).all():
                 problems.append(f"{case.identifier}: non-finite voxels after preprocessing")
+            # statistics over the region the normaliser used: the nonzero mask if use_mask_for_norm
+            if per_case is None:
+                use_mask = manager.use_mask_for_norm[0]
+            else:
+                scheme = recorded_schemes.get(case.identifier, default_schemes)[0]
+                use_mask = per_case["use_mask_for_norm"]["0"][scheme]
             inside = np.asarray(seg[:])[0] >= 0
-            channel0 = voxels[0][inside] if inside.any() else voxels[0].ravel()
+            channel0 = voxels[0][inside] if use_mask and inside.any() else voxels[0].ravel()
             mean, std = float(channel0.mean()), float(channel0.std())
         rows.append(PreprocessedCase(case.identifier, dim, raw_shape, shape, tuple(target), mean, std))
     if problems:
@@ -524,6 +537,14 @@ def plan_and_preprocess_unlabeled(dataset: int | str, spacing: str | float | Spa
     spacing = SpacingSpec.parse(spacing)
     raw_root, preprocessed_root = nnunet_raw(), nnunet_preprocessed()
     raw = inspect_raw_dataset(find_raw_dataset(dataset, raw_root))
+    unlabeled_entries = [k for k, v in raw.dataset_json.get("dataset", {}).items() if "label" not in v]
+    if unlabeled_entries:
+        raise DatasetJsonError(
+            f"{raw.folder / 'dataset.json'}: case {unlabeled_entries[0]!r} (and {len(unlabeled_entries) - 1} more) "
+            f"in 'dataset' has no 'label' entry, which nnU-Net's file listing requires. Add one per case (the file "
+            f"need not exist and is never read, e.g. \"label\": \"labelsTr/{unlabeled_entries[0]}.nii.gz\"), or "
+            f"run `nnssl_joint prepare` to get an imagesTr layout."
+        )
     clashes = [p.name for p in dataset_folders_with_id(preprocessed_root, raw.dataset_id) if p.name != raw.name]
     if clashes:
         raise DatasetNotFoundError(

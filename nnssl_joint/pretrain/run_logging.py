@@ -22,6 +22,8 @@ EXTRA_KEYS = (
     "volumes_per_s",
     "entropy_2d",
     "entropy_3d",
+    "entropy_2d_samples",
+    "entropy_3d_samples",
     "nonfinite_steps",
 )
 

@@ -123,6 +123,8 @@ def summarize_epoch(outputs: list[dict], model: nn.Module, seconds: float, is_dd
             summary[f"entropy_{key}"] = prototype_usage_entropy(one_hot)
         else:
             summary[f"entropy_{key}"] = float("nan")
+        # the entropy of a few samples over many prototypes says nothing about collapse
+        summary[f"entropy_{key}_samples"] = float(sum(len(a) for a in assigned))
     return summary
 
 

@@ -204,7 +204,7 @@ class ObjectiveConfig:
                 ok = isinstance(value, type(default))
             if not ok:
                 raise ValueError(
-                    f"ObjectiveConfig.{spec.name} must be a {type(default).__name__}, got {value!r}."
+                    f"ObjectiveConfig.{spec.name} must be of type {type(default).__name__}, got {value!r}."
                 )
 
     def _validate_values(self) -> None:

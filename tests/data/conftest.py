@@ -87,7 +87,7 @@ def preprocessed_folder(tmp_path_factory: pytest.TempPathFactory) -> str:
     write_raw_dataset(base / "raw")
     script = Path(sys.executable).with_name("nnUNetv2_plan_and_preprocess")
     command = [str(script), "-d", str(DATASET_ID), "-c", "2d", "-np", "1", "-npfp", "1"]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, check=False, env=env, capture_output=True, text=True, timeout=300)
     if result.returncode != 0:
         raise RuntimeError(f"nnUNetv2_plan_and_preprocess failed:\n{result.stdout}\n{result.stderr}")
     folder = base / "preprocessed" / DATASET_NAME / "nnUNetPlans_2d"

@@ -7,6 +7,7 @@ The data are nnU-Net's own preprocessing of a tiny mixed dataset (see conftest.p
 from __future__ import annotations
 
 import pickle
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from nnunetv2.training.dataloading.nnunet_dataset import (
     nnUNetDatasetNumpy,
 )
 
+from nnssl_joint.data.augment import STRONG
 from nnssl_joint.data.loaders import (
     GlobalIndex,
     JointLoader,
@@ -163,6 +165,16 @@ def test_views_of_an_item_differ_but_are_correlated(dataset):
     same_item = np.corrcoef(means[:, 0], means[:, 1])[0, 1]
     other_item = np.corrcoef(means[:, 0], np.roll(means[:, 1], 1))[0, 1]
     assert same_item > 0.6 and same_item > other_item + 0.3, (same_item, other_item)
+
+
+def test_images_smaller_than_the_patch_are_cropped_not_padded(dataset, summary):
+    no_rotation = replace(STRONG, p_rotation=0.0)  # rotated corners may legitimately leave the image
+    slices = SliceViewsLoader(dataset, 16, VIEW, (64, 64), config=no_rotation)  # every image is <= 48 px
+    assert torch.all(next(slices)["global_views"] != 0)
+    volumes = VolumeViewsLoader(dataset, 4, 8, VIEW, (64, 64), config=no_rotation, summary=summary)
+    batch = next(volumes)
+    views = batch["views"].permute(0, 3, 1, 2, 4, 5)[batch["valid"]]  # (valid slices, views, C, h, w)
+    assert torch.all(views != 0)
 
 
 # ------------------------------------------------------------------------------------------ volume loader

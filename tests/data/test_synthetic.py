@@ -30,8 +30,8 @@ from nnssl_joint.data.synthetic import (
 SHAPE_3D = (20, 28, 36)
 SHAPE_2D = (40, 48)
 IDS = (901, 902, 903)
-SMALL = dict(seed=3, n_3d=3, n_2d=4, n_labeled_train=3, n_labeled_test=2, shape_3d=SHAPE_3D,
-             shape_2d=SHAPE_2D, ids=IDS)
+SMALL = {"seed": 3, "n_3d": 3, "n_2d": 4, "n_labeled_train": 3, "n_labeled_test": 2, "shape_3d": SHAPE_3D,
+         "shape_2d": SHAPE_2D, "ids": IDS}
 
 
 def _read(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from nnssl_joint.models import ContinuousPositionBias, DeformableSliceAttention
+from nnssl_joint.models.deformable_attention import _RelativeBiasFunction
 
 DIM = 24
 
@@ -174,21 +175,58 @@ def test_batch_permutation_equivariance():
     torch.testing.assert_close(attention(x[perm], valid[perm])[valid[perm]], out[perm][valid[perm]])
 
 
-def test_continuous_position_bias_matches_its_mlp_in_value_and_gradient():
+def _bias_with_kinkless_unit(heads: int) -> ContinuousPositionBias:
     torch.manual_seed(0)
-    bias = ContinuousPositionBias(heads=6, hidden=16)
+    bias = ContinuousPositionBias(heads=heads, hidden=16)
     with torch.no_grad():
         bias.net[0].weight[3] = 0.0  # a unit without a kink
-    s = (torch.randn(2, 3, 7, 5) * 3).requires_grad_()
-    fast = bias(s, groups=3)
-    naive = bias.net(s[..., None]).view(2, 3, 7, 5, 3, 2)
-    naive = torch.stack([naive[:, g, ..., g, :] for g in range(3)], dim=1)
+    return bias
+
+
+def test_continuous_position_bias_matches_its_mlp_in_value_and_gradient():
+    bias = _bias_with_kinkless_unit(6)
+    s = (torch.randn(4, 7, 5) * 3).requires_grad_()
+    fast, naive = bias(s), bias.net(s[..., None])
     torch.testing.assert_close(fast, naive, atol=1e-5, rtol=1e-5)
     weights = torch.randn_like(fast)
     grads_fast = torch.autograd.grad((fast * weights).sum(), [s, *bias.parameters()])
     grads_naive = torch.autograd.grad((naive * weights).sum(), [s, *bias.parameters()])
     for a, b in zip(grads_fast, grads_naive):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("groups", [1, 3, 6])
+@pytest.mark.parametrize("rows_per_chunk", [None, 1, 5])
+def test_relative_bias_matches_the_mlp_on_grouped_positions(groups, rows_per_chunk, monkeypatch):
+    bias = _bias_with_kinkless_unit(6)
+    n, m = 9, 4
+    if rows_per_chunk is not None:  # chunk boundaries that do not align with the groups
+        monkeypatch.setattr(_RelativeBiasFunction, "CHUNK_PAIRS", rows_per_chunk * (6 // groups) * n * m)
+    positions = (torch.rand(2, groups, m) * (n - 1)).requires_grad_()
+    fast = bias.relative_bias(positions, n)  # (B, heads, n, m)
+    distance = torch.arange(n, dtype=torch.float32).view(1, 1, n, 1) - positions[:, :, None, :]
+    per_group = bias.net((torch.sign(distance) * torch.log1p(distance.abs()))[..., None])  # (B, G, n, m, heads)
+    hg = 6 // groups
+    naive = torch.cat([per_group[:, g, :, :, g * hg:(g + 1) * hg].permute(0, 3, 1, 2) for g in range(groups)], 1)
+    torch.testing.assert_close(fast, naive, atol=1e-5, rtol=1e-5)
+    weights = torch.randn_like(fast)
+    grads_fast = torch.autograd.grad((fast * weights).sum(), [positions, *bias.parameters()])
+    grads_naive = torch.autograd.grad((naive * weights).sum(), [positions, *bias.parameters()])
+    for a, b in zip(grads_fast, grads_naive):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_bfloat16_autocast():
+    attention = _attention()
+    x = torch.randn(2, 50, DIM, requires_grad=True)
+    valid = torch.ones(2, 50, dtype=torch.bool)
+    valid[1, 30:] = False
+    reference = attention(x, valid)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attention(x, valid)
+    torch.testing.assert_close(out.float()[valid], reference[valid], atol=0.05, rtol=0.05)
+    out.float().sum().backward()
+    assert torch.isfinite(x.grad).all()
 
 
 def test_rejects_bad_arguments():

@@ -7,9 +7,11 @@ from torch import nn
 from nnssl_joint.models import ProjectionHead, SliceEmbeddingHead, encoder_stage_channels
 
 FEATURES = [8, 16, 32]
-COMMON = dict(input_channels=1, n_stages=3, features_per_stage=FEATURES, conv_op=nn.Conv2d, kernel_sizes=3,
-              strides=[1, 2, 2], conv_bias=True, norm_op=nn.InstanceNorm2d, norm_op_kwargs={"affine": True},
-              nonlin=nn.LeakyReLU, nonlin_kwargs={"inplace": True}, return_skips=True)
+COMMON = {
+    "input_channels": 1, "n_stages": 3, "features_per_stage": FEATURES, "conv_op": nn.Conv2d, "kernel_sizes": 3,
+    "strides": [1, 2, 2], "conv_bias": True, "norm_op": nn.InstanceNorm2d, "norm_op_kwargs": {"affine": True},
+    "nonlin": nn.LeakyReLU, "nonlin_kwargs": {"inplace": True}, "return_skips": True,
+}
 
 
 def _encoders():

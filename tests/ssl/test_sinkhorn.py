@@ -84,7 +84,9 @@ def test_large_scores_match_float64_reference_and_are_shift_invariant() -> None:
     expected = _reference_codes_log_domain(scores.double().numpy(), 0.01, 20)
     np.testing.assert_allclose(codes.numpy(), expected, atol=1e-4)
     # Sinkhorn is invariant to adding a constant to all scores; a naive exp is not.
-    torch.testing.assert_close(sinkhorn(scores + 1000.0, epsilon=0.01, iterations=20), codes, atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        sinkhorn(scores + 1000.0, epsilon=0.01, iterations=20), codes, atol=1e-4, rtol=0
+    )
 
 
 def test_half_input_computes_in_float32_without_grad() -> None:

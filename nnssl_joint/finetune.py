@@ -1,0 +1,162 @@
+"""Fine-tuning configuration and pre-flight checks for ``JointSSLFinetuneTrainer``.
+
+One typed configuration instead of a subclass per number (``nnUNetTrainer_250epochs`` ...). Values come
+from the defaults, a ``"nnssl_joint_finetune"`` section of the plans' configuration, then a JSON file
+named by ``NNSSL_JOINT_FINETUNE_CONFIG`` (partial: only the keys to change).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from nnssl_joint.errors import NnsslJointError
+from nnssl_joint.models.downstream import PRETRAINED_PARTS
+
+FINETUNE_ENV_VAR = "NNSSL_JOINT_FINETUNE_CONFIG"
+FINETUNE_PLANS_SECTION = "nnssl_joint_finetune"
+
+
+@dataclass
+class FinetuneConfig:
+    num_epochs: int = 1000
+    iterations_per_epoch: int = 250
+    val_iterations_per_epoch: int = 50
+    initial_lr: float = 1e-2
+    weight_decay: float = 3e-5
+    warmup_epochs: int = 0  # linear warm-up of every learning rate before nnU-Net's poly decay
+    freeze_pretrained_epochs: int = 0  # pretrained parts get no updates for this many epochs
+    pretrained_lr_factor: float = 1.0  # learning rate of the pretrained parts relative to the rest
+    save_every: int = 50
+
+    def __post_init__(self) -> None:
+        for name in ("num_epochs", "iterations_per_epoch", "save_every"):
+            if getattr(self, name) < 1:
+                raise NnsslJointError(f"fine-tuning config: {name} must be >= 1, got {getattr(self, name)}")
+        for name in ("val_iterations_per_epoch", "warmup_epochs", "freeze_pretrained_epochs"):
+            if getattr(self, name) < 0:
+                raise NnsslJointError(f"fine-tuning config: {name} must be >= 0, got {getattr(self, name)}")
+        if self.initial_lr <= 0 or self.pretrained_lr_factor < 0:
+            raise NnsslJointError("fine-tuning config: initial_lr must be > 0 and pretrained_lr_factor >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], where: str = "fine-tuning config") -> "FinetuneConfig":
+        valid = {f.name for f in fields(cls)}
+        unknown = set(values) - valid
+        if unknown:
+            raise NnsslJointError(f"{where}: unknown key(s) {sorted(unknown)}; valid keys: {sorted(valid)}")
+        return cls(**values)
+
+
+def load_finetune_config(plans_configuration: dict | None = None) -> tuple[FinetuneConfig, list[str]]:
+    values: dict[str, Any] = {}
+    sources = ["defaults"]
+    if plans_configuration and FINETUNE_PLANS_SECTION in plans_configuration:
+        values.update(plans_configuration[FINETUNE_PLANS_SECTION])
+        sources.append(f"plans section '{FINETUNE_PLANS_SECTION}'")
+    env_file = os.environ.get(FINETUNE_ENV_VAR)
+    if env_file:
+        path = Path(env_file)
+        if not path.is_file():
+            raise NnsslJointError(f"{FINETUNE_ENV_VAR}={env_file} does not name a file; point it at a JSON file or "
+                                  "unset it")
+        try:
+            values.update(json.loads(path.read_text()))
+        except json.JSONDecodeError as e:
+            raise NnsslJointError(f"{path}: not valid JSON ({e})") from e
+        sources.append(str(path))
+    return FinetuneConfig.from_dict(values, " / ".join(sources)), sources
+
+
+def split_parameters(network: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(pretrained parts, the rest) of a downstream network."""
+    pretrained, other = [], []
+    for name, p in network.named_parameters():
+        (pretrained if name.split(".", 1)[0] in PRETRAINED_PARTS else other).append(p)
+    return pretrained, other
+
+
+def pretrained_weights_from_argv(argv: list[str] | None = None) -> str | None:
+    """nnU-Net gives trainers no access to ``-pretrained_weights``; read it from the command line so the
+    weights can be checked before training instead of failing inside nnU-Net's loader."""
+    argv = sys.argv if argv is None else argv
+    for i, arg in enumerate(argv[:-1]):
+        if arg == "-pretrained_weights":
+            return argv[i + 1]
+    return None
+
+
+def check_pretrained_weights(network: nn.Module, path: str, plans_preset: dict | None, command_hint: str) -> str:
+    """Fail early with a message naming the cause when ``path`` will not load into ``network``.
+
+    Checks: readable checkpoint, not a pretraining checkpoint without decoder keys (then points to the
+    exported file / ``nnssl_joint export``), preset equal to the plans' preset, every non-seg key present
+    with the same shape (input channel mismatches named as such). Returns a one-line summary."""
+    from nnssl_joint.export import load_pretraining_checkpoint
+
+    ckpt = load_pretraining_checkpoint(path)
+    meta = ckpt["nnssl_joint"]
+    if plans_preset is not None and meta.get("preset") != plans_preset:
+        raise NnsslJointError(
+            f"{path} was pretrained with architecture preset '{meta.get('preset', {}).get('name')}' but the plans use "
+            f"preset '{plans_preset.get('name')}'; re-plan the downstream dataset with the pretraining preset "
+            f"(nnssl_joint plan_and_preprocess -d ID --downstream --preset {meta.get('preset', {}).get('name')})")
+    weights = ckpt["network_weights"]
+    state = network.state_dict()
+    missing = [k for k in state if ".seg_layers." not in k and k not in weights]
+    mismatched = [k for k in state if ".seg_layers." not in k and k in weights and weights[k].shape != state[k].shape]
+    if not missing and not mismatched:
+        return f"{path}: all {len(state)} non-segmentation-head keys present with matching shapes"
+    stem = [k for k in mismatched if k.endswith("stages.0.0.convs.0.conv.weight")
+            or k.endswith("stages.0.0.convs.0.all_modules.0.weight")]
+    if stem and len(stem) == len(mismatched) and not missing:
+        k = stem[0]
+        cause = (f"input channels differ: {k} has {weights[k].shape[1]} input channel(s) in the file, the network "
+                 f"{state[k].shape[1]}")
+    elif missing and all(k.split(".", 1)[0] not in PRETRAINED_PARTS for k in missing):
+        cause = (f"the file holds no weights for the newly initialised parts ({len(missing)} keys, e.g. "
+                 f"{missing[:3]}): it is a pretraining checkpoint, not a downstream file")
+    else:
+        cause = (f"{len(missing)} missing keys {missing[:4]} and {len(mismatched)} shape mismatches {mismatched[:4]}"
+                 " (another architecture or configuration)")
+    raise NnsslJointError(f"-pretrained_weights {path} does not fit this network: {cause}. Fix: {command_hint}")
+
+
+def freeze_pretrained(network: nn.Module, frozen: bool) -> int:
+    """Set requires_grad of the pretrained parts; returns how many tensors were touched."""
+    pretrained, _ = split_parameters(network)
+    for p in pretrained:
+        p.requires_grad_(not frozen)
+    return len(pretrained)
+
+
+def poly_with_warmup(epoch: int, num_epochs: int, warmup_epochs: int, exponent: float = 0.9) -> float:
+    if epoch < warmup_epochs:
+        return (epoch + 1) / (warmup_epochs + 1)
+    return (1 - epoch / num_epochs) ** exponent
+
+
+class GroupPolyLR:
+    """nnU-Net's poly schedule (``step(epoch)``) with warm-up and one base learning rate per group."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, base_lrs: list[float], num_epochs: int,
+                 warmup_epochs: int) -> None:
+        self.optimizer = optimizer
+        self.base_lrs = base_lrs
+        self.num_epochs = num_epochs
+        self.warmup_epochs = warmup_epochs
+
+    def step(self, epoch: int) -> None:
+        f = poly_with_warmup(epoch, self.num_epochs, self.warmup_epochs)
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * f

@@ -1,0 +1,97 @@
+"""JointSSLFinetuneTrainer: nnU-Net fine-tuning of the plugin's 2d / 3d_fullres networks.
+
+    export nnUNet_extTrainer=$(nnssl_joint trainer-path)
+    nnUNetv2_train 100 3d_fullres 0 -p nnsslJointPlans -tr JointSSLFinetuneTrainer \
+        -pretrained_weights .../pretrained_for_3d_fullres.pth
+
+nnU-Net's trainer plus: learning-rate warm-up, optionally frozen pretrained parts for the first
+epochs, a lower learning rate for the pretrained parts, epochs/iterations from a JSON file
+(``NNSSL_JOINT_FINETUNE_CONFIG``), and a check of ``-pretrained_weights`` before training starts.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from batchgenerators.utilities.file_and_folder_operations import join
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from nnssl_joint.checkpoint_io import atomic_torch_save, atomic_write_text
+from nnssl_joint.finetune import (
+    GroupPolyLR,
+    check_pretrained_weights,
+    freeze_pretrained,
+    load_finetune_config,
+    pretrained_weights_from_argv,
+    split_parameters,
+)
+
+
+class JointSSLFinetuneTrainer(nnUNetTrainer):
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.finetune_config, self.finetune_sources = load_finetune_config(self.configuration_manager.configuration)
+        cfg = self.finetune_config
+        self.num_epochs = cfg.num_epochs
+        self.num_iterations_per_epoch = cfg.iterations_per_epoch
+        self.num_val_iterations_per_epoch = cfg.val_iterations_per_epoch
+        self.initial_lr = cfg.initial_lr
+        self.weight_decay = cfg.weight_decay
+        self.save_every = cfg.save_every
+        self._frozen: bool | None = None
+
+    def initialize(self):
+        super().initialize()
+        self.print_to_log_file(f"fine-tuning configuration ({', '.join(self.finetune_sources)}): "
+                               f"{json.dumps(self.finetune_config.to_dict())}")
+        if self.local_rank == 0:
+            atomic_write_text(json.dumps(self.finetune_config.to_dict(), indent=2),
+                              join(self.output_folder, "nnssl_joint_finetune_config.json"))
+        weights = pretrained_weights_from_argv()
+        if weights is not None:
+            module = self.network.module if self.is_ddp else self.network
+            preset = self.configuration_manager.network_arch_init_kwargs.get("preset")
+            hint = (f"nnssl_joint export --checkpoint <pretraining checkpoint_final.pth> -d "
+                    f"{self.plans_manager.dataset_name} -c {self.configuration_name} -p {self.plans_manager.plans_name} "
+                    f"-o pretrained_for_this_task.pth, then pass that file")
+            self.print_to_log_file(check_pretrained_weights(module, weights, preset, hint))
+
+    def configure_optimizers(self):
+        module = self.network.module if self.is_ddp else self.network
+        pretrained, other = split_parameters(module)
+        lrs = [self.initial_lr * self.finetune_config.pretrained_lr_factor, self.initial_lr]
+        groups = [{"params": pretrained, "lr": lrs[0]}, {"params": other, "lr": lrs[1]}]
+        optimizer = torch.optim.SGD(groups, self.initial_lr, weight_decay=self.weight_decay, momentum=0.99,
+                                    nesterov=True)
+        return optimizer, GroupPolyLR(optimizer, lrs, self.num_epochs, self.finetune_config.warmup_epochs)
+
+    def on_train_epoch_start(self):
+        frozen = self.current_epoch < self.finetune_config.freeze_pretrained_epochs
+        if frozen != self._frozen:
+            n = freeze_pretrained(self.network.module if self.is_ddp else self.network, frozen)
+            self.print_to_log_file(f"pretrained parts {'frozen' if frozen else 'trainable'} ({n} tensors)")
+            self._frozen = frozen
+        super().on_train_epoch_start()
+
+    def save_checkpoint(self, filename: str) -> None:
+        """nnU-Net's checkpoint content, written atomically (temp file + rename)."""
+        if self.local_rank != 0:
+            return
+        if self.disable_checkpointing:
+            self.print_to_log_file("No checkpoint written, checkpointing is disabled")
+            return
+        mod = self.network.module if self.is_ddp else self.network
+        mod = getattr(mod, "_orig_mod", mod)
+        atomic_torch_save({
+            "network_weights": mod.state_dict(),
+            "optimizer_state": self.optimizer.state_dict(),
+            "grad_scaler_state": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
+            "logging": self.logger.get_checkpoint(),
+            "_best_ema": self._best_ema,
+            "current_epoch": self.current_epoch + 1,
+            "init_args": self.my_init_kwargs,
+            "trainer_name": self.__class__.__name__,
+            "inference_allowed_mirroring_axes": self.inference_allowed_mirroring_axes,
+        }, filename)
