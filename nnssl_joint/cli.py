@@ -17,6 +17,7 @@ _SUBCOMMAND_MODULES = (
     "nnssl_joint.data.synthetic",
     "nnssl_joint.planning.cli",
     "nnssl_joint.export",
+    "nnssl_joint.demo",
 )
 
 

@@ -50,7 +50,7 @@ class FinetuneConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any], where: str = "fine-tuning config") -> "FinetuneConfig":
+    def from_dict(cls, values: dict[str, Any], where: str = "fine-tuning config") -> FinetuneConfig:
         valid = {f.name for f in fields(cls)}
         unknown = set(values) - valid
         if unknown:
@@ -117,8 +117,8 @@ def check_pretrained_weights(network: nn.Module, path: str, plans_preset: dict |
     mismatched = [k for k in state if ".seg_layers." not in k and k in weights and weights[k].shape != state[k].shape]
     if not missing and not mismatched:
         return f"{path}: all {len(state)} non-segmentation-head keys present with matching shapes"
-    stem = [k for k in mismatched if k.endswith("stages.0.0.convs.0.conv.weight")
-            or k.endswith("stages.0.0.convs.0.all_modules.0.weight")]
+    stem = [k for k in mismatched
+            if k.endswith(("stages.0.0.convs.0.conv.weight", "stages.0.0.convs.0.all_modules.0.weight"))]
     if stem and len(stem) == len(mismatched) and not missing:
         k = stem[0]
         cause = (f"input channels differ: {k} has {weights[k].shape[1]} input channel(s) in the file, the network "

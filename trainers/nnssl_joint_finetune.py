@@ -30,7 +30,7 @@ from nnssl_joint.finetune import (
 
 class JointSSLFinetuneTrainer(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
+                 device: torch.device = torch.device("cuda")):  # noqa: B008 (nnU-Net's signature)
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.finetune_config, self.finetune_sources = load_finetune_config(self.configuration_manager.configuration)
         cfg = self.finetune_config

@@ -23,7 +23,8 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
-from torch import autocast, distributed as dist
+from torch import autocast
+from torch import distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nnssl_joint.checkpoint_io import atomic_torch_save, atomic_write_text
@@ -35,7 +36,6 @@ from nnssl_joint.pretrain.model import JointSSLModel
 from nnssl_joint.pretrain.run_logging import JointSSLLocalLogger
 from nnssl_joint.pretrain.schedule import WarmupCosineLR
 from nnssl_joint.ssl.objective import LOSS_TERMS, combine_losses
-from nnssl_joint.ssl.swav import prototype_usage_entropy
 
 
 class JointSSLPretrainTrainer(nnUNetTrainer):
@@ -43,7 +43,7 @@ class JointSSLPretrainTrainer(nnUNetTrainer):
     L = l_intra L_intra + l_intra3d L_intra_3d + l_inter L_inter + l_mask L_mask (Nguyen et al., AAAI 2023)."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
+                 device: torch.device = torch.device("cuda")):  # noqa: B008 (nnU-Net's signature)
         super().__init__(plans, configuration, fold, dataset_json, device)
         if self.is_ddp and not torch.cuda.is_available():
             self.device = torch.device("cpu")  # gloo on CPU (tests, CPU clusters)

@@ -8,7 +8,9 @@ absolute position table, so any number of slices works.
 
 Cost: N queries x ceil(N / r) keys per head, i.e. O(N^2 / r) time and memory for the attention map
 (plus O(N d^2) for the projections). That is quadratic in N with a constant r-times smaller than full
-attention; it is not linear in N.
+attention; it is not linear in N. The position bias is evaluated exactly but without materialising
+the MLP's hidden layer per (query, key) pair, and in chunks with recomputation in backward, so it
+adds about one attention map of memory (see ``scripts/bench_attention.py``).
 """
 
 from __future__ import annotations
@@ -177,8 +179,8 @@ class DeformableSliceAttention(nn.Module):
             ``downsample=1`` and no offsets this is ordinary relative-bias attention over all slices.
 
     The last offset layer is zero-initialised, so training starts from the reference grid.
-    Keys and values are interpolated after projection (interpolation weights sum to one, so this
-    equals projecting interpolated tokens) which projects N tokens once instead of once per group.
+    Keys and values are interpolated after projection (the projections are linear without bias, so
+    this equals projecting interpolated tokens), which projects N tokens once instead of once per group.
     """
 
     def __init__(

@@ -82,7 +82,7 @@ class ArchitecturePreset:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ArchitecturePreset":
+    def from_dict(cls, d: dict[str, Any]) -> ArchitecturePreset:
         def build(klass, values: dict, where: str):
             valid = {f.name for f in fields(klass)}
             unknown = set(values) - valid

@@ -31,6 +31,24 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 def _cmd_plan_and_preprocess(args: argparse.Namespace) -> int:
     from nnunetv2.configuration import default_num_processes
 
+    if args.downstream:
+        from nnssl_joint.planning.downstream import plan_and_preprocess_downstream
+
+        for dataset_id in args.dataset_ids:
+            plans = plan_and_preprocess_downstream(
+                dataset_id, preset=args.preset,
+                plans_name=args.plans_name,
+                num_processes=args.np if args.np is not None else default_num_processes,
+                num_processes_fingerprint=args.npfp if args.npfp is not None else default_num_processes,
+                gpu_memory_target_in_gb=args.gpu_memory_target, verify=args.verify)
+            for name, c in plans["configurations"].items():
+                print(f"{name}: {c['architecture']['network_class_name']} patch {list(c['patch_size'])} batch "
+                      f"{c['batch_size']} spacing {[round(float(x), 4) for x in c['spacing']]}")
+        return 0
+    if args.preset is not None:
+        raise NnsslJointError("--preset only applies with --downstream; pretraining takes its preset from the "
+                              "'preset' key of the file named by NNSSL_JOINT_CONFIG")
+
     from nnssl_joint.planning.unlabeled import plan_and_preprocess_unlabeled
 
     options = {
@@ -84,6 +102,15 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
                    help="in-plane target spacing: 'median' of the dataset (default), 'native' (no resampling, "
                    "each case keeps its own spacing) or a spacing in mm; the slice axis is never resampled")
     p.add_argument("--plans-name", default=DEFAULT_PLANS_NAME, help=f"plans identifier (default {DEFAULT_PLANS_NAME})")
+    p.add_argument("--downstream", action="store_true",
+                   help="plan a LABELED dataset for fine-tuning instead: nnU-Net's fingerprint, the plugin's planner "
+                   f"(plans '{DEFAULT_PLANS_NAME}' with '2d' = JointSSLUNet2D and '3d_fullres' = SliceWiseUNet3D, "
+                   "encoder topology fixed by --preset, spacing/patch/batch self-configured as in nnU-Net) and "
+                   "nnU-Net's DefaultPreprocessor")
+    p.add_argument("--preset", default=None, metavar="cpu|gpu|FILE.json",
+                   help="architecture preset for --downstream (default cpu); must be the pretraining run's preset")
+    p.add_argument("--gpu-memory-target", type=float, default=8.0, metavar="GB",
+                   help="memory target of nnU-Net's patch/batch size heuristics for --downstream (default 8)")
     p.add_argument("--verify", action="store_true",
                    help="also decompress every preprocessed case, check its voxels are finite and report the "
                    "per-case mean/std after normalisation")

@@ -143,14 +143,18 @@ class JointSSLDownstreamPlanner(ExperimentPlanner):
         super().save_plans(plans)
 
 
-def plan_and_preprocess_downstream(dataset_id: int, preset: str = "cpu", plans_name: str = DOWNSTREAM_PLANS_NAME,
+def plan_and_preprocess_downstream(dataset_id: int, preset: str | None = "cpu", plans_name: str = DOWNSTREAM_PLANS_NAME,
                                    configurations: tuple[str, ...] = ("2d", "3d_fullres"),
                                    num_processes: int = 4, num_processes_fingerprint: int = 4,
                                    gpu_memory_target_in_gb: float = 8.0, verify: bool = False) -> dict:
     """Fingerprint (nnU-Net's), plan (:class:`JointSSLDownstreamPlanner`) and preprocess (nnU-Net's
     DefaultPreprocessor) a labeled dataset. Returns the plans."""
-    from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprint_dataset, preprocess_dataset
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import (
+        extract_fingerprint_dataset,
+        preprocess_dataset,
+    )
 
+    preset = preset or "cpu"
     extract_fingerprint_dataset(dataset_id, num_processes=num_processes_fingerprint,
                                 check_dataset_integrity=verify, clean=True, verbose=False)
     planner = JointSSLDownstreamPlanner(dataset_id, gpu_memory_target_in_gb=gpu_memory_target_in_gb,

@@ -24,7 +24,7 @@ class DatasetStats:
     median_volume_slices: int
 
     @classmethod
-    def from_shapes(cls, shapes: list[tuple[int, int, int]]) -> "DatasetStats":
+    def from_shapes(cls, shapes: list[tuple[int, int, int]]) -> DatasetStats:
         """``shapes``: preprocessed (Z, Y, X) of every case; Z == 1 marks a 2D image."""
         if not shapes:
             raise ValueError("the preprocessed dataset holds no cases")

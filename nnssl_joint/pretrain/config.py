@@ -26,7 +26,7 @@ from nnssl_joint.ssl.objective import ObjectiveConfig
 CONFIG_ENV_VAR = "NNSSL_JOINT_CONFIG"
 PLANS_SECTION = "nnssl_joint_pretrain"
 
-Auto = Union[int, str, None]
+Auto = Union[int, str, None]  # noqa: UP007 (a runtime alias, used in annotations)
 
 
 @dataclass
@@ -38,7 +38,7 @@ class DataConfig:
     batch_size_2d: Auto = "auto"  # images/slices per iteration for L_intra
     batch_size_3d: Auto = "auto"  # volume windows per iteration for L_inter / L_mask
     min_2d_fraction: float = 0.25  # minimum share of 2D images among sampled slices when both exist
-    memory_budget_gb: Union[float, str, None] = "auto"  # auto: 80% of GPU memory, 3 GB on CPU
+    memory_budget_gb: float | str | None = "auto"  # auto: 80% of GPU memory, 3 GB on CPU
 
 
 @dataclass
@@ -74,7 +74,7 @@ class PretrainConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], where: str = "configuration") -> "PretrainConfig":
+    def from_dict(cls, d: dict[str, Any], where: str = "configuration") -> PretrainConfig:
         cfg = cls()
         cfg.update(d, where)
         return cfg

@@ -28,7 +28,14 @@ from nnssl_joint.models.encoder import build_encoder_2d, build_slice_embedding, 
 from nnssl_joint.models.masked_prediction import MaskedSliceModeling, masked_embedding_loss, sample_slice_mask
 from nnssl_joint.models.preset import ArchitecturePreset
 from nnssl_joint.models.slice_embedding import ProjectionHead
-from nnssl_joint.ssl.objective import TERM_INTER, TERM_INTRA, TERM_INTRA_3D, TERM_MASK, ObjectiveConfig, StagePlan
+from nnssl_joint.ssl.objective import (
+    TERM_INTER,
+    TERM_INTRA,
+    TERM_INTRA_3D,
+    TERM_MASK,
+    ObjectiveConfig,
+    StagePlan,
+)
 from nnssl_joint.ssl.swav import SwAVLoss
 
 
@@ -52,13 +59,13 @@ class JointSSLModel(nn.Module):
         # volume batches hold a handful of windows: LayerNorm instead of BatchNorm
         self.projection_3d = ProjectionHead(d, proj.hidden_dim, proj.out_dim, norm="layer")
         self.masked_modeling = MaskedSliceModeling(d)
-        common = dict(
-            temperature=objective.temperature,
-            epsilon=objective.epsilon,
-            sinkhorn_iterations=objective.sinkhorn_iterations,
-            freeze_prototypes_iterations=objective.freeze_prototypes_iterations,
-            queue_start_iteration=objective.queue_start_iteration,
-        )
+        common = {
+            "temperature": objective.temperature,
+            "epsilon": objective.epsilon,
+            "sinkhorn_iterations": objective.sinkhorn_iterations,
+            "freeze_prototypes_iterations": objective.freeze_prototypes_iterations,
+            "queue_start_iteration": objective.queue_start_iteration,
+        }
         self.intra_loss = SwAVLoss(proj.out_dim, objective.num_prototypes_2d,
                                    queue_length=objective.queue_length_2d, **common)
         self.inter_loss = SwAVLoss(proj.out_dim, objective.num_prototypes_3d,

@@ -9,11 +9,11 @@ import os
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from nnunetv2.training.logging.nnunet_logger import LocalLogger  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from nnunetv2.training.logging.nnunet_logger import LocalLogger
 
-from nnssl_joint.ssl.objective import LOSS_TERMS  # noqa: E402
+from nnssl_joint.ssl.objective import LOSS_TERMS
 
 #: per-epoch values logged besides nnU-Net's own keys
 EXTRA_KEYS = (

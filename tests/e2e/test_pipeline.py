@@ -1,0 +1,144 @@
+"""The user's workflow end to end, through the real command lines (default test run):
+
+generated unlabeled 2D+3D data -> nnssl_joint prepare -> plan_and_preprocess -> nnUNetv2_train -tr
+JointSSLPretrainTrainer (2 tiny epochs) -> --c resume with identical state -> downstream planning of the
+labeled task -> nnUNetv2_train 2d / 3d_fullres with -pretrained_weights (loaded tensors equal the
+pretrained ones) -> nnUNetv2_predict on the test cases.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BIN = Path(sys.executable).parent
+PRETRAIN_RUN = "Dataset900_JointPretrain/JointSSLPretrainTrainer__nnsslJointPlans__joint_ssl/fold_all"
+
+
+def run(cmd: list[str], env: dict, cwd: Path, timeout: int = 600) -> str:
+    res = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False)
+    if res.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}")
+    return res.stdout + res.stderr
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    env = dict(os.environ)
+    env.update(nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "pre"), nnUNet_results=str(root / "res"),
+               nnUNet_extTrainer=str(Path(__file__).resolve().parents[2] / "trainers"), nnUNet_def_n_proc="1",
+               PYTHONUNBUFFERED="1")
+    env.pop("nnUNet_n_proc_DA", None)  # planning crashes with 0
+    run([str(BIN / "nnssl_joint"), "make-synthetic", "--seed", "1", "--n-3d", "4", "--n-2d", "6", "--n-train", "3",
+         "--n-test", "2", "--shape-3d", "12,32,32", "--shape-2d", "40,40"], env, root)
+    run([str(BIN / "nnssl_joint"), "prepare", "-d", "501", "502", "-o", "900", "--name", "JointPretrain"], env, root)
+    out = run([str(BIN / "nnssl_joint"), "plan_and_preprocess", "-d", "900", "-np", "1", "-npfp", "1"], env, root)
+    train_env = dict(env, nnUNet_n_proc_DA="0")
+    cfg = root / "pretrain.json"
+    cfg.write_text(json.dumps({"optim": {"num_epochs": 2, "iterations_per_epoch": 2, "save_every": 1},
+                               "data": {"batch_size_2d": 6, "batch_size_3d": 2, "n_slices": 6}}))
+    train_env["NNSSL_JOINT_CONFIG"] = str(cfg)
+    log = run([str(BIN / "nnUNetv2_train"), "900", "joint_ssl", "all", "-tr", "JointSSLPretrainTrainer", "-p",
+               "nnsslJointPlans", "-device", "cpu"], train_env, root)
+    return {"root": root, "env": env, "train_env": train_env, "plan_log": out, "pretrain_log": log}
+
+
+def test_pretraining_logs_every_term_and_writes_loadable_files(workspace):
+    run_dir = workspace["root"] / "res" / PRETRAIN_RUN
+    log = workspace["pretrain_log"]
+    for term in ("L_intra", "L_intra_3d", "L_inter", "L_mask"):
+        values = re.findall(rf"{term} ([-0-9.naninf]+)", log)
+        assert len(values) == 2, f"{term} not logged per epoch:\n{log[-3000:]}"
+        assert all(torch.isfinite(torch.tensor(float(v))) for v in values)
+    assert "slices/s" in log and "prototype usage entropy" in log and "self-configured" in log
+    for name in ("checkpoint_final.pth", "checkpoint_best.pth", "pretrained_for_2d.pth",
+                 "pretrained_for_3d_fullres.pth", "progress.png", "nnssl_joint_config.json"):
+        assert (run_dir / name).is_file(), name
+    assert not list(run_dir.glob("*.tmp")), "temporary checkpoint files left behind"
+    effective = json.loads((run_dir / "nnssl_joint_config.json").read_text())
+    assert effective["resolved"]["n_slices"] == 6 and effective["config"]["optim"]["num_epochs"] == 2
+    ckpt = torch.load(run_dir / "checkpoint_final.pth", weights_only=False)
+    assert ckpt["current_epoch"] == 2 and ckpt["nnssl_joint"]["iteration"] == 4
+    assert len(ckpt["logging"]["loss_intra"]) == 2
+
+
+def test_resume_with_c_continues_from_saved_state(workspace):
+    root, env = workspace["root"], dict(workspace["train_env"])
+    run_dir = root / "res" / PRETRAIN_RUN
+    saved = torch.load(run_dir / "checkpoint_final.pth", weights_only=False)
+    # restore the saved state into a fresh trainer exactly as --c does and compare every part
+    script = f"""
+import torch, numpy as np
+from nnunetv2.run.run_training import get_trainer_from_args
+t = get_trainer_from_args('900', 'joint_ssl', 'all', 'JointSSLPretrainTrainer', 'nnsslJointPlans', device=torch.device('cpu'))
+t.load_checkpoint(r'{run_dir / "checkpoint_final.pth"}')
+ck = torch.load(r'{run_dir / "checkpoint_final.pth"}', weights_only=False)
+sd = t.network.state_dict()
+assert sd.keys() == ck['network_weights'].keys()
+assert all(torch.equal(sd[k], ck['network_weights'][k]) for k in sd)
+assert 'prototypes.weight' in ''.join(sd) and any('queues' in k for k in sd)
+opt = t.optimizer.state_dict()
+for a, b in zip(opt['state'].values(), ck['optimizer_state']['state'].values()):
+    assert all(torch.equal(a[k], b[k]) for k in a)
+assert t.iteration == ck['nnssl_joint']['iteration'] and t.current_epoch == ck['current_epoch']
+assert torch.equal(torch.get_rng_state(), ck['nnssl_joint']['rng']['torch'])
+assert np.array_equal(np.random.get_state()[1], ck['nnssl_joint']['rng']['numpy'][1])
+print('STATE-IDENTICAL')
+"""
+    out = run([sys.executable, "-c", script], env, root)
+    assert "STATE-IDENTICAL" in out
+    cfg = json.loads(Path(env["NNSSL_JOINT_CONFIG"]).read_text())
+    cfg["optim"]["num_epochs"] = 3
+    (root / "pretrain3.json").write_text(json.dumps(cfg))
+    env["NNSSL_JOINT_CONFIG"] = str(root / "pretrain3.json")
+    log = run([str(BIN / "nnUNetv2_train"), "900", "joint_ssl", "all", "-tr", "JointSSLPretrainTrainer", "-p",
+               "nnsslJointPlans", "-device", "cpu", "--c"], env, root)
+    assert "resumed from epoch 2, iteration 4" in log
+    assert "Epoch 2" in log and "Epoch 1\n" not in log
+    resumed = torch.load(run_dir / "checkpoint_final.pth", weights_only=False)
+    assert resumed["current_epoch"] == 3 and resumed["nnssl_joint"]["iteration"] == 6
+    assert resumed["logging"]["loss_intra"][:2] == saved["logging"]["loss_intra"]
+
+
+@pytest.mark.parametrize("configuration", ["3d_fullres", "2d"])
+def test_finetune_from_pretrained_weights_and_predict(workspace, configuration):
+    root, env = workspace["root"], workspace["env"]
+    if not (root / "pre" / "Dataset503_SynthOrgans" / "nnsslJointPlans.json").is_file():
+        out = run([str(BIN / "nnssl_joint"), "plan_and_preprocess", "-d", "503", "--downstream", "-np", "1",
+                   "-npfp", "1"], env, root)
+        assert "SliceWiseUNet3D" in out and "JointSSLUNet2D" in out
+        # three labeled cases: nnU-Net's 5-fold split needs more, so fold 0 gets an explicit split
+        cases = sorted(p.name[: -len(".nii.gz")] for p in (root / "raw" / "Dataset503_SynthOrgans" / "labelsTr").iterdir())
+        (root / "pre" / "Dataset503_SynthOrgans" / "splits_final.json").write_text(
+            json.dumps([{"train": cases[:2], "val": cases[2:]}]))
+    weights = root / "res" / PRETRAIN_RUN / f"pretrained_for_{configuration}.pth"
+    ft = root / "finetune.json"
+    # pretrained parts frozen during the only epoch: their tensors must still equal the pretrained ones after it
+    ft.write_text(json.dumps({"num_epochs": 1, "iterations_per_epoch": 1, "val_iterations_per_epoch": 1,
+                              "freeze_pretrained_epochs": 1}))
+    train_env = dict(env, nnUNet_n_proc_DA="0", NNSSL_JOINT_FINETUNE_CONFIG=str(ft))
+    log = run([str(BIN / "nnUNetv2_train"), "503", configuration, "0", "-p", "nnsslJointPlans", "-tr",
+               "JointSSLFinetuneTrainer", "-device", "cpu", "-pretrained_weights", str(weights)], train_env, root)
+    assert "non-segmentation-head keys present with matching shapes" in log
+    out_dir = root / "res" / "Dataset503_SynthOrgans" / f"JointSSLFinetuneTrainer__nnsslJointPlans__{configuration}"
+    final = torch.load(out_dir / "fold_0" / "checkpoint_final.pth", weights_only=False)["network_weights"]
+    pretrained = torch.load(root / "res" / PRETRAIN_RUN / "checkpoint_final.pth", weights_only=False)["network_weights"]
+    parts = ("encoder.",) if configuration == "2d" else ("encoder.", "slice_embedding.", "slice_transformer.")
+    keys = [k for k in final if k.startswith(parts)]
+    assert len(keys) > 20
+    for k in keys:
+        assert torch.equal(final[k], pretrained[k]), k
+    pred = root / f"pred_{configuration}"
+    run([str(BIN / "nnUNetv2_predict"), "-i", str(root / "raw" / "Dataset503_SynthOrgans" / "imagesTs"), "-o",
+         str(pred), "-d", "503", "-c", configuration, "-p", "nnsslJointPlans", "-tr", "JointSSLFinetuneTrainer",
+         "-f", "0", "-chk", "checkpoint_final.pth", "-device", "cpu", "-npp", "1", "-nps", "1"],
+        dict(env, nnUNet_n_proc_DA="0"), root)
+    assert len(list(pred.glob("*.nii.gz"))) == 2
