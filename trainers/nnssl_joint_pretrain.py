@@ -46,7 +46,9 @@ class JointSSLPretrainTrainer(nnUNetTrainer):
                  device: torch.device = torch.device("cuda")):  # noqa: B008 (nnU-Net's signature)
         super().__init__(plans, configuration, fold, dataset_json, device)
         if self.is_ddp and not torch.cuda.is_available():
-            self.device = torch.device("cpu")  # gloo on CPU (tests, CPU clusters)
+            # nnU-Net assumes CUDA under DDP; on CPU (gloo: tests, CPU clusters) stay on the CPU without AMP
+            self.device = torch.device("cpu")
+            self.grad_scaler = None
         self.ssl_config, self.ssl_config_sources = load_pretrain_config(self.configuration_manager.configuration)
         optim = self.ssl_config.optim
         self.num_epochs = optim.num_epochs

@@ -55,8 +55,9 @@ class JointSSLModel(nn.Module):
         self.encoder = build_encoder_2d(preset, input_channels)
         self.slice_embedding = build_slice_embedding(preset)
         self.slice_transformer = build_slice_transformer(preset)
-        self.projection_2d = ProjectionHead(d, proj.hidden_dim, proj.out_dim, norm="batch")
-        # volume batches hold a handful of windows: LayerNorm instead of BatchNorm
+        # LayerNorm instead of SwAV's BatchNorm: volume batches hold a handful of windows, and per-sample
+        # normalisation makes a DDP run compute exactly what one process computes on the global batch
+        self.projection_2d = ProjectionHead(d, proj.hidden_dim, proj.out_dim, norm="layer")
         self.projection_3d = ProjectionHead(d, proj.hidden_dim, proj.out_dim, norm="layer")
         self.masked_modeling = MaskedSliceModeling(d)
         common = {
@@ -128,7 +129,11 @@ class JointSSLModel(nn.Module):
                 zt = self.projection_2d(e3[:, 1][valid])
                 out[TERM_INTRA_3D] = self.intra_loss([zs, zt], iteration)
             if stage.is_active(TERM_MASK) or stage.is_active(TERM_INTER):
-                mask = sample_slice_mask(valid, self.objective.mask_ratio) if stage.is_active(TERM_MASK) else None
+                mask = None
+                if stage.is_active(TERM_MASK):
+                    # a loader (or a test) may fix the mask; otherwise draw it here
+                    mask = volumes.get("mask")
+                    mask = mask.to(torch.bool) if mask is not None else sample_slice_mask(valid, self.objective.mask_ratio)
                 zs_3d, mask_losses = [], []
                 for view in range(n_views):
                     tokens = e3[:, view]

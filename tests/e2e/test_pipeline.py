@@ -142,3 +142,32 @@ def test_finetune_from_pretrained_weights_and_predict(workspace, configuration):
          "-f", "0", "-chk", "checkpoint_final.pth", "-device", "cpu", "-npp", "1", "-nps", "1"],
         dict(env, nnUNet_n_proc_DA="0"), root)
     assert len(list(pred.glob("*.nii.gz"))) == 2
+
+
+def test_ddp_two_processes_match_one_process_on_the_same_global_batch(workspace):
+    """Two gloo processes through the trainer's own code path (DDP, distributed Sinkhorn) compute the
+    loss and the update of one process on the concatenated batch."""
+    root = workspace["root"]
+    preset = json.loads((Path(__file__).resolve().parents[2] / "plans" / "cpu.json").read_text())
+    preset["transformer"]["dropout"] = 0.0  # dropout draws differ between 1 and 2 processes
+    (root / "preset_nodrop.json").write_text(json.dumps(preset))
+    cfg = {"preset": str(root / "preset_nodrop.json"),
+           "data": {"batch_size_2d": 8, "batch_size_3d": 4, "n_slices": 6, "view_size": 32, "n_small_views": 0},
+           "objective": {"freeze_prototypes_iterations": 0, "queue_length_3d": 0, "num_prototypes_2d": 6,
+                         "num_prototypes_3d": 2}}
+    (root / "ddp.json").write_text(json.dumps(cfg))
+    env = dict(workspace["train_env"], NNSSL_JOINT_CONFIG=str(root / "ddp.json"), OMP_NUM_THREADS="1")
+    script = Path(__file__).with_name("ddp_step.py")
+    results = {}
+    for world in (1, 2):
+        out = root / f"ddp_{world}.json"
+        run([sys.executable, str(script), str(world), str(out)], env, root, timeout=600)
+        results[world] = json.loads(out.read_text())
+    one, two = results[1], results[2]
+    assert len(two["per_rank"]) == 2 and two["per_rank"][0] != two["per_rank"][1]
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-4, abs=1e-5)
+    for term in ("intra", "intra_3d", "mask"):
+        assert two["terms"][term] != pytest.approx(0.0)
+    assert len(one["checksums"]) > 50 and one["checksums"].keys() == two["checksums"].keys()
+    for key, value in one["checksums"].items():
+        assert two["checksums"][key] == pytest.approx(value, rel=1e-4, abs=1e-4 * max(1.0, one["abs"][key])), key
