@@ -28,7 +28,8 @@ from nnssl_joint.errors import NnsslJointError
 from nnssl_joint.models.downstream import PRETRAINED_PARTS, JointSSLUNet2D, SliceWiseUNet3D, resolve_preset
 from nnssl_joint.models.preset import ArchitecturePreset
 
-STEM_KEY_SUFFIX = "stages.0.0.convs.0.conv.weight"
+# the first convolution's weight; dynamic-network-architectures registers it under two names
+STEM_KEY_SUFFIXES = ("stages.0.0.convs.0.conv.weight", "stages.0.0.convs.0.all_modules.0.weight")
 DOWNSTREAM_CLASSES = {"2d": JointSSLUNet2D, "3d_fullres": SliceWiseUNet3D}
 
 
@@ -79,7 +80,7 @@ def fill_pretrained(network: nn.Module, pretrained: dict[str, torch.Tensor], ada
             continue
         src = pretrained[key]
         if src.shape != value.shape:
-            if adapt_channels and key.endswith(STEM_KEY_SUFFIX) and src.shape[0] == value.shape[0] \
+            if adapt_channels and key.endswith(STEM_KEY_SUFFIXES) and src.shape[0] == value.shape[0] \
                     and src.shape[2:] == value.shape[2:]:
                 state[key] = adapt_stem(src, value.shape[1]).to(value.dtype)
                 adapted.append(key)

@@ -102,7 +102,7 @@ def check_pretrained_weights(network: nn.Module, path: str, plans_preset: dict |
     Checks: readable checkpoint, not a pretraining checkpoint without decoder keys (then points to the
     exported file / ``nnssl_joint export``), preset equal to the plans' preset, every non-seg key present
     with the same shape (input channel mismatches named as such). Returns a one-line summary."""
-    from nnssl_joint.export import load_pretraining_checkpoint
+    from nnssl_joint.export import STEM_KEY_SUFFIXES, load_pretraining_checkpoint
 
     ckpt = load_pretraining_checkpoint(path)
     meta = ckpt["nnssl_joint"]
@@ -117,8 +117,7 @@ def check_pretrained_weights(network: nn.Module, path: str, plans_preset: dict |
     mismatched = [k for k in state if ".seg_layers." not in k and k in weights and weights[k].shape != state[k].shape]
     if not missing and not mismatched:
         return f"{path}: all {len(state)} non-segmentation-head keys present with matching shapes"
-    stem = [k for k in mismatched
-            if k.endswith(("stages.0.0.convs.0.conv.weight", "stages.0.0.convs.0.all_modules.0.weight"))]
+    stem = [k for k in mismatched if k.endswith(STEM_KEY_SUFFIXES)]
     if stem and len(stem) == len(mismatched) and not missing:
         k = stem[0]
         cause = (f"input channels differ: {k} has {weights[k].shape[1]} input channel(s) in the file, the network "

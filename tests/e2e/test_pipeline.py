@@ -171,3 +171,44 @@ def test_ddp_two_processes_match_one_process_on_the_same_global_batch(workspace)
     assert len(one["checksums"]) > 50 and one["checksums"].keys() == two["checksums"].keys()
     for key, value in one["checksums"].items():
         assert two["checksums"][key] == pytest.approx(value, rel=1e-4, abs=1e-4 * max(1.0, one["abs"][key])), key
+
+
+def test_wrong_channel_count_fails_before_training_and_export_fixes_it(workspace):
+    """A 2-channel task with 1-channel pretrained weights: JointSSLFinetuneTrainer stops before the first
+    epoch naming the channel mismatch and the export command; the exported file trains."""
+    import shutil
+
+    root, env = workspace["root"], workspace["env"]
+    src = root / "raw" / "Dataset503_SynthOrgans"
+    dst = root / "raw" / "Dataset504_TwoChannel"
+    (dst / "imagesTr").mkdir(parents=True)
+    shutil.copytree(src / "labelsTr", dst / "labelsTr")
+    cases = sorted(p.name[: -len(".nii.gz")] for p in (src / "labelsTr").iterdir())
+    for case in cases:
+        for channel in ("0000", "0001"):
+            shutil.copy(src / "imagesTr" / f"{case}_0000.nii.gz", dst / "imagesTr" / f"{case}_{channel}.nii.gz")
+    dataset_json = json.loads((src / "dataset.json").read_text())
+    dataset_json["channel_names"] = {"0": "MRI", "1": "MRI"}
+    (dst / "dataset.json").write_text(json.dumps(dataset_json))
+    run([str(BIN / "nnssl_joint"), "plan_and_preprocess", "-d", "504", "--downstream", "-np", "1", "-npfp", "1"],
+        env, root)
+    (root / "pre" / "Dataset504_TwoChannel" / "splits_final.json").write_text(
+        json.dumps([{"train": cases[:2], "val": cases[2:]}]))
+    ft = root / "finetune504.json"
+    ft.write_text(json.dumps({"num_epochs": 1, "iterations_per_epoch": 1, "val_iterations_per_epoch": 1}))
+    train_env = dict(env, nnUNet_n_proc_DA="0", NNSSL_JOINT_FINETUNE_CONFIG=str(ft))
+    weights = root / "res" / PRETRAIN_RUN / "pretrained_for_3d_fullres.pth"
+    cmd = [str(BIN / "nnUNetv2_train"), "504", "3d_fullres", "0", "-p", "nnsslJointPlans", "-tr",
+           "JointSSLFinetuneTrainer", "-device", "cpu", "-pretrained_weights"]
+    res = subprocess.run(cmd + [str(weights)], env=train_env, cwd=root, capture_output=True, text=True, check=False)
+    assert res.returncode != 0
+    message = res.stdout + res.stderr
+    assert "input channels differ" in message and "nnssl_joint export" in message, message[-3000:]
+    assert "Epoch 0" not in message
+    exported = root / "two_channel.pth"
+    out = run([str(BIN / "nnssl_joint"), "export", "--checkpoint", str(root / "res" / PRETRAIN_RUN /
+               "checkpoint_final.pth"), "-d", "504", "-c", "3d_fullres", "-p", "nnsslJointPlans", "-o", str(exported)],
+              env, root)
+    assert "input stem adapted" in out
+    log = run(cmd + [str(exported)], train_env, root)
+    assert "non-segmentation-head keys present with matching shapes" in log and "Epoch 0" in log
