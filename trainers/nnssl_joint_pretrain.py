@@ -11,6 +11,7 @@ Thin orchestration: the configuration (nnssl_joint.pretrain.config), self-config
 from __future__ import annotations
 
 import json
+import os
 from time import time
 
 import numpy as np
@@ -49,6 +50,9 @@ class JointSSLPretrainTrainer(nnUNetTrainer):
             # nnU-Net assumes CUDA under DDP; on CPU (gloo: tests, CPU clusters) stay on the CPU without AMP
             self.device = torch.device("cpu")
             self.grad_scaler = None
+        elif self.is_ddp:
+            # nnU-Net picks cuda:<global rank>; on several nodes (torchrun) the GPU index is the local rank
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", dist.get_rank() % torch.cuda.device_count())))
         self.ssl_config, self.ssl_config_sources = load_pretrain_config(self.configuration_manager.configuration)
         optim = self.ssl_config.optim
         self.num_epochs = optim.num_epochs
@@ -95,7 +99,7 @@ class JointSSLPretrainTrainer(nnUNetTrainer):
         self.network = JointSSLModel(self.preset, self.num_input_channels, cfg.objective).to(self.device)
         self.optimizer, self.lr_scheduler = self.configure_optimizers()
         if self.is_ddp:
-            self.network = DDP(self.network, device_ids=[self.local_rank] if self.device.type == "cuda" else None,
+            self.network = DDP(self.network, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                                find_unused_parameters=True)
         self.was_initialized = True
         if self.local_rank == 0:

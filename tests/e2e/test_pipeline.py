@@ -212,3 +212,20 @@ def test_wrong_channel_count_fails_before_training_and_export_fixes_it(workspace
     assert "input stem adapted" in out
     log = run(cmd + [str(exported)], train_env, root)
     assert "non-segmentation-head keys present with matching shapes" in log and "Epoch 0" in log
+
+
+def test_torchrun_two_cpu_processes_pretrain(workspace):
+    """The documented multi-node entry (torchrun -m nnssl_joint.distributed_run) on one machine, gloo/CPU."""
+    root = workspace["root"]
+    cfg = {"optim": {"num_epochs": 1, "iterations_per_epoch": 2},
+           "data": {"batch_size_2d": 4, "batch_size_3d": 2, "n_slices": 4, "n_small_views": 0}}
+    (root / "torchrun.json").write_text(json.dumps(cfg))
+    env = dict(workspace["train_env"], NNSSL_JOINT_CONFIG=str(root / "torchrun.json"), OMP_NUM_THREADS="1",
+               nnUNet_results=str(root / "res_torchrun"))
+    log = run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "nnssl_joint.distributed_run",
+               "900", "joint_ssl", "all", "-p", "nnsslJointPlans"], env, root)
+    assert "Training done." in log and "batch_size_2d_per_rank" not in log
+    run_dir = root / "res_torchrun" / PRETRAIN_RUN
+    config = json.loads((run_dir / "nnssl_joint_config.json").read_text())
+    assert config["resolved"]["batch_size_2d_per_rank"] == 2
+    assert (run_dir / "checkpoint_final.pth").is_file() and (run_dir / "pretrained_for_3d_fullres.pth").is_file()
