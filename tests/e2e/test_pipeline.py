@@ -144,6 +144,17 @@ def test_finetune_from_pretrained_weights_and_predict(workspace, configuration):
     assert len(list(pred.glob("*.nii.gz"))) == 2
 
 
+def test_find_best_configuration_works_unchanged(workspace):
+    """After the 2d and 3d_fullres fine-tunings above (fold 0 each), nnU-Net's own model selection runs."""
+    root, env = workspace["root"], workspace["env"]
+    base = root / "res" / "Dataset503_SynthOrgans"
+    if not all((base / f"JointSSLFinetuneTrainer__nnsslJointPlans__{c}" / "fold_0" / "validation" / "summary.json")
+               .is_file() for c in ("2d", "3d_fullres")):
+        pytest.skip("needs test_finetune_from_pretrained_weights_and_predict for both configurations first")
+    out = run([str(BIN / "nnUNetv2_find_best_configuration"), "503", "-c", "2d", "3d_fullres", "-p",
+               "nnsslJointPlans", "-tr", "JointSSLFinetuneTrainer", "-f", "0", "-np", "1", "--disable_ensembling"], env, root)
+    assert "inference_instructions" in out or (base / "inference_instructions.txt").is_file(), out[-2000:]
+
 def test_ddp_two_processes_match_one_process_on_the_same_global_batch(workspace):
     """Two gloo processes through the trainer's own code path (DDP, distributed Sinkhorn) compute the
     loss and the update of one process on the concatenated batch."""
