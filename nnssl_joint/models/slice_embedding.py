@@ -53,6 +53,36 @@ class SliceEmbeddingHead(nn.Module):
         return self.proj(torch.cat(pooled, dim=-1))
 
 
+class GlobalBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d whose training statistics cover the global batch under torch.distributed.
+
+    Like ``nn.SyncBatchNorm`` but for any backend (gloo on CPU too), using the differentiable
+    all-reduce of ``torch.distributed.nn``: N processes normalise exactly as one process on the
+    concatenated batch. Without an initialised process group it is a plain BatchNorm1d.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        import torch.distributed as dist
+
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        stats = torch.cat([x.sum(0), (x * x).sum(0), x.new_tensor([x.shape[0]])])
+        stats = all_reduce(stats)
+        c = x.shape[1]
+        count = stats[-1]
+        mean = stats[:c] / count
+        var = stats[c:2 * c] / count - mean * mean
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            unbiased = var * count / (count - 1).clamp_min(1)
+            self.running_mean.mul_(1 - self.momentum).add_(self.momentum * mean.detach())
+            self.running_var.mul_(1 - self.momentum).add_(self.momentum * unbiased.detach())
+        out = (x - mean) / torch.sqrt(var + self.eps)
+        return out * self.weight + self.bias if self.affine else out
+
+
 class ProjectionHead(nn.Module):
     """SwAV-style projection MLP Linear -> norm -> ReLU -> Linear with L2-normalised output.
 
@@ -62,7 +92,7 @@ class ProjectionHead(nn.Module):
 
     def __init__(self, dim: int, hidden: int, out_dim: int, norm: str = "batch") -> None:
         super().__init__()
-        norms = {"batch": nn.BatchNorm1d, "layer": nn.LayerNorm}
+        norms = {"batch": GlobalBatchNorm1d, "layer": nn.LayerNorm}
         if norm not in norms:
             raise ValueError(f"norm must be one of {sorted(norms)}, got {norm!r}")
         self.net = nn.Sequential(nn.Linear(dim, hidden), norms[norm](hidden), nn.ReLU(inplace=True),

@@ -55,9 +55,11 @@ class JointSSLModel(nn.Module):
         self.encoder = build_encoder_2d(preset, input_channels)
         self.slice_embedding = build_slice_embedding(preset)
         self.slice_transformer = build_slice_transformer(preset)
-        # LayerNorm instead of SwAV's BatchNorm: volume batches hold a handful of windows, and per-sample
-        # normalisation makes a DDP run compute exactly what one process computes on the global batch
-        self.projection_2d = ProjectionHead(d, proj.hidden_dim, proj.out_dim, norm="layer")
+        # SwAV's BatchNorm removes the component all embeddings share, which the pooled descriptors of an
+        # InstanceNorm encoder are dominated by; without it the 2D loss collapsed to log(K) in our runs.
+        # GlobalBatchNorm1d normalises over the global batch under DDP. Volume batches hold a handful of
+        # windows, so the 3D head uses LayerNorm.
+        self.projection_2d = ProjectionHead(d, proj.hidden_dim, proj.out_dim, norm="batch")
         self.projection_3d = ProjectionHead(d, proj.hidden_dim, proj.out_dim, norm="layer")
         self.masked_modeling = MaskedSliceModeling(d)
         common = {

@@ -5,6 +5,7 @@ drawn into ``progress.png``."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import matplotlib
 
@@ -13,6 +14,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from nnunetv2.training.logging.nnunet_logger import LocalLogger
 
+from nnssl_joint.checkpoint_io import atomic_write_text
 from nnssl_joint.ssl.objective import LOSS_TERMS
 
 #: per-epoch values logged besides nnU-Net's own keys
@@ -84,3 +86,49 @@ class JointSSLLocalLogger(LocalLogger):
         fig.savefig(tmp)
         plt.close(fig)
         os.replace(tmp, os.path.join(output_folder, "progress.png"))
+
+
+class IterationLossFile:
+    """``losses.tsv`` in the run folder: one row per training iteration (rank 0's batch), appended as the
+    run goes, with the weighted total, each term (empty when inactive) and whether the step was taken.
+
+    Floats are written with ``repr`` so they read back bit for bit. A resumed run first drops the rows of
+    iterations it is about to redo (written after the checkpoint it resumes from, or a half-written last
+    line), so the file always reads like one uninterrupted run.
+    """
+
+    COLUMNS = ("iteration", "epoch", "loss", *[f"L_{t}" for t in LOSS_TERMS], "finite")
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+
+    def restart_at(self, iteration: int) -> int:
+        """Keep the complete rows of iterations before ``iteration``; returns how many were dropped."""
+        header = "\t".join(self.COLUMNS) + "\n"
+        kept, dropped = [], 0
+        if self.path.is_file():
+            for line in self.path.read_text().splitlines(keepends=True)[1:]:
+                fields = line.rstrip("\n").split("\t")
+                if line.endswith("\n") and len(fields) == len(self.COLUMNS) and int(fields[0]) < iteration:
+                    kept.append(line)
+                else:
+                    dropped += 1
+        atomic_write_text(header + "".join(kept), self.path)
+        return dropped
+
+    def append(self, iteration: int, epoch: int, out: dict) -> None:
+        terms = ["" if t not in out else repr(float(out[t])) for t in LOSS_TERMS]
+        row = [str(iteration), str(epoch), repr(float(out["loss"])), *terms, str(int(bool(out["finite"])))]
+        with open(self.path, "a") as f:
+            f.write("\t".join(row) + "\n")
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> list[dict]:
+        """Rows as dicts (floats, None for inactive terms, ints for iteration/epoch, bool for finite)."""
+        lines = Path(path).read_text().splitlines()
+        rows = []
+        for line in lines[1:]:
+            values = dict(zip(cls.COLUMNS, line.split("\t")))
+            rows.append({k: (int(v) if k in ("iteration", "epoch") else v == "1" if k == "finite"
+                             else None if v == "" else float(v)) for k, v in values.items()})
+        return rows

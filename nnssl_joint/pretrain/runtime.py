@@ -5,6 +5,8 @@ resume checks and the export of downstream weights. Kept here so the trainer fil
 from __future__ import annotations
 
 import random
+import re
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -120,12 +122,63 @@ def summarize_epoch(outputs: list[dict], model: nn.Module, seconds: float, is_dd
         if assigned:
             idx = torch.from_numpy(np.concatenate(assigned)).long()
             one_hot = torch.nn.functional.one_hot(idx, loss.prototypes.weight.shape[0]).float()
-            summary[f"entropy_{key}"] = prototype_usage_entropy(one_hot)
+            summary[f"entropy_{key}"] = abs(prototype_usage_entropy(one_hot))  # not -0.0 when one is used
         else:
             summary[f"entropy_{key}"] = float("nan")
         # the entropy of a few samples over many prototypes says nothing about collapse
         summary[f"entropy_{key}_samples"] = float(sum(len(a) for a in assigned))
     return summary
+
+
+def seed_everything(seed: Any, rank: int = 0) -> int | None:
+    """Seed Python, NumPy and torch (all devices) with ``seed + rank``; ``None`` leaves them alone.
+
+    Ranks get different seeds so that their loaders draw different batches; DDP copies rank 0's
+    initial weights to the others. Returns the seed used."""
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise NnsslJointError(f"seed must be a non-negative integer or null (no seeding), got {seed!r}; fix 'seed' "
+                              "in the file named by NNSSL_JOINT_CONFIG")
+    value = (seed + rank) % 2**32
+    random.seed(value)
+    np.random.seed(value)
+    torch.manual_seed(value)
+    return value
+
+
+def snapshot_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the model's buffers (SwAV feature queues and their pointers), taken before a step."""
+    return {name: buf.detach().clone() for name, buf in model.named_buffers()}
+
+
+def restore_buffers(model: nn.Module, snapshot: dict[str, torch.Tensor]) -> None:
+    """Undo what a skipped step's forward pass wrote into the buffers (e.g. NaN embeddings pushed into a
+    queue, which would make every later loss NaN)."""
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            buf.copy_(snapshot[name])
+
+
+#: temporary files of atomic writes (nnssl_joint.checkpoint_io: ".<name>.<random>.tmp") and of the
+#: progress plot, left behind when a run is killed while writing
+_STALE_TEMP = re.compile(r"^\.((checkpoint_\w+|pretrained_for_\w+)\.pth|nnssl_joint_config\.json|losses\.tsv)\.\w+\.tmp$"
+                         r"|^\.progress\.png\.tmp\.png$")
+
+
+def remove_stale_temp_files(folder: str | Path) -> list[str]:
+    """Delete the temporary files a killed run left in its output folder; returns their names.
+
+    They are never read (nnU-Net resumes from the exact names checkpoint_final/latest/best.pth, which
+    are only ever replaced by a rename of a complete file)."""
+    folder = Path(folder)
+    removed = []
+    if folder.is_dir():
+        for path in sorted(folder.iterdir()):
+            if _STALE_TEMP.match(path.name) and path.is_file():
+                path.unlink(missing_ok=True)
+                removed.append(path.name)
+    return removed
 
 
 def capture_rng() -> dict[str, Any]:
@@ -183,6 +236,7 @@ def dataset_stats(folder: str, dataset_class: Any) -> tuple[DatasetStats, dict]:
 
 def build_joint_loader(trainer: Any, resolved: dict[str, Any]) -> Any:
     """nnU-Net dataset of all training cases -> JointLoader (2D views + volume windows)."""
+    from nnssl_joint.data.augment import STRONG, WEAK
     from nnssl_joint.data.loaders import (
         JointLoader,
         SliceViewsLoader,
@@ -196,12 +250,17 @@ def build_joint_loader(trainer: Any, resolved: dict[str, Any]) -> Any:
     slices_per_case = {k: summary["cases"][k]["n_slices"] for k in dataset_tr.identifiers}
     probabilities = case_sampling_probabilities(dataset_tr, slices_per_case, data.min_2d_fraction)
     view = (resolved["view_size"],) * 2
-    slice_loader = SliceViewsLoader(dataset_tr, resolved["batch_size_2d"], view,
+    strengths = {"weak": WEAK, "strong": STRONG}
+    if data.augmentation not in strengths:
+        raise NnsslJointError(f"data.augmentation must be one of {sorted(strengths)}, got {data.augmentation!r}")
+    augmentation = strengths[data.augmentation]
+    slice_loader = SliceViewsLoader(dataset_tr, resolved["batch_size_2d"], view, config=augmentation,
                                     n_small_views=resolved["n_small_views"],
                                     small_view_size=(resolved["small_view_size"],) * 2,
                                     sampling_probabilities=probabilities)
     volume_loader = None
     if resolved["batch_size_3d"] > 0 and any(n >= 2 for n in slices_per_case.values()):
         volume_loader = VolumeViewsLoader(dataset_tr, resolved["batch_size_3d"], resolved["n_slices"], view,
+                                          config=augmentation,
                                           summary={"cases": {k: summary["cases"][k] for k in dataset_tr.identifiers}})
     return JointLoader(slice_loader, volume_loader)

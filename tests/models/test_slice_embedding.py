@@ -74,3 +74,13 @@ def test_projection_head(norm):
     out[:, 0].sum().backward()
     assert x.grad.abs().sum() > 0
     assert head(torch.randn(2, 5, 20)).shape == (2, 5, 8)
+
+
+def test_global_batchnorm_equals_batchnorm_in_one_process():
+    from nnssl_joint.models.slice_embedding import GlobalBatchNorm1d
+
+    torch.manual_seed(0)
+    x = torch.randn(10, 6) * 3 + 1
+    ref, ours = torch.nn.BatchNorm1d(6), GlobalBatchNorm1d(6)
+    assert torch.allclose(ref(x), ours(x), atol=1e-6)
+    assert torch.allclose(ref.running_mean, ours.running_mean) and torch.allclose(ref.running_var, ours.running_var)
