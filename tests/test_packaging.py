@@ -85,8 +85,9 @@ def test_cli_help_and_trainer_path_editable(tmp_path):
 
 def test_built_wheel_ships_trainers_and_nnunet_finds_them(tmp_path):
     pytest.importorskip("build")
-    subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "-o", str(tmp_path / "dist"),
-                    str(REPO)], check=True, capture_output=True)
+    built = subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "-o", str(tmp_path / "dist"),
+                            str(REPO)], check=False, capture_output=True, text=True)
+    assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
     wheel = next((tmp_path / "dist").glob("nnssl_joint-*.whl"))
     members = zipfile.ZipFile(wheel).namelist()
     for name in ("nnssl_joint/trainers/nnssl_joint_pretrain.py", "nnssl_joint/presets/cpu.json",
