@@ -16,6 +16,7 @@ builds the full downstream network, fills in the pretrained tensors and saves it
 from __future__ import annotations
 
 import argparse
+import pickle
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ def load_pretraining_checkpoint(path: str | Path) -> dict[str, Any]:
         raise NnsslJointError(f"pretrained weights file {path} does not exist")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, pickle.UnpicklingError) as e:
         raise NnsslJointError(
             f"{path} cannot be read as a PyTorch checkpoint ({type(e).__name__}: {e}); the file is truncated or "
             "not a checkpoint. Use checkpoint_final.pth / checkpoint_latest.pth of a finished pretraining run") from e

@@ -78,10 +78,16 @@ def load_finetune_config(plans_configuration: dict | None = None) -> tuple[Finet
     return FinetuneConfig.from_dict(values, " / ".join(sources)), sources
 
 
+def unwrap(network: nn.Module) -> nn.Module:
+    """The network itself when nnU-Net wrapped it in ``torch.compile`` (its default on CUDA), whose
+    parameter and state-dict names carry an ``_orig_mod.`` prefix."""
+    return getattr(network, "_orig_mod", network)
+
+
 def split_parameters(network: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """(pretrained parts, the rest) of a downstream network."""
     pretrained, other = [], []
-    for name, p in network.named_parameters():
+    for name, p in unwrap(network).named_parameters():
         (pretrained if name.split(".", 1)[0] in PRETRAINED_PARTS else other).append(p)
     return pretrained, other
 
@@ -99,18 +105,37 @@ def pretrained_weights_from_argv(argv: list[str] | None = None) -> str | None:
 def check_pretrained_weights(network: nn.Module, path: str, plans_preset: dict | None, command_hint: str) -> str:
     """Fail early with a message naming the cause when ``path`` will not load into ``network``.
 
-    Checks: readable checkpoint, not a pretraining checkpoint without decoder keys (then points to the
-    exported file / ``nnssl_joint export``), preset equal to the plans' preset, every non-seg key present
-    with the same shape (input channel mismatches named as such). Returns a one-line summary."""
-    from nnssl_joint.export import STEM_KEY_SUFFIXES, load_pretraining_checkpoint
+    Checks: readable checkpoint written by nnssl_joint, the network is a plugin architecture, preset
+    equal to the plans' (or the network's) preset, a file exported for the network's configuration
+    (2d / 3d_fullres), not a pretraining checkpoint without decoder keys (then points to the exported
+    file / ``nnssl_joint export``), every non-seg key present with the same shape (input channel
+    mismatches named as such). Returns a one-line summary."""
+    from nnssl_joint.export import DOWNSTREAM_CLASSES, STEM_KEY_SUFFIXES, load_pretraining_checkpoint
 
     ckpt = load_pretraining_checkpoint(path)
     meta = ckpt["nnssl_joint"]
-    if plans_preset is not None and meta.get("preset") != plans_preset:
+    network = unwrap(network)
+    configuration = next((c for c, cls in DOWNSTREAM_CLASSES.items() if isinstance(network, cls)), None)
+    if configuration is None:
+        raise NnsslJointError(
+            f"-pretrained_weights {path}: the network is {type(network).__name__}, not one of the plugin's "
+            f"architectures ({', '.join(c.__name__ for c in DOWNSTREAM_CLASSES.values())}), so its plans were not "
+            "made by nnssl_joint. Plan the dataset with `nnssl_joint plan_and_preprocess -d ID --downstream` and "
+            "train with -p nnsslJointPlans")
+    if plans_preset is None:
+        plans_preset = network.preset.to_dict()
+    if meta.get("preset") != plans_preset:
         raise NnsslJointError(
             f"{path} was pretrained with architecture preset '{meta.get('preset', {}).get('name')}' but the plans use "
             f"preset '{plans_preset.get('name')}'; re-plan the downstream dataset with the pretraining preset "
             f"(nnssl_joint plan_and_preprocess -d ID --downstream --preset {meta.get('preset', {}).get('name')})")
+    exported_for = meta.get("configuration")
+    if exported_for is not None and exported_for != configuration:
+        raise NnsslJointError(
+            f"-pretrained_weights {path} holds the weights of the '{exported_for}' network "
+            f"({DOWNSTREAM_CLASSES[exported_for].__name__}), but this is the '{configuration}' network "
+            f"({type(network).__name__}); pass pretrained_for_{configuration}.pth of the pretraining run, or "
+            f"build one: {command_hint}")
     weights = ckpt["network_weights"]
     state = network.state_dict()
     missing = [k for k in state if ".seg_layers." not in k and k not in weights]

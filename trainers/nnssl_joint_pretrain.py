@@ -34,7 +34,7 @@ from nnssl_joint.pretrain import runtime
 from nnssl_joint.pretrain.autoconfig import DatasetStats, auto_configure, describe
 from nnssl_joint.pretrain.config import load_pretrain_config
 from nnssl_joint.pretrain.model import JointSSLModel
-from nnssl_joint.pretrain.run_logging import JointSSLLocalLogger
+from nnssl_joint.pretrain.run_logging import IterationLossFile, JointSSLLocalLogger
 from nnssl_joint.pretrain.schedule import WarmupCosineLR
 from nnssl_joint.ssl.objective import LOSS_TERMS, combine_losses
 
@@ -70,6 +70,7 @@ class JointSSLPretrainTrainer(nnUNetTrainer):
         self._epoch_outputs_start = 0.0
         self._consecutive_nonfinite = 0
         self._best_loss: float | None = None
+        self.loss_file = IterationLossFile(join(self.output_folder, "losses.tsv"))
 
     # ------------------------------------------------------------------ set-up
     def initialize(self):
@@ -79,6 +80,8 @@ class JointSSLPretrainTrainer(nnUNetTrainer):
                                                                self.dataset_json)
         self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
         cfg = self.ssl_config
+        # before anything draws random numbers (weights, prototypes); --c then restores the saved RNG state
+        seed = runtime.seed_everything(cfg.seed, self.local_rank)
         self.preset = load_preset(cfg.preset)
         self.stats, self.dataset_summary = runtime.dataset_stats(self.preprocessed_dataset_folder, self.dataset_class)
         self.resolved = auto_configure(self.stats, self.preset, self.device.type, cfg.data,
@@ -91,7 +94,8 @@ class JointSSLPretrainTrainer(nnUNetTrainer):
         if self.is_ddp:
             runtime.split_batch_for_ddp(cfg, self.resolved, dist.get_world_size(), dist.get_rank())
         self.print_to_log_file(describe(self.stats, self.resolved))
-        self.print_to_log_file(f"configuration sources: {', '.join(self.ssl_config_sources)}")
+        self.print_to_log_file(f"configuration sources: {', '.join(self.ssl_config_sources)}; "
+                               + ("not seeded (seed null)" if seed is None else f"seed {cfg.seed}"))
         if self.stats.n_volumes == 0:
             self.print_to_log_file("WARNING: the dataset holds no volumes (every case has one slice): L_intra_3d, "
                                    "L_inter and L_mask are disabled; only the 2D encoder is pretrained.")
@@ -133,13 +137,23 @@ class JointSSLPretrainTrainer(nnUNetTrainer):
         if n_proc == 0:
             mt_train = SingleThreadedAugmenter(dl_train, None)
         else:
+            # seeds=None would leave the workers' torch RNG unseeded: forked workers would repeat each other's
+            # torch draws (noise, bias fields); seeds from the run's RNG differ per worker, rank and resume
             mt_train = NonDetMultiThreadedAugmenter(data_loader=dl_train, transform=None, num_processes=n_proc,
-                                                    num_cached=max(4, n_proc // 2), seeds=None,
+                                                    num_cached=max(4, n_proc // 2),
+                                                    seeds=runtime.augmenter_seeds(n_proc),
                                                     pin_memory=self.device.type == "cuda", wait_time=0.002)
         return mt_train, None
 
     def on_train_start(self):
         super().on_train_start()
+        if self.local_rank == 0:
+            removed = runtime.remove_stale_temp_files(self.output_folder)
+            if removed:
+                self.print_to_log_file(f"removed temporary files of an interrupted run: {removed}")
+            dropped = self.loss_file.restart_at(self.iteration)
+            if dropped:
+                self.print_to_log_file(f"losses.tsv: dropped {dropped} row(s) written after the checkpoint")
         self.print_to_log_file(
             f"JointSSLPretrainTrainer: preset '{self.preset.name}', schedule '{self.ssl_config.objective.schedule}', "
             f"{self.num_epochs} epochs x {self.num_iterations_per_epoch} iterations, effective configuration in "
@@ -160,6 +174,7 @@ class JointSSLPretrainTrainer(nnUNetTrainer):
         if not self.stage.needs_images:
             slices = None
         self.optimizer.zero_grad(set_to_none=True)
+        buffers = runtime.snapshot_buffers(self.model)
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
             terms = self.network(slices, volumes, self.iteration, self.stage)
             loss = combine_losses(terms, self.stage)
@@ -177,7 +192,10 @@ class JointSSLPretrainTrainer(nnUNetTrainer):
         for key in ("_assign_2d", "_assign_3d"):
             if key in terms:
                 out[key] = terms[key].cpu().numpy()
+        if self.local_rank == 0:
+            self.loss_file.append(self.iteration, self.current_epoch, out)
         if not finite:
+            runtime.restore_buffers(self.model, buffers)
             self._consecutive_nonfinite += 1
             self.print_to_log_file(
                 f"WARNING: non-finite loss {out['loss']} ({ {t: out.get(t) for t in LOSS_TERMS} }) at iteration "
@@ -285,7 +303,10 @@ class JointSSLPretrainTrainer(nnUNetTrainer):
             self.initialize()
         checkpoint = filename_or_checkpoint
         if isinstance(checkpoint, str):
-            checkpoint = torch.load(checkpoint, map_location=self.device, weights_only=False)
+            path, checkpoint = runtime.newest_training_state(checkpoint, self.device)
+            if os.path.basename(path) != os.path.basename(filename_or_checkpoint):
+                self.print_to_log_file(f"{os.path.basename(path)} is newer than "
+                                       f"{os.path.basename(filename_or_checkpoint)}: resuming from it")
         extra = runtime.check_resume_compatible(checkpoint, self.effective_config())
         self.model.load_state_dict(checkpoint["network_weights"])
         self.optimizer.load_state_dict(checkpoint["optimizer_state"])

@@ -104,7 +104,6 @@ class IterationLossFile:
 
     def restart_at(self, iteration: int) -> int:
         """Keep the complete rows of iterations before ``iteration``; returns how many were dropped."""
-        header = "\t".join(self.COLUMNS) + "\n"
         kept, dropped = [], 0
         if self.path.is_file():
             for line in self.path.read_text().splitlines(keepends=True)[1:]:
@@ -113,14 +112,15 @@ class IterationLossFile:
                     kept.append(line)
                 else:
                     dropped += 1
-        atomic_write_text(header + "".join(kept), self.path)
+        atomic_write_text("\t".join(self.COLUMNS) + "\n" + "".join(kept), self.path)
         return dropped
 
     def append(self, iteration: int, epoch: int, out: dict) -> None:
         terms = ["" if t not in out else repr(float(out[t])) for t in LOSS_TERMS]
         row = [str(iteration), str(epoch), repr(float(out["loss"])), *terms, str(int(bool(out["finite"])))]
+        header = "" if self.path.is_file() else "\t".join(self.COLUMNS) + "\n"
         with open(self.path, "a") as f:
-            f.write("\t".join(row) + "\n")
+            f.write(header + "\t".join(row) + "\n")
 
     @classmethod
     def read(cls, path: str | os.PathLike) -> list[dict]:

@@ -147,6 +147,13 @@ def seed_everything(seed: Any, rank: int = 0) -> int | None:
     return value
 
 
+def augmenter_seeds(num_processes: int) -> list[int]:
+    """Distinct seeds for the augmentation worker processes, drawn from NumPy's global RNG (seeded by
+    :func:`seed_everything` or restored from a checkpoint)."""
+    first = int(np.random.randint(0, 2**31 - 1 - num_processes))
+    return [first + i for i in range(num_processes)]
+
+
 def snapshot_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
     """Copies of the model's buffers (SwAV feature queues and their pointers), taken before a step."""
     return {name: buf.detach().clone() for name, buf in model.named_buffers()}
@@ -194,6 +201,24 @@ def restore_rng(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"].cpu() if torch.is_tensor(state["torch"]) else state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def newest_training_state(filename: str, device: torch.device | str = "cpu") -> tuple[str, dict]:
+    """The checkpoint ``--c`` should resume from, loaded: ``filename``, or ``checkpoint_best.pth`` next to it
+    when nnU-Net picked ``checkpoint_latest.pth`` and the best one is newer. Both hold the full training
+    state; the best one is written whenever the epoch loss improves, so with ``save_every`` > 1 it is
+    often the newer one, and resuming from latest would redo epochs that were already saved."""
+    path = Path(filename)
+    candidates = [path]
+    if path.name == "checkpoint_latest.pth" and (path.parent / "checkpoint_best.pth").is_file():
+        candidates.append(path.parent / "checkpoint_best.pth")
+    newest, newest_key = None, None
+    for candidate in candidates:
+        checkpoint = torch.load(candidate, map_location=device, weights_only=False)
+        key = (checkpoint.get("current_epoch", -1), checkpoint.get("nnssl_joint", {}).get("iteration", -1))
+        if newest is None or key > newest_key:
+            newest, newest_key = (str(candidate), checkpoint), key
+    return newest
 
 
 def check_resume_compatible(checkpoint: dict, current: dict) -> dict:
