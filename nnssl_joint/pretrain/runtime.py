@@ -169,8 +169,8 @@ def restore_buffers(model: nn.Module, snapshot: dict[str, torch.Tensor]) -> None
 
 #: temporary files of atomic writes (nnssl_joint.checkpoint_io: ".<name>.<random>.tmp") and of the
 #: progress plot, left behind when a run is killed while writing
-_STALE_TEMP = re.compile(r"^\.((checkpoint_\w+|pretrained_for_\w+)\.pth|nnssl_joint_config\.json|losses\.tsv)\.\w+\.tmp$"
-                         r"|^\.progress\.png\.tmp\.png$")
+_STALE_TEMP = re.compile(r"^\.((checkpoint_\w+|pretrained_for_\w+)\.pth|nnssl_joint_config\.json|losses\.tsv)"
+                         r"\.\w+\.tmp$|^\.progress\.png\.tmp\.png$")
 
 
 def remove_stale_temp_files(folder: str | Path) -> list[str]:

@@ -1,0 +1,88 @@
+"""Determinism on the CPU: the configuration's ``seed`` makes a single-process run (nnUNet_n_proc_DA=0)
+repeat exactly; ``losses.tsv`` in the run folder holds the loss of every iteration."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from reliability_helpers import (
+    BASE_ID,
+    PLANS,
+    REFERENCE_CONFIG,
+    TRAINER,
+    Workspace,
+    assert_same_tensors,
+    load,
+    nnunet_env,
+    read_losses,
+    train_cli,
+    write_config,
+)
+
+from nnssl_joint.errors import NnsslJointError
+from nnssl_joint.pretrain.config import PretrainConfig
+from nnssl_joint.pretrain.runtime import seed_everything
+
+
+def test_same_seed_gives_the_same_first_20_losses_and_weights(base, reference, tmp_path):
+    ws = Workspace.create(tmp_path, raw=base["ws"].raw, pre=base["ws"].pre)
+    train_cli(ws, BASE_ID, reference["config"])
+    run_dir = ws.run_dir(base["dataset"])
+    first, second = read_losses(reference["run_dir"]), read_losses(run_dir)
+    assert [r["iteration"] for r in first] == list(range(20))
+    assert [r["epoch"] for r in first] == [i // 5 for i in range(20)]
+    assert all(r["finite"] and math.isfinite(r["loss"]) and r["L_inter"] is not None for r in first)
+    assert len({r["loss"] for r in first}) == 20  # the values move: equality below is not trivial
+    assert second == first
+    assert_same_tensors(load(run_dir / "checkpoint_final.pth")["network_weights"],
+                        load(reference["run_dir"] / "checkpoint_final.pth")["network_weights"], "final weights")
+    assert "seed 0" in reference["log"]
+
+
+def test_another_seed_gives_other_losses(base, reference, tmp_path):
+    ws = Workspace.create(tmp_path, raw=base["ws"].raw, pre=base["ws"].pre)
+    config = json.loads(json.dumps(REFERENCE_CONFIG))
+    config["seed"] = 1
+    config["optim"].update(num_epochs=1, iterations_per_epoch=2)  # iteration 0 comes before any update
+    res = train_cli(ws, BASE_ID, write_config(tmp_path / "seed1.json", config))
+    assert "seed 1" in res.stdout
+    other = read_losses(ws.run_dir(base["dataset"]))
+    assert len(other) == 2 and other[0]["loss"] != read_losses(reference["run_dir"])[0]["loss"]
+    saved = load(ws.run_dir(base["dataset"]) / "checkpoint_final.pth")["nnssl_joint"]["config"]
+    assert saved["seed"] == 1
+
+
+def test_seed_setting_is_checked():
+    assert PretrainConfig().seed == 0
+    assert PretrainConfig.from_dict({"seed": None}).seed is None
+    assert seed_everything(None) is None
+    assert seed_everything(5, rank=2) == 7
+    for bad in (-1, 1.5, "0", True):
+        with pytest.raises(NnsslJointError, match="seed must be a non-negative integer or null"):
+            seed_everything(bad)
+
+
+def test_augmentation_workers_get_distinct_seeds_from_the_run_seed(base, reference):
+    """nnUNet_n_proc_DA > 0: batchgenerators seeds only what it is given; without seeds, forked workers
+    would share the parent's torch RNG state and draw the same torch random numbers."""
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    from nnssl_joint.pretrain.runtime import capture_rng, restore_rng
+
+    saved = capture_rng()
+    seeds = []
+    try:
+        with nnunet_env(reference["ws"], NNSSL_JOINT_CONFIG=str(reference["config"]), nnUNet_n_proc_DA="2"):
+            for _ in range(2):
+                trainer = get_trainer_from_args(str(BASE_ID), "joint_ssl", "all", TRAINER, PLANS,
+                                                device=torch.device("cpu"))
+                trainer.initialize()
+                augmenter, _ = trainer.get_dataloaders()  # workers start at the first batch only
+                seeds.append(augmenter.seeds)
+    finally:
+        restore_rng(saved)
+    assert len(set(seeds[0])) == 2 and all(isinstance(s, int) for s in seeds[0])
+    assert seeds[0] == seeds[1]  # drawn from the seeded RNG
