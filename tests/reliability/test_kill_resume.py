@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from reliability_helpers import (
     BASE_ID,
@@ -207,7 +206,6 @@ def test_kills_during_a_checkpoint_write_and_a_step_resume_identically(base, ref
     ])
 
 
-@pytest.mark.slow
 def test_seven_kills_at_different_moments_resume_identically(base, reference, tmp_path):
     kill_chain(base, reference, tmp_path, [
         KillAt("inside a step of epoch 0, no checkpoint yet", line=RUN_START, rows=2, resumes_from=NO_CHECKPOINT),
