@@ -6,19 +6,20 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
 
-def atomic_torch_save(obj: Any, filename: str | os.PathLike) -> None:
+def _atomic_write(filename: str | os.PathLike, mode: str, write: Callable[[IO], None]) -> None:
     target = Path(filename)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        with os.fdopen(fd, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)
@@ -26,19 +27,26 @@ def atomic_torch_save(obj: Any, filename: str | os.PathLike) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def atomic_torch_save(obj: Any, filename: str | os.PathLike) -> None:
+    _atomic_write(filename, "wb", lambda f: torch.save(obj, f))
 
 
 def atomic_write_text(text: str, filename: str | os.PathLike) -> None:
-    target = Path(filename)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    _atomic_write(filename, "w", lambda f: f.write(text))
+
+
+def nnunet_checkpoint(trainer: Any, module: torch.nn.Module, best_value: Any) -> dict[str, Any]:
+    """The content of an nnU-Net checkpoint (``nnUNetTrainer.save_checkpoint``) for ``trainer``."""
+    return {
+        "network_weights": module.state_dict(),
+        "optimizer_state": trainer.optimizer.state_dict(),
+        "grad_scaler_state": trainer.grad_scaler.state_dict() if trainer.grad_scaler is not None else None,
+        "logging": trainer.logger.get_checkpoint(),
+        "_best_ema": best_value,
+        "current_epoch": trainer.current_epoch + 1,
+        "init_args": trainer.my_init_kwargs,
+        "trainer_name": trainer.__class__.__name__,
+        "inference_allowed_mirroring_axes": trainer.inference_allowed_mirroring_axes,
+    }

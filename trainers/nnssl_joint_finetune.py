@@ -17,7 +17,7 @@ import torch
 from batchgenerators.utilities.file_and_folder_operations import join
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnssl_joint.checkpoint_io import atomic_torch_save, atomic_write_text
+from nnssl_joint.checkpoint_io import atomic_torch_save, atomic_write_text, nnunet_checkpoint
 from nnssl_joint.finetune import (
     GroupPolyLR,
     check_pretrained_weights,
@@ -84,14 +84,4 @@ class JointSSLFinetuneTrainer(nnUNetTrainer):
             return
         mod = self.network.module if self.is_ddp else self.network
         mod = getattr(mod, "_orig_mod", mod)
-        atomic_torch_save({
-            "network_weights": mod.state_dict(),
-            "optimizer_state": self.optimizer.state_dict(),
-            "grad_scaler_state": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
-            "logging": self.logger.get_checkpoint(),
-            "_best_ema": self._best_ema,
-            "current_epoch": self.current_epoch + 1,
-            "init_args": self.my_init_kwargs,
-            "trainer_name": self.__class__.__name__,
-            "inference_allowed_mirroring_axes": self.inference_allowed_mirroring_axes,
-        }, filename)
+        atomic_torch_save(nnunet_checkpoint(self, mod, self._best_ema), filename)

@@ -28,7 +28,7 @@ from torch import autocast
 from torch import distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from nnssl_joint.checkpoint_io import atomic_torch_save, atomic_write_text
+from nnssl_joint.checkpoint_io import atomic_torch_save, atomic_write_text, nnunet_checkpoint
 from nnssl_joint.models.preset import load_preset
 from nnssl_joint.pretrain import runtime
 from nnssl_joint.pretrain.autoconfig import DatasetStats, auto_configure, describe
@@ -280,22 +280,9 @@ class JointSSLPretrainTrainer(nnUNetTrainer):
         if self.disable_checkpointing:
             self.print_to_log_file("No checkpoint written, checkpointing is disabled")
             return
-        checkpoint = {
-            "network_weights": self.model.state_dict(),
-            "optimizer_state": self.optimizer.state_dict(),
-            "grad_scaler_state": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
-            "logging": self.logger.get_checkpoint(),
-            "_best_ema": self._best_loss,
-            "current_epoch": self.current_epoch + 1,
-            "init_args": self.my_init_kwargs,
-            "trainer_name": self.__class__.__name__,
-            "inference_allowed_mirroring_axes": None,
-            "nnssl_joint": {
-                **self.effective_config(),
-                "iteration": self.iteration,
-                "rng": runtime.capture_rng(),
-            },
-        }
+        checkpoint = nnunet_checkpoint(self, self.model, self._best_loss)
+        checkpoint["nnssl_joint"] = {**self.effective_config(), "iteration": self.iteration,
+                                     "rng": runtime.capture_rng()}
         atomic_torch_save(checkpoint, filename)
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
