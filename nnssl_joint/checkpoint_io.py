@@ -37,6 +37,18 @@ def atomic_write_text(text: str, filename: str | os.PathLike) -> None:
     _atomic_write(filename, "w", lambda f: f.write(text))
 
 
+def save_nnunet_checkpoint(trainer: Any, module: torch.nn.Module, best_value: Any, filename: str,
+                           extra: dict[str, Any] | None = None) -> None:
+    """``nnUNetTrainer.save_checkpoint`` for plugin trainers: rank 0 only, honours
+    ``disable_checkpointing``, writes atomically; ``extra`` adds keys to the checkpoint."""
+    if trainer.local_rank != 0:
+        return
+    if trainer.disable_checkpointing:
+        trainer.print_to_log_file("No checkpoint written, checkpointing is disabled")
+        return
+    atomic_torch_save({**nnunet_checkpoint(trainer, module, best_value), **(extra or {})}, filename)
+
+
 def nnunet_checkpoint(trainer: Any, module: torch.nn.Module, best_value: Any) -> dict[str, Any]:
     """The content of an nnU-Net checkpoint (``nnUNetTrainer.save_checkpoint``) for ``trainer``."""
     return {

@@ -128,6 +128,13 @@ def _plt():
     return plt
 
 
+def _save(plt: Any, fig: Any, path: Path, dpi: int) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def plot_dice(dice: dict[str, dict[str, dict[str, float]]], classes: dict[str, str], arm_labels: dict[str, str],
               path: Path) -> Path:
     """Grouped bars: one group per class (+ the mean over classes), one bar per arm with the spread over test
@@ -159,10 +166,7 @@ def plot_dice(dice: dict[str, dict[str, dict[str, float]]], classes: dict[str, s
     ax.set_ylabel("Dice on held-back test cases")
     ax.legend(loc="upper right", fontsize=8)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, dpi=120)
 
 
 def plot_pretraining_curves(runs: dict[str, dict[str, Any]], path: Path) -> Path:
@@ -208,10 +212,7 @@ def plot_finetuning_curves(finetuning: dict[str, dict[str, Any]], arm_labels: di
         ax.set_xlabel("epoch", fontsize=8)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, dpi=110)
 
 
 def _overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.45) -> np.ndarray:
@@ -244,10 +245,7 @@ def plot_montage(cases: list[dict[str, Any]], arm_labels: dict[str, str], path: 
             ax.set_yticks([])
             ax.set_title(title if c >= 2 else f"{case['case']} z={case['slice']}\n{title}" if c == 0 else title,
                          fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, dpi=110)
 
 
 def plot_embeddings(panels: dict[str, dict[str, Any]], path: Path) -> Path:
@@ -267,10 +265,7 @@ def plot_embeddings(panels: dict[str, dict[str, Any]], path: Path) -> Path:
         ax.set_title(f"volume features Z, {panel['label']}", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, dpi=110)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import torch
 from batchgenerators.utilities.file_and_folder_operations import join
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnssl_joint.checkpoint_io import atomic_torch_save, atomic_write_text, nnunet_checkpoint
+from nnssl_joint.checkpoint_io import atomic_write_text, save_nnunet_checkpoint
 from nnssl_joint.finetune import (
     GroupPolyLR,
     check_pretrained_weights,
@@ -77,11 +77,5 @@ class JointSSLFinetuneTrainer(nnUNetTrainer):
 
     def save_checkpoint(self, filename: str) -> None:
         """nnU-Net's checkpoint content, written atomically (temp file + rename)."""
-        if self.local_rank != 0:
-            return
-        if self.disable_checkpointing:
-            self.print_to_log_file("No checkpoint written, checkpointing is disabled")
-            return
         mod = self.network.module if self.is_ddp else self.network
-        mod = getattr(mod, "_orig_mod", mod)
-        atomic_torch_save(nnunet_checkpoint(self, mod, self._best_ema), filename)
+        save_nnunet_checkpoint(self, getattr(mod, "_orig_mod", mod), self._best_ema, filename)

@@ -28,7 +28,7 @@ from torch import autocast
 from torch import distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from nnssl_joint.checkpoint_io import atomic_torch_save, atomic_write_text, nnunet_checkpoint
+from nnssl_joint.checkpoint_io import atomic_write_text, save_nnunet_checkpoint
 from nnssl_joint.models.preset import load_preset
 from nnssl_joint.pretrain import runtime
 from nnssl_joint.pretrain.autoconfig import DatasetStats, auto_configure, describe
@@ -275,15 +275,9 @@ class JointSSLPretrainTrainer(nnUNetTrainer):
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, filename: str) -> None:
-        if self.local_rank != 0:
-            return
-        if self.disable_checkpointing:
-            self.print_to_log_file("No checkpoint written, checkpointing is disabled")
-            return
-        checkpoint = nnunet_checkpoint(self, self.model, self._best_loss)
-        checkpoint["nnssl_joint"] = {**self.effective_config(), "iteration": self.iteration,
-                                     "rng": runtime.capture_rng()}
-        atomic_torch_save(checkpoint, filename)
+        if self.local_rank == 0:  # the record below is only needed where the file is written
+            save_nnunet_checkpoint(self, self.model, self._best_loss, filename, {"nnssl_joint": {
+                **self.effective_config(), "iteration": self.iteration, "rng": runtime.capture_rng()}})
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         if not self.was_initialized:
