@@ -18,6 +18,7 @@ _SUBCOMMAND_MODULES = (
     "nnssl_joint.planning.cli",
     "nnssl_joint.export",
     "nnssl_joint.demo",
+    "nnssl_joint.benchmark",
 )
 
 

@@ -29,20 +29,33 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import shlex
 import shutil
-import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
 
 from nnssl_joint.errors import NnsslJointError
+from nnssl_joint.pipeline import (  # noqa: F401 (re-exported: the demo's public helpers)
+    Pipeline,
+    Step,
+    StepProgress,
+    StepRecord,
+    case_identifiers,
+    dice_per_class,
+    evaluate_predictions,
+    few_label_split,
+    format_seconds,
+    read_label,
+    stop_on_sigterm,
+    write_splits,
+)
+
+_Step = Step  # the name older tests and scripts use
 
 PRETRAIN_ID = 900
 PRETRAIN_NAME = "JointPretrain"
@@ -147,49 +160,6 @@ class DemoSettings:
                 "real": self.real, "device": self.device}
 
 
-# ----------------------------------------------------------------------------------------------------
-# small pure helpers (unit-tested)
-
-
-def format_seconds(seconds: float) -> str:
-    """``2m10s`` style durations for progress lines."""
-    seconds = round(seconds)
-    if seconds < 60:
-        return f"{seconds}s"
-    minutes, seconds = divmod(seconds, 60)
-    if minutes < 60:
-        return f"{minutes}m{seconds:02d}s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m{seconds:02d}s"
-
-
-def case_identifiers(folder: Path, file_ending: str) -> list[str]:
-    """Case ids of an nnU-Net labels folder (``CASE<file_ending>``), sorted."""
-    return sorted(p.name[: -len(file_ending)] for p in Path(folder).iterdir() if p.name.endswith(file_ending))
-
-
-def few_label_split(identifiers: Sequence[str], labeled: int, seed: int) -> dict[str, list[str]]:
-    """Fold 0 of the demo: ``labeled`` training cases and one other validation case, drawn by ``seed``.
-
-    Only training cases (imagesTr/labelsTr) enter; the test cases (imagesTs/labelsTs) never do."""
-    identifiers = sorted(identifiers)
-    if len(identifiers) < labeled + 1:
-        raise NnsslJointError(f"{labeled} labeled training case(s) and one validation case need {labeled + 1} "
-                              f"labeled training cases, the dataset has {len(identifiers)}")
-    order = np.random.default_rng(seed).permutation(len(identifiers))
-    train = sorted(identifiers[i] for i in order[:labeled])
-    val = [identifiers[order[labeled]]]
-    return {"train": train, "val": val}
-
-
-def write_splits(preprocessed_dataset_folder: Path, split: dict[str, list[str]]) -> Path:
-    """Write nnU-Net's ``splits_final.json`` with ``split`` as fold 0 (the only fold the demo trains)."""
-    path = Path(preprocessed_dataset_folder) / "splits_final.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps([{"train": list(split["train"]), "val": list(split["val"])}], indent=2) + "\n")
-    return path
-
-
 def pretrain_config(budget: Budget, objective: dict[str, float], seed: int = 0) -> dict[str, Any]:
     """The partial pretraining configuration (``NNSSL_JOINT_CONFIG``) of one pretraining run."""
     config: dict[str, Any] = {"seed": int(seed),
@@ -208,89 +178,7 @@ def finetune_config(budget: Budget) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------------
-# progress output
-
-_EPOCH = re.compile(r"^\S+ \S+: Epoch (\d+)\s*$")
-_PREDICTING = re.compile(r"^Predicting (\S+):")
-
-
-class StepProgress:
-    """One line per step: ``[4/10] pretraining, joint ... epoch 3/8 [###-----] 1m10s``.
-
-    On a terminal the line is redrawn in place as the subprocess reports epochs / predicted cases; in
-    a log (no terminal) each epoch gets its own line."""
-
-    def __init__(self, index: int, total: int, title: str, stream: TextIO | None = None) -> None:
-        self.prefix = f"[{index}/{total}] {title}"
-        self.stream = stream or sys.stdout
-        self.tty = self.stream.isatty()
-        self.start = time.monotonic()
-        self.total_units = 0
-        self.done_units = 0
-        self.unit = ""
-        self.after = ""
-        self.last_len = 0
-        self._draw("...")
-
-    def expect(self, total: int, unit: str, after: str = "") -> None:
-        """Count ``unit`` lines (``epoch`` or ``case``) up to ``total``; ``after``: shown when training ends."""
-        self.total_units, self.done_units, self.unit, self.after = int(total), 0, unit, after
-
-    def feed(self, line: str) -> None:
-        """Parse one line of subprocess output for epochs / cases."""
-        m = _EPOCH.match(line.strip())
-        if m and self.unit == "epoch":
-            self.done_units = int(m.group(1)) + 1
-            self._draw(self._bar(f"epoch {self.done_units}/{self.total_units}"), newline=not self.tty)
-            return
-        if line.strip().endswith("Training done.") and self.unit == "epoch" and self.after:
-            self._draw(self._bar(self.after), newline=not self.tty)
-            return
-        m = _PREDICTING.match(line.strip())
-        if m and self.unit == "case":
-            self.done_units += 1
-            self._draw(self._bar(f"predicting case {self.done_units}/{self.total_units}"), newline=not self.tty)
-
-    def note(self, text: str) -> None:
-        self._draw(text, newline=not self.tty)
-
-    def _bar(self, text: str, width: int = 20) -> str:
-        if self.total_units <= 0:
-            return text
-        filled = round(width * min(1.0, max(0, self.done_units - 1) / self.total_units))
-        return f"[{'#' * filled}{'-' * (width - filled)}] {text}"
-
-    def _draw(self, text: str, newline: bool = False) -> None:
-        line = f"{self.prefix} {text} {format_seconds(time.monotonic() - self.start)}"
-        if self.tty:
-            pad = max(0, self.last_len - len(line))
-            self.stream.write("\r" + line + " " * pad)
-            self.last_len = len(line)
-        elif newline or not self.last_len:
-            self.stream.write(line + "\n")
-            self.last_len = len(line)
-        self.stream.flush()
-
-    def finish(self, text: str = "done") -> float:
-        seconds = time.monotonic() - self.start
-        line = f"{self.prefix} {text} {format_seconds(seconds)}"
-        if self.tty:
-            self.stream.write("\r" + line + " " * max(0, self.last_len - len(line)) + "\n")
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
-        return seconds
-
-
-# ----------------------------------------------------------------------------------------------------
 # the pipeline
-
-
-@dataclass
-class _Step:
-    key: str
-    title: str
-    run: Callable[[StepProgress], dict[str, Any] | None]
 
 
 @dataclass
@@ -339,98 +227,50 @@ class DemoPaths:
                 / "fold_0")
 
 
-@dataclass
-class StepRecord:
-    key: str
-    title: str
-    seconds: float
-    skipped: bool = False
-    info: dict[str, Any] = field(default_factory=dict)
+class Demo(Pipeline):
+    state_dir = ".demo"
+    kind = "demo run"
 
-
-class Demo:
     def __init__(self, settings: DemoSettings, stream: TextIO | None = None) -> None:
+        super().__init__(settings.out, settings.device, stream)
         self.settings = settings
         self.budget = settings.budget_spec
         self.paths = DemoPaths(settings.out)
-        self.stream = stream or sys.stdout
-        self.records: list[StepRecord] = []
         self.target_name = "Dataset503_SynthOrgans"
         self.pretrain_sources = [SYNTHETIC_IDS[0], SYNTHETIC_IDS[1]]
 
+    def settings_record(self) -> dict[str, Any]:
+        return self.settings.record()
+
+    def state(self) -> dict[str, Any]:
+        return {"target_name": self.target_name, "pretrain_sources": self.pretrain_sources}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.target_name = state.get("target_name", self.target_name)
+        self.pretrain_sources = state.get("pretrain_sources", self.pretrain_sources)
+
     # -------------------------------------------------------------- environment and commands
     def env(self, results: Path | None = None, training: bool = False, **extra: str) -> dict[str, str]:
-        env = dict(os.environ)
-        env["nnUNet_raw"] = str(self.paths.raw)
-        env["nnUNet_preprocessed"] = str(self.paths.preprocessed)
-        env["nnUNet_results"] = str(results or self.paths.out / "results")
-        from nnssl_joint.cli import trainer_path
-
-        env["nnUNet_extTrainer"] = str(trainer_path())
-        env.setdefault("nnUNet_def_n_proc", "1")
-        env["PYTHONUNBUFFERED"] = "1"  # progress lines as they happen, not when a pipe buffer fills
-        # OpenMP threads that sleep instead of spinning while they wait: measured on 2 shared cores, a
-        # fine-tuning epoch took 8-10 s instead of 67-97 s next to another busy process, and about the
-        # same (2.2 s vs 1.9 s) alone
-        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-        if training:
-            # one process on a small CPU: data augmentation workers compete with the training for cores
-            env.setdefault("nnUNet_n_proc_DA", "0" if self.settings.device == "cpu" else "4")
-        else:
-            # nnU-Net's planning crashes with nnUNet_n_proc_DA=0
-            env.pop("nnUNet_n_proc_DA", None)
-        for key in ("NNSSL_JOINT_CONFIG", "NNSSL_JOINT_FINETUNE_CONFIG"):
-            env.pop(key, None)
-        env.update(extra)
-        return env
-
-    def run_command(self, cmd: Sequence[str], env: dict[str, str], log_name: str,
-                    progress: StepProgress | None = None) -> None:
-        """Run ``cmd``, appending its output to ``logs/<log_name>.log`` and feeding it to ``progress``."""
-        self.paths.logs.mkdir(parents=True, exist_ok=True)
-        log_path = self.paths.logs / f"{log_name}.log"
-        tail: list[str] = []
-        with open(log_path, "a") as log:
-            log.write(f"\n$ {shlex.join(cmd)}\n")
-            log.flush()
-            proc = subprocess.Popen(list(cmd), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                    bufsize=1, cwd=self.paths.out)
-            assert proc.stdout is not None
-            try:
-                for line in proc.stdout:
-                    log.write(line)
-                    tail = (tail + [line.rstrip()])[-15:]
-                    if progress is not None:
-                        progress.feed(line)
-                rc = proc.wait()
-            except BaseException:
-                proc.kill()
-                proc.wait()
-                raise
-        if rc != 0:
-            raise NnsslJointError(f"`{shlex.join(cmd)}` failed (exit {rc}); full output in {log_path}. Last lines:\n"
-                                  + "\n".join(tail))
-
-    def plugin_command(self, *args: str) -> list[str]:
-        return [sys.executable, "-m", "nnssl_joint.cli", *args]
+        return self.nnunet_env(self.paths.raw, self.paths.preprocessed, results or self.paths.out / "results",
+                               training, **extra)
 
     # -------------------------------------------------------------- steps
-    def steps(self) -> list[_Step]:
+    def steps(self) -> list[Step]:
         steps = [
-            _Step("generate", "generating data" + (" (synthetic + real image pool)" if self.settings.real
+            Step("generate", "generating data" + (" (synthetic + real image pool)" if self.settings.real
                                                    else " (synthetic)"), self.step_generate),
-            _Step("prepare", "merging unlabeled 2D + 3D datasets", self.step_prepare),
-            _Step("plan_pretrain", "planning + preprocessing the pretraining dataset", self.step_plan_pretrain),
+            Step("prepare", "merging unlabeled 2D + 3D datasets", self.step_prepare),
+            Step("plan_pretrain", "planning + preprocessing the pretraining dataset", self.step_plan_pretrain),
         ]
         for run in PRETRAIN_RUNS:
-            steps.append(_Step(f"pretrain_{run}", f"pretraining {PRETRAIN_LABELS[run]}",
+            steps.append(Step(f"pretrain_{run}", f"pretraining {PRETRAIN_LABELS[run]}",
                                lambda p, run=run: self.step_pretrain(run, p)))
-        steps.append(_Step("plan_downstream", f"planning + preprocessing the labeled task, {self.settings.labeled} "
+        steps.append(Step("plan_downstream", f"planning + preprocessing the labeled task, {self.settings.labeled} "
                            "labeled case(s)", self.step_plan_downstream))
         for arm in ARMS:
-            steps.append(_Step(f"finetune_{arm}", f"fine-tuning {ARM_LABELS[arm]} + predicting the test cases",
+            steps.append(Step(f"finetune_{arm}", f"fine-tuning {ARM_LABELS[arm]} + predicting the test cases",
                                lambda p, arm=arm: self.step_finetune(arm, p)))
-        steps.append(_Step("report", "evaluating + writing the report", self.step_report))
+        steps.append(Step("report", "evaluating + writing the report", self.step_report))
         return steps
 
     def step_generate(self, progress: StepProgress) -> dict[str, Any]:
@@ -461,23 +301,13 @@ class Demo:
         self.run_command(self.plugin_command("plan_and_preprocess", "-d", str(PRETRAIN_ID), "-np", "1", "-npfp", "1"),
                          self.env(), "plan_pretrain", progress)
 
-    def _nnunet(self, name: str) -> list[str]:
-        candidate = Path(sys.executable).with_name(name)
-        if candidate.exists():
-            return [str(candidate)]
-        found = shutil.which(name)
-        if found is None:
-            raise NnsslJointError(f"{name} not found next to {sys.executable} or on PATH; install nnunetv2 in this "
-                                  "environment")
-        return [found]
-
     def step_pretrain(self, run: str, progress: StepProgress) -> dict[str, Any]:
         self.paths.configs.mkdir(parents=True, exist_ok=True)
         config_file = self.paths.configs / f"pretrain_{run}.json"
         config_file.write_text(json.dumps(pretrain_config(self.budget, PRETRAIN_RUNS[run], self.settings.seed), indent=2) + "\n")
         folder = self.paths.pretrain_run_folder(run)
         resume = any((folder / f).is_file() for f in ("checkpoint_latest.pth", "checkpoint_final.pth"))
-        cmd = self._nnunet("nnUNetv2_train") + [str(PRETRAIN_ID), PRETRAIN_CONFIGURATION, "all", "-tr",
+        cmd = self.nnunet_command("nnUNetv2_train") + [str(PRETRAIN_ID), PRETRAIN_CONFIGURATION, "all", "-tr",
                                                 PRETRAIN_TRAINER, "-p", PLANS, "-device", self.settings.device]
         if resume:
             cmd.append("--c")
@@ -503,7 +333,7 @@ class Demo:
         config_file = self.paths.configs / "finetune.json"
         config_file.write_text(json.dumps(finetune_config(self.budget), indent=2) + "\n")
         folder = self.paths.finetune_run_folder(arm, self.target_name)
-        cmd = self._nnunet("nnUNetv2_train") + [str(TARGET_ID), FINETUNE_CONFIGURATION, "0", "-p", PLANS, "-tr",
+        cmd = self.nnunet_command("nnUNetv2_train") + [str(TARGET_ID), FINETUNE_CONFIGURATION, "0", "-p", PLANS, "-tr",
                                                 FINETUNE_TRAINER, "-device", self.settings.device]
         resume = any((folder / f).is_file() for f in ("checkpoint_latest.pth", "checkpoint_final.pth"))
         weights = None
@@ -519,7 +349,7 @@ class Demo:
         out = self.paths.predictions(arm)
         if out.exists():
             shutil.rmtree(out)
-        cmd = self._nnunet("nnUNetv2_predict") + [
+        cmd = self.nnunet_command("nnUNetv2_predict") + [
             "-i", str(self.paths.raw / self.target_name / "imagesTs"), "-o", str(out), "-d", str(TARGET_ID),
             "-c", FINETUNE_CONFIGURATION, "-p", PLANS, "-tr", FINETUNE_TRAINER, "-f", "0", "-chk",
             "checkpoint_final.pth", "-device", self.settings.device, "-npp", "1", "-nps", "1"]
@@ -541,49 +371,18 @@ class Demo:
         return {"files": {k: str(v) for k, v in files.items()}}
 
     # -------------------------------------------------------------- driver
-    def check_settings(self) -> None:
-        self.paths.state.mkdir(parents=True, exist_ok=True)
-        record_file = self.paths.state / "settings.json"
-        record = self.settings.record()
-        if record_file.is_file():
-            previous = json.loads(record_file.read_text())
-            if previous != record:
-                changed = sorted(k for k in set(previous) | set(record) if previous.get(k) != record.get(k))
-                raise NnsslJointError(
-                    f"{self.settings.out} holds a demo run with other settings (differences: {', '.join(changed)}); "
-                    "re-run with the same flags to continue it, or choose another --out")
-        else:
-            record_file.write_text(json.dumps(record, indent=2) + "\n")
-
-    def marker(self, key: str) -> Path:
-        return self.paths.state / f"{key}.done.json"
-
     def run(self) -> dict[str, Any]:
         self.check_settings()
         # the report step imports nnU-Net in this process; its import reads these (and warns without them)
         os.environ.update({k: v for k, v in self.env().items() if k.startswith("nnUNet_")})
         steps = self.steps()
+        for step in steps:
+            step.always = step.always or step.key == "report"
         total_start = time.monotonic()
         print(f"nnssl_joint demo: budget '{self.budget.name}', {self.settings.labeled} labeled case(s), seed "
               f"{self.settings.seed}{', real image pool' if self.settings.real else ''}; output in {self.settings.out}",
               file=self.stream, flush=True)
-        for index, step in enumerate(steps, 1):
-            marker = self.marker(step.key)
-            if marker.is_file() and step.key != "report":
-                done = json.loads(marker.read_text())
-                self.target_name = done.get("target_name", self.target_name)
-                self.pretrain_sources = done.get("pretrain_sources", self.pretrain_sources)
-                print(f"[{index}/{len(steps)}] {step.title}: done in an earlier run "
-                      f"({format_seconds(done['seconds'])}), skipped", file=self.stream, flush=True)
-                self.records.append(StepRecord(step.key, step.title, done["seconds"], True, done.get("info", {})))
-                continue
-            progress = StepProgress(index, len(steps), step.title, self.stream)
-            info = step.run(progress) or {}
-            seconds = progress.finish()
-            self.records.append(StepRecord(step.key, step.title, seconds, False, info))
-            marker.write_text(json.dumps({"seconds": seconds, "info": info, "target_name": self.target_name,
-                                          "pretrain_sources": self.pretrain_sources,
-                                          "finished": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2, default=str))
+        self.run_steps(steps)
         report = json.loads((self.paths.report / "report.json").read_text())
         wall = time.monotonic() - total_start
         all_steps = sum(r.seconds for r in self.records)
@@ -594,38 +393,6 @@ class Demo:
 
 # ----------------------------------------------------------------------------------------------------
 # evaluation
-
-
-def read_label(path: Path) -> np.ndarray:
-    import SimpleITK as sitk
-
-    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
-
-
-def dice_per_class(prediction: np.ndarray, reference: np.ndarray, labels: Sequence[int]) -> dict[int, float]:
-    """Dice 2|P∩R| / (|P| + |R|) per label; NaN where the label is absent from both (undefined)."""
-    if prediction.shape != reference.shape:
-        raise ValueError(f"prediction shape {prediction.shape} differs from reference shape {reference.shape}")
-    scores: dict[int, float] = {}
-    for label in labels:
-        p = prediction == label
-        r = reference == label
-        denominator = int(p.sum()) + int(r.sum())
-        scores[int(label)] = float("nan") if denominator == 0 else 2.0 * float(np.logical_and(p, r).sum()) / denominator
-    return scores
-
-
-def evaluate_predictions(prediction_folder: Path, reference_folder: Path, file_ending: str,
-                         labels: Sequence[int]) -> dict[str, dict[int, float]]:
-    """Dice per case and label for every reference case; a missing prediction is an error."""
-    scores = {}
-    for case in case_identifiers(reference_folder, file_ending):
-        pred = Path(prediction_folder) / f"{case}{file_ending}"
-        if not pred.is_file():
-            raise NnsslJointError(f"no prediction {pred} for test case {case}")
-        scores[case] = dice_per_class(read_label(pred), read_label(Path(reference_folder) / f"{case}{file_ending}"),
-                                      labels)
-    return scores
 
 
 def _finetune_log_facts(run_folder: Path) -> dict[str, Any]:
@@ -932,7 +699,7 @@ def run_demo(settings: DemoSettings, stream: TextIO | None = None) -> dict[str, 
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    _stop_on_sigterm()
+    stop_on_sigterm()
     try:
         run_demo(_settings_from_args(args))
     except KeyboardInterrupt:
@@ -953,22 +720,12 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=_cmd_demo)
 
 
-def _stop_on_sigterm() -> None:
-    """SIGTERM ends the demo like Ctrl-C: the running nnU-Net subprocess is killed, finished steps stay."""
-    import signal
-
-    def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, handler)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="demo", description="nnssl_joint end-to-end demo (see nnssl_joint demo "
                                      "--help)")
     add_arguments(parser)
     args = parser.parse_args(argv)
-    _stop_on_sigterm()
+    stop_on_sigterm()
     try:
         run_demo(_settings_from_args(args))
     except NnsslJointError as e:

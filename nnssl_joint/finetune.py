@@ -35,8 +35,13 @@ class FinetuneConfig:
     freeze_pretrained_epochs: int = 0  # pretrained parts get no updates for this many epochs
     pretrained_lr_factor: float = 1.0  # learning rate of the pretrained parts relative to the rest
     save_every: int = 50
+    #: seeds Python, NumPy and torch before the network is built; with nnUNet_n_proc_DA=0 (augmentation
+    #: in the training process) a CPU run then repeats exactly. null: nnU-Net's behaviour (no seeding)
+    seed: int | None = None
 
     def __post_init__(self) -> None:
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
+            raise NnsslJointError(f"fine-tuning config: seed must be a non-negative integer or null, got {self.seed!r}")
         for name in ("num_epochs", "iterations_per_epoch", "save_every"):
             if getattr(self, name) < 1:
                 raise NnsslJointError(f"fine-tuning config: {name} must be >= 1, got {getattr(self, name)}")

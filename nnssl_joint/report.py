@@ -429,3 +429,115 @@ def write_report(data: dict[str, Any], folder: Path) -> dict[str, Path]:
     files["json"] = folder / "report.json"
     files["json"].write_text(json.dumps(_json_ready(record), indent=2) + "\n")
     return files
+
+
+# ----------------------------------------------------------------------------------------------------
+# the benchmark's report (nnssl_joint.benchmark)
+
+
+def plot_label_efficiency(summary: dict[str, dict[str, Any]], arm_labels: dict[str, str], path: Path) -> Path:
+    """Dice against the number of labeled cases: one line per arm (mean over seeds, bars: ± one standard
+    deviation), every seed's run as a dot."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    arms = list(summary)
+    for i, arm in enumerate(arms):
+        ks = sorted(int(k) for k in summary[arm])
+        offset = (i - (len(arms) - 1) / 2) * 0.04  # arms side by side on the log axis
+        xs = [k * (1 + offset) for k in ks]
+        means = [summary[arm][str(k)]["dice"]["mean"] for k in ks]
+        stds = [summary[arm][str(k)]["dice"]["std"] or 0.0 for k in ks]
+        shown = [(x, m, s) for x, m, s in zip(xs, means, stds) if m is not None]
+        if not shown:
+            continue
+        line = ax.errorbar([x for x, _, _ in shown], [m for _, m, _ in shown], yerr=[s for _, _, s in shown],
+                           marker="o", capsize=3, label=arm_labels.get(arm, arm))
+        for x, k in zip(xs, ks):
+            seeds = [v for v in summary[arm][str(k)]["per_seed"].values() if v is not None]
+            ax.scatter([x] * len(seeds), seeds, s=10, alpha=0.5, color=line.lines[0].get_color())
+    ks_all = sorted({int(k) for arm in arms for k in summary[arm]})
+    ax.set_xscale("log")
+    ax.set_xticks(ks_all)
+    ax.set_xticklabels([str(k) for k in ks_all])
+    ax.minorticks_off()
+    ax.set_xlabel("labeled training cases")
+    ax.set_ylabel("Dice on the test cases (mean over classes)")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(plt, fig, path, 110)
+
+
+def _mean_std(entry: dict[str, Any] | None) -> str:
+    if not entry or entry.get("mean") is None:
+        return "n/a"
+    std = "" if entry.get("std") is None else f" ± {entry['std']:.3f}"
+    return f"{entry['mean']:.3f}{std} (n={entry['n']})"
+
+
+def render_benchmark_markdown(data: dict[str, Any]) -> str:
+    s = data["settings"]
+    summary = data["summary"]
+    ks = [str(k) for k in s["labeled"]]
+    sources = ", ".join(f"`{p}`" for p in data.get("pretraining_sources") or []) or "(none)"
+    lines = ["# nnssl_joint label-efficiency benchmark", "",
+             (f"Target `{data['target']}`, pretraining on {sources}; configuration `{s['configuration']}`; "
+              f"{s['seeds']} seed(s); budget {json.dumps(s['budget'])}."),
+             f"Finished runs: {data['finished_runs']} of {data['planned_runs']} (report written {data['written']}).",
+             "",
+             (f"Test cases ({len(data.get('test_cases') or [])}, {data.get('test_source')}): their labels are read only "
+              "by the evaluation after training; fine-tuning keeps nnU-Net's final checkpoint (no model selection) and "
+              "validates on training-pool cases. Each seed draws its own labeled cases (nested across counts) and "
+              "seeds the fine-tuning; every arm of a seed gets the same cases and seed, so gains are paired."), "",
+             "## Dice (mean over classes and test cases; mean ± std over seeds)", "",
+             "| arm | " + " | ".join(f"{k} labeled" for k in ks) + " |",
+             "|---|" + "---|" * len(ks)]
+    for arm, per_k in summary.items():
+        lines.append(f"| {data['arms'].get(arm, arm)} | " + " | ".join(_mean_std(per_k.get(k, {}).get("dice")) for k in ks)
+                     + " |")
+    pretrained = [a for a in summary if "gain_vs_scratch_points" in next(iter(summary[a].values()), {})]
+    if pretrained:
+        lines += ["", "## Gain over scratch (Dice points, paired by seed; wins = seeds where the arm beat scratch)", "",
+                  "| arm | " + " | ".join(f"{k} labeled" for k in ks) + " |", "|---|" + "---|" * len(ks)]
+        for arm in pretrained:
+            cells = []
+            for k in ks:
+                entry = summary[arm].get(k, {})
+                gain = entry.get("gain_vs_scratch_points") or {}
+                if gain.get("mean") is None:
+                    cells.append("n/a")
+                    continue
+                std = "" if gain.get("std") is None else f" ± {gain['std']:.1f}"
+                cells.append(f"{gain['mean']:+.1f}{std} pts, wins {entry['wins_vs_scratch']}")
+            lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    lines += ["", "## Per class (mean ± std over seeds)", ""]
+    for arm, per_k in summary.items():
+        for k in ks:
+            per_class = per_k.get(k, {}).get("per_class", {})
+            parts = ", ".join(f"{data['classes'].get(c, c)} {_mean_std(v)}" for c, v in per_class.items())
+            lines.append(f"- {arm}, {k} labeled: {parts}")
+    lines += ["", "![label efficiency](benchmark.png)", "",
+              "## Runs", "", "| arm | labeled | seed | nnU-Net fold | mean Dice | run folder |", "|---|---|---|---|---|---|"]
+    for run in data["runs"].values():
+        lines.append(f"| {run['arm']} | {run['labeled']} | {run['seed']} | {run['fold']} | {_fmt(run['mean_dice'])} | "
+                     f"`{run['run_folder']}` |")
+    machine = data.get("machine", {})
+    lines += ["", (f"Machine: {machine.get('cpus')} CPUs, {machine.get('platform')}, Python {machine.get('python')}; "
+                   f"device {s['device']}."), ""]
+    return "\n".join(lines) + "\n"
+
+
+def write_benchmark_report(data: dict[str, Any], folder: Path) -> dict[str, Path]:
+    """benchmark.json, benchmark.md and benchmark.png in ``folder`` (each replaced atomically, so a
+    report read while a long benchmark runs is always whole)."""
+    from nnssl_joint.checkpoint_io import atomic_write_text
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {"png": folder / "benchmark.png", "markdown": folder / "benchmark.md", "json": folder / "benchmark.json"}
+    tmp_png = folder / ".benchmark.tmp.png"
+    plot_label_efficiency(data["summary"], data["arms"], tmp_png)
+    tmp_png.replace(files["png"])
+    atomic_write_text(render_benchmark_markdown(data), files["markdown"])
+    atomic_write_text(json.dumps(_json_ready(data), indent=2) + "\n", files["json"])
+    return files

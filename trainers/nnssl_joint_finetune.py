@@ -26,6 +26,7 @@ from nnssl_joint.finetune import (
     pretrained_weights_from_argv,
     split_parameters,
 )
+from nnssl_joint.pretrain.runtime import seed_everything
 
 
 class JointSSLFinetuneTrainer(nnUNetTrainer):
@@ -43,6 +44,9 @@ class JointSSLFinetuneTrainer(nnUNetTrainer):
         self._frozen: bool | None = None
 
     def initialize(self):
+        # before the network is built: its initial weights and (with nnUNet_n_proc_DA=0) every batch and
+        # augmentation follow from the seed
+        seed_everything(self.finetune_config.seed, self.local_rank)
         super().initialize()
         self.print_to_log_file(f"fine-tuning configuration ({', '.join(self.finetune_sources)}): "
                                f"{json.dumps(self.finetune_config.to_dict())}")

@@ -1,0 +1,749 @@
+"""Label-efficiency benchmark on your own nnU-Net datasets: does pretraining help, and by how much?
+
+    nnssl_joint benchmark --pretrain 501 502 --target 503 --labeled 1,2,4 --seeds 3 \\
+        --arms scratch,intra,joint --budget small --out benchmark_output
+
+For every seed s and labeled count k, nnU-Net's ``3d_fullres`` (or ``-c 2d``) network of the plugin
+is fine-tuned on k labeled cases of the target dataset, once per arm, with the same budget, the same
+training cases, the same validation case(s) and the same fine-tuning seed:
+
+* ``scratch``: random initialisation;
+* ``intra``: from 2D-only pretraining (L_intra) on the ``--pretrain`` datasets;
+* ``joint``: from joint 2D/3D pretraining (all terms, the plugin's default);
+* ``staged``: from the authors' staged schedule (L_intra, then L_mask with f_intra frozen, then L_inter).
+
+Each pretrained arm pretrains once (seeded by ``--seed``). The fine-tuned networks predict the test
+cases; Dice per class and case is computed against the test labels. Mean and spread over the seeds go
+into ``OUT/report/benchmark.{json,md,png}``, rewritten after every finished run, so a long run can be
+looked at while it goes on.
+
+Test cases: the target's ``imagesTs``/``labelsTs`` when both exist, otherwise ``--test-fraction`` of
+its training cases, held out once (by ``--seed``) and for every run. Test labels are read only by the
+evaluation after a network has finished training: not by planning, pretraining, fine-tuning or model
+selection (fine-tuning keeps nnU-Net's final checkpoint; its validation uses training-pool cases).
+When the target is also a pretraining source, only its training pool enters pretraining.
+
+Nothing is written into your nnU-Net folders: ``OUT/raw`` holds links to the source datasets and a
+linked copy of the target with the test split made explicit; preprocessed data, results, predictions,
+logs and reports live under ``OUT`` too. Every step leaves a marker: re-running the same command
+continues a killed run (an interrupted training resumes from its latest checkpoint), and re-running
+with more ``--seeds``, ``--labeled`` counts or ``--arms`` adds only the missing runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+from nnssl_joint.errors import NnsslJointError
+from nnssl_joint.pipeline import (
+    Pipeline,
+    Step,
+    StepProgress,
+    case_identifiers,
+    evaluate_predictions,
+    format_seconds,
+    stop_on_sigterm,
+    write_splits,
+)
+
+PLANS = "nnsslJointPlans"
+PRETRAIN_CONFIGURATION = "joint_ssl"
+PRETRAIN_TRAINER = "JointSSLPretrainTrainer"
+FINETUNE_TRAINER = "JointSSLFinetuneTrainer"
+PRETRAIN_NAME = "BenchmarkPretrain"
+
+ARM_LABELS = {
+    "scratch": "from scratch",
+    "intra": "2D-only pretraining (L_intra)",
+    "joint": "joint 2D/3D pretraining",
+    "staged": "staged pretraining (authors' schedule)",
+}
+
+
+def pretrain_objective(arm: str, epochs: int) -> dict[str, Any]:
+    """The objective overrides of the pretraining run behind ``arm`` (``{}``: the plugin's defaults)."""
+    if arm == "intra":
+        return {"lambda_intra_3d": 0.0, "lambda_inter": 0.0, "lambda_mask": 0.0}
+    if arm == "joint":
+        return {}
+    if arm == "staged":
+        # the authors' proportions (A: L_intra, B: L_mask with f_intra frozen, C: L_inter + L_intra),
+        # scaled to the budget; stage C gets at least one epoch
+        if epochs >= 3:
+            a, b = round(0.4 * epochs), max(1, round(0.2 * epochs))
+        else:
+            a, b = epochs - 1, 0
+        return {"schedule": "staged", "stage_a_epochs": a, "stage_b_epochs": b}
+    raise NnsslJointError(f"no pretraining behind arm {arm!r}")
+
+
+@dataclass(frozen=True)
+class TrainingBudget:
+    """How long each pretraining and each fine-tuning run trains (the same for every arm)."""
+
+    pretrain_epochs: int
+    pretrain_iterations: int
+    finetune_epochs: int
+    finetune_iterations: int
+    finetune_val_iterations: int
+    finetune_warmup_epochs: int
+    test_time_augmentation: bool
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "test_time_augmentation":
+                if not isinstance(value, bool):
+                    raise NnsslJointError(f"budget: test_time_augmentation must be true or false, got {value!r}")
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise NnsslJointError(f"budget: {f.name} must be an integer, got {value!r}")
+            minimum = 0 if f.name in ("finetune_val_iterations", "finetune_warmup_epochs") else 1
+            if value < minimum:
+                raise NnsslJointError(f"budget: {f.name} must be >= {minimum}, got {value}")
+
+    @classmethod
+    def named(cls, name: str) -> TrainingBudget:
+        from nnssl_joint.demo import BUDGETS
+
+        b = BUDGETS[name]
+        return cls(**{f.name: getattr(b, f.name) for f in fields(cls)})
+
+    @classmethod
+    def resolve(cls, spec: str) -> TrainingBudget:
+        """A budget name (tiny, small, medium, large: the demo's training lengths) or a JSON file whose keys
+        override the ``small`` budget."""
+        from nnssl_joint.demo import BUDGETS
+
+        if spec in BUDGETS:
+            return cls.named(spec)
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise NnsslJointError(f"--budget {spec!r} is neither a budget name ({', '.join(sorted(BUDGETS))}) nor a "
+                                  "JSON file")
+        try:
+            values = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise NnsslJointError(f"--budget {path}: not valid JSON ({e})") from e
+        if not isinstance(values, dict):
+            raise NnsslJointError(f"--budget {path}: expected a JSON object of budget keys, got {type(values).__name__}")
+        valid = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - valid)
+        if unknown:
+            raise NnsslJointError(f"--budget {path}: unknown key(s) {unknown}; valid keys: {sorted(valid)}")
+        return cls(**{**asdict(cls.named("small")), **values})
+
+    def pretrain_config(self, arm: str, seed: int) -> dict[str, Any]:
+        config: dict[str, Any] = {"seed": int(seed), "optim": {"num_epochs": self.pretrain_epochs,
+                                                               "iterations_per_epoch": self.pretrain_iterations,
+                                                               "save_every": 1}}
+        objective = pretrain_objective(arm, self.pretrain_epochs)
+        if objective:
+            config["objective"] = objective
+        return config
+
+    def finetune_config(self, seed: int) -> dict[str, Any]:
+        return {"num_epochs": self.finetune_epochs, "iterations_per_epoch": self.finetune_iterations,
+                "val_iterations_per_epoch": self.finetune_val_iterations, "initial_lr": 1e-2,
+                "warmup_epochs": self.finetune_warmup_epochs, "save_every": 1, "seed": int(seed)}
+
+
+def parse_labeled(text: str) -> list[int]:
+    """``"1,2,4"`` -> ``[1, 2, 4]`` (sorted, unique, each >= 1)."""
+    try:
+        values = sorted({int(v) for v in text.split(",") if v.strip()})
+    except ValueError:
+        raise NnsslJointError(f"--labeled {text!r}: expected comma-separated integers such as 1,2,4") from None
+    if not values or values[0] < 1:
+        raise NnsslJointError(f"--labeled {text!r}: every count must be >= 1")
+    return values
+
+
+def parse_arms(text: str) -> list[str]:
+    arms = [a.strip() for a in text.split(",") if a.strip()]
+    unknown = [a for a in arms if a not in ARM_LABELS]
+    if not arms or unknown:
+        raise NnsslJointError(f"--arms {text!r}: unknown arm(s) {unknown}; choose from {', '.join(ARM_LABELS)}")
+    return list(dict.fromkeys(arms))
+
+
+def run_name(labeled: int, seed: int) -> str:
+    return f"L{labeled}_s{seed}"
+
+
+def benchmark_split(identifiers: Sequence[str], labeled: int, seed: int, n_val: int = 1) -> dict[str, list[str]]:
+    """The fine-tuning split of one (labeled count, seed): validation cases first, then the labeled ones,
+    from one permutation of the training pool per seed. For one seed the labeled sets are nested
+    (the 1 case is among the 2, which are among the 4) and the validation cases are the same for every
+    count; adding a count or a seed later never changes an earlier split."""
+    identifiers = sorted(identifiers)
+    if len(identifiers) < labeled + n_val:
+        raise NnsslJointError(
+            f"{labeled} labeled case(s) plus {n_val} validation case(s) need {labeled + n_val} cases in the target's "
+            f"training pool, it has {len(identifiers)}; ask for fewer labeled cases (--labeled), fewer validation "
+            "cases (--val-cases) or hold out fewer test cases (--test-fraction)")
+    order = np.random.default_rng([seed, 1]).permutation(len(identifiers))
+    return {"train": sorted(identifiers[i] for i in order[n_val:n_val + labeled]),
+            "val": sorted(identifiers[i] for i in order[:n_val])}
+
+
+def held_out_cases(identifiers: Sequence[str], fraction: float, seed: int) -> list[str]:
+    """``fraction`` of the cases (at least one, leaving at least two), drawn once by ``seed``."""
+    identifiers = sorted(identifiers)
+    if not 0 < fraction < 1:
+        raise NnsslJointError(f"--test-fraction must be between 0 and 1, got {fraction}")
+    n = max(1, round(fraction * len(identifiers)))
+    if len(identifiers) - n < 2:
+        raise NnsslJointError(f"the target has {len(identifiers)} labeled training cases and no imagesTs/labelsTs: "
+                              f"holding out {n} as test cases leaves fewer than 2 for fine-tuning and validation. "
+                              "Add cases or provide imagesTs/labelsTs")
+    order = np.random.default_rng([seed, 2]).permutation(len(identifiers))
+    return sorted(identifiers[i] for i in order[:n])
+
+
+# ----------------------------------------------------------------------------------------------------
+# the target dataset with an explicit test split
+
+
+def _label_file(folder: Path, dataset_json: dict, identifier: str, split: str = "Tr") -> Path:
+    entry = dataset_json.get("dataset", {}).get(identifier) if split == "Tr" else None
+    if entry is not None and "label" in entry:
+        path = Path(entry["label"]).expanduser()
+        return path if path.is_absolute() else (folder / path).resolve()
+    return folder / f"labels{split}" / f"{identifier}{dataset_json['file_ending']}"
+
+
+def _link(source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.is_symlink() or target.exists():
+        target.unlink()
+    os.symlink(Path(source).resolve(), target)
+
+
+def link_target_dataset(source: Path, destination: Path, test_fraction: float, seed: int) -> dict[str, Any]:
+    """Build ``destination`` (a raw dataset of links into ``source``): imagesTr/labelsTr hold the training
+    pool, imagesTs/labelsTs the test cases (the source's own, or ``test_fraction`` of its training cases).
+    The source is only read. Written into a temporary folder and renamed: no half-built dataset."""
+    from nnssl_joint.planning.raw import list_cases, load_dataset_json
+
+    source = Path(source)
+    dataset_json = load_dataset_json(source)
+    ending = dataset_json["file_ending"]
+    if "labels" not in dataset_json or len(dataset_json["labels"]) < 2:
+        raise NnsslJointError(f"{source / 'dataset.json'}: the target needs 'labels' with at least one foreground "
+                              "class; is this an unlabeled (pretraining) dataset?")
+    cases = list_cases(source, dataset_json)
+    missing = [c.identifier for c in cases if not _label_file(source, dataset_json, c.identifier).is_file()]
+    if missing:
+        raise NnsslJointError(f"{len(missing)} training case(s) of {source.name} have no label file, e.g. "
+                              f"{_label_file(source, dataset_json, missing[0])}; the target must be fully labeled")
+    images_ts, labels_ts = source / "imagesTs", source / "labelsTs"
+    own_test = images_ts.is_dir() and labels_ts.is_dir() and any(labels_ts.glob(f"*{ending}"))
+    if own_test:
+        test = case_identifiers(labels_ts, ending)
+        n_channels = len(dataset_json.get("channel_names", dataset_json.get("modality", {})))
+        absent = [f"{c}_{i:04d}{ending}" for c in test for i in range(n_channels)
+                  if not (images_ts / f"{c}_{i:04d}{ending}").is_file()]
+        if absent:
+            raise NnsslJointError(f"{labels_ts} has labels whose images are missing in {images_ts}: "
+                                  f"{', '.join(absent[:5])}{' ...' if len(absent) > 5 else ''}; add them or remove "
+                                  "those labels")
+        pool = cases
+    else:
+        held = set(held_out_cases([c.identifier for c in cases], test_fraction, seed))
+        test = sorted(held)
+        pool = [c for c in cases if c.identifier not in held]
+    tmp = destination.with_name(f".{destination.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    for case in pool:
+        for channel, f in enumerate(case.files):
+            _link(Path(f), tmp / "imagesTr" / f"{case.identifier}_{channel:04d}{ending}")
+        _link(_label_file(source, dataset_json, case.identifier), tmp / "labelsTr" / f"{case.identifier}{ending}")
+    if own_test:
+        for c in test:
+            for f in sorted(images_ts.glob(f"{c}_[0-9][0-9][0-9][0-9]{ending}")):
+                _link(f, tmp / "imagesTs" / f.name)
+            _link(labels_ts / f"{c}{ending}", tmp / "labelsTs" / f"{c}{ending}")
+    else:
+        by_id = {c.identifier: c for c in cases}
+        for c in test:
+            for channel, f in enumerate(by_id[c].files):
+                _link(Path(f), tmp / "imagesTs" / f"{c}_{channel:04d}{ending}")
+            _link(_label_file(source, dataset_json, c), tmp / "labelsTs" / f"{c}{ending}")
+    derived = {k: v for k, v in dataset_json.items() if k != "dataset"}
+    derived["numTraining"] = len(pool)
+    (tmp / "dataset.json").write_text(json.dumps(derived, indent=2) + "\n")
+    if destination.exists() or destination.is_symlink():
+        shutil.rmtree(destination) if destination.is_dir() and not destination.is_symlink() else destination.unlink()
+    os.replace(tmp, destination)
+    return {"source": str(source), "test_source": "imagesTs/labelsTs" if own_test else
+            f"{test_fraction:g} of imagesTr held out (seed {seed})", "test_cases": test,
+            "training_pool": sorted(c.identifier for c in pool)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# statistics
+
+
+def run_mean_dice(per_case: dict[str, dict[str, float]]) -> float:
+    """Mean over test cases of the mean over classes (classes absent from both prediction and reference
+    are skipped for that case)."""
+    values = []
+    for scores in per_case.values():
+        finite = [v for v in scores.values() if v is not None and not math.isnan(v)]
+        if finite:
+            values.append(float(np.mean(finite)))
+    return float(np.mean(values)) if values else float("nan")
+
+
+def spread(values: Sequence[float]) -> dict[str, Any]:
+    """Mean, sample standard deviation (None for one value), min, max and n of ``values`` (NaNs dropped)."""
+    v = np.asarray([x for x in values if x is not None and not math.isnan(x)], dtype=float)
+    if v.size == 0:
+        return {"mean": None, "std": None, "min": None, "max": None, "n": 0}
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if v.size > 1 else None,
+            "min": float(v.min()), "max": float(v.max()), "n": int(v.size)}
+
+
+def aggregate(results: dict[str, dict[str, Any]], arms: Sequence[str], labeled: Sequence[int],
+              seeds: Sequence[int], classes: dict[str, str]) -> dict[str, Any]:
+    """Per arm and labeled count: Dice mean/spread over seeds (overall and per class) and, for each
+    pretrained arm, the paired gain over ``scratch`` (same split and fine-tuning seed) in Dice points."""
+    table: dict[str, dict[str, Any]] = {}
+    for arm in arms:
+        table[arm] = {}
+        for k in labeled:
+            runs = [results.get(f"{arm}/{run_name(k, s)}") for s in seeds]
+            done = [r for r in runs if r is not None]
+            entry = {"dice": spread([r["mean_dice"] for r in done]),
+                     "per_seed": {str(s): (r["mean_dice"] if r is not None else None) for s, r in zip(seeds, runs)},
+                     "per_class": {c: spread([float(np.nanmean([case.get(c, float("nan")) for case in r["dice"].values()]))
+                                              for r in done if any(not math.isnan(case.get(c, float("nan")))
+                                                                   for case in r["dice"].values())])
+                                   for c in classes}}
+            if arm != "scratch" and "scratch" in arms:
+                diffs = []
+                for s in seeds:
+                    a, b = results.get(f"{arm}/{run_name(k, s)}"), results.get(f"scratch/{run_name(k, s)}")
+                    if a is not None and b is not None:
+                        diffs.append(100.0 * (a["mean_dice"] - b["mean_dice"]))
+                entry["gain_vs_scratch_points"] = spread(diffs)
+                entry["wins_vs_scratch"] = f"{sum(d > 0 for d in diffs)}/{len(diffs)}"
+            table[arm][str(k)] = entry
+    return table
+
+
+# ----------------------------------------------------------------------------------------------------
+# the pipeline
+
+
+@dataclass
+class BenchmarkSettings:
+    pretrain: list[str]
+    target: str
+    out: Path
+    labeled: list[int]
+    seeds: int = 3
+    arms: list[str] = field(default_factory=lambda: ["scratch", "intra", "joint"])
+    budget: str = "small"
+    seed: int = 0
+    test_fraction: float = 0.25
+    val_cases: int = 1
+    configuration: str = "3d_fullres"
+    device: str = "cpu"
+    raw: Path | None = None
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out).expanduser().resolve()
+        self.arms = parse_arms(",".join(self.arms))
+        self.pretrain = [str(p) for p in self.pretrain]
+        if self.seeds < 1:
+            raise NnsslJointError(f"--seeds must be >= 1, got {self.seeds}")
+        if self.val_cases < 1:
+            raise NnsslJointError(f"--val-cases must be >= 1, got {self.val_cases}")
+        if self.configuration not in ("3d_fullres", "2d"):
+            raise NnsslJointError(f"-c must be 3d_fullres or 2d, got {self.configuration!r}")
+        if self.device not in ("cpu", "cuda"):
+            raise NnsslJointError(f"--device must be cpu or cuda, got {self.device!r}")
+        if any(a != "scratch" for a in self.arms) and not self.pretrain:
+            raise NnsslJointError("--pretrain is needed for the pretrained arms "
+                                  f"{[a for a in self.arms if a != 'scratch']}")
+        self.budget_spec = TrainingBudget.resolve(self.budget)
+        if self.raw is None:
+            from nnssl_joint.paths import nnunet_raw
+
+            self.raw = nnunet_raw()
+        self.raw = Path(self.raw).expanduser().resolve()
+
+    def record(self) -> dict[str, Any]:
+        """What defines the experiment; --labeled, --seeds and --arms may grow between runs."""
+        return {"pretrain": self.pretrain, "target": self.target, "budget": asdict(self.budget_spec),
+                "seed": self.seed, "test_fraction": self.test_fraction, "val_cases": self.val_cases,
+                "configuration": self.configuration}
+
+
+class Benchmark(Pipeline):
+    state_dir = ".benchmark"
+    kind = "benchmark"
+
+    def __init__(self, settings: BenchmarkSettings, stream: TextIO | None = None) -> None:
+        super().__init__(settings.out, settings.device, stream)
+        self.settings = settings
+        self.budget = settings.budget_spec
+        self.raw = settings.out / "raw"
+        self.preprocessed = settings.out / "preprocessed"
+        self.report_folder = settings.out / "report"
+        self.target_name = ""
+        self.target_id = 0
+        self.pretrain_id = 0
+        self.pretrain_ids: list[int] = []
+        self.results: dict[str, dict[str, Any]] = {}
+
+    # -------------------------------------------------------------- state
+    def settings_record(self) -> dict[str, Any]:
+        return self.settings.record()
+
+    def state(self) -> dict[str, Any]:
+        return {"target_name": self.target_name, "target_id": self.target_id, "pretrain_id": self.pretrain_id,
+                "pretrain_ids": self.pretrain_ids}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+    def env(self, results: Path | None = None, training: bool = False, **extra: str) -> dict[str, str]:
+        return self.nnunet_env(self.raw, self.preprocessed, results or self.out / "results", training, **extra)
+
+    @property
+    def pretrain_arms(self) -> list[str]:
+        return [a for a in self.settings.arms if a != "scratch"]
+
+    @property
+    def runs(self) -> list[tuple[int, int, str]]:
+        """(seed, labeled, arm) in the order they run: all arms and counts of seed 0 first."""
+        return [(s, k, a) for s in range(self.settings.seeds) for k in self.settings.labeled for a in self.settings.arms]
+
+    def pretrain_results(self, arm: str) -> Path:
+        return self.out / "results" / f"pretrain_{arm}"
+
+    def pretrain_folder(self, arm: str) -> Path:
+        return (self.pretrain_results(arm) / f"Dataset{self.pretrain_id:03d}_{PRETRAIN_NAME}"
+                / f"{PRETRAIN_TRAINER}__{PLANS}__{PRETRAIN_CONFIGURATION}" / "fold_all")
+
+    def finetune_results(self, arm: str) -> Path:
+        return self.out / "results" / f"finetune_{arm}"
+
+    def finetune_folder(self, arm: str, fold: int) -> Path:
+        return (self.finetune_results(arm) / self.target_name
+                / f"{FINETUNE_TRAINER}__{PLANS}__{self.settings.configuration}" / f"fold_{fold}")
+
+    def predictions(self, arm: str, labeled: int, seed: int) -> Path:
+        return self.out / "predictions" / arm / run_name(labeled, seed)
+
+    # -------------------------------------------------------------- steps
+    def steps(self) -> list[Step]:
+        steps = [Step("link", "linking the datasets (test split made explicit)", self.step_link)]
+        if self.pretrain_arms:
+            steps += [Step("prepare", "merging the pretraining datasets", self.step_prepare),
+                      Step("plan_pretrain", "planning + preprocessing the pretraining dataset", self.step_plan_pretrain)]
+            for arm in self.pretrain_arms:
+                steps.append(Step(f"pretrain_{arm}", f"pretraining for arm '{arm}'",
+                                  lambda p, arm=arm: self.step_pretrain(arm, p)))
+        steps.append(Step("plan_target", "planning + preprocessing the target dataset", self.step_plan_target))
+        steps.append(Step("splits", "fine-tuning splits", self.step_splits, always=True))
+        for seed, k, arm in self.runs:
+            steps.append(Step(f"finetune_{arm}_{run_name(k, seed)}",
+                              f"seed {seed}, {k} labeled: fine-tuning {arm} + predicting + evaluating",
+                              lambda p, s=seed, k=k, a=arm: self.step_finetune(a, k, s, p)))
+        steps.append(Step("report", "writing the report", self.step_report, always=True))
+        return steps
+
+    def step_link(self, progress: StepProgress) -> dict[str, Any]:
+        from nnssl_joint.planning.raw import find_raw_dataset, parse_dataset_folder_name
+
+        s = self.settings
+        target_source = find_raw_dataset(s.target, s.raw)
+        self.target_id, _ = parse_dataset_folder_name(target_source.name)
+        self.target_name = target_source.name
+        sources = [find_raw_dataset(p, s.raw) for p in s.pretrain]
+        self.pretrain_ids = [parse_dataset_folder_name(f.name)[0] for f in sources]
+        used = set(self.pretrain_ids) | {self.target_id}
+        self.pretrain_id = next(i for i in range(900, 1000) if i not in used)
+        self.raw.mkdir(parents=True, exist_ok=True)
+        info = link_target_dataset(target_source, self.raw / self.target_name, s.test_fraction, s.seed)
+        for folder, dataset_id in zip(sources, self.pretrain_ids):
+            if dataset_id == self.target_id:
+                continue  # the linked target: its training pool only, never its test cases
+            _link(folder, self.raw / folder.name)
+        info["pretraining_sources"] = [f.name for f in sources]
+        progress.note(f"target {self.target_name}: {len(info['training_pool'])} training-pool cases, "
+                      f"{len(info['test_cases'])} test cases ({info['test_source']})")
+        return info
+
+    def step_prepare(self, progress: StepProgress) -> None:
+        args = ["prepare", "-d", *map(str, self.pretrain_ids), "-o", str(self.pretrain_id), "--name", PRETRAIN_NAME]
+        if any(self.raw.glob(f"Dataset{self.pretrain_id:03d}_*")):  # left by an interrupted run
+            args.append("--overwrite")
+        self.run_command(self.plugin_command(*args), self.env(), "prepare", progress)
+
+    def step_plan_pretrain(self, progress: StepProgress) -> None:
+        self.run_command(self.plugin_command("plan_and_preprocess", "-d", str(self.pretrain_id), "-np", "1",
+                                             "-npfp", "1"), self.env(), "plan_pretrain", progress)
+
+    def step_pretrain(self, arm: str, progress: StepProgress) -> dict[str, Any]:
+        configs = self.out / "configs"
+        configs.mkdir(parents=True, exist_ok=True)
+        config_file = configs / f"pretrain_{arm}.json"
+        config_file.write_text(json.dumps(self.budget.pretrain_config(arm, self.settings.seed), indent=2) + "\n")
+        folder = self.pretrain_folder(arm)
+        cmd = self.nnunet_command("nnUNetv2_train") + [str(self.pretrain_id), PRETRAIN_CONFIGURATION, "all", "-tr",
+                                                       PRETRAIN_TRAINER, "-p", PLANS, "-device", self.device]
+        resume = any((folder / f).is_file() for f in ("checkpoint_latest.pth", "checkpoint_final.pth"))
+        if resume:
+            cmd.append("--c")
+        progress.expect(self.budget.pretrain_epochs, "epoch", "exporting the pretrained weights")
+        self.run_command(cmd, self.env(self.pretrain_results(arm), training=True, NNSSL_JOINT_CONFIG=str(config_file)),
+                         f"pretrain_{arm}", progress)
+        weights = folder / f"pretrained_for_{self.settings.configuration}.pth"
+        if not weights.is_file():
+            raise NnsslJointError(f"pretraining finished without {weights}; see {self.logs / f'pretrain_{arm}.log'}")
+        return {"run_folder": str(folder), "resumed": resume}
+
+    def step_plan_target(self, progress: StepProgress) -> dict[str, Any]:
+        self.run_command(self.plugin_command("plan_and_preprocess", "-d", str(self.target_id), "--downstream", "-np",
+                                             "1", "-npfp", "1"), self.env(), "plan_target", progress)
+        plans = json.loads((self.preprocessed / self.target_name / f"{PLANS}.json").read_text())
+        if self.settings.configuration not in plans["configurations"]:
+            raise NnsslJointError(f"the plans of {self.target_name} have no configuration "
+                                  f"'{self.settings.configuration}' (they have {sorted(plans['configurations'])}); "
+                                  "for a 2D dataset use -c 2d")
+        return {"configurations": sorted(plans["configurations"])}
+
+    def fold_of(self, labeled: int, seed: int) -> int:
+        """nnU-Net fold index of (labeled, seed); the registry only grows, so indices never change."""
+        registry_file = self.state_folder / "folds.json"
+        registry = json.loads(registry_file.read_text()) if registry_file.is_file() else []
+        name = run_name(labeled, seed)
+        if name not in registry:
+            registry.append(name)
+            registry_file.write_text(json.dumps(registry, indent=1) + "\n")
+        return registry.index(name)
+
+    def step_splits(self, progress: StepProgress) -> dict[str, Any]:
+        """splits_final.json with one fold per (labeled, seed) of this and earlier invocations."""
+        raw = self.raw / self.target_name
+        ending = json.loads((raw / "dataset.json").read_text())["file_ending"]
+        pool = case_identifiers(raw / "labelsTr", ending)
+        for seed, k, _ in self.runs:
+            self.fold_of(k, seed)
+        registry = json.loads((self.state_folder / "folds.json").read_text())
+        splits = []
+        for name in registry:
+            k, seed = (int(x) for x in name[1:].split("_s"))
+            splits.append(benchmark_split(pool, k, seed, self.settings.val_cases))
+        write_splits(self.preprocessed / self.target_name, splits)
+        return {"folds": dict(zip(registry, splits))}
+
+    def step_finetune(self, arm: str, labeled: int, seed: int, progress: StepProgress) -> dict[str, Any]:
+        s = self.settings
+        fold = self.fold_of(labeled, seed)
+        configs = self.out / "configs"
+        configs.mkdir(parents=True, exist_ok=True)
+        config_file = configs / f"finetune_seed{seed}.json"
+        config_file.write_text(json.dumps(self.budget.finetune_config(seed), indent=2) + "\n")
+        folder = self.finetune_folder(arm, fold)
+        cmd = self.nnunet_command("nnUNetv2_train") + [str(self.target_id), s.configuration, str(fold), "-p", PLANS,
+                                                       "-tr", FINETUNE_TRAINER, "-device", self.device]
+        weights = None
+        if (folder / "checkpoint_final.pth").is_file():
+            pass  # trained; only prediction/evaluation were interrupted
+        else:
+            if (folder / "checkpoint_latest.pth").is_file():
+                cmd.append("--c")  # nnU-Net refuses --c with -pretrained_weights; the checkpoint holds them
+            elif arm != "scratch":
+                weights = self.pretrain_folder(arm) / f"pretrained_for_{s.configuration}.pth"
+                cmd += ["-pretrained_weights", str(weights)]
+            progress.expect(self.budget.finetune_epochs, "epoch", "validating on the validation case(s)")
+            log = f"finetune_{arm}_{run_name(labeled, seed)}"
+            self.run_command(cmd, self.env(self.finetune_results(arm), training=True,
+                                           NNSSL_JOINT_FINETUNE_CONFIG=str(config_file)), log, progress)
+        raw = self.raw / self.target_name
+        out = self.predictions(arm, labeled, seed)
+        if out.exists():
+            shutil.rmtree(out)
+        test_cases = case_identifiers(raw / "labelsTs", json.loads((raw / "dataset.json").read_text())["file_ending"])
+        cmd = self.nnunet_command("nnUNetv2_predict") + [
+            "-i", str(raw / "imagesTs"), "-o", str(out), "-d", str(self.target_id), "-c", s.configuration, "-p", PLANS,
+            "-tr", FINETUNE_TRAINER, "-f", str(fold), "-chk", "checkpoint_final.pth", "-device", self.device,
+            "-npp", "1", "-nps", "1"]
+        if not self.budget.test_time_augmentation:
+            cmd.append("--disable_tta")
+        progress.expect(len(test_cases), "case")
+        self.run_command(cmd, self.env(self.finetune_results(arm)), f"predict_{arm}_{run_name(labeled, seed)}", progress)
+        # the test labels are read here, after training and prediction finished, and nowhere before
+        dataset_json = json.loads((raw / "dataset.json").read_text())
+        labels = sorted(int(v) for v in dataset_json["labels"].values() if int(v) > 0)
+        dice = evaluate_predictions(out, raw / "labelsTs", dataset_json["file_ending"], labels)
+        dice_json = {case: {str(c): v for c, v in scores.items()} for case, scores in dice.items()}
+        result = {"arm": arm, "labeled": labeled, "seed": seed, "fold": fold, "run_folder": str(folder),
+                  "pretrained_weights": None if weights is None else str(weights),
+                  "dice": dice_json, "mean_dice": run_mean_dice(dice_json)}
+        self.results[f"{arm}/{run_name(labeled, seed)}"] = result
+        progress.note(f"mean Dice {result['mean_dice']:.3f}")
+        self.write_report()
+        return result
+
+    def step_report(self, progress: StepProgress) -> dict[str, Any]:
+        files = self.write_report()
+        return {"files": {k: str(v) for k, v in files.items()}}
+
+    # -------------------------------------------------------------- report
+    def collect(self) -> dict[str, Any]:
+        """Finished runs (from the markers, so earlier invocations count) and their statistics."""
+        for seed, k, arm in self.runs:
+            key = f"{arm}/{run_name(k, seed)}"
+            marker = self.marker(f"finetune_{arm}_{run_name(k, seed)}")
+            if key not in self.results and marker.is_file():
+                self.results[key] = json.loads(marker.read_text())["info"]
+        raw = self.raw / self.target_name
+        dataset_json = json.loads((raw / "dataset.json").read_text())
+        classes = {str(v): k for k, v in dataset_json["labels"].items() if int(v) > 0}
+        s = self.settings
+        seeds = list(range(s.seeds))
+        wanted = {f"{a}/{run_name(k, seed)}" for seed, k, a in self.runs}
+        link = self.marker("link")
+        link_info = json.loads(link.read_text())["info"] if link.is_file() else {}
+        import platform
+
+        return {
+            "settings": {**s.record(), "labeled": s.labeled, "seeds": s.seeds, "arms": s.arms, "device": s.device,
+                         "out": str(s.out), "raw": str(s.raw)},
+            "target": self.target_name, "classes": classes,
+            "test_cases": link_info.get("test_cases"), "test_source": link_info.get("test_source"),
+            "pretraining_sources": link_info.get("pretraining_sources"),
+            "arms": {a: ARM_LABELS[a] for a in s.arms},
+            "finished_runs": len(wanted & set(self.results)), "planned_runs": len(wanted),
+            "summary": aggregate(self.results, s.arms, s.labeled, seeds, classes),
+            "runs": {k: v for k, v in sorted(self.results.items()) if k in wanted},
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+            "written": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
+
+    def write_report(self) -> dict[str, Path]:
+        from nnssl_joint.report import write_benchmark_report
+
+        return write_benchmark_report(self.collect(), self.report_folder)
+
+    # -------------------------------------------------------------- driver
+    def run(self) -> dict[str, Any]:
+        self.check_settings()
+        os.environ.update({k: v for k, v in self.env().items() if k.startswith("nnUNet_")})
+        s = self.settings
+        start = time.monotonic()
+        print(f"nnssl_joint benchmark: target {s.target}, pretraining on {', '.join(s.pretrain) or '-'}, arms "
+              f"{','.join(s.arms)}, labeled {','.join(map(str, s.labeled))}, {s.seeds} seed(s), budget "
+              f"{s.budget!r}; output in {s.out}", file=self.stream, flush=True)
+        self.run_steps(self.steps())
+        report = json.loads((self.report_folder / "benchmark.json").read_text())
+        print(summary_text(report, time.monotonic() - start), file=self.stream)
+        print(f"report: {self.report_folder / 'benchmark.md'}", file=self.stream, flush=True)
+        return report
+
+
+def summary_text(report: dict[str, Any], seconds: float) -> str:
+    lines = [(f"Dice (mean ± std over seeds; {report['finished_runs']}/{report['planned_runs']} runs, "
+              f"{format_seconds(seconds)} this invocation):")]
+    for arm, per_k in report["summary"].items():
+        parts = []
+        for k, entry in per_k.items():
+            d = entry["dice"]
+            text = "n/a" if d["mean"] is None else f"{d['mean']:.3f}" + ("" if d["std"] is None else f"±{d['std']:.3f}")
+            gain = entry.get("gain_vs_scratch_points")
+            if gain and gain["mean"] is not None:
+                text += f" ({gain['mean']:+.1f} pts vs scratch)"
+            parts.append(f"{k} labeled {text}")
+        lines.append(f"  {arm:8s} " + " | ".join(parts))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------
+# command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pretrain", nargs="+", default=[], metavar="ID",
+                        help="raw datasets (ids or DatasetXXX_Name) to pretrain on, 2D and/or 3D, labeled or not "
+                        "(labels are ignored); needed for every arm except scratch")
+    parser.add_argument("--target", required=True, metavar="ID",
+                        help="the labeled raw dataset to fine-tune on (imagesTr/labelsTr, and imagesTs/labelsTs or "
+                        "--test-fraction)")
+    parser.add_argument("--labeled", default="1,2,4", help="labeled training cases per run, comma-separated "
+                        "(default 1,2,4)")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per labeled count: each draws its own labeled "
+                        "cases and fine-tuning seed (default 3)")
+    parser.add_argument("--arms", default="scratch,intra,joint",
+                        help=f"comma-separated, from {', '.join(ARM_LABELS)} (default scratch,intra,joint)")
+    parser.add_argument("--budget", default="small",
+                        help="training lengths: tiny, small (default), medium, large (the demo's) or a JSON file "
+                        "overriding keys of small: pretrain_epochs, pretrain_iterations, finetune_epochs, "
+                        "finetune_iterations, finetune_val_iterations, finetune_warmup_epochs, "
+                        "test_time_augmentation")
+    parser.add_argument("--out", default="benchmark_output", help="output folder (default ./benchmark_output); "
+                        "re-run with the same folder to continue or extend")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the test hold-out and the pretraining runs "
+                        "(default 0)")
+    parser.add_argument("--test-fraction", type=float, default=0.25,
+                        help="share of imagesTr held out as test cases when the target has no imagesTs/labelsTs "
+                        "(default 0.25)")
+    parser.add_argument("--val-cases", type=int, default=1, help="validation cases per run, from the training pool "
+                        "(default 1)")
+    parser.add_argument("-c", "--configuration", default="3d_fullres", choices=("3d_fullres", "2d"),
+                        help="the nnU-Net configuration to fine-tune (default 3d_fullres)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="training device (default cpu)")
+    parser.add_argument("--raw", default=None, help="where the datasets are (default: $nnUNet_raw)")
+
+
+def settings_from_args(args: argparse.Namespace) -> BenchmarkSettings:
+    return BenchmarkSettings(pretrain=args.pretrain, target=args.target, out=Path(args.out),
+                             labeled=parse_labeled(args.labeled), seeds=args.seeds, arms=parse_arms(args.arms),
+                             budget=args.budget, seed=args.seed, test_fraction=args.test_fraction,
+                             val_cases=args.val_cases, configuration=args.configuration, device=args.device,
+                             raw=None if args.raw is None else Path(args.raw))
+
+
+def run_benchmark(settings: BenchmarkSettings, stream: TextIO | None = None) -> dict[str, Any]:
+    return Benchmark(settings, stream).run()
+
+
+def _cmd_benchmark(args: argparse.Namespace) -> int:
+    stop_on_sigterm()
+    try:
+        run_benchmark(settings_from_args(args))
+    except KeyboardInterrupt:
+        print("\nbenchmark: interrupted; re-run the same command to continue", file=sys.stderr)
+        return 130
+    return 0
+
+
+def register_cli(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "benchmark", help="label-efficiency benchmark on your datasets: scratch vs pretrained arms over seeds",
+        description=__doc__.split("\n\n", 1)[0] + " Fine-tunes nnU-Net on 1, 2, 4 ... labeled cases of --target "
+        "from scratch and from pretraining on --pretrain, over several seeds, predicts the test cases and writes "
+        "OUT/report/benchmark.{json,md,png} (mean and spread over seeds). Resumable and extendable: re-run with "
+        "the same --out.")
+    add_arguments(parser)
+    parser.set_defaults(func=_cmd_benchmark)

@@ -1,0 +1,367 @@
+"""What the demo and the benchmark share: resumable steps that run nnU-Net and the plugin as
+subprocesses, progress lines, nnU-Net splits and Dice evaluation.
+
+A :class:`Pipeline` runs a list of :class:`Step` s. A finished step leaves a marker
+(``OUT/<state>/<key>.done.json``); a re-run with the same settings skips it, so a killed run continues
+where it stopped (an interrupted nnU-Net training resumes from its latest checkpoint with ``--c``, which
+the steps add themselves). A settings record written on the first run refuses a re-run with other
+settings in the same folder instead of mixing two experiments.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+from nnssl_joint.errors import NnsslJointError
+
+# ----------------------------------------------------------------------------------------------------
+# small pure helpers
+
+
+def format_seconds(seconds: float) -> str:
+    """``2m10s`` style durations for progress lines."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m{seconds:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{seconds:02d}s"
+
+
+def case_identifiers(folder: Path, file_ending: str) -> list[str]:
+    """Case ids of an nnU-Net labels folder (``CASE<file_ending>``), sorted."""
+    return sorted(p.name[: -len(file_ending)] for p in Path(folder).iterdir() if p.name.endswith(file_ending))
+
+
+def few_label_split(identifiers: Sequence[str], labeled: int, seed: int, n_val: int = 1) -> dict[str, list[str]]:
+    """``labeled`` training cases and ``n_val`` other validation cases, drawn by ``seed``.
+
+    Only the training pool enters (imagesTr/labelsTr); test cases never do."""
+    identifiers = sorted(identifiers)
+    if len(identifiers) < labeled + n_val:
+        raise NnsslJointError(f"{labeled} labeled training case(s) and {n_val} validation case(s) need "
+                              f"{labeled + n_val} labeled training cases, the dataset has {len(identifiers)}")
+    order = np.random.default_rng(seed).permutation(len(identifiers))
+    train = sorted(identifiers[i] for i in order[:labeled])
+    val = sorted(identifiers[i] for i in order[labeled:labeled + n_val])
+    return {"train": train, "val": val}
+
+
+def nested_splits(identifiers: Sequence[str], labeled_counts: Sequence[int], seed: int,
+                  n_val: int = 1) -> dict[int, dict[str, list[str]]]:
+    """One split per labeled count for one seed: nested training sets (1 in 2 in 4 ...) and the same
+    validation cases for every count, so that counts differ only by the added labeled cases."""
+    identifiers = sorted(identifiers)
+    largest = max(labeled_counts)
+    if len(identifiers) < largest + n_val:
+        raise NnsslJointError(f"--labeled up to {largest} plus {n_val} validation case(s) need {largest + n_val} "
+                              f"labeled training cases, the training pool has {len(identifiers)}; ask for fewer "
+                              "labeled cases or hold out fewer test cases")
+    order = np.random.default_rng(seed).permutation(len(identifiers))
+    val = sorted(identifiers[i] for i in order[largest:largest + n_val])
+    return {k: {"train": sorted(identifiers[i] for i in order[:k]), "val": val} for k in labeled_counts}
+
+
+def write_splits(preprocessed_dataset_folder: Path, splits: dict[str, list[str]] | Sequence[dict[str, list[str]]]) -> Path:
+    """Write nnU-Net's ``splits_final.json``; one split becomes fold 0, a list becomes folds 0, 1, ..."""
+    folds = [splits] if isinstance(splits, dict) else list(splits)
+    path = Path(preprocessed_dataset_folder) / "splits_final.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps([{"train": list(s["train"]), "val": list(s["val"])} for s in folds], indent=2) + "\n")
+    return path
+
+
+def read_label(path: Path) -> np.ndarray:
+    import SimpleITK as sitk
+
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+def dice_per_class(prediction: np.ndarray, reference: np.ndarray, labels: Sequence[int]) -> dict[int, float]:
+    """Dice 2|P∩R| / (|P| + |R|) per label; NaN where the label is absent from both (undefined)."""
+    if prediction.shape != reference.shape:
+        raise ValueError(f"prediction shape {prediction.shape} differs from reference shape {reference.shape}")
+    scores: dict[int, float] = {}
+    for label in labels:
+        p = prediction == label
+        r = reference == label
+        denominator = int(p.sum()) + int(r.sum())
+        scores[int(label)] = float("nan") if denominator == 0 else 2.0 * float(np.logical_and(p, r).sum()) / denominator
+    return scores
+
+
+def evaluate_predictions(prediction_folder: Path, reference_folder: Path, file_ending: str,
+                         labels: Sequence[int], cases: Sequence[str] | None = None) -> dict[str, dict[int, float]]:
+    """Dice per case and label for every reference case (or ``cases``); a missing prediction is an error."""
+    scores = {}
+    for case in cases if cases is not None else case_identifiers(reference_folder, file_ending):
+        pred = Path(prediction_folder) / f"{case}{file_ending}"
+        if not pred.is_file():
+            raise NnsslJointError(f"no prediction {pred} for test case {case}")
+        scores[case] = dice_per_class(read_label(pred), read_label(Path(reference_folder) / f"{case}{file_ending}"),
+                                      labels)
+    return scores
+
+
+# ----------------------------------------------------------------------------------------------------
+# progress output
+
+_EPOCH = re.compile(r"^\S+ \S+: Epoch (\d+)\s*$")
+_PREDICTING = re.compile(r"^Predicting (\S+):")
+
+
+class StepProgress:
+    """One line per step: ``[4/10] pretraining, joint ... epoch 3/8 [###-----] 1m10s``.
+
+    On a terminal the line is redrawn in place as the subprocess reports epochs / predicted cases; in
+    a log (no terminal) each epoch gets its own line."""
+
+    def __init__(self, index: int, total: int, title: str, stream: TextIO | None = None) -> None:
+        self.prefix = f"[{index}/{total}] {title}"
+        self.stream = stream or sys.stdout
+        self.tty = self.stream.isatty()
+        self.start = time.monotonic()
+        self.total_units = 0
+        self.done_units = 0
+        self.unit = ""
+        self.after = ""
+        self.last_len = 0
+        self._draw("...")
+
+    def expect(self, total: int, unit: str, after: str = "") -> None:
+        """Count ``unit`` lines (``epoch`` or ``case``) up to ``total``; ``after``: shown when training ends."""
+        self.total_units, self.done_units, self.unit, self.after = int(total), 0, unit, after
+
+    def feed(self, line: str) -> None:
+        """Parse one line of subprocess output for epochs / cases."""
+        m = _EPOCH.match(line.strip())
+        if m and self.unit == "epoch":
+            self.done_units = int(m.group(1)) + 1
+            self._draw(self._bar(f"epoch {self.done_units}/{self.total_units}"), newline=not self.tty)
+            return
+        if line.strip().endswith("Training done.") and self.unit == "epoch" and self.after:
+            self._draw(self._bar(self.after), newline=not self.tty)
+            return
+        m = _PREDICTING.match(line.strip())
+        if m and self.unit == "case":
+            self.done_units += 1
+            self._draw(self._bar(f"predicting case {self.done_units}/{self.total_units}"), newline=not self.tty)
+
+    def note(self, text: str) -> None:
+        self._draw(text, newline=not self.tty)
+
+    def _bar(self, text: str, width: int = 20) -> str:
+        if self.total_units <= 0:
+            return text
+        filled = round(width * min(1.0, max(0, self.done_units - 1) / self.total_units))
+        return f"[{'#' * filled}{'-' * (width - filled)}] {text}"
+
+    def _draw(self, text: str, newline: bool = False) -> None:
+        line = f"{self.prefix} {text} {format_seconds(time.monotonic() - self.start)}"
+        if self.tty:
+            pad = max(0, self.last_len - len(line))
+            self.stream.write("\r" + line + " " * pad)
+            self.last_len = len(line)
+        elif newline or not self.last_len:
+            self.stream.write(line + "\n")
+            self.last_len = len(line)
+        self.stream.flush()
+
+    def finish(self, text: str = "done") -> float:
+        seconds = time.monotonic() - self.start
+        line = f"{self.prefix} {text} {format_seconds(seconds)}"
+        if self.tty:
+            self.stream.write("\r" + line + " " * max(0, self.last_len - len(line)) + "\n")
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+        return seconds
+
+
+# ----------------------------------------------------------------------------------------------------
+# the driver
+
+
+@dataclass
+class Step:
+    key: str
+    title: str
+    run: Callable[[StepProgress], dict[str, Any] | None]
+    #: rebuilt on every run, even when a marker says it finished (reports)
+    always: bool = False
+
+
+@dataclass
+class StepRecord:
+    key: str
+    title: str
+    seconds: float
+    skipped: bool = False
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Pipeline:
+    """Resumable steps in an output folder; subprocesses get the nnU-Net environment of ``nnunet_env``."""
+
+    #: hidden folder of markers and the settings record
+    state_dir = ".pipeline"
+    #: what the settings record guards, for the refusal message
+    kind = "run"
+
+    def __init__(self, out: Path, device: str = "cpu", stream: TextIO | None = None) -> None:
+        self.out = Path(out)
+        self.device = device
+        self.stream = stream or sys.stdout
+        self.records: list[StepRecord] = []
+
+    # -------------------------------------------------------------- overridable hooks
+    def settings_record(self) -> dict[str, Any]:
+        """What a resumed run must share with the run that created the folder."""
+        return {}
+
+    def state(self) -> dict[str, Any]:
+        """Values a later step needs that an earlier (possibly skipped) step found; saved in markers."""
+        return {}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Take back what :meth:`state` saved."""
+
+    # -------------------------------------------------------------- folders
+    @property
+    def state_folder(self) -> Path:
+        return self.out / self.state_dir
+
+    @property
+    def logs(self) -> Path:
+        return self.out / "logs"
+
+    def marker(self, key: str) -> Path:
+        return self.state_folder / f"{key}.done.json"
+
+    # -------------------------------------------------------------- environment and commands
+    def nnunet_env(self, raw: Path, preprocessed: Path, results: Path, training: bool = False,
+                   **extra: str) -> dict[str, str]:
+        env = dict(os.environ)
+        env["nnUNet_raw"] = str(raw)
+        env["nnUNet_preprocessed"] = str(preprocessed)
+        env["nnUNet_results"] = str(results)
+        from nnssl_joint.cli import trainer_path
+
+        env["nnUNet_extTrainer"] = str(trainer_path())
+        env.setdefault("nnUNet_def_n_proc", "1")
+        env["PYTHONUNBUFFERED"] = "1"  # progress lines as they happen, not when a pipe buffer fills
+        # OpenMP threads that sleep instead of spinning while they wait: measured on 2 shared cores, a
+        # fine-tuning epoch took 8-10 s instead of 67-97 s next to another busy process, and about the
+        # same (2.2 s vs 1.9 s) alone
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        if training:
+            # one process on a small CPU: data augmentation workers compete with the training for cores
+            env.setdefault("nnUNet_n_proc_DA", "0" if self.device == "cpu" else "4")
+        else:
+            # nnU-Net's planning crashes with nnUNet_n_proc_DA=0
+            env.pop("nnUNet_n_proc_DA", None)
+        for key in ("NNSSL_JOINT_CONFIG", "NNSSL_JOINT_FINETUNE_CONFIG"):
+            env.pop(key, None)
+        env.update(extra)
+        return env
+
+    def run_command(self, cmd: Sequence[str], env: dict[str, str], log_name: str,
+                    progress: StepProgress | None = None) -> None:
+        """Run ``cmd``, appending its output to ``logs/<log_name>.log`` and feeding it to ``progress``."""
+        log_path = self.logs / f"{log_name}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        tail: list[str] = []
+        with open(log_path, "a") as log:
+            log.write(f"\n$ {shlex.join(cmd)}\n")
+            log.flush()
+            proc = subprocess.Popen(list(cmd), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                    bufsize=1, cwd=self.out)
+            assert proc.stdout is not None
+            try:
+                for line in proc.stdout:
+                    log.write(line)
+                    tail = (tail + [line.rstrip()])[-15:]
+                    if progress is not None:
+                        progress.feed(line)
+                rc = proc.wait()
+            except BaseException:
+                proc.kill()
+                proc.wait()
+                raise
+        if rc != 0:
+            raise NnsslJointError(f"`{shlex.join(cmd)}` failed (exit {rc}); full output in {log_path}. Last lines:\n"
+                                  + "\n".join(tail))
+
+    def plugin_command(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "nnssl_joint.cli", *args]
+
+    def nnunet_command(self, name: str) -> list[str]:
+        candidate = Path(sys.executable).with_name(name)
+        if candidate.exists():
+            return [str(candidate)]
+        found = shutil.which(name)
+        if found is None:
+            raise NnsslJointError(f"{name} not found next to {sys.executable} or on PATH; install nnunetv2 in this "
+                                  "environment")
+        return [found]
+
+    # -------------------------------------------------------------- driver
+    def check_settings(self) -> None:
+        self.state_folder.mkdir(parents=True, exist_ok=True)
+        record_file = self.state_folder / "settings.json"
+        record = json.loads(json.dumps(self.settings_record(), default=str))
+        if record_file.is_file():
+            previous = json.loads(record_file.read_text())
+            if previous != record:
+                changed = sorted(k for k in set(previous) | set(record) if previous.get(k) != record.get(k))
+                raise NnsslJointError(
+                    f"{self.out} holds a {self.kind} with other settings (differences: {', '.join(changed)}); "
+                    "re-run with the same flags to continue it, or choose another --out")
+        else:
+            record_file.write_text(json.dumps(record, indent=2) + "\n")
+
+    def run_steps(self, steps: Sequence[Step]) -> None:
+        """Run ``steps`` in order, skipping those whose marker exists."""
+        for index, step in enumerate(steps, 1):
+            marker = self.marker(step.key)
+            if marker.is_file() and not step.always:
+                done = json.loads(marker.read_text())
+                self.restore(done.get("state", {}))
+                print(f"[{index}/{len(steps)}] {step.title}: done in an earlier run "
+                      f"({format_seconds(done['seconds'])}), skipped", file=self.stream, flush=True)
+                self.records.append(StepRecord(step.key, step.title, done["seconds"], True, done.get("info", {})))
+                continue
+            progress = StepProgress(index, len(steps), step.title, self.stream)
+            info = step.run(progress) or {}
+            seconds = progress.finish()
+            self.records.append(StepRecord(step.key, step.title, seconds, False, info))
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            tmp = marker.with_name(marker.name + ".tmp")
+            tmp.write_text(json.dumps({"seconds": seconds, "info": info, "state": self.state(),
+                                       "finished": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2, default=str))
+            os.replace(tmp, marker)
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM ends a run like Ctrl-C: the running nnU-Net subprocess is killed, finished steps stay."""
+    import signal
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
