@@ -1,0 +1,317 @@
+"""``nnssl_joint benchmark``: splits, the linked target with its test split, statistics, budgets,
+resumability, and one real run through nnU-Net on a tiny dataset without imagesTs."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nnssl_joint import benchmark as bm
+from nnssl_joint.data.synthetic import make_synthetic
+from nnssl_joint.errors import NnsslJointError
+
+# ----------------------------------------------------------------------------------------------------
+# arguments
+
+
+def test_parse_labeled_and_arms():
+    assert bm.parse_labeled("4, 1,2,2") == [1, 2, 4]
+    with pytest.raises(NnsslJointError, match="comma-separated integers"):
+        bm.parse_labeled("one,two")
+    with pytest.raises(NnsslJointError, match=">= 1"):
+        bm.parse_labeled("0,1")
+    assert bm.parse_arms("joint,scratch,joint") == ["joint", "scratch"]
+    with pytest.raises(NnsslJointError, match=r"unknown arm\(s\) \['simclr'\]"):
+        bm.parse_arms("scratch,simclr")
+
+
+# ----------------------------------------------------------------------------------------------------
+# splits
+
+
+def test_splits_are_nested_over_labeled_counts_and_share_the_validation_cases():
+    pool = [f"case_{i:02d}" for i in range(10)]
+    for seed in range(4):
+        splits = {k: bm.benchmark_split(pool, k, seed, n_val=2) for k in (1, 2, 4, 6)}
+        val = splits[1]["val"]
+        assert len(val) == 2
+        for k, split in splits.items():
+            assert len(split["train"]) == k
+            assert split["val"] == val
+            assert not set(split["train"]) & set(val)
+        assert set(splits[1]["train"]) < set(splits[2]["train"]) < set(splits[4]["train"]) < set(splits[6]["train"])
+    # seeds draw different cases, and the same seed always the same
+    assert bm.benchmark_split(pool, 2, 0) == bm.benchmark_split(list(reversed(pool)), 2, 0)
+    assert len({tuple(bm.benchmark_split(pool, 2, s)["train"]) for s in range(6)}) > 1
+
+
+def test_split_refuses_a_pool_too_small_and_names_the_flags():
+    with pytest.raises(NnsslJointError, match=r"need 5 cases.*has 4.*--labeled"):
+        bm.benchmark_split(["a", "b", "c", "d"], 4, 0)
+
+
+def test_held_out_cases_fraction_and_limits():
+    pool = [f"c{i}" for i in range(8)]
+    held = bm.held_out_cases(pool, 0.25, 0)
+    assert len(held) == 2 and set(held) <= set(pool)
+    assert held == bm.held_out_cases(pool, 0.25, 0)
+    assert len(bm.held_out_cases(pool[:3], 0.1, 0)) == 1  # at least one
+    with pytest.raises(NnsslJointError, match="fewer than 2"):
+        bm.held_out_cases(pool[:2], 0.5, 0)
+    with pytest.raises(NnsslJointError, match="between 0 and 1"):
+        bm.held_out_cases(pool, 1.0, 0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the linked target
+
+
+@pytest.fixture(scope="module")
+def synthetic_raw(tmp_path_factory) -> Path:
+    raw = tmp_path_factory.mktemp("raw")
+    make_synthetic(raw, seed=3, n_3d=3, n_2d=4, n_labeled_train=5, n_labeled_test=2, shape_3d=(16, 24, 24),
+                   ids=(611, 612, 613), n_organs=2)
+    return raw
+
+
+def _tree(folder: Path) -> dict[str, float]:
+    return {str(p.relative_to(folder)): p.stat().st_mtime for p in folder.rglob("*")}
+
+
+def test_link_target_uses_its_own_test_split_and_leaves_the_source_alone(synthetic_raw, tmp_path):
+    source = synthetic_raw / "Dataset613_SynthOrgans"
+    before = _tree(source)
+    info = bm.link_target_dataset(source, tmp_path / source.name, 0.25, seed=0)
+    assert _tree(source) == before
+    derived = tmp_path / source.name
+    assert info["test_source"] == "imagesTs/labelsTs"
+    assert sorted(p.name for p in (derived / "labelsTs").iterdir()) == sorted(
+        p.name for p in (source / "labelsTs").iterdir())
+    assert len(list((derived / "imagesTr").iterdir())) == 5
+    assert all(p.is_symlink() for p in (derived / "imagesTr").iterdir())
+    assert json.loads((derived / "dataset.json").read_text())["numTraining"] == 5
+
+
+def test_link_target_holds_out_training_cases_when_there_is_no_test_split(synthetic_raw, tmp_path):
+    source = tmp_path / "src" / "Dataset613_SynthOrgans"
+    source.parent.mkdir()
+    import shutil
+
+    shutil.copytree(synthetic_raw / "Dataset613_SynthOrgans", source, ignore=shutil.ignore_patterns("*Ts"))
+    info = bm.link_target_dataset(source, tmp_path / "out" / source.name, 0.4, seed=1)
+    derived = tmp_path / "out" / source.name
+    test = info["test_cases"]
+    assert len(test) == 2 and info["test_source"].startswith("0.4 of imagesTr")
+    train_pool = {p.name.split("_0000")[0] for p in (derived / "imagesTr").iterdir()}
+    assert train_pool == set(info["training_pool"]) and not train_pool & set(test)
+    assert sorted(p.name.split(".")[0] for p in (derived / "labelsTs").iterdir()) == test
+    assert json.loads((derived / "dataset.json").read_text())["numTraining"] == 3
+
+
+def test_link_target_names_a_missing_label(synthetic_raw, tmp_path):
+    import shutil
+
+    source = tmp_path / "Dataset613_SynthOrgans"
+    shutil.copytree(synthetic_raw / "Dataset613_SynthOrgans", source)
+    victim = sorted((source / "labelsTr").iterdir())[1]
+    victim.unlink()
+    with pytest.raises(NnsslJointError, match=victim.name.replace(".", r"\.")):
+        bm.link_target_dataset(source, tmp_path / "out" / source.name, 0.25, 0)
+    assert not (tmp_path / "out" / source.name).exists()
+
+
+def test_link_target_refuses_an_unlabeled_dataset(synthetic_raw, tmp_path):
+    with pytest.raises(NnsslJointError, match="foreground class"):
+        bm.link_target_dataset(synthetic_raw / "Dataset611_SynthUnlabeled3D", tmp_path / "x", 0.25, 0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# statistics
+
+
+def _run(mean_per_case: list[list[float]]) -> dict:
+    dice = {f"t{i}": {str(c + 1): v for c, v in enumerate(row)} for i, row in enumerate(mean_per_case)}
+    return {"dice": dice, "mean_dice": bm.run_mean_dice(dice)}
+
+
+def test_run_mean_dice_skips_undefined_classes():
+    assert bm.run_mean_dice({"a": {"1": 0.5, "2": float("nan")}, "b": {"1": 0.2, "2": 0.4}}) == pytest.approx(0.4)
+
+
+def test_aggregate_mean_spread_and_paired_gain():
+    results = {
+        "scratch/L1_s0": _run([[0.2, 0.4]]), "scratch/L1_s1": _run([[0.1, 0.1]]),
+        "joint/L1_s0": _run([[0.3, 0.5]]), "joint/L1_s1": _run([[0.1, 0.3]]),
+    }
+    table = bm.aggregate(results, ["scratch", "joint"], [1, 2], [0, 1], {"1": "a", "2": "b"})
+    scratch, joint = table["scratch"]["1"], table["joint"]["1"]
+    assert scratch["dice"]["mean"] == pytest.approx(0.2)
+    assert scratch["dice"]["std"] == pytest.approx(np.std([0.3, 0.1], ddof=1))
+    assert joint["per_class"]["2"]["mean"] == pytest.approx(0.4)
+    assert joint["gain_vs_scratch_points"]["mean"] == pytest.approx(10.0)
+    assert joint["gain_vs_scratch_points"]["std"] == pytest.approx(0.0, abs=1e-9)
+    assert joint["wins_vs_scratch"] == "2/2"
+    assert "gain_vs_scratch_points" not in scratch
+    assert table["joint"]["2"]["dice"]["n"] == 0 and table["joint"]["2"]["dice"]["mean"] is None
+
+
+def test_spread_of_one_value_has_no_standard_deviation():
+    assert bm.spread([0.5]) == {"mean": 0.5, "std": None, "min": 0.5, "max": 0.5, "n": 1}
+
+
+# ----------------------------------------------------------------------------------------------------
+# budgets and the pretraining objectives behind the arms
+
+
+def test_budget_names_and_json_overrides(tmp_path):
+    assert bm.TrainingBudget.resolve("tiny").finetune_epochs == 2
+    spec = tmp_path / "budget.json"
+    spec.write_text(json.dumps({"finetune_epochs": 7}))
+    budget = bm.TrainingBudget.resolve(str(spec))
+    assert budget.finetune_epochs == 7 and budget.pretrain_epochs == bm.TrainingBudget.named("small").pretrain_epochs
+    spec.write_text(json.dumps({"finetune_epoch": 7}))
+    with pytest.raises(NnsslJointError, match=r"budget.json: unknown key\(s\) \['finetune_epoch'\]"):
+        bm.TrainingBudget.resolve(str(spec))
+    spec.write_text(json.dumps({"finetune_epochs": 0}))
+    with pytest.raises(NnsslJointError, match="finetune_epochs must be >= 1"):
+        bm.TrainingBudget.resolve(str(spec))
+    with pytest.raises(NnsslJointError, match="neither a budget name"):
+        bm.TrainingBudget.resolve("huge")
+
+
+@pytest.mark.parametrize("epochs", [1, 2, 3, 8, 50])
+@pytest.mark.parametrize("arm", ["intra", "joint", "staged"])
+def test_pretraining_configs_of_every_arm_are_valid(arm, epochs):
+    from nnssl_joint.pretrain.config import PretrainConfig
+
+    budget = bm.TrainingBudget(pretrain_epochs=epochs, pretrain_iterations=5, finetune_epochs=1,
+                               finetune_iterations=1, finetune_val_iterations=0, finetune_warmup_epochs=0,
+                               test_time_augmentation=False)
+    config = PretrainConfig.from_dict(budget.pretrain_config(arm, seed=0))
+    objective = config.objective
+    if arm == "staged":
+        assert objective.schedule == "staged"
+        # every stage the epochs allow is reached, and the last epoch trains L_inter
+        assert objective.stage_at(epochs - 1).is_active("inter")
+    if arm == "intra":
+        assert objective.lambda_inter == 0 and objective.lambda_mask == 0 and objective.lambda_intra_3d == 0
+
+
+def test_finetune_config_of_the_budget_is_a_valid_seeded_config():
+    from nnssl_joint.finetune import FinetuneConfig
+
+    config = FinetuneConfig.from_dict(bm.TrainingBudget.named("tiny").finetune_config(seed=3))
+    assert config.seed == 3
+    with pytest.raises(NnsslJointError, match="seed must be a non-negative integer"):
+        FinetuneConfig.from_dict({"seed": -1})
+
+
+# ----------------------------------------------------------------------------------------------------
+# resumability without nnU-Net
+
+
+class _FakeBenchmark(bm.Benchmark):
+    def steps(self):
+        return [bm.Step("splits", "splits", lambda p: {"fold": self.fold_of(2, 1)}, always=True)]
+
+
+def test_settings_may_grow_but_not_change(tmp_path):
+    kwargs = {"pretrain": ["1"], "target": "2", "out": tmp_path / "out", "raw": tmp_path, "labeled": [1]}
+    first = _FakeBenchmark(bm.BenchmarkSettings(**kwargs, seeds=1), io.StringIO())
+    first.check_settings()
+    assert first.fold_of(1, 0) == 0 and first.fold_of(2, 0) == 1
+    grown = _FakeBenchmark(bm.BenchmarkSettings(**{**kwargs, "labeled": [1, 2, 4]}, seeds=5, arms=["scratch"]),
+                           io.StringIO())
+    grown.check_settings()  # more seeds, counts, fewer arms: the same experiment
+    assert grown.fold_of(4, 3) == 2 and grown.fold_of(1, 0) == 0 and grown.fold_of(2, 0) == 1
+    other = _FakeBenchmark(bm.BenchmarkSettings(**kwargs, budget="tiny"), io.StringIO())
+    with pytest.raises(NnsslJointError, match="differences: budget"):
+        other.check_settings()
+
+
+def test_pretrained_arms_need_pretraining_data(tmp_path):
+    with pytest.raises(NnsslJointError, match="--pretrain is needed"):
+        bm.BenchmarkSettings(pretrain=[], target="2", out=tmp_path, raw=tmp_path, labeled=[1], arms=["joint"])
+    bm.BenchmarkSettings(pretrain=[], target="2", out=tmp_path, raw=tmp_path, labeled=[1], arms=["scratch"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# one real run: nnU-Net planning, pretraining, fine-tuning, prediction, evaluation
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("nnUNet_")}
+    env["OMP_NUM_THREADS"] = env.get("OMP_NUM_THREADS", "2")
+    return subprocess.run([sys.executable, "-m", "nnssl_joint.cli", "benchmark", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=1200, check=False)
+
+
+@pytest.fixture(scope="module")
+def benchmark_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("benchmark")
+    raw = root / "raw"
+    # a target without imagesTs (the held-out path), stored as .nrrd, that is also a pretraining source
+    make_synthetic(raw, seed=5, n_3d=3, n_2d=4, n_labeled_train=4, n_labeled_test=0, ids=(621, 622, 623),
+                   n_organs=2, file_ending_3d=".nrrd")
+    args = ["--raw", str(raw), "--pretrain", "621", "622", "623", "--target", "623", "--labeled", "1", "--seeds",
+            "1", "--arms", "scratch,joint", "--budget", "tiny", "--out", str(root / "out")]
+    result = _cli(*args, cwd=root)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return {"root": root, "out": root / "out", "args": args, "stdout": result.stdout}
+
+
+def test_benchmark_writes_a_report_with_every_run(benchmark_run):
+    report_dir = benchmark_run["out"] / "report"
+    report = json.loads((report_dir / "benchmark.json").read_text())
+    assert report["finished_runs"] == report["planned_runs"] == 2
+    for arm in ("scratch", "joint"):
+        run = report["runs"][f"{arm}/L1_s0"]
+        assert 0.0 <= run["mean_dice"] <= 1.0
+        assert set(run["dice"]) == set(report["test_cases"])
+    assert report["runs"]["joint/L1_s0"]["pretrained_weights"].endswith("pretrained_for_3d_fullres.pth")
+    assert report["runs"]["scratch/L1_s0"]["pretrained_weights"] is None
+    assert "gain_vs_scratch_points" in report["summary"]["joint"]["1"]
+    assert (report_dir / "benchmark.png").stat().st_size > 10_000
+    assert "| joint 2D/3D pretraining |" in (report_dir / "benchmark.md").read_text()
+    assert "joint    1 labeled" in benchmark_run["stdout"]
+
+
+def test_test_cases_never_enter_pretraining_or_fine_tuning(benchmark_run):
+    out = benchmark_run["out"]
+    report = json.loads((out / "report" / "benchmark.json").read_text())
+    test = set(report["test_cases"])
+    assert test
+    target = out / "preprocessed" / "Dataset623_SynthOrgans"
+    splits = json.loads((target / "splits_final.json").read_text())
+    assert not test & {c for s in splits for c in s["train"] + s["val"]}
+    preprocessed_cases = {p.name.split(".")[0] for p in (target / "nnsslJointPlans_3d_fullres").iterdir()}
+    assert preprocessed_cases and not test & {c.removesuffix("_seg") for c in preprocessed_cases}
+    provenance = json.loads((out / "raw" / "Dataset900_BenchmarkPretrain" / "provenance.json").read_text())
+    sources = {(v["source_dataset"], v["source_case"]) for v in provenance["cases"].values()}
+    assert any(d.startswith("Dataset623") for d, _ in sources)  # the target's training pool is used ...
+    assert not {c for d, c in sources if d.startswith("Dataset623")} & test  # ... its test cases are not
+
+
+def test_rerun_skips_everything_and_a_deleted_run_repeats_exactly(benchmark_run):
+    out = benchmark_run["out"]
+    before = json.loads((out / "report" / "benchmark.json").read_text())
+    again = _cli(*benchmark_run["args"], cwd=benchmark_run["root"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("skipped") >= 5
+    # the fine-tuning is seeded: training the scratch run again gives the same Dice
+    (out / ".benchmark" / "finetune_scratch_L1_s0.done.json").unlink()
+    import shutil
+
+    shutil.rmtree(out / "results" / "finetune_scratch")
+    third = _cli(*benchmark_run["args"], cwd=benchmark_run["root"])
+    assert third.returncode == 0, third.stderr[-3000:]
+    after = json.loads((out / "report" / "benchmark.json").read_text())
+    assert after["runs"]["scratch/L1_s0"]["dice"] == before["runs"]["scratch/L1_s0"]["dice"]
+    assert after["summary"] == before["summary"]
