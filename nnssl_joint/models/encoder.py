@@ -54,7 +54,7 @@ def build_encoder_2d(preset: ArchitecturePreset, input_channels: int, return_ski
 
 def build_slice_embedding(preset: ArchitecturePreset) -> SliceEmbeddingHead:
     """g: pools every encoder stage and maps the concatenation to ``preset.embedding_dim``."""
-    return SliceEmbeddingHead(preset.encoder.features_per_stage, preset.embedding_dim)
+    return SliceEmbeddingHead(preset.encoder.features_per_stage, preset.embedding_dim, preset.slice_pooling)
 
 
 def build_slice_transformer(preset: ArchitecturePreset) -> SliceTransformer:

@@ -61,6 +61,8 @@ class ArchitecturePreset:
     description: str = ""
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     embedding_dim: int = 128
+    #: global pooling of each encoder stage in the slice embedding g (see models/slice_embedding.py)
+    slice_pooling: str = "max"
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
     projection: ProjectionConfig = field(default_factory=ProjectionConfig)
 

@@ -3,6 +3,13 @@
 g pools every stage of the 2D encoder f_intra globally, L2-normalises each pooled vector (so no stage
 dominates by scale), concatenates them into a multi-level descriptor and maps it linearly to d. The
 same g feeds the 2D clustering loss (through :class:`ProjectionHead`) and the slice tokens of f_inter.
+
+Pooling is global *max* pooling by default (preset key ``slice_pooling``: ``max``, ``avg`` or ``avgmax``).
+nnU-Net's encoders use InstanceNorm, which sets each channel's spatial mean to its affine bias for every
+input: average-pooled descriptors then differ between slices only through the LeakyReLU's asymmetry.
+Measured on the demo data at initialisation, 1 - mean pairwise cosine of the pooled stages was 5e-4 to
+6e-3 with the average and 1e-2 to 4e-2 with the maximum; after 400 pretraining iterations the slices of
+all volumes fell into 1 of 34 2D prototypes with average pooling and into 18 with max pooling.
 """
 
 from __future__ import annotations
@@ -28,16 +35,24 @@ def encoder_stage_channels(encoder: nn.Module) -> list[int]:
     return [int(c) for c in channels]
 
 
-class SliceEmbeddingHead(nn.Module):
-    """Multi-level slice descriptor: GAP per stage -> L2-normalise -> concat -> Linear(sum C_s, dim)."""
+#: global pooling of each stage: average, maximum, or both concatenated
+POOLINGS = ("avg", "max", "avgmax")
 
-    def __init__(self, stage_channels: Sequence[int], dim: int) -> None:
+
+class SliceEmbeddingHead(nn.Module):
+    """Multi-level slice descriptor: global pooling per stage -> L2-normalise -> concat -> Linear."""
+
+    def __init__(self, stage_channels: Sequence[int], dim: int, pooling: str = "max") -> None:
         super().__init__()
         if len(stage_channels) == 0 or any(c < 1 for c in stage_channels) or dim < 1:
             raise ValueError(f"need >= 1 stage with positive channels and dim >= 1, got {list(stage_channels)}, {dim}")
+        if pooling not in POOLINGS:
+            raise ValueError(f"slice pooling must be one of {POOLINGS}, got {pooling!r}")
         self.stage_channels = [int(c) for c in stage_channels]
         self.dim = dim
-        self.proj = nn.Linear(sum(self.stage_channels), dim)
+        self.pooling = pooling
+        width = 2 if pooling == "avgmax" else 1
+        self.proj = nn.Linear(width * sum(self.stage_channels), dim)
 
     def forward(self, skips: Sequence[Tensor]) -> Tensor:
         """skips: one feature map (B, C_s, *spatial) per stage, as returned by an encoder with
@@ -49,7 +64,11 @@ class SliceEmbeddingHead(nn.Module):
         for s, (features, channels) in enumerate(zip(skips, self.stage_channels)):
             if features.dim() < 3 or features.shape[1] != channels:
                 raise ValueError(f"stage {s}: expected (B, {channels}, ...), got {tuple(features.shape)}")
-            pooled.append(F.normalize(features.flatten(2).mean(dim=-1), dim=-1))
+            flat = features.flatten(2)
+            if self.pooling in ("avg", "avgmax"):
+                pooled.append(F.normalize(flat.mean(dim=-1), dim=-1))
+            if self.pooling in ("max", "avgmax"):
+                pooled.append(F.normalize(flat.amax(dim=-1), dim=-1))
         return self.proj(torch.cat(pooled, dim=-1))
 
 

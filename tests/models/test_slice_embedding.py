@@ -84,3 +84,48 @@ def test_global_batchnorm_equals_batchnorm_in_one_process():
     ref, ours = torch.nn.BatchNorm1d(6), GlobalBatchNorm1d(6)
     assert torch.allclose(ref(x), ours(x), atol=1e-6)
     assert torch.allclose(ref.running_mean, ours.running_mean) and torch.allclose(ref.running_var, ours.running_var)
+
+
+def _blob_images(n: int, size: int = 32) -> torch.Tensor:
+    """Structurally different slices: one bright disc of varying size and position on a dark background."""
+    g = torch.Generator().manual_seed(1)
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    images = []
+    for _ in range(n):
+        cy, cx = torch.randint(6, size - 6, (2,), generator=g)
+        r = 2 + 6 * torch.rand(1, generator=g)
+        images.append(((yy - cy) ** 2 + (xx - cx) ** 2 < r**2).float() * 3 - 1)
+    return torch.stack(images)[:, None]
+
+
+def _spread(descriptors: torch.Tensor) -> float:
+    d = torch.nn.functional.normalize(descriptors, dim=1)
+    gram = d @ d.T
+    n = len(gram)
+    return 1.0 - float((gram.sum() - gram.diagonal().sum()) / (n * (n - 1)))
+
+
+def test_max_pooling_keeps_what_instance_norm_removes_from_the_average():
+    """After InstanceNorm each channel's spatial mean is the affine bias for every input, so average-pooled
+    descriptors of an nnU-Net encoder are nearly the same for all slices (the clustering losses then have
+    nothing to separate); the maximum still depends on the image. Measured at initialisation."""
+    encoder = _encoders()["plain"].eval()
+    with torch.no_grad():
+        skips = encoder(_blob_images(16))
+    for features in skips[1:]:
+        flat = features.flatten(2)
+        assert _spread(flat.amax(-1)) > 3 * _spread(flat.mean(-1))
+
+
+def test_pooling_choices():
+    skips = [torch.randn(2, 4, 5, 5), torch.randn(2, 6, 3, 3)]
+    assert SliceEmbeddingHead([4, 6], 5, "avgmax").proj.in_features == 20
+    assert SliceEmbeddingHead([4, 6], 5, "avg").proj.in_features == 10
+    head = SliceEmbeddingHead([4, 6], 5, "max")
+    with torch.no_grad():
+        moved = [s.clone() for s in skips]
+        flat = moved[0].view(2, 4, -1)
+        flat.scatter_(2, flat.argmin(2, keepdim=True), -100.0)  # lowers each channel's mean, not its maximum
+        torch.testing.assert_close(head(moved), head(skips))
+    with pytest.raises(ValueError, match="slice pooling"):
+        SliceEmbeddingHead([4], 5, "median")
