@@ -27,7 +27,7 @@ RUN_SUBDIR = f"{TRAINER}__{PLANS}__joint_ssl/fold_all"
 #: the shared dataset and reference run of conftest.py: 4 epochs x 5 iterations, a checkpoint every epoch
 BASE_ID = 900
 REFERENCE_CONFIG = {"optim": {"num_epochs": 4, "iterations_per_epoch": 5, "save_every": 1},
-                    "data": {"batch_size_2d": 4, "batch_size_3d": 2, "n_slices": 4, "n_small_views": 0}}
+                    "data": {"batch_size_2d": 8, "batch_size_3d": 2, "n_slices": 4, "n_small_views": 0}}
 
 
 @dataclass

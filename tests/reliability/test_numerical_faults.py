@@ -84,7 +84,9 @@ def test_prototype_collapse_is_detected_and_reported(reference):
         for epoch, (h, n) in enumerate(zip(logged[f"entropy_{key}"], logged[f"entropy_{key}_samples"])):
             if epoch >= 1 and n >= 4 * k:
                 (expected if h < threshold else healthy).append((epoch, key))
-    assert expected and healthy, f"the reference run needs collapsed and healthy epochs: {logged['entropy_3d']}"
+    assert expected and healthy, ("the reference run needs collapsed and healthy epochs: "
+                                  f"{ {k: logged[k] for k in logged if k.startswith('entropy_')} }, K: "
+                                  f"{meta['resolved']['num_prototypes_2d']}, {meta['resolved']['num_prototypes_3d']}")
     reported, epoch = [], None
     for line in reference["log"].splitlines():
         if m := re.search(r": Epoch (\d+)$", line):
