@@ -37,7 +37,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -54,7 +53,7 @@ from nnssl_joint.pipeline import (
     case_identifiers,
     evaluate_predictions,
     format_seconds,
-    stop_on_sigterm,
+    run_interruptibly,
     write_splits,
 )
 
@@ -729,13 +728,8 @@ def run_benchmark(settings: BenchmarkSettings, stream: TextIO | None = None) -> 
 
 
 def _cmd_benchmark(args: argparse.Namespace) -> int:
-    stop_on_sigterm()
-    try:
-        run_benchmark(settings_from_args(args))
-    except KeyboardInterrupt:
-        print("\nbenchmark: interrupted; re-run the same command to continue", file=sys.stderr)
-        return 130
-    return 0
+    settings = settings_from_args(args)
+    return run_interruptibly("benchmark", lambda: run_benchmark(settings))
 
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:

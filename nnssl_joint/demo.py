@@ -51,6 +51,7 @@ from nnssl_joint.pipeline import (  # noqa: F401 (re-exported: the demo's public
     few_label_split,
     format_seconds,
     read_label,
+    run_interruptibly,
     stop_on_sigterm,
     write_splits,
 )
@@ -699,13 +700,8 @@ def run_demo(settings: DemoSettings, stream: TextIO | None = None) -> dict[str, 
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    stop_on_sigterm()
-    try:
-        run_demo(_settings_from_args(args))
-    except KeyboardInterrupt:
-        print("\ndemo: interrupted; re-run the same command to continue", file=sys.stderr)
-        return 130
-    return 0
+    settings = _settings_from_args(args)
+    return run_interruptibly("demo", lambda: run_demo(settings))
 
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
@@ -725,13 +721,8 @@ def main(argv: list[str] | None = None) -> int:
                                      "--help)")
     add_arguments(parser)
     args = parser.parse_args(argv)
-    stop_on_sigterm()
     try:
-        run_demo(_settings_from_args(args))
+        return _cmd_demo(args)
     except NnsslJointError as e:
         print(f"demo: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("\ndemo: interrupted; re-run the same command to continue", file=sys.stderr)
-        return 130
-    return 0

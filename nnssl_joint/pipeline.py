@@ -365,3 +365,14 @@ def stop_on_sigterm() -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, handler)
+
+
+def run_interruptibly(name: str, run: Callable[[], Any]) -> int:
+    """Run a resumable command: SIGTERM and Ctrl-C stop it with exit code 130 and a hint to re-run."""
+    stop_on_sigterm()
+    try:
+        run()
+    except KeyboardInterrupt:
+        print(f"\n{name}: interrupted; re-run the same command to continue", file=sys.stderr)
+        return 130
+    return 0
