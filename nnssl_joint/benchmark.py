@@ -466,7 +466,7 @@ class Benchmark(Pipeline):
         for seed, k, arm in self.runs:
             steps.append(Step(f"finetune_{arm}_{run_name(k, seed)}",
                               f"seed {seed}, {k} labeled: fine-tuning {arm} + predicting + evaluating",
-                              lambda p, s=seed, k=k, a=arm: self.step_finetune(a, k, s, p)))
+                              lambda p, s=seed, k=k, a=arm: self.step_finetune(a, k, s, p), parallel=True))
         steps.append(Step("report", "writing the report", self.step_report, always=True))
         return steps
 
@@ -532,14 +532,22 @@ class Benchmark(Pipeline):
         return {"configurations": sorted(plans["configurations"])}
 
     def fold_of(self, labeled: int, seed: int) -> int:
-        """nnU-Net fold index of (labeled, seed); the registry only grows, so indices never change."""
+        """nnU-Net fold index of (labeled, seed); the registry only grows, so indices never change. Guarded
+        by a lock: several workers may register folds at the same time."""
+        import fcntl
+
+        from nnssl_joint.checkpoint_io import atomic_write_text
+
+        self.state_folder.mkdir(parents=True, exist_ok=True)
         registry_file = self.state_folder / "folds.json"
-        registry = json.loads(registry_file.read_text()) if registry_file.is_file() else []
-        name = run_name(labeled, seed)
-        if name not in registry:
-            registry.append(name)
-            registry_file.write_text(json.dumps(registry, indent=1) + "\n")
-        return registry.index(name)
+        with open(self.state_folder / "folds.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            registry = json.loads(registry_file.read_text()) if registry_file.is_file() else []
+            name = run_name(labeled, seed)
+            if name not in registry:
+                registry.append(name)
+                atomic_write_text(json.dumps(registry, indent=1) + "\n", registry_file)
+            return registry.index(name)
 
     def step_splits(self, progress: StepProgress) -> dict[str, Any]:
         """splits_final.json with one fold per (labeled, seed) of this and earlier invocations."""

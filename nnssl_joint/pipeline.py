@@ -82,7 +82,11 @@ def write_splits(preprocessed_dataset_folder: Path, splits: dict[str, list[str]]
     folds = [splits] if isinstance(splits, dict) else list(splits)
     path = Path(preprocessed_dataset_folder) / "splits_final.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps([{"train": list(s["train"]), "val": list(s["val"])} for s in folds], indent=2) + "\n")
+    from nnssl_joint.checkpoint_io import atomic_write_text
+
+    # atomic: a training of another worker may read the file while it is rewritten
+    atomic_write_text(json.dumps([{"train": list(s["train"]), "val": list(s["val"])} for s in folds], indent=2) + "\n",
+                      path)
     return path
 
 
@@ -204,6 +208,9 @@ class Step:
     run: Callable[[StepProgress], dict[str, Any] | None]
     #: rebuilt on every run, even when a marker says it finished (reports)
     always: bool = False
+    #: independent of the other steps of its kind: when another process on the same output folder is
+    #: running it, skip it instead of waiting (several workers, e.g. one per GPU, share the runs)
+    parallel: bool = False
 
 
 @dataclass
@@ -336,25 +343,75 @@ class Pipeline:
             record_file.write_text(json.dumps(record, indent=2) + "\n")
 
     def run_steps(self, steps: Sequence[Step]) -> None:
-        """Run ``steps`` in order, skipping those whose marker exists."""
+        """Run ``steps`` in order, skipping those whose marker exists.
+
+        A step runs under an exclusive lock on ``<key>.lock`` in the state folder (``flock``: the kernel
+        drops it when the process dies, so a killed run leaves no stale lock). Several processes may
+        work on one output folder: a step another process is running is waited for, or skipped when it
+        is ``parallel``."""
         for index, step in enumerate(steps, 1):
-            marker = self.marker(step.key)
-            if marker.is_file() and not step.always:
-                done = json.loads(marker.read_text())
-                self.restore(done.get("state", {}))
-                print(f"[{index}/{len(steps)}] {step.title}: done in an earlier run "
-                      f"({format_seconds(done['seconds'])}), skipped", file=self.stream, flush=True)
-                self.records.append(StepRecord(step.key, step.title, done["seconds"], True, done.get("info", {})))
+            if self._skip_if_done(step, index, len(steps)):
                 continue
-            progress = StepProgress(index, len(steps), step.title, self.stream)
-            info = step.run(progress) or {}
-            seconds = progress.finish()
-            self.records.append(StepRecord(step.key, step.title, seconds, False, info))
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            tmp = marker.with_name(marker.name + ".tmp")
-            tmp.write_text(json.dumps({"seconds": seconds, "info": info, "state": self.state(),
-                                       "finished": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2, default=str))
-            os.replace(tmp, marker)
+            lock = None if step.always else self._lock(step, index, len(steps))
+            if lock is False:
+                continue
+            try:
+                if lock is not None and self._skip_if_done(step, index, len(steps)):
+                    continue  # another process finished it while we waited
+                self._run_step(step, index, len(steps))
+            finally:
+                if lock:
+                    lock.close()
+
+    def _skip_if_done(self, step: Step, index: int, total: int) -> bool:
+        marker = self.marker(step.key)
+        if step.always or not marker.is_file():
+            return False
+        done = json.loads(marker.read_text())
+        self.restore(done.get("state", {}))
+        print(f"[{index}/{total}] {step.title}: done in an earlier run ({format_seconds(done['seconds'])}), skipped",
+              file=self.stream, flush=True)
+        self.records.append(StepRecord(step.key, step.title, done["seconds"], True, done.get("info", {})))
+        return True
+
+    def _lock(self, step: Step, index: int, total: int) -> Any:
+        """The open, locked lock file; False when the step is ``parallel`` and another process runs it."""
+        import fcntl
+
+        path = self.state_folder / f"{step.key}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a+")  # noqa: SIM115 (held open for the duration of the step)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "another process"
+            if step.parallel:
+                handle.close()
+                print(f"[{index}/{total}] {step.title}: running in {owner}, skipped here", file=self.stream,
+                      flush=True)
+                return False
+            print(f"[{index}/{total}] {step.title}: waiting for {owner}", file=self.stream, flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        handle.seek(0)
+        handle.truncate()
+        import socket
+
+        handle.write(f"process {os.getpid()} on {socket.gethostname()}")
+        handle.flush()
+        return handle
+
+    def _run_step(self, step: Step, index: int, total: int) -> None:
+        marker = self.marker(step.key)
+        progress = StepProgress(index, total, step.title, self.stream)
+        info = step.run(progress) or {}
+        seconds = progress.finish()
+        self.records.append(StepRecord(step.key, step.title, seconds, False, info))
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        tmp = marker.with_name(f"{marker.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"seconds": seconds, "info": info, "state": self.state(),
+                                   "finished": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2, default=str))
+        os.replace(tmp, marker)
 
 
 def stop_on_sigterm() -> None:

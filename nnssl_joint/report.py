@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -535,7 +536,7 @@ def write_benchmark_report(data: dict[str, Any], folder: Path) -> dict[str, Path
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     files = {"png": folder / "benchmark.png", "markdown": folder / "benchmark.md", "json": folder / "benchmark.json"}
-    tmp_png = folder / ".benchmark.tmp.png"
+    tmp_png = folder / f".benchmark.{os.getpid()}.tmp.png"  # several workers may write reports
     plot_label_efficiency(data["summary"], data["arms"], tmp_png)
     tmp_png.replace(files["png"])
     atomic_write_text(render_benchmark_markdown(data), files["markdown"])

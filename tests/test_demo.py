@@ -346,3 +346,47 @@ def test_tiny_demo_end_to_end(tmp_path):
     for name in ("report.md", "report.json", "dice.png", "pretraining_curves.png", "montage.png", "embeddings.png"):
         assert (tmp_path / "demo" / "report" / name).is_file()
     assert result["finetuning"]["joint"]["weights_check"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# several processes on one output folder (nnssl_joint.pipeline)
+
+
+def test_a_step_locked_elsewhere_is_skipped_when_parallel_and_waited_for_otherwise(tmp_path):
+    import fcntl
+    import threading
+
+    from nnssl_joint.pipeline import Pipeline, Step
+
+    calls = []
+    pipeline = Pipeline(tmp_path, stream=io.StringIO())
+    pipeline.state_folder.mkdir(parents=True)
+    # another worker holds the locks of "shared" and "run_a" (an open file description of its own)
+    held = {key: open(pipeline.state_folder / f"{key}.lock", "a+")  # noqa: SIM115 (closed below)
+            for key in ("shared", "run_a")}
+    for handle in held.values():
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        handle.write("process 4242 on elsewhere")
+        handle.flush()
+
+    def finish_shared():
+        (pipeline.state_folder / "shared.done.json").write_text(json.dumps({"seconds": 1.0, "info": {}}))
+        held["shared"].close()
+
+    timer = threading.Timer(0.5, finish_shared)
+    timer.start()
+    steps = [Step("shared", "shared", lambda p: calls.append("shared")),
+             Step("run_a", "run a", lambda p: calls.append("run_a"), parallel=True),
+             Step("run_b", "run b", lambda p: calls.append("run_b"), parallel=True)]
+    pipeline.run_steps(steps)
+    timer.join()
+    out = pipeline.stream.getvalue()
+    assert calls == ["run_b"]  # "shared" was finished by the other worker while we waited
+    assert "shared: waiting for process 4242 on elsewhere" in out
+    assert "run a: running in process 4242 on elsewhere, skipped here" in out
+    assert (pipeline.state_folder / "run_b.done.json").is_file()
+    assert not (pipeline.state_folder / "run_a.done.json").exists()
+    held["run_a"].close()
+    # the lock died with its holder: a later run takes the step
+    pipeline.run_steps(steps)
+    assert calls == ["run_b", "run_a"]
