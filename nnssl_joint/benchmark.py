@@ -45,6 +45,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from nnssl_joint.demo import BUDGETS, PRETRAIN_RUNS, finetune_config, pretrain_config
 from nnssl_joint.errors import NnsslJointError
 from nnssl_joint.pipeline import (
     Pipeline,
@@ -73,10 +74,8 @@ ARM_LABELS = {
 
 def pretrain_objective(arm: str, epochs: int) -> dict[str, Any]:
     """The objective overrides of the pretraining run behind ``arm`` (``{}``: the plugin's defaults)."""
-    if arm == "intra":
-        return {"lambda_intra_3d": 0.0, "lambda_inter": 0.0, "lambda_mask": 0.0}
-    if arm == "joint":
-        return {}
+    if arm in PRETRAIN_RUNS:  # intra, joint: the demo's runs
+        return dict(PRETRAIN_RUNS[arm])
     if arm == "staged":
         # the authors' proportions (A: L_intra, B: L_mask with f_intra frozen, C: L_inter + L_intra),
         # scaled to the budget; stage C gets at least one epoch
@@ -115,8 +114,6 @@ class TrainingBudget:
 
     @classmethod
     def named(cls, name: str) -> TrainingBudget:
-        from nnssl_joint.demo import BUDGETS
-
         b = BUDGETS[name]
         return cls(**{f.name: getattr(b, f.name) for f in fields(cls)})
 
@@ -124,8 +121,6 @@ class TrainingBudget:
     def resolve(cls, spec: str) -> TrainingBudget:
         """A budget name (tiny, small, medium, large: the demo's training lengths) or a JSON file whose keys
         override the ``small`` budget."""
-        from nnssl_joint.demo import BUDGETS
-
         if spec in BUDGETS:
             return cls.named(spec)
         path = Path(spec).expanduser()
@@ -145,18 +140,10 @@ class TrainingBudget:
         return cls(**{**asdict(cls.named("small")), **values})
 
     def pretrain_config(self, arm: str, seed: int) -> dict[str, Any]:
-        config: dict[str, Any] = {"seed": int(seed), "optim": {"num_epochs": self.pretrain_epochs,
-                                                               "iterations_per_epoch": self.pretrain_iterations,
-                                                               "save_every": 1}}
-        objective = pretrain_objective(arm, self.pretrain_epochs)
-        if objective:
-            config["objective"] = objective
-        return config
+        return pretrain_config(self, pretrain_objective(arm, self.pretrain_epochs), seed)
 
     def finetune_config(self, seed: int) -> dict[str, Any]:
-        return {"num_epochs": self.finetune_epochs, "iterations_per_epoch": self.finetune_iterations,
-                "val_iterations_per_epoch": self.finetune_val_iterations, "initial_lr": 1e-2,
-                "warmup_epochs": self.finetune_warmup_epochs, "save_every": 1, "seed": int(seed)}
+        return finetune_config(self, seed)
 
 
 def parse_labeled(text: str) -> list[int]:
@@ -285,8 +272,10 @@ def link_target_dataset(source: Path, destination: Path, test_fraction: float, s
     derived = {k: v for k, v in dataset_json.items() if k != "dataset"}
     derived["numTraining"] = len(pool)
     (tmp / "dataset.json").write_text(json.dumps(derived, indent=2) + "\n")
-    if destination.exists() or destination.is_symlink():
-        shutil.rmtree(destination) if destination.is_dir() and not destination.is_symlink() else destination.unlink()
+    if destination.is_symlink() or destination.is_file():
+        destination.unlink()
+    elif destination.exists():
+        shutil.rmtree(destination)
     os.replace(tmp, destination)
     return {"source": str(source), "test_source": "imagesTs/labelsTs" if own_test else
             f"{test_fraction:g} of imagesTr held out (seed {seed})", "test_cases": test,
@@ -508,11 +497,8 @@ class Benchmark(Pipeline):
         config_file = configs / f"pretrain_{arm}.json"
         config_file.write_text(json.dumps(self.budget.pretrain_config(arm, self.settings.seed), indent=2) + "\n")
         folder = self.pretrain_folder(arm)
-        cmd = self.nnunet_command("nnUNetv2_train") + [str(self.pretrain_id), PRETRAIN_CONFIGURATION, "all", "-tr",
-                                                       PRETRAIN_TRAINER, "-p", PLANS, "-device", self.device]
-        resume = any((folder / f).is_file() for f in ("checkpoint_latest.pth", "checkpoint_final.pth"))
-        if resume:
-            cmd.append("--c")
+        cmd, resume, _ = self.train_command(self.pretrain_id, PRETRAIN_CONFIGURATION, "all", PRETRAIN_TRAINER, PLANS,
+                                            folder)
         progress.expect(self.budget.pretrain_epochs, "epoch", "exporting the pretrained weights")
         self.run_command(cmd, self.env(self.pretrain_results(arm), training=True, NNSSL_JOINT_CONFIG=str(config_file)),
                          f"pretrain_{arm}", progress)
@@ -572,36 +558,25 @@ class Benchmark(Pipeline):
         config_file = configs / f"finetune_seed{seed}.json"
         config_file.write_text(json.dumps(self.budget.finetune_config(seed), indent=2) + "\n")
         folder = self.finetune_folder(arm, fold)
-        cmd = self.nnunet_command("nnUNetv2_train") + [str(self.target_id), s.configuration, str(fold), "-p", PLANS,
-                                                       "-tr", FINETUNE_TRAINER, "-device", self.device]
         weights = None
-        if (folder / "checkpoint_final.pth").is_file():
-            pass  # trained; only prediction/evaluation were interrupted
-        else:
-            if (folder / "checkpoint_latest.pth").is_file():
-                cmd.append("--c")  # nnU-Net refuses --c with -pretrained_weights; the checkpoint holds them
-            elif arm != "scratch":
-                weights = self.pretrain_folder(arm) / f"pretrained_for_{s.configuration}.pth"
-                cmd += ["-pretrained_weights", str(weights)]
+        if not (folder / "checkpoint_final.pth").is_file():  # else only prediction/evaluation were interrupted
+            start = None if arm == "scratch" else self.pretrain_folder(arm) / f"pretrained_for_{s.configuration}.pth"
+            cmd, _, weights = self.train_command(self.target_id, s.configuration, fold, FINETUNE_TRAINER, PLANS,
+                                                 folder, start)
             progress.expect(self.budget.finetune_epochs, "epoch", "validating on the validation case(s)")
-            log = f"finetune_{arm}_{run_name(labeled, seed)}"
             self.run_command(cmd, self.env(self.finetune_results(arm), training=True,
-                                           NNSSL_JOINT_FINETUNE_CONFIG=str(config_file)), log, progress)
+                                           NNSSL_JOINT_FINETUNE_CONFIG=str(config_file)),
+                             f"finetune_{arm}_{run_name(labeled, seed)}", progress)
         raw = self.raw / self.target_name
+        dataset_json = json.loads((raw / "dataset.json").read_text())
         out = self.predictions(arm, labeled, seed)
         if out.exists():
             shutil.rmtree(out)
-        test_cases = case_identifiers(raw / "labelsTs", json.loads((raw / "dataset.json").read_text())["file_ending"])
-        cmd = self.nnunet_command("nnUNetv2_predict") + [
-            "-i", str(raw / "imagesTs"), "-o", str(out), "-d", str(self.target_id), "-c", s.configuration, "-p", PLANS,
-            "-tr", FINETUNE_TRAINER, "-f", str(fold), "-chk", "checkpoint_final.pth", "-device", self.device,
-            "-npp", "1", "-nps", "1"]
-        if not self.budget.test_time_augmentation:
-            cmd.append("--disable_tta")
-        progress.expect(len(test_cases), "case")
+        cmd = self.predict_command(raw / "imagesTs", out, self.target_id, s.configuration, fold, FINETUNE_TRAINER,
+                                   PLANS, self.budget.test_time_augmentation)
+        progress.expect(len(case_identifiers(raw / "labelsTs", dataset_json["file_ending"])), "case")
         self.run_command(cmd, self.env(self.finetune_results(arm)), f"predict_{arm}_{run_name(labeled, seed)}", progress)
         # the test labels are read here, after training and prediction finished, and nowhere before
-        dataset_json = json.loads((raw / "dataset.json").read_text())
         labels = sorted(int(v) for v in dataset_json["labels"].values() if int(v) > 0)
         dice = evaluate_predictions(out, raw / "labelsTs", dataset_json["file_ending"], labels)
         dice_json = {case: {str(c): v for c, v in scores.items()} for case, scores in dice.items()}

@@ -35,7 +35,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import numpy as np
 
@@ -57,6 +57,9 @@ from nnssl_joint.pipeline import (  # noqa: F401 (re-exported: the demo's public
 )
 
 _Step = Step  # the name older tests and scripts use
+
+if TYPE_CHECKING:
+    from nnssl_joint.benchmark import TrainingBudget
 
 PRETRAIN_ID = 900
 PRETRAIN_NAME = "JointPretrain"
@@ -161,7 +164,7 @@ class DemoSettings:
                 "real": self.real, "device": self.device}
 
 
-def pretrain_config(budget: Budget, objective: dict[str, float], seed: int = 0) -> dict[str, Any]:
+def pretrain_config(budget: Budget | TrainingBudget, objective: dict[str, float], seed: int = 0) -> dict[str, Any]:
     """The partial pretraining configuration (``NNSSL_JOINT_CONFIG``) of one pretraining run."""
     config: dict[str, Any] = {"seed": int(seed),
                               "optim": {"num_epochs": budget.pretrain_epochs,
@@ -171,11 +174,15 @@ def pretrain_config(budget: Budget, objective: dict[str, float], seed: int = 0) 
     return config
 
 
-def finetune_config(budget: Budget) -> dict[str, Any]:
-    """The fine-tuning configuration (``NNSSL_JOINT_FINETUNE_CONFIG``), identical for every arm."""
-    return {"num_epochs": budget.finetune_epochs, "iterations_per_epoch": budget.finetune_iterations,
-            "val_iterations_per_epoch": budget.finetune_val_iterations, "initial_lr": 1e-2,
-            "warmup_epochs": budget.finetune_warmup_epochs, "save_every": 1}
+def finetune_config(budget: Budget | TrainingBudget, seed: int | None = None) -> dict[str, Any]:
+    """The fine-tuning configuration (``NNSSL_JOINT_FINETUNE_CONFIG``), identical for every arm; ``seed``:
+    seed the fine-tuning (the demo's is not seeded, the benchmark's is)."""
+    config: dict[str, Any] = {"num_epochs": budget.finetune_epochs, "iterations_per_epoch": budget.finetune_iterations,
+                              "val_iterations_per_epoch": budget.finetune_val_iterations, "initial_lr": 1e-2,
+                              "warmup_epochs": budget.finetune_warmup_epochs, "save_every": 1}
+    if seed is not None:
+        config["seed"] = int(seed)
+    return config
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -307,11 +314,7 @@ class Demo(Pipeline):
         config_file = self.paths.configs / f"pretrain_{run}.json"
         config_file.write_text(json.dumps(pretrain_config(self.budget, PRETRAIN_RUNS[run], self.settings.seed), indent=2) + "\n")
         folder = self.paths.pretrain_run_folder(run)
-        resume = any((folder / f).is_file() for f in ("checkpoint_latest.pth", "checkpoint_final.pth"))
-        cmd = self.nnunet_command("nnUNetv2_train") + [str(PRETRAIN_ID), PRETRAIN_CONFIGURATION, "all", "-tr",
-                                                PRETRAIN_TRAINER, "-p", PLANS, "-device", self.settings.device]
-        if resume:
-            cmd.append("--c")
+        cmd, resume, _ = self.train_command(PRETRAIN_ID, PRETRAIN_CONFIGURATION, "all", PRETRAIN_TRAINER, PLANS, folder)
         progress.expect(self.budget.pretrain_epochs, "epoch", "exporting the pretrained weights")
         self.run_command(cmd, self.env(self.paths.pretrain_results(run), training=True,
                                        NNSSL_JOINT_CONFIG=str(config_file)), f"pretrain_{run}", progress)
@@ -334,15 +337,10 @@ class Demo(Pipeline):
         config_file = self.paths.configs / "finetune.json"
         config_file.write_text(json.dumps(finetune_config(self.budget), indent=2) + "\n")
         folder = self.paths.finetune_run_folder(arm, self.target_name)
-        cmd = self.nnunet_command("nnUNetv2_train") + [str(TARGET_ID), FINETUNE_CONFIGURATION, "0", "-p", PLANS, "-tr",
-                                                FINETUNE_TRAINER, "-device", self.settings.device]
-        resume = any((folder / f).is_file() for f in ("checkpoint_latest.pth", "checkpoint_final.pth"))
-        weights = None
-        if resume:  # nnU-Net refuses --c together with -pretrained_weights; the checkpoint has them anyway
-            cmd.append("--c")
-        elif arm != "scratch":
-            weights = self.paths.pretrain_run_folder(arm) / f"pretrained_for_{FINETUNE_CONFIGURATION}.pth"
-            cmd += ["-pretrained_weights", str(weights)]
+        weights = (None if arm == "scratch" else
+                   self.paths.pretrain_run_folder(arm) / f"pretrained_for_{FINETUNE_CONFIGURATION}.pth")
+        cmd, resume, weights = self.train_command(TARGET_ID, FINETUNE_CONFIGURATION, 0, FINETUNE_TRAINER, PLANS, folder,
+                                                  weights)
         env = self.env(self.paths.finetune_results(arm), training=True, NNSSL_JOINT_FINETUNE_CONFIG=str(config_file))
         progress.expect(self.budget.finetune_epochs, "epoch", "validating on the validation case")
         self.run_command(cmd, env, f"finetune_{arm}", progress)
@@ -350,12 +348,9 @@ class Demo(Pipeline):
         out = self.paths.predictions(arm)
         if out.exists():
             shutil.rmtree(out)
-        cmd = self.nnunet_command("nnUNetv2_predict") + [
-            "-i", str(self.paths.raw / self.target_name / "imagesTs"), "-o", str(out), "-d", str(TARGET_ID),
-            "-c", FINETUNE_CONFIGURATION, "-p", PLANS, "-tr", FINETUNE_TRAINER, "-f", "0", "-chk",
-            "checkpoint_final.pth", "-device", self.settings.device, "-npp", "1", "-nps", "1"]
-        if not self.budget.test_time_augmentation:
-            cmd.append("--disable_tta")
+        cmd = self.predict_command(self.paths.raw / self.target_name / "imagesTs", out, TARGET_ID,
+                                   FINETUNE_CONFIGURATION, 0, FINETUNE_TRAINER, PLANS,
+                                   self.budget.test_time_augmentation)
         progress.expect(self.budget.n_test, "case")
         self.run_command(cmd, self.env(self.paths.finetune_results(arm)), f"predict_{arm}", progress)
         return {"run_folder": str(folder), "pretrained_weights": None if weights is None else str(weights),

@@ -48,33 +48,18 @@ def case_identifiers(folder: Path, file_ending: str) -> list[str]:
     return sorted(p.name[: -len(file_ending)] for p in Path(folder).iterdir() if p.name.endswith(file_ending))
 
 
-def few_label_split(identifiers: Sequence[str], labeled: int, seed: int, n_val: int = 1) -> dict[str, list[str]]:
-    """``labeled`` training cases and ``n_val`` other validation cases, drawn by ``seed``.
+def few_label_split(identifiers: Sequence[str], labeled: int, seed: int) -> dict[str, list[str]]:
+    """Fold 0 of the demo: ``labeled`` training cases and one other validation case, drawn by ``seed``.
 
-    Only the training pool enters (imagesTr/labelsTr); test cases never do."""
+    Only training cases (imagesTr/labelsTr) enter; the test cases (imagesTs/labelsTs) never do."""
     identifiers = sorted(identifiers)
-    if len(identifiers) < labeled + n_val:
-        raise NnsslJointError(f"{labeled} labeled training case(s) and {n_val} validation case(s) need "
-                              f"{labeled + n_val} labeled training cases, the dataset has {len(identifiers)}")
+    if len(identifiers) < labeled + 1:
+        raise NnsslJointError(f"{labeled} labeled training case(s) and one validation case need {labeled + 1} "
+                              f"labeled training cases, the dataset has {len(identifiers)}")
     order = np.random.default_rng(seed).permutation(len(identifiers))
     train = sorted(identifiers[i] for i in order[:labeled])
-    val = sorted(identifiers[i] for i in order[labeled:labeled + n_val])
+    val = [identifiers[order[labeled]]]
     return {"train": train, "val": val}
-
-
-def nested_splits(identifiers: Sequence[str], labeled_counts: Sequence[int], seed: int,
-                  n_val: int = 1) -> dict[int, dict[str, list[str]]]:
-    """One split per labeled count for one seed: nested training sets (1 in 2 in 4 ...) and the same
-    validation cases for every count, so that counts differ only by the added labeled cases."""
-    identifiers = sorted(identifiers)
-    largest = max(labeled_counts)
-    if len(identifiers) < largest + n_val:
-        raise NnsslJointError(f"--labeled up to {largest} plus {n_val} validation case(s) need {largest + n_val} "
-                              f"labeled training cases, the training pool has {len(identifiers)}; ask for fewer "
-                              "labeled cases or hold out fewer test cases")
-    order = np.random.default_rng(seed).permutation(len(identifiers))
-    val = sorted(identifiers[i] for i in order[largest:largest + n_val])
-    return {k: {"train": sorted(identifiers[i] for i in order[:k]), "val": val} for k in labeled_counts}
 
 
 def write_splits(preprocessed_dataset_folder: Path, splits: dict[str, list[str]] | Sequence[dict[str, list[str]]]) -> Path:
@@ -110,10 +95,10 @@ def dice_per_class(prediction: np.ndarray, reference: np.ndarray, labels: Sequen
 
 
 def evaluate_predictions(prediction_folder: Path, reference_folder: Path, file_ending: str,
-                         labels: Sequence[int], cases: Sequence[str] | None = None) -> dict[str, dict[int, float]]:
-    """Dice per case and label for every reference case (or ``cases``); a missing prediction is an error."""
+                         labels: Sequence[int]) -> dict[str, dict[int, float]]:
+    """Dice per case and label for every reference case; a missing prediction is an error."""
     scores = {}
-    for case in cases if cases is not None else case_identifiers(reference_folder, file_ending):
+    for case in case_identifiers(reference_folder, file_ending):
         pred = Path(prediction_folder) / f"{case}{file_ending}"
         if not pred.is_file():
             raise NnsslJointError(f"no prediction {pred} for test case {case}")
@@ -326,6 +311,31 @@ class Pipeline:
             raise NnsslJointError(f"{name} not found next to {sys.executable} or on PATH; install nnunetv2 in this "
                                   "environment")
         return [found]
+
+    def train_command(self, dataset_id: int, configuration: str, fold: int | str, trainer: str, plans: str,
+                      run_folder: Path, pretrained_weights: Path | None = None) -> tuple[list[str], bool, Path | None]:
+        """``nnUNetv2_train``, resuming with ``--c`` when ``run_folder`` holds a checkpoint (nnU-Net refuses
+        ``--c`` together with ``-pretrained_weights``; the checkpoint holds them), otherwise starting from
+        ``pretrained_weights`` if given. Returns (command, resumed, the weights file passed or None)."""
+        cmd = self.nnunet_command("nnUNetv2_train") + [str(dataset_id), configuration, str(fold), "-tr", trainer,
+                                                       "-p", plans, "-device", self.device]
+        resume = any((run_folder / f).is_file() for f in ("checkpoint_latest.pth", "checkpoint_final.pth"))
+        if resume:
+            cmd.append("--c")
+            pretrained_weights = None
+        elif pretrained_weights is not None:
+            cmd += ["-pretrained_weights", str(pretrained_weights)]
+        return cmd, resume, pretrained_weights
+
+    def predict_command(self, images: Path, out: Path, dataset_id: int, configuration: str, fold: int | str,
+                        trainer: str, plans: str, tta: bool) -> list[str]:
+        """``nnUNetv2_predict`` of ``images`` with the final checkpoint of one fold, one process each."""
+        cmd = self.nnunet_command("nnUNetv2_predict") + [
+            "-i", str(images), "-o", str(out), "-d", str(dataset_id), "-c", configuration, "-p", plans, "-tr", trainer,
+            "-f", str(fold), "-chk", "checkpoint_final.pth", "-device", self.device, "-npp", "1", "-nps", "1"]
+        if not tta:
+            cmd.append("--disable_tta")
+        return cmd
 
     # -------------------------------------------------------------- driver
     def check_settings(self) -> None:
