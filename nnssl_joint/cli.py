@@ -14,11 +14,11 @@ from pathlib import Path
 
 #: modules that contribute subcommands, in the order they appear in ``--help``
 _SUBCOMMAND_MODULES = (
-    "nnssl_joint.data.synthetic",
+    "nnssl_joint.datasets.synthetic",
     "nnssl_joint.planning.cli",
     "nnssl_joint.export",
-    "nnssl_joint.demo",
-    "nnssl_joint.benchmark",
+    "nnssl_joint.experiments.demo",
+    "nnssl_joint.experiments.benchmark",
 )
 
 

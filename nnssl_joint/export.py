@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from nnssl_joint.checkpoint_io import atomic_torch_save
+from nnssl_joint.common.checkpoint_io import atomic_torch_save
 from nnssl_joint.errors import NnsslJointError
 from nnssl_joint.models.downstream import PRETRAINED_PARTS, JointSSLUNet2D, SliceWiseUNet3D, resolve_preset
 from nnssl_joint.models.preset import ArchitecturePreset

@@ -2,7 +2,7 @@
 
 import sys
 
-from nnssl_joint.demo import main
+from nnssl_joint.experiments.demo import main
 
 if __name__ == "__main__":  # nnU-Net starts worker processes with spawn
     sys.exit(main())

@@ -17,7 +17,7 @@ import torch
 from batchgenerators.utilities.file_and_folder_operations import join
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnssl_joint.checkpoint_io import atomic_write_text, save_nnunet_checkpoint
+from nnssl_joint.common.checkpoint_io import atomic_write_text, save_nnunet_checkpoint
 from nnssl_joint.finetune import (
     GroupPolyLR,
     check_pretrained_weights,

@@ -28,7 +28,7 @@ from torch import autocast
 from torch import distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from nnssl_joint.checkpoint_io import atomic_write_text, save_nnunet_checkpoint
+from nnssl_joint.common.checkpoint_io import atomic_write_text, save_nnunet_checkpoint
 from nnssl_joint.models.preset import load_preset
 from nnssl_joint.pretrain import runtime
 from nnssl_joint.pretrain.autoconfig import DatasetStats, auto_configure, describe

@@ -43,7 +43,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from nnssl_joint import __version__
-from nnssl_joint.paths import NnUNetPathError, nnunet_path, nnunet_raw
+from nnssl_joint.naming import NnUNetPathError, nnunet_path, nnunet_raw
 from nnssl_joint.planning.errors import (
     ChannelCountMismatchError,
     DatasetNotFoundError,

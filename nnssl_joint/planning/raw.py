@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nnssl_joint.paths import nnunet_raw
+from nnssl_joint.naming import nnunet_raw
 from nnssl_joint.planning.errors import (
     ChannelFileError,
     ColorImageError,

@@ -62,7 +62,7 @@ from nnunetv2.utilities.json_export import recursive_fix_for_json_export
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
 from nnssl_joint import __version__
-from nnssl_joint.paths import nnunet_preprocessed, nnunet_raw
+from nnssl_joint.naming import nnunet_preprocessed, nnunet_raw
 from nnssl_joint.planning.errors import (
     DatasetJsonError,
     DatasetNotFoundError,

@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from nnunetv2.training.logging.nnunet_logger import LocalLogger
 
-from nnssl_joint.checkpoint_io import atomic_write_text
+from nnssl_joint.common.checkpoint_io import atomic_write_text
 from nnssl_joint.ssl.objective import LOSS_TERMS
 
 #: per-epoch values logged besides nnU-Net's own keys

@@ -167,7 +167,7 @@ def restore_buffers(model: nn.Module, snapshot: dict[str, torch.Tensor]) -> None
             buf.copy_(snapshot[name])
 
 
-#: temporary files of atomic writes (nnssl_joint.checkpoint_io: ".<name>.<random>.tmp") and of the
+#: temporary files of atomic writes (nnssl_joint.common.checkpoint_io: ".<name>.<random>.tmp") and of the
 #: progress plot, left behind when a run is killed while writing
 _STALE_TEMP = re.compile(r"^\.((checkpoint_\w+|pretrained_for_\w+)\.pth|nnssl_joint_config\.json|losses\.tsv)"
                          r"\.\w+\.tmp$|^\.progress\.png\.tmp\.png$")

@@ -1,6 +1,6 @@
 """Tiny raw nnU-Net datasets written with SimpleITK for the planning tests (fixtures in conftest.py).
 
-The planning tests build their own data so that they do not depend on nnssl_joint.data.synthetic.
+The planning tests build their own data so that they do not depend on nnssl_joint.datasets.synthetic.
 Arrays are (z, y, x), spacings (z, y, x) as in nnU-Net; SimpleITK gets them reversed.
 """
 

@@ -10,7 +10,7 @@ import pytest
 from planning_data import NnUNetDirs, make_png_dataset, make_volume_dataset, write_image
 
 from nnssl_joint.errors import NnsslJointError
-from nnssl_joint.paths import NnUNetPathError
+from nnssl_joint.naming import NnUNetPathError
 from nnssl_joint.planning.errors import (
     ChannelCountMismatchError,
     ChannelFileError,

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nnssl_joint import benchmark as bm
-from nnssl_joint.data.synthetic import make_synthetic
+from nnssl_joint.experiments import benchmark as bm
+from nnssl_joint.datasets.synthetic import make_synthetic
 from nnssl_joint.errors import NnsslJointError
 
 # ----------------------------------------------------------------------------------------------------

@@ -67,7 +67,7 @@ def write_splits(preprocessed_dataset_folder: Path, splits: dict[str, list[str]]
     folds = [splits] if isinstance(splits, dict) else list(splits)
     path = Path(preprocessed_dataset_folder) / "splits_final.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    from nnssl_joint.checkpoint_io import atomic_write_text
+    from nnssl_joint.common.checkpoint_io import atomic_write_text
 
     # atomic: a training of another worker may read the file while it is rewritten
     atomic_write_text(json.dumps([{"train": list(s["train"]), "val": list(s["val"])} for s in folds], indent=2) + "\n",

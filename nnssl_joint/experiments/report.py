@@ -1,4 +1,4 @@
-"""The demo's report: Dice tables, figures and a markdown page from the data :mod:`nnssl_joint.demo`
+"""The demo's report: Dice tables, figures and a markdown page from the data :mod:`nnssl_joint.experiments.demo`
 collects (plain dicts and arrays, so the report can be rebuilt or tested without running anything).
 
 Files written to the report folder: ``report.md``, ``report.json``, ``dice.png`` (Dice per class and
@@ -433,7 +433,7 @@ def write_report(data: dict[str, Any], folder: Path) -> dict[str, Path]:
 
 
 # ----------------------------------------------------------------------------------------------------
-# the benchmark's report (nnssl_joint.benchmark)
+# the benchmark's report (nnssl_joint.experiments.benchmark)
 
 
 def plot_label_efficiency(summary: dict[str, dict[str, Any]], arm_labels: dict[str, str], path: Path) -> Path:
@@ -531,7 +531,7 @@ def render_benchmark_markdown(data: dict[str, Any]) -> str:
 def write_benchmark_report(data: dict[str, Any], folder: Path) -> dict[str, Path]:
     """benchmark.json, benchmark.md and benchmark.png in ``folder`` (each replaced atomically, so a
     report read while a long benchmark runs is always whole)."""
-    from nnssl_joint.checkpoint_io import atomic_write_text
+    from nnssl_joint.common.checkpoint_io import atomic_write_text
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""Tests of the synthetic nnU-Net raw dataset generator (nnssl_joint/data/synthetic.py)."""
+"""Tests of the synthetic nnU-Net raw dataset generator (nnssl_joint/datasets/synthetic.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnssl_joint.data.synthetic import (
+from nnssl_joint.datasets.synthetic import (
     DEFAULT_NAMES,
     MAX_ORGANS,
     SLICE_SPACING_2D,

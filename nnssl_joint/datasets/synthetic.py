@@ -523,7 +523,7 @@ def _dataset_folder(raw_root: str | os.PathLike, dataset_id: int, name: str) -> 
 
 
 def _manifest(kind: str, **params) -> dict:
-    record = {"generator": "nnssl_joint.data.synthetic", "version": GENERATOR_VERSION, "kind": kind}
+    record = {"generator": "nnssl_joint.datasets.synthetic", "version": GENERATOR_VERSION, "kind": kind}
     record.update({k: list(v) if isinstance(v, tuple) else v for k, v in params.items()})
     return record
 
@@ -539,7 +539,7 @@ def _write_dataset_json(folder: Path, *, channel_name: str, labels: dict[str, in
         "description": description,
         "unlabeled": unlabeled,
         "licence": "CC0-1.0 (synthetic data)",
-        "converted_by": "nnssl_joint.data.synthetic",
+        "converted_by": "nnssl_joint.datasets.synthetic",
         "synthetic": manifest,
     }
     # written last: a folder without dataset.json is an interrupted run and is never taken as up to date

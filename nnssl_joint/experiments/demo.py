@@ -17,7 +17,7 @@ environment variables set; nnunetv2.paths reads them at import time):
 7-9. fine-tune ``3d_fullres`` from scratch, from ``intra`` and from ``joint`` with the same budget,
    each in its own nnUNet_results root, then ``nnUNetv2_predict`` the held-back test cases
    (imagesTs; their labels are read only by the evaluation);
-10. evaluate (Dice per class and case) and write the report (:mod:`nnssl_joint.report`).
+10. evaluate (Dice per class and case) and write the report (:mod:`nnssl_joint.experiments.report`).
 
 Everything lives under ``--out``. A finished step leaves a marker in ``OUT/.demo/``; a re-run with the
 same settings skips finished steps, so a killed demo continues where it stopped (an interrupted
@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 import numpy as np
 
 from nnssl_joint.errors import NnsslJointError
-from nnssl_joint.pipeline import (  # noqa: F401 (re-exported: the demo's public helpers)
+from nnssl_joint.experiments.pipeline import (  # noqa: F401 (re-exported: the demo's public helpers)
     Pipeline,
     Step,
     StepProgress,
@@ -59,7 +59,7 @@ from nnssl_joint.pipeline import (  # noqa: F401 (re-exported: the demo's public
 _Step = Step  # the name older tests and scripts use
 
 if TYPE_CHECKING:
-    from nnssl_joint.benchmark import TrainingBudget
+    from nnssl_joint.experiments.benchmark import TrainingBudget
 
 PRETRAIN_ID = 900
 PRETRAIN_NAME = "JointPretrain"
@@ -282,7 +282,7 @@ class Demo(Pipeline):
         return steps
 
     def step_generate(self, progress: StepProgress) -> dict[str, Any]:
-        from nnssl_joint.data.synthetic import make_synthetic
+        from nnssl_joint.datasets.synthetic import make_synthetic
 
         b = self.budget
         result = make_synthetic(self.paths.raw, seed=self.settings.seed, n_3d=b.n_3d, n_2d=b.n_2d,
@@ -291,7 +291,7 @@ class Demo(Pipeline):
         self.target_name = result["labeled_3d"]["name"]
         info: dict[str, Any] = {k: v["name"] for k, v in result.items()}
         if self.settings.real:
-            from nnssl_joint.data.real import write_real_pool
+            from nnssl_joint.datasets.real import write_real_pool
 
             progress.note("installing the optional extra [real] and converting the real image pool")
             info["real"] = write_real_pool(self.paths.raw, REAL_IDS, log=self.paths.logs / "real_pool.log")
@@ -357,7 +357,7 @@ class Demo(Pipeline):
                 "resumed": resume, "predictions": str(out)}
 
     def step_report(self, progress: StepProgress) -> dict[str, Any]:
-        from nnssl_joint.report import write_report
+        from nnssl_joint.experiments.report import write_report
 
         timings = {r.key: round(r.seconds, 1) for r in self.records}
         data = collect_results(self, timings)
@@ -607,7 +607,7 @@ def _zscore_raw(path: Path) -> np.ndarray:
 def embedding_projection(demo: Demo) -> dict[str, Any]:
     """Volume features Z of the pretraining pool's volumes and of the labeled task's volumes under both
     pretrained models, projected on the first two principal components (per model)."""
-    from nnssl_joint.report import pca_2d
+    from nnssl_joint.experiments.report import pca_2d
 
     paths = demo.paths
     sources: dict[str, dict[str, np.ndarray]] = {}

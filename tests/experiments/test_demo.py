@@ -1,4 +1,4 @@
-"""The demo's pieces (nnssl_joint/demo.py, nnssl_joint/report.py) on small fake inputs; the full demo runs
+"""The demo's pieces (nnssl_joint/experiments/demo.py, nnssl_joint/experiments/report.py) on small fake inputs; the full demo runs
 only in the slow test at the end (``bash scripts/test.sh -m slow``)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnssl_joint import demo, report
+from nnssl_joint.experiments import demo, report
 from nnssl_joint.errors import NnsslJointError
 
 # ----------------------------------------------------------------------------------------------------
@@ -349,14 +349,14 @@ def test_tiny_demo_end_to_end(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------
-# several processes on one output folder (nnssl_joint.pipeline)
+# several processes on one output folder (nnssl_joint.experiments.pipeline)
 
 
 def test_a_step_locked_elsewhere_is_skipped_when_parallel_and_waited_for_otherwise(tmp_path):
     import fcntl
     import threading
 
-    from nnssl_joint.pipeline import Pipeline, Step
+    from nnssl_joint.experiments.pipeline import Pipeline, Step
 
     calls = []
     pipeline = Pipeline(tmp_path, stream=io.StringIO())

@@ -1,4 +1,4 @@
-"""nnssl_joint.paths: nnU-Net locations from the environment, with errors naming the variable."""
+"""nnssl_joint.naming: nnU-Net locations from the environment, with errors naming the variable."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from nnssl_joint.errors import NnsslJointError
-from nnssl_joint.paths import NnUNetPathError, nnunet_path, nnunet_preprocessed, nnunet_raw, nnunet_results
+from nnssl_joint.naming import NnUNetPathError, nnunet_path, nnunet_preprocessed, nnunet_raw, nnunet_results
 
 
 @pytest.mark.parametrize("variable", ["nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"])

@@ -15,7 +15,7 @@ whatever it finds into unlabeled nnU-Net raw datasets:
 
 Voxel values are kept in their modality's units (CT in HU after the DICOM rescale, MR in scanner
 units, photographs as grey values); normalisation is nnU-Net's, per modality, at preprocessing. Arrays
-are written ``(z, y, x)`` with ``(z, y, x)`` spacing like :mod:`nnssl_joint.data.synthetic`. Files that
+are written ``(z, y, x)`` with ``(z, y, x)`` spacing like :mod:`nnssl_joint.datasets.synthetic`. Files that
 are missing or unreadable are skipped and listed in the returned record. The pool is toy-scale (about
 a dozen volumes and a few dozen images): a real-domain check, not a corpus.
 """
@@ -298,7 +298,7 @@ def _usable(array: np.ndarray) -> bool:
 def _dataset_json(folder: Path, channel: str, n: int, description: str, sources: dict[str, str]) -> None:
     content = {"channel_names": {"0": channel}, "labels": {"background": 0}, "numTraining": n,
                "file_ending": ".nii.gz", "name": folder.name, "description": description, "unlabeled": True,
-               "licence": "per source package (MIT/BSD/Apache/CC0)", "converted_by": "nnssl_joint.data.real",
+               "licence": "per source package (MIT/BSD/Apache/CC0)", "converted_by": "nnssl_joint.datasets.real",
                "sources": sources}
     (folder / "dataset.json").write_text(json.dumps(content, indent=2) + "\n")
 

@@ -45,9 +45,9 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from nnssl_joint.demo import BUDGETS, PRETRAIN_RUNS, finetune_config, pretrain_config
+from nnssl_joint.experiments.demo import BUDGETS, PRETRAIN_RUNS, finetune_config, pretrain_config
 from nnssl_joint.errors import NnsslJointError
-from nnssl_joint.pipeline import (
+from nnssl_joint.experiments.pipeline import (
     Pipeline,
     Step,
     StepProgress,
@@ -371,7 +371,7 @@ class BenchmarkSettings:
                                   f"{[a for a in self.arms if a != 'scratch']}")
         self.budget_spec = TrainingBudget.resolve(self.budget)
         if self.raw is None:
-            from nnssl_joint.paths import nnunet_raw
+            from nnssl_joint.naming import nnunet_raw
 
             self.raw = nnunet_raw()
         self.raw = Path(self.raw).expanduser().resolve()
@@ -522,7 +522,7 @@ class Benchmark(Pipeline):
         by a lock: several workers may register folds at the same time."""
         import fcntl
 
-        from nnssl_joint.checkpoint_io import atomic_write_text
+        from nnssl_joint.common.checkpoint_io import atomic_write_text
 
         self.state_folder.mkdir(parents=True, exist_ok=True)
         registry_file = self.state_folder / "folds.json"
@@ -625,7 +625,7 @@ class Benchmark(Pipeline):
         }
 
     def write_report(self) -> dict[str, Path]:
-        from nnssl_joint.report import write_benchmark_report
+        from nnssl_joint.experiments.report import write_benchmark_report
 
         return write_benchmark_report(self.collect(), self.report_folder)
 
