@@ -65,3 +65,38 @@ def nnunet_preprocessed(must_exist: bool = False) -> Path:
 def nnunet_results(must_exist: bool = False) -> Path:
     """``$nnUNet_results``; created by training."""
     return nnunet_path("nnUNet_results", must_exist=must_exist)
+
+
+# ----------------------------------------------------------------------------------------------------
+# nnU-Net identifiers of the plugin, and the run folders nnU-Net builds from them
+
+#: plans identifier of the plugin's plans, pretraining and downstream (``-p nnsslJointPlans``)
+PLANS_NAME = "nnsslJointPlans"
+#: plans identifier of nnU-Net's own planner (the stock baseline)
+STOCK_PLANS_NAME = "nnUNetPlans"
+#: the 2D-type configuration the pretraining plans hold (``nnUNetv2_train ID joint_ssl all ...``)
+PRETRAINING_CONFIGURATION = "joint_ssl"
+#: downstream configurations the plugin's architectures cover
+DOWNSTREAM_CONFIGURATIONS = ("2d", "3d_fullres")
+PRETRAIN_TRAINER = "JointSSLPretrainTrainer"
+FINETUNE_TRAINER = "JointSSLFinetuneTrainer"
+#: the fold a pretraining run trains on (``nnUNetv2_train ... all``)
+PRETRAIN_FOLD = "all"
+#: files the pretraining run writes next to ``checkpoint_final.pth``: downstream weights per configuration
+PRETRAINED_FILES = {"2d": "pretrained_for_2d.pth", "3d_fullres": "pretrained_for_3d_fullres.pth"}
+
+
+def dataset_folder_name(dataset_id: int, name: str) -> str:
+    """``Dataset{ID:03d}_{name}``, nnU-Net's folder name of a dataset."""
+    return f"Dataset{int(dataset_id):03d}_{name}"
+
+
+def run_folder(results: Path, dataset_name: str, trainer: str, plans: str, configuration: str,
+               fold: int | str) -> Path:
+    """The folder nnU-Net trains into: ``results/Dataset/Trainer__Plans__configuration/fold_F``."""
+    return Path(results) / dataset_name / f"{trainer}__{plans}__{configuration}" / f"fold_{fold}"
+
+
+def pretrain_run_folder(results: Path, dataset_name: str, plans: str = PLANS_NAME) -> Path:
+    """Run folder of ``nnUNetv2_train D joint_ssl all -tr JointSSLPretrainTrainer -p plans``."""
+    return run_folder(results, dataset_name, PRETRAIN_TRAINER, plans, PRETRAINING_CONFIGURATION, PRETRAIN_FOLD)

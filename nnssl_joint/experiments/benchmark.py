@@ -45,8 +45,8 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from nnssl_joint.experiments.demo import BUDGETS, PRETRAIN_RUNS, finetune_config, pretrain_config
 from nnssl_joint.errors import NnsslJointError
+from nnssl_joint.experiments.demo import BUDGETS, PRETRAIN_RUNS, finetune_config, pretrain_config
 from nnssl_joint.experiments.pipeline import (
     Pipeline,
     Step,
@@ -57,11 +57,10 @@ from nnssl_joint.experiments.pipeline import (
     run_interruptibly,
     write_splits,
 )
+from nnssl_joint.naming import FINETUNE_TRAINER, PRETRAIN_TRAINER
+from nnssl_joint.naming import PLANS_NAME as PLANS
+from nnssl_joint.naming import PRETRAINING_CONFIGURATION as PRETRAIN_CONFIGURATION
 
-PLANS = "nnsslJointPlans"
-PRETRAIN_CONFIGURATION = "joint_ssl"
-PRETRAIN_TRAINER = "JointSSLPretrainTrainer"
-FINETUNE_TRAINER = "JointSSLFinetuneTrainer"
 PRETRAIN_NAME = "BenchmarkPretrain"
 
 ARM_LABELS = {

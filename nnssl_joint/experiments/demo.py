@@ -55,6 +55,9 @@ from nnssl_joint.experiments.pipeline import (  # noqa: F401 (re-exported: the d
     stop_on_sigterm,
     write_splits,
 )
+from nnssl_joint.naming import FINETUNE_TRAINER, PRETRAIN_TRAINER
+from nnssl_joint.naming import PLANS_NAME as PLANS
+from nnssl_joint.naming import PRETRAINING_CONFIGURATION as PRETRAIN_CONFIGURATION
 
 _Step = Step  # the name older tests and scripts use
 
@@ -66,11 +69,7 @@ PRETRAIN_NAME = "JointPretrain"
 SYNTHETIC_IDS = (501, 502, 503)
 REAL_IDS = (504, 505, 506)  # real 3D MR, real 2D, real 3D CT (--real)
 TARGET_ID = SYNTHETIC_IDS[2]
-PLANS = "nnsslJointPlans"
-PRETRAIN_CONFIGURATION = "joint_ssl"
 FINETUNE_CONFIGURATION = "3d_fullres"
-PRETRAIN_TRAINER = "JointSSLPretrainTrainer"
-FINETUNE_TRAINER = "JointSSLFinetuneTrainer"
 
 #: fine-tuning arms: where the initial weights come from
 ARMS = ("scratch", "intra", "joint")

@@ -25,8 +25,9 @@ from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner
 from nnssl_joint import __version__
 from nnssl_joint.models.downstream import pool_op_kernel_sizes, resolve_preset
 from nnssl_joint.models.preset import ArchitecturePreset
+from nnssl_joint.naming import PLANS_NAME
 
-DOWNSTREAM_PLANS_NAME = "nnsslJointPlans"
+DOWNSTREAM_PLANS_NAME = PLANS_NAME
 ARCHITECTURES = {
     2: "nnssl_joint.models.downstream.JointSSLUNet2D",
     3: "nnssl_joint.models.downstream.SliceWiseUNet3D",

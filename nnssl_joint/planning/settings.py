@@ -5,12 +5,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from nnssl_joint.naming import PLANS_NAME as DEFAULT_PLANS_NAME  # noqa: F401 (the planners' default)
+from nnssl_joint.naming import PRETRAINING_CONFIGURATION  # noqa: F401
 from nnssl_joint.planning.errors import PlanningError
-
-#: the 2D-type configuration the pretraining plans hold (``nnUNetv2_train ID joint_ssl ...``)
-PRETRAINING_CONFIGURATION = "joint_ssl"
-#: plans identifier of the pretraining plans (``-p nnsslJointPlans``; file ``nnsslJointPlans.json``)
-DEFAULT_PLANS_NAME = "nnsslJointPlans"
 
 
 @dataclass(frozen=True)
