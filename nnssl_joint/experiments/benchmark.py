@@ -39,14 +39,14 @@ import os
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
 
 from nnssl_joint.errors import NnsslJointError
-from nnssl_joint.experiments.demo import BUDGETS, PRETRAIN_RUNS, finetune_config, pretrain_config
+from nnssl_joint.experiments.budgets import TrainingBudget
 from nnssl_joint.experiments.pipeline import (
     Pipeline,
     Step,
@@ -57,9 +57,7 @@ from nnssl_joint.experiments.pipeline import (
     run_interruptibly,
     write_splits,
 )
-from nnssl_joint.naming import FINETUNE_TRAINER, PRETRAIN_TRAINER
-from nnssl_joint.naming import PLANS_NAME as PLANS
-from nnssl_joint.naming import PRETRAINING_CONFIGURATION as PRETRAIN_CONFIGURATION
+from nnssl_joint.naming import FINETUNE_TRAINER, PLANS_NAME, dataset_folder_name, run_folder
 
 PRETRAIN_NAME = "BenchmarkPretrain"
 
@@ -69,80 +67,6 @@ ARM_LABELS = {
     "joint": "joint 2D/3D pretraining",
     "staged": "staged pretraining (authors' schedule)",
 }
-
-
-def pretrain_objective(arm: str, epochs: int) -> dict[str, Any]:
-    """The objective overrides of the pretraining run behind ``arm`` (``{}``: the plugin's defaults)."""
-    if arm in PRETRAIN_RUNS:  # intra, joint: the demo's runs
-        return dict(PRETRAIN_RUNS[arm])
-    if arm == "staged":
-        # the authors' proportions (A: L_intra, B: L_mask with f_intra frozen, C: L_inter + L_intra),
-        # scaled to the budget; stage C gets at least one epoch
-        if epochs >= 3:
-            a, b = round(0.4 * epochs), max(1, round(0.2 * epochs))
-        else:
-            a, b = epochs - 1, 0
-        return {"schedule": "staged", "stage_a_epochs": a, "stage_b_epochs": b}
-    raise NnsslJointError(f"no pretraining behind arm {arm!r}")
-
-
-@dataclass(frozen=True)
-class TrainingBudget:
-    """How long each pretraining and each fine-tuning run trains (the same for every arm)."""
-
-    pretrain_epochs: int
-    pretrain_iterations: int
-    finetune_epochs: int
-    finetune_iterations: int
-    finetune_val_iterations: int
-    finetune_warmup_epochs: int
-    test_time_augmentation: bool
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.name == "test_time_augmentation":
-                if not isinstance(value, bool):
-                    raise NnsslJointError(f"budget: test_time_augmentation must be true or false, got {value!r}")
-                continue
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise NnsslJointError(f"budget: {f.name} must be an integer, got {value!r}")
-            minimum = 0 if f.name in ("finetune_val_iterations", "finetune_warmup_epochs") else 1
-            if value < minimum:
-                raise NnsslJointError(f"budget: {f.name} must be >= {minimum}, got {value}")
-
-    @classmethod
-    def named(cls, name: str) -> TrainingBudget:
-        b = BUDGETS[name]
-        return cls(**{f.name: getattr(b, f.name) for f in fields(cls)})
-
-    @classmethod
-    def resolve(cls, spec: str) -> TrainingBudget:
-        """A budget name (tiny, small, medium, large: the demo's training lengths) or a JSON file whose keys
-        override the ``small`` budget."""
-        if spec in BUDGETS:
-            return cls.named(spec)
-        path = Path(spec).expanduser()
-        if not path.is_file():
-            raise NnsslJointError(f"--budget {spec!r} is neither a budget name ({', '.join(sorted(BUDGETS))}) nor a "
-                                  "JSON file")
-        try:
-            values = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise NnsslJointError(f"--budget {path}: not valid JSON ({e})") from e
-        if not isinstance(values, dict):
-            raise NnsslJointError(f"--budget {path}: expected a JSON object of budget keys, got {type(values).__name__}")
-        valid = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - valid)
-        if unknown:
-            raise NnsslJointError(f"--budget {path}: unknown key(s) {unknown}; valid keys: {sorted(valid)}")
-        return cls(**{**asdict(cls.named("small")), **values})
-
-    def pretrain_config(self, arm: str, seed: int) -> dict[str, Any]:
-        return pretrain_config(self, pretrain_objective(arm, self.pretrain_epochs), seed)
-
-    def finetune_config(self, seed: int) -> dict[str, Any]:
-        return finetune_config(self, seed)
 
 
 def parse_labeled(text: str) -> list[int]:
@@ -390,8 +314,6 @@ class Benchmark(Pipeline):
         super().__init__(settings.out, settings.device, stream)
         self.settings = settings
         self.budget = settings.budget_spec
-        self.raw = settings.out / "raw"
-        self.preprocessed = settings.out / "preprocessed"
         self.report_folder = settings.out / "report"
         self.target_name = ""
         self.target_id = 0
@@ -411,9 +333,6 @@ class Benchmark(Pipeline):
         for key, value in state.items():
             setattr(self, key, value)
 
-    def env(self, results: Path | None = None, training: bool = False, **extra: str) -> dict[str, str]:
-        return self.nnunet_env(self.raw, self.preprocessed, results or self.out / "results", training, **extra)
-
     @property
     def pretrain_arms(self) -> list[str]:
         return [a for a in self.settings.arms if a != "scratch"]
@@ -423,19 +342,16 @@ class Benchmark(Pipeline):
         """(seed, labeled, arm) in the order they run: all arms and counts of seed 0 first."""
         return [(s, k, a) for s in range(self.settings.seeds) for k in self.settings.labeled for a in self.settings.arms]
 
-    def pretrain_results(self, arm: str) -> Path:
-        return self.out / "results" / f"pretrain_{arm}"
+    @property
+    def pretrain_dataset(self) -> str:
+        return dataset_folder_name(self.pretrain_id, PRETRAIN_NAME)
 
     def pretrain_folder(self, arm: str) -> Path:
-        return (self.pretrain_results(arm) / f"Dataset{self.pretrain_id:03d}_{PRETRAIN_NAME}"
-                / f"{PRETRAIN_TRAINER}__{PLANS}__{PRETRAIN_CONFIGURATION}" / "fold_all")
-
-    def finetune_results(self, arm: str) -> Path:
-        return self.out / "results" / f"finetune_{arm}"
+        return self.pretrain_run_folder(arm, self.pretrain_dataset)
 
     def finetune_folder(self, arm: str, fold: int) -> Path:
-        return (self.finetune_results(arm) / self.target_name
-                / f"{FINETUNE_TRAINER}__{PLANS}__{self.settings.configuration}" / f"fold_{fold}")
+        return run_folder(self.results_root("finetune", arm), self.target_name, FINETUNE_TRAINER, PLANS_NAME,
+                          self.settings.configuration, fold)
 
     def predictions(self, arm: str, labeled: int, seed: int) -> Path:
         return self.out / "predictions" / arm / run_name(labeled, seed)
@@ -444,8 +360,10 @@ class Benchmark(Pipeline):
     def steps(self) -> list[Step]:
         steps = [Step("link", "linking the datasets (test split made explicit)", self.step_link)]
         if self.pretrain_arms:
-            steps += [Step("prepare", "merging the pretraining datasets", self.step_prepare),
-                      Step("plan_pretrain", "planning + preprocessing the pretraining dataset", self.step_plan_pretrain)]
+            steps += [Step("prepare", "merging the pretraining datasets",
+                           lambda p: self.prepare_pretraining(self.pretrain_ids, self.pretrain_id, PRETRAIN_NAME, p)),
+                      Step("plan_pretrain", "planning + preprocessing the pretraining dataset",
+                           lambda p: self.plan_pretraining(self.pretrain_id, p))]
             for arm in self.pretrain_arms:
                 steps.append(Step(f"pretrain_{arm}", f"pretraining for arm '{arm}'",
                                   lambda p, arm=arm: self.step_pretrain(arm, p)))
@@ -480,40 +398,14 @@ class Benchmark(Pipeline):
                       f"{len(info['test_cases'])} test cases ({info['test_source']})")
         return info
 
-    def step_prepare(self, progress: StepProgress) -> None:
-        args = ["prepare", "-d", *map(str, self.pretrain_ids), "-o", str(self.pretrain_id), "--name", PRETRAIN_NAME]
-        if any(self.raw.glob(f"Dataset{self.pretrain_id:03d}_*")):  # left by an interrupted run
-            args.append("--overwrite")
-        self.run_command(self.plugin_command(*args), self.env(), "prepare", progress)
-
-    def step_plan_pretrain(self, progress: StepProgress) -> None:
-        self.run_command(self.plugin_command("plan_and_preprocess", "-d", str(self.pretrain_id), "-np", "1",
-                                             "-npfp", "1"), self.env(), "plan_pretrain", progress)
-
     def step_pretrain(self, arm: str, progress: StepProgress) -> dict[str, Any]:
-        configs = self.out / "configs"
-        configs.mkdir(parents=True, exist_ok=True)
-        config_file = configs / f"pretrain_{arm}.json"
-        config_file.write_text(json.dumps(self.budget.pretrain_config(arm, self.settings.seed), indent=2) + "\n")
-        folder = self.pretrain_folder(arm)
-        cmd, resume, _ = self.train_command(self.pretrain_id, PRETRAIN_CONFIGURATION, "all", PRETRAIN_TRAINER, PLANS,
-                                            folder)
-        progress.expect(self.budget.pretrain_epochs, "epoch", "exporting the pretrained weights")
-        self.run_command(cmd, self.env(self.pretrain_results(arm), training=True, NNSSL_JOINT_CONFIG=str(config_file)),
-                         f"pretrain_{arm}", progress)
-        weights = folder / f"pretrained_for_{self.settings.configuration}.pth"
-        if not weights.is_file():
-            raise NnsslJointError(f"pretraining finished without {weights}; see {self.logs / f'pretrain_{arm}.log'}")
-        return {"run_folder": str(folder), "resumed": resume}
+        config = self.budget.pretrain_config(arm, self.settings.seed)
+        return self.pretrain(arm, config, self.pretrain_id, self.pretrain_dataset, self.budget.pretrain_epochs,
+                             [f"pretrained_for_{self.settings.configuration}.pth"], progress)
 
     def step_plan_target(self, progress: StepProgress) -> dict[str, Any]:
-        self.run_command(self.plugin_command("plan_and_preprocess", "-d", str(self.target_id), "--downstream", "-np",
-                                             "1", "-npfp", "1"), self.env(), "plan_target", progress)
-        plans = json.loads((self.preprocessed / self.target_name / f"{PLANS}.json").read_text())
-        if self.settings.configuration not in plans["configurations"]:
-            raise NnsslJointError(f"the plans of {self.target_name} have no configuration "
-                                  f"'{self.settings.configuration}' (they have {sorted(plans['configurations'])}); "
-                                  "for a 2D dataset use -c 2d")
+        plans = self.plan_downstream(self.target_id, self.target_name, self.settings.configuration, progress,
+                                     "plan_target")
         return {"configurations": sorted(plans["configurations"])}
 
     def fold_of(self, labeled: int, seed: int) -> int:
@@ -552,18 +444,15 @@ class Benchmark(Pipeline):
     def step_finetune(self, arm: str, labeled: int, seed: int, progress: StepProgress) -> dict[str, Any]:
         s = self.settings
         fold = self.fold_of(labeled, seed)
-        configs = self.out / "configs"
-        configs.mkdir(parents=True, exist_ok=True)
-        config_file = configs / f"finetune_seed{seed}.json"
-        config_file.write_text(json.dumps(self.budget.finetune_config(seed), indent=2) + "\n")
+        config_file = self.write_config(f"finetune_seed{seed}", self.budget.finetune_config(seed))
         folder = self.finetune_folder(arm, fold)
         weights = None
         if not (folder / "checkpoint_final.pth").is_file():  # else only prediction/evaluation were interrupted
             start = None if arm == "scratch" else self.pretrain_folder(arm) / f"pretrained_for_{s.configuration}.pth"
-            cmd, _, weights = self.train_command(self.target_id, s.configuration, fold, FINETUNE_TRAINER, PLANS,
+            cmd, _, weights = self.train_command(self.target_id, s.configuration, fold, FINETUNE_TRAINER, PLANS_NAME,
                                                  folder, start)
             progress.expect(self.budget.finetune_epochs, "epoch", "validating on the validation case(s)")
-            self.run_command(cmd, self.env(self.finetune_results(arm), training=True,
+            self.run_command(cmd, self.env(self.results_root("finetune", arm), training=True,
                                            NNSSL_JOINT_FINETUNE_CONFIG=str(config_file)),
                              f"finetune_{arm}_{run_name(labeled, seed)}", progress)
         raw = self.raw / self.target_name
@@ -572,9 +461,9 @@ class Benchmark(Pipeline):
         if out.exists():
             shutil.rmtree(out)
         cmd = self.predict_command(raw / "imagesTs", out, self.target_id, s.configuration, fold, FINETUNE_TRAINER,
-                                   PLANS, self.budget.test_time_augmentation)
+                                   PLANS_NAME, self.budget.test_time_augmentation)
         progress.expect(len(case_identifiers(raw / "labelsTs", dataset_json["file_ending"])), "case")
-        self.run_command(cmd, self.env(self.finetune_results(arm)), f"predict_{arm}_{run_name(labeled, seed)}", progress)
+        self.run_command(cmd, self.env(self.results_root("finetune", arm)), f"predict_{arm}_{run_name(labeled, seed)}", progress)
         # the test labels are read here, after training and prediction finished, and nowhere before
         labels = sorted(int(v) for v in dataset_json["labels"].values() if int(v) > 0)
         dice = evaluate_predictions(out, raw / "labelsTs", dataset_json["file_ending"], labels)

@@ -33,36 +33,33 @@ import shutil
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import Any, TextIO
 
 import numpy as np
 
 from nnssl_joint.errors import NnsslJointError
-from nnssl_joint.experiments.pipeline import (  # noqa: F401 (re-exported: the demo's public helpers)
+from nnssl_joint.experiments.budgets import DEMO_BUDGETS, PRETRAIN_LABELS, PRETRAIN_RUNS, DemoBudget
+from nnssl_joint.experiments.pipeline import (
     Pipeline,
     Step,
     StepProgress,
-    StepRecord,
     case_identifiers,
-    dice_per_class,
     evaluate_predictions,
     few_label_split,
     format_seconds,
     read_label,
     run_interruptibly,
-    stop_on_sigterm,
     write_splits,
 )
-from nnssl_joint.naming import FINETUNE_TRAINER, PRETRAIN_TRAINER
-from nnssl_joint.naming import PLANS_NAME as PLANS
-from nnssl_joint.naming import PRETRAINING_CONFIGURATION as PRETRAIN_CONFIGURATION
-
-_Step = Step  # the name older tests and scripts use
-
-if TYPE_CHECKING:
-    from nnssl_joint.experiments.benchmark import TrainingBudget
+from nnssl_joint.naming import (
+    FINETUNE_TRAINER,
+    PLANS_NAME,
+    PRETRAINING_CONFIGURATION,
+    dataset_folder_name,
+    run_folder,
+)
 
 PRETRAIN_ID = 900
 PRETRAIN_NAME = "JointPretrain"
@@ -78,63 +75,6 @@ ARM_LABELS = {
     "intra": "2D-only pretraining (L_intra)",
     "joint": "joint 2D/3D pretraining",
 }
-#: pretraining runs: objective weights (a weight 0 switches a term off)
-PRETRAIN_RUNS = {
-    "joint": {},  # the plugin's defaults: every term
-    "intra": {"lambda_intra_3d": 0.0, "lambda_inter": 0.0, "lambda_mask": 0.0},
-}
-PRETRAIN_LABELS = {
-    "joint": "joint (L_intra + L_intra_3d + L_inter + L_mask)",
-    "intra": "2D-only (L_intra)",
-}
-
-
-@dataclass(frozen=True)
-class Budget:
-    """Data sizes and training lengths of one demo budget. The fine-tuning settings are the same for
-    every arm; the two pretraining runs get the same number of iterations."""
-
-    name: str
-    n_3d: int
-    n_2d: int
-    n_test: int
-    pretrain_epochs: int
-    pretrain_iterations: int
-    finetune_epochs: int
-    finetune_iterations: int
-    finetune_val_iterations: int
-    finetune_warmup_epochs: int
-    test_time_augmentation: bool
-    shape_3d: tuple[int, int, int] = (32, 32, 32)
-    shape_2d: tuple[int, int] = (64, 64)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["shape_3d"] = list(self.shape_3d)
-        d["shape_2d"] = list(self.shape_2d)
-        return d
-
-
-BUDGETS = {
-    # a smoke test of the whole pipeline (a few minutes); its Dice numbers mean nothing
-    "tiny": Budget("tiny", n_3d=4, n_2d=8, n_test=2, pretrain_epochs=2, pretrain_iterations=4,
-                   finetune_epochs=2, finetune_iterations=4, finetune_val_iterations=1,
-                   finetune_warmup_epochs=0, test_time_augmentation=False),
-    # the default: about 10-15 minutes on 2 CPU cores
-    "small": Budget("small", n_3d=8, n_2d=16, n_test=4, pretrain_epochs=8, pretrain_iterations=50,
-                    finetune_epochs=20, finetune_iterations=25, finetune_val_iterations=4,
-                    finetune_warmup_epochs=1, test_time_augmentation=False),
-    # about an hour on 2 CPU cores
-    "medium": Budget("medium", n_3d=16, n_2d=32, n_test=8, pretrain_epochs=25, pretrain_iterations=100,
-                     finetune_epochs=40, finetune_iterations=25, finetune_val_iterations=5,
-                     finetune_warmup_epochs=2, test_time_augmentation=True),
-    # several hours on CPU; well under an hour on a GPU
-    "large": Budget("large", n_3d=48, n_2d=96, n_test=16, pretrain_epochs=50, pretrain_iterations=250,
-                    finetune_epochs=100, finetune_iterations=50, finetune_val_iterations=10,
-                    finetune_warmup_epochs=5, test_time_augmentation=True),
-}
-
-
 @dataclass
 class DemoSettings:
     out: Path
@@ -146,16 +86,16 @@ class DemoSettings:
 
     def __post_init__(self) -> None:
         self.out = Path(self.out).expanduser().resolve()
-        if self.budget not in BUDGETS:
-            raise NnsslJointError(f"--budget must be one of {sorted(BUDGETS)}, got {self.budget!r}")
+        if self.budget not in DEMO_BUDGETS:
+            raise NnsslJointError(f"--budget must be one of {sorted(DEMO_BUDGETS)}, got {self.budget!r}")
         if self.labeled < 1:
             raise NnsslJointError(f"--labeled must be at least 1, got {self.labeled}")
         if self.device not in ("cpu", "cuda"):
             raise NnsslJointError(f"--device must be cpu or cuda, got {self.device!r}")
 
     @property
-    def budget_spec(self) -> Budget:
-        return BUDGETS[self.budget]
+    def budget_spec(self) -> DemoBudget:
+        return DEMO_BUDGETS[self.budget]
 
     def record(self) -> dict[str, Any]:
         """What a resumed run must share with the run that created the folder."""
@@ -163,75 +103,8 @@ class DemoSettings:
                 "real": self.real, "device": self.device}
 
 
-def pretrain_config(budget: Budget | TrainingBudget, objective: dict[str, float], seed: int = 0) -> dict[str, Any]:
-    """The partial pretraining configuration (``NNSSL_JOINT_CONFIG``) of one pretraining run."""
-    config: dict[str, Any] = {"seed": int(seed),
-                              "optim": {"num_epochs": budget.pretrain_epochs,
-                                        "iterations_per_epoch": budget.pretrain_iterations, "save_every": 1}}
-    if objective:
-        config["objective"] = dict(objective)
-    return config
-
-
-def finetune_config(budget: Budget | TrainingBudget, seed: int | None = None) -> dict[str, Any]:
-    """The fine-tuning configuration (``NNSSL_JOINT_FINETUNE_CONFIG``), identical for every arm; ``seed``:
-    seed the fine-tuning (the demo's is not seeded, the benchmark's is)."""
-    config: dict[str, Any] = {"num_epochs": budget.finetune_epochs, "iterations_per_epoch": budget.finetune_iterations,
-                              "val_iterations_per_epoch": budget.finetune_val_iterations, "initial_lr": 1e-2,
-                              "warmup_epochs": budget.finetune_warmup_epochs, "save_every": 1}
-    if seed is not None:
-        config["seed"] = int(seed)
-    return config
-
-
 # ----------------------------------------------------------------------------------------------------
 # the pipeline
-
-
-@dataclass
-class DemoPaths:
-    out: Path
-
-    @property
-    def raw(self) -> Path:
-        return self.out / "raw"
-
-    @property
-    def preprocessed(self) -> Path:
-        return self.out / "preprocessed"
-
-    @property
-    def state(self) -> Path:
-        return self.out / ".demo"
-
-    @property
-    def logs(self) -> Path:
-        return self.out / "logs"
-
-    @property
-    def configs(self) -> Path:
-        return self.out / "configs"
-
-    @property
-    def report(self) -> Path:
-        return self.out / "report"
-
-    def pretrain_results(self, run: str) -> Path:
-        return self.out / "results" / f"pretrain_{run}"
-
-    def finetune_results(self, arm: str) -> Path:
-        return self.out / "results" / f"finetune_{arm}"
-
-    def predictions(self, arm: str) -> Path:
-        return self.out / "predictions" / arm
-
-    def pretrain_run_folder(self, run: str) -> Path:
-        return (self.pretrain_results(run) / f"Dataset{PRETRAIN_ID:03d}_{PRETRAIN_NAME}"
-                / f"{PRETRAIN_TRAINER}__{PLANS}__{PRETRAIN_CONFIGURATION}" / "fold_all")
-
-    def finetune_run_folder(self, arm: str, dataset_name: str) -> Path:
-        return (self.finetune_results(arm) / dataset_name / f"{FINETUNE_TRAINER}__{PLANS}__{FINETUNE_CONFIGURATION}"
-                / "fold_0")
 
 
 class Demo(Pipeline):
@@ -242,7 +115,6 @@ class Demo(Pipeline):
         super().__init__(settings.out, settings.device, stream)
         self.settings = settings
         self.budget = settings.budget_spec
-        self.paths = DemoPaths(settings.out)
         self.target_name = "Dataset503_SynthOrgans"
         self.pretrain_sources = [SYNTHETIC_IDS[0], SYNTHETIC_IDS[1]]
 
@@ -256,18 +128,34 @@ class Demo(Pipeline):
         self.target_name = state.get("target_name", self.target_name)
         self.pretrain_sources = state.get("pretrain_sources", self.pretrain_sources)
 
-    # -------------------------------------------------------------- environment and commands
-    def env(self, results: Path | None = None, training: bool = False, **extra: str) -> dict[str, str]:
-        return self.nnunet_env(self.paths.raw, self.paths.preprocessed, results or self.paths.out / "results",
-                               training, **extra)
+    # -------------------------------------------------------------- folders
+    @property
+    def report_folder(self) -> Path:
+        return self.out / "report"
+
+    @property
+    def pretrain_dataset(self) -> str:
+        return dataset_folder_name(PRETRAIN_ID, PRETRAIN_NAME)
+
+    def pretrain_folder(self, run: str) -> Path:
+        return self.pretrain_run_folder(run, self.pretrain_dataset)
+
+    def finetune_folder(self, arm: str) -> Path:
+        return run_folder(self.results_root("finetune", arm), self.target_name, FINETUNE_TRAINER, PLANS_NAME,
+                          FINETUNE_CONFIGURATION, 0)
+
+    def predictions(self, arm: str) -> Path:
+        return self.out / "predictions" / arm
 
     # -------------------------------------------------------------- steps
     def steps(self) -> list[Step]:
         steps = [
             Step("generate", "generating data" + (" (synthetic + real image pool)" if self.settings.real
                                                    else " (synthetic)"), self.step_generate),
-            Step("prepare", "merging unlabeled 2D + 3D datasets", self.step_prepare),
-            Step("plan_pretrain", "planning + preprocessing the pretraining dataset", self.step_plan_pretrain),
+            Step("prepare", "merging unlabeled 2D + 3D datasets",
+                 lambda p: self.prepare_pretraining(self.pretrain_sources, PRETRAIN_ID, PRETRAIN_NAME, p)),
+            Step("plan_pretrain", "planning + preprocessing the pretraining dataset",
+                 lambda p: self.plan_pretraining(PRETRAIN_ID, p)),
         ]
         for run in PRETRAIN_RUNS:
             steps.append(Step(f"pretrain_{run}", f"pretraining {PRETRAIN_LABELS[run]}",
@@ -284,7 +172,7 @@ class Demo(Pipeline):
         from nnssl_joint.datasets.synthetic import make_synthetic
 
         b = self.budget
-        result = make_synthetic(self.paths.raw, seed=self.settings.seed, n_3d=b.n_3d, n_2d=b.n_2d,
+        result = make_synthetic(self.raw, seed=self.settings.seed, n_3d=b.n_3d, n_2d=b.n_2d,
                                 n_labeled_train=max(self.settings.labeled + 1, 3), n_labeled_test=b.n_test,
                                 shape_3d=b.shape_3d, shape_2d=b.shape_2d, ids=SYNTHETIC_IDS)
         self.target_name = result["labeled_3d"]["name"]
@@ -293,65 +181,42 @@ class Demo(Pipeline):
             from nnssl_joint.datasets.real import write_real_pool
 
             progress.note("installing the optional extra [real] and converting the real image pool")
-            info["real"] = write_real_pool(self.paths.raw, REAL_IDS, log=self.paths.logs / "real_pool.log")
+            info["real"] = write_real_pool(self.raw, REAL_IDS, log=self.logs / "real_pool.log")
             self.pretrain_sources = [SYNTHETIC_IDS[0], SYNTHETIC_IDS[1]] + sorted(info["real"]["datasets"])
         return info
 
-    def step_prepare(self, progress: StepProgress) -> None:
-        target = next(self.paths.raw.glob(f"Dataset{PRETRAIN_ID:03d}_*"), None)
-        args = ["prepare", "-d", *map(str, self.pretrain_sources), "-o", str(PRETRAIN_ID), "--name", PRETRAIN_NAME]
-        if target is not None:  # left by an interrupted run
-            args.append("--overwrite")
-        self.run_command(self.plugin_command(*args), self.env(), "prepare", progress)
-
-    def step_plan_pretrain(self, progress: StepProgress) -> None:
-        self.run_command(self.plugin_command("plan_and_preprocess", "-d", str(PRETRAIN_ID), "-np", "1", "-npfp", "1"),
-                         self.env(), "plan_pretrain", progress)
-
     def step_pretrain(self, run: str, progress: StepProgress) -> dict[str, Any]:
-        self.paths.configs.mkdir(parents=True, exist_ok=True)
-        config_file = self.paths.configs / f"pretrain_{run}.json"
-        config_file.write_text(json.dumps(pretrain_config(self.budget, PRETRAIN_RUNS[run], self.settings.seed), indent=2) + "\n")
-        folder = self.paths.pretrain_run_folder(run)
-        cmd, resume, _ = self.train_command(PRETRAIN_ID, PRETRAIN_CONFIGURATION, "all", PRETRAIN_TRAINER, PLANS, folder)
-        progress.expect(self.budget.pretrain_epochs, "epoch", "exporting the pretrained weights")
-        self.run_command(cmd, self.env(self.paths.pretrain_results(run), training=True,
-                                       NNSSL_JOINT_CONFIG=str(config_file)), f"pretrain_{run}", progress)
-        for name in ("checkpoint_final.pth", "pretrained_for_3d_fullres.pth"):
-            if not (folder / name).is_file():
-                raise NnsslJointError(f"pretraining finished without {folder / name}; see {self.paths.logs}")
-        return {"run_folder": str(folder), "resumed": resume}
+        training = self.budget.training
+        return self.pretrain(run, training.pretrain_config(run, self.settings.seed), PRETRAIN_ID, self.pretrain_dataset,
+                             training.pretrain_epochs, ("checkpoint_final.pth", "pretrained_for_3d_fullres.pth"),
+                             progress)
 
     def step_plan_downstream(self, progress: StepProgress) -> dict[str, Any]:
-        self.run_command(self.plugin_command("plan_and_preprocess", "-d", str(TARGET_ID), "--downstream", "-np", "1",
-                                             "-npfp", "1"), self.env(), "plan_downstream", progress)
-        raw = self.paths.raw / self.target_name
+        self.plan_downstream(TARGET_ID, self.target_name, FINETUNE_CONFIGURATION, progress, "plan_downstream")
+        raw = self.raw / self.target_name
         ending = json.loads((raw / "dataset.json").read_text())["file_ending"]
         split = few_label_split(case_identifiers(raw / "labelsTr", ending), self.settings.labeled, self.settings.seed)
-        path = write_splits(self.paths.preprocessed / self.target_name, split)
+        path = write_splits(self.preprocessed / self.target_name, split)
         return {"split": split, "splits_file": str(path)}
 
     def step_finetune(self, arm: str, progress: StepProgress) -> dict[str, Any]:
-        self.paths.configs.mkdir(parents=True, exist_ok=True)
-        config_file = self.paths.configs / "finetune.json"
-        config_file.write_text(json.dumps(finetune_config(self.budget), indent=2) + "\n")
-        folder = self.paths.finetune_run_folder(arm, self.target_name)
-        weights = (None if arm == "scratch" else
-                   self.paths.pretrain_run_folder(arm) / f"pretrained_for_{FINETUNE_CONFIGURATION}.pth")
-        cmd, resume, weights = self.train_command(TARGET_ID, FINETUNE_CONFIGURATION, 0, FINETUNE_TRAINER, PLANS, folder,
-                                                  weights)
-        env = self.env(self.paths.finetune_results(arm), training=True, NNSSL_JOINT_FINETUNE_CONFIG=str(config_file))
-        progress.expect(self.budget.finetune_epochs, "epoch", "validating on the validation case")
+        training = self.budget.training
+        config_file = self.write_config("finetune", training.finetune_config())
+        folder = self.finetune_folder(arm)
+        weights = None if arm == "scratch" else self.pretrain_folder(arm) / f"pretrained_for_{FINETUNE_CONFIGURATION}.pth"
+        cmd, resume, weights = self.train_command(TARGET_ID, FINETUNE_CONFIGURATION, 0, FINETUNE_TRAINER, PLANS_NAME,
+                                                  folder, weights)
+        env = self.env(self.results_root("finetune", arm), training=True, NNSSL_JOINT_FINETUNE_CONFIG=str(config_file))
+        progress.expect(training.finetune_epochs, "epoch", "validating on the validation case")
         self.run_command(cmd, env, f"finetune_{arm}", progress)
 
-        out = self.paths.predictions(arm)
+        out = self.predictions(arm)
         if out.exists():
             shutil.rmtree(out)
-        cmd = self.predict_command(self.paths.raw / self.target_name / "imagesTs", out, TARGET_ID,
-                                   FINETUNE_CONFIGURATION, 0, FINETUNE_TRAINER, PLANS,
-                                   self.budget.test_time_augmentation)
+        cmd = self.predict_command(self.raw / self.target_name / "imagesTs", out, TARGET_ID, FINETUNE_CONFIGURATION, 0,
+                                   FINETUNE_TRAINER, PLANS_NAME, training.test_time_augmentation)
         progress.expect(self.budget.n_test, "case")
-        self.run_command(cmd, self.env(self.paths.finetune_results(arm)), f"predict_{arm}", progress)
+        self.run_command(cmd, self.env(self.results_root("finetune", arm)), f"predict_{arm}", progress)
         return {"run_folder": str(folder), "pretrained_weights": None if weights is None else str(weights),
                 "resumed": resume, "predictions": str(out)}
 
@@ -362,7 +227,7 @@ class Demo(Pipeline):
         data = collect_results(self, timings)
         progress.note("embedding volumes")
         data["embeddings"] = embedding_projection(self)
-        files = write_report(data, self.paths.report)
+        files = write_report(data, self.report_folder)
         return {"files": {k: str(v) for k, v in files.items()}}
 
     # -------------------------------------------------------------- driver
@@ -378,11 +243,11 @@ class Demo(Pipeline):
               f"{self.settings.seed}{', real image pool' if self.settings.real else ''}; output in {self.settings.out}",
               file=self.stream, flush=True)
         self.run_steps(steps)
-        report = json.loads((self.paths.report / "report.json").read_text())
+        report = json.loads((self.report_folder / "report.json").read_text())
         wall = time.monotonic() - total_start
         all_steps = sum(r.seconds for r in self.records)
         print(summary_line(report, wall if all_steps <= wall + 1 else all_steps), file=self.stream)
-        print(f"report: {self.paths.report / 'report.md'}", file=self.stream, flush=True)
+        print(f"report: {self.report_folder / 'report.md'}", file=self.stream, flush=True)
         return report
 
 
@@ -433,33 +298,32 @@ def _logging_lists(checkpoint_file: Path) -> dict[str, list[float]]:
 
 def collect_results(demo: Demo, timings: dict[str, float]) -> dict[str, Any]:
     """Everything the report shows, as JSON-ready data."""
-    paths = demo.paths
-    raw = paths.raw / demo.target_name
+    raw = demo.raw / demo.target_name
     dataset_json = json.loads((raw / "dataset.json").read_text())
     ending = dataset_json["file_ending"]
     classes = {int(v): k for k, v in dataset_json["labels"].items() if int(v) > 0}
     labels = sorted(classes)
 
-    dice = {arm: evaluate_predictions(paths.predictions(arm), raw / "labelsTs", ending, labels) for arm in ARMS}
+    dice = {arm: evaluate_predictions(demo.predictions(arm), raw / "labelsTs", ending, labels) for arm in ARMS}
     pretraining = {}
     for run in PRETRAIN_RUNS:
-        folder = paths.pretrain_run_folder(run)
+        folder = demo.pretrain_folder(run)
         log = _logging_lists(folder / "checkpoint_final.pth")
         pretraining[run] = {"label": PRETRAIN_LABELS[run], "logging": log, "run_folder": str(folder)}
     finetuning = {}
     for arm in ARMS:
-        folder = paths.finetune_run_folder(arm, demo.target_name)
+        folder = demo.finetune_folder(arm)
         facts = _finetune_log_facts(folder)
         log = _logging_lists(folder / "checkpoint_final.pth")
         facts["logging"] = {k: log[k] for k in ("train_losses", "val_losses", "mean_fg_dice", "ema_fg_dice")
                             if k in log}
         facts["pretrained_change"] = None if arm == "scratch" else _relative_change(
-            paths.pretrain_run_folder(arm) / f"pretrained_for_{FINETUNE_CONFIGURATION}.pth",
+            demo.pretrain_folder(arm) / f"pretrained_for_{FINETUNE_CONFIGURATION}.pth",
             folder / "checkpoint_final.pth")
         facts["run_folder"] = str(folder)
         finetuning[arm] = facts
 
-    split = json.loads((paths.preprocessed / demo.target_name / "splits_final.json").read_text())[0]
+    split = json.loads((demo.preprocessed / demo.target_name / "splits_final.json").read_text())[0]
     montage = _montage_cases(demo, raw, ending, dice)
     import platform
 
@@ -477,7 +341,7 @@ def collect_results(demo: Demo, timings: dict[str, float]) -> dict[str, Any]:
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
         "montage": montage,
-        "dataset_names": {"target": demo.target_name, "pretraining": f"Dataset{PRETRAIN_ID:03d}_{PRETRAIN_NAME}"},
+        "dataset_names": {"target": demo.target_name, "pretraining": demo.pretrain_dataset},
     }
 
 
@@ -493,7 +357,7 @@ def _montage_cases(demo: Demo, raw: Path, ending: str, dice: dict[str, dict[str,
         reference = read_label(raw / "labelsTs" / f"{case}{ending}")
         z = int(np.argmax((reference > 0).reshape(reference.shape[0], -1).sum(1)))
         entry = {"case": case, "slice": z, "image": image[z].astype(np.float32), "reference": reference[z],
-                 "predictions": {arm: read_label(demo.paths.predictions(arm) / f"{case}{ending}")[z] for arm in ARMS},
+                 "predictions": {arm: read_label(demo.predictions(arm) / f"{case}{ending}")[z] for arm in ARMS},
                  "dice": {arm: float(np.nanmean(list(dice[arm][case].values()))) for arm in ARMS}}
         out.append(entry)
     return out
@@ -501,23 +365,6 @@ def _montage_cases(demo: Demo, raw: Path, ending: str, dice: dict[str, dict[str,
 
 # ----------------------------------------------------------------------------------------------------
 # volume embeddings
-
-
-def load_pretraining_model(checkpoint_file: Path) -> tuple[Any, dict[str, Any]]:
-    """Rebuild :class:`JointSSLModel` from a pretraining checkpoint (preset, objective, channels)."""
-    import torch
-
-    from nnssl_joint.models.preset import ArchitecturePreset
-    from nnssl_joint.pretrain.model import JointSSLModel
-    from nnssl_joint.ssl.objective import ObjectiveConfig
-
-    ckpt = torch.load(checkpoint_file, map_location="cpu", weights_only=False)
-    meta = ckpt["nnssl_joint"]
-    model = JointSSLModel(ArchitecturePreset.from_dict(meta["preset"]), int(meta["input_channels"]),
-                          ObjectiveConfig.from_dict(meta["config"]["objective"]))
-    model.load_state_dict(ckpt["network_weights"])
-    model.eval()
-    return model, meta
 
 
 def volume_windows(volume: np.ndarray, n_slices: int, view_size: int, max_windows: int = 4) -> np.ndarray:
@@ -608,19 +455,18 @@ def embedding_projection(demo: Demo) -> dict[str, Any]:
     pretrained models, projected on the first two principal components (per model)."""
     from nnssl_joint.experiments.report import pca_2d
 
-    paths = demo.paths
     sources: dict[str, dict[str, np.ndarray]] = {}
-    pretrain_folder = paths.preprocessed / f"Dataset{PRETRAIN_ID:03d}_{PRETRAIN_NAME}" / f"{PLANS}_{PRETRAIN_CONFIGURATION}"
+    pretrain_folder = demo.preprocessed / demo.pretrain_dataset / f"{PLANS_NAME}_{PRETRAINING_CONFIGURATION}"
     all_pretrain = _preprocessed_volumes(pretrain_folder)
     for dataset_id in demo.pretrain_sources:
         chosen = {k: v for k, v in all_pretrain.items() if k.startswith(f"D{dataset_id}_")}
         if chosen:
-            folder = next(paths.raw.glob(f"Dataset{dataset_id:03d}_*"), None)
+            folder = next(demo.raw.glob(f"Dataset{dataset_id:03d}_*"), None)
             name = folder.name.split("_", 1)[1] if folder is not None else str(dataset_id)
             sources[f"pretraining: {name} ({dataset_id}, {len(chosen)} volumes)"] = chosen
-    target_folder = paths.preprocessed / demo.target_name / f"{PLANS}_{FINETUNE_CONFIGURATION}"
+    target_folder = demo.preprocessed / demo.target_name / f"{PLANS_NAME}_{FINETUNE_CONFIGURATION}"
     labeled = _preprocessed_volumes(target_folder)
-    raw = paths.raw / demo.target_name
+    raw = demo.raw / demo.target_name
     ending = json.loads((raw / "dataset.json").read_text())["file_ending"]
     for case in case_identifiers(raw / "labelsTs", ending):
         labeled[case] = _zscore_raw(raw / "imagesTs" / f"{case}_0000{ending}")
@@ -628,7 +474,9 @@ def embedding_projection(demo: Demo) -> dict[str, Any]:
 
     panels = {}
     for run in PRETRAIN_RUNS:
-        model, meta = load_pretraining_model(paths.pretrain_run_folder(run) / "checkpoint_final.pth")
+        from nnssl_joint.pretrain.checkpoint import load_pretraining_model
+
+        model, meta = load_pretraining_model(demo.pretrain_folder(run) / "checkpoint_final.pth")
         n_slices = int(meta["resolved"]["n_slices"])
         view = int(meta["resolved"]["view_size"])
         features, groups, cases, all_windows = [], [], [], []
@@ -672,7 +520,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "fine-tuning is not seeded)")
     parser.add_argument("--labeled", type=int, default=2, metavar="K",
                         help="labeled training cases for fine-tuning (default 2); one more labeled case validates")
-    parser.add_argument("--budget", choices=sorted(BUDGETS), default="small",
+    parser.add_argument("--budget", choices=sorted(DEMO_BUDGETS), default="small",
                         help="small (default, about 15 minutes on 2 CPU cores), medium (about an hour), large "
                         "(hours on CPU): more data, pretraining and fine-tuning; tiny: a smoke test of the "
                         "pipeline whose numbers mean nothing")

@@ -26,6 +26,13 @@ from typing import Any, TextIO
 import numpy as np
 
 from nnssl_joint.errors import NnsslJointError
+from nnssl_joint.naming import (
+    PLANS_NAME,
+    PRETRAIN_FOLD,
+    PRETRAIN_TRAINER,
+    PRETRAINING_CONFIGURATION,
+    pretrain_run_folder,
+)
 
 # ----------------------------------------------------------------------------------------------------
 # small pure helpers
@@ -245,7 +252,33 @@ class Pipeline:
     def marker(self, key: str) -> Path:
         return self.state_folder / f"{key}.done.json"
 
+    @property
+    def raw(self) -> Path:
+        """nnUNet_raw of the subprocesses: generated datasets or links to the user's."""
+        return self.out / "raw"
+
+    @property
+    def preprocessed(self) -> Path:
+        return self.out / "preprocessed"
+
+    @property
+    def configs(self) -> Path:
+        """The JSON files handed to the trainers (NNSSL_JOINT_CONFIG, NNSSL_JOINT_FINETUNE_CONFIG)."""
+        return self.out / "configs"
+
+    def results_root(self, kind: str, arm: str) -> Path:
+        """nnUNet_results of one run kind (``pretrain`` / ``finetune``) and arm: every arm trains into its
+        own root, so nnU-Net's run folders of different arms never collide."""
+        return self.out / "results" / f"{kind}_{arm}"
+
+    def pretrain_run_folder(self, run: str, dataset_name: str) -> Path:
+        return pretrain_run_folder(self.results_root("pretrain", run), dataset_name)
+
     # -------------------------------------------------------------- environment and commands
+    def env(self, results: Path | None = None, training: bool = False, **extra: str) -> dict[str, str]:
+        """The nnU-Net environment of a subprocess over this pipeline's raw and preprocessed folders."""
+        return self.nnunet_env(self.raw, self.preprocessed, results or self.out / "results", training, **extra)
+
     def nnunet_env(self, raw: Path, preprocessed: Path, results: Path, training: bool = False,
                    **extra: str) -> dict[str, str]:
         env = dict(os.environ)
@@ -336,6 +369,59 @@ class Pipeline:
         if not tta:
             cmd.append("--disable_tta")
         return cmd
+
+    def write_config(self, name: str, config: dict[str, Any]) -> Path:
+        """``configs/<name>.json`` (atomic: a worker may start a training that reads it meanwhile)."""
+        from nnssl_joint.common.checkpoint_io import atomic_write_text
+
+        path = self.configs / f"{name}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(json.dumps(config, indent=2) + "\n", path)
+        return path
+
+    # -------------------------------------------------------------- steps the demo and the benchmark share
+    def prepare_pretraining(self, source_ids: Sequence[int], dataset_id: int, name: str,
+                            progress: StepProgress) -> None:
+        """``nnssl_joint prepare``: merge the unlabeled sources into one pretraining dataset."""
+        args = ["prepare", "-d", *map(str, source_ids), "-o", str(dataset_id), "--name", name]
+        if any(self.raw.glob(f"Dataset{int(dataset_id):03d}_*")):  # left by an interrupted run
+            args.append("--overwrite")
+        self.run_command(self.plugin_command(*args), self.env(), "prepare", progress)
+
+    def plan_pretraining(self, dataset_id: int, progress: StepProgress) -> None:
+        self.run_command(self.plugin_command("plan_and_preprocess", "-d", str(dataset_id), "-np", "1", "-npfp", "1"),
+                         self.env(), "plan_pretrain", progress)
+
+    def plan_downstream(self, dataset_id: int, dataset_name: str, configuration: str, progress: StepProgress,
+                        log_name: str, preset: str | None = None) -> dict[str, Any]:
+        """``nnssl_joint plan_and_preprocess --downstream`` of a labeled dataset; the plans must hold
+        ``configuration``. Returns the plans."""
+        args = ["plan_and_preprocess", "-d", str(dataset_id), "--downstream", "-np", "1", "-npfp", "1"]
+        if preset is not None:
+            args += ["--preset", str(preset)]
+        self.run_command(self.plugin_command(*args), self.env(), log_name, progress)
+        plans = json.loads((self.preprocessed / dataset_name / f"{PLANS_NAME}.json").read_text())
+        if configuration not in plans["configurations"]:
+            raise NnsslJointError(f"the plans of {dataset_name} have no configuration '{configuration}' (they have "
+                                  f"{sorted(plans['configurations'])}); for a 2D dataset use -c 2d")
+        return plans
+
+    def pretrain(self, run: str, config: dict[str, Any], dataset_id: int, dataset_name: str, epochs: int,
+                 required: Sequence[str], progress: StepProgress) -> dict[str, Any]:
+        """One ``JointSSLPretrainTrainer`` run (resumed with ``--c`` when interrupted) into its own results
+        root; ``required``: files the run folder must hold afterwards."""
+        config_file = self.write_config(f"pretrain_{run}", config)
+        folder = self.pretrain_run_folder(run, dataset_name)
+        cmd, resume, _ = self.train_command(dataset_id, PRETRAINING_CONFIGURATION, PRETRAIN_FOLD, PRETRAIN_TRAINER,
+                                            PLANS_NAME, folder)
+        progress.expect(epochs, "epoch", "exporting the pretrained weights")
+        self.run_command(cmd, self.env(self.results_root("pretrain", run), training=True,
+                                       NNSSL_JOINT_CONFIG=str(config_file)), f"pretrain_{run}", progress)
+        for name in required:
+            if not (folder / name).is_file():
+                raise NnsslJointError(f"pretraining finished without {folder / name}; see "
+                                      f"{self.logs / f'pretrain_{run}.log'}")
+        return {"run_folder": str(folder), "resumed": resume}
 
     # -------------------------------------------------------------- driver
     def check_settings(self) -> None:

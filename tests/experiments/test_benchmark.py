@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nnssl_joint.experiments import benchmark as bm
 from nnssl_joint.datasets.synthetic import make_synthetic
 from nnssl_joint.errors import NnsslJointError
+from nnssl_joint.experiments import benchmark as bm
+from nnssl_joint.experiments import pipeline
 
 # ----------------------------------------------------------------------------------------------------
 # arguments
@@ -170,56 +171,13 @@ def test_spread_of_one_value_has_no_standard_deviation():
 # budgets and the pretraining objectives behind the arms
 
 
-def test_budget_names_and_json_overrides(tmp_path):
-    assert bm.TrainingBudget.resolve("tiny").finetune_epochs == 2
-    spec = tmp_path / "budget.json"
-    spec.write_text(json.dumps({"finetune_epochs": 7}))
-    budget = bm.TrainingBudget.resolve(str(spec))
-    assert budget.finetune_epochs == 7 and budget.pretrain_epochs == bm.TrainingBudget.named("small").pretrain_epochs
-    spec.write_text(json.dumps({"finetune_epoch": 7}))
-    with pytest.raises(NnsslJointError, match=r"budget.json: unknown key\(s\) \['finetune_epoch'\]"):
-        bm.TrainingBudget.resolve(str(spec))
-    spec.write_text(json.dumps({"finetune_epochs": 0}))
-    with pytest.raises(NnsslJointError, match="finetune_epochs must be >= 1"):
-        bm.TrainingBudget.resolve(str(spec))
-    with pytest.raises(NnsslJointError, match="neither a budget name"):
-        bm.TrainingBudget.resolve("huge")
-
-
-@pytest.mark.parametrize("epochs", [1, 2, 3, 8, 50])
-@pytest.mark.parametrize("arm", ["intra", "joint", "staged"])
-def test_pretraining_configs_of_every_arm_are_valid(arm, epochs):
-    from nnssl_joint.pretrain.config import PretrainConfig
-
-    budget = bm.TrainingBudget(pretrain_epochs=epochs, pretrain_iterations=5, finetune_epochs=1,
-                               finetune_iterations=1, finetune_val_iterations=0, finetune_warmup_epochs=0,
-                               test_time_augmentation=False)
-    config = PretrainConfig.from_dict(budget.pretrain_config(arm, seed=0))
-    objective = config.objective
-    if arm == "staged":
-        assert objective.schedule == "staged"
-        # every stage the epochs allow is reached, and the last epoch trains L_inter
-        assert objective.stage_at(epochs - 1).is_active("inter")
-    if arm == "intra":
-        assert objective.lambda_inter == 0 and objective.lambda_mask == 0 and objective.lambda_intra_3d == 0
-
-
-def test_finetune_config_of_the_budget_is_a_valid_seeded_config():
-    from nnssl_joint.finetune import FinetuneConfig
-
-    config = FinetuneConfig.from_dict(bm.TrainingBudget.named("tiny").finetune_config(seed=3))
-    assert config.seed == 3
-    with pytest.raises(NnsslJointError, match="seed must be a non-negative integer"):
-        FinetuneConfig.from_dict({"seed": -1})
-
-
 # ----------------------------------------------------------------------------------------------------
 # resumability without nnU-Net
 
 
 class _FakeBenchmark(bm.Benchmark):
     def steps(self):
-        return [bm.Step("splits", "splits", lambda p: {"fold": self.fold_of(2, 1)}, always=True)]
+        return [pipeline.Step("splits", "splits", lambda p: {"fold": self.fold_of(2, 1)}, always=True)]
 
 
 def test_settings_may_grow_but_not_change(tmp_path):

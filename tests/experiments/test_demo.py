@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnssl_joint.experiments import demo, report
 from nnssl_joint.errors import NnsslJointError
+from nnssl_joint.experiments import demo, pipeline, report
+from nnssl_joint.experiments.budgets import DEMO_BUDGETS, PRETRAIN_LABELS, PRETRAIN_RUNS
 
 # ----------------------------------------------------------------------------------------------------
 # Dice and evaluation
@@ -26,22 +27,22 @@ def test_dice_per_class_known_overlap():
     prediction[0, :1] = 1  # 4 voxels, all inside
     reference[2] = 2  # 16 voxels
     prediction[3] = 2  # 16 voxels, none overlapping
-    scores = demo.dice_per_class(prediction, reference, [1, 2])
+    scores = pipeline.dice_per_class(prediction, reference, [1, 2])
     assert scores[1] == pytest.approx(2 * 4 / (4 + 8))
     assert scores[2] == 0.0
 
 
 def test_dice_is_nan_when_a_label_is_absent_from_both():
     empty = np.zeros((2, 3, 3), dtype=np.uint8)
-    scores = demo.dice_per_class(empty, empty, [1])
+    scores = pipeline.dice_per_class(empty, empty, [1])
     assert math.isnan(scores[1])
 
 
 def test_dice_perfect_and_shape_mismatch():
     label = np.random.default_rng(0).integers(0, 3, (5, 6, 7))
-    assert demo.dice_per_class(label, label, [1, 2]) == {1: 1.0, 2: 1.0}
+    assert pipeline.dice_per_class(label, label, [1, 2]) == {1: 1.0, 2: 1.0}
     with pytest.raises(ValueError, match="shape"):
-        demo.dice_per_class(label, label[:-1], [1])
+        pipeline.dice_per_class(label, label[:-1], [1])
 
 
 def _write_label(path: Path, array: np.ndarray) -> None:
@@ -58,11 +59,11 @@ def test_evaluate_predictions_reads_label_files(tmp_path):
     _write_label(pred / "case_001.nii.gz", label)
     _write_label(ref / "case_002.nii.gz", label)
     _write_label(pred / "case_002.nii.gz", np.zeros_like(label))
-    scores = demo.evaluate_predictions(pred, ref, ".nii.gz", [1])
+    scores = pipeline.evaluate_predictions(pred, ref, ".nii.gz", [1])
     assert scores == {"case_001": {1: 1.0}, "case_002": {1: 0.0}}
     (pred / "case_002.nii.gz").unlink()
     with pytest.raises(NnsslJointError, match="case_002"):
-        demo.evaluate_predictions(pred, ref, ".nii.gz", [1])
+        pipeline.evaluate_predictions(pred, ref, ".nii.gz", [1])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -71,8 +72,8 @@ def test_evaluate_predictions_reads_label_files(tmp_path):
 
 def test_few_label_split_is_deterministic_and_disjoint():
     ids = [f"SynthOrgans_{i:03d}" for i in range(6)]
-    split = demo.few_label_split(ids, 2, seed=0)
-    assert split == demo.few_label_split(list(reversed(ids)), 2, seed=0)
+    split = pipeline.few_label_split(ids, 2, seed=0)
+    assert split == pipeline.few_label_split(list(reversed(ids)), 2, seed=0)
     assert len(split["train"]) == 2 and len(split["val"]) == 1
     assert not set(split["train"]) & set(split["val"])
     assert set(split["train"]) | set(split["val"]) <= set(ids)
@@ -80,11 +81,11 @@ def test_few_label_split_is_deterministic_and_disjoint():
 
 def test_few_label_split_needs_a_validation_case():
     with pytest.raises(NnsslJointError, match="validation"):
-        demo.few_label_split(["a", "b"], 2, seed=0)
+        pipeline.few_label_split(["a", "b"], 2, seed=0)
 
 
 def test_write_splits_writes_nnunet_fold_list(tmp_path):
-    path = demo.write_splits(tmp_path / "Dataset503_X", {"train": ["a", "b"], "val": ["c"]})
+    path = pipeline.write_splits(tmp_path / "Dataset503_X", {"train": ["a", "b"], "val": ["c"]})
     assert path.name == "splits_final.json"
     assert json.loads(path.read_text()) == [{"train": ["a", "b"], "val": ["c"]}]
 
@@ -92,23 +93,7 @@ def test_write_splits_writes_nnunet_fold_list(tmp_path):
 def test_case_identifiers_strip_the_file_ending(tmp_path):
     for name in ("x_001.nii.gz", "x_000.nii.gz", "notes.txt"):
         (tmp_path / name).write_text("")
-    assert demo.case_identifiers(tmp_path, ".nii.gz") == ["x_000", "x_001"]
-
-
-def test_configs_share_the_finetuning_budget_and_switch_terms_off():
-    budget = demo.BUDGETS["small"]
-    ft = demo.finetune_config(budget)
-    assert ft["num_epochs"] == budget.finetune_epochs and ft["iterations_per_epoch"] == budget.finetune_iterations
-    joint = demo.pretrain_config(budget, demo.PRETRAIN_RUNS["joint"], seed=3)
-    intra = demo.pretrain_config(budget, demo.PRETRAIN_RUNS["intra"], seed=3)
-    assert joint["optim"] == intra["optim"] and joint["seed"] == 3
-    assert "objective" not in joint
-    assert intra["objective"] == {"lambda_intra_3d": 0.0, "lambda_inter": 0.0, "lambda_mask": 0.0}
-    from nnssl_joint.finetune import FinetuneConfig
-    from nnssl_joint.pretrain.config import PretrainConfig
-
-    FinetuneConfig.from_dict(ft)  # every key is a real fine-tuning key
-    assert PretrainConfig.from_dict(intra).objective.stage_at(0).active_terms == ("intra",)
+    assert pipeline.case_identifiers(tmp_path, ".nii.gz") == ["x_000", "x_001"]
 
 
 def test_settings_validate_flags(tmp_path):
@@ -119,14 +104,14 @@ def test_settings_validate_flags(tmp_path):
 
 
 def test_format_seconds():
-    assert demo.format_seconds(5) == "5s"
-    assert demo.format_seconds(130) == "2m10s"
-    assert demo.format_seconds(3725) == "1h02m05s"
+    assert pipeline.format_seconds(5) == "5s"
+    assert pipeline.format_seconds(130) == "2m10s"
+    assert pipeline.format_seconds(3725) == "1h02m05s"
 
 
 def test_progress_parses_nnunet_epoch_lines():
     stream = io.StringIO()
-    progress = demo.StepProgress(4, 10, "pretraining", stream)
+    progress = pipeline.StepProgress(4, 10, "pretraining", stream)
     progress.expect(8, "epoch")
     progress.feed("2026-11-25 20:54:02.327173: Epoch 2\n")
     progress.feed("2026-11-25 20:54:02.327173: train_loss 1.0\n")
@@ -153,15 +138,15 @@ class _FakeDemo(demo.Demo):
                 if key == "fail" and self.fail:
                     raise RuntimeError("killed")
                 if key == "report":
-                    self.paths.report.mkdir(parents=True, exist_ok=True)
-                    (self.paths.report / "report.json").write_text(json.dumps({
+                    self.report_folder.mkdir(parents=True, exist_ok=True)
+                    (self.report_folder / "report.json").write_text(json.dumps({
                         "test_cases": ["a"], "summary": {"mean_dice": {a: 0.5 for a in demo.ARMS},
                                                          "gain_points": {"joint_vs_scratch": 0.0,
                                                                          "joint_vs_intra": 0.0}}}))
                 return {"key": key}
             return run
 
-        return [demo._Step(k, k, make(k)) for k in ("first", "fail", "report")]
+        return [pipeline.Step(k, k, make(k)) for k in ("first", "fail", "report")]
 
 
 def test_finished_steps_are_skipped_on_rerun(tmp_path):
@@ -205,17 +190,23 @@ def test_pretraining_model_roundtrip_and_embedding(tmp_path):
     import torch
 
     from nnssl_joint.models.preset import load_preset
+    from nnssl_joint.pretrain.autoconfig import SelfConfiguration
+    from nnssl_joint.pretrain.checkpoint import load_pretraining_model
     from nnssl_joint.pretrain.model import JointSSLModel
     from nnssl_joint.ssl.objective import ObjectiveConfig
 
     preset = load_preset("cpu")
-    objective = ObjectiveConfig(num_prototypes_2d=8, num_prototypes_3d=4)
-    model = JointSSLModel(preset, 1, objective)
+    # the record keeps the user's "auto" sizes (defaults here); the network's sizes come from "resolved"
+    resolved = SelfConfiguration(view_size=32, small_view_size=32, n_small_views=0, n_slices=4, batch_size_2d=4,
+                                 batch_size_3d=2, num_prototypes_2d=8, num_prototypes_3d=4,
+                                 freeze_prototypes_iterations=1, queue_start_iteration=1, memory_budget_gb=3.0,
+                                 estimated_activation_gb=0.1)
+    model = JointSSLModel(preset, 1, resolved.objective(ObjectiveConfig()))
     checkpoint = {"network_weights": model.state_dict(),
-                  "nnssl_joint": {"preset": preset.to_dict(), "config": {"objective": objective.to_dict()},
-                                  "input_channels": 1, "resolved": {"n_slices": 4, "view_size": 32}}}
+                  "nnssl_joint": {"preset": preset.to_dict(), "config": {"objective": ObjectiveConfig().to_dict()},
+                                  "input_channels": 1, "resolved": resolved.to_dict()}}
     torch.save(checkpoint, tmp_path / "checkpoint_final.pth")
-    loaded, meta = demo.load_pretraining_model(tmp_path / "checkpoint_final.pth")
+    loaded, meta = load_pretraining_model(tmp_path / "checkpoint_final.pth")
     assert meta["resolved"]["n_slices"] == 4
     windows = np.random.default_rng(0).standard_normal((2, 1, 4, 32, 32)).astype(np.float32)
     z = demo.embed_volumes(loaded, windows, [4, 2])
@@ -257,21 +248,21 @@ def _fake_report_data() -> dict:
     label[8:16, 8:20] = 1
     montage = [{"case": c, "slice": 5, "image": image, "reference": label,
                 "predictions": {a: label for a in demo.ARMS}, "dice": {a: 0.5 for a in demo.ARMS}} for c in cases]
-    embeddings = {run: {"label": demo.PRETRAIN_LABELS[run], "coords": rng.standard_normal((6, 2)).tolist(),
+    embeddings = {run: {"label": PRETRAIN_LABELS[run], "coords": rng.standard_normal((6, 2)).tolist(),
                         "groups": ["pool"] * 3 + ["task"] * 3, "cases": list("abcdef"),
                         "explained_variance": [0.6, 0.2],
                         "collapse_check": {"z_mean_pairwise_cosine": 0.99999 if run == "intra" else 0.3,
                                            "score_std_over_prototypes": 0.01, "log_k_2d": math.log(34),
                                            "volume_z_mean_pairwise_cosine": 0.999999,
-                                           "n_slices": 10}} for run in demo.PRETRAIN_RUNS}
+                                           "n_slices": 10}} for run in PRETRAIN_RUNS}
     return {
-        "settings": {"seed": 0, "labeled": 2, "budget": demo.BUDGETS["small"].to_dict(), "real": False,
+        "settings": {"seed": 0, "labeled": 2, "budget": DEMO_BUDGETS["small"].to_dict(), "real": False,
                      "device": "cpu", "out": "/tmp/x"},
         "arms": dict(demo.ARM_LABELS), "classes": classes,
         "split": {"train": ["SynthOrgans_000", "SynthOrgans_001"], "val": ["SynthOrgans_002"]},
         "test_cases": cases, "dice": dice,
-        "pretraining": {"joint": {"label": demo.PRETRAIN_LABELS["joint"], "logging": logging},
-                        "intra": {"label": demo.PRETRAIN_LABELS["intra"], "logging": intra_log}},
+        "pretraining": {"joint": {"label": PRETRAIN_LABELS["joint"], "logging": logging},
+                        "intra": {"label": PRETRAIN_LABELS["intra"], "logging": intra_log}},
         "finetuning": {arm: {"weights_check": None if arm == "scratch" else "all 120 keys present",
                              "pretrained_change": None if arm == "scratch" else 0.3, "validation_dice": 0.5,
                              "logging": {"train_losses": [1.0, 0.5], "val_losses": [0.9, 0.6],

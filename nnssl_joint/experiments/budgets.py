@@ -1,0 +1,184 @@
+"""Training lengths, pretraining objectives and the configuration files they become, for the demo and
+the benchmark.
+
+A :class:`TrainingBudget` says how long each pretraining and each fine-tuning run trains (the same for
+every arm); a :class:`DemoBudget` adds the sizes of the generated data. The pretraining runs behind the
+arms differ only in their objective (:func:`pretrain_objective`). :meth:`TrainingBudget.pretrain_config`
+and :meth:`TrainingBudget.finetune_config` build the partial JSON files the trainers read
+(``NNSSL_JOINT_CONFIG``, ``NNSSL_JOINT_FINETUNE_CONFIG``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from nnssl_joint.errors import NnsslJointError
+
+#: pretraining runs of the demo: objective weights (a weight 0 switches a term off)
+PRETRAIN_RUNS: dict[str, dict[str, Any]] = {
+    "joint": {},  # the plugin's defaults: every term
+    "intra": {"lambda_intra_3d": 0.0, "lambda_inter": 0.0, "lambda_mask": 0.0},
+}
+PRETRAIN_LABELS = {
+    "joint": "joint (L_intra + L_intra_3d + L_inter + L_mask)",
+    "intra": "2D-only (L_intra)",
+    "staged": "staged (L_intra, then L_mask with f_intra frozen, then L_inter)",
+}
+
+#: fine-tuning recipes (``nnssl_joint.finetune.FinetuneConfig.recipe``) a benchmark or demo can ask for
+FINETUNE_RECIPES = ("plugin", "nnunet_warmup")
+#: initial learning rate of pretrained networks under the ``nnunet_warmup`` recipe: nnU-Net's 1e-2 divided
+#: by 10, as nnU-Net's pretrained-weights fine-tuning lowers it for networks that start from weights
+PRETRAINED_INITIAL_LR = 1e-3
+
+
+def pretrain_objective(arm: str, epochs: int) -> dict[str, Any]:
+    """The objective overrides of the pretraining run behind ``arm`` (``{}``: the plugin's defaults)."""
+    if arm in PRETRAIN_RUNS:
+        return dict(PRETRAIN_RUNS[arm])
+    if arm == "staged":
+        # the authors' proportions (A: L_intra, B: L_mask with f_intra frozen, C: L_inter + L_intra),
+        # scaled to the budget; stage C gets at least one epoch
+        if epochs >= 3:
+            a, b = round(0.4 * epochs), max(1, round(0.2 * epochs))
+        else:
+            a, b = epochs - 1, 0
+        return {"schedule": "staged", "stage_a_epochs": a, "stage_b_epochs": b}
+    raise NnsslJointError(f"no pretraining behind arm {arm!r}; pretraining arms are "
+                          f"{', '.join([*PRETRAIN_RUNS, 'staged'])}")
+
+
+@dataclass(frozen=True)
+class TrainingBudget:
+    """How long each pretraining and each fine-tuning run trains (the same for every arm)."""
+
+    pretrain_epochs: int
+    pretrain_iterations: int
+    finetune_epochs: int
+    finetune_iterations: int
+    finetune_val_iterations: int
+    finetune_warmup_epochs: int
+    test_time_augmentation: bool
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "test_time_augmentation":
+                if not isinstance(value, bool):
+                    raise NnsslJointError(f"budget: test_time_augmentation must be true or false, got {value!r}")
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise NnsslJointError(f"budget: {f.name} must be an integer, got {value!r}")
+            minimum = 0 if f.name in ("finetune_val_iterations", "finetune_warmup_epochs") else 1
+            if value < minimum:
+                raise NnsslJointError(f"budget: {f.name} must be >= {minimum}, got {value}")
+
+    @classmethod
+    def named(cls, name: str) -> TrainingBudget:
+        if name not in DEMO_BUDGETS:
+            raise NnsslJointError(f"unknown budget {name!r}; choose from {', '.join(DEMO_BUDGETS)}")
+        return DEMO_BUDGETS[name].training
+
+    @classmethod
+    def resolve(cls, spec: str) -> TrainingBudget:
+        """A budget name (tiny, small, medium, large: the demo's training lengths) or a JSON file whose keys
+        override the ``small`` budget."""
+        if spec in DEMO_BUDGETS:
+            return cls.named(spec)
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise NnsslJointError(f"--budget {spec!r} is neither a budget name ({', '.join(sorted(DEMO_BUDGETS))}) "
+                                  "nor a JSON file")
+        try:
+            values = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise NnsslJointError(f"--budget {path}: not valid JSON ({e})") from e
+        if not isinstance(values, dict):
+            raise NnsslJointError(f"--budget {path}: expected a JSON object of budget keys, got {type(values).__name__}")
+        valid = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - valid)
+        if unknown:
+            raise NnsslJointError(f"--budget {path}: unknown key(s) {unknown}; valid keys: {sorted(valid)}")
+        return cls(**{**asdict(cls.named("small")), **values})
+
+    def pretrain_config(self, arm: str, seed: int, preset: str | None = None) -> dict[str, Any]:
+        """The partial pretraining configuration (``NNSSL_JOINT_CONFIG``) of the run behind ``arm``;
+        ``preset``: an architecture preset name or file (None: the pretraining default)."""
+        config: dict[str, Any] = {"seed": int(seed),
+                                  "optim": {"num_epochs": self.pretrain_epochs,
+                                            "iterations_per_epoch": self.pretrain_iterations, "save_every": 1}}
+        if preset is not None:
+            config["preset"] = str(preset)
+        objective = pretrain_objective(arm, self.pretrain_epochs)
+        if objective:
+            config["objective"] = objective
+        return config
+
+    def finetune_config(self, seed: int | None = None, recipe: str = "plugin") -> dict[str, Any]:
+        """The fine-tuning configuration (``NNSSL_JOINT_FINETUNE_CONFIG``), identical for every arm of a
+        seed; ``seed``: seed the fine-tuning (the demo's is not seeded, the benchmark's is). ``recipe``:
+        ``plugin`` (warm-up ``finetune_warmup_epochs`` then poly, lr 1e-2 for every arm) or
+        ``nnunet_warmup`` (nnU-Net's pretrained-weights recipe: linear warm-up of the whole network, then
+        poly from the end of the warm-up; initial lr :data:`PRETRAINED_INITIAL_LR` when the run starts
+        from pretrained weights)."""
+        if recipe not in FINETUNE_RECIPES:
+            raise NnsslJointError(f"fine-tuning recipe {recipe!r}: choose from {', '.join(FINETUNE_RECIPES)}")
+        config: dict[str, Any] = {"num_epochs": self.finetune_epochs, "iterations_per_epoch": self.finetune_iterations,
+                                  "val_iterations_per_epoch": self.finetune_val_iterations, "initial_lr": 1e-2,
+                                  "warmup_epochs": self.finetune_warmup_epochs, "save_every": 1}
+        if recipe != "plugin":
+            config["recipe"] = recipe
+            config["pretrained_initial_lr"] = PRETRAINED_INITIAL_LR
+        if seed is not None:
+            config["seed"] = int(seed)
+        return config
+
+
+@dataclass(frozen=True)
+class DemoBudget:
+    """A demo budget: the sizes of the generated data and the training lengths."""
+
+    name: str
+    n_3d: int
+    n_2d: int
+    n_test: int
+    training: TrainingBudget
+    shape_3d: tuple[int, int, int] = (32, 32, 32)
+    shape_2d: tuple[int, int] = (64, 64)
+
+    def __post_init__(self) -> None:
+        for key in ("n_3d", "n_2d", "n_test"):
+            if getattr(self, key) < 1:
+                raise NnsslJointError(f"budget {self.name!r}: {key} must be >= 1, got {getattr(self, key)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """One flat record (data sizes and training lengths), as the demo's settings record stores it."""
+        return {"name": self.name, "n_3d": self.n_3d, "n_2d": self.n_2d, "n_test": self.n_test,
+                **asdict(self.training), "shape_3d": list(self.shape_3d), "shape_2d": list(self.shape_2d)}
+
+
+def _demo_budget(name: str, n_3d: int, n_2d: int, n_test: int, **training: Any) -> DemoBudget:
+    return DemoBudget(name, n_3d, n_2d, n_test, TrainingBudget(**training))
+
+
+DEMO_BUDGETS = {
+    # a smoke test of the whole pipeline (a few minutes); its Dice numbers mean nothing
+    "tiny": _demo_budget("tiny", n_3d=4, n_2d=8, n_test=2, pretrain_epochs=2, pretrain_iterations=4,
+                         finetune_epochs=2, finetune_iterations=4, finetune_val_iterations=1,
+                         finetune_warmup_epochs=0, test_time_augmentation=False),
+    # the default: about 10-15 minutes on 2 CPU cores
+    "small": _demo_budget("small", n_3d=8, n_2d=16, n_test=4, pretrain_epochs=8, pretrain_iterations=50,
+                          finetune_epochs=20, finetune_iterations=25, finetune_val_iterations=4,
+                          finetune_warmup_epochs=1, test_time_augmentation=False),
+    # about an hour on 2 CPU cores
+    "medium": _demo_budget("medium", n_3d=16, n_2d=32, n_test=8, pretrain_epochs=25, pretrain_iterations=100,
+                           finetune_epochs=40, finetune_iterations=25, finetune_val_iterations=5,
+                           finetune_warmup_epochs=2, test_time_augmentation=True),
+    # several hours on CPU; well under an hour on a GPU
+    "large": _demo_budget("large", n_3d=48, n_2d=96, n_test=16, pretrain_epochs=50, pretrain_iterations=250,
+                          finetune_epochs=100, finetune_iterations=50, finetune_val_iterations=10,
+                          finetune_warmup_epochs=5, test_time_augmentation=True),
+}
