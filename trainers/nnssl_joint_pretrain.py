@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from nnssl_joint.common.checkpoint_io import atomic_write_text, save_nnunet_checkpoint
 from nnssl_joint.models.preset import load_preset
 from nnssl_joint.pretrain import runtime
-from nnssl_joint.pretrain.autoconfig import DatasetStats, auto_configure, describe
+from nnssl_joint.pretrain.autoconfig import DatasetStats, SelfConfiguration, auto_configure, describe
 from nnssl_joint.pretrain.config import load_pretrain_config
 from nnssl_joint.pretrain.model import JointSSLModel
 from nnssl_joint.pretrain.run_logging import IterationLossFile, JointSSLLocalLogger
@@ -64,7 +64,7 @@ class JointSSLPretrainTrainer(nnUNetTrainer):
         self.save_every = max(1, optim.save_every)
         self.logger.local_logger = JointSSLLocalLogger()
         self.iteration = 0
-        self.resolved: dict = {}
+        self.resolved: SelfConfiguration | None = None
         self.stats: DatasetStats | None = None
         self.dataset_summary: dict = {}
         self._epoch_outputs_start = 0.0
@@ -84,15 +84,10 @@ class JointSSLPretrainTrainer(nnUNetTrainer):
         seed = runtime.seed_everything(cfg.seed, self.local_rank)
         self.preset = load_preset(cfg.preset)
         self.stats, self.dataset_summary = runtime.dataset_stats(self.preprocessed_dataset_folder, self.dataset_class)
-        self.resolved = auto_configure(self.stats, self.preset, self.device.type, cfg.data,
-                                       None if "num_prototypes_2d" not in cfg.explicit_objective_keys
-                                       else cfg.objective.num_prototypes_2d,
-                                       None if "num_prototypes_3d" not in cfg.explicit_objective_keys
-                                       else cfg.objective.num_prototypes_3d,
+        self.resolved = auto_configure(self.stats, self.preset, self.device.type, cfg, self.num_iterations_per_epoch,
                                        self.num_input_channels)
-        runtime.apply_resolved(cfg, self.resolved, self.num_iterations_per_epoch)
         if self.is_ddp:
-            runtime.split_batch_for_ddp(cfg, self.resolved, dist.get_world_size(), dist.get_rank())
+            self.resolved = self.resolved.for_process(dist.get_world_size(), dist.get_rank())
         self.print_to_log_file(describe(self.stats, self.resolved))
         self.print_to_log_file(f"configuration sources: {', '.join(self.ssl_config_sources)}; "
                                + ("not seeded (seed null)" if seed is None else f"seed {cfg.seed}"))
@@ -100,7 +95,8 @@ class JointSSLPretrainTrainer(nnUNetTrainer):
             self.print_to_log_file("WARNING: the dataset holds no volumes (every case has one slice): L_intra_3d, "
                                    "L_inter and L_mask are disabled; only the 2D encoder is pretrained.")
 
-        self.network = JointSSLModel(self.preset, self.num_input_channels, cfg.objective).to(self.device)
+        self.network = JointSSLModel(self.preset, self.num_input_channels,
+                                     self.resolved.objective(cfg.objective)).to(self.device)
         self.optimizer, self.lr_scheduler = self.configure_optimizers()
         if self.is_ddp:
             self.network = DDP(self.network, device_ids=[self.device.index] if self.device.type == "cuda" else None,
@@ -111,7 +107,8 @@ class JointSSLPretrainTrainer(nnUNetTrainer):
                               join(self.output_folder, "nnssl_joint_config.json"))
 
     def effective_config(self) -> dict:
-        return {"config": self.ssl_config.to_dict(), "resolved": self.resolved, "preset": self.preset.to_dict(),
+        return {"config": self.ssl_config.to_dict(), "resolved": self.resolved.to_dict(),
+                "preset": self.preset.to_dict(),
                 "sources": self.ssl_config_sources, "input_channels": self.num_input_channels}
 
     def configure_optimizers(self):

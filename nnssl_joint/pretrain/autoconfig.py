@@ -7,12 +7,17 @@ memory budget for the device. Anything the user set explicitly in the configurat
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import asdict, dataclass, fields, replace
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from nnssl_joint.errors import NnsslJointError
 from nnssl_joint.models.preset import ArchitecturePreset
+from nnssl_joint.ssl.objective import ObjectiveConfig
+
+if TYPE_CHECKING:
+    from nnssl_joint.pretrain.config import PretrainConfig
 
 
 @dataclass
@@ -64,16 +69,80 @@ def default_memory_budget_gb(device_type: str) -> float:
     return 3.0
 
 
+@dataclass(frozen=True)
+class SelfConfiguration:
+    """What a pretraining run derived from its dataset, preset, device and configuration.
+
+    The only input of the data loaders and of the losses' sizes, and what checkpoints record (key
+    ``resolved``); the user's configuration keeps its ``"auto"`` values. Batch sizes are global;
+    :meth:`for_process` gives each DDP process its share (``*_per_rank``), which its loaders draw.
+    """
+
+    view_size: int
+    small_view_size: int
+    n_small_views: int
+    n_slices: int
+    batch_size_2d: int
+    batch_size_3d: int
+    num_prototypes_2d: int
+    num_prototypes_3d: int
+    freeze_prototypes_iterations: int
+    queue_start_iteration: int
+    memory_budget_gb: float
+    estimated_activation_gb: float
+    world_size: int = 1
+    rank: int = 0
+    batch_size_2d_per_rank: int = -1  # -1: the global size (set in __post_init__)
+    batch_size_3d_per_rank: int = -1
+
+    def __post_init__(self) -> None:
+        for key in ("batch_size_2d", "batch_size_3d"):
+            if getattr(self, f"{key}_per_rank") < 0:
+                object.__setattr__(self, f"{key}_per_rank", getattr(self, key))
+
+    def for_process(self, world_size: int, rank: int) -> SelfConfiguration:
+        """This configuration for process ``rank`` of ``world_size``: each takes its share of the global
+        batches (the first ``total % world_size`` ranks one more), as nnU-Net's DDP splits its batch."""
+        shares = {}
+        for key in ("batch_size_2d", "batch_size_3d"):
+            total = getattr(self, key)
+            if 0 < total < world_size:
+                raise NnsslJointError(
+                    f"data.{key}={total} is smaller than the number of processes ({world_size}); set data.{key} to "
+                    f"at least {world_size} in the file named by NNSSL_JOINT_CONFIG")
+            shares[f"{key}_per_rank"] = total // world_size + (1 if rank < total % world_size else 0)
+        return replace(self, world_size=world_size, rank=rank, **shares)
+
+    def objective(self, base: ObjectiveConfig) -> ObjectiveConfig:
+        """``base`` with the self-configured sizes: the objective the losses are built with."""
+        return replace(base, num_prototypes_2d=self.num_prototypes_2d, num_prototypes_3d=self.num_prototypes_3d,
+                       freeze_prototypes_iterations=self.freeze_prototypes_iterations,
+                       queue_start_iteration=self.queue_start_iteration)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> SelfConfiguration:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
 def auto_configure(
     stats: DatasetStats,
     preset: ArchitecturePreset,
     device_type: str,
-    data_cfg: Any,
-    num_prototypes_2d: Any,
-    num_prototypes_3d: Any,
+    config: PretrainConfig,
+    iterations_per_epoch: int,
     input_channels: int = 1,
-) -> dict[str, Any]:
-    """Fill every ``"auto"``/``None`` value; returns the resolved values (explicit ones pass through)."""
+) -> SelfConfiguration:
+    """Fill every ``"auto"``/``None`` value of ``config`` (explicit values pass through), for one process
+    holding the global batch (see :meth:`SelfConfiguration.for_process`)."""
+    data_cfg = config.data
+    explicit = config.explicit_objective_keys
+    objective = config.objective
+    num_prototypes_2d = objective.num_prototypes_2d if "num_prototypes_2d" in explicit else None
+    num_prototypes_3d = objective.num_prototypes_3d if "num_prototypes_3d" in explicit else None
 
     def is_auto(v: Any) -> bool:
         return v is None or v == "auto"
@@ -143,31 +212,39 @@ def auto_configure(
     if is_auto(k3):
         k3 = int(min(300, max(2, round(stats.n_volumes / 2)))) if has_3d else 2
 
-    return {
-        "view_size": view,
-        "small_view_size": small,
-        "n_small_views": n_small,
-        "n_slices": n_slices,
-        "batch_size_2d": int(b2),
-        "batch_size_3d": int(b3),
-        "num_prototypes_2d": int(k2),
-        "num_prototypes_3d": int(k3),
-        "memory_budget_gb": round(budget_gb, 2),
-        "estimated_activation_gb": round(
+    # SwAV's iteration-based defaults assume long epochs; tie them to this run's epoch length
+    freeze = (objective.freeze_prototypes_iterations if "freeze_prototypes_iterations" in explicit
+              else iterations_per_epoch)
+    queue_start = objective.queue_start_iteration if "queue_start_iteration" in explicit else iterations_per_epoch
+    return SelfConfiguration(
+        view_size=view,
+        small_view_size=small,
+        n_small_views=n_small,
+        n_slices=n_slices,
+        batch_size_2d=int(b2),
+        batch_size_3d=int(b3),
+        num_prototypes_2d=int(k2),
+        num_prototypes_3d=int(k3),
+        freeze_prototypes_iterations=int(freeze),
+        queue_start_iteration=int(queue_start),
+        memory_budget_gb=round(budget_gb, 2),
+        estimated_activation_gb=round(
             (int(b2) * (2 * per_slice + n_small * per_small) + int(b3) * 2 * n_slices * per_slice)
             / 1024**3,
             3,
         ),
-    }
+    )
 
 
-def describe(stats: DatasetStats, resolved: dict[str, Any]) -> str:
+def describe(stats: DatasetStats, resolved: SelfConfiguration) -> str:
+    r = resolved
+    per_rank = (f" (this process of {r.world_size}: 2D={r.batch_size_2d_per_rank} 3D={r.batch_size_3d_per_rank})"
+                if r.world_size > 1 else "")
     return (
         f"dataset: {stats.n_images_2d} 2D images, {stats.n_volumes} volumes, {stats.n_slices_total} slices in "
         f"all, median in-plane {stats.median_inplane}, median volume slices {stats.median_volume_slices}\n"
-        f"self-configured: view {resolved['view_size']}px (small views {resolved['small_view_size']}px), "
-        f"N={resolved['n_slices']} slices, batch 2D={resolved['batch_size_2d']} 3D={resolved['batch_size_3d']}, "
-        f"prototypes 2D={resolved['num_prototypes_2d']} 3D={resolved['num_prototypes_3d']}, budget "
-        f"{resolved['memory_budget_gb']} GB (estimated activations {resolved['estimated_activation_gb']} GB)"
+        f"self-configured: view {r.view_size}px (small views {r.small_view_size}px), N={r.n_slices} slices, "
+        f"global batch 2D={r.batch_size_2d} 3D={r.batch_size_3d}{per_rank}, prototypes 2D={r.num_prototypes_2d} "
+        f"3D={r.num_prototypes_3d}, budget {r.memory_budget_gb} GB (estimated activations "
+        f"{r.estimated_activation_gb} GB)"
     )
-

@@ -14,13 +14,10 @@ folder (``nnssl_joint_config.json``) and into every checkpoint.
 
 from __future__ import annotations
 
-import json
-import os
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
-from pathlib import Path
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Union
 
-from nnssl_joint.errors import NnsslJointError
+from nnssl_joint.common.typed_config import Layer, Loaded, layers_from, load_layered
 from nnssl_joint.ssl.objective import ObjectiveConfig
 
 CONFIG_ENV_VAR = "NNSSL_JOINT_CONFIG"
@@ -70,87 +67,32 @@ class PretrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
 
-    #: objective keys a user set explicitly; the others that depend on the data (prototype counts,
-    #: prototype freezing, queue start) are self-configured
-    explicit_objective_keys: set[str] = field(default_factory=set, repr=False)
+    #: dotted keys a source set explicitly (``"objective.num_prototypes_2d"``); the values that depend on
+    #: the data and were not set (prototype counts, prototype freezing, queue start) are self-configured
+    explicit_keys: frozenset[str] = field(default_factory=frozenset, repr=False, compare=False,
+                                         metadata={"internal": True})
+
+    @property
+    def explicit_objective_keys(self) -> set[str]:
+        return {k[len("objective."):] for k in self.explicit_keys if k.startswith("objective.")}
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d.pop("explicit_objective_keys")
+        d.pop("explicit_keys")
         d["objective"] = self.objective.to_dict()
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "configuration") -> PretrainConfig:
-        cfg = cls()
-        cfg.update(d, where)
-        return cfg
-
-    def update(self, d: dict[str, Any], where: str = "configuration") -> None:
-        """Apply a partial nested dict; unknown keys are an error that names the key and the source."""
-        if not isinstance(d, dict):
-            raise NnsslJointError(f"{where}: expected a JSON object, got {type(d).__name__}")
-        for key, value in d.items():
-            if key == "objective":
-                if not isinstance(value, dict):
-                    raise NnsslJointError(f"{where}: objective: expected a JSON object, got {value!r}")
-                self.explicit_objective_keys |= set(value)
-                merged = {**self.objective.to_dict(), **(value or {})}
-                try:
-                    self.objective = ObjectiveConfig.from_dict(merged)
-                except ValueError as e:
-                    raise NnsslJointError(f"{where}: objective: {e}") from e
-            elif key in ("data", "optim"):
-                _update_dataclass(getattr(self, key), value, f"{where}: {key}")
-            else:
-                _set_field(self, key, value, where)
-
-
-def _set_field(obj: Any, key: str, value: Any, where: str) -> None:
-    valid = {f.name: f for f in fields(obj)}
-    if key not in valid:
-        raise NnsslJointError(
-            f"{where}: unknown key '{key}'; valid keys: {sorted(valid)}"
-        )
-    current = getattr(obj, key)
-    if value is None and "None" in str(valid[key].type):
-        setattr(obj, key, value)
-        return
-    if is_dataclass(current):
-        _update_dataclass(current, value, f"{where}: {key}")
-        return
-    if isinstance(current, bool) and not isinstance(value, bool):
-        raise NnsslJointError(f"{where}: '{key}' must be true or false, got {value!r}")
-    if isinstance(current, (int, float)) and not isinstance(current, bool) and not isinstance(value, (int, float)):
-        raise NnsslJointError(f"{where}: '{key}' must be a number, got {value!r}")
-    setattr(obj, key, value)
-
-
-def _update_dataclass(obj: Any, values: Any, where: str) -> None:
-    if not isinstance(values, dict):
-        raise NnsslJointError(f"{where}: expected a JSON object, got {values!r}")
-    for k, v in values.items():
-        _set_field(obj, k, v, where)
+        """Defaults <- ``d`` (partial, nested like :meth:`to_dict`); keys and types checked."""
+        return _with_keys(load_layered(cls, [Layer(where, d)]))
 
 
 def load_pretrain_config(plans_configuration: dict | None = None) -> tuple[PretrainConfig, list[str]]:
     """Defaults <- plans section <- ``$NNSSL_JOINT_CONFIG`` file. Returns the config and the sources used."""
-    cfg = PretrainConfig()
-    sources = ["defaults"]
-    if plans_configuration and PLANS_SECTION in plans_configuration:
-        cfg.update(plans_configuration[PLANS_SECTION], f"plans section '{PLANS_SECTION}'")
-        sources.append(f"plans section '{PLANS_SECTION}'")
-    env_file = os.environ.get(CONFIG_ENV_VAR)
-    if env_file:
-        path = Path(env_file)
-        if not path.is_file():
-            raise NnsslJointError(
-                f"{CONFIG_ENV_VAR}={env_file} does not name a file; point it at a JSON file or unset it"
-            )
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise NnsslJointError(f"{path}: not valid JSON ({e}); fix the file named by {CONFIG_ENV_VAR}") from e
-        cfg.update(data, str(path))
-        sources.append(str(path))
-    return cfg, sources
+    loaded = load_layered(PretrainConfig, layers_from(plans_configuration, PLANS_SECTION, CONFIG_ENV_VAR))
+    return _with_keys(loaded), list(loaded.sources)
+
+
+def _with_keys(loaded: Loaded) -> PretrainConfig:
+    return replace(loaded.config, explicit_keys=loaded.explicit_keys)

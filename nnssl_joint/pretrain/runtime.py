@@ -15,41 +15,9 @@ from torch import distributed as dist
 from torch import nn
 
 from nnssl_joint.errors import NnsslJointError
-from nnssl_joint.pretrain.autoconfig import DatasetStats
-from nnssl_joint.pretrain.config import PretrainConfig
+from nnssl_joint.pretrain.autoconfig import DatasetStats, SelfConfiguration
 from nnssl_joint.ssl.objective import LOSS_TERMS
 from nnssl_joint.ssl.swav import prototype_usage_entropy
-
-
-def apply_resolved(cfg: PretrainConfig, resolved: dict[str, Any], iterations_per_epoch: int) -> None:
-    """Write self-configured values into the config (explicitly set values were passed through)."""
-    for key in ("view_size", "small_view_size", "n_small_views", "n_slices", "batch_size_2d", "batch_size_3d"):
-        setattr(cfg.data, key, resolved[key])
-    obj = cfg.objective
-    obj.num_prototypes_2d = resolved["num_prototypes_2d"]
-    obj.num_prototypes_3d = resolved["num_prototypes_3d"]
-    # SwAV's iteration-based defaults assume long epochs; tie them to this run's epoch length
-    if "freeze_prototypes_iterations" not in cfg.explicit_objective_keys:
-        obj.freeze_prototypes_iterations = iterations_per_epoch
-    if "queue_start_iteration" not in cfg.explicit_objective_keys:
-        obj.queue_start_iteration = iterations_per_epoch
-    resolved["freeze_prototypes_iterations"] = obj.freeze_prototypes_iterations
-    resolved["queue_start_iteration"] = obj.queue_start_iteration
-
-
-def split_batch_for_ddp(cfg: PretrainConfig, resolved: dict[str, Any], world_size: int, rank: int) -> None:
-    """The configured batch sizes are global; each rank takes its share (like nnU-Net's DDP)."""
-    for key in ("batch_size_2d", "batch_size_3d"):
-        total = int(getattr(cfg.data, key))
-        if total == 0:
-            continue
-        if total < world_size:
-            raise NnsslJointError(
-                f"data.{key}={total} is smaller than the number of processes ({world_size}); set data.{key} to at "
-                f"least {world_size} in the file named by NNSSL_JOINT_CONFIG")
-        share = total // world_size + (1 if rank < total % world_size else 0)
-        setattr(cfg.data, key, share)
-        resolved[f"{key}_per_rank"] = share
 
 
 def parameter_groups(network: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -259,8 +227,9 @@ def dataset_stats(folder: str, dataset_class: Any) -> tuple[DatasetStats, dict]:
     return DatasetStats.from_shapes(shapes), summary
 
 
-def build_joint_loader(trainer: Any, resolved: dict[str, Any]) -> Any:
-    """nnU-Net dataset of all training cases -> JointLoader (2D views + volume windows)."""
+def build_joint_loader(trainer: Any, resolved: SelfConfiguration) -> Any:
+    """nnU-Net dataset of all training cases -> JointLoader (2D views + volume windows) drawing this
+    process's share of the global batches (``resolved.for_process``)."""
     from nnssl_joint.data.augment import STRONG, WEAK
     from nnssl_joint.data.loaders import (
         JointLoader,
@@ -274,18 +243,18 @@ def build_joint_loader(trainer: Any, resolved: dict[str, Any]) -> Any:
     summary = trainer.dataset_summary
     slices_per_case = {k: summary["cases"][k]["n_slices"] for k in dataset_tr.identifiers}
     probabilities = case_sampling_probabilities(dataset_tr, slices_per_case, data.min_2d_fraction)
-    view = (resolved["view_size"],) * 2
+    view = (resolved.view_size,) * 2
     strengths = {"weak": WEAK, "strong": STRONG}
     if data.augmentation not in strengths:
         raise NnsslJointError(f"data.augmentation must be one of {sorted(strengths)}, got {data.augmentation!r}")
     augmentation = strengths[data.augmentation]
-    slice_loader = SliceViewsLoader(dataset_tr, resolved["batch_size_2d"], view, config=augmentation,
-                                    n_small_views=resolved["n_small_views"],
-                                    small_view_size=(resolved["small_view_size"],) * 2,
+    slice_loader = SliceViewsLoader(dataset_tr, resolved.batch_size_2d_per_rank, view, config=augmentation,
+                                    n_small_views=resolved.n_small_views,
+                                    small_view_size=(resolved.small_view_size,) * 2,
                                     sampling_probabilities=probabilities)
     volume_loader = None
-    if resolved["batch_size_3d"] > 0 and any(n >= 2 for n in slices_per_case.values()):
-        volume_loader = VolumeViewsLoader(dataset_tr, resolved["batch_size_3d"], resolved["n_slices"], view,
+    if resolved.batch_size_3d_per_rank > 0 and any(n >= 2 for n in slices_per_case.values()):
+        volume_loader = VolumeViewsLoader(dataset_tr, resolved.batch_size_3d_per_rank, resolved.n_slices, view,
                                           config=augmentation,
                                           summary={"cases": {k: summary["cases"][k] for k in dataset_tr.identifiers}})
     return JointLoader(slice_loader, volume_loader)

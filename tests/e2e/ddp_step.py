@@ -2,8 +2,9 @@
 
 Usage: python ddp_step.py WORLD OUT.json   (nnU-Net env vars and NNSSL_JOINT_CONFIG set by the caller)
 Each rank builds the trainer through nnU-Net's own get_trainer_from_args, initialises it under DDP,
-takes its contiguous share of the global batch and runs the trainer's train_step. Rank 0 writes the
-mean loss over ranks and a parameter checksum after the step.
+takes its contiguous share of the global batch and runs the trainer's train_step, then draws one batch
+from the trainer's own data loaders. Rank 0 writes the mean loss over ranks, a parameter checksum after
+the step and the (2D, 3D) batch size each rank's loaders drew.
 """
 
 import json
@@ -49,20 +50,25 @@ def worker(rank: int, world: int, port: int, out_file: str) -> None:
     trainer.initialize()
     cfg = trainer.ssl_config
     trainer.stage = cfg.objective.stage_at(0)
-    view, n = cfg.data.view_size, cfg.data.n_slices
+    view, n = trainer.resolved.view_size, trainer.resolved.n_slices
     batch = shard(global_batch(trainer.num_input_channels, view, n, 8, 4), rank, world)
     trainer.network.train()
     out = trainer.train_step(batch)
-    losses = [None] * world
+    # the trainer's own loaders (after the step, so that drawing does not change it): each rank's batch
+    loader, _ = trainer.get_dataloaders()
+    drawn = next(loader)
+    drawn_sizes = (int(drawn["slices"]["global_views"].shape[0]), int(drawn["volumes"]["views"].shape[0]))
+    losses, sizes = [None] * world, [None] * world
     if world > 1:
         dist.all_gather_object(losses, out["loss"])
+        dist.all_gather_object(sizes, drawn_sizes)
     else:
-        losses = [out["loss"]]
+        losses, sizes = [out["loss"]], [drawn_sizes]
     # gradients after DDP's all-reduce (and clipping), before the next zero_grad
     params = {k: p.grad.detach().double() for k, p in trainer.model.named_parameters() if p.grad is not None}
     if rank == 0:
         with open(out_file, "w") as f:
-            json.dump({"loss": sum(losses) / world, "per_rank": losses,
+            json.dump({"loss": sum(losses) / world, "per_rank": losses, "loader_batch_per_rank": sizes,
                        "terms": {k: out[k] for k in ("intra", "intra_3d", "inter", "mask")},
                        "checksums": {k: float(v.sum()) for k, v in params.items()},
                        "abs": {k: float(v.abs().sum()) for k, v in params.items()}}, f)

@@ -157,7 +157,8 @@ def test_find_best_configuration_works_unchanged(workspace):
 
 def test_ddp_two_processes_match_one_process_on_the_same_global_batch(workspace):
     """Two gloo processes through the trainer's own code path (DDP, distributed Sinkhorn) compute the
-    loss and the update of one process on the concatenated batch."""
+    loss and the update of one process on the concatenated batch, and their loaders draw half the
+    global batch each."""
     root = workspace["root"]
     preset = json.loads((Path(__file__).resolve().parents[2] / "plans" / "cpu.json").read_text())
     preset["transformer"]["dropout"] = 0.0  # dropout draws differ between 1 and 2 processes
@@ -176,6 +177,9 @@ def test_ddp_two_processes_match_one_process_on_the_same_global_batch(workspace)
         results[world] = json.loads(out.read_text())
     one, two = results[1], results[2]
     assert len(two["per_rank"]) == 2 and two["per_rank"][0] != two["per_rank"][1]
+    # the configured batch is global: one process draws all of it, each of two processes half
+    assert one["loader_batch_per_rank"] == [[8, 4]]
+    assert two["loader_batch_per_rank"] == [[4, 2], [4, 2]]
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-4, abs=1e-5)
     for term in ("intra", "intra_3d", "mask"):
         assert two["terms"][term] != pytest.approx(0.0)
