@@ -26,6 +26,7 @@ from nnssl_joint import __version__
 from nnssl_joint.models.downstream import pool_op_kernel_sizes, resolve_preset
 from nnssl_joint.models.preset import ArchitecturePreset
 from nnssl_joint.naming import PLANS_NAME
+from nnssl_joint.planning.estimate import ThreadIndependentEstimateMixin
 
 DOWNSTREAM_PLANS_NAME = PLANS_NAME
 ARCHITECTURES = {
@@ -38,7 +39,7 @@ def _round_up(value: float, multiple: int) -> int:
     return int(max(multiple, np.ceil(value / multiple) * multiple))
 
 
-class JointSSLDownstreamPlanner(ExperimentPlanner):
+class JointSSLDownstreamPlanner(ThreadIndependentEstimateMixin, ExperimentPlanner):
     def __init__(self, dataset_name_or_id: str | int, gpu_memory_target_in_gb: float = 8,
                  preprocessor_name: str = "DefaultPreprocessor", plans_name: str = DOWNSTREAM_PLANS_NAME,
                  overwrite_target_spacing: list[float] | None = None, suppress_transpose: bool = False,

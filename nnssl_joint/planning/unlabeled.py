@@ -69,6 +69,7 @@ from nnssl_joint.planning.errors import (
     PlanningError,
     PreprocessingVerificationError,
 )
+from nnssl_joint.planning.estimate import ThreadIndependentEstimateMixin
 from nnssl_joint.planning.raw import (
     PROVENANCE_FILE,
     RawCase,
@@ -232,7 +233,7 @@ def _case_schemes_of_raw_dataset(raw_folder: str) -> tuple[dict[str, list[str]],
     return per_case, normalization_schemes_for(list(channel_names_of(dataset_json).values()))
 
 
-class JointSSLPlanner(ExperimentPlanner):
+class JointSSLPlanner(ThreadIndependentEstimateMixin, ExperimentPlanner):
     """Plans ``nnsslJointPlans`` with the single 2D-type pretraining configuration ``joint_ssl``.
 
     ``spacing`` (a :class:`SpacingSpec` or its string) sets the in-plane target spacing; an nnU-Net
