@@ -18,6 +18,7 @@ from batchgenerators.utilities.file_and_folder_operations import join
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnssl_joint.common.checkpoint_io import atomic_write_text, save_nnunet_checkpoint
+from nnssl_joint.common.seeding import seed_everything
 from nnssl_joint.finetune import (
     GroupPolyLR,
     check_pretrained_weights,
@@ -26,7 +27,6 @@ from nnssl_joint.finetune import (
     pretrained_weights_from_argv,
     split_parameters,
 )
-from nnssl_joint.pretrain.runtime import seed_everything
 
 
 class JointSSLFinetuneTrainer(nnUNetTrainer):

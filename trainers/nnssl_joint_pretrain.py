@@ -29,6 +29,8 @@ from torch import distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nnssl_joint.common.checkpoint_io import atomic_write_text, save_nnunet_checkpoint
+from nnssl_joint.common.modules import unwrap
+from nnssl_joint.common.seeding import capture_rng, restore_rng, seed_everything
 from nnssl_joint.models.preset import load_preset
 from nnssl_joint.pretrain import runtime
 from nnssl_joint.pretrain.autoconfig import DatasetStats, SelfConfiguration, auto_configure, describe
@@ -81,7 +83,7 @@ class JointSSLPretrainTrainer(nnUNetTrainer):
         self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
         cfg = self.ssl_config
         # before anything draws random numbers (weights, prototypes); --c then restores the saved RNG state
-        seed = runtime.seed_everything(cfg.seed, self.local_rank)
+        seed = seed_everything(cfg.seed, self.local_rank)
         self.preset = load_preset(cfg.preset)
         self.stats, self.dataset_summary = runtime.dataset_stats(self.preprocessed_dataset_folder, self.dataset_class)
         self.resolved = auto_configure(self.stats, self.preset, self.device.type, cfg, self.num_iterations_per_epoch,
@@ -120,7 +122,7 @@ class JointSSLPretrainTrainer(nnUNetTrainer):
 
     @property
     def model(self) -> JointSSLModel:
-        return self.network.module if isinstance(self.network, DDP) else self.network
+        return unwrap(self.network)
 
     def set_deep_supervision_enabled(self, enabled: bool):
         pass  # no decoder during pretraining
@@ -274,7 +276,7 @@ class JointSSLPretrainTrainer(nnUNetTrainer):
     def save_checkpoint(self, filename: str) -> None:
         if self.local_rank == 0:  # the record below is only needed where the file is written
             save_nnunet_checkpoint(self, self.model, self._best_loss, filename, {"nnssl_joint": {
-                **self.effective_config(), "iteration": self.iteration, "rng": runtime.capture_rng()}})
+                **self.effective_config(), "iteration": self.iteration, "rng": capture_rng()}})
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         if not self.was_initialized:
@@ -295,6 +297,6 @@ class JointSSLPretrainTrainer(nnUNetTrainer):
         self.logger.load_checkpoint(checkpoint["logging"])
         self._best_loss = checkpoint["_best_ema"]
         self.iteration = extra["iteration"]
-        runtime.restore_rng(extra["rng"])
+        restore_rng(extra["rng"])
         self.print_to_log_file(f"resumed from epoch {self.current_epoch}, iteration {self.iteration}")
 

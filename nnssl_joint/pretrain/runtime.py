@@ -4,7 +4,6 @@ resume checks and the export of downstream weights. Kept here so the trainer fil
 
 from __future__ import annotations
 
-import random
 import re
 from pathlib import Path
 from typing import Any
@@ -98,26 +97,9 @@ def summarize_epoch(outputs: list[dict], model: nn.Module, seconds: float, is_dd
     return summary
 
 
-def seed_everything(seed: Any, rank: int = 0) -> int | None:
-    """Seed Python, NumPy and torch (all devices) with ``seed + rank``; ``None`` leaves them alone.
-
-    Ranks get different seeds so that their loaders draw different batches; DDP copies rank 0's
-    initial weights to the others. Returns the seed used."""
-    if seed is None:
-        return None
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise NnsslJointError(f"seed must be a non-negative integer or null (no seeding), got {seed!r}; fix 'seed' "
-                              "in the file named by NNSSL_JOINT_CONFIG")
-    value = (seed + rank) % 2**32
-    random.seed(value)
-    np.random.seed(value)
-    torch.manual_seed(value)
-    return value
-
-
 def augmenter_seeds(num_processes: int) -> list[int]:
     """Distinct seeds for the augmentation worker processes, drawn from NumPy's global RNG (seeded by
-    :func:`seed_everything` or restored from a checkpoint)."""
+    :func:`nnssl_joint.common.seeding.seed_everything` or restored from a checkpoint)."""
     first = int(np.random.randint(0, 2**31 - 1 - num_processes))
     return [first + i for i in range(num_processes)]
 
@@ -154,21 +136,6 @@ def remove_stale_temp_files(folder: str | Path) -> list[str]:
                 path.unlink(missing_ok=True)
                 removed.append(path.name)
     return removed
-
-
-def capture_rng() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"].cpu() if torch.is_tensor(state["torch"]) else state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 def newest_training_state(filename: str, device: torch.device | str = "cpu") -> tuple[str, dict]:

@@ -22,9 +22,9 @@ from reliability_helpers import (
     write_config,
 )
 
+from nnssl_joint.common.seeding import seed_everything
 from nnssl_joint.errors import NnsslJointError
 from nnssl_joint.pretrain.config import PretrainConfig
-from nnssl_joint.pretrain.runtime import seed_everything
 
 
 def test_same_seed_gives_the_same_first_20_losses_and_weights(base, reference, tmp_path):
