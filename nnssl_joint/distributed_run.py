@@ -4,7 +4,8 @@ nnU-Net's ``-num_gpus N`` spawns N processes on one machine (NCCL, CUDA only). F
 or for CPU-only clusters (gloo), start the same trainer under torchrun:
 
     torchrun --nnodes 2 --node_rank 0 --nproc_per_node 4 --master_addr HOST --master_port 29500 \\
-        -m nnssl_joint.distributed_run 900 joint_ssl all -p nnsslJointPlans [--c] [-tr JointSSLPretrainTrainer]
+        -m nnssl_joint.distributed_run 900 joint_ssl all -p nnsslJointPlans [--c] \\
+        [-tr JointSSLPretrainTrainer]
 
 Every process needs the same nnUNet_* variables, nnUNet_extTrainer and NNSSL_JOINT_CONFIG. The batch
 sizes of the configuration are global and split over all processes; Sinkhorn codes, queues and k-means
@@ -31,7 +32,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--backend", default=None, help="nccl (default with CUDA) or gloo (default without)")
     args = ap.parse_args(argv)
     if "RANK" not in os.environ:
-        raise SystemExit("nnssl_joint.distributed_run must be started by torchrun (RANK/WORLD_SIZE are not set)")
+        raise SystemExit("nnssl_joint.distributed_run must be started by torchrun (RANK/WORLD_SIZE are not "
+                         "set)")
     use_cuda = torch.cuda.is_available()
     backend = args.backend or ("nccl" if use_cuda else "gloo")
     if use_cuda:

@@ -24,8 +24,8 @@ from nnssl_joint.models.downstream import SliceWiseUNet3D
 def stock_unet(patch: list[int], spacing: list[float], in_ch: int, classes: int) -> nn.Module:
     _, pools, kernels, patch_out, _ = get_pool_and_conv_props(spacing, patch, 4, 999999)
     n = len(pools)
-    net = PlainConvUNet(in_ch, n, [min(320, 32 * 2**i) for i in range(n)], nn.Conv3d, kernels, pools, [2] * n, classes,
-                        [2] * (n - 1), conv_bias=True, norm_op=nn.InstanceNorm3d,
+    net = PlainConvUNet(in_ch, n, [min(320, 32 * 2**i) for i in range(n)], nn.Conv3d, kernels, pools, [2] * n,
+                        classes, [2] * (n - 1), conv_bias=True, norm_op=nn.InstanceNorm3d,
                         norm_op_kwargs={"eps": 1e-5, "affine": True}, nonlin=nn.LeakyReLU,
                         nonlin_kwargs={"inplace": True}, deep_supervision=True)
     net.apply(InitWeights_He(1e-2))
@@ -76,7 +76,8 @@ def main() -> None:
         net = SliceWiseUNet3D(1, args.classes, True, preset=preset)
         net.apply(net.initialize)
         s = seconds_per_iteration(net, patch, args.batch, args.classes, args.iters)
-        result[f"SliceWiseUNet3D_{preset}"] = {"s_per_iter": round(s, 3), "ratio_vs_stock": round(s / s_stock, 2),
+        result[f"SliceWiseUNet3D_{preset}"] = {"s_per_iter": round(s, 3),
+                                               "ratio_vs_stock": round(s / s_stock, 2),
                                                "params": sum(p.numel() for p in net.parameters())}
     print(json.dumps(result, indent=2))
 

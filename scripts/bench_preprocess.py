@@ -63,9 +63,9 @@ def main() -> None:
     env.pop("nnUNet_n_proc_DA", None)  # nnU-Net's planning crashes with nnUNet_n_proc_DA=0
     plugin = [sys.executable, "-m", "nnssl_joint.cli"]
     nps = ["-np", str(args.np), "-npfp", str(args.np)]
-    generate = timed(plugin + ["make-synthetic", "--n-3d", str(args.n_3d), "--n-2d", str(args.n_2d), "--n-train",
-                               str(args.n_labeled), "--n-test", "1", "--shape-3d", args.shape_3d, "--shape-2d",
-                               args.shape_2d], env)
+    generate = timed(plugin + ["make-synthetic", "--n-3d", str(args.n_3d), "--n-2d", str(args.n_2d),
+                               "--n-train", str(args.n_labeled), "--n-test", "1", "--shape-3d", args.shape_3d,
+                               "--shape-2d", args.shape_2d], env)
     n_pool = args.n_3d + args.n_2d
     prepare = timed(plugin + ["prepare", "-d", "501", "502", "-o", "900", "--name", "Bench"], env)
     pretrain = timed(plugin + ["plan_and_preprocess", "-d", "900", *nps], env)

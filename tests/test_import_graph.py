@@ -99,7 +99,8 @@ def test_library_modules_never_import_a_trainer_module():
     trainer, which the library must not need)."""
     trainers = PACKAGE.parent / "trainers"
     assert imported_names(trainers / "__init__.py") == set()
-    trainer_modules = {f"nnssl_joint.trainers.{p.stem}" for p in trainers.glob("*.py") if p.stem != "__init__"}
+    trainer_modules = {f"nnssl_joint.trainers.{p.stem}" for p in trainers.glob("*.py")
+                       if p.stem != "__init__"}
     assert trainer_modules
     offenders = {name: sorted(imported_names(path) & trainer_modules) for name, path in all_modules().items()}
     assert {k: v for k, v in offenders.items() if v} == {}

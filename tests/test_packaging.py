@@ -69,11 +69,11 @@ def test_cli_help_and_trainer_path_editable(tmp_path):
                          check=True).stdout
     for command in ("trainer-path", "make-synthetic", "prepare", "plan_and_preprocess", "export"):
         assert command in out
-        sub = subprocess.run([sys.executable, "-m", "nnssl_joint.cli", command, "--help"], capture_output=True,
-                             text=True, check=False)
+        sub = subprocess.run([sys.executable, "-m", "nnssl_joint.cli", command, "--help"],
+                             capture_output=True, text=True, check=False)
         assert sub.returncode == 0 and "usage" in sub.stdout, sub.stderr
-    path = subprocess.run([sys.executable, "-m", "nnssl_joint.cli", "trainer-path"], capture_output=True, text=True,
-                          check=True).stdout.strip()
+    path = subprocess.run([sys.executable, "-m", "nnssl_joint.cli", "trainer-path"], capture_output=True,
+                          text=True, check=True).stdout.strip()
     assert Path(path) == REPO / "trainers"
     names = _trainer_classes(REPO / "trainers")
     res = subprocess.run([sys.executable, "-c", _lookup_script(names)], capture_output=True, text=True,
@@ -85,8 +85,8 @@ def test_cli_help_and_trainer_path_editable(tmp_path):
 
 def test_built_wheel_ships_trainers_and_nnunet_finds_them(tmp_path):
     pytest.importorskip("build")
-    built = subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "-o", str(tmp_path / "dist"),
-                            str(REPO)], check=False, capture_output=True, text=True)
+    built = subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "-o",
+                            str(tmp_path / "dist"), str(REPO)], check=False, capture_output=True, text=True)
     assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
     wheel = next((tmp_path / "dist").glob("nnssl_joint-*.whl"))
     members = zipfile.ZipFile(wheel).namelist()

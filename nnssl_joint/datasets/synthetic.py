@@ -107,7 +107,8 @@ def organ_labels(n_organs: int) -> dict[str, int]:
 
 
 def smooth_noise(rng: np.random.Generator, shape: Sequence[int], correlation: Sequence[float]) -> np.ndarray:
-    """Zero-mean, unit-std Gaussian random field with a Gaussian covariance of ``correlation`` voxels per axis.
+    """Zero-mean, unit-std Gaussian random field with a Gaussian covariance of ``correlation`` voxels per
+    axis.
 
     The field is a sum of Gaussian bumps with i.i.d. weights on a coarse grid whose step equals the
     correlation length, evaluated separably by three small matrix products (no FFT, no scipy), so its
@@ -147,7 +148,8 @@ def _standardise(field: np.ndarray) -> np.ndarray:
 
 
 def gaussian_blur(volume: np.ndarray, sigma: Sequence[float]) -> np.ndarray:
-    """Separable Gaussian blur (reflecting borders), ``sigma`` in voxels per axis; axes of size 1 are skipped."""
+    """Separable Gaussian blur (reflecting borders), ``sigma`` in voxels per axis; axes of size 1 are
+    skipped."""
     out = volume.astype(np.float32, copy=True)
     for axis, s in enumerate(sigma):
         n = out.shape[axis]
@@ -238,7 +240,8 @@ def _place_body(rng: np.random.Generator, grid: _Grid) -> _Blob:
     # the body always runs through the top and bottom slice, like a torso scan, also when thick slices
     # make the z field of view longer than the in-plane one
     z_extent = max(1.0, grid.shape[0] * grid.spacing[0] / 2.0 / grid.half_fov)
-    return _Blob(center=np.array([rng.uniform(-0.1, 0.1), rng.uniform(-0.05, 0.05), rng.uniform(-0.05, 0.05)]),
+    return _Blob(center=np.array([rng.uniform(-0.1, 0.1), rng.uniform(-0.05, 0.05),
+                                  rng.uniform(-0.05, 0.05)]),
                  semi_axes=np.array([rng.uniform(1.1, 1.6) * z_extent, rng.uniform(0.62, 0.78),
                                      rng.uniform(0.8, 0.93)]),
                  rotation=random_rotation(rng, 10.0, axis=(1.0, 0.0, 0.0)),
@@ -298,7 +301,8 @@ def _render_anatomy(rng: np.random.Generator, grid: _Grid, n_organs: int, modali
     tissue = _TISSUE_LEVEL[modality]
     image = np.zeros(grid.shape, dtype=np.float32)
 
-    def paint(mask: np.ndarray, contrast: float, texture_correlation: float, texture_amplitude: float) -> None:
+    def paint(mask: np.ndarray, contrast: float, texture_correlation: float,
+              texture_amplitude: float) -> None:
         value = tissue + contrast + texture_amplitude * grid.noise(rng, texture_correlation)
         image[...] += mask * (value - image)
 
@@ -380,7 +384,8 @@ def make_volume_case(rng: np.random.Generator, shape: Sequence[int] = (32, 32, 3
     return image, label, spacing
 
 
-def make_image_case(rng: np.random.Generator, shape: Sequence[int] = (64, 64), kind: str = "slice") -> np.ndarray:
+def make_image_case(rng: np.random.Generator, shape: Sequence[int] = (64, 64),
+                    kind: str = "slice") -> np.ndarray:
     """One synthetic 2D image (float32, ``(y, x)``).
 
     ``kind="slice"`` renders a random axial cross-section of the 3D anatomy model (2-4 organs, MRI
@@ -408,12 +413,13 @@ def _make_texture(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarra
         for _ in range(int(rng.integers(1, 4))):
             theta, phase = rng.uniform(0.0, np.pi), rng.uniform(0.0, 2 * np.pi)
             frequency = rng.uniform(0.03, 0.2)
-            image += rng.uniform(1.0, 3.0) * np.sin(2 * np.pi * frequency * (x * np.cos(theta) + y * np.sin(theta))
-                                                   + phase)
+            image += rng.uniform(1.0, 3.0) * np.sin(2 * np.pi * frequency
+                                                    * (x * np.cos(theta) + y * np.sin(theta)) + phase)
         envelope = 1.0 + 0.4 * smooth_noise(rng, shape3, (1.0, 12.0, 12.0))[0]
         image = image * envelope + smooth_noise(rng, shape3, (1.0, 20.0, 20.0))[0]
     elif family == 1:  # multi-scale smooth field
-        image = sum(rng.uniform(0.2, 1.0) * smooth_noise(rng, shape3, (1.0, c, c))[0] for c in (1.5, 4.0, 10.0, 25.0))
+        image = sum(rng.uniform(0.2, 1.0) * smooth_noise(rng, shape3, (1.0, c, c))[0]
+                    for c in (1.5, 4.0, 10.0, 25.0))
     else:  # thresholded blobs with two textured phases
         correlation = rng.uniform(2.0, 6.0)
         field = smooth_noise(rng, shape3, (1.0, correlation, correlation))[0]
@@ -631,8 +637,8 @@ def _plan_labeled_3d(raw_root: str | os.PathLike, dataset_id: int, name: str, n_
                                                      anisotropic=_is_anisotropic(i), modality=modality)
             _write_image(image, target / f"images{split}" / f"{_case_id(name, i)}_0000{file_ending}", spacing)
             _write_image(label, target / f"labels{split}" / f"{_case_id(name, i)}{file_ending}", spacing)
-        _write_dataset_json(target, channel_name=modality, labels=organ_labels(n_organs), num_training=n_train,
-                            file_ending=file_ending, unlabeled=False, manifest=manifest,
+        _write_dataset_json(target, channel_name=modality, labels=organ_labels(n_organs),
+                            num_training=n_train, file_ending=file_ending, unlabeled=False, manifest=manifest,
                             description="Synthetic 3D organ segmentation task (nnssl_joint fine-tuning)")
 
     return _DatasetPlan(folder, manifest, files, write)
@@ -670,7 +676,8 @@ def write_unlabeled_2d(raw_root: str | os.PathLike, dataset_id: int, name: str, 
 def write_labeled_3d(raw_root: str | os.PathLike, dataset_id: int, name: str, n_train: int, n_test: int,
                      shape: Sequence[int] = (32, 32, 32), seed: int = 0, n_organs: int = 3,
                      file_ending: str = ".nii.gz", *, modality: str = "MRI", overwrite: bool = False) -> Path:
-    """Labeled 3D task: cases ``0..n_train-1`` in ``imagesTr/labelsTr``, the next ``n_test`` in ``imagesTs/labelsTs``.
+    """Labeled 3D task: cases ``0..n_train-1`` in ``imagesTr/labelsTr``, the next ``n_test`` in
+    ``imagesTs/labelsTs``.
 
     Every case contains all ``n_organs`` organs (labels 1..n_organs, see :func:`organ_labels`); cases
     1, 4, 7, ... are anisotropic. Overwrite rules as in :func:`write_unlabeled_3d`.
@@ -706,8 +713,8 @@ def make_synthetic(raw_root: str | os.PathLike, seed: int = 0, n_3d: int = 8, n_
     plans = [
         _plan_unlabeled_3d(raw_root, ids[0], names[0], n_3d, shape_3d, seed, file_ending_3d, "MRI"),
         _plan_unlabeled_2d(raw_root, ids[1], names[1], n_2d, shape_2d, seed, file_ending_2d, 0.25, "uint8"),
-        _plan_labeled_3d(raw_root, ids[2], names[2], n_labeled_train, n_labeled_test, shape_3d, seed, n_organs,
-                         file_ending_3d, "MRI"),
+        _plan_labeled_3d(raw_root, ids[2], names[2], n_labeled_train, n_labeled_test, shape_3d, seed,
+                         n_organs, file_ending_3d, "MRI"),
     ]
     if not overwrite:
         for plan in plans:
@@ -750,7 +757,8 @@ def register_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
     parser.add_argument("--n-train", type=int, default=6, help="labeled training cases (default 6)")
     parser.add_argument("--n-test", type=int, default=4, help="labeled test cases (default 4)")
     parser.add_argument("--n-organs", type=int, default=3, help=f"labeled organs, 1-{MAX_ORGANS} (default 3)")
-    parser.add_argument("--shape-3d", type=_int_tuple(3), default=(32, 32, 32), help="z,y,x (default 32,32,32)")
+    parser.add_argument("--shape-3d", type=_int_tuple(3), default=(32, 32, 32),
+                        help="z,y,x (default 32,32,32)")
     parser.add_argument("--shape-2d", type=_int_tuple(2), default=(64, 64), help="y,x (default 64,64)")
     parser.add_argument("--ids", type=_int_tuple(3), default=DEFAULT_IDS,
                         help="dataset ids of unlabeled 3D, unlabeled 2D, labeled 3D (default 501,502,503)")
@@ -766,7 +774,8 @@ def run_make_synthetic(args: argparse.Namespace) -> int:
     """Handler of ``make-synthetic``: writes the datasets and prints what it wrote."""
     raw_root = args.out or os.environ.get("nnUNet_raw")
     if not raw_root:
-        raise SystemExit("make-synthetic: no output folder: pass --out or set the nnUNet_raw environment variable")
+        raise SystemExit("make-synthetic: no output folder: pass --out or set the nnUNet_raw environment "
+                         "variable")
     try:
         result = make_synthetic(raw_root, seed=args.seed, n_3d=args.n_3d, n_2d=args.n_2d,
                                 n_labeled_train=args.n_train, n_labeled_test=args.n_test,
@@ -779,6 +788,6 @@ def run_make_synthetic(args: argparse.Namespace) -> int:
         manifest = json.loads((info["path"] / "dataset.json").read_text())["synthetic"]
         counts = ", ".join(f"{k}={v}" for k, v in manifest.items() if k.startswith("n_"))
         state = "wrote" if info["written"] else "up to date"
-        print(f"{state:>10}  {kind:<12} {info['path']}  ({counts}, shape {'x'.join(map(str, manifest['shape']))}, "
-              f"{manifest['file_ending']})")
+        print(f"{state:>10}  {kind:<12} {info['path']}  ({counts}, shape "
+              f"{'x'.join(map(str, manifest['shape']))}, {manifest['file_ending']})")
     return 0

@@ -16,8 +16,8 @@ class ThreadIndependentEstimateMixin:
     """Put before nnU-Net's ``ExperimentPlanner`` in a planner's bases."""
 
     @staticmethod
-    def static_estimate_VRAM_usage(patch_size, input_channels: int, output_channels: int, arch_class_name: str,
-                                   arch_kwargs: dict, arch_kwargs_req_import) -> int:
+    def static_estimate_VRAM_usage(patch_size, input_channels: int, output_channels: int,
+                                   arch_class_name: str, arch_kwargs: dict, arch_kwargs_req_import) -> int:
         net = get_network_from_plans(arch_class_name, arch_kwargs, arch_kwargs_req_import, input_channels,
                                      output_channels, allow_init=False)
         return net.compute_conv_feature_map_size(patch_size)

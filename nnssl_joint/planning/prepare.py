@@ -73,7 +73,8 @@ def merged_case_id(source_id: int, case_id: str) -> str:
 
 
 def merged_channel_names(sources: list[RawDataset]) -> dict[str, str]:
-    """Per channel the sources' common name, or ``mixed_A_B`` where they disagree (compared case-insensitively)."""
+    """Per channel the sources' common name, or ``mixed_A_B`` where they disagree (compared
+    case-insensitively)."""
     merged = {}
     for channel in sources[0].channel_names:
         names: list[str] = []
@@ -101,7 +102,8 @@ def _write_case(image: CaseImage, dim: int, files: list[Path]) -> None:
     dtype = _storage_dtype(image.data)
     spacing_zyx = (SLICE_SPACING_2D, *image.spacing[1:]) if dim == 2 else image.spacing
     sitk_props = image.properties.get("sitk_stuff", {})
-    keep_geometry = dim == 3 and len(sitk_props.get("direction", ())) == 9 and len(sitk_props.get("origin", ())) == 3
+    keep_geometry = (dim == 3 and len(sitk_props.get("direction", ())) == 9
+                     and len(sitk_props.get("origin", ())) == 3)
     for channel, path in enumerate(files):
         itk = sitk.GetImageFromArray(image.data[channel].astype(dtype))
         itk.SetSpacing([float(s) for s in spacing_zyx[::-1]])
@@ -111,18 +113,19 @@ def _write_case(image: CaseImage, dim: int, files: list[Path]) -> None:
         sitk.WriteImage(itk, str(path), True)
 
 
-def _check_target(raw_root: Path, target_id: int, target_name: str, source_ids: list[int], overwrite: bool) -> list[Path]:
+def _check_target(raw_root: Path, target_id: int, target_name: str, source_ids: list[int],
+                  overwrite: bool) -> list[Path]:
     """Refuse an id clash; return the existing raw folders with this id that ``overwrite`` will replace."""
     if target_id in source_ids:
         raise TargetExistsError(
-            f"The target id {target_id} is also a source (-d {' '.join(map(str, source_ids))}); choose an unused id "
-            f"for the merged dataset with -o."
+            f"The target id {target_id} is also a source (-d {' '.join(map(str, source_ids))}); choose an "
+            "unused id for the merged dataset with -o."
         )
     existing = dataset_folders_with_id(raw_root, target_id)
     if existing and not overwrite:
         raise TargetExistsError(
-            f"Dataset id {target_id} already exists: {', '.join(str(p) for p in existing)}. Choose another id with "
-            f"-o, or pass --overwrite to replace it."
+            f"Dataset id {target_id} already exists: {', '.join(str(p) for p in existing)}. Choose another "
+            "id with -o, or pass --overwrite to replace it."
         )
     for variable in ("nnUNet_preprocessed", "nnUNet_results"):
         try:
@@ -132,9 +135,9 @@ def _check_target(raw_root: Path, target_id: int, target_name: str, source_ids: 
         others = [p for p in dataset_folders_with_id(root, target_id) if p.name != target_name]
         if others:
             raise TargetExistsError(
-                f"Dataset id {target_id} is already used by {others[0]} ({variable}); nnU-Net resolves ids across "
-                f"nnUNet_raw, nnUNet_preprocessed and nnUNet_results and would refuse two names for one id. Choose "
-                f"another id with -o, or delete that folder."
+                f"Dataset id {target_id} is already used by {others[0]} ({variable}); nnU-Net resolves ids "
+                "across nnUNet_raw, nnUNet_preprocessed and nnUNet_results and would refuse two names for "
+                "one id. Choose another id with -o, or delete that folder."
             )
     return existing
 
@@ -144,21 +147,25 @@ def _validate_sources(source_ids: list[int], raw_root: Path) -> list[RawDataset]
         raise DatasetNotFoundError("No source dataset given: pass at least one id with -d.")
     duplicates = sorted({i for i in source_ids if source_ids.count(i) > 1})
     if duplicates:
-        raise DatasetNotFoundError(f"Source dataset id(s) {duplicates} given more than once with -d; list each once.")
+        raise DatasetNotFoundError(f"Source dataset id(s) {duplicates} given more than once with -d; list "
+                                   "each once.")
     sources = [inspect_raw_dataset(find_raw_dataset(i, raw_root)) for i in source_ids]
     counts = {s.name: s.num_channels for s in sources}
     if len(set(counts.values())) > 1:
-        listing = ", ".join(f"{name}: {n} ({list(s.channel_names.values())})" for (name, n), s in zip(counts.items(), sources))
+        listing = ", ".join(f"{name}: {n} ({list(s.channel_names.values())})"
+                            for (name, n), s in zip(counts.items(), sources))
         raise ChannelCountMismatchError(
-            f"The source datasets have different numbers of channels ({listing}). A pretraining dataset has one "
-            f"channel count; prepare datasets with different channel counts separately, or convert them (e.g. "
-            f"colour to grey, or keep one MR sequence) so that all have the same."
+            f"The source datasets have different numbers of channels ({listing}). A pretraining dataset has "
+            "one channel count; prepare datasets with different channel counts separately, or convert them "
+            "(e.g. colour to grey, or keep one MR sequence) so that all have the same."
         )
     return sources
 
 
-def prepare_pretraining_dataset(source_ids: list[int], target_id: int, name: str, overwrite: bool = False) -> Path:
-    """Merge raw datasets ``source_ids`` into ``$nnUNet_raw/Dataset{target_id:03d}_{name}``; returns its folder.
+def prepare_pretraining_dataset(source_ids: list[int], target_id: int, name: str,
+                                overwrite: bool = False) -> Path:
+    """Merge raw datasets ``source_ids`` into ``$nnUNet_raw/Dataset{target_id:03d}_{name}``; returns its
+    folder.
 
     See the module docstring for the layout. Raises :class:`~nnssl_joint.planning.errors.PlanningError`
     subclasses (nothing is written then) for: an unknown or duplicate id, an existing target without
@@ -205,9 +212,8 @@ def prepare_pretraining_dataset(source_ids: list[int], target_id: int, name: str
                 }
         if grey_converted:
             warnings.warn(
-                f"{len(grey_converted)} RGB(A) image(s) with identical colour channels were stored as one grey "
-                f"channel, e.g. {grey_converted[0]}.",
-                stacklevel=2,
+                f"{len(grey_converted)} RGB(A) image(s) with identical colour channels were stored as one "
+                f"grey channel, e.g. {grey_converted[0]}.", stacklevel=2,
             )
 
         channel_names = merged_channel_names(sources)
@@ -228,7 +234,8 @@ def prepare_pretraining_dataset(source_ids: list[int], target_id: int, name: str
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "dataset": target_name,
             "slice_spacing_2d": SLICE_SPACING_2D,
-            "axis_order": "original_spacing and original_shape are (z, y, x) as nnU-Net's reader reports them",
+            "axis_order": "original_spacing and original_shape are (z, y, x) as nnU-Net's reader reports "
+                          "them",
             "sources": {
                 s.name: {
                     "dataset_id": s.dataset_id,

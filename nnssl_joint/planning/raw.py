@@ -94,13 +94,15 @@ def parse_dataset_folder_name(name: str) -> tuple[int, str]:
     match = _DATASET_FOLDER.match(name)
     if match is None:
         raise DatasetNotFoundError(
-            f"{name!r} is not an nnU-Net dataset folder name; expected DatasetXXX_Name (XXX: 3 or more digits)."
+            f"{name!r} is not an nnU-Net dataset folder name; expected DatasetXXX_Name (XXX: 3 or more "
+            "digits)."
         )
     return int(match.group("id")), match.group("name")
 
 
 def dataset_folders_with_id(root: Path, dataset_id: int) -> list[Path]:
-    """Folders ``root/DatasetXXX_*`` for ``dataset_id`` (nnU-Net's own prefix match would also take Dataset5010_*)."""
+    """Folders ``root/DatasetXXX_*`` for ``dataset_id`` (nnU-Net's own prefix match would also take
+    Dataset5010_*)."""
     if not root.is_dir():
         return []
     prefix = f"Dataset{dataset_id:03d}_"
@@ -113,7 +115,9 @@ def find_raw_dataset(dataset: int | str, raw_root: Path | None = None) -> Path:
     if isinstance(dataset, str) and dataset.startswith("Dataset"):
         folder = root / dataset
         if not folder.is_dir():
-            raise DatasetNotFoundError(f"Dataset folder {folder} does not exist (searched nnUNet_raw={root}).")
+            raise DatasetNotFoundError(
+                f"Dataset folder {folder} does not exist (searched nnUNet_raw={root})."
+            )
         return folder
     try:
         dataset_id = int(dataset)
@@ -172,7 +176,8 @@ def load_dataset_json(folder: Path) -> dict:
         )
     names = content[key]
     if not isinstance(names, dict) or not names:
-        raise DatasetJsonError(f"{path}: '{key}' must be a non-empty object such as {{\"0\": \"MR\"}}, got {names!r}.")
+        raise DatasetJsonError(f"{path}: '{key}' must be a non-empty object such as {{\"0\": \"MR\"}}, got "
+                               f"{names!r}.")
     try:
         indices = sorted(int(k) for k in names)
     except ValueError:
@@ -181,16 +186,19 @@ def load_dataset_json(folder: Path) -> dict:
         ) from None
     if indices != list(range(len(indices))):
         raise DatasetJsonError(
-            f"{path}: the keys of '{key}' must be consecutive channel indices starting at \"0\", got {list(names)}."
+            f"{path}: the keys of '{key}' must be consecutive channel indices starting at \"0\", got "
+            f"{list(names)}."
         )
 
     ending = content.get("file_ending")
     if ending is None:
         raise DatasetJsonError(
-            f"{path} has no 'file_ending' key. Add the ending of the image files, e.g. \"file_ending\": \".nii.gz\"."
+            f"{path} has no 'file_ending' key. Add the ending of the image files, e.g. \"file_ending\": "
+            "\".nii.gz\"."
         )
     if not isinstance(ending, str) or not ending.startswith("."):
-        raise DatasetJsonError(f"{path}: 'file_ending' must be a string such as \".nii.gz\" or \".png\", got {ending!r}.")
+        raise DatasetJsonError(f"{path}: 'file_ending' must be a string such as \".nii.gz\" or \".png\", got "
+                               f"{ending!r}.")
     return content
 
 
@@ -206,26 +214,29 @@ def _listed_cases(folder: Path, dataset_json: dict) -> list[RawCase]:
                 missing.append(str(path))
             files.append(str(path))
         if not files:
-            raise ChannelFileError(f"{folder / 'dataset.json'}: case {identifier!r} in 'dataset' lists no images.")
+            raise ChannelFileError(f"{folder / 'dataset.json'}: case {identifier!r} in 'dataset' lists no "
+                                   "images.")
         cases.append(RawCase(identifier, tuple(files)))
     if missing:
         raise ChannelFileError(
             f"{len(missing)} image file(s) listed under 'dataset' in {folder / 'dataset.json'} do not exist: "
-            f"{', '.join(missing[:_MAX_LISTED])}{' ...' if len(missing) > _MAX_LISTED else ''}. Fix the paths "
-            f"or remove those cases."
+            f"{', '.join(missing[:_MAX_LISTED])}{' ...' if len(missing) > _MAX_LISTED else ''}. Fix the "
+            "paths or remove those cases."
         )
     return cases
 
 
 def list_cases(folder: Path, dataset_json: dict) -> list[RawCase]:
-    """The cases of a raw dataset; checks that every case has exactly the channel files dataset.json declares."""
+    """The cases of a raw dataset; checks that every case has exactly the channel files dataset.json
+    declares."""
     folder = Path(folder)
     if "dataset" in dataset_json:
         cases = _listed_cases(folder, dataset_json)
     else:
         cases = _cases_in_images_tr(folder, dataset_json)
     if not cases:
-        raise EmptyDatasetError(f"Dataset {folder} has no cases: {folder / 'dataset.json'} lists none under 'dataset'.")
+        raise EmptyDatasetError(f"Dataset {folder} has no cases: {folder / 'dataset.json'} lists none under "
+                                "'dataset'.")
     return cases
 
 
@@ -234,7 +245,8 @@ def _cases_in_images_tr(folder: Path, dataset_json: dict) -> list[RawCase]:
     images = folder / "imagesTr"
     if not images.is_dir():
         raise EmptyDatasetError(
-            f"{images} does not exist. Put the images into imagesTr/ as CASE_0000{ending} (one file per channel)."
+            f"{images} does not exist. Put the images into imagesTr/ as CASE_0000{ending} (one file per "
+            "channel)."
         )
     all_files = sorted(p.name for p in images.iterdir() if p.is_file() and not p.name.startswith("."))
     names = [n for n in all_files if n.endswith(ending)]
@@ -244,7 +256,8 @@ def _cases_in_images_tr(folder: Path, dataset_json: dict) -> list[RawCase]:
             f" It holds {len(others)} file(s) with other endings (e.g. {others[0]}): does 'file_ending' in "
             f"dataset.json match the files?" if others else ""
         )
-        raise EmptyDatasetError(f"Dataset {folder.name} is empty: no files ending in {ending} in {images}.{hint}")
+        raise EmptyDatasetError(f"Dataset {folder.name} is empty: no files ending in {ending} in "
+                                f"{images}.{hint}")
 
     per_case: dict[str, dict[int, str]] = {}
     misnamed = []
@@ -256,9 +269,10 @@ def _cases_in_images_tr(folder: Path, dataset_json: dict) -> list[RawCase]:
         per_case.setdefault(match.group("case"), {})[int(match.group("channel"))] = str(images / name)
     if misnamed:
         raise ChannelFileError(
-            f"{len(misnamed)} file(s) in {images} do not follow nnU-Net's naming CASE_XXXX{ending} (XXXX: the "
-            f"4-digit channel index, _0000 for the first channel): {', '.join(misnamed[:_MAX_LISTED])}"
-            f"{' ...' if len(misnamed) > _MAX_LISTED else ''}. Rename them, e.g. case001{ending} -> case001_0000{ending}."
+            f"{len(misnamed)} file(s) in {images} do not follow nnU-Net's naming CASE_XXXX{ending} (XXXX: "
+            f"the 4-digit channel index, _0000 for the first channel): {', '.join(misnamed[:_MAX_LISTED])}"
+            f"{' ...' if len(misnamed) > _MAX_LISTED else ''}. Rename them, e.g. case001{ending} -> "
+            f"case001_0000{ending}."
         )
 
     channel_names = channel_names_of(dataset_json)
@@ -281,11 +295,11 @@ def _cases_in_images_tr(folder: Path, dataset_json: dict) -> list[RawCase]:
             problems.append(f"case {identifier!r}: {'; '.join(parts)} (found {found})")
     if problems:
         raise ChannelFileError(
-            f"{len(problems)} case(s) in {images} do not have the {n_channels} channel file(s) that dataset.json "
-            f"declares (channel_names {channel_names}): " + "; ".join(problems[:_MAX_LISTED])
+            f"{len(problems)} case(s) in {images} do not have the {n_channels} channel file(s) that "
+            f"dataset.json declares (channel_names {channel_names}): " + "; ".join(problems[:_MAX_LISTED])
             + (" ..." if len(problems) > _MAX_LISTED else "")
-            + f". Each case needs CASE_0000{ending} ... CASE_{n_channels - 1:04d}{ending}; add the missing files, "
-            f"remove incomplete cases, or correct channel_names."
+            + f". Each case needs CASE_0000{ending} ... CASE_{n_channels - 1:04d}{ending}; add the missing "
+            "files, remove incomplete cases, or correct channel_names."
         )
     return [
         RawCase(identifier, tuple(per_case[identifier][c] for c in sorted(per_case[identifier])))
@@ -334,7 +348,8 @@ def reader_for(dataset: RawDataset):
 
 
 def _nifti_data_bytes(header: bytes) -> int | None:
-    """Bytes a NIfTI-1/2 file needs (header, extensions, voxels) according to its header; None if not NIfTI."""
+    """Bytes a NIfTI-1/2 file needs (header, extensions, voxels) according to its header; None if not
+    NIfTI."""
     for order in "<>":
         size = struct.unpack(order + "i", header[:4])[0] if len(header) >= 4 else 0
         if size == 348 and len(header) >= 112:
@@ -378,26 +393,30 @@ def _read_file(reader, path: str, case: RawCase) -> tuple[np.ndarray, dict]:
     problem = check_file_complete(path)
     if problem is not None:
         raise ImageReadError(
-            f"Image file {path} is truncated or corrupt: {problem}. Re-export or re-download it, or remove case "
-            f"{case.identifier!r} from the dataset."
+            f"Image file {path} is truncated or corrupt: {problem}. Re-export or re-download it, or remove "
+            f"case {case.identifier!r} from the dataset."
         )
     try:
         with redirect_stdout(io.StringIO()):
             return reader.read_images([path])
-    except Exception as e:  # noqa: BLE001 - nnU-Net's readers raise anything (RuntimeError, AssertionError, zlib)
+    # nnU-Net's readers raise anything (RuntimeError, AssertionError, zlib)
+    except Exception as e:  # noqa: BLE001
         raise ImageReadError(
-            f"Cannot read image file {path} ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else 'no message'}). "
-            f"It is missing, truncated or not a valid {Path(path).name.split('.', 1)[-1]} image for "
+            f"Cannot read image file {path} ({type(e).__name__}: "
+            f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no message'}). It is missing, "
+            f"truncated or not a valid {Path(path).name.split('.', 1)[-1]} image for "
             f"{type(reader).__name__}; re-export it or remove case {case.identifier!r} from the dataset."
         ) from None
 
 
-def read_case(reader_class, case: RawCase, num_channels: int | None, convert_grey_rgb: bool = False) -> CaseImage:
+def read_case(reader_class, case: RawCase, num_channels: int | None,
+              convert_grey_rgb: bool = False) -> CaseImage:
     """Read one case with nnU-Net's reader and check it.
 
     Checks, each failing with the offending file named: the file can be read; all voxels are finite;
-    the channel count matches ``num_channels`` (unless None; with ``convert_grey_rgb``, an RGB(A) file whose colour
-    channels are identical is reduced to one grey channel, a colour one is a :class:`ColorImageError`);
+    the channel count matches ``num_channels`` (unless None; with ``convert_grey_rgb``, an RGB(A) file
+    whose colour channels are identical is reduced to one grey channel, a colour one is a
+    :class:`ColorImageError`);
     channel files agree in shape and spacing; a 2D image has its singleton axis first; not every
     voxel is zero.
     """
@@ -422,8 +441,9 @@ def read_case(reader_class, case: RawCase, num_channels: int | None, convert_gre
         if data.shape[1:] != arrays[0].shape[1:] or not np.allclose(spacing, spacings[0]):
             raise ImageReadError(
                 f"Channel files of case {case.identifier!r} disagree: {case.files[0]} has shape "
-                f"{arrays[0].shape[1:]} and spacing {spacings[0]}, {path} has {data.shape[1:]} and {spacing}. "
-                f"All channels of a case must be co-registered on the same grid; resample them first."
+                f"{arrays[0].shape[1:]} and spacing {spacings[0]}, {path} has {data.shape[1:]} and "
+                f"{spacing}. All channels of a case must be co-registered on the same grid; resample them "
+                "first."
             )
     data = np.concatenate(arrays) if len(arrays) > 1 else arrays[0]
 
@@ -432,7 +452,8 @@ def read_case(reader_class, case: RawCase, num_channels: int | None, convert_gre
         single_file = len(case.files) == 1
         if num_channels == 1 and single_file and data.shape[0] in (3, 4):
             colour = data[:3]
-            if convert_grey_rgb and np.array_equal(colour[0], colour[1]) and np.array_equal(colour[0], colour[2]):
+            if (convert_grey_rgb and np.array_equal(colour[0], colour[1])
+                    and np.array_equal(colour[0], colour[2])):
                 data, grey_from_rgb = colour[:1].copy(), True
             else:
                 identical = np.array_equal(colour[0], colour[1]) and np.array_equal(colour[0], colour[2])
@@ -440,20 +461,21 @@ def read_case(reader_class, case: RawCase, num_channels: int | None, convert_gre
                 raise ColorImageError(
                     f"{case.files[0]} is {what} with {data.shape[0]} channels, but its dataset declares one "
                     f"channel. Convert it to single-channel grey (e.g. `PIL.Image.open(f).convert('L')`), or "
-                    f"declare the colour channels in channel_names ({{\"0\": \"R\", \"1\": \"G\", \"2\": \"B\"}}) "
-                    f"and merge it only with datasets that have 3 channels too."
+                    "declare the colour channels in channel_names ({\"0\": \"R\", \"1\": \"G\", \"2\": "
+                    "\"B\"}) and merge it only with datasets that have 3 channels too."
                 )
         else:
             raise ChannelFileError(
-                f"Case {case.identifier!r} has {data.shape[0]} channel(s) in {', '.join(case.files)}, but its "
-                f"dataset.json declares {num_channels} (channel_names). Make channel_names match the files."
+                f"Case {case.identifier!r} has {data.shape[0]} channel(s) in {', '.join(case.files)}, but "
+                f"its dataset.json declares {num_channels} (channel_names). Make channel_names match the "
+                "files."
             )
 
     z, y, x = data.shape[1:]
     if z > 1 and 1 in (y, x):
         raise ImageReadError(
-            f"{case.files[0]} has shape {data.shape[1:]} (slice axis first): a single row or column per slice. "
-            f"For a 2D image the singleton axis must be the third (z) axis of the file; reorient it "
+            f"{case.files[0]} has shape {data.shape[1:]} (slice axis first): a single row or column per "
+            "slice. For a 2D image the singleton axis must be the third (z) axis of the file; reorient it "
             f"(e.g. store a (1, H, W) array with SimpleITK.GetImageFromArray)."
         )
     if not data.any():
@@ -473,12 +495,14 @@ def load_provenance(folder: Path) -> dict | None:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise DatasetJsonError(
-            f"{path} is not valid JSON ({e.msg} at line {e.lineno}); rerun `nnssl_joint prepare` or delete the file."
+            f"{path} is not valid JSON ({e.msg} at line {e.lineno}); rerun `nnssl_joint prepare` or delete "
+            "the file."
         ) from None
 
 
 def case_channel_names(folder: Path, dataset_json: dict, identifiers: list[str]) -> dict[str, list[str]]:
-    """Channel names (modalities) per case: from provenance.json where it records the case, else dataset.json."""
+    """Channel names (modalities) per case: from provenance.json where it records the case, else
+    dataset.json."""
     default = list(channel_names_of(dataset_json).values())
     recorded = (load_provenance(folder) or {}).get("cases", {})
     result = {}
@@ -497,7 +521,8 @@ def normalization_schemes_for(channel_names: list[str]) -> list[str]:
     return [get_normalization_scheme(name).__name__ for name in channel_names]
 
 
-def case_normalization_schemes(folder: Path, dataset_json: dict, identifiers: list[str]) -> dict[str, list[str]]:
+def case_normalization_schemes(folder: Path, dataset_json: dict,
+                               identifiers: list[str]) -> dict[str, list[str]]:
     """nnU-Net's normalisation class name per case and channel, chosen from each case's own channel names."""
     return {
         identifier: normalization_schemes_for(names)

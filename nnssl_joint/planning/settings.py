@@ -35,8 +35,8 @@ class SpacingSpec:
             mm = math.nan
         if not (math.isfinite(mm) and mm > 0):
             raise PlanningError(
-                f"Invalid spacing {spec!r}: use 'median' (default), 'native' (no resampling) or a positive in-plane "
-                f"spacing in mm such as 0.8."
+                f"Invalid spacing {spec!r}: use 'median' (default), 'native' (no resampling) or a positive "
+                "in-plane spacing in mm such as 0.8."
             )
         return cls("fixed", (mm, mm))
 

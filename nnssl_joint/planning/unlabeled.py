@@ -119,8 +119,8 @@ def _run_jobs(fn: Callable, jobs: Sequence[tuple], num_processes: int, descripti
         while not all(r.ready() for r in pending):
             if not all(w.is_alive() for w in workers):
                 raise RuntimeError(
-                    f"{description}: a worker process died (probably out of memory; look for an error above). "
-                    f"Use fewer processes (-np / -npfp)."
+                    f"{description}: a worker process died (probably out of memory; look for an error "
+                    "above). Use fewer processes (-np / -npfp)."
                 )
             time.sleep(0.1)
         return [r.get() for r in pending]
@@ -134,7 +134,8 @@ class UnlabeledFingerprintExtractor(DatasetFingerprintExtractor):
 
     def __init__(self, dataset_name_or_id: int | str, num_processes: int = 8, verbose: bool = False):
         super().__init__(dataset_name_or_id, num_processes, verbose)
-        self.case_schemes = case_normalization_schemes(Path(self.input_folder), self.dataset_json, list(self.dataset))
+        self.case_schemes = case_normalization_schemes(Path(self.input_folder), self.dataset_json,
+                                                       list(self.dataset))
 
     @staticmethod
     def analyze_case(image_files: list[str], segmentation_file: str | None, reader_writer_class,
@@ -179,9 +180,11 @@ class UnlabeledFingerprintExtractor(DatasetFingerprintExtractor):
         num_samples = int(min(self.max_intensity_samples_per_case,
                               max(1, self.num_foreground_voxels_for_intensitystats // len(identifiers))))
         jobs = [
-            (self.dataset[k]["images"], None, reader, num_samples, self.case_schemes[k], k) for k in identifiers
+            (self.dataset[k]["images"], None, reader, num_samples, self.case_schemes[k], k)
+            for k in identifiers
         ]
-        results = _run_jobs(type(self).analyze_case, jobs, self.num_processes, "Extracting unlabeled fingerprint")
+        results = _run_jobs(type(self).analyze_case, jobs, self.num_processes,
+                            "Extracting unlabeled fingerprint")
 
         channel_names = channel_names_of(self.dataset_json)
         per_channel, per_channel_and_scheme = {}, {}
@@ -196,7 +199,8 @@ class UnlabeledFingerprintExtractor(DatasetFingerprintExtractor):
             per_channel[c] = _intensity_statistics(pooled)
             per_channel_and_scheme[c] = {}
             for scheme in sorted({self.case_schemes[k][c_int] for k in identifiers}):
-                group = [r[2][c_int] for r, k in zip(results, identifiers) if self.case_schemes[k][c_int] == scheme]
+                group = [r[2][c_int] for r, k in zip(results, identifiers)
+                         if self.case_schemes[k][c_int] == scheme]
                 group_samples = np.concatenate(group)
                 if group_samples.size:
                     per_channel_and_scheme[c][scheme] = _intensity_statistics(group_samples)
@@ -225,7 +229,8 @@ class UnlabeledFingerprintExtractor(DatasetFingerprintExtractor):
 
 @functools.lru_cache(maxsize=4)
 def _case_schemes_of_raw_dataset(raw_folder: str) -> tuple[dict[str, list[str]], list[str]]:
-    """(schemes per case recorded in provenance.json, schemes from dataset.json), cached per worker process."""
+    """(schemes per case recorded in provenance.json, schemes from dataset.json), cached per worker
+    process."""
     folder = Path(raw_folder)
     dataset_json = load_dataset_json(folder)
     recorded = list((load_provenance(folder) or {}).get("cases", {}))
@@ -249,44 +254,54 @@ class JointSSLPlanner(ThreadIndependentEstimateMixin, ExperimentPlanner):
         super().__init__(dataset_name_or_id, gpu_memory_target_in_gb, preprocessor_name, plans_name,
                          overwrite_target_spacing=None, suppress_transpose=True)
         if overwrite_target_spacing is not None:
-            self.spacing = SpacingSpec("fixed", (float(overwrite_target_spacing[-2]), float(overwrite_target_spacing[-1])))
+            self.spacing = SpacingSpec("fixed", (float(overwrite_target_spacing[-2]),
+                                                 float(overwrite_target_spacing[-1])))
         else:
             self.spacing = SpacingSpec.parse(spacing)
         if "intensity_properties_per_channel_and_scheme" not in self.dataset_fingerprint:
             raise PlanningError(
-                f"The fingerprint of {self.dataset_name} was not made by {UnlabeledFingerprintExtractor.__name__} "
-                f"(no 'intensity_properties_per_channel_and_scheme'). Rerun `nnssl_joint plan_and_preprocess`."
+                f"The fingerprint of {self.dataset_name} was not made by "
+                f"{UnlabeledFingerprintExtractor.__name__} (no "
+                "'intensity_properties_per_channel_and_scheme'). Rerun `nnssl_joint plan_and_preprocess`."
             )
 
     def determine_in_plane_target_spacing(self) -> np.ndarray:
-        """(y, x) target spacing: fixed value, else the median in-plane spacing (reference size for native)."""
+        """(y, x) target spacing: fixed value, else the median in-plane spacing (reference size for
+        native)."""
         if self.spacing.mode == "fixed":
             return np.array(self.spacing.value, dtype=float)
         return np.median(np.array(self.dataset_fingerprint["spacings"], dtype=float)[:, 1:], axis=0)
 
     def _case_schemes(self) -> dict[str, list[str]]:
-        return case_normalization_schemes(Path(self.raw_dataset_folder), self.dataset_json, list(self.dataset))
+        return case_normalization_schemes(Path(self.raw_dataset_folder), self.dataset_json,
+                                          list(self.dataset))
 
     def determine_per_case_normalization(self) -> dict | None:
-        """``per_case_normalization`` for the configuration if one channel mixes normalisation schemes, else None."""
+        """``per_case_normalization`` for the configuration if one channel mixes normalisation schemes, else
+        None."""
         schemes = self._case_schemes()
         n_channels = len(channel_names_of(self.dataset_json))
         if all(len({s[c] for s in schemes.values()}) == 1 for c in range(n_channels)):
             return None
         fingerprint = self.dataset_fingerprint
-        relative_size = dict(zip(fingerprint["case_identifiers"], fingerprint["relative_sizes_after_cropping"]))
+        relative_size = dict(zip(fingerprint["case_identifiers"],
+                                 fingerprint["relative_sizes_after_cropping"]))
         properties, use_mask = {}, {}
         for c in range(n_channels):
             properties[str(c)], use_mask[str(c)] = {}, {}
             for scheme in sorted({s[c] for s in schemes.values()}):
                 cases = [k for k, s in schemes.items() if s[c] == scheme]
-                properties[str(c)][scheme] = fingerprint["intensity_properties_per_channel_and_scheme"][str(c)][scheme]
+                properties[str(c)][scheme] = (
+                    fingerprint["intensity_properties_per_channel_and_scheme"][str(c)][scheme]
+                )
                 cropped_a_lot = np.median([relative_size[k] for k in cases]) < _MASK_FOR_NORM_RELATIVE_SIZE
                 use_mask[str(c)][scheme] = bool(
-                    cropped_a_lot and _NORMALIZERS[scheme].leaves_pixels_outside_mask_at_zero_if_use_mask_for_norm_is_true
+                    cropped_a_lot
+                    and _NORMALIZERS[scheme].leaves_pixels_outside_mask_at_zero_if_use_mask_for_norm_is_true
                 )
         return {
-            "case_schemes_from": f"{PROVENANCE_FILE} (channel_names of each case, mapped as nnU-Net maps channel names)",
+            "case_schemes_from": f"{PROVENANCE_FILE} (channel_names of each case, mapped as nnU-Net maps "
+                                 "channel names)",
             "intensity_properties": properties,
             "use_mask_for_norm": use_mask,
         }
@@ -300,10 +315,9 @@ class JointSSLPlanner(ThreadIndependentEstimateMixin, ExperimentPlanner):
         ]
         if odd:
             warnings.warn(
-                f"{len(odd)} volume(s) (e.g. {odd[0]}) have their coarsest spacing in-plane, not along the file's "
-                f"z axis. The pretraining configuration takes slices along z for every case; reorient those "
-                f"volumes (z = the acquisition's slice axis) if that is not intended.",
-                stacklevel=2,
+                f"{len(odd)} volume(s) (e.g. {odd[0]}) have their coarsest spacing in-plane, not along the "
+                "file's z axis. The pretraining configuration takes slices along z for every case; reorient "
+                "those volumes (z = the acquisition's slice axis) if that is not intended.", stacklevel=2,
             )
 
     def plan_experiment(self) -> dict:
@@ -319,8 +333,8 @@ class JointSSLPlanner(ThreadIndependentEstimateMixin, ExperimentPlanner):
         approximate_n_voxels = float(np.prod(median_shape, dtype=np.float64) * len(self.dataset))
 
         configuration = self.get_plans_for_configuration(
-            [float(s) for s in target], median_shape[1:], self.generate_data_identifier(PRETRAINING_CONFIGURATION),
-            approximate_n_voxels, {},
+            [float(s) for s in target], median_shape[1:],
+            self.generate_data_identifier(PRETRAINING_CONFIGURATION), approximate_n_voxels, {},
         )
         configuration["batch_dice"] = True
         configuration["spacing_mode"] = self.spacing.mode
@@ -393,9 +407,10 @@ class UnlabeledPreprocessor(DefaultPreprocessor):
                      dataset_json: dict | str):
         if not configuration_manager.configuration.get("resample_in_plane", True):
             own_spacing = [float(properties["spacing"][i]) for i in plans_manager.transpose_forward][1:]
-            configuration_manager = ConfigurationManager({**configuration_manager.configuration, "spacing": own_spacing})
-        data, seg, properties = super().run_case_npy(data, seg, properties, plans_manager, configuration_manager,
-                                                     dataset_json)
+            configuration_manager = ConfigurationManager({**configuration_manager.configuration,
+                                                          "spacing": own_spacing})
+        data, seg, properties = super().run_case_npy(data, seg, properties, plans_manager,
+                                                     configuration_manager, dataset_json)
         properties.setdefault("class_locations", {})
         return data, seg, properties
 
@@ -403,7 +418,8 @@ class UnlabeledPreprocessor(DefaultPreprocessor):
                    foreground_intensity_properties_per_channel: dict) -> np.ndarray:
         per_case = configuration_manager.configuration.get("per_case_normalization")
         if per_case is None or self._current_case is None or self.raw_dataset_folder is None:
-            return super()._normalize(data, seg, configuration_manager, foreground_intensity_properties_per_channel)
+            return super()._normalize(data, seg, configuration_manager,
+                                      foreground_intensity_properties_per_channel)
         recorded, default = _case_schemes_of_raw_dataset(self.raw_dataset_folder)
         schemes = recorded.get(self._current_case, default)
         for c in range(data.shape[0]):
@@ -429,7 +445,8 @@ class PreprocessedCase:
 
 
 def verify_preprocessed(dataset: int | str, plans_name: str = DEFAULT_PLANS_NAME,
-                        configuration: str = PRETRAINING_CONFIGURATION, deep: bool = False) -> list[PreprocessedCase]:
+                        configuration: str = PRETRAINING_CONFIGURATION,
+                        deep: bool = False) -> list[PreprocessedCase]:
     """Check that every raw case is preprocessed with the slice count and in-plane size planning implies.
 
     2D cases must have one slice; volumes all slices of their nonzero crop; the in-plane size must be
@@ -440,7 +457,8 @@ def verify_preprocessed(dataset: int | str, plans_name: str = DEFAULT_PLANS_NAME
     preprocessed = nnunet_preprocessed() / raw_folder.name
     plans_file = preprocessed / f"{plans_name}.json"
     if not plans_file.is_file():
-        raise PreprocessingVerificationError(f"{plans_file} does not exist; run `nnssl_joint plan_and_preprocess`.")
+        raise PreprocessingVerificationError(f"{plans_file} does not exist; run `nnssl_joint "
+                                             "plan_and_preprocess`.")
     plans_manager = PlansManager(str(plans_file))
     manager = plans_manager.get_configuration(configuration)
     data_folder = preprocessed / manager.data_identifier
@@ -450,8 +468,9 @@ def verify_preprocessed(dataset: int | str, plans_name: str = DEFAULT_PLANS_NAME
     missing = [c.identifier for c in raw.cases if not (data_folder / f"{c.identifier}.pkl").is_file()]
     if missing:
         raise PreprocessingVerificationError(
-            f"{len(missing)} of {len(raw.cases)} case(s) are missing from {data_folder}: {', '.join(missing[:5])}"
-            f"{' ...' if len(missing) > 5 else ''}. Rerun `nnssl_joint plan_and_preprocess`."
+            f"{len(missing)} of {len(raw.cases)} case(s) are missing from {data_folder}: "
+            f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}. Rerun `nnssl_joint "
+            "plan_and_preprocess`."
         )
     loader = infer_dataset_class(str(data_folder))(str(data_folder))
     per_case = manager.configuration.get("per_case_normalization")
@@ -465,10 +484,12 @@ def verify_preprocessed(dataset: int | str, plans_name: str = DEFAULT_PLANS_NAME
         cropped = properties["shape_after_cropping_and_before_resampling"]
         dim = dims.get(case.identifier, 2 if raw_shape[0] == 1 else 3)
         spacing = [float(properties["spacing"][i]) for i in transpose]
-        target = spacing if not manager.configuration.get("resample_in_plane", True) else [spacing[0], *manager.spacing]
+        target = (spacing if not manager.configuration.get("resample_in_plane", True)
+                  else [spacing[0], *manager.spacing])
         expected = tuple(int(s) for s in compute_new_shape(cropped, spacing, target))
         if shape != expected or (dim == 2 and shape[0] != 1) or tuple(seg.shape[1:]) != shape:
-            problems.append(f"{case.identifier}: shape {shape}, expected {expected} (dim {dim}), seg {tuple(seg.shape[1:])}")
+            problems.append(f"{case.identifier}: shape {shape}, expected {expected} (dim {dim}), seg "
+                            f"{tuple(seg.shape[1:])}")
         mean = std = None
         if deep:
             voxels = np.asarray(data[:])
@@ -486,7 +507,8 @@ def verify_preprocessed(dataset: int | str, plans_name: str = DEFAULT_PLANS_NAME
         rows.append(PreprocessedCase(case.identifier, dim, raw_shape, shape, tuple(target), mean, std))
     if problems:
         raise PreprocessingVerificationError(
-            f"{len(problems)} preprocessed case(s) in {data_folder} do not match the plans: " + "; ".join(problems[:5])
+            f"{len(problems)} preprocessed case(s) in {data_folder} do not match the plans: "
+            + "; ".join(problems[:5])
             + (" ..." if len(problems) > 5 else "")
         )
     return rows
@@ -499,8 +521,10 @@ def format_summary(rows: list[PreprocessedCase], max_rows: int = 60) -> str:
     header += ["mean", "std"] if deep else []
     lines = []
     for r in rows:
-        line = [r.identifier, f"{r.dim}D", f"{r.shape[0]}" + (f" (of {r.raw_shape[0]})" if r.shape[0] != r.raw_shape[0] else ""),
-                f"{r.raw_shape[1]}x{r.raw_shape[2]}", f"{r.shape[1]}x{r.shape[2]}", f"{r.spacing[1]:.3g} x {r.spacing[2]:.3g}"]
+        line = [r.identifier, f"{r.dim}D",
+                f"{r.shape[0]}" + (f" (of {r.raw_shape[0]})" if r.shape[0] != r.raw_shape[0] else ""),
+                f"{r.raw_shape[1]}x{r.raw_shape[2]}", f"{r.shape[1]}x{r.shape[2]}",
+                f"{r.spacing[1]:.3g} x {r.spacing[2]:.3g}"]
         line += [f"{r.mean:.2f}", f"{r.std:.2f}"] if deep else []
         lines.append(line)
     shown = lines if len(lines) <= max_rows else lines[: max_rows - 1]
@@ -509,7 +533,8 @@ def format_summary(rows: list[PreprocessedCase], max_rows: int = 60) -> str:
     if len(shown) < len(lines):
         text.append(f"... {len(lines) - len(shown)} more (full table in the .tsv next to the plans)")
     n_2d = sum(r.dim == 2 for r in rows)
-    text.append(f"{len(rows)} cases: {n_2d} 2D, {len(rows) - n_2d} 3D; {sum(r.shape[0] for r in rows)} slices in total")
+    text.append(f"{len(rows)} cases: {n_2d} 2D, {len(rows) - n_2d} 3D; {sum(r.shape[0] for r in rows)} "
+                "slices in total")
     return "\n".join(text)
 
 
@@ -518,13 +543,16 @@ def _write_summary_tsv(rows: list[PreprocessedCase], path: Path) -> None:
     for r in rows:
         lines.append("\t".join([r.identifier, str(r.dim), str(r.shape[0]), "x".join(map(str, r.raw_shape)),
                                 "x".join(map(str, r.shape)), ",".join(f"{s:g}" for s in r.spacing),
-                                "" if r.mean is None else f"{r.mean:.4f}", "" if r.std is None else f"{r.std:.4f}"]))
+                                "" if r.mean is None else f"{r.mean:.4f}",
+                                "" if r.std is None else f"{r.std:.4f}"]))
     path.write_text("\n".join(lines) + "\n")
 
 
 def plan_and_preprocess_unlabeled(dataset: int | str, spacing: str | float | SpacingSpec = "median",
-                                  plans_name: str = DEFAULT_PLANS_NAME, num_processes: int = default_num_processes,
-                                  num_processes_fingerprint: int = default_num_processes, verify: bool = False,
+                                  plans_name: str = DEFAULT_PLANS_NAME,
+                                  num_processes: int = default_num_processes,
+                                  num_processes_fingerprint: int = default_num_processes,
+                                  verify: bool = False,
                                   gpu_memory_target_in_gb: float = 8) -> list[PreprocessedCase]:
     """Fingerprint, plan (``plans_name``, configuration ``joint_ssl``) and preprocess one unlabeled dataset.
 
@@ -541,16 +569,19 @@ def plan_and_preprocess_unlabeled(dataset: int | str, spacing: str | float | Spa
     unlabeled_entries = [k for k, v in raw.dataset_json.get("dataset", {}).items() if "label" not in v]
     if unlabeled_entries:
         raise DatasetJsonError(
-            f"{raw.folder / 'dataset.json'}: case {unlabeled_entries[0]!r} (and {len(unlabeled_entries) - 1} more) "
-            f"in 'dataset' has no 'label' entry, which nnU-Net's file listing requires. Add one per case (the file "
-            f"need not exist and is never read, e.g. \"label\": \"labelsTr/{unlabeled_entries[0]}.nii.gz\"), or "
-            f"run `nnssl_joint prepare` to get an imagesTr layout."
+            f"{raw.folder / 'dataset.json'}: case {unlabeled_entries[0]!r} (and {len(unlabeled_entries) - 1} "
+            "more) in 'dataset' has no 'label' entry, which nnU-Net's file listing requires. Add one per "
+            "case (the file need not exist and is never read, e.g. \"label\": "
+            f"\"labelsTr/{unlabeled_entries[0]}.nii.gz\"), or run `nnssl_joint prepare` to get an imagesTr "
+            "layout."
         )
-    clashes = [p.name for p in dataset_folders_with_id(preprocessed_root, raw.dataset_id) if p.name != raw.name]
+    clashes = [p.name for p in dataset_folders_with_id(preprocessed_root, raw.dataset_id)
+               if p.name != raw.name]
     if clashes:
         raise DatasetNotFoundError(
-            f"Dataset id {raw.dataset_id} names {raw.name} in nnUNet_raw but {clashes[0]} in nnUNet_preprocessed="
-            f"{preprocessed_root}; nnU-Net needs one name per id. Delete or rename the stale folder."
+            f"Dataset id {raw.dataset_id} names {raw.name} in nnUNet_raw but {clashes[0]} in "
+            f"nnUNet_preprocessed={preprocessed_root}; nnU-Net needs one name per id. Delete or rename the "
+            "stale folder."
         )
 
     preprocessed = preprocessed_root / raw.name
@@ -558,12 +589,13 @@ def plan_and_preprocess_unlabeled(dataset: int | str, spacing: str | float | Spa
     num_processes = max(1, min(num_processes, len(raw.cases)))
     try:
         UnlabeledFingerprintExtractor(raw.name, num_processes_fingerprint).run(overwrite_existing=True)
-        planner = JointSSLPlanner(raw.name, gpu_memory_target_in_gb=gpu_memory_target_in_gb, plans_name=plans_name,
-                                  spacing=spacing)
+        planner = JointSSLPlanner(raw.name, gpu_memory_target_in_gb=gpu_memory_target_in_gb,
+                                  plans_name=plans_name, spacing=spacing)
         plans = planner.plan_experiment()
         data_folder = preprocessed / plans["configurations"][PRETRAINING_CONFIGURATION]["data_identifier"]
         try:
-            UnlabeledPreprocessor(verbose=False).run(raw.name, PRETRAINING_CONFIGURATION, plans_name, num_processes)
+            UnlabeledPreprocessor(verbose=False).run(raw.name, PRETRAINING_CONFIGURATION, plans_name,
+                                                     num_processes)
         except BaseException:
             shutil.rmtree(data_folder, ignore_errors=True)
             raise

@@ -108,14 +108,15 @@ class SelfConfiguration:
             total = getattr(self, key)
             if 0 < total < world_size:
                 raise NnsslJointError(
-                    f"data.{key}={total} is smaller than the number of processes ({world_size}); set data.{key} to "
-                    f"at least {world_size} in the file named by NNSSL_JOINT_CONFIG")
+                    f"data.{key}={total} is smaller than the number of processes ({world_size}); set "
+                    f"data.{key} to at least {world_size} in the file named by NNSSL_JOINT_CONFIG")
             shares[f"{key}_per_rank"] = total // world_size + (1 if rank < total % world_size else 0)
         return replace(self, world_size=world_size, rank=rank, **shares)
 
     def objective(self, base: ObjectiveConfig) -> ObjectiveConfig:
         """``base`` with the self-configured sizes: the objective the losses are built with."""
-        return replace(base, num_prototypes_2d=self.num_prototypes_2d, num_prototypes_3d=self.num_prototypes_3d,
+        return replace(base, num_prototypes_2d=self.num_prototypes_2d,
+                       num_prototypes_3d=self.num_prototypes_3d,
                        freeze_prototypes_iterations=self.freeze_prototypes_iterations,
                        queue_start_iteration=self.queue_start_iteration)
 
@@ -174,8 +175,8 @@ def auto_configure(
     for name, value in (("view_size", view), ("small_view_size", small)):
         if value < 2 * stride:
             raise ValueError(
-                f"data.{name} {value} is too small for preset '{preset.name}': the encoder's bottleneck would be "
-                f"1x1, which InstanceNorm cannot normalise; use at least {2 * stride}"
+                f"data.{name} {value} is too small for preset '{preset.name}': the encoder's bottleneck "
+                f"would be 1x1, which InstanceNorm cannot normalise; use at least {2 * stride}"
             )
 
     n_slices = data_cfg.n_slices
@@ -199,7 +200,9 @@ def auto_configure(
     if is_auto(b3):
         if has_3d:
             cap = 16 if on_gpu else 2
-            b3 = int(max(1, min(cap, stats.n_volumes, budget_bytes * (1 - share_2d) // (2 * n_slices * per_slice))))
+            b3 = int(max(1,
+                         min(cap, stats.n_volumes,
+                             budget_bytes * (1 - share_2d) // (2 * n_slices * per_slice))))
         else:
             b3 = 0
 
@@ -215,7 +218,8 @@ def auto_configure(
     # SwAV's iteration-based defaults assume long epochs; tie them to this run's epoch length
     freeze = (objective.freeze_prototypes_iterations if "freeze_prototypes_iterations" in explicit
               else iterations_per_epoch)
-    queue_start = objective.queue_start_iteration if "queue_start_iteration" in explicit else iterations_per_epoch
+    queue_start = (objective.queue_start_iteration if "queue_start_iteration" in explicit
+                   else iterations_per_epoch)
     return SelfConfiguration(
         view_size=view,
         small_view_size=small,
@@ -238,13 +242,14 @@ def auto_configure(
 
 def describe(stats: DatasetStats, resolved: SelfConfiguration) -> str:
     r = resolved
-    per_rank = (f" (this process of {r.world_size}: 2D={r.batch_size_2d_per_rank} 3D={r.batch_size_3d_per_rank})"
+    per_rank = (f" (this process of {r.world_size}: 2D={r.batch_size_2d_per_rank} "
+                f"3D={r.batch_size_3d_per_rank})"
                 if r.world_size > 1 else "")
     return (
-        f"dataset: {stats.n_images_2d} 2D images, {stats.n_volumes} volumes, {stats.n_slices_total} slices in "
-        f"all, median in-plane {stats.median_inplane}, median volume slices {stats.median_volume_slices}\n"
+        f"dataset: {stats.n_images_2d} 2D images, {stats.n_volumes} volumes, {stats.n_slices_total} slices "
+        f"in all, median in-plane {stats.median_inplane}, median volume slices {stats.median_volume_slices}\n"
         f"self-configured: view {r.view_size}px (small views {r.small_view_size}px), N={r.n_slices} slices, "
-        f"global batch 2D={r.batch_size_2d} 3D={r.batch_size_3d}{per_rank}, prototypes 2D={r.num_prototypes_2d} "
-        f"3D={r.num_prototypes_3d}, budget {r.memory_budget_gb} GB (estimated activations "
-        f"{r.estimated_activation_gb} GB)"
+        f"global batch 2D={r.batch_size_2d} 3D={r.batch_size_3d}{per_rank}, prototypes "
+        f"2D={r.num_prototypes_2d} 3D={r.num_prototypes_3d}, budget {r.memory_budget_gb} GB (estimated "
+        f"activations {r.estimated_activation_gb} GB)"
     )

@@ -17,10 +17,12 @@ from nnssl_joint.ssl.objective import ObjectiveConfig
 
 
 def model_from_record(record: dict[str, Any]) -> JointSSLModel:
-    """An untrained :class:`JointSSLModel` shaped like the run that wrote ``record`` (``ckpt["nnssl_joint"]``)."""
+    """An untrained :class:`JointSSLModel` shaped like the run that wrote ``record``
+    (``ckpt["nnssl_joint"]``)."""
     objective = SelfConfiguration.from_dict(record["resolved"]).objective(
         ObjectiveConfig.from_dict(record["config"]["objective"]))
-    return JointSSLModel(ArchitecturePreset.from_dict(record["preset"]), int(record["input_channels"]), objective)
+    return JointSSLModel(ArchitecturePreset.from_dict(record["preset"]), int(record["input_channels"]),
+                         objective)
 
 
 def load_pretraining_model(checkpoint_file: str | Path) -> tuple[JointSSLModel, dict[str, Any]]:

@@ -37,7 +37,8 @@ def test_layers_merge_in_order_nested_and_record_the_keys_they_set():
 
 
 @pytest.mark.parametrize("values, message", [
-    ({"sead": 1}, "file.json: unknown key 'sead'; valid keys at this level: ['flag', 'inner', 'seed', 'shape']"),
+    ({"sead": 1}, ("file.json: unknown key 'sead'; valid keys at this level: ['flag', 'inner', 'seed', "
+                   "'shape']")),
     ({"inner": {"sise": 1}}, "file.json: unknown key 'inner.sise'"),
     ({"flag": 1}, "file.json: key 'flag' must be true or false, got 1 (int)"),
     ({"seed": 1.5}, "file.json: key 'seed' must be an integer or null, got 1.5 (float)"),

@@ -173,12 +173,13 @@ def test_nnunet_finds_datasets_and_cases(synthetic_root, monkeypatch):
     dataset = get_filenames_of_train_images_and_targets(str(labeled))
     assert sorted(dataset) == [f"{DEFAULT_NAMES[2]}_{i:03d}" for i in range(3)]
     for case in dataset.values():
-        assert len(case["images"]) == 1 and Path(case["images"][0]).is_file() and Path(case["label"]).is_file()
+        assert len(case["images"]) == 1 and Path(case["images"][0]).is_file() \
+            and Path(case["label"]).is_file()
     test_ids = get_identifiers_from_splitted_dataset_folder(str(labeled / "imagesTs"), ".nii.gz")
     assert list(test_ids) == [f"{DEFAULT_NAMES[2]}_{i:03d}" for i in (3, 4)]
     assert sorted(p.name for p in (labeled / "labelsTs").iterdir()) == [f"{i}.nii.gz" for i in test_ids]
-    unlabeled_ids = get_identifiers_from_splitted_dataset_folder(str(result["unlabeled_2d"]["path"] / "imagesTr"),
-                                                                 ".png")
+    unlabeled_ids = get_identifiers_from_splitted_dataset_folder(
+        str(result["unlabeled_2d"]["path"] / "imagesTr"), ".png")
     assert len(unlabeled_ids) == 4
 
 
@@ -247,7 +248,8 @@ def test_other_3d_file_endings(tmp_path, file_ending: str):
 
     folder = write_labeled_3d(tmp_path, 906, "Ending", 2, 0, (12, 16, 20), seed=0, n_organs=2,
                               file_ending=file_ending)
-    image, properties = SimpleITKIO().read_images([str(folder / "imagesTr" / f"Ending_001_0000{file_ending}")])
+    image, properties = SimpleITKIO().read_images(
+        [str(folder / "imagesTr" / f"Ending_001_0000{file_ending}")])
     seg, _ = SimpleITKIO().read_seg(str(folder / "labelsTr" / f"Ending_001{file_ending}"))
     assert image.shape == seg.shape == (1, 12, 16, 20) and properties["spacing"][0] > properties["spacing"][1]
     assert json.loads((folder / "dataset.json").read_text())["file_ending"] == file_ending

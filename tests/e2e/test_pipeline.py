@@ -25,7 +25,8 @@ PRETRAIN_RUN = "Dataset900_JointPretrain/JointSSLPretrainTrainer__nnsslJointPlan
 def run(cmd: list[str], env: dict, cwd: Path, timeout: int = 600) -> str:
     res = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False)
     if res.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}")
+        raise AssertionError(f"{' '.join(cmd)} failed "
+                             f"({res.returncode}):\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}")
     return res.stdout + res.stderr
 
 
@@ -33,14 +34,17 @@ def run(cmd: list[str], env: dict, cwd: Path, timeout: int = 600) -> str:
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
     env = dict(os.environ)
-    env.update(nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "pre"), nnUNet_results=str(root / "res"),
+    env.update(nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "pre"),
+               nnUNet_results=str(root / "res"),
                nnUNet_extTrainer=str(Path(__file__).resolve().parents[2] / "trainers"), nnUNet_def_n_proc="1",
                PYTHONUNBUFFERED="1")
     env.pop("nnUNet_n_proc_DA", None)  # planning crashes with 0
-    run([str(BIN / "nnssl_joint"), "make-synthetic", "--seed", "1", "--n-3d", "4", "--n-2d", "6", "--n-train", "3",
-         "--n-test", "2", "--shape-3d", "12,32,32", "--shape-2d", "40,40"], env, root)
-    run([str(BIN / "nnssl_joint"), "prepare", "-d", "501", "502", "-o", "900", "--name", "JointPretrain"], env, root)
-    out = run([str(BIN / "nnssl_joint"), "plan_and_preprocess", "-d", "900", "-np", "1", "-npfp", "1"], env, root)
+    run([str(BIN / "nnssl_joint"), "make-synthetic", "--seed", "1", "--n-3d", "4", "--n-2d", "6", "--n-train",
+         "3", "--n-test", "2", "--shape-3d", "12,32,32", "--shape-2d", "40,40"], env, root)
+    run([str(BIN / "nnssl_joint"), "prepare", "-d", "501", "502", "-o", "900", "--name", "JointPretrain"],
+        env, root)
+    out = run([str(BIN / "nnssl_joint"), "plan_and_preprocess", "-d", "900", "-np", "1", "-npfp", "1"], env,
+              root)
     train_env = dict(env, nnUNet_n_proc_DA="0")
     cfg = root / "pretrain.json"
     cfg.write_text(json.dumps({"optim": {"num_epochs": 2, "iterations_per_epoch": 2, "save_every": 1},
@@ -78,7 +82,8 @@ def test_resume_with_c_continues_from_saved_state(workspace):
     script = f"""
 import torch, numpy as np
 from nnunetv2.run.run_training import get_trainer_from_args
-t = get_trainer_from_args('900', 'joint_ssl', 'all', 'JointSSLPretrainTrainer', 'nnsslJointPlans', device=torch.device('cpu'))
+t = get_trainer_from_args('900', 'joint_ssl', 'all', 'JointSSLPretrainTrainer', 'nnsslJointPlans',
+                          device=torch.device('cpu'))
 t.load_checkpoint(r'{run_dir / "checkpoint_final.pth"}')
 ck = torch.load(r'{run_dir / "checkpoint_final.pth"}', weights_only=False)
 sd = t.network.state_dict()
@@ -116,21 +121,26 @@ def test_finetune_from_pretrained_weights_and_predict(workspace, configuration):
                    "-npfp", "1"], env, root)
         assert "SliceWiseUNet3D" in out and "JointSSLUNet2D" in out
         # three labeled cases: nnU-Net's 5-fold split needs more, so fold 0 gets an explicit split
-        cases = sorted(p.name[: -len(".nii.gz")] for p in (root / "raw" / "Dataset503_SynthOrgans" / "labelsTr").iterdir())
+        cases = sorted(p.name[: -len(".nii.gz")]
+                       for p in (root / "raw" / "Dataset503_SynthOrgans" / "labelsTr").iterdir())
         (root / "pre" / "Dataset503_SynthOrgans" / "splits_final.json").write_text(
             json.dumps([{"train": cases[:2], "val": cases[2:]}]))
     weights = root / "res" / PRETRAIN_RUN / f"pretrained_for_{configuration}.pth"
     ft = root / "finetune.json"
-    # pretrained parts frozen during the only epoch: their tensors must still equal the pretrained ones after it
+    # pretrained parts frozen during the only epoch: their tensors must still equal the pretrained ones
+    # after it
     ft.write_text(json.dumps({"num_epochs": 1, "iterations_per_epoch": 1, "val_iterations_per_epoch": 1,
                               "freeze_pretrained_epochs": 1}))
     train_env = dict(env, nnUNet_n_proc_DA="0", NNSSL_JOINT_FINETUNE_CONFIG=str(ft))
     log = run([str(BIN / "nnUNetv2_train"), "503", configuration, "0", "-p", "nnsslJointPlans", "-tr",
-               "JointSSLFinetuneTrainer", "-device", "cpu", "-pretrained_weights", str(weights)], train_env, root)
+               "JointSSLFinetuneTrainer", "-device", "cpu", "-pretrained_weights", str(weights)], train_env,
+              root)
     assert "non-segmentation-head keys present with matching shapes" in log
-    out_dir = root / "res" / "Dataset503_SynthOrgans" / f"JointSSLFinetuneTrainer__nnsslJointPlans__{configuration}"
+    out_dir = (root / "res" / "Dataset503_SynthOrgans"
+               / f"JointSSLFinetuneTrainer__nnsslJointPlans__{configuration}")
     final = torch.load(out_dir / "fold_0" / "checkpoint_final.pth", weights_only=False)["network_weights"]
-    pretrained = torch.load(root / "res" / PRETRAIN_RUN / "checkpoint_final.pth", weights_only=False)["network_weights"]
+    pretrained = torch.load(root / "res" / PRETRAIN_RUN / "checkpoint_final.pth",
+                            weights_only=False)["network_weights"]
     parts = ("encoder.",) if configuration == "2d" else ("encoder.", "slice_embedding.", "slice_transformer.")
     keys = [k for k in final if k.startswith(parts)]
     assert len(keys) > 20
@@ -138,7 +148,8 @@ def test_finetune_from_pretrained_weights_and_predict(workspace, configuration):
         assert torch.equal(final[k], pretrained[k]), k
     pred = root / f"pred_{configuration}"
     run([str(BIN / "nnUNetv2_predict"), "-i", str(root / "raw" / "Dataset503_SynthOrgans" / "imagesTs"), "-o",
-         str(pred), "-d", "503", "-c", configuration, "-p", "nnsslJointPlans", "-tr", "JointSSLFinetuneTrainer",
+         str(pred), "-d", "503", "-c", configuration, "-p", "nnsslJointPlans", "-tr",
+         "JointSSLFinetuneTrainer",
          "-f", "0", "-chk", "checkpoint_final.pth", "-device", "cpu", "-npp", "1", "-nps", "1"],
         dict(env, nnUNet_n_proc_DA="0"), root)
     assert len(list(pred.glob("*.nii.gz"))) == 2
@@ -148,11 +159,12 @@ def test_find_best_configuration_works_unchanged(workspace):
     """After the 2d and 3d_fullres fine-tunings above (fold 0 each), nnU-Net's own model selection runs."""
     root, env = workspace["root"], workspace["env"]
     base = root / "res" / "Dataset503_SynthOrgans"
-    if not all((base / f"JointSSLFinetuneTrainer__nnsslJointPlans__{c}" / "fold_0" / "validation" / "summary.json")
-               .is_file() for c in ("2d", "3d_fullres")):
+    if not all((base / f"JointSSLFinetuneTrainer__nnsslJointPlans__{c}" / "fold_0" / "validation"
+                / "summary.json").is_file() for c in ("2d", "3d_fullres")):
         pytest.skip("needs test_finetune_from_pretrained_weights_and_predict for both configurations first")
     out = run([str(BIN / "nnUNetv2_find_best_configuration"), "503", "-c", "2d", "3d_fullres", "-p",
-               "nnsslJointPlans", "-tr", "JointSSLFinetuneTrainer", "-f", "0", "-np", "1", "--disable_ensembling"], env, root)
+               "nnsslJointPlans", "-tr", "JointSSLFinetuneTrainer", "-f", "0", "-np", "1",
+               "--disable_ensembling"], env, root)
     assert "inference_instructions" in out or (base / "inference_instructions.txt").is_file(), out[-2000:]
 
 def test_ddp_two_processes_match_one_process_on_the_same_global_batch(workspace):
@@ -164,7 +176,8 @@ def test_ddp_two_processes_match_one_process_on_the_same_global_batch(workspace)
     preset["transformer"]["dropout"] = 0.0  # dropout draws differ between 1 and 2 processes
     (root / "preset_nodrop.json").write_text(json.dumps(preset))
     cfg = {"preset": str(root / "preset_nodrop.json"),
-           "data": {"batch_size_2d": 8, "batch_size_3d": 4, "n_slices": 6, "view_size": 32, "n_small_views": 0},
+           "data": {"batch_size_2d": 8, "batch_size_3d": 4, "n_slices": 6, "view_size": 32,
+                    "n_small_views": 0},
            "objective": {"freeze_prototypes_iterations": 0, "queue_length_3d": 0, "num_prototypes_2d": 6,
                          "num_prototypes_3d": 2}}
     (root / "ddp.json").write_text(json.dumps(cfg))
@@ -185,7 +198,8 @@ def test_ddp_two_processes_match_one_process_on_the_same_global_batch(workspace)
         assert two["terms"][term] != pytest.approx(0.0)
     assert len(one["checksums"]) > 50 and one["checksums"].keys() == two["checksums"].keys()
     for key, value in one["checksums"].items():
-        assert two["checksums"][key] == pytest.approx(value, rel=1e-4, abs=1e-4 * max(1.0, one["abs"][key])), key
+        assert two["checksums"][key] == pytest.approx(value, rel=1e-4,
+                                                      abs=1e-4 * max(1.0, one["abs"][key])), key
 
 
 def test_wrong_channel_count_fails_before_training_and_export_fixes_it(workspace):
@@ -201,11 +215,13 @@ def test_wrong_channel_count_fails_before_training_and_export_fixes_it(workspace
     cases = sorted(p.name[: -len(".nii.gz")] for p in (src / "labelsTr").iterdir())
     for case in cases:
         for channel in ("0000", "0001"):
-            shutil.copy(src / "imagesTr" / f"{case}_0000.nii.gz", dst / "imagesTr" / f"{case}_{channel}.nii.gz")
+            shutil.copy(src / "imagesTr" / f"{case}_0000.nii.gz",
+                        dst / "imagesTr" / f"{case}_{channel}.nii.gz")
     dataset_json = json.loads((src / "dataset.json").read_text())
     dataset_json["channel_names"] = {"0": "MRI", "1": "MRI"}
     (dst / "dataset.json").write_text(json.dumps(dataset_json))
-    run([str(BIN / "nnssl_joint"), "plan_and_preprocess", "-d", "504", "--downstream", "-np", "1", "-npfp", "1"],
+    run([str(BIN / "nnssl_joint"), "plan_and_preprocess", "-d", "504", "--downstream", "-np", "1", "-npfp",
+         "1"],
         env, root)
     (root / "pre" / "Dataset504_TwoChannel" / "splits_final.json").write_text(
         json.dumps([{"train": cases[:2], "val": cases[2:]}]))
@@ -215,14 +231,16 @@ def test_wrong_channel_count_fails_before_training_and_export_fixes_it(workspace
     weights = root / "res" / PRETRAIN_RUN / "pretrained_for_3d_fullres.pth"
     cmd = [str(BIN / "nnUNetv2_train"), "504", "3d_fullres", "0", "-p", "nnsslJointPlans", "-tr",
            "JointSSLFinetuneTrainer", "-device", "cpu", "-pretrained_weights"]
-    res = subprocess.run(cmd + [str(weights)], env=train_env, cwd=root, capture_output=True, text=True, check=False)
+    res = subprocess.run(cmd + [str(weights)], env=train_env, cwd=root, capture_output=True, text=True,
+                         check=False)
     assert res.returncode != 0
     message = res.stdout + res.stderr
     assert "input channels differ" in message and "nnssl_joint export" in message, message[-3000:]
     assert "Epoch 0" not in message
     exported = root / "two_channel.pth"
     out = run([str(BIN / "nnssl_joint"), "export", "--checkpoint", str(root / "res" / PRETRAIN_RUN /
-               "checkpoint_final.pth"), "-d", "504", "-c", "3d_fullres", "-p", "nnsslJointPlans", "-o", str(exported)],
+               "checkpoint_final.pth"), "-d", "504", "-c", "3d_fullres", "-p", "nnsslJointPlans", "-o",
+               str(exported)],
               env, root)
     assert "input stem adapted" in out
     log = run(cmd + [str(exported)], train_env, root)
@@ -237,10 +255,11 @@ def test_torchrun_two_cpu_processes_pretrain(workspace):
     (root / "torchrun.json").write_text(json.dumps(cfg))
     env = dict(workspace["train_env"], NNSSL_JOINT_CONFIG=str(root / "torchrun.json"), OMP_NUM_THREADS="1",
                nnUNet_results=str(root / "res_torchrun"))
-    log = run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "nnssl_joint.distributed_run",
-               "900", "joint_ssl", "all", "-p", "nnsslJointPlans"], env, root)
+    log = run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m",
+               "nnssl_joint.distributed_run", "900", "joint_ssl", "all", "-p", "nnsslJointPlans"], env, root)
     assert "Training done." in log and "batch_size_2d_per_rank" not in log
     run_dir = root / "res_torchrun" / PRETRAIN_RUN
     config = json.loads((run_dir / "nnssl_joint_config.json").read_text())
     assert config["resolved"]["batch_size_2d_per_rank"] == 2
-    assert (run_dir / "checkpoint_final.pth").is_file() and (run_dir / "pretrained_for_3d_fullres.pth").is_file()
+    assert (run_dir / "checkpoint_final.pth").is_file() \
+        and (run_dir / "pretrained_for_3d_fullres.pth").is_file()

@@ -23,7 +23,8 @@ def nnunet_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> NnUNetDirs:
 
 @pytest.fixture
 def mr_volumes(nnunet_dirs: NnUNetDirs) -> Path:
-    """Dataset501: three MR volumes, one isotropic, two anisotropic (.nii.gz); the last has 2 empty slices per end."""
+    """Dataset501: three MR volumes, one isotropic, two anisotropic (.nii.gz); the last has 2 empty slices per
+    end."""
     return make_volume_dataset(nnunet_dirs.raw, 501, "MRVol", [
         ((16, 24, 24), (1.0, 1.0, 1.0)),
         ((8, 24, 24), (3.0, 0.9, 0.9)),

@@ -69,7 +69,8 @@ def write_dataset_json(folder: Path, channel_names: dict, file_ending: str, num_
     (folder / "dataset.json").write_text(json.dumps(content, indent=2))
 
 
-def make_volume_dataset(raw: Path, dataset_id: int, name: str, shapes_spacings: list[tuple], modality: str = "MR",
+def make_volume_dataset(raw: Path, dataset_id: int, name: str, shapes_spacings: list[tuple],
+                        modality: str = "MR",
                         file_ending: str = ".nii.gz", seed: int = 0, empty_end_slices: int = 0) -> Path:
     """Volumes ``case{i}_0000<ending>``; ``shapes_spacings`` = [((z, y, x), (sz, sy, sx)), ...].
 

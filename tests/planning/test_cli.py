@@ -35,7 +35,8 @@ def test_register_cli_adds_both_commands() -> None:
     args = parser().parse_args(["prepare", "-d", "501", "502", "-o", "900", "--name", "Joint", "--overwrite"])
     assert (args.dataset_ids, args.target_id, args.name, args.overwrite) == ([501, 502], 900, "Joint", True)
     assert callable(args.func)
-    args = parser().parse_args(["plan_and_preprocess", "-d", "900", "-np", "2", "--spacing", "0.8", "--verify"])
+    args = parser().parse_args(["plan_and_preprocess", "-d", "900", "-np", "2", "--spacing", "0.8",
+                                "--verify"])
     assert args.dataset_ids == [900] and args.np == 2 and args.npfp is None and args.verify
     assert args.spacing == SpacingSpec("fixed", (0.8, 0.8)) and args.plans_name == DEFAULT_PLANS_NAME
     assert parser().parse_args(["plan_and_preprocess", "-d", "1"]).spacing == SpacingSpec("median")
@@ -47,7 +48,8 @@ def test_bad_spacing_is_an_argument_error(capsys: pytest.CaptureFixture) -> None
     assert "Invalid spacing 'fine'" in capsys.readouterr().err
 
 
-def test_user_errors_are_reported_without_traceback(nnunet_dirs: NnUNetDirs, capsys: pytest.CaptureFixture) -> None:
+def test_user_errors_are_reported_without_traceback(nnunet_dirs: NnUNetDirs,
+                                                    capsys: pytest.CaptureFixture) -> None:
     assert main(["prepare", "-d", "777", "-o", "900", "--name", "Joint"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("nnssl_joint prepare: error: No dataset with id 777") and "Traceback" not in err
@@ -74,7 +76,8 @@ def test_end_to_end_prepare_plan_and_preprocess(nnunet_dirs: NnUNetDirs) -> None
     make_volume_dataset(raw, 501, "BrainMR", [((12, 24, 24), (1.0, 1.0, 1.0)), ((6, 24, 20), (3.0, 0.9, 0.9)),
                                               ((10, 20, 24), (2.0, 1.1, 1.1))], empty_end_slices=1)
     make_png_dataset(raw, 502, "ChestXray", n=3, size=(32, 32))
-    make_volume_dataset(raw, 503, "AbdomenCT", [((8, 24, 24), (2.5, 0.8, 0.8)), ((9, 24, 24), (1.5, 0.8, 0.8))],
+    make_volume_dataset(raw, 503, "AbdomenCT",
+                        [((8, 24, 24), (2.5, 0.8, 0.8)), ((9, 24, 24), (1.5, 0.8, 0.8))],
                         modality="CT", file_ending=".mha", seed=3)
 
     run_cli(nnunet_dirs, "prepare", "-d", "501", "502", "503", "-o", "900", "--name", "JointPretrain")
@@ -93,7 +96,8 @@ def test_end_to_end_prepare_plan_and_preprocess(nnunet_dirs: NnUNetDirs) -> None
     assert plans["nnssl_joint"]["version"] == nnssl_joint.__version__
     configuration = plans["configurations"][PRETRAINING_CONFIGURATION]
     assert configuration["spacing_mode"] == "median"
-    per_case = configuration["per_case_normalization"]  # CT and MR/X-ray cases: each normalised by its modality
+    # CT and MR/X-ray cases: each normalised by its modality
+    per_case = configuration["per_case_normalization"]
     assert not (preprocessed / "gt_segmentations").exists()
 
     from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2

@@ -30,7 +30,8 @@ TARGET = 900
 
 def assert_nothing_written(raw: Path) -> None:
     """No target dataset and no leftover temporary folder in nnUNet_raw."""
-    leftovers = [p.name for p in raw.iterdir() if p.name.startswith((f"Dataset{TARGET}_", f".Dataset{TARGET}_"))]
+    leftovers = [p.name for p in raw.iterdir() if p.name.startswith((f"Dataset{TARGET}_",
+                                                                     f".Dataset{TARGET}_"))]
     assert leftovers == []
 
 
@@ -59,7 +60,8 @@ def test_missing_dataset_json(nnunet_dirs: NnUNetDirs, mr_volumes: Path) -> None
     ],
     ids=["invalid-json", "no-channel-names", "no-file-ending"],
 )
-def test_malformed_dataset_json(nnunet_dirs: NnUNetDirs, mr_volumes: Path, content: str, fragment: str) -> None:
+def test_malformed_dataset_json(nnunet_dirs: NnUNetDirs, mr_volumes: Path, content: str,
+                                fragment: str) -> None:
     (mr_volumes / "dataset.json").write_text(content)
     prepare_fails(nnunet_dirs.raw, DatasetJsonError, str(mr_volumes / "dataset.json"), fragment)
 
@@ -104,14 +106,15 @@ def test_mixed_channel_counts_name_the_datasets(nnunet_dirs: NnUNetDirs, mr_volu
     dataset_json = json.loads((two / "dataset.json").read_text())
     dataset_json["channel_names"] = {"0": "T1", "1": "T2"}
     (two / "dataset.json").write_text(json.dumps(dataset_json))
-    prepare_fails(nnunet_dirs.raw, ChannelCountMismatchError, "Dataset501_MRVol: 1", "Dataset504_TwoChannels: 2",
-                  sources=(501, 504))
+    prepare_fails(nnunet_dirs.raw, ChannelCountMismatchError, "Dataset501_MRVol: 1",
+                  "Dataset504_TwoChannels: 2", sources=(501, 504))
 
 
 def test_empty_dataset(nnunet_dirs: NnUNetDirs, mr_volumes: Path) -> None:
     for f in (mr_volumes / "imagesTr").iterdir():
         f.unlink()
-    prepare_fails(nnunet_dirs.raw, EmptyDatasetError, "Dataset501_MRVol is empty", "no files ending in .nii.gz")
+    prepare_fails(nnunet_dirs.raw, EmptyDatasetError, "Dataset501_MRVol is empty",
+                  "no files ending in .nii.gz")
 
 
 def test_unknown_dataset_id_names_id_and_folder(nnunet_dirs: NnUNetDirs, mr_volumes: Path) -> None:
@@ -129,7 +132,8 @@ def test_unset_environment_variable_is_named(nnunet_dirs: NnUNetDirs, mr_volumes
 
 def test_colour_png_in_one_channel_dataset(nnunet_dirs: NnUNetDirs) -> None:
     folder = make_png_dataset(nnunet_dirs.raw, 501, "Fundus", rgb="colour")
-    prepare_fails(nnunet_dirs.raw, ColorImageError, str(folder / "imagesTr" / "img0_0000.png"), "convert('L')")
+    prepare_fails(nnunet_dirs.raw, ColorImageError, str(folder / "imagesTr" / "img0_0000.png"),
+                  "convert('L')")
 
 
 def test_existing_target_needs_overwrite(nnunet_dirs: NnUNetDirs, mr_volumes: Path) -> None:
@@ -151,7 +155,8 @@ def test_invalid_name(nnunet_dirs: NnUNetDirs, mr_volumes: Path) -> None:
     assert_nothing_written(nnunet_dirs.raw)
 
 
-def test_plan_and_preprocess_failure_leaves_no_preprocessed_folder(nnunet_dirs: NnUNetDirs, mr_volumes: Path) -> None:
+def test_plan_and_preprocess_failure_leaves_no_preprocessed_folder(nnunet_dirs: NnUNetDirs,
+                                                                   mr_volumes: Path) -> None:
     from nnssl_joint.planning.unlabeled import plan_and_preprocess_unlabeled
 
     broken = mr_volumes / "imagesTr" / "case2_0000.nii.gz"
@@ -171,7 +176,8 @@ def test_plan_and_preprocess_unknown_id(nnunet_dirs: NnUNetDirs) -> None:
 
 @pytest.mark.parametrize("ending", [".nii", ".mha"])
 def test_truncated_uncompressed_image_is_named(nnunet_dirs: NnUNetDirs, ending: str) -> None:
-    folder = make_volume_dataset(nnunet_dirs.raw, 501, "Plain", [((6, 16, 16), (1, 1, 1))] * 2, file_ending=ending)
+    folder = make_volume_dataset(nnunet_dirs.raw, 501, "Plain", [((6, 16, 16), (1, 1, 1))] * 2,
+                                 file_ending=ending)
     broken = folder / "imagesTr" / f"case1_0000{ending}"
     broken.write_bytes(broken.read_bytes()[:-500])
     prepare_fails(nnunet_dirs.raw, ImageReadError, str(broken))
@@ -183,7 +189,8 @@ def test_unreadable_file_is_named(nnunet_dirs: NnUNetDirs, mr_volumes: Path) -> 
     prepare_fails(nnunet_dirs.raw, ImageReadError, str(broken))
 
 
-def test_listed_dataset_without_label_entries_cannot_be_planned(nnunet_dirs: NnUNetDirs, mr_volumes: Path) -> None:
+def test_listed_dataset_without_label_entries_cannot_be_planned(nnunet_dirs: NnUNetDirs,
+                                                                mr_volumes: Path) -> None:
     from nnssl_joint.planning.unlabeled import plan_and_preprocess_unlabeled
 
     dataset_json = json.loads((mr_volumes / "dataset.json").read_text())

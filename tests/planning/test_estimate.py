@@ -1,4 +1,5 @@
-"""Planning with nnUNet_n_proc_DA=0: the plugin's planners estimate memory without touching torch's threads."""
+"""Planning with nnUNet_n_proc_DA=0: the plugin's planners estimate memory without touching torch's
+threads."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ UNET = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
 KWARGS = {"n_stages": 3, "features_per_stage": [8, 16, 32], "conv_op": "torch.nn.modules.conv.Conv3d",
           "kernel_sizes": [[3, 3, 3]] * 3, "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]],
           "n_conv_per_stage": [2, 2, 2], "n_conv_per_stage_decoder": [2, 2], "conv_bias": True,
-          "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d", "norm_op_kwargs": {"eps": 1e-5, "affine": True},
+          "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
+          "norm_op_kwargs": {"eps": 1e-5, "affine": True},
           "dropout_op": None, "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU",
           "nonlin_kwargs": {"inplace": True}}
 IMPORTS = ("conv_op", "norm_op", "dropout_op", "nonlin")

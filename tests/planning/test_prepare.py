@@ -21,7 +21,8 @@ def read(path: Path) -> tuple[np.ndarray, tuple[float, ...], sitk.Image]:
     return sitk.GetArrayFromImage(image), image.GetSpacing(), image
 
 
-def test_merge_2d_and_3d_sources(nnunet_dirs: NnUNetDirs, mr_volumes: Path, xray_pngs: Path, ct_mha: Path) -> None:
+def test_merge_2d_and_3d_sources(nnunet_dirs: NnUNetDirs, mr_volumes: Path, xray_pngs: Path,
+                                 ct_mha: Path) -> None:
     target = prepare_pretraining_dataset([501, 502, 503], 900, "JointPretrain")
     assert target == nnunet_dirs.raw / "Dataset900_JointPretrain"
 
@@ -33,8 +34,8 @@ def test_merge_2d_and_3d_sources(nnunet_dirs: NnUNetDirs, mr_volumes: Path, xray
     assert not (target / "labelsTr").exists()
 
     files = sorted(p.name for p in (target / "imagesTr").iterdir())
-    assert files == [f"D501_case{i}_0000.nii.gz" for i in range(3)] + [f"D502_img{i}_0000.nii.gz" for i in range(3)] \
-        + [f"D503_case{i}_0000.nii.gz" for i in range(2)]
+    assert files == [f"D501_case{i}_0000.nii.gz" for i in range(3)] \
+        + [f"D502_img{i}_0000.nii.gz" for i in range(3)] + [f"D503_case{i}_0000.nii.gz" for i in range(2)]
 
     provenance = json.loads((target / "provenance.json").read_text())
     assert provenance["nnssl_joint_version"] == __version__
@@ -67,8 +68,8 @@ def test_merge_2d_and_3d_sources(nnunet_dirs: NnUNetDirs, mr_volumes: Path, xray
 def test_single_slice_nifti_becomes_2d_and_geometry_of_volumes_is_kept(nnunet_dirs: NnUNetDirs) -> None:
     folder = nnunet_dirs.raw / "Dataset505_Mixed"
     (folder / "imagesTr").mkdir(parents=True)
-    write_image(np.arange(1, 1 + 20 * 30, dtype=np.float32).reshape(1, 20, 30), folder / "imagesTr" / "slice_0000.nii.gz",
-                (4.0, 0.5, 0.6))
+    write_image(np.arange(1, 1 + 20 * 30, dtype=np.float32).reshape(1, 20, 30),
+                folder / "imagesTr" / "slice_0000.nii.gz", (4.0, 0.5, 0.6))
     volume = sitk.GetImageFromArray(np.ones((5, 6, 7), np.float32))
     volume.SetSpacing((0.6, 0.5, 2.0))
     volume.SetOrigin((10.0, -20.0, 30.0))
@@ -96,7 +97,8 @@ def test_grey_png_saved_as_rgb_becomes_one_channel_with_a_warning(nnunet_dirs: N
     assert data.shape == (1, 32, 32)
 
 
-def test_overwrite_replaces_an_existing_target(nnunet_dirs: NnUNetDirs, mr_volumes: Path, xray_pngs: Path) -> None:
+def test_overwrite_replaces_an_existing_target(nnunet_dirs: NnUNetDirs, mr_volumes: Path,
+                                               xray_pngs: Path) -> None:
     prepare_pretraining_dataset([501, 502], 900, "First")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -109,14 +111,16 @@ def test_overwrite_replaces_an_existing_target(nnunet_dirs: NnUNetDirs, mr_volum
 def test_channel_names_agreeing_case_insensitively_are_not_mixed() -> None:
     def source(*names: str) -> RawDataset:
         channel_names = {str(i): n for i, n in enumerate(names)}
-        return RawDataset(1, "Dataset001_X", Path("."), {"channel_names": channel_names, "file_ending": ".nii.gz"}, [])
+        return RawDataset(1, "Dataset001_X", Path("."),
+                          {"channel_names": channel_names, "file_ending": ".nii.gz"}, [])
 
     assert merged_channel_names([source("CT", "MR"), source("ct", "MR")]) == {"0": "CT", "1": "MR"}
     assert merged_channel_names([source("CT"), source("MR"), source("ct")]) == {"0": "mixed_CT_MR"}
 
 
 def test_dataset_listed_in_dataset_json(nnunet_dirs: NnUNetDirs) -> None:
-    """nnU-Net's alternative layout: files listed under "dataset" in dataset.json instead of imagesTr naming."""
+    """nnU-Net's alternative layout: files listed under "dataset" in dataset.json instead of imagesTr
+    naming."""
     folder = nnunet_dirs.raw / "Dataset508_Listed"
     (folder / "scans").mkdir(parents=True)
     write_image(np.ones((3, 8, 8), np.float32), folder / "scans" / "a.nii.gz")

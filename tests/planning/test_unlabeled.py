@@ -28,7 +28,8 @@ def fingerprint_and_plan(name: str, spacing: str = "median") -> dict:
 
 
 def preprocess_in_process(dirs: NnUNetDirs, name: str) -> Path:
-    """UnlabeledPreprocessor.run_case_save for every case, as nnU-Net's pool would call it (labels never exist)."""
+    """UnlabeledPreprocessor.run_case_save for every case, as nnU-Net's pool would call it (labels never
+    exist)."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     plans_manager = PlansManager(str(dirs.preprocessed / name / f"{DEFAULT_PLANS_NAME}.json"))
@@ -40,8 +41,8 @@ def preprocess_in_process(dirs: NnUNetDirs, name: str) -> Path:
     preprocessor.raw_dataset_folder = str(dirs.raw / name)
     for case in inspect_raw_dataset(dirs.raw / name).cases:
         missing_label = str(dirs.raw / name / "labelsTr" / f"{case.identifier}.nii.gz")
-        preprocessor.run_case_save(str(output / case.identifier), list(case.files), missing_label, plans_manager,
-                                   manager, dataset_json)
+        preprocessor.run_case_save(str(output / case.identifier), list(case.files), missing_label,
+                                   plans_manager, manager, dataset_json)
     return output
 
 
@@ -57,12 +58,14 @@ def test_fingerprint_without_labels(nnunet_dirs: NnUNetDirs, mr_volumes: Path) -
     fingerprint = UnlabeledFingerprintExtractor(501, num_processes=1).run(overwrite_existing=True)
     assert fingerprint["case_identifiers"] == ["case0", "case1", "case2"]
     assert np.allclose(fingerprint["spacings"], [[1, 1, 1], [3, 0.9, 0.9], [2, 0.8, 0.8]])
-    assert fingerprint["shapes_after_crop"][2][0] == 12 - 2 * 2  # empty end slices are cropped, as nnU-Net does
+    # empty end slices are cropped, as nnU-Net does
+    assert fingerprint["shapes_after_crop"][2][0] == 12 - 2 * 2
     stats = fingerprint["foreground_intensity_properties_per_channel"]["0"]
     assert 280 < stats["mean"] < 320 and stats["min"] > 0  # body voxels only, no background zeros
     assert fingerprint["intensity_properties_per_channel_and_scheme"]["0"]["ZScoreNormalization"] == stats
     assert 0 < fingerprint["median_relative_size_after_cropping"] < 1
-    saved = json.loads((nnunet_dirs.preprocessed / "Dataset501_MRVol" / "dataset_fingerprint.json").read_text())
+    saved = json.loads(
+        (nnunet_dirs.preprocessed / "Dataset501_MRVol" / "dataset_fingerprint.json").read_text())
     assert saved["spacings"] == fingerprint["spacings"]
 
 
@@ -105,7 +108,8 @@ def test_planner_writes_the_pretraining_configuration(nnunet_dirs: NnUNetDirs, m
 ])
 def test_spacing_modes(nnunet_dirs: NnUNetDirs, mr_volumes: Path, spec: str, mode: str, resamples: bool,
                        spacing: list[float] | None) -> None:
-    configuration = fingerprint_and_plan("Dataset501_MRVol", spec)["configurations"][PRETRAINING_CONFIGURATION]
+    configuration = fingerprint_and_plan("Dataset501_MRVol",
+                                         spec)["configurations"][PRETRAINING_CONFIGURATION]
     assert configuration["spacing_mode"] == mode and configuration["resample_in_plane"] is resamples
     if spacing is not None:
         assert configuration["spacing"] == spacing
@@ -128,7 +132,8 @@ def test_native_preprocessing_keeps_every_slice_and_pixel(nnunet_dirs: NnUNetDir
         data, seg, properties = load_case(output, identifier)
         cropped = tuple(properties["shape_after_cropping_and_before_resampling"])
         assert data.shape[1:] == cropped == seg.shape[1:]
-        assert data.shape[1] == (1 if record["dim"] == 2 else record["original_shape"][0] - 4 * (identifier == "D501_case2"))
+        assert data.shape[1] == (1 if record["dim"] == 2
+                                 else record["original_shape"][0] - 4 * (identifier == "D501_case2"))
         assert properties["class_locations"] == {}
         assert set(np.unique(seg)) <= {-1, 0}  # nnU-Net's nonzero mask stands in for the segmentation
         inside = seg[0] >= 0
@@ -142,7 +147,8 @@ def test_native_preprocessing_keeps_every_slice_and_pixel(nnunet_dirs: NnUNetDir
         verify_preprocessed(name)
 
 
-def test_mixed_ct_and_mr_are_normalised_per_case(nnunet_dirs: NnUNetDirs, mr_volumes: Path, ct_mha: Path) -> None:
+def test_mixed_ct_and_mr_are_normalised_per_case(nnunet_dirs: NnUNetDirs, mr_volumes: Path,
+                                                 ct_mha: Path) -> None:
     name = prepare_pretraining_dataset([501, 503], 900, "CTMR").name
     configuration = fingerprint_and_plan(name, "native")["configurations"][PRETRAINING_CONFIGURATION]
     per_case = configuration["per_case_normalization"]
@@ -156,7 +162,8 @@ def test_mixed_ct_and_mr_are_normalised_per_case(nnunet_dirs: NnUNetDirs, mr_vol
     import SimpleITK as sitk
     from nnunetv2.preprocessing.cropping.cropping import crop_to_nonzero
 
-    raw = sitk.GetArrayFromImage(sitk.ReadImage(str(nnunet_dirs.raw / name / "imagesTr" / "D503_case1_0000.nii.gz")))
+    raw = sitk.GetArrayFromImage(
+        sitk.ReadImage(str(nnunet_dirs.raw / name / "imagesTr" / "D503_case1_0000.nii.gz")))
     expected = crop_to_nonzero(raw[None].astype(np.float32))[0][0]
     expected = (np.clip(expected, ct["percentile_00_5"], ct["percentile_99_5"]) - ct["mean"]) / ct["std"]
     data, _, _ = load_case(output, "D503_case1")

@@ -13,7 +13,8 @@ from nnssl_joint.pretrain.config import (
 
 def test_env_file_overrides_plans_section_and_records_explicit_keys(tmp_path, monkeypatch):
     f = tmp_path / "cfg.json"
-    f.write_text(json.dumps({"optim": {"num_epochs": 7}, "objective": {"num_prototypes_2d": 12, "lambda_mask": 0.5}}))
+    f.write_text(json.dumps({"optim": {"num_epochs": 7},
+                             "objective": {"num_prototypes_2d": 12, "lambda_mask": 0.5}}))
     monkeypatch.setenv(CONFIG_ENV_VAR, str(f))
     cfg, sources = load_pretrain_config({PLANS_SECTION: {"optim": {"num_epochs": 3, "lr": 0.5}}})
     assert cfg.optim.num_epochs == 7 and cfg.optim.lr == 0.5

@@ -41,4 +41,5 @@ def reference(base: dict) -> dict:
     ws = Workspace.create(root / "reference", raw=base["ws"].raw, pre=base["ws"].pre)
     config = write_config(root / "reference.json", REFERENCE_CONFIG)
     res = train_cli(ws, BASE_ID, config)
-    return {"ws": ws, "config": config, "run_dir": ws.run_dir(base["dataset"]), "log": res.stdout + res.stderr}
+    return {"ws": ws, "config": config, "run_dir": ws.run_dir(base["dataset"]),
+            "log": res.stdout + res.stderr}

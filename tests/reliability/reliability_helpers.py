@@ -90,7 +90,8 @@ def body(rng: np.random.Generator, shape: tuple[int, int, int], scale: float = 3
     return np.where(inside, (scale + 0.2 * scale * texture).clip(1, None), 0).astype(np.float32)
 
 
-def write_image(array_zyx: np.ndarray, path: Path, spacing_zyx=(1.0, 1.0, 1.0), is_vector: bool = False) -> None:
+def write_image(array_zyx: np.ndarray, path: Path, spacing_zyx=(1.0, 1.0, 1.0),
+                is_vector: bool = False) -> None:
     image = sitk.GetImageFromArray(array_zyx, isVector=is_vector)
     if not is_vector and array_zyx.ndim == 3:
         image.SetSpacing([float(s) for s in spacing_zyx[::-1]])
@@ -127,7 +128,8 @@ def pngs(rng: np.random.Generator, n: int, size: int = 32, dtype=np.uint8) -> di
 
 
 def prepare_and_plan(ws: Workspace, sources: list[int], target: int, name: str) -> str:
-    """``nnssl_joint prepare`` + ``plan_and_preprocess`` through their Python API; returns the dataset name."""
+    """``nnssl_joint prepare`` + ``plan_and_preprocess`` through their Python API; returns the dataset
+    name."""
     from nnssl_joint.planning import plan_and_preprocess_unlabeled, prepare_pretraining_dataset
 
     with nnunet_env(ws):
@@ -173,10 +175,11 @@ def train_command(dataset_id: int, resume: bool = False) -> list[str]:
 def train_cli(ws: Workspace, dataset_id: int, config: Path, resume: bool = False, expect_ok: bool = True,
               timeout: int = 300) -> subprocess.CompletedProcess:
     env = ws.env(NNSSL_JOINT_CONFIG=str(config), nnUNet_n_proc_DA="0")
-    res = subprocess.run(train_command(dataset_id, resume), env=env, cwd=ws.res, capture_output=True, text=True,
-                         timeout=timeout, check=False)
+    res = subprocess.run(train_command(dataset_id, resume), env=env, cwd=ws.res, capture_output=True,
+                         text=True, timeout=timeout, check=False)
     if expect_ok and res.returncode != 0:
-        raise AssertionError(f"nnUNetv2_train failed ({res.returncode}):\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}")
+        raise AssertionError("nnUNetv2_train failed "
+                             f"({res.returncode}):\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}")
     return res
 
 

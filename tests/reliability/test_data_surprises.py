@@ -28,7 +28,8 @@ from reliability_helpers import (
 from nnssl_joint.planning.errors import ColorImageError, ImageReadError
 
 TARGET = 900
-TINY = {"optim": {"num_epochs": 1, "iterations_per_epoch": 2}, "data": {"n_small_views": 0, "batch_size_2d": 4}}
+TINY = {"optim": {"num_epochs": 1, "iterations_per_epoch": 2},
+        "data": {"n_small_views": 0, "batch_size_2d": 4}}
 
 
 @pytest.fixture
@@ -55,9 +56,10 @@ def test_only_2d_images_pretrain_the_2d_encoder_with_a_warning(ws, tmp_path):
     write_dataset(ws.raw, 501, "Pngs", pngs(rng, 5), channel_names={"0": "Xray"}, file_ending=".png")
     run = pretrain(ws, [501], tmp_path)
     log, rows = run["log"], run["rows"]
-    assert "WARNING: the dataset holds no volumes (every case has one slice): L_intra_3d, L_inter and L_mask are " \
-           "disabled; only the 2D encoder is pretrained." in log
-    assert all(r["L_intra"] is not None and r["L_intra_3d"] is r["L_inter"] is r["L_mask"] is None for r in rows)
+    assert "WARNING: the dataset holds no volumes (every case has one slice): L_intra_3d, L_inter and " \
+           "L_mask are disabled; only the 2D encoder is pretrained." in log
+    assert all(r["L_intra"] is not None and r["L_intra_3d"] is r["L_inter"] is r["L_mask"] is None
+               for r in rows)
     assert run["ckpt"]["nnssl_joint"]["resolved"]["batch_size_3d"] == 0
 
 
@@ -107,10 +109,12 @@ def test_strongly_anisotropic_spacing(ws, tmp_path):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         run = pretrain(ws, [501, 502], tmp_path)
-    assert any("coarsest spacing in-plane" in str(w.message) and "D501_sideways" in str(w.message) for w in caught)
+    assert any("coarsest spacing in-plane" in str(w.message) and "D501_sideways" in str(w.message)
+               for w in caught)
     table = (ws.pre / "Dataset900_Surprise" / "nnsslJointPlans_joint_ssl_cases.tsv").read_text()
     rows_by_case = {line.split("\t")[0]: line for line in table.splitlines()[1:]}
-    assert "\t6\t" in rows_by_case["D501_thick0"] and "\t12\t" in rows_by_case["D501_sideways"]  # no slice resampling
+    # no slice resampling
+    assert "\t6\t" in rows_by_case["D501_thick0"] and "\t12\t" in rows_by_case["D501_sideways"]
     assert all(r["L_inter"] is not None for r in run["rows"])
 
 
@@ -137,7 +141,8 @@ def test_16_bit_pngs_keep_their_full_range(ws):
     with nnunet_env(ws):
         merged = prepare_pretraining_dataset([501], TARGET, "Png16")
     for case, (array,) in images.items():
-        prepared = sitk.GetArrayFromImage(sitk.ReadImage(str(merged / "imagesTr" / f"D501_{case}_0000.nii.gz")))
+        prepared = sitk.GetArrayFromImage(
+            sitk.ReadImage(str(merged / "imagesTr" / f"D501_{case}_0000.nii.gz")))
         assert np.array_equal(prepared.reshape(array.shape), array) and prepared.max() > 255
 
 

@@ -33,7 +33,8 @@ def test_same_seed_gives_the_same_first_20_losses_and_weights(base, reference, t
     assert len({r["loss"] for r in first}) == 20  # the values move: equality below is not trivial
     assert second == first
     assert_same_tensors(load(run_dir / "checkpoint_final.pth")["network_weights"],
-                        load(reference["run_dir"] / "checkpoint_final.pth")["network_weights"], "final weights")
+                        load(reference["run_dir"] / "checkpoint_final.pth")["network_weights"],
+                        "final weights")
     assert "seed 0" in reference["log"]
 
 

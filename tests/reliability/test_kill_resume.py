@@ -38,7 +38,8 @@ def expected_resume_file(run_dir: Path) -> Path | None:
     if (run_dir / "checkpoint_final.pth").is_file():
         return run_dir / "checkpoint_final.pth"
     found = [run_dir / n for n in ("checkpoint_latest.pth", "checkpoint_best.pth") if (run_dir / n).is_file()]
-    return max(found, key=lambda p: (load(p)["current_epoch"], load(p)["nnssl_joint"]["iteration"]), default=None)
+    return max(found, key=lambda p: (load(p)["current_epoch"], load(p)["nnssl_joint"]["iteration"]),
+               default=None)
 
 
 #: printed by on_train_start after losses.tsv was cut back to the resume point
@@ -95,7 +96,8 @@ def run_and_kill(ws: Workspace, config: Path, run_dir: Path, kill: KillAt, resum
         time.sleep(0.001)
     proc.kill()
     proc.wait()
-    raise AssertionError(f"the run ended (rc {proc.returncode}) before the kill '{kill.what}':\n{''.join(log)[-3000:]}")
+    raise AssertionError(f"the run ended (rc {proc.returncode}) before the kill "
+                         f"'{kill.what}':\n{''.join(log)[-3000:]}")
 
 
 def assert_no_half_written_checkpoint(run_dir: Path) -> dict[str, dict]:
@@ -137,7 +139,8 @@ def assert_trainer_restores_exactly(ws: Workspace, config: Path, checkpoint: Pat
         meta = ckpt["nnssl_joint"]
         assert trainer.iteration == meta["iteration"] and trainer.current_epoch == ckpt["current_epoch"]
         assert torch.equal(rng["torch"], meta["rng"]["torch"])
-        assert np.array_equal(rng["numpy"][1], meta["rng"]["numpy"][1]) and rng["numpy"][2] == meta["rng"]["numpy"][2]
+        assert np.array_equal(rng["numpy"][1],
+                              meta["rng"]["numpy"][1]) and rng["numpy"][2] == meta["rng"]["numpy"][2]
         assert rng["python"] == meta["rng"]["python"]
     finally:
         restore_rng(saved_rng)
@@ -156,7 +159,8 @@ def kill_chain(base: dict, reference: dict, tmp_path: Path, kills: list[KillAt],
         log = run_and_kill(ws, config, run_dir, kill, resume=i > 0)
         if expected_start:
             assert expected_start in log, f"before '{kill.what}': expected '{expected_start}'\n{log[-3000:]}"
-        assert not previous_temp & stale_temp_files(run_dir), "temporary files of the previous kill not removed"
+        assert not previous_temp & stale_temp_files(run_dir), \
+            "temporary files of the previous kill not removed"
         assert_no_half_written_checkpoint(run_dir)
         previous_temp = stale_temp_files(run_dir)
         left_temp |= any(".checkpoint_" in name for name in previous_temp)
@@ -171,7 +175,8 @@ def kill_chain(base: dict, reference: dict, tmp_path: Path, kills: list[KillAt],
         else:
             assert_trainer_restores_exactly(ws, config, resume_from)
             meta = load(resume_from)
-            expected_start = f"resumed from epoch {meta['current_epoch']}, iteration {meta['nnssl_joint']['iteration']}"
+            expected_start = (f"resumed from epoch {meta['current_epoch']}, "
+                              f"iteration {meta['nnssl_joint']['iteration']}")
             if resume_from.name == "checkpoint_best.pth" and (run_dir / "checkpoint_latest.pth").is_file():
                 expected_start = "checkpoint_best.pth is newer than checkpoint_latest.pth: resuming from it"
     if any(k.temp_file and "checkpoint" in k.temp_file for k in kills):
@@ -192,15 +197,16 @@ def kill_chain(base: dict, reference: dict, tmp_path: Path, kills: list[KillAt],
                             f"final optimizer state {i} vs reference")
     assert final["nnssl_joint"]["iteration"] == 20 and final["current_epoch"] == 4
     for name in ("pretrained_for_2d.pth", "pretrained_for_3d_fullres.pth"):
-        assert_same_tensors(load(run_dir / name)["network_weights"], load(ref_dir / name)["network_weights"], name)
+        assert_same_tensors(load(run_dir / name)["network_weights"], load(ref_dir / name)["network_weights"],
+                            name)
 
 
 def test_kills_during_a_checkpoint_write_and_a_step_resume_identically(base, reference, tmp_path):
     """save_every 2: checkpoint_latest is written after epoch 1 only (epoch 3 is the last), checkpoint_best
     after every epoch whose loss improved."""
     kill_chain(base, reference, tmp_path, save_every=2, kills=[
-        KillAt("while writing the first checkpoint_latest (end of epoch 1)", temp_file=".checkpoint_latest.pth.*.tmp",
-               resumes_from="checkpoint_best.pth"),
+        KillAt("while writing the first checkpoint_latest (end of epoch 1)",
+               temp_file=".checkpoint_latest.pth.*.tmp", resumes_from="checkpoint_best.pth"),
         KillAt("inside a step of epoch 3, checkpoint_best (epoch 2) newer than checkpoint_latest (epoch 1)",
                line=RUN_START, rows=17, resumes_from="checkpoint_best.pth"),
     ])
@@ -208,7 +214,8 @@ def test_kills_during_a_checkpoint_write_and_a_step_resume_identically(base, ref
 
 def test_seven_kills_at_different_moments_resume_identically(base, reference, tmp_path):
     kill_chain(base, reference, tmp_path, [
-        KillAt("inside a step of epoch 0, no checkpoint yet", line=RUN_START, rows=2, resumes_from=NO_CHECKPOINT),
+        KillAt("inside a step of epoch 0, no checkpoint yet", line=RUN_START, rows=2,
+               resumes_from=NO_CHECKPOINT),
         KillAt("while writing the first checkpoint", temp_file=".checkpoint_latest.pth.*.tmp",
                resumes_from=NO_CHECKPOINT),
         KillAt("inside a step of epoch 1", line=RUN_START, rows=8, resumes_from="checkpoint_latest.pth"),
@@ -240,9 +247,11 @@ def test_losses_file_drops_rows_after_the_resume_point_and_half_written_lines(tm
 def test_only_temporary_files_of_interrupted_writes_are_removed(tmp_path):
     from nnssl_joint.pretrain.runtime import remove_stale_temp_files
 
-    stale = [".checkpoint_latest.pth.k3j_x9.tmp", ".checkpoint_final.pth.a1.tmp", ".pretrained_for_2d.pth.b2.tmp",
+    stale = [".checkpoint_latest.pth.k3j_x9.tmp", ".checkpoint_final.pth.a1.tmp",
+             ".pretrained_for_2d.pth.b2.tmp",
              ".losses.tsv.c3.tmp", ".nnssl_joint_config.json.d4.tmp", ".progress.png.tmp.png"]
-    kept = ["checkpoint_latest.pth", "checkpoint_best.pth", "losses.tsv", ".notes.tmp", "my.pth.tmp", "training_log.txt"]
+    kept = ["checkpoint_latest.pth", "checkpoint_best.pth", "losses.tsv", ".notes.tmp", "my.pth.tmp",
+            "training_log.txt"]
     for name in stale + kept:
         (tmp_path / name).write_bytes(b"x")
     assert remove_stale_temp_files(tmp_path) == sorted(stale)

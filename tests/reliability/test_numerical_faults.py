@@ -48,8 +48,8 @@ def test_nan_steps_are_skipped_named_and_training_recovers(base, tmp_path):
     first_bad = flags.index(False)
     assert any(flags[first_bad + 1:]), f"no finite step after the first NaN step: {flags}"
     assert all(math.isfinite(r["loss"]) == r["finite"] for r in rows)
-    warnings = re.findall(r"WARNING: non-finite loss nan .* at iteration (\d+); step skipped\. Cases: \[(.*)\]",
-                          res.stdout)
+    warnings = re.findall(r"WARNING: non-finite loss nan .* at iteration (\d+); step skipped\. Cases: "
+                          r"\[(.*)\]", res.stdout)
     assert [int(i) for i, _ in warnings] == [r["iteration"] for r in rows if not r["finite"]]
     assert all(f"'{BAD_CASE}'" in cases for _, cases in warnings)
     final = load(ws.run_dir(base["dataset"]) / "checkpoint_final.pth")
@@ -59,7 +59,8 @@ def test_nan_steps_are_skipped_named_and_training_recovers(base, tmp_path):
 
 
 def test_consecutive_nonfinite_losses_stop_the_run_with_a_clear_message(base, tmp_path):
-    ws = copy_preprocessed(base["ws"], base["dataset"], tmp_path, lambda case, data: np.full_like(data, np.nan))
+    ws = copy_preprocessed(base["ws"], base["dataset"], tmp_path,
+                           lambda case, data: np.full_like(data, np.nan))
     config = _config(optim={"max_consecutive_nonfinite": 3})
     res = train_cli(ws, BASE_ID, write_config(tmp_path / "allnan.json", config), expect_ok=False)
     assert res.returncode != 0
@@ -86,7 +87,8 @@ def test_prototype_collapse_is_detected_and_reported(reference):
                 (expected if h < threshold else healthy).append((epoch, key))
     assert expected and healthy, ("the reference run needs collapsed and healthy epochs: "
                                   f"{ {k: logged[k] for k in logged if k.startswith('entropy_')} }, K: "
-                                  f"{meta['resolved']['num_prototypes_2d']}, {meta['resolved']['num_prototypes_3d']}")
+                                  f"{meta['resolved']['num_prototypes_2d']}, "
+                                  f"{meta['resolved']['num_prototypes_3d']}")
     reported, epoch = [], None
     for line in reference["log"].splitlines():
         if m := re.search(r": Epoch (\d+)$", line):

@@ -91,8 +91,10 @@ def test_network_from_plans_without_the_plugin(files):
 def test_checkpoint_not_written_by_nnssl_joint(files, tmp_path):
     net = build_downstream_network("cpu", "2d", 1)
     plain = tmp_path / "nnunet_checkpoint.pth"
-    torch.save({"network_weights": net.state_dict(), "trainer_name": "nnUNetTrainer", "current_epoch": 1000}, plain)
-    fails(net, plain, CPU, "was not written by nnssl_joint (trainer 'nnUNetTrainer'", "JointSSLPretrainTrainer")
+    torch.save({"network_weights": net.state_dict(), "trainer_name": "nnUNetTrainer", "current_epoch": 1000},
+               plain)
+    fails(net, plain, CPU, "was not written by nnssl_joint (trainer 'nnUNetTrainer'",
+          "JointSSLPretrainTrainer")
     state_dict = tmp_path / "state_dict.pth"
     torch.save(net.state_dict(), state_dict)
     fails(net, state_dict, CPU, "has no 'network_weights'")
@@ -135,7 +137,8 @@ def test_finetune_trainer_refuses_the_2d_file_for_3d_fullres_before_training(bas
         json.dumps([{"train": ["vol0", "vol1"], "val": ["vol2"]}]))
     weights = tmp_path / "pretrained_for_2d.pth"
     shutil.copy(reference["run_dir"] / "pretrained_for_2d.pth", weights)
-    res = subprocess.run([str(BIN / "nnUNetv2_train"), "503", "3d_fullres", "0", "-p", "nnsslJointPlans", "-tr",
+    res = subprocess.run([str(BIN / "nnUNetv2_train"), "503", "3d_fullres", "0", "-p", "nnsslJointPlans",
+                          "-tr",
                           "JointSSLFinetuneTrainer", "-device", "cpu", "-pretrained_weights", str(weights)],
                          env=ws.env(nnUNet_n_proc_DA="0"), cwd=tmp_path, capture_output=True, text=True,
                          timeout=300, check=False)
