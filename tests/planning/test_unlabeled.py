@@ -108,8 +108,8 @@ def test_planner_writes_the_pretraining_configuration(nnunet_dirs: NnUNetDirs, m
 ])
 def test_spacing_modes(nnunet_dirs: NnUNetDirs, mr_volumes: Path, spec: str, mode: str, resamples: bool,
                        spacing: list[float] | None) -> None:
-    configuration = fingerprint_and_plan("Dataset501_MRVol",
-                                         spec)["configurations"][PRETRAINING_CONFIGURATION]
+    configuration = (fingerprint_and_plan("Dataset501_MRVol", spec)
+                     ["configurations"][PRETRAINING_CONFIGURATION])
     assert configuration["spacing_mode"] == mode and configuration["resample_in_plane"] is resamples
     if spacing is not None:
         assert configuration["spacing"] == spacing

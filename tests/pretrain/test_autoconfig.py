@@ -42,8 +42,8 @@ def test_autoconfig_keeps_explicit_values_and_rejects_bad_sizes():
     cfg = _cfg(data={"view_size": 48, "n_slices": 7, "batch_size_2d": 3},
                objective={"num_prototypes_2d": 5, "num_prototypes_3d": 2, "queue_start_iteration": 7})
     r = auto_configure(_stats(), preset, "cpu", cfg, 50)
-    assert (r.view_size, r.n_slices, r.batch_size_2d, r.num_prototypes_2d, r.num_prototypes_3d) == (48, 7, 3,
-                                                                                                    5, 2)
+    assert (r.view_size, r.n_slices, r.batch_size_2d, r.num_prototypes_2d, r.num_prototypes_3d) \
+        == (48, 7, 3, 5, 2)
     assert r.queue_start_iteration == 7 and r.freeze_prototypes_iterations == 50
     with pytest.raises(ValueError, match="multiple of"):
         auto_configure(_stats(), preset, "cpu", _cfg(data={"view_size": 40}), 50)

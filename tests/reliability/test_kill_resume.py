@@ -139,8 +139,8 @@ def assert_trainer_restores_exactly(ws: Workspace, config: Path, checkpoint: Pat
         meta = ckpt["nnssl_joint"]
         assert trainer.iteration == meta["iteration"] and trainer.current_epoch == ckpt["current_epoch"]
         assert torch.equal(rng["torch"], meta["rng"]["torch"])
-        assert np.array_equal(rng["numpy"][1],
-                              meta["rng"]["numpy"][1]) and rng["numpy"][2] == meta["rng"]["numpy"][2]
+        assert np.array_equal(rng["numpy"][1], meta["rng"]["numpy"][1]) \
+            and rng["numpy"][2] == meta["rng"]["numpy"][2]
         assert rng["python"] == meta["rng"]["python"]
     finally:
         restore_rng(saved_rng)
