@@ -32,6 +32,7 @@ from nnssl_joint.models.preset import ArchitecturePreset
 # the first convolution's weight; dynamic-network-architectures registers it under two names
 STEM_KEY_SUFFIXES = ("stages.0.0.convs.0.conv.weight", "stages.0.0.convs.0.all_modules.0.weight")
 DOWNSTREAM_CLASSES = {"2d": JointSSLUNet2D, "3d_fullres": SliceWiseUNet3D}
+STOCK_ENCODER_ALIAS = "decoder.encoder."
 
 
 def load_pretraining_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -97,8 +98,21 @@ def fill_pretrained(network: nn.Module, pretrained: dict[str, torch.Tensor], ada
             + (f"Shape mismatches ({len(mismatched)}): {mismatched[:6]}. " if mismatched else "")
             + "Plan the downstream dataset with the pretraining run's preset "
               "(nnssl_joint plan_and_preprocess -d ID --downstream --preset NAME)")
+    # nnU-Net's stock PlainConvUNet registers its encoder a second time under decoder.encoder.*
+    for key in state:
+        if key.startswith(STOCK_ENCODER_ALIAS) and f"encoder.{key[len(STOCK_ENCODER_ALIAS):]}" in state:
+            state[key] = state[f"encoder.{key[len(STOCK_ENCODER_ALIAS):]}"]
     network.load_state_dict(state)
     return {"loaded": loaded, "adapted": adapted}
+
+
+def with_stock_encoder_alias(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``weights`` plus every ``encoder.*`` tensor again as ``decoder.encoder.*``: the key set of nnU-Net's
+    stock 2D ``PlainConvUNet`` (whose ``UNetDecoder`` holds the encoder as a submodule), so a 2D file of
+    a preset with nnU-Net's topology (``--preset nnunet``) loads with stock ``-pretrained_weights`` too.
+    The plugin's own networks ignore the extra keys."""
+    aliases = {f"decoder.{k}": v for k, v in weights.items() if k.startswith("encoder.")}
+    return {**weights, **aliases}
 
 
 def build_downstream_network(preset: ArchitecturePreset | dict | str, configuration: str, input_channels: int,
@@ -114,8 +128,10 @@ def build_downstream_network(preset: ArchitecturePreset | dict | str, configurat
 
 def export_file(network: nn.Module, meta: dict[str, Any], out: str | Path) -> Path:
     out = Path(out)
-    atomic_torch_save({"network_weights": network.state_dict(), "nnssl_joint": meta,
-                       "trainer_name": "nnssl_joint.export"}, out)
+    weights = network.state_dict()
+    if meta.get("configuration") == "2d":
+        weights = with_stock_encoder_alias(weights)
+    atomic_torch_save({"network_weights": weights, "nnssl_joint": meta, "trainer_name": "nnssl_joint.export"}, out)
     return out
 
 
@@ -167,13 +183,22 @@ def export_for_plans(checkpoint_path: str | Path, dataset: str | int, configurat
                                  cm.network_arch_init_kwargs_req_import,
                                  determine_num_input_channels(pm, cm, dataset_json), lm.num_segmentation_heads,
                                  allow_init=True, deep_supervision=True)
-    if not cm.network_arch_class_name.startswith("nnssl_joint."):
+    stock = not cm.network_arch_class_name.startswith("nnssl_joint.")
+    if stock and not (configuration == "2d" and cm.network_arch_class_name.endswith("PlainConvUNet")):
         raise NnsslJointError(
-            f"configuration '{configuration}' of {plans_file} uses {cm.network_arch_class_name}, not a plugin "
-            "architecture; plan the dataset with nnssl_joint plan_and_preprocess --downstream")
-    report = fill_pretrained(net, ckpt["network_weights"], adapt_channels=True)
-    meta = {"preset": net.preset.to_dict(), "source": str(checkpoint_path), "dataset": name,
-            "configuration": configuration, "plans": plans_identifier}
+            f"configuration '{configuration}' of {plans_file} uses {cm.network_arch_class_name}: pretrained weights "
+            "fit the plugin's architectures (nnssl_joint plan_and_preprocess --downstream) and nnU-Net's stock 2d "
+            "PlainConvUNet when pretrained with --preset nnunet")
+    try:
+        report = fill_pretrained(net, ckpt["network_weights"], adapt_channels=True)
+    except NnsslJointError as e:
+        if not stock:
+            raise
+        raise NnsslJointError(f"{checkpoint_path} does not fit the stock 2d network of {plans_file}: {e} For stock "
+                              f"plans, pretrain with the preset of those plans (preset file: {plans_file}, or "
+                              "--preset nnunet in the demo/benchmark)") from None
+    meta = {"preset": ckpt["nnssl_joint"]["preset"] if stock else net.preset.to_dict(), "source": str(checkpoint_path),
+            "dataset": name, "configuration": configuration, "plans": plans_identifier}
     return export_file(net, meta, out), report
 
 
@@ -196,6 +221,8 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", required=True, help="checkpoint_final.pth of a JointSSLPretrainTrainer run")
     p.add_argument("-d", required=True, help="downstream dataset name or id")
     p.add_argument("-c", required=True, choices=sorted(DOWNSTREAM_CLASSES), help="configuration")
-    p.add_argument("-p", default="nnsslJointPlans", help="plans identifier (default: nnsslJointPlans)")
+    p.add_argument("-p", "--plans", dest="p", default="nnsslJointPlans",
+                   help="plans identifier (default: nnsslJointPlans); nnUNetPlans for nnU-Net's stock 2d network, "
+                   "which fits a checkpoint pretrained with that topology (--preset nnunet)")
     p.add_argument("-o", required=True, help="output file")
     p.set_defaults(func=_cmd_export)

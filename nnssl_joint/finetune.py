@@ -22,6 +22,8 @@ from nnssl_joint.models.downstream import PRETRAINED_PARTS
 
 FINETUNE_ENV_VAR = "NNSSL_JOINT_FINETUNE_CONFIG"
 FINETUNE_PLANS_SECTION = "nnssl_joint_finetune"
+#: learning-rate recipes of :class:`FinetuneConfig`
+RECIPES = ("plugin", "nnunet_warmup")
 
 
 @dataclass
@@ -35,6 +37,14 @@ class FinetuneConfig:
     freeze_pretrained_epochs: int = 0  # pretrained parts get no updates for this many epochs
     pretrained_lr_factor: float = 1.0  # learning rate of the pretrained parts relative to the rest
     save_every: int = 50
+    #: the learning-rate recipe: ``plugin`` (``warmup_epochs`` of linear warm-up inside nnU-Net's poly decay
+    #: over all epochs, optional freezing and lower rate of the pretrained parts) or ``nnunet_warmup``
+    #: (nnU-Net's pretrained-weights fine-tuning, ``nnUNetTrainer_warmup``: the whole network warms up
+    #: linearly to the initial rate over ``warmup_epochs``, then poly decay over the remaining epochs)
+    recipe: str = "plugin"
+    #: the initial learning rate of a run started with ``-pretrained_weights`` (null: ``initial_lr``);
+    #: nnU-Net's recipe starts pretrained networks lower than random ones
+    pretrained_initial_lr: float | None = None
     #: seeds Python, NumPy and torch before the network is built; with nnUNet_n_proc_DA=0 (augmentation
     #: in the training process) a CPU run then repeats exactly. null: nnU-Net's behaviour (no seeding)
     seed: int | None = None
@@ -50,6 +60,25 @@ class FinetuneConfig:
                 raise NnsslJointError(f"fine-tuning config: {name} must be >= 0, got {getattr(self, name)}")
         if self.initial_lr <= 0 or self.pretrained_lr_factor < 0:
             raise NnsslJointError("fine-tuning config: initial_lr must be > 0 and pretrained_lr_factor >= 0")
+        if self.pretrained_initial_lr is not None and not self.pretrained_initial_lr > 0:
+            raise NnsslJointError(f"fine-tuning config: pretrained_initial_lr must be > 0 or null, got "
+                                  f"{self.pretrained_initial_lr!r}")
+        if self.recipe not in RECIPES:
+            raise NnsslJointError(f"fine-tuning config: recipe must be one of {', '.join(RECIPES)}, got {self.recipe!r}")
+        if self.recipe == "nnunet_warmup":
+            if self.freeze_pretrained_epochs or self.pretrained_lr_factor != 1.0:
+                raise NnsslJointError(
+                    "fine-tuning config: recipe 'nnunet_warmup' trains the whole network at one learning rate; set "
+                    "freeze_pretrained_epochs to 0 and pretrained_lr_factor to 1, or use recipe 'plugin'")
+            if self.warmup_epochs >= self.num_epochs:
+                raise NnsslJointError(f"fine-tuning config: recipe 'nnunet_warmup' needs warmup_epochs "
+                                      f"({self.warmup_epochs}) < num_epochs ({self.num_epochs})")
+
+    def initial_lr_for(self, pretrained: bool) -> float:
+        """The initial learning rate of a run from pretrained weights (``pretrained``) or from scratch."""
+        if pretrained and self.pretrained_initial_lr is not None:
+            return self.pretrained_initial_lr
+        return self.initial_lr
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -175,17 +204,31 @@ def poly_with_warmup(epoch: int, num_epochs: int, warmup_epochs: int, exponent: 
     return (1 - epoch / num_epochs) ** exponent
 
 
+def warmup_then_poly(epoch: int, num_epochs: int, warmup_epochs: int, exponent: float = 0.9) -> float:
+    """nnU-Net's ``nnUNetTrainer_warmup`` schedule as a factor of the initial rate: ``Lin_incr_LRScheduler``
+    ((epoch + 1) / W) for the first W epochs, then ``PolyLRScheduler_offset`` (poly over the epochs after
+    the warm-up)."""
+    if epoch < warmup_epochs:
+        return (epoch + 1) / warmup_epochs
+    return (1 - (epoch - warmup_epochs) / (num_epochs - warmup_epochs)) ** exponent
+
+
+SCHEDULES = {"plugin": poly_with_warmup, "nnunet_warmup": warmup_then_poly}
+
+
 class GroupPolyLR:
-    """nnU-Net's poly schedule (``step(epoch)``) with warm-up and one base learning rate per group."""
+    """nnU-Net's poly schedule (``step(epoch)``) with warm-up and one base learning rate per group;
+    ``recipe`` picks the warm-up (:data:`SCHEDULES`)."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, base_lrs: list[float], num_epochs: int,
-                 warmup_epochs: int) -> None:
+                 warmup_epochs: int, recipe: str = "plugin") -> None:
         self.optimizer = optimizer
         self.base_lrs = base_lrs
         self.num_epochs = num_epochs
         self.warmup_epochs = warmup_epochs
+        self.schedule = SCHEDULES[recipe]
 
     def step(self, epoch: int) -> None:
-        f = poly_with_warmup(epoch, self.num_epochs, self.warmup_epochs)
+        f = self.schedule(epoch, self.num_epochs, self.warmup_epochs)
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):
             group["lr"] = base * f

@@ -80,6 +80,8 @@ PRETRAINING_CONFIGURATION = "joint_ssl"
 DOWNSTREAM_CONFIGURATIONS = ("2d", "3d_fullres")
 PRETRAIN_TRAINER = "JointSSLPretrainTrainer"
 FINETUNE_TRAINER = "JointSSLFinetuneTrainer"
+#: stock nnU-Net training with the benchmark's length and seed (the ``nnunet`` arm, ``trainers/nnunet_budget.py``)
+STOCK_BUDGET_TRAINER = "nnUNetTrainerBudget"
 #: the fold a pretraining run trains on (``nnUNetv2_train ... all``)
 PRETRAIN_FOLD = "all"
 #: files the pretraining run writes next to ``checkpoint_final.pth``: downstream weights per configuration

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 
 import torch
-from batchgenerators.utilities.file_and_folder_operations import join
+from batchgenerators.utilities.file_and_folder_operations import isfile, join, load_json
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnssl_joint.common.checkpoint_io import atomic_write_text, save_nnunet_checkpoint
@@ -47,13 +47,23 @@ class JointSSLFinetuneTrainer(nnUNetTrainer):
         # before the network is built: its initial weights and (with nnUNet_n_proc_DA=0) every batch and
         # augmentation follow from the seed
         seed_everything(self.finetune_config.seed, self.local_rank)
+        weights = pretrained_weights_from_argv()
+        # a run resumed with --c gets no -pretrained_weights; the record of its start says how it began
+        start_record = join(self.output_folder, "nnssl_joint_finetune_start.json")
+        pretrained = weights is not None or (isfile(start_record) and load_json(start_record)["pretrained_weights"]
+                                             is not None)
+        # before super().initialize(), which builds the optimizer from it
+        self.initial_lr = self.finetune_config.initial_lr_for(pretrained=pretrained)
         super().initialize()
+        if self.local_rank == 0 and (weights is not None or not isfile(start_record)):
+            atomic_write_text(json.dumps({"pretrained_weights": weights}), start_record)
         self.print_to_log_file(f"fine-tuning configuration ({', '.join(self.finetune_sources)}): "
                                f"{json.dumps(self.finetune_config.to_dict())}")
         if self.local_rank == 0:
             atomic_write_text(json.dumps(self.finetune_config.to_dict(), indent=2),
                               join(self.output_folder, "nnssl_joint_finetune_config.json"))
-        weights = pretrained_weights_from_argv()
+        self.print_to_log_file(f"recipe '{self.finetune_config.recipe}', initial learning rate {self.initial_lr:g}"
+                               f" ({'pretrained' if pretrained else 'random'} initialisation)")
         if weights is not None:
             module = self.network.module if self.is_ddp else self.network
             preset = self.configuration_manager.network_arch_init_kwargs.get("preset")
@@ -69,7 +79,8 @@ class JointSSLFinetuneTrainer(nnUNetTrainer):
         groups = [{"params": pretrained, "lr": lrs[0]}, {"params": other, "lr": lrs[1]}]
         optimizer = torch.optim.SGD(groups, self.initial_lr, weight_decay=self.weight_decay, momentum=0.99,
                                     nesterov=True)
-        return optimizer, GroupPolyLR(optimizer, lrs, self.num_epochs, self.finetune_config.warmup_epochs)
+        return optimizer, GroupPolyLR(optimizer, lrs, self.num_epochs, self.finetune_config.warmup_epochs,
+                                      self.finetune_config.recipe)
 
     def on_train_epoch_start(self):
         frozen = self.current_epoch < self.finetune_config.freeze_pretrained_epochs

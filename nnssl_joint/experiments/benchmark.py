@@ -46,18 +46,28 @@ from typing import Any, TextIO
 import numpy as np
 
 from nnssl_joint.errors import NnsslJointError
-from nnssl_joint.experiments.budgets import TrainingBudget
+from nnssl_joint.experiments.budgets import FINETUNE_RECIPES, TrainingBudget
 from nnssl_joint.experiments.pipeline import (
+    NNUNET_PRESET,
     Pipeline,
     Step,
     StepProgress,
     case_identifiers,
+    check_presets_agree,
     evaluate_predictions,
     format_seconds,
+    resolve_preset_choice,
     run_interruptibly,
     write_splits,
 )
-from nnssl_joint.naming import FINETUNE_TRAINER, PLANS_NAME, dataset_folder_name, run_folder
+from nnssl_joint.naming import (
+    FINETUNE_TRAINER,
+    PLANS_NAME,
+    STOCK_BUDGET_TRAINER,
+    STOCK_PLANS_NAME,
+    dataset_folder_name,
+    run_folder,
+)
 
 PRETRAIN_NAME = "BenchmarkPretrain"
 
@@ -66,7 +76,10 @@ ARM_LABELS = {
     "intra": "2D-only pretraining (L_intra)",
     "joint": "joint 2D/3D pretraining",
     "staged": "staged pretraining (authors' schedule)",
+    "nnunet": "stock nnU-Net (nnUNetPlans, from scratch)",
 }
+#: arms that start from random weights: the baselines every pretrained arm is compared with
+BASELINES = ("scratch", "nnunet")
 
 
 def parse_labeled(text: str) -> list[int]:
@@ -96,28 +109,30 @@ def benchmark_split(identifiers: Sequence[str], labeled: int, seed: int, n_val: 
     """The fine-tuning split of one (labeled count, seed): validation cases first, then the labeled ones,
     from one permutation of the training pool per seed. For one seed the labeled sets are nested
     (the 1 case is among the 2, which are among the 4) and the validation cases are the same for every
-    count; adding a count or a seed later never changes an earlier split."""
+    count; adding a count or a seed later never changes an earlier split. ``n_val`` 0: the labeled cases
+    validate themselves (as nnU-Net's fold ``all``)."""
     identifiers = sorted(identifiers)
     if len(identifiers) < labeled + n_val:
         raise NnsslJointError(
             f"{labeled} labeled case(s) plus {n_val} validation case(s) need {labeled + n_val} cases in the target's "
             f"training pool, it has {len(identifiers)}; ask for fewer labeled cases (--labeled), fewer validation "
-            "cases (--val-cases) or hold out fewer test cases (--test-fraction)")
+            "cases (--val-cases, 0 validates on the labeled cases) or hold out fewer test cases (--test-fraction)")
     order = np.random.default_rng([seed, 1]).permutation(len(identifiers))
-    return {"train": sorted(identifiers[i] for i in order[n_val:n_val + labeled]),
-            "val": sorted(identifiers[i] for i in order[:n_val])}
+    train = sorted(identifiers[i] for i in order[n_val:n_val + labeled])
+    return {"train": train, "val": sorted(identifiers[i] for i in order[:n_val]) if n_val else list(train)}
 
 
-def held_out_cases(identifiers: Sequence[str], fraction: float, seed: int) -> list[str]:
-    """``fraction`` of the cases (at least one, leaving at least two), drawn once by ``seed``."""
+def held_out_cases(identifiers: Sequence[str], fraction: float, seed: int, keep: int = 2) -> list[str]:
+    """``fraction`` of the cases (at least one, leaving at least ``keep``), drawn once by ``seed``."""
     identifiers = sorted(identifiers)
     if not 0 < fraction < 1:
         raise NnsslJointError(f"--test-fraction must be between 0 and 1, got {fraction}")
     n = max(1, round(fraction * len(identifiers)))
-    if len(identifiers) - n < 2:
+    if len(identifiers) - n < keep:
         raise NnsslJointError(f"the target has {len(identifiers)} labeled training cases and no imagesTs/labelsTs: "
-                              f"holding out {n} as test cases leaves fewer than 2 for fine-tuning and validation. "
-                              "Add cases or provide imagesTs/labelsTs")
+                              f"holding out {n} as test cases leaves {len(identifiers) - n}, fewer than the {keep} the "
+                              "labeled and validation cases need. Add cases, provide imagesTs/labelsTs, ask for fewer "
+                              "labeled cases (--labeled) or validate on the labeled cases (--val-cases 0)")
     order = np.random.default_rng([seed, 2]).permutation(len(identifiers))
     return sorted(identifiers[i] for i in order[:n])
 
@@ -141,10 +156,26 @@ def _link(source: Path, target: Path) -> None:
     os.symlink(Path(source).resolve(), target)
 
 
-def link_target_dataset(source: Path, destination: Path, test_fraction: float, seed: int) -> dict[str, Any]:
-    """Build ``destination`` (a raw dataset of links into ``source``): imagesTr/labelsTr hold the training
-    pool, imagesTs/labelsTs the test cases (the source's own, or ``test_fraction`` of its training cases).
-    The source is only read. Written into a temporary folder and renamed: no half-built dataset."""
+@dataclass
+class TargetSplit:
+    """The target's training pool and test cases, found by :func:`split_target` (nothing written)."""
+
+    source: Path
+    dataset_json: dict[str, Any]
+    cases: list[Any]  # nnssl_joint.planning.raw.RawCase of imagesTr
+    pool: list[Any]
+    test: list[str]
+    own_test: bool
+
+    @property
+    def pool_ids(self) -> list[str]:
+        return sorted(c.identifier for c in self.pool)
+
+
+def split_target(source: Path, test_fraction: float, seed: int, keep: int = 2) -> TargetSplit:
+    """Check the target (labels declared, every training case labeled, test images complete) and split it
+    into training pool and test cases: the source's own imagesTs/labelsTs, or ``test_fraction`` of its
+    training cases, leaving at least ``keep`` in the pool."""
     from nnssl_joint.planning.raw import list_cases, load_dataset_json
 
     source = Path(source)
@@ -171,9 +202,22 @@ def link_target_dataset(source: Path, destination: Path, test_fraction: float, s
                                   "those labels")
         pool = cases
     else:
-        held = set(held_out_cases([c.identifier for c in cases], test_fraction, seed))
+        held = set(held_out_cases([c.identifier for c in cases], test_fraction, seed, keep))
         test = sorted(held)
         pool = [c for c in cases if c.identifier not in held]
+    return TargetSplit(source, dataset_json, cases, pool, test, own_test)
+
+
+def link_target_dataset(source: Path, destination: Path, test_fraction: float, seed: int, keep: int = 2
+                        ) -> dict[str, Any]:
+    """Build ``destination`` (a raw dataset of links into ``source``): imagesTr/labelsTr hold the training
+    pool, imagesTs/labelsTs the test cases (the source's own, or ``test_fraction`` of its training cases).
+    The source is only read. Written into a temporary folder and renamed: no half-built dataset."""
+    split = split_target(source, test_fraction, seed, keep)
+    source, dataset_json, cases, pool, test, own_test = (split.source, split.dataset_json, split.cases, split.pool,
+                                                         split.test, split.own_test)
+    ending = dataset_json["file_ending"]
+    images_ts, labels_ts = source / "imagesTs", source / "labelsTs"
     tmp = destination.with_name(f".{destination.name}.tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -231,8 +275,9 @@ def spread(values: Sequence[float]) -> dict[str, Any]:
 
 def aggregate(results: dict[str, dict[str, Any]], arms: Sequence[str], labeled: Sequence[int],
               seeds: Sequence[int], classes: dict[str, str]) -> dict[str, Any]:
-    """Per arm and labeled count: Dice mean/spread over seeds (overall and per class) and, for each
-    pretrained arm, the paired gain over ``scratch`` (same split and fine-tuning seed) in Dice points."""
+    """Per arm and labeled count: Dice mean/spread over seeds (overall and per class) and, for every other
+    arm, the paired gain over each baseline (``scratch``, ``nnunet``: same split and fine-tuning seed) in
+    Dice points."""
     table: dict[str, dict[str, Any]] = {}
     for arm in arms:
         table[arm] = {}
@@ -245,14 +290,16 @@ def aggregate(results: dict[str, dict[str, Any]], arms: Sequence[str], labeled: 
                                               for r in done if any(not math.isnan(case.get(c, float("nan")))
                                                                    for case in r["dice"].values())])
                                    for c in classes}}
-            if arm != "scratch" and "scratch" in arms:
+            for baseline in BASELINES:
+                if arm == baseline or baseline not in arms:
+                    continue
                 diffs = []
                 for s in seeds:
-                    a, b = results.get(f"{arm}/{run_name(k, s)}"), results.get(f"scratch/{run_name(k, s)}")
+                    a, b = results.get(f"{arm}/{run_name(k, s)}"), results.get(f"{baseline}/{run_name(k, s)}")
                     if a is not None and b is not None:
                         diffs.append(100.0 * (a["mean_dice"] - b["mean_dice"]))
-                entry["gain_vs_scratch_points"] = spread(diffs)
-                entry["wins_vs_scratch"] = f"{sum(d > 0 for d in diffs)}/{len(diffs)}"
+                entry[f"gain_vs_{baseline}_points"] = spread(diffs)
+                entry[f"wins_vs_{baseline}"] = f"{sum(d > 0 for d in diffs)}/{len(diffs)}"
             table[arm][str(k)] = entry
     return table
 
@@ -276,6 +323,11 @@ class BenchmarkSettings:
     configuration: str = "3d_fullres"
     device: str = "cpu"
     raw: Path | None = None
+    #: architecture preset of pretraining and the plugin's downstream plans: a shipped name, a preset JSON
+    #: file, or ``nnunet`` (the 2D topology nnU-Net's planner gives the target); None: follows the device
+    preset: str | None = None
+    #: fine-tuning recipe of the plugin's arms (:data:`nnssl_joint.experiments.budgets.FINETUNE_RECIPES`)
+    recipe: str = "plugin"
 
     def __post_init__(self) -> None:
         self.out = Path(self.out).expanduser().resolve()
@@ -283,15 +335,18 @@ class BenchmarkSettings:
         self.pretrain = [str(p) for p in self.pretrain]
         if self.seeds < 1:
             raise NnsslJointError(f"--seeds must be >= 1, got {self.seeds}")
-        if self.val_cases < 1:
-            raise NnsslJointError(f"--val-cases must be >= 1, got {self.val_cases}")
+        if self.val_cases < 0:
+            raise NnsslJointError(f"--val-cases must be >= 0 (0: validate on the labeled cases), got {self.val_cases}")
         if self.configuration not in ("3d_fullres", "2d"):
             raise NnsslJointError(f"-c must be 3d_fullres or 2d, got {self.configuration!r}")
         if self.device not in ("cpu", "cuda"):
             raise NnsslJointError(f"--device must be cpu or cuda, got {self.device!r}")
-        if any(a != "scratch" for a in self.arms) and not self.pretrain:
-            raise NnsslJointError("--pretrain is needed for the pretrained arms "
-                                  f"{[a for a in self.arms if a != 'scratch']}")
+        pretrained = [a for a in self.arms if a not in BASELINES]
+        if pretrained and not self.pretrain:
+            raise NnsslJointError(f"--pretrain is needed for the pretrained arms {pretrained}")
+        if self.recipe not in FINETUNE_RECIPES:
+            raise NnsslJointError(f"--recipe must be one of {', '.join(FINETUNE_RECIPES)}, got {self.recipe!r}")
+        self.preset = resolve_preset_choice(self.preset, self.device)
         self.budget_spec = TrainingBudget.resolve(self.budget)
         if self.raw is None:
             from nnssl_joint.naming import nnunet_raw
@@ -301,9 +356,81 @@ class BenchmarkSettings:
 
     def record(self) -> dict[str, Any]:
         """What defines the experiment; --labeled, --seeds and --arms may grow between runs."""
-        return {"pretrain": self.pretrain, "target": self.target, "budget": asdict(self.budget_spec),
-                "seed": self.seed, "test_fraction": self.test_fraction, "val_cases": self.val_cases,
-                "configuration": self.configuration}
+        record = {"pretrain": self.pretrain, "target": self.target, "budget": asdict(self.budget_spec),
+                  "seed": self.seed, "test_fraction": self.test_fraction, "val_cases": self.val_cases,
+                  "configuration": self.configuration}
+        # records of earlier versions have neither key and mean preset cpu, recipe plugin: such experiments
+        # continue; another preset or recipe is another experiment
+        if self.preset != "cpu":
+            record["preset"] = self.preset
+        if self.recipe != "plugin":
+            record["recipe"] = self.recipe
+        return record
+
+
+# ----------------------------------------------------------------------------------------------------
+# checks before anything runs
+
+
+def _is_2d(path: Path) -> tuple[bool, list[int]]:
+    """Whether an image file is 2D (a 2D format, a 2D image, or one slice), and its size (header only)."""
+    import SimpleITK as sitk
+
+    if path.name.lower().endswith((".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff")):
+        return True, []
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    size = list(reader.GetSize())
+    return len(size) == 2 or (len(size) == 3 and size[2] == 1), size
+
+
+def check_inputs(settings: BenchmarkSettings) -> dict[str, Any]:
+    """Every constraint on the datasets and the split, checked before anything is merged, planned or
+    trained (seconds, not the hours after which a late step would fail); raises NnsslJointError naming the
+    fix. Reads images headers and the label files of training-pool cases that fine-tuning will use; test
+    labels are only checked to exist (their content is read by the evaluation alone)."""
+    from nnssl_joint.planning.raw import find_raw_dataset, load_dataset_json
+
+    s = settings
+    target = find_raw_dataset(s.target, s.raw)
+    for source in s.pretrain:
+        load_dataset_json(find_raw_dataset(source, s.raw))  # exists, readable dataset.json
+    keep = max(s.labeled) + s.val_cases
+    split = split_target(target, s.test_fraction, s.seed, keep)
+    if not split.test:
+        raise NnsslJointError(f"{target.name} has no test cases; add imagesTs/labelsTs or use --test-fraction")
+    pool = split.pool_ids
+    used: set[str] = set()
+    for seed in range(s.seeds):
+        chosen = benchmark_split(pool, max(s.labeled), seed, s.val_cases)  # raises when the pool is too small
+        used |= set(chosen["train"]) | set(chosen["val"])
+    labels = split.dataset_json["labels"]
+    declared = {int(v) for v in labels.values() if not isinstance(v, (list, tuple))}
+    region_based = any(isinstance(v, (list, tuple)) for v in labels.values())
+    by_id = {c.identifier: c for c in split.pool}
+    first = by_id[min(used)]
+    is_2d, size = _is_2d(Path(first.files[0]))
+    if s.configuration == "3d_fullres" and is_2d:
+        raise NnsslJointError(f"{target.name} holds 2D images ({Path(first.files[0]).name}{f', size {size}' if size else ''}"
+                              "); 3d_fullres needs volumes. Run the benchmark with -c 2d")
+    from nnssl_joint.experiments.pipeline import read_label
+
+    for case in sorted(used):
+        label_file = _label_file(target, split.dataset_json, case)
+        values = {int(v) for v in np.unique(read_label(label_file))}
+        if not region_based and not values <= declared:
+            raise NnsslJointError(
+                f"{label_file} holds label value(s) {sorted(values - declared)} that {target / 'dataset.json'} does not "
+                f"declare (labels {dict(labels)}); add them to 'labels' or fix the label file")
+        _, image_size = _is_2d(Path(by_id[case].files[0]))
+        _, label_size = _is_2d(label_file)
+        if image_size and label_size and image_size != label_size:
+            raise NnsslJointError(f"{label_file} has size {label_size} but its image {by_id[case].files[0]} has "
+                                  f"{image_size}; every label must have its image's geometry")
+    n_channels = len(split.dataset_json.get("channel_names", {}))
+    return {"target": target.name, "training_pool": len(pool), "test_cases": len(split.test),
+            "labeled_and_validation_cases_checked": len(used), "channels": n_channels, "2d": is_2d}
 
 
 class Benchmark(Pipeline):
@@ -335,7 +462,21 @@ class Benchmark(Pipeline):
 
     @property
     def pretrain_arms(self) -> list[str]:
-        return [a for a in self.settings.arms if a != "scratch"]
+        return [a for a in self.settings.arms if a not in BASELINES]
+
+    @property
+    def plugin_arms(self) -> list[str]:
+        """Arms that fine-tune the plugin's networks (every arm but stock nnU-Net)."""
+        return [a for a in self.settings.arms if a != "nnunet"]
+
+    @property
+    def needs_stock_plans(self) -> bool:
+        return "nnunet" in self.settings.arms or self.settings.preset == NNUNET_PRESET
+
+    @property
+    def preset_argument(self) -> str:
+        """What pretraining and the downstream planner get as preset: a name or a file."""
+        return self.preset_file(self.settings.preset)
 
     @property
     def runs(self) -> list[tuple[int, int, str]]:
@@ -349,8 +490,14 @@ class Benchmark(Pipeline):
     def pretrain_folder(self, arm: str) -> Path:
         return self.pretrain_run_folder(arm, self.pretrain_dataset)
 
+    @staticmethod
+    def trainer_and_plans(arm: str) -> tuple[str, str]:
+        """nnU-Net trainer and plans identifier of an arm's fine-tuning runs."""
+        return (STOCK_BUDGET_TRAINER, STOCK_PLANS_NAME) if arm == "nnunet" else (FINETUNE_TRAINER, PLANS_NAME)
+
     def finetune_folder(self, arm: str, fold: int) -> Path:
-        return run_folder(self.results_root("finetune", arm), self.target_name, FINETUNE_TRAINER, PLANS_NAME,
+        trainer, plans = self.trainer_and_plans(arm)
+        return run_folder(self.results_root("finetune", arm), self.target_name, trainer, plans,
                           self.settings.configuration, fold)
 
     def predictions(self, arm: str, labeled: int, seed: int) -> Path:
@@ -359,6 +506,8 @@ class Benchmark(Pipeline):
     # -------------------------------------------------------------- steps
     def steps(self) -> list[Step]:
         steps = [Step("link", "linking the datasets (test split made explicit)", self.step_link)]
+        if self.needs_stock_plans:
+            steps.append(Step("plan_stock", "nnU-Net's own planning of the target (nnUNetPlans)", self.step_plan_stock))
         if self.pretrain_arms:
             steps += [Step("prepare", "merging the pretraining datasets",
                            lambda p: self.prepare_pretraining(self.pretrain_ids, self.pretrain_id, PRETRAIN_NAME, p)),
@@ -367,7 +516,8 @@ class Benchmark(Pipeline):
             for arm in self.pretrain_arms:
                 steps.append(Step(f"pretrain_{arm}", f"pretraining for arm '{arm}'",
                                   lambda p, arm=arm: self.step_pretrain(arm, p)))
-        steps.append(Step("plan_target", "planning + preprocessing the target dataset", self.step_plan_target))
+        if self.plugin_arms:
+            steps.append(Step("plan_target", "planning + preprocessing the target dataset", self.step_plan_target))
         steps.append(Step("splits", "fine-tuning splits", self.step_splits, always=True))
         for seed, k, arm in self.runs:
             steps.append(Step(f"finetune_{arm}_{run_name(k, seed)}",
@@ -388,7 +538,8 @@ class Benchmark(Pipeline):
         used = set(self.pretrain_ids) | {self.target_id}
         self.pretrain_id = next(i for i in range(900, 1000) if i not in used)
         self.raw.mkdir(parents=True, exist_ok=True)
-        info = link_target_dataset(target_source, self.raw / self.target_name, s.test_fraction, s.seed)
+        info = link_target_dataset(target_source, self.raw / self.target_name, s.test_fraction, s.seed,
+                                   max(s.labeled) + s.val_cases)
         for folder, dataset_id in zip(sources, self.pretrain_ids):
             if dataset_id == self.target_id:
                 continue  # the linked target: its training pool only, never its test cases
@@ -398,14 +549,27 @@ class Benchmark(Pipeline):
                       f"{len(info['test_cases'])} test cases ({info['test_source']})")
         return info
 
+    def step_plan_stock(self, progress: StepProgress) -> dict[str, Any]:
+        """nnU-Net's own planning of the linked target: the plans of the ``nnunet`` arm, and the topology
+        ``--preset nnunet`` takes."""
+        s = self.settings
+        plans = self.plan_stock(self.target_id, self.target_name, s.configuration, "nnunet" in s.arms, progress)
+        info: dict[str, Any] = {"configurations": sorted(plans["configurations"])}
+        if s.preset == NNUNET_PRESET:
+            info["preset"] = self.derive_nnunet_preset(plans, progress).to_dict()
+        return info
+
     def step_pretrain(self, arm: str, progress: StepProgress) -> dict[str, Any]:
-        config = self.budget.pretrain_config(arm, self.settings.seed)
+        config = self.budget.pretrain_config(arm, self.settings.seed, self.preset_argument)
         return self.pretrain(arm, config, self.pretrain_id, self.pretrain_dataset, self.budget.pretrain_epochs,
                              [f"pretrained_for_{self.settings.configuration}.pth"], progress)
 
     def step_plan_target(self, progress: StepProgress) -> dict[str, Any]:
         plans = self.plan_downstream(self.target_id, self.target_name, self.settings.configuration, progress,
-                                     "plan_target")
+                                     "plan_target", self.preset_argument)
+        for arm in self.pretrain_arms:  # pretraining and the downstream plans must share the preset
+            check_presets_agree(self.preprocessed / self.target_name / f"{PLANS_NAME}.json",
+                                self.pretrain_folder(arm) / f"pretrained_for_{self.settings.configuration}.pth")
         return {"configurations": sorted(plans["configurations"])}
 
     def fold_of(self, labeled: int, seed: int) -> int:
@@ -444,13 +608,15 @@ class Benchmark(Pipeline):
     def step_finetune(self, arm: str, labeled: int, seed: int, progress: StepProgress) -> dict[str, Any]:
         s = self.settings
         fold = self.fold_of(labeled, seed)
-        config_file = self.write_config(f"finetune_seed{seed}", self.budget.finetune_config(seed))
+        recipe = "plugin" if arm == "nnunet" else s.recipe
+        config_file = self.write_config(f"finetune_seed{seed}" + ("" if recipe == "plugin" else f"_{recipe}"),
+                                        self.budget.finetune_config(seed, recipe))
+        trainer, plans = self.trainer_and_plans(arm)
         folder = self.finetune_folder(arm, fold)
         weights = None
         if not (folder / "checkpoint_final.pth").is_file():  # else only prediction/evaluation were interrupted
-            start = None if arm == "scratch" else self.pretrain_folder(arm) / f"pretrained_for_{s.configuration}.pth"
-            cmd, _, weights = self.train_command(self.target_id, s.configuration, fold, FINETUNE_TRAINER, PLANS_NAME,
-                                                 folder, start)
+            start = None if arm in BASELINES else self.pretrain_folder(arm) / f"pretrained_for_{s.configuration}.pth"
+            cmd, _, weights = self.train_command(self.target_id, s.configuration, fold, trainer, plans, folder, start)
             progress.expect(self.budget.finetune_epochs, "epoch", "validating on the validation case(s)")
             self.run_command(cmd, self.env(self.results_root("finetune", arm), training=True,
                                            NNSSL_JOINT_FINETUNE_CONFIG=str(config_file)),
@@ -460,16 +626,22 @@ class Benchmark(Pipeline):
         out = self.predictions(arm, labeled, seed)
         if out.exists():
             shutil.rmtree(out)
-        cmd = self.predict_command(raw / "imagesTs", out, self.target_id, s.configuration, fold, FINETUNE_TRAINER,
-                                   PLANS_NAME, self.budget.test_time_augmentation)
+        cmd = self.predict_command(raw / "imagesTs", out, self.target_id, s.configuration, fold, trainer, plans,
+                                   self.budget.test_time_augmentation)
         progress.expect(len(case_identifiers(raw / "labelsTs", dataset_json["file_ending"])), "case")
         self.run_command(cmd, self.env(self.results_root("finetune", arm)), f"predict_{arm}_{run_name(labeled, seed)}", progress)
         # the test labels are read here, after training and prediction finished, and nowhere before
         labels = sorted(int(v) for v in dataset_json["labels"].values() if int(v) > 0)
         dice = evaluate_predictions(out, raw / "labelsTs", dataset_json["file_ending"], labels)
         dice_json = {case: {str(c): v for c, v in scores.items()} for case, scores in dice.items()}
+        split = json.loads((self.preprocessed / self.target_name / "splits_final.json").read_text())[fold]
+        run_plans = json.loads((folder.parent / "plans.json").read_text())
         result = {"arm": arm, "labeled": labeled, "seed": seed, "fold": fold, "run_folder": str(folder),
-                  "pretrained_weights": None if weights is None else str(weights),
+                  "trainer": trainer, "plans_name": run_plans["plans_name"],
+                  "network_class": run_plans["configurations"][s.configuration]["architecture"]["network_class_name"],
+                  "recipe": recipe, "pretrained_weights": None if weights is None else str(weights),
+                  "train_cases": split["train"], "validation_cases": split["val"],
+                  "validated_on_training_cases": split["val"] == split["train"],
                   "dice": dice_json, "mean_dice": run_mean_dice(dice_json)}
         self.results[f"{arm}/{run_name(labeled, seed)}"] = result
         progress.note(f"mean Dice {result['mean_dice']:.3f}")
@@ -519,13 +691,15 @@ class Benchmark(Pipeline):
 
     # -------------------------------------------------------------- driver
     def run(self) -> dict[str, Any]:
+        start = time.monotonic()
+        checked = check_inputs(self.settings)
+        print(f"checks passed in {time.monotonic() - start:.1f}s: {json.dumps(checked)}", file=self.stream, flush=True)
         self.check_settings()
         os.environ.update({k: v for k, v in self.env().items() if k.startswith("nnUNet_")})
         s = self.settings
-        start = time.monotonic()
         print(f"nnssl_joint benchmark: target {s.target}, pretraining on {', '.join(s.pretrain) or '-'}, arms "
               f"{','.join(s.arms)}, labeled {','.join(map(str, s.labeled))}, {s.seeds} seed(s), budget "
-              f"{s.budget!r}; output in {s.out}", file=self.stream, flush=True)
+              f"{s.budget!r}, preset {s.preset!r}, recipe {s.recipe!r}; output in {s.out}", file=self.stream, flush=True)
         self.run_steps(self.steps())
         report = json.loads((self.report_folder / "benchmark.json").read_text())
         print(summary_text(report, time.monotonic() - start), file=self.stream)
@@ -541,9 +715,10 @@ def summary_text(report: dict[str, Any], seconds: float) -> str:
         for k, entry in per_k.items():
             d = entry["dice"]
             text = "n/a" if d["mean"] is None else f"{d['mean']:.3f}" + ("" if d["std"] is None else f"±{d['std']:.3f}")
-            gain = entry.get("gain_vs_scratch_points")
-            if gain and gain["mean"] is not None:
-                text += f" ({gain['mean']:+.1f} pts vs scratch)"
+            for baseline in BASELINES:
+                gain = entry.get(f"gain_vs_{baseline}_points")
+                if gain and gain["mean"] is not None:
+                    text += f" ({gain['mean']:+.1f} pts vs {baseline})"
             parts.append(f"{k} labeled {text}")
         lines.append(f"  {arm:8s} " + " | ".join(parts))
     return "\n".join(lines)
@@ -579,7 +754,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="share of imagesTr held out as test cases when the target has no imagesTs/labelsTs "
                         "(default 0.25)")
     parser.add_argument("--val-cases", type=int, default=1, help="validation cases per run, from the training pool "
-                        "(default 1)")
+                        "(default 1); 0: validate on the labeled cases themselves (nnU-Net's fold 'all'), so one "
+                        "labeled case suffices")
+    parser.add_argument("--preset", default=None, metavar="cpu|gpu|nnunet|FILE.json",
+                        help="architecture preset of pretraining and of the plugin's downstream plans (default: gpu "
+                        "with --device cuda, else cpu); nnunet: the 2D encoder topology nnU-Net's own planner gives "
+                        "the target's 2d configuration, so pretrained_for_2d.pth also loads into stock nnUNetPlans "
+                        "2d networks")
+    parser.add_argument("--recipe", default="plugin", choices=FINETUNE_RECIPES,
+                        help="fine-tuning recipe of the plugin's arms: plugin (default: warm-up inside nnU-Net's "
+                        "poly schedule, lr 1e-2) or nnunet_warmup (nnU-Net's pretrained-weights recipe: linear "
+                        "warm-up of the whole network, then poly; lr 1e-3 for pretrained networks)")
     parser.add_argument("-c", "--configuration", default="3d_fullres", choices=("3d_fullres", "2d"),
                         help="the nnU-Net configuration to fine-tune (default 3d_fullres)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="training device (default cpu)")
@@ -591,7 +776,8 @@ def settings_from_args(args: argparse.Namespace) -> BenchmarkSettings:
                              labeled=parse_labeled(args.labeled), seeds=args.seeds, arms=parse_arms(args.arms),
                              budget=args.budget, seed=args.seed, test_fraction=args.test_fraction,
                              val_cases=args.val_cases, configuration=args.configuration, device=args.device,
-                             raw=None if args.raw is None else Path(args.raw))
+                             raw=None if args.raw is None else Path(args.raw), preset=args.preset,
+                             recipe=args.recipe)
 
 
 def run_benchmark(settings: BenchmarkSettings, stream: TextIO | None = None) -> dict[str, Any]:

@@ -90,14 +90,15 @@ class TrainingBudget:
             return cls.named(spec)
         path = Path(spec).expanduser()
         if not path.is_file():
-            raise NnsslJointError(f"--budget {spec!r} is neither a budget name ({', '.join(sorted(DEMO_BUDGETS))}) "
-                                  "nor a JSON file")
+            names = ", ".join(sorted(DEMO_BUDGETS))
+            raise NnsslJointError(f"--budget {spec!r} is neither a budget name ({names}) nor a JSON file")
         try:
             values = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise NnsslJointError(f"--budget {path}: not valid JSON ({e})") from e
         if not isinstance(values, dict):
-            raise NnsslJointError(f"--budget {path}: expected a JSON object of budget keys, got {type(values).__name__}")
+            raise NnsslJointError(f"--budget {path}: expected a JSON object of budget keys, got "
+                                  f"{type(values).__name__}")
         valid = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - valid)
         if unknown:

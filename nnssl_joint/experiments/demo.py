@@ -42,14 +42,17 @@ import numpy as np
 from nnssl_joint.errors import NnsslJointError
 from nnssl_joint.experiments.budgets import DEMO_BUDGETS, PRETRAIN_LABELS, PRETRAIN_RUNS, DemoBudget
 from nnssl_joint.experiments.pipeline import (
+    NNUNET_PRESET,
     Pipeline,
     Step,
     StepProgress,
     case_identifiers,
+    check_presets_agree,
     evaluate_predictions,
     few_label_split,
     format_seconds,
     read_label,
+    resolve_preset_choice,
     run_interruptibly,
     write_splits,
 )
@@ -83,9 +86,12 @@ class DemoSettings:
     budget: str = "small"
     real: bool = False
     device: str = "cpu"
+    #: architecture preset of pretraining and downstream planning (None: follows the device)
+    preset: str | None = None
 
     def __post_init__(self) -> None:
         self.out = Path(self.out).expanduser().resolve()
+        self.preset = resolve_preset_choice(self.preset, self.device)
         if self.budget not in DEMO_BUDGETS:
             raise NnsslJointError(f"--budget must be one of {sorted(DEMO_BUDGETS)}, got {self.budget!r}")
         if self.labeled < 1:
@@ -100,7 +106,8 @@ class DemoSettings:
     def record(self) -> dict[str, Any]:
         """What a resumed run must share with the run that created the folder."""
         return {"seed": self.seed, "labeled": self.labeled, "budget": self.budget_spec.to_dict(),
-                "real": self.real, "device": self.device}
+                "real": self.real, "device": self.device,
+                **({} if self.preset == "cpu" else {"preset": self.preset})}  # earlier records: cpu
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -152,6 +159,11 @@ class Demo(Pipeline):
         steps = [
             Step("generate", "generating data" + (" (synthetic + real image pool)" if self.settings.real
                                                    else " (synthetic)"), self.step_generate),
+        ]
+        if self.settings.preset == NNUNET_PRESET:
+            steps.append(Step("plan_stock", "nnU-Net's own planning of the labeled task (the nnunet preset)",
+                              self.step_plan_stock))
+        steps += [
             Step("prepare", "merging unlabeled 2D + 3D datasets",
                  lambda p: self.prepare_pretraining(self.pretrain_sources, PRETRAIN_ID, PRETRAIN_NAME, p)),
             Step("plan_pretrain", "planning + preprocessing the pretraining dataset",
@@ -185,14 +197,23 @@ class Demo(Pipeline):
             self.pretrain_sources = [SYNTHETIC_IDS[0], SYNTHETIC_IDS[1]] + sorted(info["real"]["datasets"])
         return info
 
+    def step_plan_stock(self, progress: StepProgress) -> dict[str, Any]:
+        plans = self.plan_stock(TARGET_ID, self.target_name, "2d", False, progress)
+        return {"preset": self.derive_nnunet_preset(plans, progress).to_dict()}
+
     def step_pretrain(self, run: str, progress: StepProgress) -> dict[str, Any]:
         training = self.budget.training
-        return self.pretrain(run, training.pretrain_config(run, self.settings.seed), PRETRAIN_ID, self.pretrain_dataset,
+        config = training.pretrain_config(run, self.settings.seed, self.preset_file(self.settings.preset))
+        return self.pretrain(run, config, PRETRAIN_ID, self.pretrain_dataset,
                              training.pretrain_epochs, ("checkpoint_final.pth", "pretrained_for_3d_fullres.pth"),
                              progress)
 
     def step_plan_downstream(self, progress: StepProgress) -> dict[str, Any]:
-        self.plan_downstream(TARGET_ID, self.target_name, FINETUNE_CONFIGURATION, progress, "plan_downstream")
+        self.plan_downstream(TARGET_ID, self.target_name, FINETUNE_CONFIGURATION, progress, "plan_downstream",
+                             self.preset_file(self.settings.preset))
+        for run in PRETRAIN_RUNS:  # pretraining and the downstream plans must share the preset
+            check_presets_agree(self.preprocessed / self.target_name / f"{PLANS_NAME}.json",
+                                self.pretrain_folder(run) / f"pretrained_for_{FINETUNE_CONFIGURATION}.pth")
         raw = self.raw / self.target_name
         ending = json.loads((raw / "dataset.json").read_text())["file_ending"]
         split = few_label_split(case_identifiers(raw / "labelsTr", ending), self.settings.labeled, self.settings.seed)
@@ -529,11 +550,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "pretraining data; installs the optional extra nnssl-joint[real]. The fine-tuning task "
                         "stays the synthetic one")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="training device (default cpu)")
+    parser.add_argument("--preset", default=None, metavar="cpu|gpu|nnunet|FILE.json",
+                        help="architecture preset of pretraining and downstream planning together (default: gpu with "
+                        "--device cuda, else cpu); nnunet: the 2D encoder topology of nnU-Net's own 2d plans of the "
+                        "labeled task")
 
 
 def _settings_from_args(args: argparse.Namespace) -> DemoSettings:
     return DemoSettings(out=Path(args.out), seed=args.seed, labeled=args.labeled, budget=args.budget, real=args.real,
-                        device=args.device)
+                        device=args.device, preset=args.preset)
 
 
 def run_demo(settings: DemoSettings, stream: TextIO | None = None) -> dict[str, Any]:

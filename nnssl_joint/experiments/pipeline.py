@@ -31,8 +31,12 @@ from nnssl_joint.naming import (
     PRETRAIN_FOLD,
     PRETRAIN_TRAINER,
     PRETRAINING_CONFIGURATION,
+    STOCK_PLANS_NAME,
     pretrain_run_folder,
 )
+
+#: ``--preset nnunet``: the 2D encoder topology nnU-Net's own planner gives the target
+NNUNET_PRESET = "nnunet"
 
 # ----------------------------------------------------------------------------------------------------
 # small pure helpers
@@ -406,6 +410,32 @@ class Pipeline:
                                   f"{sorted(plans['configurations'])}); for a 2D dataset use -c 2d")
         return plans
 
+    def plan_stock(self, dataset_id: int, dataset_name: str, configuration: str, preprocess: bool,
+                   progress: StepProgress) -> dict[str, Any]:
+        """``nnUNetv2_plan_and_preprocess`` with nnU-Net's default planner (plans ``nnUNetPlans``);
+        ``preprocess`` False: fingerprint and plans only. Returns the plans."""
+        cmd = self.nnunet_command("nnUNetv2_plan_and_preprocess") + ["-d", str(dataset_id), "-c", configuration,
+                                                                      "-np", "1", "-npfp", "1"]
+        if not preprocess:
+            cmd.append("--no_pp")
+        self.run_command(cmd, self.env(), "plan_stock", progress)
+        return json.loads((self.preprocessed / dataset_name / f"{STOCK_PLANS_NAME}.json").read_text())
+
+    def derive_nnunet_preset(self, plans: dict[str, Any], progress: StepProgress) -> Any:
+        """``--preset nnunet``: the preset of the 2D topology of nnU-Net's plans, written to
+        ``configs/preset_nnunet.json`` (the file pretraining and downstream planning get)."""
+        from nnssl_joint.models.preset import preset_from_nnunet_plans
+
+        preset = preset_from_nnunet_plans(plans, "2d", base="gpu" if self.device == "cuda" else "cpu")
+        self.write_config("preset_nnunet", preset.to_dict())
+        progress.note(f"preset from nnU-Net's 2d plans: features {list(preset.encoder.features_per_stage)}, strides "
+                      f"{[list(x) for x in preset.encoder.stage_strides]}")
+        return preset
+
+    def preset_file(self, preset: str) -> str:
+        """What pretraining and the downstream planner get for ``preset``: a shipped name or a file."""
+        return str(self.configs / "preset_nnunet.json") if preset == NNUNET_PRESET else preset
+
     def pretrain(self, run: str, config: dict[str, Any], dataset_id: int, dataset_name: str, epochs: int,
                  required: Sequence[str], progress: StepProgress) -> dict[str, Any]:
         """One ``JointSSLPretrainTrainer`` run (resumed with ``--c`` when interrupted) into its own results
@@ -508,6 +538,37 @@ class Pipeline:
         tmp.write_text(json.dumps({"seconds": seconds, "info": info, "state": self.state(),
                                    "finished": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2, default=str))
         os.replace(tmp, marker)
+
+
+def resolve_preset_choice(preset: str | None, device: str) -> str:
+    """``--preset`` of the demo and the benchmark, one choice for pretraining and downstream planning.
+    None follows the device (``gpu`` on CUDA, else ``cpu``); a shipped name, ``nnunet`` (the 2D topology
+    of nnU-Net's own plans of the target) or an existing JSON file (returned as an absolute path) pass."""
+    from nnssl_joint.models.preset import available_presets
+
+    if preset is None:
+        return "gpu" if device == "cuda" else "cpu"
+    if preset == NNUNET_PRESET or preset in available_presets():
+        return preset
+    path = Path(preset).expanduser()
+    if path.suffix == ".json" and path.is_file():
+        return str(path.resolve())
+    raise NnsslJointError(f"--preset {preset!r}: use one of {', '.join([*available_presets(), NNUNET_PRESET])} or "
+                          "the path of a preset JSON file (or of nnU-Net plans, whose 2d configuration is taken)")
+
+
+def check_presets_agree(plans_file: Path, pretrained_file: Path) -> None:
+    """The downstream plans were made with the preset the pretraining run used; otherwise stop before any
+    fine-tuning with both presets named."""
+    import torch
+
+    plans_preset = json.loads(Path(plans_file).read_text()).get("nnssl_joint", {}).get("preset")
+    meta = torch.load(pretrained_file, map_location="cpu", weights_only=False).get("nnssl_joint", {})
+    if plans_preset != meta.get("preset"):
+        raise NnsslJointError(
+            f"{plans_file} was planned with preset '{(plans_preset or {}).get('name')}' but {pretrained_file} was "
+            f"pretrained with preset '{meta.get('preset', {}).get('name')}'; pretraining and downstream planning must "
+            "use one --preset. Re-run with one --preset in a new --out")
 
 
 def stop_on_sigterm() -> None:

@@ -469,6 +469,63 @@ def plot_label_efficiency(summary: dict[str, dict[str, Any]], arm_labels: dict[s
     return _save(plt, fig, path, 110)
 
 
+def plot_paired(data: dict[str, Any], path: Path) -> Path:
+    """Per labeled count (rows) and baseline (``scratch``, ``nnunet``; columns): one line per seed from the
+    baseline's Dice to each other arm's Dice, so paired differences are seen run by run."""
+    plt = _plt()
+    arms = list(data["summary"])
+    baselines = [b for b in ("scratch", "nnunet") if b in arms] or arms[:1]
+    ks = [str(k) for k in data["settings"]["labeled"]]
+    fig, axes = plt.subplots(len(ks), len(baselines), figsize=(4.2 * len(baselines), 3.2 * len(ks)), squeeze=False)
+    for row, k in enumerate(ks):
+        for col, baseline in enumerate(baselines):
+            ax = axes[row][col]
+            others = [a for a in arms if a != baseline]
+            per_seed = data["summary"][baseline].get(k, {}).get("per_seed", {})
+            for seed, base in per_seed.items():
+                if base is None:
+                    continue
+                for i, arm in enumerate(others, 1):
+                    value = data["summary"][arm].get(k, {}).get("per_seed", {}).get(seed)
+                    if value is None:
+                        continue
+                    color = "tab:green" if value > base else "tab:red"
+                    ax.plot([0, i], [base, value], color=color, alpha=0.6, marker="o", markersize=3)
+            ax.set_xticks(range(len(others) + 1))
+            ax.set_xticklabels([baseline, *others], rotation=20, fontsize=8)
+            ax.set_ylabel("Dice (mean over classes)")
+            ax.set_title(f"{k} labeled: vs {baseline}", fontsize=9)
+            ax.grid(alpha=0.3)
+    return _save(plt, fig, path, 110)
+
+
+def plot_class_bars(data: dict[str, Any], path: Path) -> Path:
+    """Per labeled count: Dice per class, one bar per arm (mean over seeds, error bar one standard deviation)."""
+    plt = _plt()
+    summary, classes = data["summary"], data["classes"]
+    arms = list(summary)
+    ks = [str(k) for k in data["settings"]["labeled"]]
+    fig, axes = plt.subplots(1, len(ks), figsize=(max(4.5, 1.2 * len(classes) * len(arms) / 2) * len(ks), 3.6),
+                             squeeze=False)
+    width = 0.8 / max(1, len(arms))
+    for col, k in enumerate(ks):
+        ax = axes[0][col]
+        for i, arm in enumerate(arms):
+            per_class = summary[arm].get(k, {}).get("per_class", {})
+            means = [(per_class.get(c) or {}).get("mean") or 0.0 for c in classes]
+            stds = [(per_class.get(c) or {}).get("std") or 0.0 for c in classes]
+            xs = [j + (i - (len(arms) - 1) / 2) * width for j in range(len(classes))]
+            ax.bar(xs, means, width, yerr=stds, capsize=2, label=data["arms"].get(arm, arm))
+        ax.set_xticks(range(len(classes)))
+        ax.set_xticklabels(list(classes.values()), rotation=20, fontsize=8)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("Dice")
+        ax.set_title(f"{k} labeled", fontsize=9)
+        ax.grid(alpha=0.3, axis="y")
+    axes[0][0].legend(fontsize=7)
+    return _save(plt, fig, path, 110)
+
+
 def _mean_std(entry: dict[str, Any] | None) -> str:
     if not entry or entry.get("mean") is None:
         return "n/a"
@@ -496,20 +553,23 @@ def render_benchmark_markdown(data: dict[str, Any]) -> str:
     for arm, per_k in summary.items():
         lines.append(f"| {data['arms'].get(arm, arm)} | " + " | ".join(_mean_std(per_k.get(k, {}).get("dice")) for k in ks)
                      + " |")
-    pretrained = [a for a in summary if "gain_vs_scratch_points" in next(iter(summary[a].values()), {})]
-    if pretrained:
-        lines += ["", "## Gain over scratch (Dice points, paired by seed; wins = seeds where the arm beat scratch)", "",
+    for baseline in ("scratch", "nnunet"):
+        compared = [a for a in summary if f"gain_vs_{baseline}_points" in next(iter(summary[a].values()), {})]
+        if not compared:
+            continue
+        lines += ["", (f"## Gain over {data['arms'].get(baseline, baseline)} (Dice points, paired by seed; wins = seeds "
+                       f"where the arm beat {baseline})"), "",
                   "| arm | " + " | ".join(f"{k} labeled" for k in ks) + " |", "|---|" + "---|" * len(ks)]
-        for arm in pretrained:
+        for arm in compared:
             cells = []
             for k in ks:
                 entry = summary[arm].get(k, {})
-                gain = entry.get("gain_vs_scratch_points") or {}
+                gain = entry.get(f"gain_vs_{baseline}_points") or {}
                 if gain.get("mean") is None:
                     cells.append("n/a")
                     continue
                 std = "" if gain.get("std") is None else f" ± {gain['std']:.1f}"
-                cells.append(f"{gain['mean']:+.1f}{std} pts, wins {entry['wins_vs_scratch']}")
+                cells.append(f"{gain['mean']:+.1f}{std} pts, wins {entry[f'wins_vs_{baseline}']}")
             lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     lines += ["", "## Per class (mean ± std over seeds)", ""]
     for arm, per_k in summary.items():
@@ -518,9 +578,18 @@ def render_benchmark_markdown(data: dict[str, Any]) -> str:
             parts = ", ".join(f"{data['classes'].get(c, c)} {_mean_std(v)}" for c, v in per_class.items())
             lines.append(f"- {arm}, {k} labeled: {parts}")
     lines += ["", "![label efficiency](benchmark.png)", "",
-              "## Runs", "", "| arm | labeled | seed | nnU-Net fold | mean Dice | run folder |", "|---|---|---|---|---|---|"]
+              "Paired view: per seed, a line from each baseline to each arm (same cases and fine-tuning seed).", "",
+              "![paired](benchmark_paired.png)", "", "![per class](benchmark_classes.png)", "",
+              "## Runs", "",
+              "| arm | labeled | seed | nnU-Net fold | mean Dice | validation cases | trainer / plans / network | run folder |",
+              "|---|---|---|---|---|---|---|---|"]
     for run in data["runs"].values():
+        val = run.get("validation_cases")
+        validated = "n/a" if val is None else (", ".join(val) + (" (the labeled cases)"
+                                                               if run.get("validated_on_training_cases") else ""))
+        network = str(run.get("network_class", "")).rsplit(".", 1)[-1]
         lines.append(f"| {run['arm']} | {run['labeled']} | {run['seed']} | {run['fold']} | {_fmt(run['mean_dice'])} | "
+                     f"{validated} | {run.get('trainer', '')} / {run.get('plans_name', '')} / {network} | "
                      f"`{run['run_folder']}` |")
     machine = data.get("machine", {})
     lines += ["", (f"Machine: {machine.get('cpus')} CPUs, {machine.get('platform')}, Python {machine.get('python')}; "
@@ -529,16 +598,22 @@ def render_benchmark_markdown(data: dict[str, Any]) -> str:
 
 
 def write_benchmark_report(data: dict[str, Any], folder: Path) -> dict[str, Path]:
-    """benchmark.json, benchmark.md and benchmark.png in ``folder`` (each replaced atomically, so a
+    """benchmark.json, benchmark.md and the figures (benchmark.png, benchmark_paired.png,
+    benchmark_classes.png) in ``folder`` (each replaced atomically, so a
     report read while a long benchmark runs is always whole)."""
     from nnssl_joint.common.checkpoint_io import atomic_write_text
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    files = {"png": folder / "benchmark.png", "markdown": folder / "benchmark.md", "json": folder / "benchmark.json"}
-    tmp_png = folder / f".benchmark.{os.getpid()}.tmp.png"  # several workers may write reports
-    plot_label_efficiency(data["summary"], data["arms"], tmp_png)
-    tmp_png.replace(files["png"])
+    files = {"png": folder / "benchmark.png", "paired": folder / "benchmark_paired.png",
+             "classes": folder / "benchmark_classes.png", "markdown": folder / "benchmark.md",
+             "json": folder / "benchmark.json"}
+    figures = {"png": lambda f: plot_label_efficiency(data["summary"], data["arms"], f),
+               "paired": lambda f: plot_paired(data, f), "classes": lambda f: plot_class_bars(data, f)}
+    for key, plot in figures.items():
+        tmp_png = folder / f".{files[key].stem}.{os.getpid()}.tmp.png"  # several workers may write reports
+        plot(tmp_png)
+        tmp_png.replace(files[key])
     atomic_write_text(render_benchmark_markdown(data), files["markdown"])
     atomic_write_text(json.dumps(_json_ready(data), indent=2) + "\n", files["json"])
     return files

@@ -61,10 +61,10 @@ def pool_op_kernel_sizes(preset: ArchitecturePreset, spatial_dims: int) -> list[
 
 
 def _check_in_plane(preset: ArchitecturePreset, in_plane: Sequence[int]) -> None:
-    total = preset.encoder.total_stride
-    if any(int(s) % total for s in in_plane):
+    total = preset.encoder.total_strides
+    if any(int(s) % t for s, t in zip(in_plane, total)):
         raise ValueError(
-            f"in-plane size {tuple(int(s) for s in in_plane)} is not divisible by {total}, the total stride of "
+            f"in-plane size {tuple(int(s) for s in in_plane)} is not divisible by {total}, the total (y, x) stride of "
             f"architecture preset '{preset.name}' (strides {list(preset.encoder.strides)}); use a patch size "
             f"whose in-plane axes are multiples of {total}"
         )
@@ -229,10 +229,10 @@ class SliceWiseUNet3D(_PresetUNet):
             raise ValueError(f"give the 3D patch size (Z, Y, X) without batch/channel axes, got {tuple(input_size)}")
         z, h, w = (int(i) for i in input_size)
         _check_in_plane(self.preset, (h, w))
-        total = self.preset.encoder.total_stride
+        ty, tx = self.preset.encoder.total_strides
         encoder = z * self.encoder.compute_conv_feature_map_size([h, w])
         decoder = self.decoder.compute_conv_feature_map_size([z, h, w])
-        bottleneck = self.preset.encoder.features_per_stage[-1] * z * (h // total) * (w // total)
+        bottleneck = self.preset.encoder.features_per_stage[-1] * z * (h // ty) * (w // tx)
         t = self.preset.transformer
         d = self.preset.embedding_dim
         inner = t.heads * t.dim_head

@@ -27,13 +27,12 @@ def encoder_arch_kwargs(preset: ArchitecturePreset) -> dict[str, Any]:
     """The keyword arguments of dynamic_network_architectures' ``PlainConvEncoder`` for f_intra, in
     nnU-Net's ``arch_kwargs`` layout (ops as classes, per-stage kernel sizes and strides as lists)."""
     enc = preset.encoder
-    k = enc.kernel_size
     return {
         "n_stages": enc.n_stages,
         "features_per_stage": list(enc.features_per_stage),
         "conv_op": nn.Conv2d,
-        "kernel_sizes": [[k, k] for _ in range(enc.n_stages)],
-        "strides": [[s, s] for s in enc.strides],
+        "kernel_sizes": [list(k) for k in enc.stage_kernel_sizes],
+        "strides": [list(s) for s in enc.stage_strides],
         "n_conv_per_stage": list(enc.n_conv_per_stage),
         "conv_bias": True,
         "norm_op": nn.InstanceNorm2d,
@@ -107,8 +106,7 @@ def encoder_spec_slicewise_3d(preset: ArchitecturePreset) -> EncoderSpec:
     locally; the transposed convolutions (kernel = stride) stay in-plane.
     """
     enc = preset.encoder
-    k = enc.kernel_size
-    return EncoderSpec(output_channels=list(enc.features_per_stage), strides=[[1, s, s] for s in enc.strides],
-                       kernel_sizes=[[3, k, k] for _ in range(enc.n_stages)], conv_op=nn.Conv3d, conv_bias=True,
+    return EncoderSpec(output_channels=list(enc.features_per_stage), strides=[[1, *s] for s in enc.stage_strides],
+                       kernel_sizes=[[3, *k] for k in enc.stage_kernel_sizes], conv_op=nn.Conv3d, conv_bias=True,
                        norm_op=nn.InstanceNorm3d, norm_op_kwargs=dict(_NORM_KWARGS), dropout_op=None,
                        dropout_op_kwargs=None, nonlin=nn.LeakyReLU, nonlin_kwargs=dict(_NONLIN_KWARGS))

@@ -60,8 +60,8 @@ class JointSSLDownstreamPlanner(ThreadIndependentEstimateMixin, ExperimentPlanne
     def get_plans_for_configuration(self, spacing, median_shape, data_identifier: str,
                                     approximate_n_voxels_dataset: float, _cache: dict) -> dict:
         dims = len(spacing)
-        stride = self.preset.encoder.total_stride
-        minimum = 2 * stride  # InstanceNorm needs more than one element at the bottleneck
+        strides = self.preset.encoder.total_strides  # (y, x)
+        minimum = [2 * t for t in strides]  # InstanceNorm needs more than one element at the bottleneck
         num_input_channels = len(self.dataset_json["channel_names"])
         num_labels = len(self.dataset_json["labels"])
         median_shape = np.asarray(median_shape[:dims], dtype=float)
@@ -71,8 +71,8 @@ class JointSSLDownstreamPlanner(ThreadIndependentEstimateMixin, ExperimentPlanne
         target = 256 ** 3 if dims == 3 else 2048 ** 2
         initial = np.minimum(np.round(tmp * (target / np.prod(tmp)) ** (1 / dims)), median_shape)
         patch = [int(max(1, round(initial[0])))] if dims == 3 else []
-        patch += [_round_up(v, stride) if v >= minimum else minimum for v in initial[-2:]]
-        step = ([1] if dims == 3 else []) + [stride, stride]
+        patch += [_round_up(v, t) if v >= m else m for v, t, m in zip(initial[-2:], strides, minimum)]
+        step = ([1] if dims == 3 else []) + list(strides)
         arch = self.architecture(dims)
 
         def estimate(p: list[int]) -> float:
@@ -86,7 +86,7 @@ class JointSSLDownstreamPlanner(ThreadIndependentEstimateMixin, ExperimentPlanne
         reference = (self.UNet_reference_val_2d if dims == 2 else self.UNet_reference_val_3d) * \
             (self.UNet_vram_target_GB / self.UNet_reference_val_corresp_GB)
         ref_bs = self.UNet_reference_val_corresp_bs_2d if dims == 2 else self.UNet_reference_val_corresp_bs_3d
-        lower = ([1] if dims == 3 else []) + [minimum, minimum]
+        lower = ([1] if dims == 3 else []) + minimum
         current = estimate(patch)
         while current / ref_bs * 2 > reference:
             # shrink the axis that is largest relative to the median shape, as nnU-Net does

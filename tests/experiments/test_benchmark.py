@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
+import torch
 
 from nnssl_joint.datasets.synthetic import make_synthetic
 from nnssl_joint.errors import NnsslJointError
@@ -58,14 +60,23 @@ def test_split_refuses_a_pool_too_small_and_names_the_flags():
         bm.benchmark_split(["a", "b", "c", "d"], 4, 0)
 
 
+def test_zero_validation_cases_validate_on_the_labeled_cases_and_stay_nested():
+    pool = [f"c{i}" for i in range(6)]
+    one = bm.benchmark_split(pool, 1, seed=2, n_val=0)
+    two = bm.benchmark_split(pool, 2, seed=2, n_val=0)
+    assert one["val"] == one["train"] and len(one["train"]) == 1 and set(one["train"]) <= set(two["train"])
+    assert bm.benchmark_split(["only"], 1, seed=0, n_val=0) == {"train": ["only"], "val": ["only"]}
+
+
 def test_held_out_cases_fraction_and_limits():
     pool = [f"c{i}" for i in range(8)]
     held = bm.held_out_cases(pool, 0.25, 0)
     assert len(held) == 2 and set(held) <= set(pool)
     assert held == bm.held_out_cases(pool, 0.25, 0)
     assert len(bm.held_out_cases(pool[:3], 0.1, 0)) == 1  # at least one
-    with pytest.raises(NnsslJointError, match="fewer than 2"):
+    with pytest.raises(NnsslJointError, match="leaves 1, fewer than the 2 .*--val-cases 0"):
         bm.held_out_cases(pool[:2], 0.5, 0)
+    assert len(bm.held_out_cases(pool[:2], 0.5, 0, keep=1)) == 1  # one labeled case validating itself
     with pytest.raises(NnsslJointError, match="between 0 and 1"):
         bm.held_out_cases(pool, 1.0, 0)
 
@@ -215,11 +226,13 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 def benchmark_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("benchmark")
     raw = root / "raw"
-    # a target without imagesTs (the held-out path), stored as .nrrd, that is also a pretraining source
-    make_synthetic(raw, seed=5, n_3d=3, n_2d=4, n_labeled_train=4, n_labeled_test=0, ids=(621, 622, 623),
+    # a target without imagesTs (the held-out path), stored as .nrrd, that is also a pretraining source; of
+    # its 2 cases one is held out for testing, so one labeled case remains and validates itself
+    make_synthetic(raw, seed=5, n_3d=3, n_2d=4, n_labeled_train=2, n_labeled_test=0, ids=(621, 622, 623),
                    n_organs=2, file_ending_3d=".nrrd")
     args = ["--raw", str(raw), "--pretrain", "621", "622", "623", "--target", "623", "--labeled", "1", "--seeds",
-            "1", "--arms", "scratch,joint", "--budget", "tiny", "--out", str(root / "out")]
+            "1", "--arms", "scratch,nnunet,joint", "--budget", "tiny", "--val-cases", "0", "--test-fraction", "0.5",
+            "--out", str(root / "out")]
     result = _cli(*args, cwd=root)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return {"root": root, "out": root / "out", "args": args, "stdout": result.stdout}
@@ -228,17 +241,46 @@ def benchmark_run(tmp_path_factory):
 def test_benchmark_writes_a_report_with_every_run(benchmark_run):
     report_dir = benchmark_run["out"] / "report"
     report = json.loads((report_dir / "benchmark.json").read_text())
-    assert report["finished_runs"] == report["planned_runs"] == 2
-    for arm in ("scratch", "joint"):
+    assert report["finished_runs"] == report["planned_runs"] == 3
+    assert len(report["test_cases"]) == 1
+    for arm in ("scratch", "nnunet", "joint"):
         run = report["runs"][f"{arm}/L1_s0"]
         assert 0.0 <= run["mean_dice"] <= 1.0
         assert set(run["dice"]) == set(report["test_cases"])
+        # --val-cases 0: the one labeled case validates itself, and the report says so
+        assert len(run["train_cases"]) == 1 and run["validation_cases"] == run["train_cases"]
+        assert run["validated_on_training_cases"]
     assert report["runs"]["joint/L1_s0"]["pretrained_weights"].endswith("pretrained_for_3d_fullres.pth")
     assert report["runs"]["scratch/L1_s0"]["pretrained_weights"] is None
-    assert "gain_vs_scratch_points" in report["summary"]["joint"]["1"]
-    assert (report_dir / "benchmark.png").stat().st_size > 10_000
-    assert "| joint 2D/3D pretraining |" in (report_dir / "benchmark.md").read_text()
-    assert "joint    1 labeled" in benchmark_run["stdout"]
+    assert report["runs"]["nnunet/L1_s0"]["pretrained_weights"] is None
+    joint = report["summary"]["joint"]["1"]
+    assert "gain_vs_scratch_points" in joint and "gain_vs_nnunet_points" in joint
+    assert "gain_vs_scratch_points" in report["summary"]["nnunet"]["1"]
+    for figure in ("benchmark.png", "benchmark_paired.png", "benchmark_classes.png"):
+        assert (report_dir / figure).stat().st_size > 10_000, figure
+    markdown = (report_dir / "benchmark.md").read_text()
+    assert "| joint 2D/3D pretraining |" in markdown and "## Gain over stock nnU-Net" in markdown
+    assert "(the labeled cases)" in markdown and "![paired](benchmark_paired.png)" in markdown
+    assert "joint    1 labeled" in benchmark_run["stdout"] and "pts vs nnunet" in benchmark_run["stdout"]
+
+
+def test_the_nnunet_arm_is_stock_nnunet_plans_and_network(benchmark_run):
+    run = json.loads((benchmark_run["out"] / "report" / "benchmark.json").read_text())["runs"]["nnunet/L1_s0"]
+    folder = Path(run["run_folder"])
+    assert folder.parent.name == "nnUNetTrainerBudget__nnUNetPlans__3d_fullres"
+    plans = json.loads((folder.parent / "plans.json").read_text())
+    assert plans["plans_name"] == "nnUNetPlans"
+    network = plans["configurations"]["3d_fullres"]["architecture"]["network_class_name"]
+    assert network == "dynamic_network_architectures.architectures.unet.PlainConvUNet" == run["network_class"]
+    checkpoint = torch.load(folder / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert checkpoint["trainer_name"] == "nnUNetTrainerBudget" and checkpoint["current_epoch"] == 2
+    assert any(k.startswith("decoder.encoder.") for k in checkpoint["network_weights"])  # stock PlainConvUNet
+    log = next(folder.glob("training_log_*.txt")).read_text()
+    assert '"num_epochs": 2' in log and '"seed": 0' in log  # the budget and seed of the other arms
+    # the plugin's arms were planned by the plugin's planner
+    plugin = json.loads((Path(json.loads((benchmark_run["out"] / "report" / "benchmark.json").read_text())["runs"][
+        "scratch/L1_s0"]["run_folder"]).parent / "plans.json").read_text())
+    assert plugin["plans_name"] == "nnsslJointPlans"
 
 
 def test_test_cases_never_enter_pretraining_or_fine_tuning(benchmark_run):
@@ -273,3 +315,97 @@ def test_rerun_skips_everything_and_a_deleted_run_repeats_exactly(benchmark_run)
     after = json.loads((out / "report" / "benchmark.json").read_text())
     assert after["runs"]["scratch/L1_s0"]["dice"] == before["runs"]["scratch/L1_s0"]["dice"]
     assert after["summary"] == before["summary"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# every constraint on the datasets and the split is checked before anything is merged, planned or trained
+
+
+@pytest.fixture(scope="module")
+def check_raw(tmp_path_factory):
+    raw = tmp_path_factory.mktemp("checks") / "raw"
+    make_synthetic(raw, seed=3, n_3d=2, n_2d=2, n_labeled_train=3, n_labeled_test=2, ids=(631, 632, 633),
+                   n_organs=2, shape_3d=(16, 32, 32))
+    flat = raw / "Dataset640_Flat"
+    for split, cases in (("Tr", 3), ("Ts", 1)):
+        for i in range(cases):
+            image = (np.random.default_rng(i).random((32, 32)) * 255).astype(np.uint8)
+            (flat / f"images{split}").mkdir(parents=True, exist_ok=True)
+            (flat / f"labels{split}").mkdir(parents=True, exist_ok=True)
+            sitk.WriteImage(sitk.GetImageFromArray(image), str(flat / f"images{split}" / f"f{split}{i}_0000.png"))
+            sitk.WriteImage(sitk.GetImageFromArray((image > 128).astype(np.uint8)),
+                            str(flat / f"labels{split}" / f"f{split}{i}.png"))
+    (flat / "dataset.json").write_text(json.dumps({"channel_names": {"0": "gray"}, "labels": {"background": 0, "a": 1},
+                                                   "numTraining": 3, "file_ending": ".png"}))
+    return raw
+
+
+def _copy_target(raw: Path, new_id: int) -> Path:
+    import shutil
+
+    source = next(raw.glob("Dataset633_*"))
+    destination = raw / f"Dataset{new_id}_Broken"
+    if destination.exists():
+        shutil.rmtree(destination)
+    shutil.copytree(source, destination)
+    return destination
+
+
+def _broken_missing_test_image(raw: Path) -> str:
+    target = _copy_target(raw, 641)
+    next((target / "imagesTs").iterdir()).unlink()
+    return "641"
+
+
+def _broken_label_value(raw: Path) -> str:
+    target = _copy_target(raw, 642)
+    for label in (target / "labelsTr").iterdir():
+        image = sitk.ReadImage(str(label))
+        array = sitk.GetArrayFromImage(image)
+        array[0, 0, 0] = 9
+        out = sitk.GetImageFromArray(array)
+        out.CopyInformation(image)
+        sitk.WriteImage(out, str(label))
+    return "642"
+
+
+def _broken_channels(raw: Path) -> str:
+    target = _copy_target(raw, 643)
+    dataset_json = json.loads((target / "dataset.json").read_text())
+    dataset_json["channel_names"] = {"0": "T1", "1": "T2"}
+    (target / "dataset.json").write_text(json.dumps(dataset_json))
+    return "643"
+
+
+@pytest.mark.parametrize("case, flags, match", [
+    ("pool too small", {"labeled": [3], "val_cases": 1}, r"need 4 cases.*has 3.*--val-cases, 0 validates"),
+    ("missing pretraining dataset", {"pretrain": ["699"], "arms": ["scratch", "joint"]}, "699"),
+    ("test image missing", {"target": _broken_missing_test_image}, "images are missing in"),
+    ("undeclared label value", {"target": _broken_label_value}, r"label value\(s\) \[9\].*add them to 'labels'"),
+    ("channel files missing", {"target": _broken_channels}, "channel"),
+    ("2D target, 3D configuration", {"target": "640"}, "holds 2D images.*-c 2d"),
+])
+def test_every_early_check_fires_in_seconds_before_anything_is_written(check_raw, tmp_path, case, flags, match):
+    import time
+
+    flags = dict(flags)
+    if callable(flags.get("target")):
+        flags["target"] = flags["target"](check_raw)
+    settings = bm.BenchmarkSettings(**{"pretrain": ["631", "632"], "target": "633", "out": tmp_path / "out",
+                                       "raw": check_raw, "labeled": [1], "seeds": 2, "arms": ["scratch"],
+                                       "budget": "tiny", **flags})
+    start = time.monotonic()
+    with pytest.raises(NnsslJointError, match=match):
+        bm.Benchmark(settings, io.StringIO()).run()
+    assert time.monotonic() - start < 10, case
+    assert not (tmp_path / "out" / "raw").exists() and not (tmp_path / "out" / ".benchmark").exists()
+
+
+def test_the_checks_pass_for_a_one_case_target_validating_on_itself(check_raw, tmp_path):
+    settings = bm.BenchmarkSettings(pretrain=["631"], target="633", out=tmp_path, raw=check_raw, labeled=[1, 3],
+                                    seeds=3, val_cases=0, arms=["scratch", "nnunet", "joint"])
+    checked = bm.check_inputs(settings)
+    assert checked["training_pool"] == 3 and checked["test_cases"] == 2 and not checked["2d"]
+    with pytest.raises(NnsslJointError, match="--pretrain is needed"):
+        bm.BenchmarkSettings(pretrain=[], target="633", out=tmp_path, raw=check_raw, labeled=[1], arms=["nnunet", "intra"])
+    bm.BenchmarkSettings(pretrain=[], target="633", out=tmp_path, raw=check_raw, labeled=[1], arms=["nnunet"])

@@ -381,3 +381,14 @@ def test_a_step_locked_elsewhere_is_skipped_when_parallel_and_waited_for_otherwi
     # the lock died with its holder: a later run takes the step
     pipeline.run_steps(steps)
     assert calls == ["run_b", "run_a"]
+
+
+def test_preset_follows_the_device_and_is_recorded(tmp_path):
+    assert demo.DemoSettings(out=tmp_path).preset == "cpu" and "preset" not in demo.DemoSettings(out=tmp_path).record()
+    on_gpu = demo.DemoSettings(out=tmp_path, device="cuda")
+    assert on_gpu.preset == "gpu" and on_gpu.record()["preset"] == "gpu"  # a CUDA run benchmarks the GPU network
+    assert demo.DemoSettings(out=tmp_path, preset="nnunet").preset == "nnunet"
+    with pytest.raises(NnsslJointError, match="--preset 'huge': use one of cpu, gpu, nnunet"):
+        demo.DemoSettings(out=tmp_path, preset="huge")
+    steps = [s.key for s in demo.Demo(demo.DemoSettings(out=tmp_path, preset="nnunet"), io.StringIO()).steps()]
+    assert steps.index("plan_stock") < steps.index("pretrain_joint")  # the preset exists before pretraining

@@ -1,0 +1,42 @@
+"""Fine-tuning configuration and learning-rate recipes (nnssl_joint/finetune.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nnssl_joint.errors import NnsslJointError
+from nnssl_joint.finetune import FinetuneConfig, GroupPolyLR, poly_with_warmup, warmup_then_poly
+
+
+def test_nnunet_warmup_recipe_matches_nnunets_own_schedulers():
+    from nnunetv2.training.lr_scheduler.warmup import Lin_incr_LRScheduler, PolyLRScheduler_offset
+
+    num_epochs, warmup, lr = 20, 5, 1e-3
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr)
+    ours = GroupPolyLR(optimizer, [lr], num_epochs, warmup, recipe="nnunet_warmup")
+    reference_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr)
+    linear = Lin_incr_LRScheduler(reference_opt, lr, warmup)
+    poly = PolyLRScheduler_offset(reference_opt, lr, num_epochs, warmup)
+    for epoch in range(num_epochs):
+        ours.step(epoch)
+        (linear if epoch < warmup else poly).step(epoch)
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(reference_opt.param_groups[0]["lr"]), epoch
+    assert warmup_then_poly(0, 10, 0) == 1.0 == poly_with_warmup(0, 10, 0)  # no warm-up: nnU-Net's poly
+
+
+def test_pretrained_networks_start_at_their_own_learning_rate():
+    config = FinetuneConfig(recipe="nnunet_warmup", warmup_epochs=2, num_epochs=10, pretrained_initial_lr=1e-3)
+    assert config.initial_lr_for(pretrained=True) == 1e-3 and config.initial_lr_for(pretrained=False) == 1e-2
+    assert FinetuneConfig().initial_lr_for(pretrained=True) == 1e-2
+
+
+@pytest.mark.parametrize("values, match", [
+    ({"recipe": "cosine"}, "recipe must be one of plugin, nnunet_warmup"),
+    ({"recipe": "nnunet_warmup", "freeze_pretrained_epochs": 2}, "whole network.*freeze_pretrained_epochs to 0"),
+    ({"recipe": "nnunet_warmup", "warmup_epochs": 5, "num_epochs": 5}, r"warmup_epochs \(5\) < num_epochs \(5\)"),
+    ({"pretrained_initial_lr": 0}, "pretrained_initial_lr must be > 0"),
+])
+def test_recipe_settings_are_checked_with_the_fix(values, match):
+    with pytest.raises(NnsslJointError, match=match):
+        FinetuneConfig.from_dict(values)
