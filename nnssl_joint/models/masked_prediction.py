@@ -66,3 +66,26 @@ def masked_embedding_loss(prediction: Tensor, target: Tensor, mask: Tensor, vali
     squared = torch.where(selected[..., None], squared, torch.zeros_like(squared))
     count = selected.sum() * prediction.shape[-1]
     return squared.sum() / count.clamp_min(1)
+
+
+@torch.no_grad()
+def standardize_targets(embeddings: Tensor, valid: Tensor | None = None, eps: float = 1e-5) -> Tensor:
+    """Per-feature standardisation of (B, N, dim) slice embeddings with the mean / std over the valid slices
+    of the (global) batch, detached: the normalised targets of L_mask (like MAE's normalised pixels).
+
+    Raw targets let L_mask fall by shrinking the embeddings or by predicting the component every slice
+    shares; standardised, predicting the batch mean scores 1.0 per feature and only information about the
+    masked slice lowers the loss. Under torch.distributed the statistics run over all ranks."""
+    import torch.distributed as dist
+
+    x = embeddings.detach().float()
+    sel = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device) if valid is None else valid
+    flat = x[sel]
+    d = x.shape[-1]
+    stats = torch.cat([flat.sum(0), (flat * flat).sum(0), flat.new_tensor([flat.shape[0]])])
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(stats)
+    count = stats[-1].clamp_min(1)
+    mean = stats[:d] / count
+    var = (stats[d:2 * d] / count - mean * mean).clamp_min(0)
+    return ((x - mean) / torch.sqrt(var + eps)).to(embeddings.dtype)

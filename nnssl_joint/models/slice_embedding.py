@@ -102,16 +102,52 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
         return out * self.weight + self.bias if self.affine else out
 
 
+class RunningBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d that normalises with its running statistics in training too (no gradient through them).
+
+    Made for tiny batches (the volume batch holds 2-4 windows): the statistics of the current (global)
+    batch only update the running mean and variance, which average over the last ~1/momentum batches, so
+    two windows are not mapped to +-1 as plain BatchNorm would. Like BatchNorm it removes the component
+    all samples share (the volume features of an InstanceNorm encoder are dominated by one). The first
+    batches use a cumulative average (momentum max(momentum, 1 / batches seen)). Under torch.distributed
+    the batch statistics are summed over all ranks first, so every rank holds the same running statistics
+    and N processes compute what one process computes on the concatenated batch.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 2:
+            raise ValueError(f"RunningBatchNorm1d expects (batch, features), got {tuple(x.shape)}")
+        if self.training:
+            import torch.distributed as dist
+
+            with torch.no_grad():
+                xf = x.detach().float()
+                stats = torch.cat([xf.sum(0), (xf * xf).sum(0), xf.new_tensor([x.shape[0]])])
+                if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                    dist.all_reduce(stats)
+                c = x.shape[1]
+                count = stats[-1].clamp_min(1)
+                mean = stats[:c] / count
+                var = (stats[c:2 * c] / count - mean * mean).clamp_min(0)
+                self.num_batches_tracked += 1
+                momentum = max(float(self.momentum), 1.0 / float(self.num_batches_tracked))
+                self.running_mean.mul_(1 - momentum).add_(momentum * mean.to(self.running_mean.dtype))
+                self.running_var.mul_(1 - momentum).add_(momentum * var.to(self.running_var.dtype))
+        out = (x - self.running_mean.to(x.dtype)) / torch.sqrt(self.running_var.to(x.dtype) + self.eps)
+        return out * self.weight + self.bias if self.affine else out
+
+
 class ProjectionHead(nn.Module):
     """SwAV-style projection MLP Linear -> norm -> ReLU -> Linear with L2-normalised output.
 
     ``norm="batch"`` (BatchNorm1d, as in SwAV) needs more than one sample in training; ``"layer"``
-    (LayerNorm) works for any batch. Leading dimensions beyond the last are flattened and restored.
+    (LayerNorm) works for any batch; ``"running_batch"`` (:class:`RunningBatchNorm1d`) centres and scales
+    across samples with running statistics, for tiny batches. Leading dimensions beyond the last are flattened and restored.
     """
 
     def __init__(self, dim: int, hidden: int, out_dim: int, norm: str = "batch") -> None:
         super().__init__()
-        norms = {"batch": GlobalBatchNorm1d, "layer": nn.LayerNorm}
+        norms = {"batch": GlobalBatchNorm1d, "layer": nn.LayerNorm, "running_batch": RunningBatchNorm1d}
         if norm not in norms:
             raise ValueError(f"norm must be one of {sorted(norms)}, got {norm!r}")
         self.net = nn.Sequential(nn.Linear(dim, hidden), norms[norm](hidden), nn.ReLU(inplace=True),

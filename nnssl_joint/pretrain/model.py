@@ -25,7 +25,12 @@ import torch
 from torch import Tensor, nn
 
 from nnssl_joint.models.encoder import build_encoder_2d, build_slice_embedding, build_slice_transformer
-from nnssl_joint.models.masked_prediction import MaskedSliceModeling, masked_embedding_loss, sample_slice_mask
+from nnssl_joint.models.masked_prediction import (
+    MaskedSliceModeling,
+    masked_embedding_loss,
+    sample_slice_mask,
+    standardize_targets,
+)
 from nnssl_joint.models.preset import ArchitecturePreset
 from nnssl_joint.models.slice_embedding import ProjectionHead
 from nnssl_joint.ssl.objective import (
@@ -60,7 +65,7 @@ class JointSSLModel(nn.Module):
         # GlobalBatchNorm1d normalises over the global batch under DDP. Volume batches hold a handful of
         # windows, so the 3D head uses LayerNorm.
         self.projection_2d = ProjectionHead(d, proj.hidden_dim, proj.out_dim, norm="batch")
-        self.projection_3d = ProjectionHead(d, proj.hidden_dim, proj.out_dim, norm="layer")
+        self.projection_3d = ProjectionHead(d, proj.hidden_dim, proj.out_dim, norm=objective.head_norm_3d)
         self.masked_modeling = MaskedSliceModeling(d)
         common = {
             "temperature": objective.temperature,
@@ -72,7 +77,11 @@ class JointSSLModel(nn.Module):
         self.intra_loss = SwAVLoss(proj.out_dim, objective.num_prototypes_2d,
                                    queue_length=objective.queue_length_2d, **common)
         self.inter_loss = SwAVLoss(proj.out_dim, objective.num_prototypes_3d,
-                                   queue_length=objective.queue_length_3d, **common)
+                                   queue_length=objective.queue_length_3d,
+                                   standardize_code_scores=objective.inter_code_standardization,
+                                   centering_momentum=(objective.centering_momentum_3d
+                                                       if objective.inter_codes == "centering" else None),
+                                   teacher_temperature=objective.teacher_temperature_3d, **common)
 
     # ------------------------------------------------------------------ embeddings
     def embed_slices(self, x: Tensor) -> Tensor:
@@ -137,6 +146,10 @@ class JointSSLModel(nn.Module):
                     mask = volumes.get("mask")
                     mask = mask.to(torch.bool) if mask is not None else sample_slice_mask(valid, self.objective.mask_ratio)
                 zs_3d, mask_losses = [], []
+                targets = e3.detach()
+                if mask is not None and self.objective.mask_target_normalization == "standardize":
+                    targets = standardize_targets(targets.flatten(0, 1), valid.repeat_interleave(n_views, 0)
+                                                  ).view_as(targets)
                 for view in range(n_views):
                     tokens = e3[:, view]
                     if mask is not None:
@@ -145,7 +158,7 @@ class JointSSLModel(nn.Module):
                     if mask is not None:
                         pred = self.masked_modeling(per_slice)
                         mask_losses.append(masked_embedding_loss(
-                            pred, e3[:, view].detach(), mask, valid,
+                            pred, targets[:, view], mask, valid,
                             all_positions=self.objective.mask_loss_all_positions))
                     zs_3d.append(self.projection_3d(volume_feature))
                 if mask is not None:

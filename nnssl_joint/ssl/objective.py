@@ -32,6 +32,9 @@ LOSS_TERMS = (TERM_INTRA, TERM_INTRA_3D, TERM_INTER, TERM_MASK)
 VOLUME_TERMS = (TERM_INTRA_3D, TERM_INTER, TERM_MASK)
 SCHEDULES = ("joint", "staged")
 CLUSTERING_METHODS = ("swav", "deepcluster")
+HEAD_NORMS_3D = ("layer", "running_batch")
+INTER_CODES = ("sinkhorn", "centering")
+MASK_TARGET_NORMALIZATIONS = ("none", "standardize")
 
 
 @dataclass(frozen=True)
@@ -89,11 +92,25 @@ class ObjectiveConfig:
             are tiny, and Sinkhorn's equal partition over 2-4 samples is nearly meaningless, hence
             the 3D queue by default.
         queue_start_iteration: the queue fills from iteration 0 and joins the codes from here on.
+        inter_code_standardization: L_inter only; centre and scale each 3D prototype's scores over the
+            rows entering Sinkhorn (queue + global batch) before the codes are computed (the prediction keeps
+            the raw scores). Volume features share one dominant component, so their raw scores differ by
+            less than epsilon and the codes are uniform without it (docs/pretraining.md, ablation).
+        inter_codes: how L_inter's target codes are made: "sinkhorn" (SwAV: equal partition over queue +
+            batch) or "centering" (DINO: softmax((s - c) / teacher_temperature_3d), c an EMA of the mean
+            scores with momentum centering_momentum_3d; no queue, so no stale rows).
+        teacher_temperature_3d, centering_momentum_3d: the "centering" codes (DINO: 0.04, 0.9).
+        head_norm_3d: normalisation inside the 3D projection head: "layer" (LayerNorm, per sample) or
+            "running_batch" (BatchNorm with running statistics in training too: centres the volume features
+            across windows, which a batch of 2-4 windows cannot do by itself).
         deepcluster_heads: number of k-means heads (each with the 2D/3D K above); DC-v2 used 3.
         kmeans_iterations: spherical k-means iterations per recompute (DC-v2: 10).
 
     Masked slice prediction:
         mask_ratio: fraction of slices masked per volume (at least one); paper 0.1.
+        mask_target_normalization: "none" (the raw detached embeddings, as the paper) or "standardize"
+            (per-feature standardisation over the valid slices of the global batch, so L_mask cannot fall by
+            shrinking the embeddings or by predicting what every slice shares).
         mask_loss_all_positions: False = MSE on the masked slices only (BERT, ours); True = the
             authors' release, which averaged the masked MSE over all slices.
 
@@ -123,14 +140,22 @@ class ObjectiveConfig:
     queue_length_2d: int = 0
     queue_length_3d: int = 256
     queue_start_iteration: int = 1000
+    inter_code_standardization: bool = False
+    head_norm_3d: str = "layer"
+    inter_codes: str = "sinkhorn"
+    teacher_temperature_3d: float = 0.04
+    centering_momentum_3d: float = 0.9
     deepcluster_heads: int = 3
     kmeans_iterations: int = 10
 
     mask_ratio: float = 0.1
     mask_loss_all_positions: bool = False
+    mask_target_normalization: str = "none"
     slice_level_3d_loss: bool = True
 
-    _CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"schedule": SCHEDULES, "clustering": CLUSTERING_METHODS}
+    _CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"schedule": SCHEDULES, "clustering": CLUSTERING_METHODS,
+                                                      "head_norm_3d": HEAD_NORMS_3D, "inter_codes": INTER_CODES,
+                                                      "mask_target_normalization": MASK_TARGET_NORMALIZATIONS}
     _POSITIVE: ClassVar[tuple[str, ...]] = (
         "temperature",
         "epsilon",
@@ -139,6 +164,7 @@ class ObjectiveConfig:
         "num_prototypes_3d",
         "deepcluster_heads",
         "kmeans_iterations",
+        "teacher_temperature_3d",
     )
 
     def __post_init__(self) -> None:
@@ -232,6 +258,10 @@ class ObjectiveConfig:
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"ObjectiveConfig.{name} must be >= 0, got {getattr(self, name)}.")
+        if not 0.0 <= self.centering_momentum_3d < 1.0:
+            raise ValueError(
+                f"ObjectiveConfig.centering_momentum_3d must lie in [0, 1) (DINO: 0.9), got {self.centering_momentum_3d}."
+            )
         if not 0.0 < self.mask_ratio < 1.0:
             raise ValueError(
                 f"ObjectiveConfig.mask_ratio must lie in (0, 1) (paper: 0.1), got {self.mask_ratio}."

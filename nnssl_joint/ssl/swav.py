@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from nnssl_joint.ssl.distributed import all_reduce_, use_distributed
 from nnssl_joint.ssl.prototypes import Prototypes
 from nnssl_joint.ssl.queue import FeatureQueue
 from nnssl_joint.ssl.sinkhorn import sinkhorn
@@ -28,6 +29,27 @@ def _validate_code_views(code_views: Sequence[int], num_views: int) -> None:
             raise ValueError(
                 f"code view {view} does not exist: got {num_views} views (indices 0..{num_views - 1})."
             )
+
+
+@torch.no_grad()
+def standardize_scores(scores: Tensor, distributed: bool | None = None, eps: float = 1e-6) -> Tensor:
+    """Centre and scale every prototype's scores (columns of a (B, K) matrix) over the samples of the global
+    batch: (s - mean) / std. Codes computed from the result depend on how a sample differs from the others,
+    not on the component all samples share (see ``SwAVLoss(standardize_code_scores=True)``).
+
+    Under torch.distributed the mean and variance run over the rows of all ranks. A batch of fewer than 2
+    rows in total is returned unchanged."""
+    distributed = use_distributed(distributed)
+    x = scores.float()
+    stats = torch.cat([x.sum(0), (x * x).sum(0), x.new_tensor([x.shape[0]])])
+    all_reduce_(stats, "sum", distributed)
+    k = x.shape[1]
+    count = stats[-1]
+    if count < 2:
+        return scores
+    mean = stats[:k] / count
+    var = (stats[k:2 * k] / count - mean * mean).clamp_min(0)
+    return ((x - mean) / torch.sqrt(var + eps * eps)).to(scores.dtype)
 
 
 def swapped_prediction_loss(
@@ -102,6 +124,12 @@ class SwAVLoss(nn.Module):
 
     Prototypes and queues live in this module's ``state_dict``; behaviour depends only on
     ``iteration`` and that state, so resuming is exact.
+
+    ``standardize_code_scores``: before Sinkhorn, every prototype's scores are centred and scaled over the
+    rows that enter Sinkhorn (queue + global batch), :func:`standardize_scores`. The student side
+    (``softmax(s / tau)``) keeps the raw scores. Meant for inputs that share one dominant component (the
+    volume features Z of an InstanceNorm encoder): their raw scores differ by less than epsilon, so the codes
+    are uniform and carry no signal; standardised, they tell the samples apart.
     """
 
     def __init__(
@@ -116,6 +144,9 @@ class SwAVLoss(nn.Module):
         queue_length: int = 0,
         queue_start_iteration: int = 0,
         distributed: bool | None = None,
+        standardize_code_scores: bool = False,
+        centering_momentum: float | None = None,
+        teacher_temperature: float = 0.04,
     ) -> None:
         super().__init__()
         if temperature <= 0:
@@ -140,6 +171,16 @@ class SwAVLoss(nn.Module):
         self.freeze_prototypes_iterations = freeze_prototypes_iterations
         self.queue_start_iteration = queue_start_iteration
         self.distributed = distributed
+        self.standardize_code_scores = standardize_code_scores
+        if centering_momentum is not None and not 0.0 <= centering_momentum < 1.0:
+            raise ValueError(f"centering_momentum must lie in [0, 1) (DINO uses 0.9), got {centering_momentum}.")
+        if teacher_temperature <= 0:
+            raise ValueError(f"teacher_temperature must be > 0 (DINO uses 0.04), got {teacher_temperature}.")
+        self.centering_momentum = centering_momentum
+        self.teacher_temperature = teacher_temperature
+        if centering_momentum is not None:  # only then: other configurations keep their state_dict keys
+            self.register_buffer("center", torch.zeros(num_prototypes))
+            self.register_buffer("center_initialized", torch.zeros((), dtype=torch.bool))
         self.prototypes = Prototypes(dim, num_prototypes)
         self.queues = (
             nn.ModuleList(FeatureQueue(queue_length, dim) for _ in self.code_views) if queue_length else None
@@ -173,6 +214,9 @@ class SwAVLoss(nn.Module):
         scores = list(self.prototypes(torch.cat(list(embeddings), dim=0), frozen=frozen).split(batch_size))
 
         codes: dict[int, Tensor] = {}
+        if self.centering_momentum is not None:
+            codes = self._centered_codes(scores)
+            return swapped_prediction_loss(scores, codes, self.code_views, self.temperature)
         with torch.no_grad():
             for position, view in enumerate(self.code_views):
                 view_scores = scores[view].detach()
@@ -182,6 +226,8 @@ class SwAVLoss(nn.Module):
                         queue.get().to(view_scores), self.prototypes.weight.to(view_scores)
                     )
                     view_scores = torch.cat([queue_scores, view_scores], dim=0)
+                if self.standardize_code_scores:
+                    view_scores = standardize_scores(view_scores, self.distributed)
                 codes[view] = sinkhorn(view_scores, self.epsilon, self.sinkhorn_iterations, self.distributed)[
                     -batch_size:
                 ]
@@ -190,12 +236,34 @@ class SwAVLoss(nn.Module):
                     self.queues[position].push(embeddings[view])
         return swapped_prediction_loss(scores, codes, self.code_views, self.temperature)
 
+    @torch.no_grad()
+    def _centered_codes(self, scores: Sequence[Tensor]) -> dict[int, Tensor]:
+        """DINO-style codes (Caron et al. 2021): softmax((s - c) / teacher_temperature), c an EMA of the mean
+        score of the code views over the global batch, updated after use. Centring keeps one prototype from
+        taking every sample, the low temperature keeps the codes from being uniform; no queue needed."""
+        codes = {view: F.softmax((scores[view].detach().float() - self.center) / self.teacher_temperature, dim=1)
+                 for view in self.code_views}
+        if self.training:
+            distributed = use_distributed(self.distributed)
+            stacked = torch.cat([scores[view].detach().float() for view in self.code_views])
+            stats = torch.cat([stacked.sum(0), stacked.new_tensor([stacked.shape[0]])])
+            all_reduce_(stats, "sum", distributed)
+            mean = stats[:-1] / stats[-1].clamp_min(1)
+            if bool(self.center_initialized):
+                self.center.mul_(self.centering_momentum).add_((1 - self.centering_momentum) * mean)
+            else:
+                self.center.copy_(mean)
+                self.center_initialized.fill_(True)
+        return codes
+
     def extra_repr(self) -> str:
         return (
             f"temperature={self.temperature}, epsilon={self.epsilon}, "
             f"sinkhorn_iterations={self.sinkhorn_iterations}, code_views={self.code_views}, "
             f"freeze_prototypes_iterations={self.freeze_prototypes_iterations}, "
-            f"queue_start_iteration={self.queue_start_iteration}"
+            f"queue_start_iteration={self.queue_start_iteration}, "
+            f"standardize_code_scores={self.standardize_code_scores}, "
+            f"centering_momentum={self.centering_momentum}, teacher_temperature={self.teacher_temperature}"
         )
 
 

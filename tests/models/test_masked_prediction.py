@@ -115,3 +115,29 @@ def test_masked_prediction_beats_the_mean_embedding():
     mean_embedding = (tokens * visible).sum(1, keepdim=True) / visible.sum(1, keepdim=True)
     baseline_mse = masked_embedding_loss(mean_embedding.expand_as(tokens), tokens, mask, valid)
     assert model_mse < 0.5 * baseline_mse
+
+
+def test_standardized_targets_cannot_be_matched_by_predicting_the_shared_component():
+    """Slice embeddings that share one large vector: on raw targets, predicting that vector scores a tiny
+    MSE; on standardised targets the same prediction scores about 1 per feature, and only a prediction that
+    carries the masked slice's own information scores lower."""
+    from nnssl_joint.models.masked_prediction import standardize_targets
+
+    g = torch.Generator().manual_seed(0)
+    common = torch.randn(1, 1, 8, generator=g) * 3
+    emb = common + 0.05 * torch.randn(4, 6, 8, generator=g)
+    valid = torch.ones(4, 6, dtype=torch.bool)
+    valid[0, 5] = False
+    emb[0, 5] = 100.0  # padding must not enter the statistics
+    mask = torch.zeros(4, 6, dtype=torch.bool)
+    mask[:, 2] = True
+    shared = common.expand_as(emb)
+    assert masked_embedding_loss(shared, emb, mask, valid) < 0.01
+    target = standardize_targets(emb, valid)
+    flat = target[valid]
+    torch.testing.assert_close(flat.mean(0), torch.zeros(8), atol=1e-5, rtol=0)
+    torch.testing.assert_close(flat.std(0, unbiased=False), torch.ones(8), atol=1e-2, rtol=0)
+    shared_std = standardize_targets(shared, valid)
+    assert masked_embedding_loss(shared_std, target, mask, valid) > 0.5
+    assert masked_embedding_loss(target, target, mask, valid) == 0
+    assert masked_embedding_loss(torch.zeros_like(target), target, mask, valid) > 0.5

@@ -64,7 +64,7 @@ def test_head_works_for_3d_feature_maps_and_rejects_mismatch():
         encoder_stage_channels(nn.Linear(2, 2))
 
 
-@pytest.mark.parametrize("norm", ["batch", "layer"])
+@pytest.mark.parametrize("norm", ["batch", "layer", "running_batch"])
 def test_projection_head(norm):
     head = ProjectionHead(20, 32, 8, norm=norm)
     x = torch.randn(6, 20, requires_grad=True)
@@ -84,6 +84,32 @@ def test_global_batchnorm_equals_batchnorm_in_one_process():
     ref, ours = torch.nn.BatchNorm1d(6), GlobalBatchNorm1d(6)
     assert torch.allclose(ref(x), ours(x), atol=1e-6)
     assert torch.allclose(ref.running_mean, ours.running_mean) and torch.allclose(ref.running_var, ours.running_var)
+
+
+def test_running_batchnorm_centres_tiny_batches_that_share_one_component():
+    """Batches of 2 samples that share a large common vector (like the volume features Z): LayerNorm keeps the
+    common part and its outputs stay nearly parallel; RunningBatchNorm1d removes it with statistics over
+    many batches, so its outputs spread, and a sample's output does not depend on its batch partner
+    (plain BatchNorm maps any 2 samples to +-1)."""
+    from nnssl_joint.models.slice_embedding import RunningBatchNorm1d
+
+    g = torch.Generator().manual_seed(0)
+    common = torch.randn(16, generator=g) * 5
+    pool = common + 0.05 * torch.randn(32, 16, generator=g)
+    norm = RunningBatchNorm1d(16, momentum=0.05)
+    for _ in range(300):
+        norm(pool[torch.randint(32, (2,), generator=g)])
+    torch.testing.assert_close(norm.running_mean, pool.mean(0), atol=0.03, rtol=0)
+    out = norm(pool)
+    assert out.mean(0).abs().max() < 0.5 and 0.5 < out.std(0).mean() < 2.0
+    z = torch.nn.functional.normalize(out, dim=1)
+    assert float((z @ z.T).sum() - 32) / (32 * 31) < 0.2  # spread (LayerNorm'd inputs: about 1.0)
+    ln = torch.nn.functional.normalize(torch.nn.functional.layer_norm(pool, (16,)), dim=1)
+    assert float((ln @ ln.T).sum() - 32) / (32 * 31) > 0.9
+    norm.eval()
+    a, b = norm(pool[[0, 1]]), norm(pool[[0, 2]])
+    torch.testing.assert_close(a[0], b[0])
+    assert {"running_mean", "running_var", "num_batches_tracked"} <= set(norm.state_dict())
 
 
 def _blob_images(n: int, size: int = 32) -> torch.Tensor:

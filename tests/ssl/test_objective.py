@@ -34,6 +34,8 @@ def test_from_dict_rejects_unknown_key_and_lists_valid_ones() -> None:
         ({"num_prototypes_2d": 10.5}, "num_prototypes_2d"),
         ({"slice_level_3d_loss": "yes"}, "slice_level_3d_loss"),
         ({"stage_a_epochs": -1}, "stage_a_epochs"),
+        ({"head_norm_3d": "batch"}, "head_norm_3d"),
+        ({"inter_code_standardization": 1}, "inter_code_standardization"),
         ({"schedule": "staged", "lambda_mask": 0.0}, "stage B"),
         ({"lambda_intra": 0, "lambda_intra_3d": 0, "lambda_inter": 0, "lambda_mask": 0}, "all loss weights"),
     ],

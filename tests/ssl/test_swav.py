@@ -267,3 +267,68 @@ def test_prototype_usage_entropy() -> None:
     assert prototype_usage_entropy(collapsed) == pytest.approx(0.0)
     half = torch.eye(4)[[0, 1] * 6]  # two of four prototypes used equally: log 2 / log 4
     assert prototype_usage_entropy(half) == pytest.approx(0.5)
+
+
+def test_standardized_code_scores_tell_apart_samples_that_share_one_component():
+    """Embeddings that differ by less than epsilon in their prototype scores (one dominant shared component)
+    get uniform Sinkhorn codes; standardising each prototype's scores over the batch before Sinkhorn gives
+    codes that differ between samples. The prediction side keeps the raw scores."""
+    from nnssl_joint.ssl.swav import standardize_scores
+
+    g = torch.Generator().manual_seed(0)
+    common = F.normalize(torch.randn(1, 16, generator=g), dim=1)
+    z = F.normalize(common + 0.002 * torch.randn(8, 16, generator=g), dim=1)
+    scores = torch.randn(8, 4, generator=g)
+    std = standardize_scores(scores)
+    torch.testing.assert_close(std.mean(0), torch.zeros(4), atol=1e-5, rtol=0)
+    torch.testing.assert_close(std.std(0, unbiased=False), torch.ones(4), atol=1e-4, rtol=0)
+    torch.testing.assert_close(standardize_scores(scores * 3 + torch.randn(1, 4, generator=g)), std, atol=1e-4,
+                               rtol=0)
+    assert torch.equal(standardize_scores(scores[:1]), scores[:1])  # one row: nothing to standardise against
+
+    torch.manual_seed(0)
+    plain = SwAVLoss(16, 4)
+    standardized = SwAVLoss(16, 4, standardize_code_scores=True)
+    standardized.load_state_dict(plain.state_dict())
+    codes = {}
+    for name, loss in (("plain", plain), ("standardized", standardized)):
+        captured = []
+        original = swav_module.sinkhorn
+
+        def spy(s, *args, _captured=captured, _original=original, **kwargs):
+            q = _original(s, *args, **kwargs)
+            _captured.append(q)
+            return q
+
+        swav_module.sinkhorn = spy
+        try:
+            loss([z, z], 0)
+        finally:
+            swav_module.sinkhorn = original
+        codes[name] = captured[0]
+    assert (codes["plain"] - 0.25).abs().max() < 0.15  # all samples: near-uniform codes
+    assert codes["standardized"].max(1).values.min() > 0.5  # every sample leans to one prototype
+    assert len(set(codes["standardized"].argmax(1).tolist())) >= 3
+
+
+def test_centered_codes_follow_dino_and_resume_exactly():
+    """inter_codes="centering": codes = softmax((s - c) / teacher_temperature) with c the EMA of the mean
+    scores (initialised with the first batch), no queue; c is in the state_dict, so a copy made mid-run
+    continues with the same losses."""
+    g = torch.Generator().manual_seed(0)
+    loss = SwAVLoss(8, 4, centering_momentum=0.9, teacher_temperature=0.05)
+    batches = [[F.normalize(torch.randn(3, 8, generator=g), dim=1) for _ in range(2)] for _ in range(4)]
+    first = loss(batches[0], 0)
+    scores = [loss.prototypes(z).detach() for z in batches[0]]
+    torch.testing.assert_close(loss.center, torch.cat(scores).mean(0))
+    codes = {v: F.softmax((scores[v] - 0) / 0.05, dim=1) for v in (0, 1)}  # centre was 0 before the update
+    torch.testing.assert_close(first, swapped_prediction_loss(scores, codes, (0, 1), 0.1))
+    before = loss.center.clone()
+    loss(batches[1], 1)
+    mean = torch.cat([loss.prototypes(z).detach() for z in batches[1]]).mean(0)
+    torch.testing.assert_close(loss.center, 0.9 * before + 0.1 * mean)
+    copy = SwAVLoss(8, 4, centering_momentum=0.9, teacher_temperature=0.05)
+    copy.load_state_dict(loss.state_dict())
+    for it, batch in enumerate(batches[2:], start=2):
+        assert torch.equal(loss(batch, it), copy(batch, it))
+    assert "center" not in SwAVLoss(8, 4).state_dict()  # other configurations keep their keys

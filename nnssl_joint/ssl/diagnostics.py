@@ -1,0 +1,135 @@
+"""Label-free health read-outs of a pretrained :class:`~nnssl_joint.pretrain.model.JointSSLModel` on
+held-back volume windows (METHOD.md, "How we know it works", read-out 1).
+
+Interim module for ``scripts/ssl_ablation.py`` until ``nnssl_joint.probe`` provides the same measures;
+then this module goes and the script imports the probe's functions.
+
+* prototype usage entropy (2D: slices, 3D: windows), normalised by log K (1 = uniform, 0 = one prototype);
+* Z cross-view top-1 retrieval: each window in two augmentations; view a of window i must find view b of
+  window i among all windows' view b (chance 1 / #windows), averaged over both directions;
+* mean pairwise cosine of Z over different windows (1 = all windows one point);
+* RankMe (Garrido et al. 2023): exp of the entropy of the normalised singular values, an effective rank;
+* L_mask on standardised targets against a neighbour-interpolation baseline: the masked-slice decoder must
+  predict a held-out slice embedding better than the mean of its two neighbours to have learnt anything
+  from f_inter; ratio < 1 means better than interpolation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from nnssl_joint.ssl.swav import prototype_usage_entropy
+
+
+def usage_entropy(scores: Tensor) -> float:
+    """Normalised argmax usage entropy of (M, K) prototype scores."""
+    return abs(prototype_usage_entropy(scores))
+
+
+def rankme(x: Tensor, eps: float = 1e-7) -> float:
+    """Effective rank exp(H(sigma / sum sigma)) of the (M, d) matrix x (not centred, as in RankMe)."""
+    s = torch.linalg.svdvals(x.double())
+    p = s / s.sum() + eps
+    return float(math.exp(-(p * p.log()).sum().item()))
+
+
+def mean_pairwise_cosine(x: Tensor) -> float:
+    """Mean cosine over all pairs of different rows of x (M, d)."""
+    z = F.normalize(x.double(), dim=1)
+    gram = z @ z.T
+    m = len(z)
+    return float((gram.sum() - gram.diagonal().sum()) / max(1, m * (m - 1)))
+
+
+def cross_view_top1(a: Tensor, b: Tensor) -> float:
+    """Top-1 retrieval of row i of b from row i of a by cosine, averaged over both directions."""
+    sim = F.normalize(a.double(), dim=1) @ F.normalize(b.double(), dim=1).T
+    target = torch.arange(len(a))
+    return float(((sim.argmax(1) == target).double().mean() + (sim.argmax(0) == target).double().mean()) / 2)
+
+
+@torch.no_grad()
+def window_features(model, views: Tensor, valid: Tensor) -> dict[str, Tensor]:
+    """views (W, C, N, H, W') -> slice embeddings (W, N, d), Z (W, d), 3D head output and 3D scores."""
+    w, c, n, h, wd = views.shape
+    emb = model.embed_slices(views.permute(0, 2, 1, 3, 4).reshape(w * n, c, h, wd)).view(w, n, -1)
+    per_slice, z = model.slice_transformer(emb, valid)
+    head = model.projection_3d(z)
+    scores_3d = model.inter_loss.prototypes(head)
+    return {"emb": emb, "per_slice": per_slice, "z": z, "head": head, "scores_3d": scores_3d}
+
+
+@torch.no_grad()
+def masked_vs_interpolation(model, emb: Tensor, valid: Tensor, generator: torch.Generator) -> dict[str, float]:
+    """Masked-slice prediction error on standardised embeddings vs the mean of the two neighbours.
+
+    One interior valid slice per window is masked (positions whose both neighbours are valid), the tokens go
+    through f_inter with the mask token there, the decoder predicts the slice's embedding. Embeddings are
+    standardised per feature with the mean / std over all valid held-back slices, so a prediction cannot
+    look good by the embeddings being small."""
+    w, n, _ = emb.shape
+    mask = torch.zeros((w, n), dtype=torch.bool)
+    rows = []
+    for i in range(w):
+        interior = [p for p in range(1, n - 1) if valid[i, p - 1] and valid[i, p] and valid[i, p + 1]]
+        if interior:
+            p = interior[int(torch.randint(len(interior), (1,), generator=generator))]
+            mask[i, p] = True
+            rows.append((i, p))
+    if not rows:
+        return {"mask_mse_model": float("nan"), "mask_mse_interp": float("nan"), "mask_ratio_vs_interp": float("nan")}
+    tokens = model.masked_modeling.apply_mask(emb, mask)
+    per_slice, _ = model.slice_transformer(tokens, valid)
+    pred = model.masked_modeling(per_slice)
+    flat = emb[valid]
+    mean, std = flat.mean(0), flat.std(0).clamp_min(1e-6)
+
+    def norm(x: Tensor) -> Tensor:
+        return (x - mean) / std
+
+    idx_w = torch.tensor([r[0] for r in rows])
+    idx_p = torch.tensor([r[1] for r in rows])
+    target = norm(emb[idx_w, idx_p])
+    # a decoder trained on standardised targets predicts in standardised units already
+    standardized = getattr(model.objective, "mask_target_normalization", "none") == "standardize"
+    prediction = pred[idx_w, idx_p] if standardized else norm(pred[idx_w, idx_p])
+    model_err = (prediction - target).pow(2).mean().item()
+    interp = norm((emb[idx_w, idx_p - 1] + emb[idx_w, idx_p + 1]) / 2)
+    interp_err = (interp - target).pow(2).mean().item()
+    return {"mask_mse_model": model_err, "mask_mse_interp": interp_err,
+            "mask_ratio_vs_interp": model_err / max(interp_err, 1e-12)}
+
+
+@torch.no_grad()
+def volume_diagnostics(model, windows: Tensor, valid: Tensor, view_a: Tensor, view_b: Tensor,
+                       seed: int = 0) -> dict[str, float]:
+    """All read-outs on held-back windows (W, C, N, H, W') with validity (W, N) bool.
+
+    ``view_a`` / ``view_b``: two augmentations of every window (same shape, padding slices zero), for the
+    cross-view retrieval. The un-augmented windows give the entropies, cosine, RankMe and the
+    masked-prediction check (``seed`` picks the masked slices)."""
+    model.eval()
+    views = [view_a, view_b]
+    plain = window_features(model, windows, valid)
+    a = window_features(model, views[0], valid)
+    b = window_features(model, views[1], valid)
+    slices = plain["emb"][valid]
+    scores_2d = model.intra_loss.prototypes(model.projection_2d(slices))
+    out = {
+        "n_windows": len(windows),
+        "entropy_2d": usage_entropy(scores_2d),
+        "entropy_3d": usage_entropy(torch.cat([a["scores_3d"], b["scores_3d"]])),
+        "z_top1_cross_view": cross_view_top1(a["z"], b["z"]),
+        "head3d_top1_cross_view": cross_view_top1(a["head"], b["head"]),
+        "z_mean_pairwise_cosine": mean_pairwise_cosine(plain["z"]),
+        "emb_mean_pairwise_cosine": mean_pairwise_cosine(slices),
+        "rankme_slices": rankme(slices),
+        "rankme_z": rankme(plain["z"]),
+        "chance_top1": 1.0 / len(windows),
+    }
+    out.update(masked_vs_interpolation(model, plain["emb"], valid, torch.Generator().manual_seed(seed)))
+    return out

@@ -1,0 +1,235 @@
+"""Deterministic, in-process pretraining ablation harness; prints one JSON document.
+
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/ssl_ablation.py --work /tmp/ssl_abl --tag base \
+        --config '{"objective": {"lambda_mask": 0}}' --seeds 0 1 --epochs 4 --iterations 25
+
+1. Data (once per --work folder): ``make_synthetic`` (seed --data-seed, the demo's ``small`` sizes: 8 volumes
+   32^3, 16 PNGs 64^2, labeled task 503 with 3 + 4 cases), ``prepare`` 501 + 502 -> 900 and
+   ``plan_and_preprocess`` (or --preprocessed pointing at an existing nnU-Net preprocessed root holding
+   Dataset900). Held-back volumes: the labeled task's images (imagesTr + imagesTs), never in pretraining,
+   z-scored like nnU-Net's ZScoreNormalization.
+2. Per seed: nnU-Net's ``run_training`` of JointSSLPretrainTrainer in this process (``-device cpu``,
+   ``nnUNet_n_proc_DA=0``: deterministic), config = --config merged over {seed, epochs, iterations}.
+3. Read-outs: the run's last-epoch training log (L_inter vs log K_3D, 2D/3D usage entropy, collapse
+   warnings) and :func:`nnssl_joint.ssl.diagnostics.volume_diagnostics` on non-overlapping held-back
+   windows (two augmented views each, the run's own view pipeline).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+PRETRAIN_ID = 900
+PRETRAIN_NAME = "JointPretrain"
+IDS = (501, 502, 503)
+TRAINER = "JointSSLPretrainTrainer"
+PLANS = "nnsslJointPlans"
+REPO = Path(__file__).resolve().parents[1]
+
+
+@contextlib.contextmanager
+def environment(values: dict[str, str]):
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def nnunet_env(raw: Path, pre: Path, res: Path, **extra: str):
+    return environment({"nnUNet_raw": str(raw), "nnUNet_preprocessed": str(pre), "nnUNet_results": str(res),
+                        "nnUNet_extTrainer": str(REPO / "trainers"), "nnUNet_def_n_proc": "1", **extra})
+
+
+def build_data(work: Path, data_seed: int, preprocessed: Path | None) -> tuple[Path, Path]:
+    raw = work / "raw"
+    pre = preprocessed or work / "pre"
+    if not (raw / "Dataset503_SynthLabeled3D").is_dir() and not any(raw.glob("Dataset503_*")):
+        from nnssl_joint.datasets.synthetic import make_synthetic
+
+        make_synthetic(raw, seed=data_seed, n_3d=8, n_2d=16, n_labeled_train=3, n_labeled_test=4, ids=IDS)
+    if not any(pre.glob(f"Dataset{PRETRAIN_ID}_*/{PLANS}_joint_ssl")):
+        if preprocessed is not None:
+            raise SystemExit(f"--preprocessed {pre} holds no Dataset{PRETRAIN_ID}_*/{PLANS}_joint_ssl")
+        from nnssl_joint.planning import plan_and_preprocess_unlabeled, prepare_pretraining_dataset
+
+        with nnunet_env(raw, pre, work / "res"), environment({"nnUNet_n_proc_DA": ""}):
+            os.environ.pop("nnUNet_n_proc_DA", None)
+            prepare_pretraining_dataset(list(IDS[:2]), PRETRAIN_ID, PRETRAIN_NAME)
+            plan_and_preprocess_unlabeled(PRETRAIN_ID, num_processes=1, num_processes_fingerprint=1)
+    return raw, pre
+
+
+def held_back_volumes(raw: Path) -> dict[str, np.ndarray]:
+    import SimpleITK as sitk
+
+    folder = next(raw.glob(f"Dataset{IDS[2]}_*"))
+    out = {}
+    for sub in ("imagesTr", "imagesTs"):
+        for path in sorted((folder / sub).glob("*_0000.nii.gz")):
+            image = sitk.GetArrayFromImage(sitk.ReadImage(str(path))).astype(np.float32)
+            out[path.name] = ((image - image.mean()) / max(float(image.std()), 1e-8))[None]
+    return out
+
+
+def merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def train(raw: Path, pre: Path, res: Path, config: dict) -> Path:
+    import torch
+    from nnunetv2.run.run_training import run_training
+
+    if res.exists():
+        shutil.rmtree(res)
+    res.mkdir(parents=True)
+    config_file = res / "config.json"
+    config_file.write_text(json.dumps(config, indent=2))
+    with nnunet_env(raw, pre, res, NNSSL_JOINT_CONFIG=str(config_file), nnUNet_n_proc_DA="0"):
+        run_training(str(PRETRAIN_ID), "joint_ssl", "all", TRAINER, PLANS, device=torch.device("cpu"))
+    return next(res.glob(f"*/{TRAINER}__{PLANS}__joint_ssl/fold_all"))
+
+
+def load_model(checkpoint: Path):
+    try:  # the shared loader (pretrain/checkpoint.py) once it exists; else the trainer's record, rebuilt here
+        from nnssl_joint.pretrain.checkpoint import load_pretraining_model
+
+        return load_pretraining_model(checkpoint)
+    except ImportError:
+        import torch
+
+        from nnssl_joint.models.preset import ArchitecturePreset
+        from nnssl_joint.pretrain.model import JointSSLModel
+        from nnssl_joint.ssl.objective import ObjectiveConfig
+
+        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        meta = ckpt["nnssl_joint"]
+        objective = {**meta["config"]["objective"], **{k: meta["resolved"][k] for k in (
+            "num_prototypes_2d", "num_prototypes_3d")}}
+        model = JointSSLModel(ArchitecturePreset.from_dict(meta["preset"]), int(meta["input_channels"]),
+                              ObjectiveConfig.from_dict(objective))
+        model.load_state_dict(ckpt["network_weights"])
+        return model.eval(), meta
+
+
+def evaluate(run_dir: Path, volumes: dict[str, np.ndarray], seed: int) -> dict:
+    import torch
+
+    from nnssl_joint.data.augment import STRONG, WEAK, volume_view_transforms
+    from nnssl_joint.ssl.diagnostics import volume_diagnostics
+
+    ckpt = torch.load(run_dir / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    log = ckpt["logging"]
+    model, meta = load_model(run_dir / "checkpoint_final.pth")
+    resolved = meta["resolved"]
+    n, view = int(resolved["n_slices"]), int(resolved["view_size"])
+    k2, k3 = int(resolved["num_prototypes_2d"]), int(resolved["num_prototypes_3d"])
+    strength = {"weak": WEAK, "strong": STRONG}[meta["config"]["data"]["augmentation"]]
+    transform = volume_view_transforms((view, view), config=strength)
+    windows, valid = [], []
+    for volume in volumes.values():
+        z = volume.shape[1]
+        starts = [0] if z <= n else list(range(0, z - n + 1, n))  # non-overlapping windows
+        for s in starts:
+            stack = torch.from_numpy(np.ascontiguousarray(volume[:, s:s + n]))
+            pad = n - stack.shape[1]
+            if pad:
+                stack = torch.cat([stack, torch.zeros((stack.shape[0], pad, *stack.shape[2:]))], 1)
+            windows.append(stack)
+            valid.append(torch.arange(n) < n - pad)
+    raw_windows = torch.stack(windows)
+    valid_t = torch.stack(valid)
+    resized = torch.nn.functional.interpolate(raw_windows.flatten(1, 2), size=(view, view), mode="bilinear",
+                                              align_corners=False).view(*raw_windows.shape[:3], view, view)
+    state = torch.get_rng_state(), np.random.get_state()
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    try:  # two views per window through the run's own view pipeline, from the full-size window
+        views = [torch.stack([transform(image=w.clone())["image"] for w in raw_windows]) for _ in range(2)]
+    finally:
+        torch.set_rng_state(state[0])
+        np.random.set_state(state[1])
+    for v in views:
+        v[~valid_t[:, None, :, None, None].expand_as(v)] = 0
+    diag = volume_diagnostics(model, resized, valid_t, views[0], views[1], seed=seed)
+    last = {key: float(log[key][-1]) for key in ("loss_intra", "loss_intra_3d", "loss_inter", "loss_mask",
+                                                 "entropy_2d", "entropy_3d") if log.get(key)}
+    warnings = (run_dir / next(p.name for p in run_dir.glob("training_log_*.txt"))).read_text().count(
+        "possible cluster collapse")
+    out = {"train_last_epoch": last, "log_k3d": math.log(k3), "log_k2d": math.log(k2),
+           "inter_over_log_k3d": last.get("loss_inter", float("nan")) / math.log(k3),
+           "entropy_3d_per_epoch": [round(float(v), 3) for v in log.get("entropy_3d", [])],
+           "inter_per_epoch": [round(float(v), 3) for v in log.get("loss_inter", [])],
+           "collapse_warnings": warnings, "resolved": {k: resolved[k] for k in (
+               "view_size", "n_slices", "batch_size_2d", "batch_size_3d", "num_prototypes_2d",
+               "num_prototypes_3d")}}
+    out.update(diag)
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/ssl_abl"))
+    parser.add_argument("--preprocessed", type=Path, default=None)
+    parser.add_argument("--data-seed", type=int, default=0)
+    parser.add_argument("--config", default="{}", help="partial NNSSL_JOINT_CONFIG as JSON text or a file")
+    parser.add_argument("--tag", default="run")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--iterations", type=int, default=50)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--keep", action="store_true", help="keep the run folders")
+    args = parser.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    text = Path(args.config).read_text() if os.path.isfile(args.config) else args.config
+    partial = json.loads(text)
+    work = args.work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    raw, pre = build_data(work, args.data_seed, args.preprocessed)
+    volumes = held_back_volumes(raw)
+    runs = {}
+    for seed in args.seeds:
+        config = merge({"seed": seed, "optim": {"num_epochs": args.epochs, "iterations_per_epoch": args.iterations,
+                                                "save_every": args.epochs}}, partial)
+        start = time.time()
+        res = work / f"res_{args.tag}_s{seed}"
+        with contextlib.redirect_stdout(sys.stderr):
+            run_dir = train(raw, pre, res, config)
+        runs[str(seed)] = {**evaluate(run_dir, volumes, seed), "seconds": round(time.time() - start, 1)}
+        (work / f"{args.tag}_s{seed}.json").write_text(json.dumps(runs[str(seed)], indent=1))
+        if not args.keep:
+            shutil.rmtree(res)
+    keys = ("entropy_2d", "entropy_3d", "inter_over_log_k3d", "z_top1_cross_view", "z_mean_pairwise_cosine",
+            "rankme_slices", "rankme_z", "mask_ratio_vs_interp")
+    summary = {}
+    for key in keys:
+        values = [r[key] for r in runs.values()]
+        summary[key] = {"mean": float(np.mean(values)), "min": float(np.min(values)), "max": float(np.max(values))}
+    print(json.dumps({"tag": args.tag, "config": partial, "seeds": args.seeds, "epochs": args.epochs,
+                      "iterations": args.iterations, "summary": summary, "runs": runs}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
