@@ -19,6 +19,7 @@ _SUBCOMMAND_MODULES = (
     "nnssl_joint.export",
     "nnssl_joint.experiments.demo",
     "nnssl_joint.experiments.benchmark",
+    "nnssl_joint.probe.run",
 )
 
 

@@ -1,0 +1,97 @@
+"""Features of frozen pretrained parts: dense per-pixel features of f_intra, slice embeddings, volume
+windows and volume features Z (Nguyen et al., AAAI 2023: Z = normalize(mean_n f_inter(E)_n))."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def pad_in_plane(slices: Tensor, multiple: int) -> Tensor:
+    """Zero-pad (M, C, H, W) at the bottom/right to multiples of ``multiple`` (nnU-Net pads with 0 too)."""
+    h, w = slices.shape[-2:]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    return F.pad(slices, (0, pw, 0, ph)) if ph or pw else slices
+
+
+@torch.no_grad()
+def iter_dense_features(encoder: nn.Module, image: np.ndarray, total_stride: int, batch_slices: int = 16
+                        ) -> Iterator[tuple[int, Tensor]]:
+    """Dense features of every slice of a (C, Z, Y, X) volume: f_intra runs on each slice (axis Z),
+    every skip is upsampled bilinearly to the slice's resolution and all skips are concatenated.
+
+    Yields (first slice index, features (m, Y, X, F) float32) for consecutive chunks of slices."""
+    volume = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
+    _c, z, h, w = volume.shape
+    for start in range(0, z, batch_slices):
+        x = pad_in_plane(volume[:, start:start + batch_slices].transpose(0, 1), total_stride)
+        skips = encoder(x)
+        if isinstance(skips, Tensor):
+            skips = [skips]
+        size = x.shape[-2:]
+        up = [s if s.shape[-2:] == size else F.interpolate(s, size=size, mode="bilinear", align_corners=False)
+              for s in skips]
+        yield start, torch.cat(up, 1)[..., :h, :w].permute(0, 2, 3, 1).float()
+
+
+@torch.no_grad()
+def slice_embeddings(encoder: nn.Module, slice_embedding: nn.Module, image: np.ndarray, total_stride: int,
+                     batch_slices: int = 32) -> Tensor:
+    """e_n = g(f_intra(x_n)) of every slice of a (C, Z, Y, X) volume -> (Z, d)."""
+    volume = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).transpose(0, 1)
+    out = [slice_embedding(encoder(pad_in_plane(volume[i:i + batch_slices], total_stride)))
+           for i in range(0, volume.shape[0], batch_slices)]
+    return torch.cat(out)
+
+
+def volume_windows(volume: np.ndarray, n_slices: int, view_size: int, max_windows: int = 4) -> np.ndarray:
+    """Windows of ``n_slices`` contiguous slices of a (C, Z, Y, X) volume, each slice resized in-plane to
+    ``view_size`` (the pretraining views resample the whole in-plane extent onto the view, too).
+
+    Returns (W, C, N, view, view); a volume shorter than N gives one zero-padded window."""
+    c, z = volume.shape[:2]
+    if z <= n_slices:
+        starts = [0]
+    else:
+        starts = sorted({round(s) for s in np.linspace(0, z - n_slices, min(max_windows, z - n_slices + 1))})
+    windows = []
+    for s in starts:
+        stack = torch.from_numpy(np.ascontiguousarray(volume[:, s:s + n_slices], dtype=np.float32))
+        resized = F.interpolate(stack.permute(1, 0, 2, 3), size=(view_size, view_size), mode="bilinear",
+                                align_corners=False).permute(1, 0, 2, 3)
+        if resized.shape[1] < n_slices:
+            pad = torch.zeros((c, n_slices - resized.shape[1], view_size, view_size))
+            resized = torch.cat([resized, pad], 1)
+        windows.append(resized)
+    return torch.stack(windows).numpy()
+
+
+def window_starts(depth: int, n_slices: int, max_windows: int = 4) -> list[int]:
+    """First slice of each window :func:`volume_windows` cuts from a volume of ``depth`` slices."""
+    if depth <= n_slices:
+        return [0]
+    return sorted({round(s) for s in np.linspace(0, depth - n_slices, min(max_windows, depth - n_slices + 1))})
+
+
+@torch.no_grad()
+def embed_windows(encoder: nn.Module, slice_embedding: nn.Module, slice_transformer: nn.Module,
+                  windows: np.ndarray, valid_slices: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """(per-slice outputs of f_inter (W, N, d), Z (W, d)) of windows (W, C, N, H, W')."""
+    x = torch.from_numpy(np.ascontiguousarray(windows, dtype=np.float32))
+    w, c, n, h, wd = x.shape
+    valid = torch.zeros((w, n), dtype=torch.bool)
+    for i, k in enumerate(valid_slices):
+        valid[i, :k] = True
+    emb = slice_embedding(encoder(x.permute(0, 2, 1, 3, 4).reshape(w * n, c, h, wd))).view(w, n, -1)
+    return slice_transformer(emb, valid)
+
+
+def embed_volumes(model: nn.Module, windows: np.ndarray, valid_slices: Sequence[int]) -> np.ndarray:
+    """Z = normalize(mean_n f_inter(g(f_intra(x_n)))) of each window (W, C, N, H, W') -> (W, d), for a
+    :class:`~nnssl_joint.pretrain.model.JointSSLModel` (or anything with the same three parts)."""
+    _, z = embed_windows(model.encoder, model.slice_embedding, model.slice_transformer, windows, valid_slices)
+    return z.numpy()
