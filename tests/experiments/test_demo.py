@@ -392,3 +392,18 @@ def test_preset_follows_the_device_and_is_recorded(tmp_path):
         demo.DemoSettings(out=tmp_path, preset="huge")
     steps = [s.key for s in demo.Demo(demo.DemoSettings(out=tmp_path, preset="nnunet"), io.StringIO()).steps()]
     assert steps.index("plan_stock") < steps.index("pretrain_joint")  # the preset exists before pretraining
+
+
+def test_pretraining_and_downstream_plans_of_different_presets_are_refused(tmp_path):
+    import torch
+
+    from nnssl_joint.models.preset import load_preset
+
+    plans = tmp_path / "nnsslJointPlans.json"
+    plans.write_text(json.dumps({"nnssl_joint": {"preset": load_preset("cpu").to_dict()}}))
+    weights = tmp_path / "pretrained_for_3d_fullres.pth"
+    torch.save({"network_weights": {}, "nnssl_joint": {"preset": load_preset("cpu").to_dict()}}, weights)
+    pipeline.check_presets_agree(plans, weights)
+    torch.save({"network_weights": {}, "nnssl_joint": {"preset": load_preset("gpu").to_dict()}}, weights)
+    with pytest.raises(NnsslJointError, match="planned with preset 'cpu' but .* pretrained with preset 'gpu'.*one --preset"):
+        pipeline.check_presets_agree(plans, weights)
