@@ -4,7 +4,7 @@
   "RankMe"), of slice embeddings e = g(f_intra(x)) and of volume features Z;
 * ``retrieval_top1``: each window's Z under a second, perturbed view (in-plane flip, contrast x1.1,
   Gaussian noise 0.1; seeded) must retrieve the same window's first view among all windows of the
-  held-back (test) volumes; chance = 1 / number of windows;
+  held-back (test) volumes, and back (mean of both directions); chance = 1 / number of windows;
 * ``slice_position_r2``: ridge regression of a slice's relative position in its volume from f_inter's
   per-slice output, fitted on the fit volumes' windows, R^2 on the test volumes' windows;
 * prototype usage entropy (normalised, 1 = uniform) of the 2D and 3D SwAV prototypes (checkpoints only);
@@ -49,10 +49,11 @@ def mean_pairwise_cosine(z: Tensor | np.ndarray) -> float:
     return float((gram.sum() - gram.diagonal().sum()) / (n * (n - 1)))
 
 
-def retrieval_top1(queries: Tensor, keys: Tensor) -> float:
-    """Fraction of rows i whose most cosine-similar key is key i."""
-    sims = F.normalize(queries.double(), dim=1) @ F.normalize(keys.double(), dim=1).T
-    return float((sims.argmax(1) == torch.arange(len(queries))).double().mean())
+def retrieval_top1(a: Tensor, b: Tensor) -> float:
+    """Top-1 retrieval by cosine of row i of ``b`` from row i of ``a`` and back, averaged over both directions."""
+    sims = F.normalize(a.double(), dim=1) @ F.normalize(b.double(), dim=1).T
+    target = torch.arange(len(a))
+    return float(((sims.argmax(1) == target).double().mean() + (sims.argmax(0) == target).double().mean()) / 2)
 
 
 def ridge_r2(x_fit: Tensor, y_fit: Tensor, x_test: Tensor, y_test: Tensor, alpha: float = 1.0) -> float:
@@ -114,7 +115,7 @@ def label_free_diagnostics(weights: ProbeWeights, fit: Sequence[ProbeCase], test
     out["n_slice_embeddings"] = int(emb.shape[0])
     if model is not None:
         scores = model.intra_loss.prototypes(F.normalize(model.projection_2d(emb), dim=1))
-        out["prototype_entropy_2d"] = prototype_usage_entropy(scores)
+        out["prototype_entropy_2d"] = abs(prototype_usage_entropy(scores))  # no -0.0
     if weights.slice_transformer is None:
         return out
     parts = (weights.encoder, weights.slice_embedding, weights.slice_transformer)
@@ -139,7 +140,7 @@ def label_free_diagnostics(weights: ProbeWeights, fit: Sequence[ProbeCase], test
     out["slice_position_r2"] = ridge_r2(x_fit, y_fit, x_test, y_test)
     if model is not None:
         scores_3d = model.inter_loss.prototypes(model.projection_3d(z))
-        out["prototype_entropy_3d"] = prototype_usage_entropy(scores_3d)
+        out["prototype_entropy_3d"] = abs(prototype_usage_entropy(scores_3d))
     return out
 
 

@@ -64,26 +64,6 @@ class ProbeWeights:
         return self
 
 
-def load_pretraining_model(checkpoint_file: str | Path) -> tuple[Any, dict[str, Any]]:
-    """Rebuild :class:`JointSSLModel` from a pretraining checkpoint (preset, objective, channels), in
-    eval mode. Raises :class:`NnsslJointError` for files that are not pretraining checkpoints."""
-    from nnssl_joint.export import load_pretraining_checkpoint
-    from nnssl_joint.pretrain.model import JointSSLModel
-    from nnssl_joint.ssl.objective import ObjectiveConfig
-
-    ckpt = load_pretraining_checkpoint(checkpoint_file)
-    meta = ckpt["nnssl_joint"]
-    if "config" not in meta or "input_channels" not in meta:
-        raise ProbeWeightsError(
-            f"{checkpoint_file} is an exported downstream file, not a pretraining checkpoint (no 'config' in its "
-            "'nnssl_joint' record); pass it to the probe as it is, or use the run's checkpoint_final.pth")
-    model = JointSSLModel(ArchitecturePreset.from_dict(meta["preset"]), int(meta["input_channels"]),
-                          ObjectiveConfig.from_dict(meta["config"]["objective"]))
-    model.load_state_dict(ckpt["network_weights"])
-    model.eval()
-    return model, meta
-
-
 def resolve_weights_path(spec: str | Path) -> Path:
     """The checkpoint file a weights argument names: a file as is, a run folder's ``checkpoint_final.pth``."""
     path = Path(spec).expanduser()
@@ -147,6 +127,8 @@ def load_weights_file(spec: str | Path, name: str | None = None) -> ProbeWeights
     ckpt = load_pretraining_checkpoint(path)
     meta = ckpt["nnssl_joint"]
     if "config" in meta and any(k.startswith("intra_loss.") for k in ckpt["network_weights"]):
+        from nnssl_joint.pretrain.checkpoint import load_pretraining_model
+
         model, meta = load_pretraining_model(path)
         return ProbeWeights(name=name, kind="checkpoint", source=str(path), preset=model.preset,
                             input_channels=int(meta["input_channels"]), encoder=model.encoder,

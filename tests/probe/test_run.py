@@ -18,6 +18,7 @@ from nnssl_joint.cli import main as cli_main
 from nnssl_joint.errors import NnsslJointError
 from nnssl_joint.export import export_for_presets
 from nnssl_joint.models.preset import ArchitecturePreset, load_preset
+from nnssl_joint.pretrain.autoconfig import SelfConfiguration
 from nnssl_joint.pretrain.model import JointSSLModel
 from nnssl_joint.probe.readout import ReadoutSettings
 from nnssl_joint.probe.run import bootstrap_difference, run_probe
@@ -31,13 +32,16 @@ ENV = (("nnUNet_raw", "raw"), ("nnUNet_preprocessed", "pre"), ("nnUNet_results",
 def save_checkpoint(folder: Path, preset: ArchitecturePreset, channels: int = 1, seed: int = 0) -> Path:
     """A checkpoint_final.pth as JointSSLPretrainTrainer writes it (network_weights + 'nnssl_joint' record)."""
     torch.manual_seed(seed)
-    objective = ObjectiveConfig(num_prototypes_2d=8, num_prototypes_3d=4)
-    model = JointSSLModel(preset, channels, objective)
+    resolved = SelfConfiguration(view_size=32, small_view_size=32, n_small_views=0, n_slices=8, batch_size_2d=4,
+                                 batch_size_3d=2, num_prototypes_2d=8, num_prototypes_3d=4,
+                                 freeze_prototypes_iterations=1, queue_start_iteration=1, memory_budget_gb=3.0,
+                                 estimated_activation_gb=0.1)
+    model = JointSSLModel(preset, channels, resolved.objective(ObjectiveConfig()))
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "checkpoint_final.pth"
     torch.save({"network_weights": model.state_dict(), "trainer_name": "JointSSLPretrainTrainer",
-                "nnssl_joint": {"preset": preset.to_dict(), "config": {"objective": objective.to_dict()},
-                                "input_channels": channels, "resolved": {"n_slices": 8, "view_size": 32}}}, path)
+                "nnssl_joint": {"preset": preset.to_dict(), "config": {"objective": ObjectiveConfig().to_dict()},
+                                "input_channels": channels, "resolved": resolved.to_dict()}}, path)
     return path
 
 
