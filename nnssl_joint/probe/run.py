@@ -232,7 +232,13 @@ def _run_probe(weights: Sequence[str], target: str | int, configuration: str, fi
                stream: TextIO | None) -> dict[str, Any]:
     from nnssl_joint.probe.data import load_target
     from nnssl_joint.probe.diagnostics import window_settings
-    from nnssl_joint.probe.weights import RANDOM, check_compatible, load_weights_file, random_weights
+    from nnssl_joint.probe.weights import (
+        RANDOM,
+        check_compatible,
+        distinct_names,
+        load_weights_file,
+        random_weights,
+    )
 
     if random_seeds < 0:
         raise NnsslJointError(f"--random-seeds must be >= 0, got {random_seeds}")
@@ -242,7 +248,7 @@ def _run_probe(weights: Sequence[str], target: str | int, configuration: str, fi
     if not files and random_seeds == 0:
         raise NnsslJointError("nothing to probe: give --weights files or --random-seeds >= 1")
     start = time.perf_counter()
-    loaded = [load_weights_file(w) for w in files]
+    loaded = [load_weights_file(path, name) for name, path in distinct_names([str(f) for f in files])]
     tgt = load_target(target, configuration, fit_cases, fit, seed)
     for w in loaded:
         check_compatible(w, tgt.preset, tgt.input_channels, tgt.dataset_name, tgt.plans_file)
@@ -306,7 +312,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--weights", nargs="+", required=True, metavar="W",
                    help="JointSSLPretrainTrainer run folder, checkpoint_final.pth, pretrained_for_2d.pth / "
-                   "pretrained_for_3d_fullres.pth, or 'random'")
+                   "pretrained_for_3d_fullres.pth, or 'random'; NAME=PATH sets the label in the table")
     p.add_argument("--target", required=True, help="labeled raw dataset id or name, planned with "
                    "nnssl_joint plan_and_preprocess -d ID --downstream")
     p.add_argument("-c", default="3d_fullres", choices=("2d", "3d_fullres"),

@@ -138,11 +138,32 @@ def load_weights_file(spec: str | Path, name: str | None = None) -> ProbeWeights
 
 
 def default_name(path: Path) -> str:
-    """A short label: the run's folder name for checkpoints, ``<run>/<file>`` for exported files."""
+    """A short label: the trainer folder's trainer name, plus the file stem unless it is checkpoint_final."""
     run = path.parent
     trainer_folder = run.parent.name if run.name.startswith("fold_") else run.name
-    base = path.stem if path.name != "checkpoint_final.pth" else "checkpoint"
-    return f"{trainer_folder.split('__')[0] if '__' in trainer_folder else trainer_folder}/{base}"
+    base = trainer_folder.split("__")[0]
+    return base if path.name == "checkpoint_final.pth" else f"{base}/{path.stem}"
+
+
+def distinct_names(specs: list[str]) -> list[tuple[str, str]]:
+    """(name, path) per weights argument. ``NAME=PATH`` names it; otherwise the path parts that differ
+    between the arguments (e.g. ``pretrain_joint``) are prefixed to :func:`default_name`."""
+    pairs = [tuple(s.split("=", 1)) if "=" in s and not Path(s).exists() else (None, s) for s in specs]
+    paths = [Path(p).expanduser().resolve() for _, p in pairs]
+    common = 0
+    if len(paths) > 1:
+        while all(len(p.parts) > common + 1 and p.parts[common] == paths[0].parts[common] for p in paths):
+            common += 1
+    differ = len({p.parts[common] for p in paths if len(p.parts) > common}) > 1
+    out, seen = [], {}
+    for (name, spec), path in zip(pairs, paths):
+        if name is None:
+            base = default_name(path if path.suffix == ".pth" else path / "checkpoint_final.pth")
+            differing = path.parts[common] if differ and path.parts[common] not in base else None
+            name = f"{differing}:{base}" if differing else base
+        seen[name] = seen.get(name, 0) + 1
+        out.append((name if seen[name] == 1 else f"{name}#{seen[name]}", spec))
+    return out
 
 
 def random_weights(network_builder: Any, seed: int) -> ProbeWeights:
