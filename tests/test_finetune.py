@@ -26,15 +26,18 @@ def test_nnunet_warmup_recipe_matches_nnunets_own_schedulers():
 
 
 def test_pretrained_networks_start_at_their_own_learning_rate():
-    config = FinetuneConfig(recipe="nnunet_warmup", warmup_epochs=2, num_epochs=10, pretrained_initial_lr=1e-3)
+    config = FinetuneConfig(recipe="nnunet_warmup", warmup_epochs=2, num_epochs=10,
+                            pretrained_initial_lr=1e-3)
     assert config.initial_lr_for(pretrained=True) == 1e-3 and config.initial_lr_for(pretrained=False) == 1e-2
     assert FinetuneConfig().initial_lr_for(pretrained=True) == 1e-2
 
 
 @pytest.mark.parametrize("values, match", [
     ({"recipe": "cosine"}, "recipe must be one of plugin, nnunet_warmup"),
-    ({"recipe": "nnunet_warmup", "freeze_pretrained_epochs": 2}, "whole network.*freeze_pretrained_epochs to 0"),
-    ({"recipe": "nnunet_warmup", "warmup_epochs": 5, "num_epochs": 5}, r"warmup_epochs \(5\) < num_epochs \(5\)"),
+    ({"recipe": "nnunet_warmup", "freeze_pretrained_epochs": 2},
+     "whole network.*freeze_pretrained_epochs to 0"),
+    ({"recipe": "nnunet_warmup", "warmup_epochs": 5, "num_epochs": 5},
+     r"warmup_epochs \(5\) < num_epochs \(5\)"),
     ({"pretrained_initial_lr": 0}, "pretrained_initial_lr must be > 0"),
 ])
 def test_recipe_settings_are_checked_with_the_fix(values, match):

@@ -1,6 +1,7 @@
 """nnUNetTrainerBudget: stock nnU-Net training with a given length and seed, the benchmark's ``nnunet`` arm.
 
-    NNSSL_JOINT_FINETUNE_CONFIG=budget.json nnUNetv2_train 100 3d_fullres 0 -p nnUNetPlans -tr nnUNetTrainerBudget
+    NNSSL_JOINT_FINETUNE_CONFIG=budget.json \
+        nnUNetv2_train 100 3d_fullres 0 -p nnUNetPlans -tr nnUNetTrainerBudget
 
 Everything is nnU-Net's own (plans from nnU-Net's planner, its network, loss, augmentation, SGD with poly
 decay at nnU-Net's initial learning rate); only the training length (``num_epochs``,
@@ -43,8 +44,8 @@ class nnUNetTrainerBudget(nnUNetTrainer):
         defaults = FinetuneConfig()
         ignored = sorted(k for k, v in self.budget_config.to_dict().items()
                          if k not in BUDGET_KEYS and v != getattr(defaults, k))
-        self.print_to_log_file(f"nnUNetTrainerBudget ({', '.join(self.budget_sources)}): {json.dumps(used)}; stock "
-                               f"nnU-Net otherwise (initial lr {self.initial_lr:g})"
+        self.print_to_log_file(f"nnUNetTrainerBudget ({', '.join(self.budget_sources)}): {json.dumps(used)}; "
+                               f"stock nnU-Net otherwise (initial lr {self.initial_lr:g})"
                                + (f"; ignored recipe keys {ignored}" if ignored else ""))
 
     def save_checkpoint(self, filename: str) -> None:

@@ -1,4 +1,5 @@
-"""Budgets, pretraining objectives and the configuration files they become (nnssl_joint/experiments/budgets.py)."""
+"""Budgets, pretraining objectives and the configuration files they become
+(nnssl_joint/experiments/budgets.py)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ def test_configs_share_the_finetuning_budget_and_switch_terms_off():
 
     budget = DEMO_BUDGETS["small"].training
     ft = budget.finetune_config()
-    assert ft["num_epochs"] == budget.finetune_epochs and ft["iterations_per_epoch"] == budget.finetune_iterations
+    assert ft["num_epochs"] == budget.finetune_epochs
+    assert ft["iterations_per_epoch"] == budget.finetune_iterations
     joint = budget.pretrain_config("joint", seed=3)
     intra = budget.pretrain_config("intra", seed=3)
     assert joint["optim"] == intra["optim"] and joint["seed"] == 3

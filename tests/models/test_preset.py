@@ -1,4 +1,5 @@
-"""Architecture presets (nnssl_joint/models/preset.py): per-axis strides and presets taken from nnU-Net plans."""
+"""Architecture presets (nnssl_joint/models/preset.py): per-axis strides, presets taken from nnU-Net
+plans."""
 
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ def test_shipped_presets_keep_their_records():
     # checkpoints and plans store to_dict(); the shipped presets' form must not change
     cpu = load_preset("cpu").to_dict()["encoder"]
     assert cpu["strides"] == [1, 2, 2, 2, 2] and cpu["kernel_size"] == 3
-    assert load_preset("cpu").encoder.total_strides == (16, 16) and load_preset("cpu").encoder.total_stride == 16
+    encoder = load_preset("cpu").encoder
+    assert encoder.total_strides == (16, 16) and encoder.total_stride == 16
 
 
 def test_a_preset_from_nnunet_plans_copies_the_2d_topology_with_non_square_strides(tmp_path):
