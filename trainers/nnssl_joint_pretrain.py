@@ -38,6 +38,7 @@ from nnssl_joint.pretrain.config import load_pretrain_config
 from nnssl_joint.pretrain.model import JointSSLModel
 from nnssl_joint.pretrain.run_logging import IterationLossFile, JointSSLLocalLogger
 from nnssl_joint.pretrain.schedule import WarmupCosineLR
+from nnssl_joint.probe.during_training import run_epoch_probe, start_epoch_probe
 from nnssl_joint.ssl.objective import LOSS_TERMS, combine_losses
 
 
@@ -157,6 +158,7 @@ class JointSSLPretrainTrainer(nnUNetTrainer):
             f"JointSSLPretrainTrainer: preset '{self.preset.name}', schedule '{self.ssl_config.objective.schedule}', "
             f"{self.num_epochs} epochs x {self.num_iterations_per_epoch} iterations, effective configuration in "
             f"{join(self.output_folder, 'nnssl_joint_config.json')}")
+        start_epoch_probe(self)
 
     # ------------------------------------------------------------------ training
     def on_train_epoch_start(self):
@@ -258,6 +260,7 @@ class JointSSLPretrainTrainer(nnUNetTrainer):
         if np.isfinite(s["train_losses"]) and (self._best_loss is None or s["train_losses"] < self._best_loss):
             self._best_loss = s["train_losses"]
             self.save_checkpoint(join(self.output_folder, "checkpoint_best.pth"))
+        run_epoch_probe(self)  # optional (config section 'probe'); keeps the training's random streams
         if self.local_rank == 0:
             self.logger.plot_progress_png(self.output_folder)
         self.current_epoch += 1

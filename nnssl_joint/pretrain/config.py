@@ -58,6 +58,23 @@ class OptimConfig:
 
 
 @dataclass
+class ProbeConfig:
+    """The frozen-encoder probe during pretraining (``nnssl_joint.probe``, docs/probe.md). Off unless
+    ``target`` names a labeled dataset planned with ``nnssl_joint plan_and_preprocess -d ID --downstream``."""
+
+    target: Union[int, str, None] = None  # noqa: UP007 (dataset id or name; null = no probe)
+    every_epochs: int = 5  # probe after every this many epochs, and after the last one
+    configuration: str = "3d_fullres"  # whose preprocessing the target's cases get
+    fit_cases: Union[int, None] = None  # noqa: UP007 (null: all non-test labeled cases)
+
+    def __post_init__(self) -> None:
+        if self.every_epochs < 1:
+            raise ValueError(f"probe.every_epochs must be >= 1, got {self.every_epochs}")
+        if self.configuration not in ("2d", "3d_fullres"):
+            raise ValueError(f"probe.configuration must be '2d' or '3d_fullres', got {self.configuration!r}")
+
+
+@dataclass
 class PretrainConfig:
     preset: str = "cpu"
     #: seeds Python, NumPy and torch at the start of a run (rank r of a DDP run uses seed + r); with
@@ -66,6 +83,7 @@ class PretrainConfig:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
 
     #: dotted keys a source set explicitly (``"objective.num_prototypes_2d"``); the values that depend on
     #: the data and were not set (prototype counts, prototype freezing, queue start) are self-configured

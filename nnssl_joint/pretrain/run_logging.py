@@ -15,6 +15,7 @@ import numpy as np
 from nnunetv2.training.logging.nnunet_logger import LocalLogger
 
 from nnssl_joint.common.checkpoint_io import atomic_write_text
+from nnssl_joint.probe.during_training import PROBE_LOG_KEYS
 from nnssl_joint.ssl.objective import LOSS_TERMS
 
 #: per-epoch values logged besides nnU-Net's own keys
@@ -27,6 +28,7 @@ EXTRA_KEYS = (
     "entropy_2d_samples",
     "entropy_3d_samples",
     "nonfinite_steps",
+    *PROBE_LOG_KEYS,  # the optional per-epoch probe (NaN between probes, empty when off)
 )
 
 
@@ -49,7 +51,8 @@ class JointSSLLocalLogger(LocalLogger):
         if n == 0:
             return
         x = np.arange(n)
-        fig, axes = plt.subplots(4, 1, figsize=(12, 16))
+        probed = len(log["probe_dice"]) >= n and any(np.isfinite(v) for v in log["probe_dice"][:n])
+        fig, axes = plt.subplots(5 if probed else 4, 1, figsize=(12, 20 if probed else 16))
         ax = axes[0]
         ax.plot(x, log["train_losses"][:n], color="k", lw=2, label="total (weighted)")
         for term in LOSS_TERMS:
@@ -81,11 +84,34 @@ class JointSSLLocalLogger(LocalLogger):
         ax.plot(x, log["lrs"][:n])
         ax.set_ylabel("learning rate")
         ax.set_xlabel("epoch")
+        if probed:
+            _plot_probe(axes[4], x, log, n)
         fig.tight_layout()
         tmp = os.path.join(output_folder, ".progress.png.tmp.png")
         fig.savefig(tmp)
         plt.close(fig)
         os.replace(tmp, os.path.join(output_folder, "progress.png"))
+
+
+def _plot_probe(ax, x: np.ndarray, log: dict, n: int) -> None:
+    """The per-epoch probe (nnssl_joint.probe.during_training): scores in [0, 1] left, RankMe right."""
+    for key, label in (("probe_dice", "linear-probe Dice"), ("probe_knn_dice", "kNN Dice"),
+                       ("probe_retrieval_top1", "Z retrieval@1"), ("probe_slice_position_r2", "slice position R^2"),
+                       ("probe_entropy_2d", "2D prototype entropy"), ("probe_entropy_3d", "3D prototype entropy"),
+                       ("probe_z_cosine", "mean cosine of Z")):
+        values = np.array(log[key][:n], dtype=float)
+        if np.isfinite(values).any():
+            ax.plot(x[np.isfinite(values)], values[np.isfinite(values)], marker="o", lw=2 if key == "probe_dice" else 1,
+                    label=label)
+    ax.set_ylabel("probe (frozen encoder)")
+    ax.legend(loc="upper left", fontsize=8)
+    ranks = ax.twinx()
+    for key, label, style in (("probe_rankme_slices", "RankMe e", "--"), ("probe_rankme_z", "RankMe Z", ":")):
+        values = np.array(log[key][:n], dtype=float)
+        if np.isfinite(values).any():
+            ranks.plot(x[np.isfinite(values)], values[np.isfinite(values)], style, color="grey", marker=".", label=label)
+    ranks.set_ylabel("effective rank")
+    ranks.legend(loc="upper right", fontsize=8)
 
 
 class IterationLossFile:

@@ -116,8 +116,9 @@ def label_free_diagnostics(weights: ProbeWeights, fit: Sequence[ProbeCase], test
                      for c in (*fit, *test)])
     out["rankme_slices"] = rankme(emb)
     out["n_slice_embeddings"] = int(emb.shape[0])
+    device = next(model.parameters()).device if model is not None else None
     if model is not None:
-        scores = model.intra_loss.prototypes(F.normalize(model.projection_2d(emb), dim=1))
+        scores = model.intra_loss.prototypes(F.normalize(model.projection_2d(emb.to(device)), dim=1)).cpu()
         out["prototype_entropy_2d"] = abs(prototype_usage_entropy(scores))  # no -0.0
     if weights.slice_transformer is None:
         return out
@@ -142,7 +143,7 @@ def label_free_diagnostics(weights: ProbeWeights, fit: Sequence[ProbeCase], test
     x_test, y_test = per_slice_rows(test_per_slice, test_valid, test_pos)
     out["slice_position_r2"] = ridge_r2(x_fit, y_fit, x_test, y_test)
     if model is not None:
-        scores_3d = model.inter_loss.prototypes(model.projection_3d(z))
+        scores_3d = model.inter_loss.prototypes(model.projection_3d(z.to(device))).cpu()
         out["prototype_entropy_3d"] = abs(prototype_usage_entropy(scores_3d))
     return out
 

@@ -11,6 +11,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def module_device(module: nn.Module) -> torch.device:
+    """Where a module's parameters live (CPU for a module without any): inputs are moved there."""
+    return next(module.parameters(), torch.empty(0)).device
+
+
 def pad_in_plane(slices: Tensor, multiple: int) -> Tensor:
     """Zero-pad (M, C, H, W) at the bottom/right to multiples of ``multiple`` (nnU-Net pads with 0 too)."""
     h, w = slices.shape[-2:]
@@ -30,8 +35,6 @@ def iter_dense_features(encoder: nn.Module, image: np.ndarray, total_stride: int
     for start in range(0, z, batch_slices):
         x = pad_in_plane(volume[:, start:start + batch_slices].transpose(0, 1), total_stride)
         skips = encoder(x)
-        if isinstance(skips, Tensor):
-            skips = [skips]
         size = x.shape[-2:]
         up = [s if s.shape[-2:] == size else F.interpolate(s, size=size, mode="bilinear", align_corners=False)
               for s in skips]
@@ -43,7 +46,8 @@ def slice_embeddings(encoder: nn.Module, slice_embedding: nn.Module, image: np.n
                      batch_slices: int = 32) -> Tensor:
     """e_n = g(f_intra(x_n)) of every slice of a (C, Z, Y, X) volume -> (Z, d)."""
     volume = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).transpose(0, 1)
-    out = [slice_embedding(encoder(pad_in_plane(volume[i:i + batch_slices], total_stride)))
+    device = module_device(encoder)
+    out = [slice_embedding(encoder(pad_in_plane(volume[i:i + batch_slices], total_stride).to(device))).float().cpu()
            for i in range(0, volume.shape[0], batch_slices)]
     return torch.cat(out)
 
@@ -81,13 +85,15 @@ def window_starts(depth: int, n_slices: int, max_windows: int = 4) -> list[int]:
 def embed_windows(encoder: nn.Module, slice_embedding: nn.Module, slice_transformer: nn.Module,
                   windows: np.ndarray, valid_slices: Sequence[int]) -> tuple[Tensor, Tensor]:
     """(per-slice outputs of f_inter (W, N, d), Z (W, d)) of windows (W, C, N, H, W')."""
-    x = torch.from_numpy(np.ascontiguousarray(windows, dtype=np.float32))
+    device = module_device(encoder)
+    x = torch.from_numpy(np.ascontiguousarray(windows, dtype=np.float32)).to(device)
     w, c, n, h, wd = x.shape
-    valid = torch.zeros((w, n), dtype=torch.bool)
+    valid = torch.zeros((w, n), dtype=torch.bool, device=device)
     for i, k in enumerate(valid_slices):
         valid[i, :k] = True
     emb = slice_embedding(encoder(x.permute(0, 2, 1, 3, 4).reshape(w * n, c, h, wd))).view(w, n, -1)
-    return slice_transformer(emb, valid)
+    per_slice, z = slice_transformer(emb, valid)
+    return per_slice.float().cpu(), z.float().cpu()
 
 
 def embed_volumes(model: nn.Module, windows: np.ndarray, valid_slices: Sequence[int]) -> np.ndarray:
