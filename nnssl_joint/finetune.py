@@ -7,16 +7,14 @@ named by ``NNSSL_JOINT_FINETUNE_CONFIG`` (partial: only the keys to change).
 
 from __future__ import annotations
 
-import json
-import os
 import sys
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from nnssl_joint.common.typed_config import build, layers_from, load_layered
 from nnssl_joint.errors import NnsslJointError
 from nnssl_joint.models.downstream import PRETRAINED_PARTS
 
@@ -85,31 +83,13 @@ class FinetuneConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], where: str = "fine-tuning config") -> FinetuneConfig:
-        valid = {f.name for f in fields(cls)}
-        unknown = set(values) - valid
-        if unknown:
-            raise NnsslJointError(f"{where}: unknown key(s) {sorted(unknown)}; valid keys: {sorted(valid)}")
-        return cls(**values)
+        return build(cls, values, where)
 
 
 def load_finetune_config(plans_configuration: dict | None = None) -> tuple[FinetuneConfig, list[str]]:
-    values: dict[str, Any] = {}
-    sources = ["defaults"]
-    if plans_configuration and FINETUNE_PLANS_SECTION in plans_configuration:
-        values.update(plans_configuration[FINETUNE_PLANS_SECTION])
-        sources.append(f"plans section '{FINETUNE_PLANS_SECTION}'")
-    env_file = os.environ.get(FINETUNE_ENV_VAR)
-    if env_file:
-        path = Path(env_file)
-        if not path.is_file():
-            raise NnsslJointError(f"{FINETUNE_ENV_VAR}={env_file} does not name a file; point it at a JSON file or "
-                                  "unset it")
-        try:
-            values.update(json.loads(path.read_text()))
-        except json.JSONDecodeError as e:
-            raise NnsslJointError(f"{path}: not valid JSON ({e})") from e
-        sources.append(str(path))
-    return FinetuneConfig.from_dict(values, " / ".join(sources)), sources
+    """Defaults <- plans section ``nnssl_joint_finetune`` <- the file named by ``NNSSL_JOINT_FINETUNE_CONFIG``."""
+    loaded = load_layered(FinetuneConfig, layers_from(plans_configuration, FINETUNE_PLANS_SECTION, FINETUNE_ENV_VAR))
+    return loaded.config, list(loaded.sources)
 
 
 def unwrap(network: nn.Module) -> nn.Module:

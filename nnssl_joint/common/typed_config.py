@@ -96,9 +96,7 @@ def build(cls: type[T], values: Mapping[str, Any], where: str = "configuration")
     check_values(cls, values, where)
     try:
         return _build(cls, values)
-    except NnsslJointError:
-        raise
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError) as e:  # NnsslJointError is a ValueError: its message gains the sources too
         raise NnsslJointError(f"{where}: {e}") from e
 
 

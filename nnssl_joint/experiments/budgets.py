@@ -10,11 +10,11 @@ and :meth:`TrainingBudget.finetune_config` build the partial JSON files the trai
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from nnssl_joint.common.typed_config import build, read_json_file
 from nnssl_joint.errors import NnsslJointError
 
 #: pretraining runs of the demo: objective weights (a weight 0 switches a term off)
@@ -92,18 +92,8 @@ class TrainingBudget:
         if not path.is_file():
             names = ", ".join(sorted(DEMO_BUDGETS))
             raise NnsslJointError(f"--budget {spec!r} is neither a budget name ({names}) nor a JSON file")
-        try:
-            values = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise NnsslJointError(f"--budget {path}: not valid JSON ({e})") from e
-        if not isinstance(values, dict):
-            raise NnsslJointError(f"--budget {path}: expected a JSON object of budget keys, got "
-                                  f"{type(values).__name__}")
-        valid = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - valid)
-        if unknown:
-            raise NnsslJointError(f"--budget {path}: unknown key(s) {unknown}; valid keys: {sorted(valid)}")
-        return cls(**{**asdict(cls.named("small")), **values})
+        values = read_json_file(path, f"--budget {path}")
+        return build(cls, {**asdict(cls.named("small")), **values}, f"--budget {path}")
 
     def pretrain_config(self, arm: str, seed: int, preset: str | None = None) -> dict[str, Any]:
         """The partial pretraining configuration (``NNSSL_JOINT_CONFIG``) of the run behind ``arm``;
