@@ -197,6 +197,8 @@ def main() -> int:
     parser.add_argument("--iterations", type=int, default=50)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--keep", action="store_true", help="keep the run folders")
+    parser.add_argument("--evaluate", type=Path, default=None, metavar="RUN_FOLDER",
+                        help="only evaluate an existing run folder (holding checkpoint_final.pth) with --seeds[0]")
     args = parser.parse_args()
 
     import torch
@@ -208,6 +210,10 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     raw, pre = build_data(work, args.data_seed, args.preprocessed)
     volumes = held_back_volumes(raw)
+    if args.evaluate is not None:
+        print(json.dumps({"tag": args.tag, "evaluated": str(args.evaluate),
+                          **evaluate(args.evaluate.resolve(), volumes, args.seeds[0])}, indent=1))
+        return 0
     runs = {}
     for seed in args.seeds:
         config = merge({"seed": seed, "optim": {"num_epochs": args.epochs, "iterations_per_epoch": args.iterations,

@@ -1,8 +1,9 @@
 """Label-free health read-outs of a pretrained :class:`~nnssl_joint.pretrain.model.JointSSLModel` on
 held-back volume windows (METHOD.md, "How we know it works", read-out 1).
 
-Interim module for ``scripts/ssl_ablation.py`` until ``nnssl_joint.probe`` provides the same measures;
-then this module goes and the script imports the probe's functions.
+Interim module for ``scripts/ssl_ablation.py``: RankMe, cosine and retrieval come from
+``nnssl_joint.probe.diagnostics``; what the probe lacks (held-back windows in two augmentations of the run's
+own view pipeline, the masked-prediction check against interpolation) is here until the probe has it.
 
 * prototype usage entropy (2D: slices, 3D: windows), normalised by log K (1 = uniform, 0 = one prototype);
 * Z cross-view top-1 retrieval: each window in two augmentations; view a of window i must find view b of
@@ -16,10 +17,7 @@ then this module goes and the script imports the probe's functions.
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from nnssl_joint.ssl.swav import prototype_usage_entropy
@@ -30,26 +28,23 @@ def usage_entropy(scores: Tensor) -> float:
     return abs(prototype_usage_entropy(scores))
 
 
-def rankme(x: Tensor, eps: float = 1e-7) -> float:
-    """Effective rank exp(H(sigma / sum sigma)) of the (M, d) matrix x (not centred, as in RankMe)."""
-    s = torch.linalg.svdvals(x.double())
-    p = s / s.sum() + eps
-    return float(math.exp(-(p * p.log()).sum().item()))
+# RankMe, mean pairwise cosine and cross-view retrieval: the probe's definitions (nnssl_joint.probe.diagnostics)
+def rankme(x: Tensor) -> float:
+    from nnssl_joint.probe.diagnostics import rankme as probe_rankme
+
+    return probe_rankme(x)
 
 
 def mean_pairwise_cosine(x: Tensor) -> float:
-    """Mean cosine over all pairs of different rows of x (M, d)."""
-    z = F.normalize(x.double(), dim=1)
-    gram = z @ z.T
-    m = len(z)
-    return float((gram.sum() - gram.diagonal().sum()) / max(1, m * (m - 1)))
+    from nnssl_joint.probe.diagnostics import mean_pairwise_cosine as probe_cosine
+
+    return probe_cosine(x)
 
 
 def cross_view_top1(a: Tensor, b: Tensor) -> float:
-    """Top-1 retrieval of row i of b from row i of a by cosine, averaged over both directions."""
-    sim = F.normalize(a.double(), dim=1) @ F.normalize(b.double(), dim=1).T
-    target = torch.arange(len(a))
-    return float(((sim.argmax(1) == target).double().mean() + (sim.argmax(0) == target).double().mean()) / 2)
+    from nnssl_joint.probe.diagnostics import retrieval_top1
+
+    return retrieval_top1(a, b)
 
 
 @torch.no_grad()
