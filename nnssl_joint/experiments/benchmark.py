@@ -518,6 +518,9 @@ class Benchmark(Pipeline):
                                   lambda p, arm=arm: self.step_pretrain(arm, p)))
         if self.plugin_arms:
             steps.append(Step("plan_target", "planning + preprocessing the target dataset", self.step_plan_target))
+            if self.pretrain_arms:
+                steps.append(Step("probe", "probing the pretrained encoders against random initialisations",
+                                  self.step_probe))
         steps.append(Step("splits", "fine-tuning splits", self.step_splits, always=True))
         for seed, k, arm in self.runs:
             steps.append(Step(f"finetune_{arm}_{run_name(k, seed)}",
@@ -571,6 +574,14 @@ class Benchmark(Pipeline):
             check_presets_agree(self.preprocessed / self.target_name / f"{PLANS_NAME}.json",
                                 self.pretrain_folder(arm) / f"pretrained_for_{self.settings.configuration}.pth")
         return {"configurations": sorted(plans["configurations"])}
+
+    def step_probe(self, progress: StepProgress) -> dict[str, Any]:
+        """``nnssl_joint probe`` of every pretraining arm next to 5 random initialisations (report: probe.*)."""
+        from nnssl_joint.probe.run import probe_pretraining_runs
+
+        return probe_pretraining_runs({ARM_LABELS[arm]: self.pretrain_folder(arm) for arm in self.pretrain_arms},
+                                      self.target_id, self.settings.configuration, self.logs / "probe.log",
+                                      out=self.report_folder, seed=self.settings.seed)
 
     def fold_of(self, labeled: int, seed: int) -> int:
         """nnU-Net fold index of (labeled, seed); the registry only grows, so indices never change. Guarded
@@ -680,6 +691,7 @@ class Benchmark(Pipeline):
             "finished_runs": len(wanted & set(self.results)), "planned_runs": len(wanted),
             "summary": aggregate(self.results, s.arms, s.labeled, seeds, classes),
             "runs": {k: v for k, v in sorted(self.results.items()) if k in wanted},
+            "probe": json.loads(self.marker("probe").read_text())["info"] if self.marker("probe").is_file() else None,
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
             "written": time.strftime("%Y-%m-%d %H:%M:%S"),
         }

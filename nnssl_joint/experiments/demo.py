@@ -32,7 +32,6 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -63,6 +62,8 @@ from nnssl_joint.naming import (
     dataset_folder_name,
     run_folder,
 )
+from nnssl_joint.probe.diagnostics import collapse_check
+from nnssl_joint.probe.features import embed_volumes, volume_windows
 
 PRETRAIN_ID = 900
 PRETRAIN_NAME = "JointPretrain"
@@ -174,6 +175,7 @@ class Demo(Pipeline):
                                lambda p, run=run: self.step_pretrain(run, p)))
         steps.append(Step("plan_downstream", f"planning + preprocessing the labeled task, {self.settings.labeled} "
                            "labeled case(s)", self.step_plan_downstream))
+        steps.append(Step("probe", "probing the pretrained encoders against random initialisations", self.step_probe))
         for arm in ARMS:
             steps.append(Step(f"finetune_{arm}", f"fine-tuning {ARM_LABELS[arm]} + predicting the test cases",
                                lambda p, arm=arm: self.step_finetune(arm, p)))
@@ -220,6 +222,14 @@ class Demo(Pipeline):
         path = write_splits(self.preprocessed / self.target_name, split)
         return {"split": split, "splits_file": str(path)}
 
+    def step_probe(self, progress: StepProgress) -> dict[str, Any]:
+        """``nnssl_joint probe`` of both pretraining runs next to 5 random initialisations (probe.* in the report)."""
+        from nnssl_joint.probe.run import probe_pretraining_runs
+
+        return probe_pretraining_runs({PRETRAIN_LABELS[run]: self.pretrain_folder(run) for run in PRETRAIN_RUNS},
+                                      TARGET_ID, FINETUNE_CONFIGURATION, self.logs / "probe.log",
+                                      out=self.report_folder, seed=self.settings.seed)
+
     def step_finetune(self, arm: str, progress: StepProgress) -> dict[str, Any]:
         training = self.budget.training
         config_file = self.write_config("finetune", training.finetune_config())
@@ -248,6 +258,8 @@ class Demo(Pipeline):
         data = collect_results(self, timings)
         progress.note("embedding volumes")
         data["embeddings"] = embedding_projection(self)
+        if self.marker("probe").is_file():
+            data["probe"] = json.loads(self.marker("probe").read_text())["info"]
         files = write_report(data, self.report_folder)
         return {"files": {k: str(v) for k, v in files.items()}}
 
@@ -386,67 +398,6 @@ def _montage_cases(demo: Demo, raw: Path, ending: str, dice: dict[str, dict[str,
 
 # ----------------------------------------------------------------------------------------------------
 # volume embeddings
-
-
-def volume_windows(volume: np.ndarray, n_slices: int, view_size: int, max_windows: int = 4) -> np.ndarray:
-    """Windows of ``n_slices`` contiguous slices of a (C, Z, Y, X) volume, each slice resized in-plane to
-    ``view_size`` (the pretraining views resample the whole in-plane extent onto the view, too).
-
-    Returns (W, C, N, view, view); a volume shorter than N gives one zero-padded window."""
-    import torch
-    import torch.nn.functional as F
-
-    c, z = volume.shape[:2]
-    if z <= n_slices:
-        starts = [0]
-    else:
-        starts = sorted({round(s) for s in np.linspace(0, z - n_slices, min(max_windows, z - n_slices + 1))})
-    windows = []
-    for s in starts:
-        stack = torch.from_numpy(np.ascontiguousarray(volume[:, s:s + n_slices], dtype=np.float32))
-        resized = F.interpolate(stack.permute(1, 0, 2, 3), size=(view_size, view_size), mode="bilinear",
-                                align_corners=False).permute(1, 0, 2, 3)
-        if resized.shape[1] < n_slices:
-            pad = torch.zeros((c, n_slices - resized.shape[1], view_size, view_size))
-            resized = torch.cat([resized, pad], 1)
-        windows.append(resized)
-    return torch.stack(windows).numpy()
-
-
-def embed_volumes(model: Any, windows: np.ndarray, valid_slices: Sequence[int]) -> np.ndarray:
-    """Z = normalize(mean_n f_inter(g(f_intra(x_n)))) of each window (W, C, N, H, W') -> (W, d)."""
-    import torch
-
-    x = torch.from_numpy(windows)
-    w, c, n, h, wd = x.shape
-    valid = torch.zeros((w, n), dtype=torch.bool)
-    for i, k in enumerate(valid_slices):
-        valid[i, :k] = True
-    with torch.no_grad():
-        emb = model.embed_slices(x.permute(0, 2, 1, 3, 4).reshape(w * n, c, h, wd)).view(w, n, -1)
-        _, z = model.slice_transformer(emb, valid)
-    return z.numpy()
-
-
-def collapse_check(model: Any, windows: np.ndarray, num_prototypes_2d: int, max_slices: int = 256) -> dict[str, float]:
-    """Direct representation-collapse measures on real slices (the prototype-usage entropy of argmax
-    assignments can look healthy when every score is tied): the mean pairwise cosine of the 2D
-    projections z of different slices (1 = all slices map to one point), the spread of the prototype
-    scores z C^T over prototypes, and log K, the L_intra of uniform predictions."""
-    import torch
-    import torch.nn.functional as F
-
-    x = torch.from_numpy(windows)
-    slices = x.permute(0, 2, 1, 3, 4).reshape(-1, *x.shape[1:2], *x.shape[3:])
-    slices = slices[slices.flatten(1).std(1) > 0][:max_slices]  # padding slices are all zero
-    with torch.no_grad():
-        z = F.normalize(model.projection_2d(model.embed_slices(slices)), dim=1)
-        scores = model.intra_loss.prototypes(z)
-    cos = z @ z.T
-    n = len(z)
-    off_diagonal = (cos.sum() - cos.diagonal().sum()) / max(1, n * (n - 1))
-    return {"z_mean_pairwise_cosine": float(off_diagonal), "score_std_over_prototypes": float(scores.std(1).mean()),
-            "log_k_2d": float(np.log(num_prototypes_2d)), "n_slices": int(n)}
 
 
 def _preprocessed_volumes(folder: Path, prefix: str | None = None) -> dict[str, np.ndarray]:

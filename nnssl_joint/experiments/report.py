@@ -380,6 +380,11 @@ def render_markdown(data: dict[str, Any], summary: dict[str, Any]) -> str:
                   "2D-only pretraining f_inter is untrained (random), so its panel shows what the 2D encoder alone "
                   "separates."), "", "![embeddings](embeddings.png)", ""]
 
+    if data.get("probe"):
+        from nnssl_joint.probe.run import report_section
+
+        lines += report_section(data["probe"])
+
     lines += ["## Run", ""]
     lines += ["| step | time |", "| --- | --- |"]
     for key, seconds in data["timings"].items():
@@ -421,6 +426,11 @@ def write_report(data: dict[str, Any], folder: Path) -> dict[str, Path]:
         files["montage"] = plot_montage(data["montage"], data["arms"], folder / "montage.png")
     if data.get("embeddings"):
         files["embeddings"] = plot_embeddings(data["embeddings"], folder / "embeddings.png")
+    if data.get("probe"):
+        from nnssl_joint.probe.run import plot_dice as plot_probe
+
+        files["probe"] = folder / "probe.png"
+        plot_probe(data["probe"], files["probe"])
     files["markdown"] = folder / "report.md"
     files["markdown"].write_text(render_markdown(data, summary))
     record = {k: v for k, v in data.items() if k != "montage"}
@@ -591,6 +601,10 @@ def render_benchmark_markdown(data: dict[str, Any]) -> str:
         lines.append(f"| {run['arm']} | {run['labeled']} | {run['seed']} | {run['fold']} | {_fmt(run['mean_dice'])} | "
                      f"{validated} | {run.get('trainer', '')} / {run.get('plans_name', '')} / {network} | "
                      f"`{run['run_folder']}` |")
+    if data.get("probe"):
+        from nnssl_joint.probe.run import report_section
+
+        lines += [""] + report_section(data["probe"])
     machine = data.get("machine", {})
     lines += ["", (f"Machine: {machine.get('cpus')} CPUs, {machine.get('platform')}, Python {machine.get('python')}; "
                    f"device {s['device']}."), ""]

@@ -21,7 +21,7 @@ from nnssl_joint.models.preset import ArchitecturePreset, load_preset
 from nnssl_joint.pretrain.autoconfig import SelfConfiguration
 from nnssl_joint.pretrain.model import JointSSLModel
 from nnssl_joint.probe.readout import ReadoutSettings
-from nnssl_joint.probe.run import bootstrap_difference, run_probe
+from nnssl_joint.probe.run import bootstrap_difference, report_section, run_probe
 from nnssl_joint.ssl.objective import ObjectiveConfig
 
 RUN = Path("JointSSLPretrainTrainer__nnsslJointPlans__joint_ssl") / "fold_all"
@@ -90,6 +90,8 @@ def test_cli_writes_the_report(workspace, monkeypatch, capsys):
     assert "random (1 seed)" in printed and "linear Dice" in printed
     report = json.loads((out / "probe.json").read_text())
     assert report["weights"] == [] and len(report["random_runs"]) == 1
+    section = "\n".join(report_section(report))  # what the demo and benchmark reports embed
+    assert section.startswith("## Frozen-encoder probe") and "| random (1 seed) |" in section
     assert (out / "probe.md").read_text().startswith("# Probe: Dataset503_SynthOrgans")
     assert (out / "probe.png").stat().st_size > 1000
 
