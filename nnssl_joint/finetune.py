@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from nnssl_joint.common.modules import unwrap
 from nnssl_joint.common.typed_config import build, layers_from, load_layered
 from nnssl_joint.errors import NnsslJointError
 from nnssl_joint.models.downstream import PRETRAINED_PARTS
@@ -90,12 +91,6 @@ def load_finetune_config(plans_configuration: dict | None = None) -> tuple[Finet
     """Defaults <- plans section ``nnssl_joint_finetune`` <- the file named by ``NNSSL_JOINT_FINETUNE_CONFIG``."""
     loaded = load_layered(FinetuneConfig, layers_from(plans_configuration, FINETUNE_PLANS_SECTION, FINETUNE_ENV_VAR))
     return loaded.config, list(loaded.sources)
-
-
-def unwrap(network: nn.Module) -> nn.Module:
-    """The network itself when nnU-Net wrapped it in ``torch.compile`` (its default on CUDA), whose
-    parameter and state-dict names carry an ``_orig_mod.`` prefix."""
-    return getattr(network, "_orig_mod", network)
 
 
 def split_parameters(network: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:

@@ -18,6 +18,7 @@ from batchgenerators.utilities.file_and_folder_operations import isfile, join, l
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnssl_joint.common.checkpoint_io import atomic_write_text, save_nnunet_checkpoint
+from nnssl_joint.common.modules import unwrap
 from nnssl_joint.common.seeding import seed_everything
 from nnssl_joint.finetune import (
     GroupPolyLR,
@@ -65,7 +66,7 @@ class JointSSLFinetuneTrainer(nnUNetTrainer):
         self.print_to_log_file(f"recipe '{self.finetune_config.recipe}', initial learning rate {self.initial_lr:g}"
                                f" ({'pretrained' if pretrained else 'random'} initialisation)")
         if weights is not None:
-            module = self.network.module if self.is_ddp else self.network
+            module = unwrap(self.network)
             preset = self.configuration_manager.network_arch_init_kwargs.get("preset")
             hint = (f"nnssl_joint export --checkpoint <pretraining checkpoint_final.pth> -d "
                     f"{self.plans_manager.dataset_name} -c {self.configuration_name} -p {self.plans_manager.plans_name} "
@@ -73,7 +74,7 @@ class JointSSLFinetuneTrainer(nnUNetTrainer):
             self.print_to_log_file(check_pretrained_weights(module, weights, preset, hint))
 
     def configure_optimizers(self):
-        module = self.network.module if self.is_ddp else self.network
+        module = unwrap(self.network)
         pretrained, other = split_parameters(module)
         lrs = [self.initial_lr * self.finetune_config.pretrained_lr_factor, self.initial_lr]
         groups = [{"params": pretrained, "lr": lrs[0]}, {"params": other, "lr": lrs[1]}]
@@ -85,12 +86,11 @@ class JointSSLFinetuneTrainer(nnUNetTrainer):
     def on_train_epoch_start(self):
         frozen = self.current_epoch < self.finetune_config.freeze_pretrained_epochs
         if frozen != self._frozen:
-            n = freeze_pretrained(self.network.module if self.is_ddp else self.network, frozen)
+            n = freeze_pretrained(unwrap(self.network), frozen)
             self.print_to_log_file(f"pretrained parts {'frozen' if frozen else 'trainable'} ({n} tensors)")
             self._frozen = frozen
         super().on_train_epoch_start()
 
     def save_checkpoint(self, filename: str) -> None:
         """nnU-Net's checkpoint content, written atomically (temp file + rename)."""
-        mod = self.network.module if self.is_ddp else self.network
-        save_nnunet_checkpoint(self, getattr(mod, "_orig_mod", mod), self._best_ema, filename)
+        save_nnunet_checkpoint(self, unwrap(self.network), self._best_ema, filename)

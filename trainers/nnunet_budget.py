@@ -19,6 +19,7 @@ import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnssl_joint.common.checkpoint_io import save_nnunet_checkpoint
+from nnssl_joint.common.modules import unwrap
 from nnssl_joint.common.seeding import seed_everything
 from nnssl_joint.finetune import FinetuneConfig, load_finetune_config
 
@@ -50,5 +51,4 @@ class nnUNetTrainerBudget(nnUNetTrainer):
 
     def save_checkpoint(self, filename: str) -> None:
         """nnU-Net's checkpoint content, written atomically (temp file + rename)."""
-        mod = self.network.module if self.is_ddp else self.network
-        save_nnunet_checkpoint(self, getattr(mod, "_orig_mod", mod), self._best_ema, filename)
+        save_nnunet_checkpoint(self, unwrap(self.network), self._best_ema, filename)

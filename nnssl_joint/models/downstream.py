@@ -24,6 +24,7 @@ from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecod
 from dynamic_network_architectures.initialization.weight_init import InitWeights_He
 from torch import Tensor, nn
 
+from nnssl_joint.common.modules import unwrap
 from nnssl_joint.models.encoder import (
     build_encoder_2d,
     build_slice_embedding,
@@ -251,14 +252,7 @@ def pretrained_key_groups(network: nn.Module) -> dict[str, list[str]]:
     module gets a group of its own name. Empty groups are left out. DDP / DataParallel /
     ``torch.compile`` wrappers are looked through, so keys carry no ``module.``/``_orig_mod.`` prefix.
     """
-    module = network
-    while True:
-        if isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            module = module.module
-        elif isinstance(getattr(module, "_orig_mod", None), nn.Module):
-            module = module._orig_mod
-        else:
-            break
+    module = unwrap(network)
     groups: dict[str, list[str]] = {name: [] for name in (*PRETRAINED_PARTS, "decoder", "slice_context",
                                                           "seg_layers")}
     for key in module.state_dict():
