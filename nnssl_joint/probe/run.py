@@ -291,6 +291,28 @@ def _run_probe(weights: Sequence[str], target: str | int, configuration: str, fi
     return report
 
 
+def probe_pretraining_runs(runs: dict[str, Path], target: str | int, configuration: str, log_file: Path,
+                           out: Path | None = None, seed: int = 0, random_seeds: int = 5) -> dict[str, Any]:
+    """The probe of each pretraining run folder (``{label: folder}``) next to the random baseline, for the
+    demo's and the benchmark's reports; progress and table go to ``log_file``."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_file, "a") as log:
+        return run_probe([f"{label}={folder}" for label, folder in runs.items()], target, configuration,
+                         random_seeds=random_seeds, out=out, seed=seed, stream=log)
+
+
+def report_section(report: dict[str, Any], heading: str = "##") -> list[str]:
+    """Markdown lines for a report: the probe table (random baseline first) and how to read it."""
+    t = report["target"]
+    return [f"{heading} Frozen-encoder probe (`nnssl_joint probe`)", "",
+            (f"Dense linear probe (logistic regression) and kNN read-out of each pretraining run's frozen 2D encoder on "
+             f"{t['dataset']} ({t['configuration']}; fit {len(t['fit_cases'])} case(s), test {len(t['test_cases'])} "
+             f"case(s), {t['split']}), against {len(report.get('random_runs', []))} random nnU-Net initialisations; "
+             "intervals: bootstrap 95% over test cases and random seeds. Label-free diagnostics as in "
+             f"docs/probe.md (retrieval chance {_fmt(report.get('retrieval_chance'))})."), "",
+            format_table(report), "", "![probe](probe.png)", ""]
+
+
 def _cmd_probe(args: argparse.Namespace) -> int:
     import torch
 
