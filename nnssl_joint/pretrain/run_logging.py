@@ -86,6 +86,8 @@ class JointSSLLocalLogger(LocalLogger):
         ax.set_xlabel("epoch")
         if probed:
             _plot_probe(axes[4], x, log, n)
+            axes[4].set_xlim(axes[0].get_xlim())  # same epochs axis as the panels above
+            axes[4].set_xlabel("epoch")
         fig.tight_layout()
         tmp = os.path.join(output_folder, ".progress.png.tmp.png")
         fig.savefig(tmp)
