@@ -34,7 +34,8 @@ def nnunet_path(variable: str, must_exist: bool = False) -> Path:
     ``must_exist``, when it does not point to an existing folder.
     """
     if variable not in NNUNET_PATH_VARIABLES:
-        raise ValueError(f"unknown nnU-Net path variable {variable!r}; expected one of {NNUNET_PATH_VARIABLES}")
+        raise ValueError(f"unknown nnU-Net path variable {variable!r}; "
+                         f"expected one of {NNUNET_PATH_VARIABLES}")
     value = os.environ.get(variable, "")
     if not value.strip():
         raise NnUNetPathError(
@@ -80,7 +81,8 @@ PRETRAINING_CONFIGURATION = "joint_ssl"
 DOWNSTREAM_CONFIGURATIONS = ("2d", "3d_fullres")
 PRETRAIN_TRAINER = "JointSSLPretrainTrainer"
 FINETUNE_TRAINER = "JointSSLFinetuneTrainer"
-#: stock nnU-Net training with the benchmark's length and seed (the ``nnunet`` arm, ``trainers/nnunet_budget.py``)
+#: stock nnU-Net training with the benchmark's length and seed
+#: (the ``nnunet`` arm, ``trainers/nnunet_budget.py``)
 STOCK_BUDGET_TRAINER = "nnUNetTrainerBudget"
 #: the fold a pretraining run trains on (``nnUNetv2_train ... all``)
 PRETRAIN_FOLD = "all"
@@ -101,4 +103,5 @@ def run_folder(results: Path, dataset_name: str, trainer: str, plans: str, confi
 
 def pretrain_run_folder(results: Path, dataset_name: str, plans: str = PLANS_NAME) -> Path:
     """Run folder of ``nnUNetv2_train D joint_ssl all -tr JointSSLPretrainTrainer -p plans``."""
-    return run_folder(results, dataset_name, PRETRAIN_TRAINER, plans, PRETRAINING_CONFIGURATION, PRETRAIN_FOLD)
+    return run_folder(results, dataset_name, PRETRAIN_TRAINER, plans, PRETRAINING_CONFIGURATION,
+                      PRETRAIN_FOLD)

@@ -15,7 +15,8 @@ nothing). The breakdown of the real iterations: data wait, encoder (f_intra + g)
 clipping, optimizer, per-iteration logging; plus the in-process cost of loading + augmenting one batch
 (what the workers do). Prints JSON.
 
-    python scripts/bench_pipeline_efficiency.py [--iterations 20] [--warmup 3] [--da-processes N] [--device cpu|cuda]
+    python scripts/bench_pipeline_efficiency.py [--iterations 20] [--warmup 3] [--da-processes N]
+        [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -39,11 +40,12 @@ REPO = Path(__file__).resolve().parents[1]
 def prepare(work: Path, env: dict[str, str], n_3d: int, n_2d: int, shape_3d: str) -> None:
     if (work / "pre" / "Dataset900_Bench" / "nnsslJointPlans.json").is_file():
         return
-    for cmd in (["make-synthetic", "--n-3d", str(n_3d), "--n-2d", str(n_2d), "--n-train", "2", "--n-test", "1",
-                 "--shape-3d", shape_3d],
+    for cmd in (["make-synthetic", "--n-3d", str(n_3d), "--n-2d", str(n_2d), "--n-train", "2",
+                 "--n-test", "1", "--shape-3d", shape_3d],
                 ["prepare", "-d", "501", "502", "-o", "900", "--name", "Bench"],
                 ["plan_and_preprocess", "-d", "900", "-np", "1", "-npfp", "1"]):
-        res = subprocess.run([str(BIN / "nnssl_joint"), *cmd], env=env, capture_output=True, text=True, check=False)
+        res = subprocess.run([str(BIN / "nnssl_joint"), *cmd], env=env, capture_output=True, text=True,
+                             check=False)
         if res.returncode != 0:
             sys.exit(f"nnssl_joint {' '.join(cmd)} failed:\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}")
 
@@ -145,12 +147,14 @@ def measure(args: argparse.Namespace) -> dict:
     real_s, premade_s = statistics.mean(real_steps), statistics.mean(premade_steps)
     forward_other = parts["forward (all)"] - sum(parts.get(k, 0.0) for k in (
         "encoder", "f_inter", "losses (heads, Sinkhorn, queues)"))
-    backward = parts["train_step"] - parts["forward (all)"] - parts.get("optimizer", 0.0) - parts.get("logging", 0.0)
+    backward = (parts["train_step"] - parts["forward (all)"] - parts.get("optimizer", 0.0)
+                - parts.get("logging", 0.0))
     breakdown = {
         "data wait": parts["data wait"], "encoder (f_intra + g)": parts.get("encoder", 0.0),
         "f_inter": parts.get("f_inter", 0.0), "losses (heads, Sinkhorn, queues)":
         parts.get("losses (heads, Sinkhorn, queues)", 0.0), "forward, other": forward_other,
-        "backward + grad clip": backward, "optimizer": parts.get("optimizer", 0.0), "logging": parts.get("logging", 0.0),
+        "backward + grad clip": backward, "optimizer": parts.get("optimizer", 0.0),
+        "logging": parts.get("logging", 0.0),
     }
     total = sum(breakdown.values())
     return {
@@ -187,7 +191,8 @@ def main() -> None:
         ap.error("--iterations must be >= 1 and --warmup >= 0")
     work = Path(args.work or tempfile.mkdtemp(prefix="nnssl_efficiency_"))
     env = dict(os.environ, nnUNet_raw=str(work / "raw"), nnUNet_preprocessed=str(work / "pre"),
-               nnUNet_results=str(work / "res"), nnUNet_extTrainer=str(REPO / "trainers"), nnUNet_def_n_proc="1")
+               nnUNet_results=str(work / "res"), nnUNet_extTrainer=str(REPO / "trainers"),
+               nnUNet_def_n_proc="1")
     env.pop("nnUNet_n_proc_DA", None)  # planning must not see 0 on older plugin versions
     prepare(work, env, args.n_3d, args.n_2d, args.shape_3d)
     os.environ.update({k: env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results",

@@ -2,7 +2,8 @@
 the default (self-configured) CPU settings, on generated data, through the real nnU-Net command line.
 Prints JSON. Everything lives in a temporary folder (or --work).
 
-    python scripts/bench_pretrain.py [--epochs 2] [--iterations 10] [--n-3d 8] [--n-2d 16] [--shape-3d 32,64,64]
+    python scripts/bench_pretrain.py [--epochs 2] [--iterations 10] [--n-3d 8] [--n-2d 16]
+        [--shape-3d 32,64,64]
 """
 
 from __future__ import annotations
@@ -43,17 +44,20 @@ def main() -> None:
     args = ap.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="nnssl_bench_"))
     env = dict(os.environ, nnUNet_raw=str(work / "raw"), nnUNet_preprocessed=str(work / "pre"),
-               nnUNet_results=str(work / "res"), nnUNet_extTrainer=str(REPO / "trainers"), nnUNet_def_n_proc="1")
+               nnUNet_results=str(work / "res"), nnUNet_extTrainer=str(REPO / "trainers"),
+               nnUNet_def_n_proc="1")
     env.pop("nnUNet_n_proc_DA", None)
     t0 = time.perf_counter()
     if not (work / "pre" / "Dataset900_Bench" / "nnsslJointPlans.json").is_file():
         run([str(BIN / "nnssl_joint"), "make-synthetic", "--n-3d", str(args.n_3d), "--n-2d", str(args.n_2d),
-             "--n-train", "2", "--n-test", "1", "--shape-3d", args.shape_3d, "--shape-2d", args.shape_2d], env)
+             "--n-train", "2", "--n-test", "1", "--shape-3d", args.shape_3d, "--shape-2d", args.shape_2d],
+            env)
         run([str(BIN / "nnssl_joint"), "prepare", "-d", "501", "502", "-o", "900", "--name", "Bench"], env)
         run([str(BIN / "nnssl_joint"), "plan_and_preprocess", "-d", "900", "-np", "1", "-npfp", "1"], env)
     prep_s = time.perf_counter() - t0
     cfg = work / "cfg.json"
-    cfg.write_text(json.dumps({"optim": {"num_epochs": args.epochs, "iterations_per_epoch": args.iterations}}))
+    cfg.write_text(json.dumps({"optim": {"num_epochs": args.epochs,
+                                         "iterations_per_epoch": args.iterations}}))
     train_env = dict(env, NNSSL_JOINT_CONFIG=str(cfg), nnUNet_n_proc_DA=str(args.da_processes))
     t0 = time.perf_counter()
     log = run([str(BIN / "nnUNetv2_train"), "900", "joint_ssl", "all", "-tr", "JointSSLPretrainTrainer", "-p",

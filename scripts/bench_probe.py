@@ -29,7 +29,8 @@ DEMO_PRETRAIN_DATASET = "Dataset900_JointPretrain"
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--demo-out", required=True, type=Path, help="the demo's --out folder")
-    parser.add_argument("--runs", nargs="*", default=["intra", "joint"], help="pretraining runs of the demo to probe")
+    parser.add_argument("--runs", nargs="*", default=["intra", "joint"],
+                        help="pretraining runs of the demo to probe")
     parser.add_argument("--random-seeds", type=int, default=5)
     parser.add_argument("--fit-cases", type=int, default=None)
     parser.add_argument("--threads", type=int, default=2)
@@ -54,11 +55,13 @@ def main(argv: list[str] | None = None) -> int:
     summary = {
         "seconds": round(seconds, 1), "threads": args.threads, "target": report["target"]["dataset"],
         "fit_cases": report["target"]["fit_cases"], "test_cases": report["target"]["test_cases"],
-        "random": {r: report["random"]["dice"][r]["mean"] for r in ("logistic", "knn")} if "random" in report else None,
+        "random": ({r: report["random"]["dice"][r]["mean"] for r in ("logistic", "knn")}
+                   if "random" in report else None),
         "weights": {res["name"]: {"source": res["source"], "linear_dice": res["dice"]["logistic"]["mean"],
                                   "knn_dice": res["dice"]["knn"]["mean"], "vs_random": res.get("vs_random"),
                                   "seconds": res["seconds"]} for res in report["weights"]},
-        "seconds_per_weights": {res["name"]: res["seconds"] for res in report["random_runs"] + report["weights"]},
+        "seconds_per_weights": {res["name"]: res["seconds"]
+                                for res in report["random_runs"] + report["weights"]},
     }
     print(json.dumps(summary, indent=1))
     return 0

@@ -70,7 +70,8 @@ class JointSSLLocalLogger(LocalLogger):
         ax.set_ylabel("prototype usage entropy\n(1 = uniform, 0 = collapse)")
         ax.legend(loc="lower right")
         ax = axes[2]
-        durations = [e - s for e, s in zip(log["epoch_end_timestamps"][:n], log["epoch_start_timestamps"][:n])]
+        durations = [e - s for e, s in zip(log["epoch_end_timestamps"][:n],
+                                           log["epoch_start_timestamps"][:n])]
         ax.plot(x, durations, label="epoch time [s]")
         values = log["slices_per_s"][:n]
         if len(values) == n:
@@ -98,20 +99,23 @@ class JointSSLLocalLogger(LocalLogger):
 def _plot_probe(ax, x: np.ndarray, log: dict, n: int) -> None:
     """The per-epoch probe (nnssl_joint.probe.during_training): scores in [0, 1] left, RankMe right."""
     for key, label in (("probe_dice", "linear-probe Dice"), ("probe_knn_dice", "kNN Dice"),
-                       ("probe_retrieval_top1", "Z retrieval@1"), ("probe_slice_position_r2", "slice position R^2"),
-                       ("probe_entropy_2d", "2D prototype entropy"), ("probe_entropy_3d", "3D prototype entropy"),
+                       ("probe_retrieval_top1", "Z retrieval@1"),
+                       ("probe_slice_position_r2", "slice position R^2"),
+                       ("probe_entropy_2d", "2D prototype entropy"),
+                       ("probe_entropy_3d", "3D prototype entropy"),
                        ("probe_z_cosine", "mean cosine of Z")):
         values = np.array(log[key][:n], dtype=float)
         if np.isfinite(values).any():
-            ax.plot(x[np.isfinite(values)], values[np.isfinite(values)], marker="o", lw=2 if key == "probe_dice" else 1,
-                    label=label)
+            ax.plot(x[np.isfinite(values)], values[np.isfinite(values)], marker="o",
+                    lw=2 if key == "probe_dice" else 1, label=label)
     ax.set_ylabel("probe (frozen encoder)")
     ax.legend(loc="upper left", fontsize=8)
     ranks = ax.twinx()
     for key, label, style in (("probe_rankme_slices", "RankMe e", "--"), ("probe_rankme_z", "RankMe Z", ":")):
         values = np.array(log[key][:n], dtype=float)
         if np.isfinite(values).any():
-            ranks.plot(x[np.isfinite(values)], values[np.isfinite(values)], style, color="grey", marker=".", label=label)
+            ranks.plot(x[np.isfinite(values)], values[np.isfinite(values)], style, color="grey", marker=".",
+                       label=label)
     ranks.set_ylabel("effective rank")
     ranks.legend(loc="upper right", fontsize=8)
 

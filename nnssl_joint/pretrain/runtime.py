@@ -162,18 +162,21 @@ def check_resume_compatible(checkpoint: dict, current: dict) -> dict:
     if extra is None:
         raise NnsslJointError(
             f"the checkpoint was written by {checkpoint.get('trainer_name', 'an unknown trainer')}, not by "
-            "JointSSLPretrainTrainer; --c can only resume a JointSSLPretrainTrainer run (remove --c to start anew)")
+            "JointSSLPretrainTrainer; --c can only resume a JointSSLPretrainTrainer run "
+            "(remove --c to start anew)")
     if extra["preset"] != current["preset"]:
         raise NnsslJointError(
             f"the checkpoint used architecture preset '{extra['preset']['name']}' but this run resolves to "
-            f"'{current['preset']['name']}'; resume with the same NNSSL_JOINT_CONFIG/plans, or start a new run")
+            f"'{current['preset']['name']}'; resume with the same NNSSL_JOINT_CONFIG/plans, "
+            "or start a new run")
     old, new = extra["resolved"], current["resolved"]
     changed = {k: (old.get(k), new.get(k)) for k in ("view_size", "n_slices", "num_prototypes_2d",
                                                       "num_prototypes_3d") if old.get(k) != new.get(k)}
     if changed:
         raise NnsslJointError(
-            f"the run's self-configuration changed since the checkpoint (old, new): {changed}; resume with the "
-            "same configuration (pin these values in the file named by NNSSL_JOINT_CONFIG) or start a new run")
+            f"the run's self-configuration changed since the checkpoint (old, new): {changed}; "
+            "resume with the same configuration (pin these values in the file named by "
+            "NNSSL_JOINT_CONFIG) or start a new run")
     return extra
 
 
@@ -213,7 +216,8 @@ def build_joint_loader(trainer: Any, resolved: SelfConfiguration) -> Any:
     view = (resolved.view_size,) * 2
     strengths = {"weak": WEAK, "strong": STRONG}
     if data.augmentation not in strengths:
-        raise NnsslJointError(f"data.augmentation must be one of {sorted(strengths)}, got {data.augmentation!r}")
+        raise NnsslJointError(f"data.augmentation must be one of {sorted(strengths)}, "
+                              f"got {data.augmentation!r}")
     augmentation = strengths[data.augmentation]
     slice_loader = SliceViewsLoader(dataset_tr, resolved.batch_size_2d_per_rank, view, config=augmentation,
                                     n_small_views=resolved.n_small_views,
@@ -221,7 +225,8 @@ def build_joint_loader(trainer: Any, resolved: SelfConfiguration) -> Any:
                                     sampling_probabilities=probabilities)
     volume_loader = None
     if resolved.batch_size_3d_per_rank > 0 and any(n >= 2 for n in slices_per_case.values()):
-        volume_loader = VolumeViewsLoader(dataset_tr, resolved.batch_size_3d_per_rank, resolved.n_slices, view,
-                                          config=augmentation,
-                                          summary={"cases": {k: summary["cases"][k] for k in dataset_tr.identifiers}})
+        volume_loader = VolumeViewsLoader(dataset_tr, resolved.batch_size_3d_per_rank, resolved.n_slices,
+                                          view, config=augmentation,
+                                          summary={"cases": {k: summary["cases"][k]
+                                                             for k in dataset_tr.identifiers}})
     return JointLoader(slice_loader, volume_loader)

@@ -57,10 +57,11 @@ class ProbeTarget:
         return len(self.class_names)
 
     def record(self) -> dict[str, Any]:
-        return {"dataset": self.dataset_name, "configuration": self.configuration, "plans": str(self.plans_file),
-                "preset": self.preset.name, "input_channels": self.input_channels, "classes": self.class_names,
-                "fit_cases": [c.identifier for c in self.fit], "test_cases": [c.identifier for c in self.test],
-                "split": self.split}
+        return {"dataset": self.dataset_name, "configuration": self.configuration,
+                "plans": str(self.plans_file), "preset": self.preset.name,
+                "input_channels": self.input_channels, "classes": self.class_names,
+                "fit_cases": [c.identifier for c in self.fit],
+                "test_cases": [c.identifier for c in self.test], "split": self.split}
 
 
 def find_raw_dataset(target: str | int) -> Path:
@@ -72,7 +73,8 @@ def find_raw_dataset(target: str | int) -> Path:
     else:
         matches = [raw / text] if (raw / text).is_dir() else []
     if not matches:
-        raise ProbeDataError(f"target dataset {target!r} is not in nnUNet_raw={raw}; give the id or folder name of a "
+        raise ProbeDataError(f"target dataset {target!r} is not in nnUNet_raw={raw}; "
+                             "give the id or folder name of a "
                              "labeled raw dataset (imagesTr + labelsTr + dataset.json)")
     return matches[0]
 
@@ -85,36 +87,41 @@ def _case_ids(folder: Path, ending: str) -> list[str]:
 
 def choose_cases(pool: Sequence[str], fit_cases: int | None, fit: Sequence[str] | None, seed: int,
                  where: str) -> list[str]:
-    """The fit cases: ``fit`` as named, else the first ``fit_cases`` of a seeded order of ``pool``, else all."""
+    """The fit cases: ``fit`` as named, else the first ``fit_cases`` of a seeded order of ``pool``,
+    else all."""
     pool = list(pool)
     if fit:
         unknown = [c for c in fit if c not in pool]
         if unknown:
-            raise ProbeDataError(f"--fit names case(s) {unknown} that are not labeled fit candidates of {where}; "
-                                 f"choose among {pool}")
+            raise ProbeDataError(f"--fit names case(s) {unknown} that are not labeled fit candidates "
+                                 f"of {where}; choose among {pool}")
         return list(fit)
     if fit_cases is None:
         return pool
     if fit_cases < 1 or fit_cases > len(pool):
-        raise ProbeDataError(f"--fit-cases {fit_cases} asked, but {where} has {len(pool)} labeled case(s) to fit on "
-                             f"({pool}); pass --fit-cases {len(pool)} or fewer, or add labeled cases")
+        raise ProbeDataError(f"--fit-cases {fit_cases} asked, but {where} has {len(pool)} labeled case(s) "
+                             f"to fit on ({pool}); pass --fit-cases {len(pool)} or fewer, "
+                             "or add labeled cases")
     order = np.random.default_rng(seed).permutation(len(pool))
     return [pool[i] for i in sorted(order[:fit_cases])]
 
 
-def split_cases(raw: Path, ending: str, seed: int, test_fraction: float = 0.5) -> tuple[list[str], list[str], str]:
-    """(fit pool, test cases, description): imagesTs/labelsTs when labelled, else a seeded split of labelsTr."""
+def split_cases(raw: Path, ending: str, seed: int,
+                test_fraction: float = 0.5) -> tuple[list[str], list[str], str]:
+    """(fit pool, test cases, description): imagesTs/labelsTs when labelled,
+    else a seeded split of labelsTr."""
     train = _case_ids(raw / "labelsTr", ending)
     if not train:
-        raise ProbeDataError(f"target {raw.name} has no labels ({raw / 'labelsTr'} is missing or empty); the probe "
-                             "needs a labeled dataset. Pass the id of a labeled task (labelsTr with one label file "
-                             "per imagesTr case)")
-    test = [c for c in _case_ids(raw / "labelsTs", ending) if (raw / "imagesTs" / f"{c}_0000{ending}").is_file()]
+        raise ProbeDataError(f"target {raw.name} has no labels ({raw / 'labelsTr'} is missing or empty); "
+                             "the probe needs a labeled dataset. Pass the id of a labeled task "
+                             "(labelsTr with one label file per imagesTr case)")
+    test = [c for c in _case_ids(raw / "labelsTs", ending)
+            if (raw / "imagesTs" / f"{c}_0000{ending}").is_file()]
     if test:
         return train, test, "imagesTs/labelsTs"
     if len(train) < 2:
-        raise ProbeDataError(f"target {raw.name} has {len(train)} labeled case and no labelsTs; a seeded split needs "
-                             "at least 2 labeled cases (or add imagesTs/labelsTs)")
+        raise ProbeDataError(f"target {raw.name} has {len(train)} labeled case and no labelsTs; "
+                             "a seeded split needs at least 2 labeled cases (or add imagesTs/labelsTs)")
     order = np.random.default_rng(seed).permutation(len(train))
     n_test = min(len(train) - 1, max(1, round(test_fraction * len(train))))
     test = sorted(train[i] for i in order[:n_test])
@@ -124,7 +131,8 @@ def split_cases(raw: Path, ending: str, seed: int, test_fraction: float = 0.5) -
 
 def load_target(target: str | int, configuration: str = "3d_fullres", fit_cases: int | None = None,
                 fit: Sequence[str] | None = None, seed: int = 0, plans: str = PLANS_NAME) -> ProbeTarget:
-    """Choose and preprocess the fit and test cases of ``target`` for ``configuration`` of its plugin plans."""
+    """Choose and preprocess the fit and test cases of ``target`` for ``configuration``
+    of its plugin plans."""
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
@@ -140,19 +148,23 @@ def load_target(target: str | int, configuration: str = "3d_fullres", fit_cases:
     pool, test_ids, split = split_cases(raw, ending, seed)
     plans_file = nnunet_preprocessed() / raw.name / f"{plans}.json"
     if not plans_file.is_file():
-        raise ProbeDataError(f"{plans_file} does not exist: the target is not planned with the plugin's planner. Run "
-                             f"nnssl_joint plan_and_preprocess -d {raw.name.split('_')[0][7:]} --downstream first")
+        raise ProbeDataError(f"{plans_file} does not exist: the target is not planned with the plugin's "
+                             "planner. Run nnssl_joint plan_and_preprocess "
+                             f"-d {raw.name.split('_')[0][7:]} --downstream first")
     pm = PlansManager(str(plans_file))
     if configuration not in pm.available_configurations:
         raise ProbeDataError(f"configuration {configuration!r} is not in {plans_file} (has "
-                             f"{pm.available_configurations}); re-plan with nnssl_joint plan_and_preprocess --downstream")
+                             f"{pm.available_configurations}); "
+                             "re-plan with nnssl_joint plan_and_preprocess --downstream")
     cm = pm.get_configuration(configuration)
     if not cm.network_arch_class_name.startswith("nnssl_joint."):
-        raise ProbeDataError(f"{plans_file} configuration {configuration!r} uses {cm.network_arch_class_name}, not a "
-                             "plugin architecture; plan the target with nnssl_joint plan_and_preprocess --downstream")
+        raise ProbeDataError(f"{plans_file} configuration {configuration!r} uses "
+                             f"{cm.network_arch_class_name}, not a plugin architecture; "
+                             "plan the target with nnssl_joint plan_and_preprocess --downstream")
     lm = pm.get_label_manager(dataset_json)
     if lm.has_regions:
-        raise ProbeDataError(f"{raw / 'dataset.json'} defines regions; the probe handles plain label maps only")
+        raise ProbeDataError(f"{raw / 'dataset.json'} defines regions; "
+                             "the probe handles plain label maps only")
     labels = dataset_json["labels"]
     names = {int(v): k for k, v in labels.items() if not isinstance(v, (list, tuple))}
     class_names = [names.get(i, f"label_{i}") for i in range(max(names) + 1)]
@@ -169,7 +181,8 @@ def load_target(target: str | int, configuration: str = "3d_fullres", fit_cases:
         missing = [f for f in files if not Path(f).is_file()]
         if missing:
             raise ProbeDataError(f"case {case} of {raw.name} lacks image file(s) {missing}")
-        data, seg, _ = preprocessor.run_case(files, str(raw / labels_folder / f"{case}{ending}"), pm, cm, dataset_json)
+        data, seg, _ = preprocessor.run_case(files, str(raw / labels_folder / f"{case}{ending}"), pm, cm,
+                                             dataset_json)
         return ProbeCase(case, np.ascontiguousarray(data, dtype=np.float32),
                          np.maximum(np.asarray(seg[0], dtype=np.int64), 0))
 
@@ -183,6 +196,7 @@ def load_target(target: str | int, configuration: str = "3d_fullres", fit_cases:
                                       lm.num_segmentation_heads, allow_init=True, deep_supervision=True)
 
     return ProbeTarget(dataset_name=raw.name, configuration=configuration, plans_file=plans_file,
-                       preset=resolve_preset(cm.network_arch_init_kwargs["preset"]), input_channels=input_channels,
+                       preset=resolve_preset(cm.network_arch_init_kwargs["preset"]),
+                       input_channels=input_channels,
                        class_names=class_names, fit=fit_cases_loaded, test=test_cases_loaded, split=split,
                        network_builder=build_network)

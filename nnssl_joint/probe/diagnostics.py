@@ -50,13 +50,16 @@ def mean_pairwise_cosine(z: Tensor | np.ndarray) -> float:
 
 
 def retrieval_top1(a: Tensor, b: Tensor) -> float:
-    """Top-1 retrieval by cosine of row i of ``b`` from row i of ``a`` and back, averaged over both directions."""
+    """Top-1 retrieval by cosine of row i of ``b`` from row i of ``a`` and back,
+    averaged over both directions."""
     sims = F.normalize(a.double(), dim=1) @ F.normalize(b.double(), dim=1).T
     target = torch.arange(len(a))
-    return float(((sims.argmax(1) == target).double().mean() + (sims.argmax(0) == target).double().mean()) / 2)
+    return float(((sims.argmax(1) == target).double().mean()
+                  + (sims.argmax(0) == target).double().mean()) / 2)
 
 
-def ridge_r2(x_fit: Tensor, y_fit: Tensor, x_test: Tensor, y_test: Tensor, alpha: float | None = None) -> float:
+def ridge_r2(x_fit: Tensor, y_fit: Tensor, x_test: Tensor, y_test: Tensor,
+             alpha: float | None = None) -> float:
     """R^2 on the test rows of a ridge regression fitted on standardised fit rows (closed form, float64).
     ``alpha`` defaults to the number of fit rows (penalty 1 per unit of mean squared error): the probe has
     a few hundred slices for d >= 128 features, and a weak penalty fits noise (R^2 far below 0)."""
@@ -65,14 +68,16 @@ def ridge_r2(x_fit: Tensor, y_fit: Tensor, x_test: Tensor, y_test: Tensor, alpha
     mean, std = x_fit.mean(0), x_fit.std(0).clamp_min(1e-8)
     a, b = (x_fit - mean) / std, (x_test - mean) / std
     y_mean = y_fit.mean()
-    w = torch.linalg.solve(a.T @ a + alpha * torch.eye(a.shape[1], dtype=torch.float64), a.T @ (y_fit - y_mean))
+    w = torch.linalg.solve(a.T @ a + alpha * torch.eye(a.shape[1], dtype=torch.float64),
+                           a.T @ (y_fit - y_mean))
     residual = ((b @ w + y_mean - y_test) ** 2).sum()
     total = ((y_test - y_test.mean()) ** 2).sum().clamp_min(1e-12)
     return float(1 - residual / total)
 
 
 def perturbed_view(windows: np.ndarray, seed: int) -> np.ndarray:
-    """The second view of windows (W, C, N, H, W') for retrieval: flipped in-plane, contrast x1.1, noise 0.1."""
+    """The second view of windows (W, C, N, H, W') for retrieval: flipped in-plane, contrast x1.1,
+    noise 0.1."""
     rng = np.random.default_rng(seed)
     flipped = windows[..., ::-1] * 1.1
     return np.ascontiguousarray(flipped + 0.1 * rng.standard_normal(windows.shape), dtype=np.float32)
@@ -87,7 +92,8 @@ def window_settings(weights: Sequence[ProbeWeights], total_stride: int) -> tuple
     return DEFAULT_N_SLICES, view
 
 
-def _windows(cases: Sequence[ProbeCase], n_slices: int, view: int) -> tuple[np.ndarray, list[int], list[np.ndarray]]:
+def _windows(cases: Sequence[ProbeCase], n_slices: int,
+             view: int) -> tuple[np.ndarray, list[int], list[np.ndarray]]:
     """All windows of the cases, the valid slice count of each and each slice's relative position."""
     windows, valid, positions = [], [], []
     for case in cases:
@@ -135,7 +141,8 @@ def label_free_diagnostics(weights: ProbeWeights, fit: Sequence[ProbeCase], test
     out["retrieval_chance"] = 1.0 / len(test_z)
     out["n_windows"] = {"fit": len(fit_z), "test": len(test_z)}
 
-    def per_slice_rows(per_slice: Tensor, valid: list[int], positions: list[np.ndarray]) -> tuple[Tensor, Tensor]:
+    def per_slice_rows(per_slice: Tensor, valid: list[int],
+                       positions: list[np.ndarray]) -> tuple[Tensor, Tensor]:
         rows = torch.cat([per_slice[i, :k] for i, k in enumerate(valid)])
         return rows, torch.from_numpy(np.concatenate(positions))
 
@@ -148,7 +155,8 @@ def label_free_diagnostics(weights: ProbeWeights, fit: Sequence[ProbeCase], test
     return out
 
 
-def collapse_check(model: Any, windows: np.ndarray, num_prototypes_2d: int, max_slices: int = 256) -> dict[str, float]:
+def collapse_check(model: Any, windows: np.ndarray, num_prototypes_2d: int,
+                   max_slices: int = 256) -> dict[str, float]:
     """Direct representation-collapse measures on real slices (the prototype-usage entropy of argmax
     assignments can look healthy when every score is tied): the mean pairwise cosine of the 2D
     projections z of different slices (1 = all slices map to one point), the spread of the prototype
@@ -162,5 +170,6 @@ def collapse_check(model: Any, windows: np.ndarray, num_prototypes_2d: int, max_
     cos = z @ z.T
     n = len(z)
     off_diagonal = (cos.sum() - cos.diagonal().sum()) / max(1, n * (n - 1))
-    return {"z_mean_pairwise_cosine": float(off_diagonal), "score_std_over_prototypes": float(scores.std(1).mean()),
+    return {"z_mean_pairwise_cosine": float(off_diagonal),
+            "score_std_over_prototypes": float(scores.std(1).mean()),
             "log_k_2d": float(np.log(num_prototypes_2d)), "n_slices": int(n)}

@@ -35,7 +35,8 @@ _STATE = "_nnssl_joint_epoch_probe"
 
 
 def probe_enabled(trainer: Any) -> bool:
-    return getattr(trainer.ssl_config, "probe", None) is not None and trainer.ssl_config.probe.target is not None
+    return (getattr(trainer.ssl_config, "probe", None) is not None
+            and trainer.ssl_config.probe.target is not None)
 
 
 def start_epoch_probe(trainer: Any) -> None:
@@ -52,8 +53,8 @@ def start_epoch_probe(trainer: Any) -> None:
         target = load_target(cfg.target, cfg.configuration, cfg.fit_cases, None, trainer.ssl_config.seed or 0)
     model = trainer.model
     check_compatible(ProbeWeights("run", "training", "this pretraining run", model.preset,
-                                  trainer.num_input_channels, model.encoder), target.preset, target.input_channels,
-                     target.dataset_name, target.plans_file)
+                                  trainer.num_input_channels, model.encoder), target.preset,
+                     target.input_channels, target.dataset_name, target.plans_file)
     setattr(trainer, _STATE, target)
     trainer.print_to_log_file(
         f"probe: {target.dataset_name} ({cfg.configuration}) every {cfg.every_epochs} epoch(s), fit "
@@ -97,7 +98,8 @@ def run_epoch_probe(trainer: Any) -> None:
     if due:
         if getattr(trainer, _STATE, None) is None:
             start_epoch_probe(trainer)
-        resolved = trainer.resolved.to_dict() if hasattr(trainer.resolved, "to_dict") else dict(trainer.resolved)
+        resolved = (trainer.resolved.to_dict() if hasattr(trainer.resolved, "to_dict")
+                    else dict(trainer.resolved))
         res = probe_model(trainer.model, getattr(trainer, _STATE), resolved, trainer.ssl_config.seed or 0)
         for key, (group, name) in PROBE_LOG_KEYS.items():
             value = res[group][name]["mean"] if group == "dice" else res[group].get(name)

@@ -47,7 +47,8 @@ def slice_embeddings(encoder: nn.Module, slice_embedding: nn.Module, image: np.n
     """e_n = g(f_intra(x_n)) of every slice of a (C, Z, Y, X) volume -> (Z, d)."""
     volume = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).transpose(0, 1)
     device = module_device(encoder)
-    out = [slice_embedding(encoder(pad_in_plane(volume[i:i + batch_slices], total_stride).to(device))).float().cpu()
+    out = [slice_embedding(encoder(pad_in_plane(volume[i:i + batch_slices],
+                                                total_stride).to(device))).float().cpu()
            for i in range(0, volume.shape[0], batch_slices)]
     return torch.cat(out)
 
@@ -78,7 +79,8 @@ def window_starts(depth: int, n_slices: int, max_windows: int = 4) -> list[int]:
     """First slice of each window :func:`volume_windows` cuts from a volume of ``depth`` slices."""
     if depth <= n_slices:
         return [0]
-    return sorted({round(s) for s in np.linspace(0, depth - n_slices, min(max_windows, depth - n_slices + 1))})
+    return sorted({round(s)
+                   for s in np.linspace(0, depth - n_slices, min(max_windows, depth - n_slices + 1))})
 
 
 @torch.no_grad()

@@ -48,7 +48,8 @@ def dice_scores(prediction: np.ndarray, label: np.ndarray, num_classes: int) -> 
     for c in range(1, num_classes):
         p, g = prediction == c, label == c
         denominator = int(p.sum()) + int(g.sum())
-        out.append(float("nan") if denominator == 0 else 2.0 * float(np.logical_and(p, g).sum()) / denominator)
+        out.append(float("nan") if denominator == 0
+                   else 2.0 * float(np.logical_and(p, g).sum()) / denominator)
     return out
 
 
@@ -65,7 +66,8 @@ def balanced_pixel_indices(labels: Sequence[np.ndarray], num_classes: int, per_c
         if len(where):
             chosen.append(rng.choice(where, size=min(per_class, len(where)), replace=False))
     chosen = np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
-    per_case = [chosen[(chosen >= offsets[i]) & (chosen < offsets[i + 1])] - offsets[i] for i in range(len(labels))]
+    per_case = [chosen[(chosen >= offsets[i]) & (chosen < offsets[i + 1])] - offsets[i]
+                for i in range(len(labels))]
     return per_case, flat[chosen]
 
 
@@ -137,8 +139,8 @@ def dense_probe(encoder: nn.Module, fit: Sequence[ProbeCase], test: Sequence[Pro
 
     Returns ``{"logistic": {case: [dice per foreground class]}, "knn": {...}, "fit": {...}}``."""
     rng = np.random.default_rng(settings.seed)
-    indices, sampled_labels = balanced_pixel_indices([c.label for c in fit], num_classes, settings.pixels_per_class,
-                                                     rng)
+    indices, sampled_labels = balanced_pixel_indices([c.label for c in fit], num_classes,
+                                                     settings.pixels_per_class, rng)
     moments = _RunningMoments()
     sampled = []
     for case, chosen in zip(fit, indices):
@@ -157,7 +159,8 @@ def dense_probe(encoder: nn.Module, fit: Sequence[ProbeCase], test: Sequence[Pro
     y = torch.from_numpy(sampled_labels).long()
     counts = np.bincount(np.concatenate([c.label.reshape(-1) for c in fit]), minlength=num_classes)
     majority = int(counts.argmax())
-    fit_record = {"pixels": len(y), "pixels_per_class": np.bincount(sampled_labels, minlength=num_classes).tolist(),
+    fit_record = {"pixels": len(y),
+                  "pixels_per_class": np.bincount(sampled_labels, minlength=num_classes).tolist(),
                   "features": int(informative.numel()), "informative_features": int(informative.sum())}
 
     use_model = bool(informative.any())
@@ -184,7 +187,8 @@ def dense_probe(encoder: nn.Module, fit: Sequence[ProbeCase], test: Sequence[Pro
                 m = feats.shape[0]
                 flat = (feats.reshape(-1, feats.shape[-1]).double()[:, informative] - mean) / scale
                 pred_lr[start:start + m] = (flat @ weight + bias).argmax(1).view(m, *shape[1:]).numpy()
-                knn = knn_predict(F.normalize(flat.float(), dim=1), bank, bank_labels, num_classes, settings.knn_k)
+                knn = knn_predict(F.normalize(flat.float(), dim=1), bank, bank_labels, num_classes,
+                                  settings.knn_k)
                 pred_knn[start:start + m] = knn.view(m, *shape[1:]).numpy()
         result["logistic"][case.identifier] = dice_scores(pred_lr, case.label, num_classes)
         result["knn"][case.identifier] = dice_scores(pred_knn, case.label, num_classes)

@@ -47,8 +47,8 @@ def summarize_dice(per_case: dict[str, list[float]]) -> dict[str, Any]:
     return {"per_class": per_class.tolist(), "mean": mean, "per_case_mean": per_case_mean.tolist()}
 
 
-def bootstrap_difference(weights_cases: np.ndarray, random_cases: np.ndarray, samples: int = BOOTSTRAP_SAMPLES,
-                         seed: int = 0) -> dict[str, float]:
+def bootstrap_difference(weights_cases: np.ndarray, random_cases: np.ndarray,
+                         samples: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> dict[str, float]:
     """mean(weights) - mean(random) and its percentile 95% interval, resampling test cases (the same
     cases for both sides) and random seeds with replacement. ``weights_cases`` (cases,),
     ``random_cases`` (seeds, cases)."""
@@ -85,7 +85,8 @@ def probe_one(weights: Any, target: Any, n_slices: int, view_size: int, settings
             "fit": dense["fit"], "diagnostics": diagnostics, "seconds": round(time.perf_counter() - start, 2)}
 
 
-def compare_to_random(results: list[dict[str, Any]], randoms: list[dict[str, Any]], seed: int = 0) -> dict[str, Any]:
+def compare_to_random(results: list[dict[str, Any]], randoms: list[dict[str, Any]],
+                      seed: int = 0) -> dict[str, Any]:
     """Random mean ± std of every number, and each file's Dice difference to the random mean."""
     baseline: dict[str, Any] = {"seeds": [r["seed"] for r in randoms], "dice": {}, "diagnostics": {}}
     for r in READOUTS:
@@ -101,7 +102,8 @@ def compare_to_random(results: list[dict[str, Any]], randoms: list[dict[str, Any
         res["vs_random"] = {}
         for r in READOUTS:
             random_cases = np.array([x["dice"][r]["per_case_mean"] for x in randoms])
-            res["vs_random"][r] = bootstrap_difference(np.array(res["dice"][r]["per_case_mean"]), random_cases, seed=seed)
+            res["vs_random"][r] = bootstrap_difference(np.array(res["dice"][r]["per_case_mean"]),
+                                                       random_cases, seed=seed)
     return baseline
 
 
@@ -120,7 +122,8 @@ def format_table(report: dict[str, Any]) -> str:
     if base:
         n = len(base["seeds"])
         row = [f"random ({n} seed{'s' if n != 1 else ''})"]
-        row += [f"{_fmt(base['dice'][r]['mean']['mean'])} ± {_fmt(base['dice'][r]['mean']['std'])}" for r in READOUTS]
+        row += [f"{_fmt(base['dice'][r]['mean']['mean'])} ± {_fmt(base['dice'][r]['mean']['std'])}"
+                for r in READOUTS]
         row += ["", ""]
         for key, _ in DIAGNOSTIC_COLUMNS:
             d = base["diagnostics"].get(key)
@@ -144,12 +147,13 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
     t = report["target"]
     classes = t["classes"][1:]
     lines = [f"# Probe: {t['dataset']} ({t['configuration']})", "",
-             (f"Fit cases ({len(t['fit_cases'])}): {', '.join(t['fit_cases'])}. Test cases ({len(t['test_cases'])}, "
+             (f"Fit cases ({len(t['fit_cases'])}): {', '.join(t['fit_cases'])}. "
+             f"Test cases ({len(t['test_cases'])}, "
              f"{t['split']}): {', '.join(t['test_cases'])}. Preprocessed with {t['plans']}."), "",
-             ("Dense linear probe (logistic regression on class-balanced pixels of the frozen 2D encoder's upsampled, "
-             "concatenated skips) and kNN label transfer (cosine, k = "
-             f"{report['settings']['knn_k']}); mean Dice over foreground classes and test cases. Intervals: bootstrap "
-             "95% over test cases and random seeds. Retrieval chance level: "
+             ("Dense linear probe (logistic regression on class-balanced pixels of the frozen 2D encoder's "
+             "upsampled, concatenated skips) and kNN label transfer (cosine, k = "
+             f"{report['settings']['knn_k']}); mean Dice over foreground classes and test cases. "
+             "Intervals: bootstrap 95% over test cases and random seeds. Retrieval chance level: "
              f"{_fmt(report.get('retrieval_chance'))}."), "", format_table(report), "",
              "## Linear-probe Dice per class", "",
              "| weights | " + " | ".join(classes) + " |", "|" + "---|" * (len(classes) + 1)]
@@ -159,8 +163,10 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         lines.append("| random | " + " | ".join(f"{m:.3f} ± {s:.3f}" for m, s in
                                                  zip(d["per_class_mean"], d["per_class_std"])) + " |")
     for res in report["weights"]:
-        lines.append(f"| {res['name']} | " + " | ".join(_fmt(v) for v in res["dice"]["logistic"]["per_class"]) + " |")
-    lines += ["", f"Total time {report['seconds']:.1f} s (loading and preprocessing {report['load_seconds']:.1f} s).", ""]
+        lines.append(f"| {res['name']} | "
+                     + " | ".join(_fmt(v) for v in res["dice"]["logistic"]["per_class"]) + " |")
+    lines += ["", (f"Total time {report['seconds']:.1f} s "
+                   f"(loading and preprocessing {report['load_seconds']:.1f} s)."), ""]
     path.write_text("\n".join(lines))
 
 
@@ -258,12 +264,13 @@ def _run_probe(weights: Sequence[str], target: str | int, configuration: str, fi
     def say(text: str) -> None:
         print(text, file=sys.stdout if stream is None else stream, flush=True)
 
-    say(f"probe: {tgt.dataset_name} ({configuration}), fit {len(tgt.fit)} case(s), test {len(tgt.test)} case(s) "
-        f"[{tgt.split}], windows N={n_slices} view={view_size}")
+    say(f"probe: {tgt.dataset_name} ({configuration}), fit {len(tgt.fit)} case(s), "
+        f"test {len(tgt.test)} case(s) [{tgt.split}], windows N={n_slices} view={view_size}")
     randoms = []
     for i in range(random_seeds):
         res = probe_one(random_weights(tgt.network_builder, seed + i), tgt, n_slices, view_size, settings)
-        say(f"  random seed {seed + i}: linear Dice {res['dice']['logistic']['mean']:.3f} ({res['seconds']:.1f} s)")
+        say(f"  random seed {seed + i}: linear Dice {res['dice']['logistic']['mean']:.3f} "
+            f"({res['seconds']:.1f} s)")
         randoms.append(res)
     results = []
     for w in loaded:
@@ -305,9 +312,10 @@ def report_section(report: dict[str, Any], heading: str = "##") -> list[str]:
     """Markdown lines for a report: the probe table (random baseline first) and how to read it."""
     t = report["target"]
     return [f"{heading} Frozen-encoder probe (`nnssl_joint probe`)", "",
-            (f"Dense linear probe (logistic regression) and kNN read-out of each pretraining run's frozen 2D encoder on "
-             f"{t['dataset']} ({t['configuration']}; fit {len(t['fit_cases'])} case(s), test {len(t['test_cases'])} "
-             f"case(s), {t['split']}), against {len(report.get('random_runs', []))} random nnU-Net initialisations; "
+            (f"Dense linear probe (logistic regression) and kNN read-out of each pretraining run's frozen "
+             f"2D encoder on {t['dataset']} ({t['configuration']}; fit {len(t['fit_cases'])} case(s), "
+             f"test {len(t['test_cases'])} case(s), {t['split']}), "
+             f"against {len(report.get('random_runs', []))} random nnU-Net initialisations; "
              "intervals: bootstrap 95% over test cases and random seeds. Label-free diagnostics as in "
              f"docs/probe.md (retrieval chance {_fmt(report.get('retrieval_chance'))})."), "",
             format_table(report), "", "![probe](probe.png)", ""]
@@ -318,7 +326,8 @@ def _cmd_probe(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    run_probe(args.weights, args.target, args.c, args.fit_cases, args.fit, args.random_seeds, args.out, args.seed)
+    run_probe(args.weights, args.target, args.c, args.fit_cases, args.fit, args.random_seeds, args.out,
+              args.seed)
     return 0
 
 
@@ -326,10 +335,11 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "probe",
         help="frozen-encoder dense linear probe + label-free diagnostics against random initialisations",
-        description="Measure what pretrained weights know: the frozen 2D encoder runs on every slice of a labeled "
-        "target's fit and test cases (preprocessed with the target's plugin plans), a logistic regression and a "
-        "kNN read-out on its dense features give per-class Dice; RankMe, retrieval, slice-position R^2, prototype "
-        "entropy and Z cosine describe the features without labels. Compared with nnU-Net's random "
+        description="Measure what pretrained weights know: the frozen 2D encoder runs on every slice of a "
+        "labeled target's fit and test cases (preprocessed with the target's plugin plans), a logistic "
+        "regression and a kNN read-out on its dense features give per-class Dice; RankMe, retrieval, "
+        "slice-position R^2, prototype entropy and Z cosine describe the features without labels. "
+        "Compared with nnU-Net's random "
         "initialisation over several seeds. See docs/probe.md.",
     )
     p.add_argument("--weights", nargs="+", required=True, metavar="W",
@@ -343,8 +353,10 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     group.add_argument("--fit-cases", type=int, default=None, metavar="N",
                        help="fit on N labeled cases (a seeded choice; default: all non-test labeled cases)")
     group.add_argument("--fit", nargs="+", default=None, metavar="CASE", help="fit on these labeled cases")
-    p.add_argument("--random-seeds", type=int, default=5, help="random initialisations of the baseline (default 5)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the case split, pixel sampling and random inits")
+    p.add_argument("--random-seeds", type=int, default=5,
+                   help="random initialisations of the baseline (default 5)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the case split, pixel sampling and random inits")
     p.add_argument("--out", default=None, help="folder for probe.json, probe.md and probe.png")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.set_defaults(func=_cmd_probe)

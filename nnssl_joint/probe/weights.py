@@ -79,8 +79,8 @@ def resolve_weights_path(spec: str | Path) -> Path:
             f"(nnUNetv2_train ... --c continues it){hint}")
     if not path.is_file():
         raise ProbeWeightsError(
-            f"weights {spec!r} do not exist: give a JointSSLPretrainTrainer run folder, its checkpoint_final.pth, "
-            "a pretrained_for_2d.pth / pretrained_for_3d_fullres.pth, or 'random'")
+            f"weights {spec!r} do not exist: give a JointSSLPretrainTrainer run folder, "
+            "its checkpoint_final.pth, a pretrained_for_2d.pth / pretrained_for_3d_fullres.pth, or 'random'")
     return path
 
 
@@ -90,8 +90,8 @@ def _stem_channels(state: dict[str, torch.Tensor]) -> int:
     for key, value in state.items():
         if key.startswith("encoder.") and key.endswith(STEM_KEY_SUFFIXES):
             return int(value.shape[1])
-    raise ProbeWeightsError("the weights have no encoder stem (encoder.stages.0.0.convs.0.conv.weight); they are "
-                            "not weights of a plugin network")
+    raise ProbeWeightsError("the weights have no encoder stem (encoder.stages.0.0.convs.0.conv.weight); "
+                            "they are not weights of a plugin network")
 
 
 def _sub_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -107,8 +107,8 @@ def _from_downstream_file(path: Path, ckpt: dict[str, Any], name: str) -> ProbeW
     channels = _stem_channels(state)
     encoder = build_encoder_2d(preset, channels, return_skips=True)
     encoder.load_state_dict(_sub_state(state, "encoder."))
-    weights = ProbeWeights(name=name, kind=f"pretrained_for_{meta.get('configuration', 'unknown')}", source=str(path),
-                           preset=preset, input_channels=channels, encoder=encoder)
+    weights = ProbeWeights(name=name, kind=f"pretrained_for_{meta.get('configuration', 'unknown')}",
+                           source=str(path), preset=preset, input_channels=channels, encoder=encoder)
     if any(k.startswith("slice_embedding.") for k in state):
         weights.slice_embedding = build_slice_embedding(preset)
         weights.slice_embedding.load_state_dict(_sub_state(state, "slice_embedding."))
@@ -172,8 +172,10 @@ def random_weights(network_builder: Any, seed: int) -> ProbeWeights:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = network_builder()
-    return ProbeWeights(name=f"{RANDOM}#{seed}", kind=RANDOM, source=f"{RANDOM} (nnU-Net initialisation, seed {seed})",
-                        preset=net.preset, input_channels=_stem_channels(net.state_dict()), encoder=net.encoder,
+    return ProbeWeights(name=f"{RANDOM}#{seed}", kind=RANDOM,
+                        source=f"{RANDOM} (nnU-Net initialisation, seed {seed})",
+                        preset=net.preset, input_channels=_stem_channels(net.state_dict()),
+                        encoder=net.encoder,
                         slice_embedding=getattr(net, "slice_embedding", None),
                         slice_transformer=getattr(net, "slice_transformer", None), seed=seed).eval()
 
@@ -185,11 +187,13 @@ def check_compatible(weights: ProbeWeights, preset: ArchitecturePreset, input_ch
             weights.preset.embedding_dim != preset.embedding_dim:
         raise ProbeWeightsError(
             f"{weights.source} uses architecture preset '{weights.preset.name}' (encoder "
-            f"{list(weights.preset.encoder.features_per_stage)}), but {plans_file} plans {target} with preset "
-            f"'{preset.name}' ({list(preset.encoder.features_per_stage)}). Re-plan the target with the weights' "
-            f"preset: nnssl_joint plan_and_preprocess -d {target} --downstream --preset {weights.preset.name}")
+            f"{list(weights.preset.encoder.features_per_stage)}), but {plans_file} plans {target} "
+            f"with preset '{preset.name}' ({list(preset.encoder.features_per_stage)}). "
+            "Re-plan the target with the weights' preset: nnssl_joint plan_and_preprocess "
+            f"-d {target} --downstream --preset {weights.preset.name}")
     if weights.input_channels != input_channels:
         raise ProbeWeightsError(
-            f"{weights.source} was pretrained on {weights.input_channels} input channel(s), target {target} has "
+            f"{weights.source} was pretrained on {weights.input_channels} input channel(s), "
+            f"target {target} has "
             f"{input_channels}. Export weights with an adapted stem and probe that file: nnssl_joint export "
             f"--checkpoint {weights.source} -d {target} -c 3d_fullres -o adapted.pth")

@@ -38,10 +38,10 @@ class _Target:
 
 def _model() -> JointSSLModel:
     torch.manual_seed(0)
-    resolved = SelfConfiguration(view_size=32, small_view_size=32, n_small_views=0, n_slices=4, batch_size_2d=4,
-                                 batch_size_3d=2, num_prototypes_2d=8, num_prototypes_3d=4,
-                                 freeze_prototypes_iterations=1, queue_start_iteration=1, memory_budget_gb=3.0,
-                                 estimated_activation_gb=0.1)
+    resolved = SelfConfiguration(view_size=32, small_view_size=32, n_small_views=0, n_slices=4,
+                                 batch_size_2d=4, batch_size_3d=2, num_prototypes_2d=8, num_prototypes_3d=4,
+                                 freeze_prototypes_iterations=1, queue_start_iteration=1,
+                                 memory_budget_gb=3.0, estimated_activation_gb=0.1)
     return JointSSLModel(load_preset("cpu"), 1, resolved.objective(ObjectiveConfig()))
 
 
@@ -102,12 +102,14 @@ def test_seeded_pretraining_has_the_same_losses_with_the_probe_on(tmp_path):
 
     ws = Workspace.create(tmp_path / "a")
     rng = np.random.default_rng(0)
-    write_dataset(ws.raw, 501, "Vols", volumes(rng, [10, 8, 12]), spacings={f"vol{i}": (2.0, 1.0, 1.0) for i in range(3)})
+    write_dataset(ws.raw, 501, "Vols", volumes(rng, [10, 8, 12]),
+                  spacings={f"vol{i}": (2.0, 1.0, 1.0) for i in range(3)})
     write_dataset(ws.raw, 502, "Pngs", pngs(rng, 4), channel_names={"0": "Xray"}, file_ending=".png")
     name = prepare_and_plan(ws, [501, 502], 900, "Base")
     write_labeled_3d(ws.raw, 503, "SynthOrgans", n_train=2, n_test=1, shape=(8, 32, 32), seed=0)
     with nnunet_env(ws):
-        extract_fingerprint_dataset(503, num_processes=1, check_dataset_integrity=False, clean=True, verbose=False)
+        extract_fingerprint_dataset(503, num_processes=1, check_dataset_integrity=False, clean=True,
+                                    verbose=False)
         JointSSLDownstreamPlanner(503).plan_experiment()
     config = {**REFERENCE_CONFIG, "optim": {**REFERENCE_CONFIG["optim"], "num_epochs": 2}}
     train_cli(ws, 900, write_config(tmp_path / "plain.json", config))

@@ -28,7 +28,8 @@ class LabelEncoder(nn.Module):
 
 class ConstantEncoder(nn.Module):
     def forward(self, x):
-        return [torch.ones(x.shape[0], 4, *x.shape[2:]), torch.ones(x.shape[0], 8, x.shape[2] // 2, x.shape[3] // 2)]
+        return [torch.ones(x.shape[0], 4, *x.shape[2:]),
+                torch.ones(x.shape[0], 8, x.shape[2] // 2, x.shape[3] // 2)]
 
 
 def _case(name, seed, shape=(4, 16, 20)):

@@ -30,17 +30,19 @@ ENV = (("nnUNet_raw", "raw"), ("nnUNet_preprocessed", "pre"), ("nnUNet_results",
 
 
 def save_checkpoint(folder: Path, preset: ArchitecturePreset, channels: int = 1, seed: int = 0) -> Path:
-    """A checkpoint_final.pth as JointSSLPretrainTrainer writes it (network_weights + 'nnssl_joint' record)."""
+    """A checkpoint_final.pth as JointSSLPretrainTrainer writes it
+    (network_weights + 'nnssl_joint' record)."""
     torch.manual_seed(seed)
-    resolved = SelfConfiguration(view_size=32, small_view_size=32, n_small_views=0, n_slices=8, batch_size_2d=4,
-                                 batch_size_3d=2, num_prototypes_2d=8, num_prototypes_3d=4,
-                                 freeze_prototypes_iterations=1, queue_start_iteration=1, memory_budget_gb=3.0,
-                                 estimated_activation_gb=0.1)
+    resolved = SelfConfiguration(view_size=32, small_view_size=32, n_small_views=0, n_slices=8,
+                                 batch_size_2d=4, batch_size_3d=2, num_prototypes_2d=8, num_prototypes_3d=4,
+                                 freeze_prototypes_iterations=1, queue_start_iteration=1,
+                                 memory_budget_gb=3.0, estimated_activation_gb=0.1)
     model = JointSSLModel(preset, channels, resolved.objective(ObjectiveConfig()))
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "checkpoint_final.pth"
     torch.save({"network_weights": model.state_dict(), "trainer_name": "JointSSLPretrainTrainer",
-                "nnssl_joint": {"preset": preset.to_dict(), "config": {"objective": ObjectiveConfig().to_dict()},
+                "nnssl_joint": {"preset": preset.to_dict(),
+                                "config": {"objective": ObjectiveConfig().to_dict()},
                                 "input_channels": channels, "resolved": resolved.to_dict()}}, path)
     return path
 
@@ -53,15 +55,18 @@ def workspace(tmp_path_factory):
     from nnssl_joint.planning.downstream import JointSSLDownstreamPlanner
 
     root = tmp_path_factory.mktemp("probe")
-    env = {"nnUNet_raw": root / "raw", "nnUNet_preprocessed": root / "pre", "nnUNet_results": root / "results"}
+    env = {"nnUNet_raw": root / "raw", "nnUNet_preprocessed": root / "pre",
+           "nnUNet_results": root / "results"}
     with pytest.MonkeyPatch.context() as mp:
         for key, value in env.items():
             value.mkdir()
             mp.setenv(key, str(value))
-        write_labeled_3d(env["nnUNet_raw"], 503, "SynthOrgans", n_train=3, n_test=2, shape=(12, 32, 32), seed=0)
+        write_labeled_3d(env["nnUNet_raw"], 503, "SynthOrgans", n_train=3, n_test=2, shape=(12, 32, 32),
+                         seed=0)
         # fingerprint + plans as plan_and_preprocess --downstream writes them; the probe preprocesses its
         # cases itself with nnU-Net's preprocessor, so the preprocessed folders are not needed
-        extract_fingerprint_dataset(503, num_processes=1, check_dataset_integrity=False, clean=True, verbose=False)
+        extract_fingerprint_dataset(503, num_processes=1, check_dataset_integrity=False, clean=True,
+                                    verbose=False)
         JointSSLDownstreamPlanner(503).plan_experiment()
         run = root / "results" / RUN
         save_checkpoint(run, load_preset("cpu"))
@@ -85,7 +90,8 @@ def _env(monkeypatch, workspace):
 def test_cli_writes_the_report(workspace, monkeypatch, capsys):
     _env(monkeypatch, workspace)
     out = workspace / "out_cli"
-    assert cli_main(["probe", "--weights", "random", "--target", "503", "--random-seeds", "1", "--out", str(out)]) == 0
+    assert cli_main(["probe", "--weights", "random", "--target", "503", "--random-seeds", "1",
+                     "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "random (1 seed)" in printed and "linear Dice" in printed
     report = json.loads((out / "probe.json").read_text())
@@ -112,11 +118,13 @@ def test_every_kind_of_weights_loads_and_reports(workspace, monkeypatch, capsys)
     # same encoder tensors -> the same dense probe, whichever file holds them
     assert folder["dice"] == ckpt["dice"] == file_2d["dice"] == file_3d["dice"]
     # diagnostics where the file has the parts: prototypes only in checkpoints, f_inter not in the 2D file
-    assert {"prototype_entropy_2d", "prototype_entropy_3d", "rankme_z", "slice_position_r2"} <= set(ckpt["diagnostics"])
+    assert ({"prototype_entropy_2d", "prototype_entropy_3d", "rankme_z", "slice_position_r2"}
+            <= set(ckpt["diagnostics"]))
     assert file_2d["diagnostics"] == {}
     assert "rankme_z" in file_3d["diagnostics"] and "prototype_entropy_2d" not in file_3d["diagnostics"]
     assert file_3d["diagnostics"]["rankme_z"] == pytest.approx(ckpt["diagnostics"]["rankme_z"])
-    # random: nnU-Net's SliceWiseUNet3D initialisation, different per seed, with all but the prototype diagnostics
+    # random: nnU-Net's SliceWiseUNet3D initialisation, different per seed, with all but the prototype
+    # diagnostics
     r0, r1 = report["random_runs"]
     assert r0["source"].startswith("random") and r0["dice"] != r1["dice"]
     assert "rankme_z" in r0["diagnostics"] and "prototype_entropy_2d" not in r0["diagnostics"]
@@ -131,8 +139,10 @@ def test_every_kind_of_weights_loads_and_reports(workspace, monkeypatch, capsys)
 def test_same_seed_same_numbers_and_2d_configuration(workspace, monkeypatch):
     _env(monkeypatch, workspace)
     ckpt = workspace / "results" / RUN / "checkpoint_final.pth"
-    one = run_probe([str(ckpt)], 503, "2d", fit_cases=2, random_seeds=1, seed=3, stream=io.StringIO(), settings=FAST)
-    two = run_probe([str(ckpt)], 503, "2d", fit_cases=2, random_seeds=1, seed=3, stream=io.StringIO(), settings=FAST)
+    one = run_probe([str(ckpt)], 503, "2d", fit_cases=2, random_seeds=1, seed=3, stream=io.StringIO(),
+                    settings=FAST)
+    two = run_probe([str(ckpt)], 503, "2d", fit_cases=2, random_seeds=1, seed=3, stream=io.StringIO(),
+                    settings=FAST)
     assert _numbers(one) == _numbers(two)
     assert one["target"]["configuration"] == "2d" and len(one["target"]["fit_cases"]) == 2
     # the probe leaves the caller's random streams alone
@@ -151,7 +161,8 @@ def test_errors_name_the_fix(workspace, monkeypatch, tmp_path):
 
     _env(monkeypatch, workspace)
     ckpt = workspace / "results" / RUN / "checkpoint_final.pth"
-    with pytest.raises(NnsslJointError, match=r"--fit-cases 7 asked, but .* has 3 labeled case\(s\).*--fit-cases 3"):
+    with pytest.raises(NnsslJointError,
+                       match=r"--fit-cases 7 asked, but .* has 3 labeled case\(s\).*--fit-cases 3"):
         run_probe([str(ckpt)], 503, fit_cases=7, stream=io.StringIO())
     with pytest.raises(NnsslJointError, match="not labeled fit candidates"):
         run_probe([str(ckpt)], 503, fit=["case_999"], stream=io.StringIO())
@@ -163,8 +174,8 @@ def test_errors_name_the_fix(workspace, monkeypatch, tmp_path):
     with pytest.raises(NnsslJointError, match=r"preset 'narrow'.*--downstream --preset narrow"):
         run_probe([str(other)], 503, stream=io.StringIO())
     two_channels = save_checkpoint(tmp_path / "two", load_preset("cpu"), channels=2)
-    with pytest.raises(NnsslJointError, match=r"2 input channel\(s\), target Dataset503_SynthOrgans has 1.*nnssl_joint "
-                                              r"export"):
+    with pytest.raises(NnsslJointError, match=r"2 input channel\(s\), target Dataset503_SynthOrgans has 1"
+                                              r".*nnssl_joint export"):
         run_probe([str(two_channels)], 503, stream=io.StringIO())
 
     unfinished = tmp_path / "unfinished"

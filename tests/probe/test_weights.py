@@ -13,7 +13,8 @@ def test_names_tell_runs_apart_and_can_be_given(tmp_path):
     joint, intra = tmp_path / "pretrain_joint" / RUN, tmp_path / "pretrain_intra" / RUN
     names = distinct_names([str(joint), str(intra / "pretrained_for_2d.pth"), f"mine={joint}"])
     assert names == [("pretrain_joint:JointSSLPretrainTrainer", str(joint)),
-                     ("pretrain_intra:JointSSLPretrainTrainer/pretrained_for_2d", str(intra / "pretrained_for_2d.pth")),
+                     ("pretrain_intra:JointSSLPretrainTrainer/pretrained_for_2d",
+                      str(intra / "pretrained_for_2d.pth")),
                      ("mine", str(joint))]
     assert [n for n, _ in distinct_names([str(joint), str(joint)])] == ["JointSSLPretrainTrainer",
                                                                         "JointSSLPretrainTrainer#2"]

@@ -75,7 +75,8 @@ def test_consecutive_nonfinite_losses_stop_the_run_with_a_clear_message(base, tm
 #: a deliberately collapsing 3D objective: the LayerNorm 3D head with Sinkhorn codes over a queue that joins
 #: after the first epoch (the default before the running-statistics head): the volume features share one
 #: dominant component, the stale queue rows take the other prototypes and every window lands on one
-COLLAPSING_OBJECTIVE = {"head_norm_3d": "layer", "inter_codes": "sinkhorn", "inter_code_standardization": False}
+COLLAPSING_OBJECTIVE = {"head_norm_3d": "layer", "inter_codes": "sinkhorn",
+                        "inter_code_standardization": False}
 
 
 def test_prototype_collapse_is_detected_and_reported(base, tmp_path):
@@ -86,7 +87,8 @@ def test_prototype_collapse_is_detected_and_reported(base, tmp_path):
     from reliability_helpers import Workspace
 
     ws = Workspace.create(tmp_path, raw=base["ws"].raw, pre=base["ws"].pre)
-    res = train_cli(ws, BASE_ID, write_config(tmp_path / "collapse.json", _config(objective=COLLAPSING_OBJECTIVE)),
+    res = train_cli(ws, BASE_ID,
+                    write_config(tmp_path / "collapse.json", _config(objective=COLLAPSING_OBJECTIVE)),
                     timeout=900)
     ckpt = load(ws.run_dir(base["dataset"]) / "checkpoint_final.pth")
     logged, meta = ckpt["logging"], ckpt["nnssl_joint"]
@@ -99,8 +101,10 @@ def test_prototype_collapse_is_detected_and_reported(base, tmp_path):
                 (expected if h < threshold else healthy).append((epoch, key))
     assert expected and healthy, ("the run needs collapsed and healthy epochs: "
                                   f"{ {k: logged[k] for k in logged if k.startswith('entropy_')} }, K: "
-                                  f"{meta['resolved']['num_prototypes_2d']}, {meta['resolved']['num_prototypes_3d']}")
-    assert any(key == "3d" for _, key in expected), "the deliberately collapsing 3D objective did not collapse"
+                                  f"{meta['resolved']['num_prototypes_2d']}, "
+                                  f"{meta['resolved']['num_prototypes_3d']}")
+    assert any(key == "3d" for _, key in expected), ("the deliberately collapsing 3D objective "
+                                                     "did not collapse")
     reported, epoch = [], None
     for line in (res.stdout + res.stderr).splitlines():
         if m := re.search(r": Epoch (\d+)$", line):
