@@ -130,15 +130,16 @@ def load_model(checkpoint: Path):
         return model.eval(), meta
 
 
-def evaluate(run_dir: Path, volumes: dict[str, np.ndarray], seed: int) -> dict:
+def evaluate(run_dir: Path, volumes: dict[str, np.ndarray], seed: int, checkpoint: str = "checkpoint_final.pth"
+             ) -> dict:
     import torch
 
     from nnssl_joint.data.augment import STRONG, WEAK, volume_view_transforms
     from nnssl_joint.ssl.diagnostics import volume_diagnostics
 
-    ckpt = torch.load(run_dir / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    ckpt = torch.load(run_dir / checkpoint, map_location="cpu", weights_only=False)
     log = ckpt["logging"]
-    model, meta = load_model(run_dir / "checkpoint_final.pth")
+    model, meta = load_model(run_dir / checkpoint)
     resolved = meta["resolved"]
     n, view = int(resolved["n_slices"]), int(resolved["view_size"])
     k2, k3 = int(resolved["num_prototypes_2d"]), int(resolved["num_prototypes_3d"])
@@ -198,7 +199,9 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--keep", action="store_true", help="keep the run folders")
     parser.add_argument("--evaluate", type=Path, default=None, metavar="RUN_FOLDER",
-                        help="only evaluate an existing run folder (holding checkpoint_final.pth) with --seeds[0]")
+                        help="only evaluate an existing run folder (holding --checkpoint) with --seeds[0]")
+    parser.add_argument("--checkpoint", default="checkpoint_final.pth",
+                        help="with --evaluate: checkpoint file of the run folder (e.g. checkpoint_best.pth)")
     args = parser.parse_args()
 
     import torch
@@ -212,7 +215,7 @@ def main() -> int:
     volumes = held_back_volumes(raw)
     if args.evaluate is not None:
         print(json.dumps({"tag": args.tag, "evaluated": str(args.evaluate),
-                          **evaluate(args.evaluate.resolve(), volumes, args.seeds[0])}, indent=1))
+                          **evaluate(args.evaluate.resolve(), volumes, args.seeds[0], args.checkpoint)}, indent=1))
         return 0
     runs = {}
     for seed in args.seeds:
