@@ -187,7 +187,7 @@ def train_in_process(ws: Workspace, dataset_id: int, config: Path) -> str:
     """nnU-Net's ``run_training`` (what ``nnUNetv2_train`` calls) in this process; returns the run's log."""
     from nnunetv2.run.run_training import run_training
 
-    from nnssl_joint.pretrain.runtime import capture_rng, restore_rng
+    from nnssl_joint.common.seeding import capture_rng, restore_rng
 
     rng = capture_rng()
     try:

@@ -56,7 +56,7 @@ def test_augmentation_workers_get_distinct_seeds_from_the_run_seed(base, referen
     would share the parent's torch RNG state and draw the same torch random numbers."""
     from nnunetv2.run.run_training import get_trainer_from_args
 
-    from nnssl_joint.pretrain.runtime import capture_rng, restore_rng
+    from nnssl_joint.common.seeding import capture_rng, restore_rng
 
     saved = capture_rng()
     seeds = []

@@ -119,7 +119,7 @@ def assert_trainer_restores_exactly(ws: Workspace, config: Path, checkpoint: Pat
     the model (prototypes and queues included), the optimizer, counters and RNG equal the file's."""
     from nnunetv2.run.run_training import get_trainer_from_args
 
-    from nnssl_joint.pretrain.runtime import capture_rng, restore_rng
+    from nnssl_joint.common.seeding import capture_rng, restore_rng
 
     saved_rng = capture_rng()
     try:
