@@ -87,7 +87,8 @@ def parse_labeled(text: str) -> list[int]:
     try:
         values = sorted({int(v) for v in text.split(",") if v.strip()})
     except ValueError:
-        raise NnsslJointError(f"--labeled {text!r}: expected comma-separated integers such as 1,2,4") from None
+        raise NnsslJointError(f"--labeled {text!r}: expected comma-separated integers "
+                              "such as 1,2,4") from None
     if not values or values[0] < 1:
         raise NnsslJointError(f"--labeled {text!r}: every count must be >= 1")
     return values
@@ -97,7 +98,8 @@ def parse_arms(text: str) -> list[str]:
     arms = [a.strip() for a in text.split(",") if a.strip()]
     unknown = [a for a in arms if a not in ARM_LABELS]
     if not arms or unknown:
-        raise NnsslJointError(f"--arms {text!r}: unknown arm(s) {unknown}; choose from {', '.join(ARM_LABELS)}")
+        raise NnsslJointError(f"--arms {text!r}: unknown arm(s) {unknown}; "
+                              f"choose from {', '.join(ARM_LABELS)}")
     return list(dict.fromkeys(arms))
 
 
@@ -105,7 +107,8 @@ def run_name(labeled: int, seed: int) -> str:
     return f"L{labeled}_s{seed}"
 
 
-def benchmark_split(identifiers: Sequence[str], labeled: int, seed: int, n_val: int = 1) -> dict[str, list[str]]:
+def benchmark_split(identifiers: Sequence[str], labeled: int, seed: int, n_val: int = 1
+                    ) -> dict[str, list[str]]:
     """The fine-tuning split of one (labeled count, seed): validation cases first, then the labeled ones,
     from one permutation of the training pool per seed. For one seed the labeled sets are nested
     (the 1 case is among the 2, which are among the 4) and the validation cases are the same for every
@@ -114,9 +117,10 @@ def benchmark_split(identifiers: Sequence[str], labeled: int, seed: int, n_val: 
     identifiers = sorted(identifiers)
     if len(identifiers) < labeled + n_val:
         raise NnsslJointError(
-            f"{labeled} labeled case(s) plus {n_val} validation case(s) need {labeled + n_val} cases in the target's "
-            f"training pool, it has {len(identifiers)}; ask for fewer labeled cases (--labeled), fewer validation "
-            "cases (--val-cases, 0 validates on the labeled cases) or hold out fewer test cases (--test-fraction)")
+            f"{labeled} labeled case(s) plus {n_val} validation case(s) need {labeled + n_val} cases in the "
+            f"target's training pool, it has {len(identifiers)}; ask for fewer labeled cases (--labeled), "
+            "fewer validation cases (--val-cases, 0 validates on the labeled cases) or hold out fewer test "
+            "cases (--test-fraction)")
     order = np.random.default_rng([seed, 1]).permutation(len(identifiers))
     train = sorted(identifiers[i] for i in order[n_val:n_val + labeled])
     return {"train": train, "val": sorted(identifiers[i] for i in order[:n_val]) if n_val else list(train)}
@@ -129,10 +133,11 @@ def held_out_cases(identifiers: Sequence[str], fraction: float, seed: int, keep:
         raise NnsslJointError(f"--test-fraction must be between 0 and 1, got {fraction}")
     n = max(1, round(fraction * len(identifiers)))
     if len(identifiers) - n < keep:
-        raise NnsslJointError(f"the target has {len(identifiers)} labeled training cases and no imagesTs/labelsTs: "
-                              f"holding out {n} as test cases leaves {len(identifiers) - n}, fewer than the {keep} the "
-                              "labeled and validation cases need. Add cases, provide imagesTs/labelsTs, ask for fewer "
-                              "labeled cases (--labeled) or validate on the labeled cases (--val-cases 0)")
+        raise NnsslJointError(f"the target has {len(identifiers)} labeled training cases and no "
+                              f"imagesTs/labelsTs: holding out {n} as test cases leaves "
+                              f"{len(identifiers) - n}, fewer than the {keep} the labeled and validation "
+                              "cases need. Add cases, provide imagesTs/labelsTs, ask for fewer labeled "
+                              "cases (--labeled) or validate on the labeled cases (--val-cases 0)")
     order = np.random.default_rng([seed, 2]).permutation(len(identifiers))
     return sorted(identifiers[i] for i in order[:n])
 
@@ -182,13 +187,14 @@ def split_target(source: Path, test_fraction: float, seed: int, keep: int = 2) -
     dataset_json = load_dataset_json(source)
     ending = dataset_json["file_ending"]
     if "labels" not in dataset_json or len(dataset_json["labels"]) < 2:
-        raise NnsslJointError(f"{source / 'dataset.json'}: the target needs 'labels' with at least one foreground "
-                              "class; is this an unlabeled (pretraining) dataset?")
+        raise NnsslJointError(f"{source / 'dataset.json'}: the target needs 'labels' with at least one "
+                              "foreground class; is this an unlabeled (pretraining) dataset?")
     cases = list_cases(source, dataset_json)
     missing = [c.identifier for c in cases if not _label_file(source, dataset_json, c.identifier).is_file()]
     if missing:
         raise NnsslJointError(f"{len(missing)} training case(s) of {source.name} have no label file, e.g. "
-                              f"{_label_file(source, dataset_json, missing[0])}; the target must be fully labeled")
+                              f"{_label_file(source, dataset_json, missing[0])}; the target must be "
+                              "fully labeled")
     images_ts, labels_ts = source / "imagesTs", source / "labelsTs"
     own_test = images_ts.is_dir() and labels_ts.is_dir() and any(labels_ts.glob(f"*{ending}"))
     if own_test:
@@ -198,8 +204,8 @@ def split_target(source: Path, test_fraction: float, seed: int, keep: int = 2) -
                   if not (images_ts / f"{c}_{i:04d}{ending}").is_file()]
         if absent:
             raise NnsslJointError(f"{labels_ts} has labels whose images are missing in {images_ts}: "
-                                  f"{', '.join(absent[:5])}{' ...' if len(absent) > 5 else ''}; add them or remove "
-                                  "those labels")
+                                  f"{', '.join(absent[:5])}{' ...' if len(absent) > 5 else ''}; add them "
+                                  "or remove those labels")
         pool = cases
     else:
         held = set(held_out_cases([c.identifier for c in cases], test_fraction, seed, keep))
@@ -214,8 +220,8 @@ def link_target_dataset(source: Path, destination: Path, test_fraction: float, s
     pool, imagesTs/labelsTs the test cases (the source's own, or ``test_fraction`` of its training cases).
     The source is only read. Written into a temporary folder and renamed: no half-built dataset."""
     split = split_target(source, test_fraction, seed, keep)
-    source, dataset_json, cases, pool, test, own_test = (split.source, split.dataset_json, split.cases, split.pool,
-                                                         split.test, split.own_test)
+    source, dataset_json, cases, pool, test, own_test = (split.source, split.dataset_json, split.cases,
+                                                         split.pool, split.test, split.own_test)
     ending = dataset_json["file_ending"]
     images_ts, labels_ts = source / "imagesTs", source / "labelsTs"
     tmp = destination.with_name(f".{destination.name}.tmp")
@@ -224,7 +230,8 @@ def link_target_dataset(source: Path, destination: Path, test_fraction: float, s
     for case in pool:
         for channel, f in enumerate(case.files):
             _link(Path(f), tmp / "imagesTr" / f"{case.identifier}_{channel:04d}{ending}")
-        _link(_label_file(source, dataset_json, case.identifier), tmp / "labelsTr" / f"{case.identifier}{ending}")
+        _link(_label_file(source, dataset_json, case.identifier),
+              tmp / "labelsTr" / f"{case.identifier}{ending}")
     if own_test:
         for c in test:
             for f in sorted(images_ts.glob(f"{c}_[0-9][0-9][0-9][0-9]{ending}")):
@@ -285,8 +292,10 @@ def aggregate(results: dict[str, dict[str, Any]], arms: Sequence[str], labeled: 
             runs = [results.get(f"{arm}/{run_name(k, s)}") for s in seeds]
             done = [r for r in runs if r is not None]
             entry = {"dice": spread([r["mean_dice"] for r in done]),
-                     "per_seed": {str(s): (r["mean_dice"] if r is not None else None) for s, r in zip(seeds, runs)},
-                     "per_class": {c: spread([float(np.nanmean([case.get(c, float("nan")) for case in r["dice"].values()]))
+                     "per_seed": {str(s): (r["mean_dice"] if r is not None else None)
+                                  for s, r in zip(seeds, runs)},
+                     "per_class": {c: spread([float(np.nanmean([case.get(c, float("nan"))
+                                                                for case in r["dice"].values()]))
                                               for r in done if any(not math.isnan(case.get(c, float("nan")))
                                                                    for case in r["dice"].values())])
                                    for c in classes}}
@@ -336,7 +345,8 @@ class BenchmarkSettings:
         if self.seeds < 1:
             raise NnsslJointError(f"--seeds must be >= 1, got {self.seeds}")
         if self.val_cases < 0:
-            raise NnsslJointError(f"--val-cases must be >= 0 (0: validate on the labeled cases), got {self.val_cases}")
+            raise NnsslJointError(f"--val-cases must be >= 0 (0: validate on the labeled cases), "
+                                  f"got {self.val_cases}")
         if self.configuration not in ("3d_fullres", "2d"):
             raise NnsslJointError(f"-c must be 3d_fullres or 2d, got {self.configuration!r}")
         if self.device not in ("cpu", "cuda"):
@@ -345,7 +355,8 @@ class BenchmarkSettings:
         if pretrained and not self.pretrain:
             raise NnsslJointError(f"--pretrain is needed for the pretrained arms {pretrained}")
         if self.recipe not in FINETUNE_RECIPES:
-            raise NnsslJointError(f"--recipe must be one of {', '.join(FINETUNE_RECIPES)}, got {self.recipe!r}")
+            raise NnsslJointError(f"--recipe must be one of {', '.join(FINETUNE_RECIPES)}, "
+                                  f"got {self.recipe!r}")
         self.preset = resolve_preset_choice(self.preset, self.device)
         self.budget_spec = TrainingBudget.resolve(self.budget)
         if self.raw is None:
@@ -399,7 +410,8 @@ def check_inputs(settings: BenchmarkSettings) -> dict[str, Any]:
     keep = max(s.labeled) + s.val_cases
     split = split_target(target, s.test_fraction, s.seed, keep)
     if not split.test:
-        raise NnsslJointError(f"{target.name} has no test cases; add imagesTs/labelsTs or use --test-fraction")
+        raise NnsslJointError(f"{target.name} has no test cases; add imagesTs/labelsTs or use "
+                              "--test-fraction")
     pool = split.pool_ids
     used: set[str] = set()
     for seed in range(s.seeds):
@@ -412,7 +424,8 @@ def check_inputs(settings: BenchmarkSettings) -> dict[str, Any]:
     first = by_id[min(used)]
     is_2d, size = _is_2d(Path(first.files[0]))
     if s.configuration == "3d_fullres" and is_2d:
-        raise NnsslJointError(f"{target.name} holds 2D images ({Path(first.files[0]).name}{f', size {size}' if size else ''}"
+        raise NnsslJointError(f"{target.name} holds 2D images "
+                              f"({Path(first.files[0]).name}{f', size {size}' if size else ''}"
                               "); 3d_fullres needs volumes. Run the benchmark with -c 2d")
     from nnssl_joint.experiments.pipeline import read_label
 
@@ -421,13 +434,15 @@ def check_inputs(settings: BenchmarkSettings) -> dict[str, Any]:
         values = {int(v) for v in np.unique(read_label(label_file))}
         if not region_based and not values <= declared:
             raise NnsslJointError(
-                f"{label_file} holds label value(s) {sorted(values - declared)} that {target / 'dataset.json'} does not "
-                f"declare (labels {dict(labels)}); add them to 'labels' or fix the label file")
+                f"{label_file} holds label value(s) {sorted(values - declared)} that "
+                f"{target / 'dataset.json'} does not declare (labels {dict(labels)}); "
+                "add them to 'labels' or fix the label file")
         _, image_size = _is_2d(Path(by_id[case].files[0]))
         _, label_size = _is_2d(label_file)
         if image_size and label_size and image_size != label_size:
-            raise NnsslJointError(f"{label_file} has size {label_size} but its image {by_id[case].files[0]} has "
-                                  f"{image_size}; every label must have its image's geometry")
+            raise NnsslJointError(f"{label_file} has size {label_size} but its image "
+                                  f"{by_id[case].files[0]} has {image_size}; every label must have its "
+                                  "image's geometry")
     n_channels = len(split.dataset_json.get("channel_names", {}))
     return {"target": target.name, "training_pool": len(pool), "test_cases": len(split.test),
             "labeled_and_validation_cases_checked": len(used), "channels": n_channels, "2d": is_2d}
@@ -481,7 +496,8 @@ class Benchmark(Pipeline):
     @property
     def runs(self) -> list[tuple[int, int, str]]:
         """(seed, labeled, arm) in the order they run: all arms and counts of seed 0 first."""
-        return [(s, k, a) for s in range(self.settings.seeds) for k in self.settings.labeled for a in self.settings.arms]
+        return [(s, k, a) for s in range(self.settings.seeds) for k in self.settings.labeled
+                for a in self.settings.arms]
 
     @property
     def pretrain_dataset(self) -> str:
@@ -507,17 +523,20 @@ class Benchmark(Pipeline):
     def steps(self) -> list[Step]:
         steps = [Step("link", "linking the datasets (test split made explicit)", self.step_link)]
         if self.needs_stock_plans:
-            steps.append(Step("plan_stock", "nnU-Net's own planning of the target (nnUNetPlans)", self.step_plan_stock))
+            steps.append(Step("plan_stock", "nnU-Net's own planning of the target (nnUNetPlans)",
+                              self.step_plan_stock))
         if self.pretrain_arms:
             steps += [Step("prepare", "merging the pretraining datasets",
-                           lambda p: self.prepare_pretraining(self.pretrain_ids, self.pretrain_id, PRETRAIN_NAME, p)),
+                           lambda p: self.prepare_pretraining(self.pretrain_ids, self.pretrain_id,
+                                                              PRETRAIN_NAME, p)),
                       Step("plan_pretrain", "planning + preprocessing the pretraining dataset",
                            lambda p: self.plan_pretraining(self.pretrain_id, p))]
             for arm in self.pretrain_arms:
                 steps.append(Step(f"pretrain_{arm}", f"pretraining for arm '{arm}'",
                                   lambda p, arm=arm: self.step_pretrain(arm, p)))
         if self.plugin_arms:
-            steps.append(Step("plan_target", "planning + preprocessing the target dataset", self.step_plan_target))
+            steps.append(Step("plan_target", "planning + preprocessing the target dataset",
+                              self.step_plan_target))
             if self.pretrain_arms:
                 steps.append(Step("probe", "probing the pretrained encoders against random initialisations",
                                   self.step_probe))
@@ -556,7 +575,8 @@ class Benchmark(Pipeline):
         """nnU-Net's own planning of the linked target: the plans of the ``nnunet`` arm, and the topology
         ``--preset nnunet`` takes."""
         s = self.settings
-        plans = self.plan_stock(self.target_id, self.target_name, s.configuration, "nnunet" in s.arms, progress)
+        plans = self.plan_stock(self.target_id, self.target_name, s.configuration, "nnunet" in s.arms,
+                                progress)
         info: dict[str, Any] = {"configurations": sorted(plans["configurations"])}
         if s.preset == NNUNET_PRESET:
             info["preset"] = self.derive_nnunet_preset(plans, progress).to_dict()
@@ -564,7 +584,8 @@ class Benchmark(Pipeline):
 
     def step_pretrain(self, arm: str, progress: StepProgress) -> dict[str, Any]:
         config = self.budget.pretrain_config(arm, self.settings.seed, self.preset_argument)
-        return self.pretrain(arm, config, self.pretrain_id, self.pretrain_dataset, self.budget.pretrain_epochs,
+        return self.pretrain(arm, config, self.pretrain_id, self.pretrain_dataset,
+                             self.budget.pretrain_epochs,
                              [f"pretrained_for_{self.settings.configuration}.pth"], progress)
 
     def step_plan_target(self, progress: StepProgress) -> dict[str, Any]:
@@ -572,14 +593,17 @@ class Benchmark(Pipeline):
                                      "plan_target", self.preset_argument)
         for arm in self.pretrain_arms:  # pretraining and the downstream plans must share the preset
             check_presets_agree(self.preprocessed / self.target_name / f"{PLANS_NAME}.json",
-                                self.pretrain_folder(arm) / f"pretrained_for_{self.settings.configuration}.pth")
+                                self.pretrain_folder(arm)
+                                / f"pretrained_for_{self.settings.configuration}.pth")
         return {"configurations": sorted(plans["configurations"])}
 
     def step_probe(self, progress: StepProgress) -> dict[str, Any]:
-        """``nnssl_joint probe`` of every pretraining arm next to 5 random initialisations (report: probe.*)."""
+        """``nnssl_joint probe`` of every pretraining arm next to 5 random initialisations
+        (report: probe.*)."""
         from nnssl_joint.probe.run import probe_pretraining_runs
 
-        return probe_pretraining_runs({ARM_LABELS[arm]: self.pretrain_folder(arm) for arm in self.pretrain_arms},
+        return probe_pretraining_runs({ARM_LABELS[arm]: self.pretrain_folder(arm)
+                                       for arm in self.pretrain_arms},
                                       self.target_id, self.settings.configuration, self.logs / "probe.log",
                                       out=self.report_folder, seed=self.settings.seed)
 
@@ -625,9 +649,12 @@ class Benchmark(Pipeline):
         trainer, plans = self.trainer_and_plans(arm)
         folder = self.finetune_folder(arm, fold)
         weights = None
-        if not (folder / "checkpoint_final.pth").is_file():  # else only prediction/evaluation were interrupted
-            start = None if arm in BASELINES else self.pretrain_folder(arm) / f"pretrained_for_{s.configuration}.pth"
-            cmd, _, weights = self.train_command(self.target_id, s.configuration, fold, trainer, plans, folder, start)
+        # trains unless checkpoint_final.pth exists; else only prediction/evaluation were interrupted
+        if not (folder / "checkpoint_final.pth").is_file():
+            start = (None if arm in BASELINES
+                     else self.pretrain_folder(arm) / f"pretrained_for_{s.configuration}.pth")
+            cmd, _, weights = self.train_command(self.target_id, s.configuration, fold, trainer, plans,
+                                                 folder, start)
             progress.expect(self.budget.finetune_epochs, "epoch", "validating on the validation case(s)")
             self.run_command(cmd, self.env(self.results_root("finetune", arm), training=True,
                                            NNSSL_JOINT_FINETUNE_CONFIG=str(config_file)),
@@ -637,10 +664,11 @@ class Benchmark(Pipeline):
         out = self.predictions(arm, labeled, seed)
         if out.exists():
             shutil.rmtree(out)
-        cmd = self.predict_command(raw / "imagesTs", out, self.target_id, s.configuration, fold, trainer, plans,
-                                   self.budget.test_time_augmentation)
+        cmd = self.predict_command(raw / "imagesTs", out, self.target_id, s.configuration, fold, trainer,
+                                   plans, self.budget.test_time_augmentation)
         progress.expect(len(case_identifiers(raw / "labelsTs", dataset_json["file_ending"])), "case")
-        self.run_command(cmd, self.env(self.results_root("finetune", arm)), f"predict_{arm}_{run_name(labeled, seed)}", progress)
+        self.run_command(cmd, self.env(self.results_root("finetune", arm)),
+                         f"predict_{arm}_{run_name(labeled, seed)}", progress)
         # the test labels are read here, after training and prediction finished, and nowhere before
         labels = sorted(int(v) for v in dataset_json["labels"].values() if int(v) > 0)
         dice = evaluate_predictions(out, raw / "labelsTs", dataset_json["file_ending"], labels)
@@ -649,7 +677,8 @@ class Benchmark(Pipeline):
         run_plans = json.loads((folder.parent / "plans.json").read_text())
         result = {"arm": arm, "labeled": labeled, "seed": seed, "fold": fold, "run_folder": str(folder),
                   "trainer": trainer, "plans_name": run_plans["plans_name"],
-                  "network_class": run_plans["configurations"][s.configuration]["architecture"]["network_class_name"],
+                  "network_class": (run_plans["configurations"][s.configuration]["architecture"]
+                                    ["network_class_name"]),
                   "recipe": recipe, "pretrained_weights": None if weights is None else str(weights),
                   "train_cases": split["train"], "validation_cases": split["val"],
                   "validated_on_training_cases": split["val"] == split["train"],
@@ -682,8 +711,8 @@ class Benchmark(Pipeline):
         import platform
 
         return {
-            "settings": {**s.record(), "labeled": s.labeled, "seeds": s.seeds, "arms": s.arms, "device": s.device,
-                         "out": str(s.out), "raw": str(s.raw)},
+            "settings": {**s.record(), "labeled": s.labeled, "seeds": s.seeds, "arms": s.arms,
+                         "device": s.device, "out": str(s.out), "raw": str(s.raw)},
             "target": self.target_name, "classes": classes,
             "test_cases": link_info.get("test_cases"), "test_source": link_info.get("test_source"),
             "pretraining_sources": link_info.get("pretraining_sources"),
@@ -691,8 +720,10 @@ class Benchmark(Pipeline):
             "finished_runs": len(wanted & set(self.results)), "planned_runs": len(wanted),
             "summary": aggregate(self.results, s.arms, s.labeled, seeds, classes),
             "runs": {k: v for k, v in sorted(self.results.items()) if k in wanted},
-            "probe": json.loads(self.marker("probe").read_text())["info"] if self.marker("probe").is_file() else None,
-            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+            "probe": (json.loads(self.marker("probe").read_text())["info"]
+                      if self.marker("probe").is_file() else None),
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                        "python": platform.python_version()},
             "written": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
 
@@ -705,13 +736,15 @@ class Benchmark(Pipeline):
     def run(self) -> dict[str, Any]:
         start = time.monotonic()
         checked = check_inputs(self.settings)
-        print(f"checks passed in {time.monotonic() - start:.1f}s: {json.dumps(checked)}", file=self.stream, flush=True)
+        print(f"checks passed in {time.monotonic() - start:.1f}s: {json.dumps(checked)}", file=self.stream,
+              flush=True)
         self.check_settings()
         os.environ.update({k: v for k, v in self.env().items() if k.startswith("nnUNet_")})
         s = self.settings
-        print(f"nnssl_joint benchmark: target {s.target}, pretraining on {', '.join(s.pretrain) or '-'}, arms "
-              f"{','.join(s.arms)}, labeled {','.join(map(str, s.labeled))}, {s.seeds} seed(s), budget "
-              f"{s.budget!r}, preset {s.preset!r}, recipe {s.recipe!r}; output in {s.out}", file=self.stream, flush=True)
+        print(f"nnssl_joint benchmark: target {s.target}, pretraining on {', '.join(s.pretrain) or '-'}, "
+              f"arms {','.join(s.arms)}, labeled {','.join(map(str, s.labeled))}, {s.seeds} seed(s), "
+              f"budget {s.budget!r}, preset {s.preset!r}, recipe {s.recipe!r}; output in {s.out}",
+              file=self.stream, flush=True)
         self.run_steps(self.steps())
         report = json.loads((self.report_folder / "benchmark.json").read_text())
         print(summary_text(report, time.monotonic() - start), file=self.stream)
@@ -726,7 +759,8 @@ def summary_text(report: dict[str, Any], seconds: float) -> str:
         parts = []
         for k, entry in per_k.items():
             d = entry["dice"]
-            text = "n/a" if d["mean"] is None else f"{d['mean']:.3f}" + ("" if d["std"] is None else f"±{d['std']:.3f}")
+            text = ("n/a" if d["mean"] is None
+                    else f"{d['mean']:.3f}" + ("" if d["std"] is None else f"±{d['std']:.3f}"))
             for baseline in BASELINES:
                 gain = entry.get(f"gain_vs_{baseline}_points")
                 if gain and gain["mean"] is not None:
@@ -742,52 +776,56 @@ def summary_text(report: dict[str, Any], seconds: float) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pretrain", nargs="+", default=[], metavar="ID",
-                        help="raw datasets (ids or DatasetXXX_Name) to pretrain on, 2D and/or 3D, labeled or not "
-                        "(labels are ignored); needed for every arm except scratch")
+                        help="raw datasets (ids or DatasetXXX_Name) to pretrain on, 2D and/or 3D, labeled "
+                        "or not (labels are ignored); needed for every arm except scratch")
     parser.add_argument("--target", required=True, metavar="ID",
-                        help="the labeled raw dataset to fine-tune on (imagesTr/labelsTr, and imagesTs/labelsTs or "
-                        "--test-fraction)")
+                        help="the labeled raw dataset to fine-tune on (imagesTr/labelsTr, and "
+                        "imagesTs/labelsTs or --test-fraction)")
     parser.add_argument("--labeled", default="1,2,4", help="labeled training cases per run, comma-separated "
                         "(default 1,2,4)")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds per labeled count: each draws its own labeled "
-                        "cases and fine-tuning seed (default 3)")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per labeled count: each draws its own "
+                        "labeled cases and fine-tuning seed (default 3)")
     parser.add_argument("--arms", default="scratch,intra,joint",
                         help=f"comma-separated, from {', '.join(ARM_LABELS)} (default scratch,intra,joint)")
     parser.add_argument("--budget", default="small",
-                        help="training lengths: tiny, small (default), medium, large (the demo's) or a JSON file "
-                        "overriding keys of small: pretrain_epochs, pretrain_iterations, finetune_epochs, "
-                        "finetune_iterations, finetune_val_iterations, finetune_warmup_epochs, "
-                        "test_time_augmentation")
-    parser.add_argument("--out", default="benchmark_output", help="output folder (default ./benchmark_output); "
-                        "re-run with the same folder to continue or extend")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the test hold-out and the pretraining runs "
-                        "(default 0)")
+                        help="training lengths: tiny, small (default), medium, large (the demo's) or a JSON "
+                        "file overriding keys of small: pretrain_epochs, pretrain_iterations, "
+                        "finetune_epochs, finetune_iterations, finetune_val_iterations, "
+                        "finetune_warmup_epochs, test_time_augmentation")
+    parser.add_argument("--out", default="benchmark_output",
+                        help="output folder (default ./benchmark_output); re-run with the same folder to "
+                        "continue or extend")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the test hold-out and the pretraining "
+                        "runs (default 0)")
     parser.add_argument("--test-fraction", type=float, default=0.25,
-                        help="share of imagesTr held out as test cases when the target has no imagesTs/labelsTs "
-                        "(default 0.25)")
-    parser.add_argument("--val-cases", type=int, default=1, help="validation cases per run, from the training pool "
-                        "(default 1); 0: validate on the labeled cases themselves (nnU-Net's fold 'all'), so one "
-                        "labeled case suffices")
+                        help="share of imagesTr held out as test cases when the target has no "
+                        "imagesTs/labelsTs (default 0.25)")
+    parser.add_argument("--val-cases", type=int, default=1,
+                        help="validation cases per run, from the training pool (default 1); 0: validate on "
+                        "the labeled cases themselves (nnU-Net's fold 'all'), so one labeled case suffices")
     parser.add_argument("--preset", default=None, metavar="cpu|gpu|nnunet|FILE.json",
-                        help="architecture preset of pretraining and of the plugin's downstream plans (default: gpu "
-                        "with --device cuda, else cpu); nnunet: the 2D encoder topology nnU-Net's own planner gives "
-                        "the target's 2d configuration, so pretrained_for_2d.pth also loads into stock nnUNetPlans "
-                        "2d networks")
+                        help="architecture preset of pretraining and of the plugin's downstream plans "
+                        "(default: gpu with --device cuda, else cpu); nnunet: the 2D encoder topology "
+                        "nnU-Net's own planner gives the target's 2d configuration, so "
+                        "pretrained_for_2d.pth also loads into stock nnUNetPlans 2d networks")
     parser.add_argument("--recipe", default="plugin", choices=FINETUNE_RECIPES,
-                        help="fine-tuning recipe of the plugin's arms: plugin (default: warm-up inside nnU-Net's "
-                        "poly schedule, lr 1e-2) or nnunet_warmup (nnU-Net's pretrained-weights recipe: linear "
-                        "warm-up of the whole network, then poly; lr 1e-3 for pretrained networks)")
+                        help="fine-tuning recipe of the plugin's arms: plugin (default: warm-up inside "
+                        "nnU-Net's poly schedule, lr 1e-2) or nnunet_warmup (nnU-Net's pretrained-weights "
+                        "recipe: linear warm-up of the whole network, then poly; lr 1e-3 for pretrained "
+                        "networks)")
     parser.add_argument("-c", "--configuration", default="3d_fullres", choices=("3d_fullres", "2d"),
                         help="the nnU-Net configuration to fine-tune (default 3d_fullres)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="training device (default cpu)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="training device (default cpu)")
     parser.add_argument("--raw", default=None, help="where the datasets are (default: $nnUNet_raw)")
 
 
 def settings_from_args(args: argparse.Namespace) -> BenchmarkSettings:
     return BenchmarkSettings(pretrain=args.pretrain, target=args.target, out=Path(args.out),
-                             labeled=parse_labeled(args.labeled), seeds=args.seeds, arms=parse_arms(args.arms),
-                             budget=args.budget, seed=args.seed, test_fraction=args.test_fraction,
-                             val_cases=args.val_cases, configuration=args.configuration, device=args.device,
+                             labeled=parse_labeled(args.labeled), seeds=args.seeds,
+                             arms=parse_arms(args.arms), budget=args.budget, seed=args.seed,
+                             test_fraction=args.test_fraction, val_cases=args.val_cases,
+                             configuration=args.configuration, device=args.device,
                              raw=None if args.raw is None else Path(args.raw), preset=args.preset,
                              recipe=args.recipe)
 
@@ -803,10 +841,11 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "benchmark", help="label-efficiency benchmark on your datasets: scratch vs pretrained arms over seeds",
-        description=__doc__.split("\n\n", 1)[0] + " Fine-tunes nnU-Net on 1, 2, 4 ... labeled cases of --target "
-        "from scratch and from pretraining on --pretrain, over several seeds, predicts the test cases and writes "
-        "OUT/report/benchmark.{json,md,png} (mean and spread over seeds). Resumable and extendable: re-run with "
-        "the same --out.")
+        "benchmark",
+        help="label-efficiency benchmark on your datasets: scratch vs pretrained arms over seeds",
+        description=__doc__.split("\n\n", 1)[0] + " Fine-tunes nnU-Net on 1, 2, 4 ... labeled cases of "
+        "--target from scratch and from pretraining on --pretrain, over several seeds, predicts the test "
+        "cases and writes OUT/report/benchmark.{json,md,png} (mean and spread over seeds). Resumable and "
+        "extendable: re-run with the same --out.")
     add_arguments(parser)
     parser.set_defaults(func=_cmd_benchmark)

@@ -1,5 +1,6 @@
-"""The demo's report: Dice tables, figures and a markdown page from the data :mod:`nnssl_joint.experiments.demo`
-collects (plain dicts and arrays, so the report can be rebuilt or tested without running anything).
+"""The demo's report: Dice tables, figures and a markdown page from the data
+:mod:`nnssl_joint.experiments.demo` collects (plain dicts and arrays, so the report can be rebuilt or
+tested without running anything).
 
 Files written to the report folder: ``report.md``, ``report.json``, ``dice.png`` (Dice per class and
 arm), ``pretraining_curves.png`` (every loss term and the prototype-usage entropy per epoch, both
@@ -21,11 +22,11 @@ import numpy as np
 TARGET_GAIN_POINTS = 5.0
 
 _ARM_COLOURS = {"scratch": "#7f7f7f", "intra": "#1f77b4", "joint": "#d62728"}
-_LABEL_COLOURS = np.array([[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
-                           [145, 30, 180]], dtype=np.float32) / 255.0
+_LABEL_COLOURS = np.array([[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200],
+                           [245, 130, 48], [145, 30, 180]], dtype=np.float32) / 255.0
 _CURVE_KEYS = (("train_losses", "total loss"), ("loss_intra", "L_intra"), ("loss_intra_3d", "L_intra_3d"),
-               ("loss_inter", "L_inter"), ("loss_mask", "L_mask"), ("entropy_2d", "prototype usage entropy 2D"),
-               ("entropy_3d", "prototype usage entropy 3D"))
+               ("loss_inter", "L_inter"), ("loss_mask", "L_mask"),
+               ("entropy_2d", "prototype usage entropy 2D"), ("entropy_3d", "prototype usage entropy 3D"))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -76,8 +77,8 @@ def summarize_dice(dice: dict[str, dict[str, dict[str, float]]], classes: dict[s
         verdict["joint_beats_scratch_by_target"] = bool(gain["joint_vs_scratch"] >= TARGET_GAIN_POINTS)
     if "joint_vs_intra" in gain:
         verdict["joint_beats_intra"] = bool(gain["joint_vs_intra"] > 0)
-    return {"per_class": per_class, "mean_dice": means, "gain_points": gain, "target_gain_points": TARGET_GAIN_POINTS,
-            "verdict": verdict}
+    return {"per_class": per_class, "mean_dice": means, "gain_points": gain,
+            "target_gain_points": TARGET_GAIN_POINTS, "verdict": verdict}
 
 
 #: a 2D projection whose slices have a mean pairwise cosine above this has collapsed to (nearly) one point
@@ -95,7 +96,8 @@ def collapse_verdicts(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
         if not check:
             continue
         final = _last_finite(data["pretraining"].get(run, {}).get("logging", {}).get("loss_intra"))
-        at_log_k = final is not None and abs(final - check["log_k_2d"]) <= COLLAPSE_LOSS_TOLERANCE * check["log_k_2d"]
+        at_log_k = (final is not None
+                    and abs(final - check["log_k_2d"]) <= COLLAPSE_LOSS_TOLERANCE * check["log_k_2d"])
         same_point = check["z_mean_pairwise_cosine"] > COLLAPSE_COSINE
         volume_cos = check.get("volume_z_mean_pairwise_cosine")
         volume_trained = run != "intra"  # f_inter gets no training signal in 2D-only pretraining
@@ -136,8 +138,8 @@ def _save(plt: Any, fig: Any, path: Path, dpi: int) -> Path:
     return path
 
 
-def plot_dice(dice: dict[str, dict[str, dict[str, float]]], classes: dict[str, str], arm_labels: dict[str, str],
-              path: Path) -> Path:
+def plot_dice(dice: dict[str, dict[str, dict[str, float]]], classes: dict[str, str],
+              arm_labels: dict[str, str], path: Path) -> Path:
     """Grouped bars: one group per class (+ the mean over classes), one bar per arm with the spread over test
     cases as error bar and each case as a dot."""
     plt = _plt()
@@ -174,7 +176,8 @@ def plot_pretraining_curves(runs: dict[str, dict[str, Any]], path: Path) -> Path
     """Every loss term and the prototype-usage entropies per epoch, one line per pretraining run."""
     plt = _plt()
     keys = [(k, t) for k, t in _CURVE_KEYS
-            if any(np.isfinite(np.asarray(r["logging"].get(k, []), dtype=float)).any() for r in runs.values())]
+            if any(np.isfinite(np.asarray(r["logging"].get(k, []), dtype=float)).any()
+                   for r in runs.values())]
     cols = 4
     rows = max(1, math.ceil(len(keys) / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.7 * rows), squeeze=False)
@@ -183,7 +186,8 @@ def plot_pretraining_curves(runs: dict[str, dict[str, Any]], path: Path) -> Path
         for run, info in runs.items():
             values = np.asarray(info["logging"].get(key, []), dtype=float)
             if np.isfinite(values).any():
-                ax.plot(np.arange(len(values)), values, marker="o", ms=3, color=colours.get(run), label=info["label"])
+                ax.plot(np.arange(len(values)), values, marker="o", ms=3, color=colours.get(run),
+                        label=info["label"])
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("epoch", fontsize=8)
         ax.grid(alpha=0.3)
@@ -197,7 +201,8 @@ def plot_pretraining_curves(runs: dict[str, dict[str, Any]], path: Path) -> Path
     return path
 
 
-def plot_finetuning_curves(finetuning: dict[str, dict[str, Any]], arm_labels: dict[str, str], path: Path) -> Path:
+def plot_finetuning_curves(finetuning: dict[str, dict[str, Any]], arm_labels: dict[str, str],
+                           path: Path) -> Path:
     """Training loss, validation loss and nnU-Net's pseudo Dice (validation case) per epoch and arm."""
     plt = _plt()
     keys = (("train_losses", "training loss"), ("val_losses", "validation loss"),
@@ -244,7 +249,8 @@ def plot_montage(cases: list[dict[str, Any]], arm_labels: dict[str, str], path: 
             ax.imshow(rgb, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
-            ax.set_title(title if c >= 2 else f"{case['case']} z={case['slice']}\n{title}" if c == 0 else title,
+            ax.set_title(title if c >= 2
+                         else f"{case['case']} z={case['slice']}\n{title}" if c == 0 else title,
                          fontsize=7)
     return _save(plt, fig, path, dpi=110)
 
@@ -259,7 +265,8 @@ def plot_embeddings(panels: dict[str, dict[str, Any]], path: Path) -> Path:
         groups = panel["groups"]
         for i, group in enumerate(dict.fromkeys(groups)):
             idx = [j for j, g in enumerate(groups) if g == group]
-            ax.scatter(coords[idx, 0], coords[idx, 1], s=22, alpha=0.8, color=palette[i % len(palette)], label=group)
+            ax.scatter(coords[idx, 0], coords[idx, 1], s=22, alpha=0.8, color=palette[i % len(palette)],
+                       label=group)
         ev = panel.get("explained_variance", [0, 0])
         ax.set_xlabel(f"PC 1 ({100 * ev[0]:.0f}% of variance)")
         ax.set_ylabel(f"PC 2 ({100 * ev[1]:.0f}% of variance)")
@@ -289,8 +296,8 @@ def render_markdown(data: dict[str, Any], summary: dict[str, Any]) -> str:
     budget = settings["budget"]
     lines = ["# nnssl_joint demo report", ""]
     lines += [f"Budget **{budget['name']}**, **{settings['labeled']}** labeled training case(s) "
-              f"({', '.join(data['split']['train'])}; validation case {', '.join(data['split']['val'])}), seed "
-              f"{settings['seed']}, {len(data['test_cases'])} held-back test cases "
+              f"({', '.join(data['split']['train'])}; validation case {', '.join(data['split']['val'])}), "
+              f"seed {settings['seed']}, {len(data['test_cases'])} held-back test cases "
               f"({', '.join(data['test_cases'])}) that never enter training or model selection. "
               f"Pretraining pool: {budget['n_3d']} synthetic volumes + {budget['n_2d']} synthetic 2D images"
               + (" + the real image pool" if settings.get("real") else "") + ".", ""]
@@ -298,54 +305,63 @@ def render_markdown(data: dict[str, Any], summary: dict[str, Any]) -> str:
     header = "| arm | " + " | ".join(classes.values()) + " | mean |"
     lines += [header, "|" + " --- |" * (len(classes) + 2)]
     for arm, label in arms.items():
-        cells = [f"{_fmt(summary['per_class'][arm][c]['mean'])} ± {_fmt(summary['per_class'][arm][c]['std'], 2)}"
+        cells = [f"{_fmt(summary['per_class'][arm][c]['mean'])} ± "
+                 f"{_fmt(summary['per_class'][arm][c]['std'], 2)}"
                  for c in classes]
         lines.append(f"| {label} | " + " | ".join(cells) + f" | **{_fmt(summary['mean_dice'][arm])}** |")
     lines.append("")
     gain = summary["gain_points"]
     verdict = summary["verdict"]
-    lines += [(f"Mean over classes and cases; ± is the spread (std) over test cases. Gains in Dice points: joint - "
-              f"scratch **{gain.get('joint_vs_scratch', math.nan):+.1f}**, joint - 2D-only "
+    lines += [(f"Mean over classes and cases; ± is the spread (std) over test cases. Gains in Dice points: "
+              f"joint - scratch **{gain.get('joint_vs_scratch', math.nan):+.1f}**, joint - 2D-only "
               f"**{gain.get('joint_vs_intra', math.nan):+.1f}**, 2D-only - scratch "
               f"{gain.get('intra_vs_scratch', math.nan):+.1f}."), ""]
     met = verdict.get("joint_beats_scratch_by_target")
-    lines += [f"Target (joint beats scratch by at least {summary['target_gain_points']:.0f} points and beats 2D-only): "
+    lines += [f"Target (joint beats scratch by at least {summary['target_gain_points']:.0f} points and "
+              "beats 2D-only): "
               + ("**met**." if met and verdict.get("joint_beats_intra") else "**not met** in this run.")
-              + f" With {len(data['test_cases'])} test cases and one training run per arm the differences carry "
-              "run-to-run noise of several points; the diagnostics below say whether the pretrained weights were "
-              "loaded and whether the prototypes collapsed.", ""]
+              + f" With {len(data['test_cases'])} test cases and one training run per arm the differences "
+              "carry run-to-run noise of several points; the diagnostics below say whether the pretrained "
+              "weights were loaded and whether the prototypes collapsed.", ""]
     collapse = summary.get("collapse", {})
     collapsed = [data["pretraining"][r]["label"] for r, v in collapse.items() if v["collapsed"]]
-    volume_collapsed = [data["pretraining"][r]["label"] for r, v in collapse.items() if v["volume_features_collapsed"]]
+    volume_collapsed = [data["pretraining"][r]["label"] for r, v in collapse.items()
+                        if v["volume_features_collapsed"]]
     if volume_collapsed:
-        lines += [(f"**Volume-feature collapse:** the volume features Z of {' and '.join(volume_collapsed)} are "
-                   f"nearly identical for every window of every volume (mean pairwise cosine > {COLLAPSE_COSINE}); "
-                   "L_inter was satisfied by a constant volume feature, so the 3D clustering task taught f_inter nothing "
-                   "volume-specific (its per-slice outputs, which the 3D fine-tuning network uses, may still vary)."), ""]
+        lines += [(f"**Volume-feature collapse:** the volume features Z of {' and '.join(volume_collapsed)} "
+                   "are nearly identical for every window of every volume (mean pairwise cosine > "
+                   f"{COLLAPSE_COSINE}); L_inter was satisfied by a constant volume feature, so the 3D "
+                   "clustering task taught f_inter nothing volume-specific (its per-slice outputs, which "
+                   "the 3D fine-tuning network uses, may still vary)."), ""]
     if collapsed:
-        lines += [(f"**Collapse:** the 2D representation of {' and '.join(collapsed)} collapsed (L_intra at log K, "
-                  "i.e. uniform predictions over the prototypes, and/or every slice projected onto nearly the same "
-                  "point; see the collapse check below). Differences between pretrained and scratch arms then do not "
-                  "come from learned features."), ""]
+        lines += [(f"**Collapse:** the 2D representation of {' and '.join(collapsed)} collapsed (L_intra at "
+                  "log K, i.e. uniform predictions over the prototypes, and/or every slice projected onto "
+                  "nearly the same point; see the collapse check below). Differences between pretrained and "
+                  "scratch arms then do not come from learned features."), ""]
     lines += ["![Dice per class and arm](dice.png)", "", "![test slices](montage.png)", ""]
 
     lines += ["## Pretraining", ""]
-    lines += [f"{budget['pretrain_epochs']} epochs x {budget['pretrain_iterations']} iterations for each run.", ""]
-    lines += ["| run | final total loss | L_intra | L_intra_3d | L_inter | L_mask | entropy 2D | entropy 3D |",
+    lines += [(f"{budget['pretrain_epochs']} epochs x {budget['pretrain_iterations']} iterations "
+               "for each run."), ""]
+    lines += [("| run | final total loss | L_intra | L_intra_3d | L_inter | L_mask "
+               "| entropy 2D | entropy 3D |"),
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for info in data["pretraining"].values():
         log = info["logging"]
-        cells = [_fmt(_last_finite(log.get(k))) for k in ("train_losses", "loss_intra", "loss_intra_3d", "loss_inter",
-                                                         "loss_mask", "entropy_2d", "entropy_3d")]
+        cells = [_fmt(_last_finite(log.get(k)))
+                 for k in ("train_losses", "loss_intra", "loss_intra_3d", "loss_inter", "loss_mask",
+                           "entropy_2d", "entropy_3d")]
         lines.append(f"| {info['label']} | " + " | ".join(cells) + " |")
-    lines += ["", ("Prototype-usage entropy (of argmax assignments) is normalised to [0, 1]: near 0 means a few "
-                   "prototypes take every sample. It can look healthy while the representation has collapsed (tied "
-                   "scores give arbitrary argmaxes), hence the direct check below."), ""]
+    lines += ["", ("Prototype-usage entropy (of argmax assignments) is normalised to [0, 1]: near 0 means "
+                   "a few prototypes take every sample. It can look healthy while the representation has "
+                   "collapsed (tied scores give arbitrary argmaxes), hence the direct check below."), ""]
     if collapse:
-        lines += [("Collapse check on real slices and volume windows of the pretraining pool and the labeled task "
-                  "(cosine 1 = every input maps to the same point):"), "",
-                  ("| run | final L_intra | log K (uniform prediction) | mean pairwise cosine of 2D projections z | "
-                   "2D collapsed | mean pairwise cosine of volume features Z |"), "| --- | --- | --- | --- | --- | --- |"]
+        lines += [("Collapse check on real slices and volume windows of the pretraining pool and the "
+                  "labeled task (cosine 1 = every input maps to the same point):"), "",
+                  ("| run | final L_intra | log K (uniform prediction) | "
+                   "mean pairwise cosine of 2D projections z | "
+                   "2D collapsed | mean pairwise cosine of volume features Z |"),
+                  "| --- | --- | --- | --- | --- | --- |"]
         for run, v in collapse.items():
             volume = _fmt(v.get("volume_z_mean_pairwise_cosine"), 6)
             if run == "intra":
@@ -360,25 +376,29 @@ def render_markdown(data: dict[str, Any], summary: dict[str, Any]) -> str:
 
     lines += ["## Fine-tuning", ""]
     ft = budget
-    lines += [(f"Same budget for every arm: {ft['finetune_epochs']} epochs x {ft['finetune_iterations']} iterations "
-              f"(nnU-Net 3d_fullres with the plugin's plans, JointSSLFinetuneTrainer, initial lr 0.01, "
-              f"{ft['finetune_warmup_epochs']} warm-up epoch(s)); prediction with nnU-Net's checkpoint_final "
-              f"{'with' if ft['test_time_augmentation'] else 'without'} test-time mirroring."), ""]
+    lines += [(f"Same budget for every arm: {ft['finetune_epochs']} epochs x {ft['finetune_iterations']} "
+              "iterations (nnU-Net 3d_fullres with the plugin's plans, JointSSLFinetuneTrainer, "
+              f"initial lr 0.01, {ft['finetune_warmup_epochs']} warm-up epoch(s)); prediction with "
+              f"nnU-Net's checkpoint_final {'with' if ft['test_time_augmentation'] else 'without'} "
+              "test-time mirroring."), ""]
     lines += ["| arm | weights check | pretrained parts moved by fine-tuning | nnU-Net validation Dice |",
               "| --- | --- | --- | --- |"]
     for arm, info in data["finetuning"].items():
-        check = info.get("weights_check") or ("n/a (random initialisation)" if arm == "scratch" else "NOT FOUND in log")
+        check = info.get("weights_check") or ("n/a (random initialisation)" if arm == "scratch"
+                                              else "NOT FOUND in log")
         change = info.get("pretrained_change")
-        lines.append(f"| {arms[arm]} | {check} | {'n/a' if change is None else f'{100 * change:.1f}% (relative L2)'} "
+        lines.append(f"| {arms[arm]} | {check} | "
+                     f"{'n/a' if change is None else f'{100 * change:.1f}% (relative L2)'} "
                      f"| {_fmt(info.get('validation_dice'))} |")
     lines += ["", "![fine-tuning curves](finetuning_curves.png)", ""]
 
     if data.get("embeddings"):
         lines += ["## Volume embeddings", ""]
-        lines += [("Volume features Z = normalize(mean_n f_inter(g(f_intra(x_n)))) of windows of preprocessed volumes, "
-                  "projected on their first two principal components per model; colour = source dataset. Under "
-                  "2D-only pretraining f_inter is untrained (random), so its panel shows what the 2D encoder alone "
-                  "separates."), "", "![embeddings](embeddings.png)", ""]
+        lines += [("Volume features Z = normalize(mean_n f_inter(g(f_intra(x_n)))) of windows of "
+                  "preprocessed volumes, projected on their first two principal components per model; "
+                  "colour = source dataset. Under 2D-only pretraining f_inter is untrained (random), so its "
+                  "panel shows what the 2D encoder alone separates."), "",
+                  "![embeddings](embeddings.png)", ""]
 
     if data.get("probe"):
         from nnssl_joint.probe.run import report_section
@@ -392,7 +412,8 @@ def render_markdown(data: dict[str, Any], summary: dict[str, Any]) -> str:
     total = sum(data["timings"].values())
     lines.append(f"| **total (before this report)** | **{_seconds(total)}** |")
     machine = data.get("machine", {})
-    lines += ["", (f"Machine: {machine.get('cpus')} CPU(s), {machine.get('platform')}, Python {machine.get('python')}; "
+    lines += ["", (f"Machine: {machine.get('cpus')} CPU(s), {machine.get('platform')}, "
+              f"Python {machine.get('python')}; "
               f"load average at report time {machine.get('load_average')}."), ""]
     return "\n".join(lines) + "\n"
 
@@ -420,7 +441,8 @@ def write_report(data: dict[str, Any], folder: Path) -> dict[str, Path]:
     files = {
         "dice": plot_dice(data["dice"], data["classes"], data["arms"], folder / "dice.png"),
         "pretraining_curves": plot_pretraining_curves(data["pretraining"], folder / "pretraining_curves.png"),
-        "finetuning_curves": plot_finetuning_curves(data["finetuning"], data["arms"], folder / "finetuning_curves.png"),
+        "finetuning_curves": plot_finetuning_curves(data["finetuning"], data["arms"],
+                                                    folder / "finetuning_curves.png"),
     }
     if data.get("montage"):
         files["montage"] = plot_montage(data["montage"], data["arms"], folder / "montage.png")
@@ -486,7 +508,8 @@ def plot_paired(data: dict[str, Any], path: Path) -> Path:
     arms = list(data["summary"])
     baselines = [b for b in ("scratch", "nnunet") if b in arms] or arms[:1]
     ks = [str(k) for k in data["settings"]["labeled"]]
-    fig, axes = plt.subplots(len(ks), len(baselines), figsize=(4.2 * len(baselines), 3.2 * len(ks)), squeeze=False)
+    fig, axes = plt.subplots(len(ks), len(baselines), figsize=(4.2 * len(baselines), 3.2 * len(ks)),
+                             squeeze=False)
     for row, k in enumerate(ks):
         for col, baseline in enumerate(baselines):
             ax = axes[row][col]
@@ -510,12 +533,14 @@ def plot_paired(data: dict[str, Any], path: Path) -> Path:
 
 
 def plot_class_bars(data: dict[str, Any], path: Path) -> Path:
-    """Per labeled count: Dice per class, one bar per arm (mean over seeds, error bar one standard deviation)."""
+    """Per labeled count: Dice per class, one bar per arm (mean over seeds, error bar one standard
+    deviation)."""
     plt = _plt()
     summary, classes = data["summary"], data["classes"]
     arms = list(summary)
     ks = [str(k) for k in data["settings"]["labeled"]]
-    fig, axes = plt.subplots(1, len(ks), figsize=(max(4.5, 1.2 * len(classes) * len(arms) / 2) * len(ks), 3.6),
+    fig, axes = plt.subplots(1, len(ks),
+                             figsize=(max(4.5, 1.2 * len(classes) * len(arms) / 2) * len(ks), 3.6),
                              squeeze=False)
     width = 0.8 / max(1, len(arms))
     for col, k in enumerate(ks):
@@ -551,24 +576,27 @@ def render_benchmark_markdown(data: dict[str, Any]) -> str:
     lines = ["# nnssl_joint label-efficiency benchmark", "",
              (f"Target `{data['target']}`, pretraining on {sources}; configuration `{s['configuration']}`; "
               f"{s['seeds']} seed(s); budget {json.dumps(s['budget'])}."),
-             f"Finished runs: {data['finished_runs']} of {data['planned_runs']} (report written {data['written']}).",
+             (f"Finished runs: {data['finished_runs']} of {data['planned_runs']} "
+              f"(report written {data['written']})."),
              "",
-             (f"Test cases ({len(data.get('test_cases') or [])}, {data.get('test_source')}): their labels are read only "
-              "by the evaluation after training; fine-tuning keeps nnU-Net's final checkpoint (no model selection) and "
-              "validates on training-pool cases. Each seed draws its own labeled cases (nested across counts) and "
-              "seeds the fine-tuning; every arm of a seed gets the same cases and seed, so gains are paired."), "",
+             (f"Test cases ({len(data.get('test_cases') or [])}, {data.get('test_source')}): their labels "
+              "are read only by the evaluation after training; fine-tuning keeps nnU-Net's final "
+              "checkpoint (no model selection) and validates on training-pool cases. Each seed draws its "
+              "own labeled cases (nested across counts) and seeds the fine-tuning; every arm of a seed "
+              "gets the same cases and seed, so gains are paired."), "",
              "## Dice (mean over classes and test cases; mean ± std over seeds)", "",
              "| arm | " + " | ".join(f"{k} labeled" for k in ks) + " |",
              "|---|" + "---|" * len(ks)]
     for arm, per_k in summary.items():
-        lines.append(f"| {data['arms'].get(arm, arm)} | " + " | ".join(_mean_std(per_k.get(k, {}).get("dice")) for k in ks)
+        lines.append(f"| {data['arms'].get(arm, arm)} | "
+                     + " | ".join(_mean_std(per_k.get(k, {}).get("dice")) for k in ks)
                      + " |")
     for baseline in ("scratch", "nnunet"):
         compared = [a for a in summary if f"gain_vs_{baseline}_points" in next(iter(summary[a].values()), {})]
         if not compared:
             continue
-        lines += ["", (f"## Gain over {data['arms'].get(baseline, baseline)} (Dice points, paired by seed; wins = seeds "
-                       f"where the arm beat {baseline})"), "",
+        lines += ["", (f"## Gain over {data['arms'].get(baseline, baseline)} (Dice points, paired by seed; "
+                       f"wins = seeds where the arm beat {baseline})"), "",
                   "| arm | " + " | ".join(f"{k} labeled" for k in ks) + " |", "|---|" + "---|" * len(ks)]
         for arm in compared:
             cells = []
@@ -588,17 +616,21 @@ def render_benchmark_markdown(data: dict[str, Any]) -> str:
             parts = ", ".join(f"{data['classes'].get(c, c)} {_mean_std(v)}" for c, v in per_class.items())
             lines.append(f"- {arm}, {k} labeled: {parts}")
     lines += ["", "![label efficiency](benchmark.png)", "",
-              "Paired view: per seed, a line from each baseline to each arm (same cases and fine-tuning seed).", "",
+              ("Paired view: per seed, a line from each baseline to each arm (same cases and fine-tuning "
+               "seed)."), "",
               "![paired](benchmark_paired.png)", "", "![per class](benchmark_classes.png)", "",
               "## Runs", "",
-              "| arm | labeled | seed | nnU-Net fold | mean Dice | validation cases | trainer / plans / network | run folder |",
+              ("| arm | labeled | seed | nnU-Net fold | mean Dice | validation cases "
+               "| trainer / plans / network | run folder |"),
               "|---|---|---|---|---|---|---|---|"]
     for run in data["runs"].values():
         val = run.get("validation_cases")
-        validated = "n/a" if val is None else (", ".join(val) + (" (the labeled cases)"
-                                                               if run.get("validated_on_training_cases") else ""))
+        validated = "n/a" if val is None else (", ".join(val)
+                                               + (" (the labeled cases)"
+                                                  if run.get("validated_on_training_cases") else ""))
         network = str(run.get("network_class", "")).rsplit(".", 1)[-1]
-        lines.append(f"| {run['arm']} | {run['labeled']} | {run['seed']} | {run['fold']} | {_fmt(run['mean_dice'])} | "
+        lines.append(f"| {run['arm']} | {run['labeled']} | {run['seed']} | {run['fold']} | "
+                     f"{_fmt(run['mean_dice'])} | "
                      f"{validated} | {run.get('trainer', '')} / {run.get('plans_name', '')} / {network} | "
                      f"`{run['run_folder']}` |")
     if data.get("probe"):
@@ -606,8 +638,8 @@ def render_benchmark_markdown(data: dict[str, Any]) -> str:
 
         lines += [""] + report_section(data["probe"])
     machine = data.get("machine", {})
-    lines += ["", (f"Machine: {machine.get('cpus')} CPUs, {machine.get('platform')}, Python {machine.get('python')}; "
-                   f"device {s['device']}."), ""]
+    lines += ["", (f"Machine: {machine.get('cpus')} CPUs, {machine.get('platform')}, "
+                   f"Python {machine.get('python')}; device {s['device']}."), ""]
     return "\n".join(lines) + "\n"
 
 
