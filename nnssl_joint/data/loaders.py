@@ -47,7 +47,6 @@ from nnssl_joint.data.augment import (
 from nnssl_joint.errors import NnsslJointError
 
 __all__ = [
-    "GlobalIndex",
     "JointLoader",
     "SliceViewsLoader",
     "VolumeViewsLoader",
@@ -165,65 +164,6 @@ def case_sampling_probabilities(dataset: nnUNetBaseDataset | Sequence[str],
     probabilities[is_2d] = weight_2d_fraction / is_2d.sum()
     probabilities[~is_2d] = (1.0 - weight_2d_fraction) * counts[~is_2d] / counts[~is_2d].sum()
     return probabilities
-
-
-class GlobalIndex:
-    """Maps (case id, slice index) to one integer in [0, total number of slices), e.g. for memory banks.
-
-    Cases are ordered by sorted id and each gets a contiguous block as long as its slice count, so two
-    distinct slices never share an index (case ids are unique within a merged dataset, whatever the source
-    dataset). :meth:`case_index` numbers the cases themselves (for volume-level memory banks).
-    """
-
-    def __init__(self, slices_per_case: Mapping[str, int]):
-        self.case_ids = sorted(slices_per_case)
-        counts = np.array([int(slices_per_case[c]) for c in self.case_ids], dtype=np.int64)
-        if len(counts) == 0 or np.any(counts < 1):
-            raise NnsslJointError("GlobalIndex needs at least one case and at least one slice per case")
-        starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
-        self._starts = starts
-        self._offset = dict(zip(self.case_ids, starts.tolist()))
-        self._count = dict(zip(self.case_ids, counts.tolist()))
-        self._case_position = {c: i for i, c in enumerate(self.case_ids)}
-        self.total = int(counts.sum())
-
-    @classmethod
-    def from_summary(cls, summary: Mapping) -> GlobalIndex:
-        return cls(_slices_per_case(summary))
-
-    def __len__(self) -> int:
-        return self.total
-
-    def _check(self, key: str) -> None:
-        if key not in self._offset:
-            raise NnsslJointError(f"case {key!r} is not in this GlobalIndex ({len(self.case_ids)} cases)")
-
-    def __call__(self, keys: Sequence[str], slice_index: torch.Tensor | Sequence[int]) -> torch.Tensor:
-        """Global indices (int64 tensor) of ``slice_index[b]`` of case ``keys[b]``."""
-        slices = torch.as_tensor(slice_index, dtype=torch.int64).reshape(-1).tolist()
-        if len(slices) != len(keys):
-            raise NnsslJointError(f"{len(keys)} keys but {len(slices)} slice indices")
-        out = []
-        for key, s in zip(keys, slices):
-            self._check(key)
-            if not 0 <= s < self._count[key]:
-                raise NnsslJointError(f"slice {s} out of range for case {key!r} with {self._count[key]} slices")
-            out.append(self._offset[key] + s)
-        return torch.tensor(out, dtype=torch.int64)
-
-    def case_index(self, keys: Sequence[str]) -> torch.Tensor:
-        """Position of each case in sorted id order (int64 tensor)."""
-        for key in keys:
-            self._check(key)
-        return torch.tensor([self._case_position[k] for k in keys], dtype=torch.int64)
-
-    def lookup(self, index: int) -> tuple[str, int]:
-        """Inverse mapping: (case id, slice index) of a global index."""
-        if not 0 <= index < self.total:
-            raise NnsslJointError(f"global index {index} out of range [0, {self.total})")
-        position = int(np.searchsorted(self._starts, index, side="right")) - 1
-        case = self.case_ids[position]
-        return case, int(index - self._offset[case])
 
 
 # ------------------------------------------------------------------------------------------------ loaders

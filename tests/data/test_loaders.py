@@ -22,7 +22,6 @@ from nnunetv2.training.dataloading.nnunet_dataset import (
 
 from nnssl_joint.data.augment import STRONG
 from nnssl_joint.data.loaders import (
-    GlobalIndex,
     JointLoader,
     SliceViewsLoader,
     VolumeViewsLoader,
@@ -103,27 +102,6 @@ def test_sampling_probabilities(dataset, n_slices):
     assert np.isclose(case_sampling_probabilities(dataset, None, 0.5)[is_2d].sum(), 0.5)
     with pytest.raises(NnsslJointError, match=r"\[0, 1\)"):
         case_sampling_probabilities(dataset, None, 1.0)
-
-
-def test_global_index_is_a_bijection(summary, n_slices):
-    index = GlobalIndex.from_summary(summary)
-    assert len(index) == sum(n_slices.values())
-    keys = [k for k in sorted(n_slices) for _ in range(n_slices[k])]
-    slices = [s for k in sorted(n_slices) for s in range(n_slices[k])]
-    values = index(keys, torch.tensor(slices))
-    assert values.dtype == torch.int64 and values.tolist() == list(range(len(index)))
-    assert all(index.lookup(int(v)) == (k, s) for v, k, s in zip(values, keys, slices))
-    assert index.case_index(["img_a", "vol_z20"]).tolist() == [0, len(n_slices) - 1]
-    with pytest.raises(NnsslJointError, match="out of range"):
-        index(["vol_z05"], [5])
-    with pytest.raises(NnsslJointError, match="not in this GlobalIndex"):
-        index(["Dataset001_img_a"], [0])
-
-
-def test_global_index_has_no_collisions_across_merged_sources():
-    index = GlobalIndex({"src1_case0": 3, "src2_case0": 3, "src1_case1": 1})
-    values = index(["src1_case0", "src2_case0", "src1_case1", "src2_case0"], [0, 0, 0, 2]).tolist()
-    assert values == [0, 4, 3, 6]
 
 
 # ------------------------------------------------------------------------------------------- slice loader
