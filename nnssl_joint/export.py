@@ -44,8 +44,9 @@ def load_pretraining_checkpoint(path: str | Path) -> dict[str, Any]:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, pickle.UnpicklingError) as e:
         raise NnsslJointError(
-            f"{path} cannot be read as a PyTorch checkpoint ({type(e).__name__}: {e}); the file is truncated or "
-            "not a checkpoint. Use checkpoint_final.pth / checkpoint_latest.pth of a finished pretraining run") from e
+            f"{path} cannot be read as a PyTorch checkpoint ({type(e).__name__}: {e}); the file is truncated "
+            "or not a checkpoint. Use checkpoint_final.pth / checkpoint_latest.pth of a finished pretraining "
+            "run") from e
     if not isinstance(ckpt, dict) or "network_weights" not in ckpt:
         raise NnsslJointError(f"{path} has no 'network_weights'; it is not an nnU-Net/nnssl_joint checkpoint")
     meta = ckpt.get("nnssl_joint")
@@ -94,7 +95,8 @@ def fill_pretrained(network: nn.Module, pretrained: dict[str, torch.Tensor], ada
     if missing or mismatched:
         raise NnsslJointError(
             "the pretrained weights do not fit this network (different architecture preset?). "
-            + (f"Missing keys ({len(missing)}): {missing[:6]}{' ...' if len(missing) > 6 else ''}. " if missing else "")
+            + (f"Missing keys ({len(missing)}): {missing[:6]}{' ...' if len(missing) > 6 else ''}. "
+               if missing else "")
             + (f"Shape mismatches ({len(mismatched)}): {mismatched[:6]}. " if mismatched else "")
             + "Plan the downstream dataset with the pretraining run's preset "
               "(nnssl_joint plan_and_preprocess -d ID --downstream --preset NAME)")
@@ -131,7 +133,8 @@ def export_file(network: nn.Module, meta: dict[str, Any], out: str | Path) -> Pa
     weights = network.state_dict()
     if meta.get("configuration") == "2d":
         weights = with_stock_encoder_alias(weights)
-    atomic_torch_save({"network_weights": weights, "nnssl_joint": meta, "trainer_name": "nnssl_joint.export"}, out)
+    atomic_torch_save({"network_weights": weights, "nnssl_joint": meta, "trainer_name": "nnssl_joint.export"},
+                      out)
     return out
 
 
@@ -151,8 +154,9 @@ def export_for_presets(checkpoint_path: str | Path, out_folder: str | Path, seed
     return written
 
 
-def export_for_plans(checkpoint_path: str | Path, dataset: str | int, configuration: str, plans_identifier: str,
-                     out: str | Path, seed: int = 0) -> tuple[Path, dict[str, list[str]]]:
+def export_for_plans(checkpoint_path: str | Path, dataset: str | int, configuration: str,
+                     plans_identifier: str, out: str | Path,
+                     seed: int = 0) -> tuple[Path, dict[str, list[str]]]:
     """Build the downstream network exactly as nnU-Net will (plans + dataset.json of the preprocessed
     dataset) and fill in the pretrained parts, adapting the stem to the dataset's channel count."""
     from batchgenerators.utilities.file_and_folder_operations import load_json
@@ -164,13 +168,14 @@ def export_for_plans(checkpoint_path: str | Path, dataset: str | int, configurat
 
     ckpt = load_pretraining_checkpoint(checkpoint_path)
     if nnUNet_preprocessed is None:
-        raise NnsslJointError("environment variable nnUNet_preprocessed is not set; export it (see the README)")
+        raise NnsslJointError("environment variable nnUNet_preprocessed is not set; export it (see the "
+                              "README)")
     name = maybe_convert_to_dataset_name(dataset)
     folder = Path(nnUNet_preprocessed) / name
     plans_file = folder / f"{plans_identifier}.json"
     if not plans_file.is_file():
-        raise NnsslJointError(f"plans file {plans_file} does not exist; run nnssl_joint plan_and_preprocess -d "
-                              f"{dataset} --downstream first, or pass the right -p")
+        raise NnsslJointError(f"plans file {plans_file} does not exist; run nnssl_joint plan_and_preprocess "
+                              f"-d {dataset} --downstream first, or pass the right -p")
     pm = PlansManager(str(plans_file))
     if configuration not in pm.available_configurations:
         raise NnsslJointError(f"configuration '{configuration}' is not in {plans_file}; available: "
@@ -181,24 +186,25 @@ def export_for_plans(checkpoint_path: str | Path, dataset: str | int, configurat
     torch.manual_seed(seed)
     net = get_network_from_plans(cm.network_arch_class_name, cm.network_arch_init_kwargs,
                                  cm.network_arch_init_kwargs_req_import,
-                                 determine_num_input_channels(pm, cm, dataset_json), lm.num_segmentation_heads,
-                                 allow_init=True, deep_supervision=True)
+                                 determine_num_input_channels(pm, cm, dataset_json),
+                                 lm.num_segmentation_heads, allow_init=True, deep_supervision=True)
     stock = not cm.network_arch_class_name.startswith("nnssl_joint.")
     if stock and not (configuration == "2d" and cm.network_arch_class_name.endswith("PlainConvUNet")):
         raise NnsslJointError(
-            f"configuration '{configuration}' of {plans_file} uses {cm.network_arch_class_name}: pretrained weights "
-            "fit the plugin's architectures (nnssl_joint plan_and_preprocess --downstream) and nnU-Net's stock 2d "
-            "PlainConvUNet when pretrained with --preset nnunet")
+            f"configuration '{configuration}' of {plans_file} uses {cm.network_arch_class_name}: pretrained "
+            "weights fit the plugin's architectures (nnssl_joint plan_and_preprocess --downstream) and "
+            "nnU-Net's stock 2d PlainConvUNet when pretrained with --preset nnunet")
     try:
         report = fill_pretrained(net, ckpt["network_weights"], adapt_channels=True)
     except NnsslJointError as e:
         if not stock:
             raise
-        raise NnsslJointError(f"{checkpoint_path} does not fit the stock 2d network of {plans_file}: {e} For stock "
-                              f"plans, pretrain with the preset of those plans (preset file: {plans_file}, or "
-                              "--preset nnunet in the demo/benchmark)") from None
-    meta = {"preset": ckpt["nnssl_joint"]["preset"] if stock else net.preset.to_dict(), "source": str(checkpoint_path),
-            "dataset": name, "configuration": configuration, "plans": plans_identifier}
+        raise NnsslJointError(f"{checkpoint_path} does not fit the stock 2d network of {plans_file}: {e} "
+                              f"For stock plans, pretrain with the preset of those plans (preset file: "
+                              f"{plans_file}, or --preset nnunet in the demo/benchmark)") from None
+    meta = {"preset": ckpt["nnssl_joint"]["preset"] if stock else net.preset.to_dict(),
+            "source": str(checkpoint_path), "dataset": name, "configuration": configuration,
+            "plans": plans_identifier}
     return export_file(net, meta, out), report
 
 
@@ -214,15 +220,16 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "export",
         help="build downstream weights from a pretraining checkpoint for given plans",
-        description="Build the downstream network of DATASET/CONFIG/PLANS exactly as nnU-Net will, fill in the "
-        "pretrained encoder / slice embedding / slice Transformer (adapting the input stem to the dataset's "
-        "channel count) and save a file for nnUNetv2_train -pretrained_weights.",
+        description="Build the downstream network of DATASET/CONFIG/PLANS exactly as nnU-Net will, fill in "
+        "the pretrained encoder / slice embedding / slice Transformer (adapting the input stem to the "
+        "dataset's channel count) and save a file for nnUNetv2_train -pretrained_weights.",
     )
-    p.add_argument("--checkpoint", required=True, help="checkpoint_final.pth of a JointSSLPretrainTrainer run")
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoint_final.pth of a JointSSLPretrainTrainer run")
     p.add_argument("-d", required=True, help="downstream dataset name or id")
     p.add_argument("-c", required=True, choices=sorted(DOWNSTREAM_CLASSES), help="configuration")
     p.add_argument("-p", "--plans", dest="p", default="nnsslJointPlans",
-                   help="plans identifier (default: nnsslJointPlans); nnUNetPlans for nnU-Net's stock 2d network, "
-                   "which fits a checkpoint pretrained with that topology (--preset nnunet)")
+                   help="plans identifier (default: nnsslJointPlans); nnUNetPlans for nnU-Net's stock 2d "
+                   "network, which fits a checkpoint pretrained with that topology (--preset nnunet)")
     p.add_argument("-o", required=True, help="output file")
     p.set_defaults(func=_cmd_export)

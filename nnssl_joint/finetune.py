@@ -49,8 +49,10 @@ class FinetuneConfig:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
-            raise NnsslJointError(f"fine-tuning config: seed must be a non-negative integer or null, got {self.seed!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or self.seed < 0):
+            raise NnsslJointError(f"fine-tuning config: seed must be a non-negative integer or null, "
+                                  f"got {self.seed!r}")
         for name in ("num_epochs", "iterations_per_epoch", "save_every"):
             if getattr(self, name) < 1:
                 raise NnsslJointError(f"fine-tuning config: {name} must be >= 1, got {getattr(self, name)}")
@@ -63,12 +65,14 @@ class FinetuneConfig:
             raise NnsslJointError(f"fine-tuning config: pretrained_initial_lr must be > 0 or null, got "
                                   f"{self.pretrained_initial_lr!r}")
         if self.recipe not in RECIPES:
-            raise NnsslJointError(f"fine-tuning config: recipe must be one of {', '.join(RECIPES)}, got {self.recipe!r}")
+            raise NnsslJointError(f"fine-tuning config: recipe must be one of {', '.join(RECIPES)}, "
+                                  f"got {self.recipe!r}")
         if self.recipe == "nnunet_warmup":
             if self.freeze_pretrained_epochs or self.pretrained_lr_factor != 1.0:
                 raise NnsslJointError(
-                    "fine-tuning config: recipe 'nnunet_warmup' trains the whole network at one learning rate; set "
-                    "freeze_pretrained_epochs to 0 and pretrained_lr_factor to 1, or use recipe 'plugin'")
+                    "fine-tuning config: recipe 'nnunet_warmup' trains the whole network at one learning "
+                    "rate; set freeze_pretrained_epochs to 0 and pretrained_lr_factor to 1, or use recipe "
+                    "'plugin'")
             if self.warmup_epochs >= self.num_epochs:
                 raise NnsslJointError(f"fine-tuning config: recipe 'nnunet_warmup' needs warmup_epochs "
                                       f"({self.warmup_epochs}) < num_epochs ({self.num_epochs})")
@@ -88,8 +92,10 @@ class FinetuneConfig:
 
 
 def load_finetune_config(plans_configuration: dict | None = None) -> tuple[FinetuneConfig, list[str]]:
-    """Defaults <- plans section ``nnssl_joint_finetune`` <- the file named by ``NNSSL_JOINT_FINETUNE_CONFIG``."""
-    loaded = load_layered(FinetuneConfig, layers_from(plans_configuration, FINETUNE_PLANS_SECTION, FINETUNE_ENV_VAR))
+    """Defaults <- plans section ``nnssl_joint_finetune`` <- the file named by
+    ``NNSSL_JOINT_FINETUNE_CONFIG``."""
+    loaded = load_layered(FinetuneConfig,
+                          layers_from(plans_configuration, FINETUNE_PLANS_SECTION, FINETUNE_ENV_VAR))
     return loaded.config, list(loaded.sources)
 
 
@@ -111,7 +117,8 @@ def pretrained_weights_from_argv(argv: list[str] | None = None) -> str | None:
     return None
 
 
-def check_pretrained_weights(network: nn.Module, path: str, plans_preset: dict | None, command_hint: str) -> str:
+def check_pretrained_weights(network: nn.Module, path: str, plans_preset: dict | None,
+                             command_hint: str) -> str:
     """Fail early with a message naming the cause when ``path`` will not load into ``network``.
 
     Checks: readable checkpoint written by nnssl_joint, the network is a plugin architecture, preset
@@ -128,16 +135,17 @@ def check_pretrained_weights(network: nn.Module, path: str, plans_preset: dict |
     if configuration is None:
         raise NnsslJointError(
             f"-pretrained_weights {path}: the network is {type(network).__name__}, not one of the plugin's "
-            f"architectures ({', '.join(c.__name__ for c in DOWNSTREAM_CLASSES.values())}), so its plans were not "
-            "made by nnssl_joint. Plan the dataset with `nnssl_joint plan_and_preprocess -d ID --downstream` and "
-            "train with -p nnsslJointPlans")
+            f"architectures ({', '.join(c.__name__ for c in DOWNSTREAM_CLASSES.values())}), so its plans "
+            "were not made by nnssl_joint. Plan the dataset with `nnssl_joint plan_and_preprocess -d ID "
+            "--downstream` and train with -p nnsslJointPlans")
     if plans_preset is None:
         plans_preset = network.preset.to_dict()
     if meta.get("preset") != plans_preset:
         raise NnsslJointError(
-            f"{path} was pretrained with architecture preset '{meta.get('preset', {}).get('name')}' but the plans use "
-            f"preset '{plans_preset.get('name')}'; re-plan the downstream dataset with the pretraining preset "
-            f"(nnssl_joint plan_and_preprocess -d ID --downstream --preset {meta.get('preset', {}).get('name')})")
+            f"{path} was pretrained with architecture preset '{meta.get('preset', {}).get('name')}' but the "
+            f"plans use preset '{plans_preset.get('name')}'; re-plan the downstream dataset with the "
+            f"pretraining preset (nnssl_joint plan_and_preprocess -d ID --downstream --preset "
+            f"{meta.get('preset', {}).get('name')})")
     exported_for = meta.get("configuration")
     if exported_for is not None and exported_for != configuration:
         raise NnsslJointError(
@@ -148,21 +156,23 @@ def check_pretrained_weights(network: nn.Module, path: str, plans_preset: dict |
     weights = ckpt["network_weights"]
     state = network.state_dict()
     missing = [k for k in state if ".seg_layers." not in k and k not in weights]
-    mismatched = [k for k in state if ".seg_layers." not in k and k in weights and weights[k].shape != state[k].shape]
+    mismatched = [k for k in state
+                  if ".seg_layers." not in k and k in weights and weights[k].shape != state[k].shape]
     if not missing and not mismatched:
         return f"{path}: all {len(state)} non-segmentation-head keys present with matching shapes"
     stem = [k for k in mismatched if k.endswith(STEM_KEY_SUFFIXES)]
     if stem and len(stem) == len(mismatched) and not missing:
         k = stem[0]
-        cause = (f"input channels differ: {k} has {weights[k].shape[1]} input channel(s) in the file, the network "
-                 f"{state[k].shape[1]}")
+        cause = (f"input channels differ: {k} has {weights[k].shape[1]} input channel(s) in the file, the "
+                 f"network {state[k].shape[1]}")
     elif missing and all(k.split(".", 1)[0] not in PRETRAINED_PARTS for k in missing):
         cause = (f"the file holds no weights for the newly initialised parts ({len(missing)} keys, e.g. "
                  f"{missing[:3]}): it is a pretraining checkpoint, not a downstream file")
     else:
-        cause = (f"{len(missing)} missing keys {missing[:4]} and {len(mismatched)} shape mismatches {mismatched[:4]}"
-                 " (another architecture or configuration)")
-    raise NnsslJointError(f"-pretrained_weights {path} does not fit this network: {cause}. Fix: {command_hint}")
+        cause = (f"{len(missing)} missing keys {missing[:4]} and {len(mismatched)} shape mismatches "
+                 f"{mismatched[:4]} (another architecture or configuration)")
+    raise NnsslJointError(f"-pretrained_weights {path} does not fit this network: {cause}. "
+                          f"Fix: {command_hint}")
 
 
 def freeze_pretrained(network: nn.Module, frozen: bool) -> int:

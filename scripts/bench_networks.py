@@ -24,7 +24,8 @@ _EPOCH_TIME = re.compile(r"Epoch time: ([0-9.]+) s")
 def parameters(checkpoint: Path) -> int:
     weights = torch.load(checkpoint, map_location="cpu", weights_only=False)["network_weights"]
     # stock PlainConvUNet stores its encoder twice (decoder.encoder.* is the same module)
-    return sum(v.numel() for k, v in weights.items() if not k.startswith("decoder.encoder.") and v.is_floating_point())
+    return sum(v.numel() for k, v in weights.items()
+               if not k.startswith("decoder.encoder.") and v.is_floating_point())
 
 
 def epoch_seconds(run_folder: Path) -> list[float]:
@@ -45,8 +46,10 @@ def main() -> None:
     for key, run in sorted(report["runs"].items()):
         folder = Path(run["run_folder"])
         times = epoch_seconds(folder)
-        rows.append({"run": key, "arm": run["arm"], "network": str(run.get("network_class", "")).rsplit(".", 1)[-1],
-                     "plans": run.get("plans_name"), "parameters": parameters(folder / "checkpoint_final.pth"),
+        rows.append({"run": key, "arm": run["arm"],
+                     "network": str(run.get("network_class", "")).rsplit(".", 1)[-1],
+                     "plans": run.get("plans_name"),
+                     "parameters": parameters(folder / "checkpoint_final.pth"),
                      "median_epoch_s": statistics.median(times) if times else None,
                      "s_per_iteration": statistics.median(times) / iterations if times else None,
                      "mean_dice": run["mean_dice"],
@@ -57,7 +60,8 @@ def main() -> None:
     for r in rows:
         per_class = ", ".join(f"{c}: {v:.3f}" for c, v in r["dice_per_class"].items())
         print(f"| {r['run']} | {r['network']} ({r['plans']}) | {r['parameters'] / 1e6:.2f} M | "
-              f"{r['median_epoch_s']:.1f} | {r['s_per_iteration']:.2f} | {r['mean_dice']:.3f} | {per_class} |")
+              f"{r['median_epoch_s']:.1f} | {r['s_per_iteration']:.2f} | {r['mean_dice']:.3f} | "
+              f"{per_class} |")
     if args.json is not None:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
 

@@ -23,8 +23,10 @@ checkpoint, dataset, *weight_files = sys.argv[1:]
 pretrained = torch.load(checkpoint, map_location="cpu", weights_only=False)["network_weights"]
 result = {}
 for weights in weight_files:
-    # nnUNetv2_train DATASET 2d 0 -pretrained_weights WEIGHTS (stock trainer, stock plans) up to its training loop
-    trainer = get_trainer_from_args(dataset, "2d", 0, "nnUNetTrainer", "nnUNetPlans", device=torch.device("cpu"))
+    # nnUNetv2_train DATASET 2d 0 -pretrained_weights WEIGHTS (stock trainer, stock plans) up to its
+    # training loop
+    trainer = get_trainer_from_args(dataset, "2d", 0, "nnUNetTrainer", "nnUNetPlans",
+                                    device=torch.device("cpu"))
     trainer.initialize()
     before = {k: v.clone() for k, v in trainer.network.state_dict().items()}
     maybe_load_checkpoint(trainer, False, False, weights)
@@ -36,7 +38,8 @@ for weights in weight_files:
         "encoder_keys": len(encoder),
         "encoder_equal": all(torch.equal(state[k], pretrained[k]) for k in encoder),
         "decoder_encoder_equal": all(torch.equal(state["decoder." + k], pretrained[k]) for k in encoder),
-        "encoder_changed": any(not torch.equal(state[k], before[k]) for k in encoder if state[k].is_floating_point()),
+        "encoder_changed": any(not torch.equal(state[k], before[k])
+                               for k in encoder if state[k].is_floating_point()),
     }
 print(json.dumps(result))
 """
@@ -69,7 +72,8 @@ def test_weights_pretrained_with_the_nnunet_preset_load_into_stock_nnunet_2d(tmp
                    ids=(651, 652, 653), n_organs=2, shape_3d=(8, 48, 40))
     env = _env(tmp_path)
     bin_dir = Path(sys.executable).parent
-    _run([str(bin_dir / "nnUNetv2_plan_and_preprocess"), "-d", "653", "-c", "2d", "-np", "1", "-npfp", "1"], env)
+    _run([str(bin_dir / "nnUNetv2_plan_and_preprocess"), "-d", "653", "-c", "2d", "-np", "1", "-npfp", "1"],
+         env)
     folder = next((tmp_path / "preprocessed").glob("Dataset653_*"))
     plans_file = folder / "nnUNetPlans.json"
     plans = json.loads(plans_file.read_text())
@@ -86,15 +90,16 @@ def test_weights_pretrained_with_the_nnunet_preset_load_into_stock_nnunet_2d(tmp
                 "nnssl_joint": {"preset": preset.to_dict(), "input_channels": 1}}, checkpoint)
     export_for_presets(checkpoint, tmp_path)  # pretrained_for_2d.pth, as at the end of pretraining
     stock = tmp_path / "for_nnUNetPlans.pth"
-    _run([sys.executable, "-m", "nnssl_joint.cli", "export", "--checkpoint", str(checkpoint), "-d", "653", "-c", "2d",
-          "--plans", "nnUNetPlans", "-o", str(stock)], env)
+    _run([sys.executable, "-m", "nnssl_joint.cli", "export", "--checkpoint", str(checkpoint), "-d", "653",
+          "-c", "2d", "--plans", "nnUNetPlans", "-o", str(stock)], env)
 
-    out = _run([sys.executable, "-c", _LOAD_INTO_STOCK, str(checkpoint), "653", str(tmp_path / "pretrained_for_2d.pth"),
-                str(stock)], env)
+    out = _run([sys.executable, "-c", _LOAD_INTO_STOCK, str(checkpoint), "653",
+                str(tmp_path / "pretrained_for_2d.pth"), str(stock)], env)
     result = json.loads(out.strip().splitlines()[-1])
     for weights, facts in result.items():
         assert facts["network"] == "PlainConvUNet" and facts["plans"] == "nnUNetPlans", weights
-        assert facts["encoder_keys"] > 0 and facts["encoder_equal"] and facts["decoder_encoder_equal"], (weights, facts)
+        assert (facts["encoder_keys"] > 0 and facts["encoder_equal"]
+                and facts["decoder_encoder_equal"]), (weights, facts)
         assert facts["encoder_changed"], weights  # the loader really replaced the random initialisation
 
 
@@ -109,9 +114,10 @@ def test_a_checkpoint_of_another_topology_is_refused_for_stock_plans_with_the_fi
     from nnssl_joint.pretrain.model import JointSSLModel
     from nnssl_joint.ssl.objective import ObjectiveConfig
 
-    stock = PlainConvUNet(1, 4, [32, 64, 128, 256], nn.Conv2d, 3, [1, 2, 2, 2], 2, 2, [2, 2, 2], conv_bias=True,
-                          norm_op=nn.InstanceNorm2d, norm_op_kwargs={"eps": 1e-5, "affine": True},
-                          nonlin=nn.LeakyReLU, nonlin_kwargs={"inplace": True})
+    stock = PlainConvUNet(1, 4, [32, 64, 128, 256], nn.Conv2d, 3, [1, 2, 2, 2], 2, 2, [2, 2, 2],
+                          conv_bias=True, norm_op=nn.InstanceNorm2d,
+                          norm_op_kwargs={"eps": 1e-5, "affine": True}, nonlin=nn.LeakyReLU,
+                          nonlin_kwargs={"inplace": True})
     cpu = JointSSLModel(load_preset("cpu"), 1, ObjectiveConfig())
     with pytest.raises(NnsslJointError, match="Shape mismatches"):
         fill_pretrained(stock, cpu.state_dict())

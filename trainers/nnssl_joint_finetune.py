@@ -34,7 +34,8 @@ class JointSSLFinetuneTrainer(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):  # noqa: B008 (nnU-Net's signature)
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.finetune_config, self.finetune_sources = load_finetune_config(self.configuration_manager.configuration)
+        self.finetune_config, self.finetune_sources = load_finetune_config(
+            self.configuration_manager.configuration)
         cfg = self.finetune_config
         self.num_epochs = cfg.num_epochs
         self.num_iterations_per_epoch = cfg.iterations_per_epoch
@@ -51,8 +52,8 @@ class JointSSLFinetuneTrainer(nnUNetTrainer):
         weights = pretrained_weights_from_argv()
         # a run resumed with --c gets no -pretrained_weights; the record of its start says how it began
         start_record = join(self.output_folder, "nnssl_joint_finetune_start.json")
-        pretrained = weights is not None or (isfile(start_record) and load_json(start_record)["pretrained_weights"]
-                                             is not None)
+        pretrained = weights is not None or (isfile(start_record)
+                                             and load_json(start_record)["pretrained_weights"] is not None)
         # before super().initialize(), which builds the optimizer from it
         self.initial_lr = self.finetune_config.initial_lr_for(pretrained=pretrained)
         super().initialize()
@@ -63,14 +64,16 @@ class JointSSLFinetuneTrainer(nnUNetTrainer):
         if self.local_rank == 0:
             atomic_write_text(json.dumps(self.finetune_config.to_dict(), indent=2),
                               join(self.output_folder, "nnssl_joint_finetune_config.json"))
-        self.print_to_log_file(f"recipe '{self.finetune_config.recipe}', initial learning rate {self.initial_lr:g}"
-                               f" ({'pretrained' if pretrained else 'random'} initialisation)")
+        self.print_to_log_file(f"recipe '{self.finetune_config.recipe}', initial learning rate "
+                               f"{self.initial_lr:g} ({'pretrained' if pretrained else 'random'} "
+                               "initialisation)")
         if weights is not None:
             module = unwrap(self.network)
             preset = self.configuration_manager.network_arch_init_kwargs.get("preset")
             hint = (f"nnssl_joint export --checkpoint <pretraining checkpoint_final.pth> -d "
-                    f"{self.plans_manager.dataset_name} -c {self.configuration_name} -p {self.plans_manager.plans_name} "
-                    f"-o pretrained_for_this_task.pth, then pass that file")
+                    f"{self.plans_manager.dataset_name} -c {self.configuration_name} "
+                    f"-p {self.plans_manager.plans_name} -o pretrained_for_this_task.pth, then pass that "
+                    f"file")
             self.print_to_log_file(check_pretrained_weights(module, weights, preset, hint))
 
     def configure_optimizers(self):

@@ -44,7 +44,8 @@ from nnssl_joint.ssl.objective import LOSS_TERMS, combine_losses
 
 class JointSSLPretrainTrainer(nnUNetTrainer):
     """Pretrains f_intra (2D encoder) and f_inter (deformable slice Transformer) with
-    L = l_intra L_intra + l_intra3d L_intra_3d + l_inter L_inter + l_mask L_mask (Nguyen et al., AAAI 2023)."""
+    L = l_intra L_intra + l_intra3d L_intra_3d + l_inter L_inter + l_mask L_mask
+    (Nguyen et al., AAAI 2023)."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):  # noqa: B008 (nnU-Net's signature)
@@ -55,8 +56,10 @@ class JointSSLPretrainTrainer(nnUNetTrainer):
             self.grad_scaler = None
         elif self.is_ddp:
             # nnU-Net picks cuda:<global rank>; on several nodes (torchrun) the GPU index is the local rank
-            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", dist.get_rank() % torch.cuda.device_count())))
-        self.ssl_config, self.ssl_config_sources = load_pretrain_config(self.configuration_manager.configuration)
+            self.device = torch.device(
+                "cuda", int(os.environ.get("LOCAL_RANK", dist.get_rank() % torch.cuda.device_count())))
+        self.ssl_config, self.ssl_config_sources = load_pretrain_config(
+            self.configuration_manager.configuration)
         optim = self.ssl_config.optim
         self.num_epochs = optim.num_epochs
         self.num_iterations_per_epoch = optim.iterations_per_epoch
@@ -86,23 +89,26 @@ class JointSSLPretrainTrainer(nnUNetTrainer):
         # before anything draws random numbers (weights, prototypes); --c then restores the saved RNG state
         seed = seed_everything(cfg.seed, self.local_rank)
         self.preset = load_preset(cfg.preset)
-        self.stats, self.dataset_summary = runtime.dataset_stats(self.preprocessed_dataset_folder, self.dataset_class)
-        self.resolved = auto_configure(self.stats, self.preset, self.device.type, cfg, self.num_iterations_per_epoch,
-                                       self.num_input_channels)
+        self.stats, self.dataset_summary = runtime.dataset_stats(self.preprocessed_dataset_folder,
+                                                                 self.dataset_class)
+        self.resolved = auto_configure(self.stats, self.preset, self.device.type, cfg,
+                                       self.num_iterations_per_epoch, self.num_input_channels)
         if self.is_ddp:
             self.resolved = self.resolved.for_process(dist.get_world_size(), dist.get_rank())
         self.print_to_log_file(describe(self.stats, self.resolved))
         self.print_to_log_file(f"configuration sources: {', '.join(self.ssl_config_sources)}; "
                                + ("not seeded (seed null)" if seed is None else f"seed {cfg.seed}"))
         if self.stats.n_volumes == 0:
-            self.print_to_log_file("WARNING: the dataset holds no volumes (every case has one slice): L_intra_3d, "
-                                   "L_inter and L_mask are disabled; only the 2D encoder is pretrained.")
+            self.print_to_log_file("WARNING: the dataset holds no volumes (every case has one slice): "
+                                   "L_intra_3d, L_inter and L_mask are disabled; only the 2D encoder is "
+                                   "pretrained.")
 
         self.network = JointSSLModel(self.preset, self.num_input_channels,
                                      self.resolved.objective(cfg.objective)).to(self.device)
         self.optimizer, self.lr_scheduler = self.configure_optimizers()
         if self.is_ddp:
-            self.network = DDP(self.network, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            self.network = DDP(self.network,
+                               device_ids=[self.device.index] if self.device.type == "cuda" else None,
                                find_unused_parameters=True)
         self.was_initialized = True
         if self.local_rank == 0:
@@ -117,8 +123,9 @@ class JointSSLPretrainTrainer(nnUNetTrainer):
     def configure_optimizers(self):
         params = runtime.parameter_groups(self.network, self.ssl_config.optim.weight_decay)
         optimizer = torch.optim.AdamW(params, lr=self.initial_lr, betas=(0.9, 0.999))
-        scheduler = WarmupCosineLR(optimizer, [self.initial_lr] * len(optimizer.param_groups), self.num_epochs,
-                                   self.ssl_config.optim.warmup_epochs, self.ssl_config.optim.min_lr_ratio)
+        scheduler = WarmupCosineLR(optimizer, [self.initial_lr] * len(optimizer.param_groups),
+                                   self.num_epochs, self.ssl_config.optim.warmup_epochs,
+                                   self.ssl_config.optim.min_lr_ratio)
         return optimizer, scheduler
 
     @property
@@ -139,8 +146,8 @@ class JointSSLPretrainTrainer(nnUNetTrainer):
         else:
             # seeds=None would leave the workers' torch RNG unseeded: forked workers would repeat each other's
             # torch draws (noise, bias fields); seeds from the run's RNG differ per worker, rank and resume
-            mt_train = NonDetMultiThreadedAugmenter(data_loader=dl_train, transform=None, num_processes=n_proc,
-                                                    num_cached=max(4, n_proc // 2),
+            mt_train = NonDetMultiThreadedAugmenter(data_loader=dl_train, transform=None,
+                                                    num_processes=n_proc, num_cached=max(4, n_proc // 2),
                                                     seeds=runtime.augmenter_seeds(n_proc),
                                                     pin_memory=self.device.type == "cuda", wait_time=0.002)
         return mt_train, None
@@ -155,9 +162,10 @@ class JointSSLPretrainTrainer(nnUNetTrainer):
             if dropped:
                 self.print_to_log_file(f"losses.tsv: dropped {dropped} row(s) written after the checkpoint")
         self.print_to_log_file(
-            f"JointSSLPretrainTrainer: preset '{self.preset.name}', schedule '{self.ssl_config.objective.schedule}', "
-            f"{self.num_epochs} epochs x {self.num_iterations_per_epoch} iterations, effective configuration in "
-            f"{join(self.output_folder, 'nnssl_joint_config.json')}")
+            f"JointSSLPretrainTrainer: preset '{self.preset.name}', "
+            f"schedule '{self.ssl_config.objective.schedule}', "
+            f"{self.num_epochs} epochs x {self.num_iterations_per_epoch} iterations, effective configuration "
+            f"in {join(self.output_folder, 'nnssl_joint_config.json')}")
         start_epoch_probe(self)
 
     # ------------------------------------------------------------------ training
@@ -199,14 +207,15 @@ class JointSSLPretrainTrainer(nnUNetTrainer):
             runtime.restore_buffers(self.model, buffers)
             self._consecutive_nonfinite += 1
             self.print_to_log_file(
-                f"WARNING: non-finite loss {out['loss']} ({ {t: out.get(t) for t in LOSS_TERMS} }) at iteration "
-                f"{self.iteration}; step skipped. Cases: {runtime.batch_case_ids(batch)}")
+                f"WARNING: non-finite loss {out['loss']} ({ {t: out.get(t) for t in LOSS_TERMS} }) at "
+                f"iteration {self.iteration}; step skipped. Cases: {runtime.batch_case_ids(batch)}")
             limit = self.ssl_config.optim.max_consecutive_nonfinite
             if self._consecutive_nonfinite >= limit:
                 raise RuntimeError(
-                    f"{self._consecutive_nonfinite} non-finite losses in a row (limit optim.max_consecutive_nonfinite"
-                    f"={limit}); stopping. Last batch's cases: {runtime.batch_case_ids(batch)}. Lower optim.lr, "
-                    "check the data of these cases, or resume from the last checkpoint with --c.")
+                    f"{self._consecutive_nonfinite} non-finite losses in a row (limit "
+                    f"optim.max_consecutive_nonfinite={limit}); stopping. Last batch's cases: "
+                    f"{runtime.batch_case_ids(batch)}. Lower optim.lr, check the data of these cases, or "
+                    "resume from the last checkpoint with --c.")
             self.iteration += 1
             return out
         self._consecutive_nonfinite = 0
@@ -242,8 +251,8 @@ class JointSSLPretrainTrainer(nnUNetTrainer):
         terms = ", ".join(f"L_{t} {s[f'loss_{t}']:.4f}" for t in LOSS_TERMS if not np.isnan(s[f"loss_{t}"]))
         self.print_to_log_file(f"train_loss {s['train_losses']:.4f} ({terms})")
         self.print_to_log_file(
-            f"throughput: {s['slices_per_s']:.1f} slices/s, {s['volumes_per_s']:.2f} volumes/s; prototype usage "
-            f"entropy 2D {s['entropy_2d']:.3f} 3D {s['entropy_3d']:.3f}")
+            f"throughput: {s['slices_per_s']:.1f} slices/s, {s['volumes_per_s']:.2f} volumes/s; prototype "
+            f"usage entropy 2D {s['entropy_2d']:.3f} 3D {s['entropy_3d']:.3f}")
         epoch_time = self.logger.get_value("epoch_end_timestamps", -1) - self.logger.get_value(
             "epoch_start_timestamps", -1)
         self.print_to_log_file(f"Epoch time: {epoch_time:.2f} s")
@@ -257,7 +266,8 @@ class JointSSLPretrainTrainer(nnUNetTrainer):
                     "epsilon or a longer prototype freeze.")
         if (self.current_epoch + 1) % self.save_every == 0 and self.current_epoch != self.num_epochs - 1:
             self.save_checkpoint(join(self.output_folder, "checkpoint_latest.pth"))
-        if np.isfinite(s["train_losses"]) and (self._best_loss is None or s["train_losses"] < self._best_loss):
+        if np.isfinite(s["train_losses"]) and (self._best_loss is None
+                                               or s["train_losses"] < self._best_loss):
             self._best_loss = s["train_losses"]
             self.save_checkpoint(join(self.output_folder, "checkpoint_best.pth"))
         run_epoch_probe(self)  # optional (config section 'probe'); keeps the training's random streams
@@ -268,7 +278,8 @@ class JointSSLPretrainTrainer(nnUNetTrainer):
     def on_train_end(self):
         super().on_train_end()
         if self.local_rank == 0 and not self.disable_checkpointing:
-            written = runtime.export_downstream_weights(self, join(self.output_folder, "checkpoint_final.pth"))
+            written = runtime.export_downstream_weights(self,
+                                                        join(self.output_folder, "checkpoint_final.pth"))
             for path in written:
                 self.print_to_log_file(f"pretrained weights for fine-tuning: {path}")
 

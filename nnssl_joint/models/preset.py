@@ -107,15 +107,16 @@ class ArchitecturePreset:
         enc = self.encoder
         n = enc.n_stages
         kernels = 1 if isinstance(enc.kernel_size, int) else len(enc.kernel_size)
-        if len(enc.strides) != n or len(enc.n_conv_per_stage) != n or len(enc.n_conv_per_stage_decoder) != n - 1 \
-                or kernels not in (1, n):
+        if len(enc.strides) != n or len(enc.n_conv_per_stage) != n \
+                or len(enc.n_conv_per_stage_decoder) != n - 1 or kernels not in (1, n):
             raise ValueError(
-                f"preset '{self.name}': encoder.strides, encoder.n_conv_per_stage (and a per-stage kernel_size) need "
-                f"{n} entries and encoder.n_conv_per_stage_decoder {n - 1} (one per encoder stage in "
-                "features_per_stage)"
+                f"preset '{self.name}': encoder.strides, encoder.n_conv_per_stage (and a per-stage "
+                f"kernel_size) need {n} entries and encoder.n_conv_per_stage_decoder {n - 1} (one per "
+                "encoder stage in features_per_stage)"
             )
         if self.embedding_dim < 1:
-            raise ValueError(f"preset '{self.name}': embedding_dim must be positive, got {self.embedding_dim}")
+            raise ValueError(f"preset '{self.name}': embedding_dim must be positive, "
+                             f"got {self.embedding_dim}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -123,7 +124,8 @@ class ArchitecturePreset:
             d["encoder"][k] = list(d["encoder"][k])
         d["encoder"]["strides"] = [s if isinstance(s, int) else list(s) for s in self.encoder.strides]
         if not isinstance(self.encoder.kernel_size, int):
-            d["encoder"]["kernel_size"] = [k if isinstance(k, int) else list(k) for k in self.encoder.kernel_size]
+            d["encoder"]["kernel_size"] = [k if isinstance(k, int) else list(k)
+                                           for k in self.encoder.kernel_size]
         return d
 
     @classmethod
@@ -147,8 +149,10 @@ class ArchitecturePreset:
             if isinstance(enc.get(k), (list, tuple)):
                 enc[k] = tuple(int(v) if isinstance(v, int) else _pair(v) for v in enc[k])
         top["encoder"] = EncoderConfig(**enc)
-        top["transformer"] = TransformerConfig(**build(TransformerConfig, top.get("transformer", {}), "transformer"))
-        top["projection"] = ProjectionConfig(**build(ProjectionConfig, top.get("projection", {}), "projection"))
+        top["transformer"] = TransformerConfig(**build(TransformerConfig, top.get("transformer", {}),
+                                                       "transformer"))
+        top["projection"] = ProjectionConfig(**build(ProjectionConfig, top.get("projection", {}),
+                                                     "projection"))
         return cls(**top)
 
 
@@ -182,11 +186,13 @@ def load_preset(name_or_path: str | Path) -> ArchitecturePreset:
 
 #: what nnU-Net's default planner builds its 2D U-Net from; a plans configuration with other building
 #: blocks has no preset equivalent
-_STOCK_BLOCKS = {"conv_op": "torch.nn.modules.conv.Conv2d", "norm_op": "torch.nn.modules.instancenorm.InstanceNorm2d",
+_STOCK_BLOCKS = {"conv_op": "torch.nn.modules.conv.Conv2d",
+                 "norm_op": "torch.nn.modules.instancenorm.InstanceNorm2d",
                  "nonlin": "torch.nn.LeakyReLU"}
 
 
-def preset_from_nnunet_plans(plans: dict[str, Any], configuration: str = "2d", base: str = "cpu") -> ArchitecturePreset:
+def preset_from_nnunet_plans(plans: dict[str, Any], configuration: str = "2d",
+                             base: str = "cpu") -> ArchitecturePreset:
     """The preset whose 2D encoder is exactly the encoder of ``configuration`` in nnU-Net plans (features,
     strides, kernel sizes, convolutions per stage, decoder convolutions), so weights pretrained with it
     load into nnU-Net's stock ``PlainConvUNet`` of those plans. Slice embedding, Transformer and projection
@@ -197,12 +203,14 @@ def preset_from_nnunet_plans(plans: dict[str, Any], configuration: str = "2d", b
     arch = plans["configurations"][configuration].get("architecture", {})
     name = arch.get("network_class_name", "")
     if not name.endswith("PlainConvUNet"):
-        raise ValueError(f"{where} uses {name or 'no architecture'}; a preset can only copy nnU-Net's default "
-                         "PlainConvUNet (plan with nnU-Net's default ExperimentPlanner, plans nnUNetPlans)")
+        raise ValueError(f"{where} uses {name or 'no architecture'}; a preset can only copy nnU-Net's "
+                         "default PlainConvUNet (plan with nnU-Net's default ExperimentPlanner, plans "
+                         "nnUNetPlans)")
     kw = arch["arch_kwargs"]
     for key, expected in _STOCK_BLOCKS.items():
         if kw.get(key) != expected:
-            raise ValueError(f"{where}: arch_kwargs.{key} is {kw.get(key)!r}, the plugin's encoder uses {expected}")
+            raise ValueError(f"{where}: arch_kwargs.{key} is {kw.get(key)!r}, the plugin's encoder uses "
+                             f"{expected}")
     if not kw.get("conv_bias", False) or not (kw.get("norm_op_kwargs") or {}).get("affine", False):
         raise ValueError(f"{where}: the plugin's encoder uses conv_bias true and an affine InstanceNorm2d")
 
@@ -212,9 +220,10 @@ def preset_from_nnunet_plans(plans: dict[str, Any], configuration: str = "2d", b
     kernels = simple(kw["kernel_sizes"])
     encoder = EncoderConfig(features_per_stage=tuple(int(f) for f in kw["features_per_stage"]),
                             strides=simple(kw["strides"]),
-                            kernel_size=kernels[0] if len(set(kernels)) == 1 and isinstance(kernels[0], int) else kernels,
+                            kernel_size=(kernels[0] if len(set(kernels)) == 1 and isinstance(kernels[0], int)
+                                         else kernels),
                             n_conv_per_stage=tuple(int(n) for n in kw["n_conv_per_stage"]),
                             n_conv_per_stage_decoder=tuple(int(n) for n in kw["n_conv_per_stage_decoder"]))
     return replace(load_preset(base), name="nnunet", encoder=encoder,
-                   description=f"2D encoder of nnU-Net's {where} (dataset {plans.get('dataset_name')}); slice "
-                   f"embedding, Transformer and projection of preset '{base}'")
+                   description=f"2D encoder of nnU-Net's {where} (dataset {plans.get('dataset_name')}); "
+                   f"slice embedding, Transformer and projection of preset '{base}'")

@@ -53,7 +53,8 @@ class JointSSLDownstreamPlanner(ThreadIndependentEstimateMixin, ExperimentPlanne
         return {
             "network_class_name": ARCHITECTURES[dims],
             # nnU-Net reads arch_kwargs['strides'] for the deep-supervision scales
-            "arch_kwargs": {"preset": self.preset.to_dict(), "strides": pool_op_kernel_sizes(self.preset, dims)},
+            "arch_kwargs": {"preset": self.preset.to_dict(),
+                            "strides": pool_op_kernel_sizes(self.preset, dims)},
             "_kw_requires_import": [],
         }
 
@@ -66,7 +67,8 @@ class JointSSLDownstreamPlanner(ThreadIndependentEstimateMixin, ExperimentPlanne
         num_labels = len(self.dataset_json["labels"])
         median_shape = np.asarray(median_shape[:dims], dtype=float)
 
-        # nnU-Net's initial patch: the spacing's aspect ratio at 256^3 / 2048^2 voxels, clipped to the median shape
+        # nnU-Net's initial patch: the spacing's aspect ratio at 256^3 / 2048^2 voxels, clipped to the
+        # median shape
         tmp = 1 / np.asarray(spacing, dtype=float)
         target = 256 ** 3 if dims == 3 else 2048 ** 2
         initial = np.minimum(np.round(tmp * (target / np.prod(tmp)) ** (1 / dims)), median_shape)
@@ -99,12 +101,15 @@ class JointSSLDownstreamPlanner(ThreadIndependentEstimateMixin, ExperimentPlanne
             current = estimate(patch)
 
         batch_size = round(reference / current * ref_bs)
-        bs_5_percent = round(approximate_n_voxels_dataset * self.max_dataset_covered / np.prod(patch, dtype=np.float64))
+        bs_5_percent = round(approximate_n_voxels_dataset * self.max_dataset_covered
+                             / np.prod(patch, dtype=np.float64))
         batch_size = int(max(min(batch_size, bs_5_percent), self.UNet_min_batch_size))
 
-        resampling_data, resampling_data_kwargs, resampling_seg, resampling_seg_kwargs = self.determine_resampling()
+        resampling_data, resampling_data_kwargs, resampling_seg, resampling_seg_kwargs = (
+            self.determine_resampling())
         resampling_softmax, resampling_softmax_kwargs = self.determine_segmentation_softmax_export_fn()
-        normalization_schemes, mask_is_used_for_norm = self.determine_normalization_scheme_and_whether_mask_is_used_for_norm()
+        normalization_schemes, mask_is_used_for_norm = (
+            self.determine_normalization_scheme_and_whether_mask_is_used_for_norm())
         return {
             "data_identifier": data_identifier,
             "preprocessor_name": self.preprocessor_name,
@@ -145,7 +150,8 @@ class JointSSLDownstreamPlanner(ThreadIndependentEstimateMixin, ExperimentPlanne
         super().save_plans(plans)
 
 
-def plan_and_preprocess_downstream(dataset_id: int, preset: str | None = "cpu", plans_name: str = DOWNSTREAM_PLANS_NAME,
+def plan_and_preprocess_downstream(dataset_id: int, preset: str | None = "cpu",
+                                   plans_name: str = DOWNSTREAM_PLANS_NAME,
                                    configurations: tuple[str, ...] = ("2d", "3d_fullres"),
                                    num_processes: int = 4, num_processes_fingerprint: int = 4,
                                    gpu_memory_target_in_gb: float = 8.0, verify: bool = False) -> dict:

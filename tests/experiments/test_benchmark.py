@@ -49,7 +49,8 @@ def test_splits_are_nested_over_labeled_counts_and_share_the_validation_cases():
             assert len(split["train"]) == k
             assert split["val"] == val
             assert not set(split["train"]) & set(val)
-        assert set(splits[1]["train"]) < set(splits[2]["train"]) < set(splits[4]["train"]) < set(splits[6]["train"])
+        assert (set(splits[1]["train"]) < set(splits[2]["train"]) < set(splits[4]["train"])
+                < set(splits[6]["train"]))
     # seeds draw different cases, and the same seed always the same
     assert bm.benchmark_split(pool, 2, 0) == bm.benchmark_split(list(reversed(pool)), 2, 0)
     assert len({tuple(bm.benchmark_split(pool, 2, s)["train"]) for s in range(6)}) > 1
@@ -154,7 +155,8 @@ def _run(mean_per_case: list[list[float]]) -> dict:
 
 
 def test_run_mean_dice_skips_undefined_classes():
-    assert bm.run_mean_dice({"a": {"1": 0.5, "2": float("nan")}, "b": {"1": 0.2, "2": 0.4}}) == pytest.approx(0.4)
+    assert bm.run_mean_dice({"a": {"1": 0.5, "2": float("nan")},
+                             "b": {"1": 0.2, "2": 0.4}}) == pytest.approx(0.4)
 
 
 def test_aggregate_mean_spread_and_paired_gain():
@@ -196,7 +198,8 @@ def test_settings_may_grow_but_not_change(tmp_path):
     first = _FakeBenchmark(bm.BenchmarkSettings(**kwargs, seeds=1), io.StringIO())
     first.check_settings()
     assert first.fold_of(1, 0) == 0 and first.fold_of(2, 0) == 1
-    grown = _FakeBenchmark(bm.BenchmarkSettings(**{**kwargs, "labeled": [1, 2, 4]}, seeds=5, arms=["scratch"]),
+    grown = _FakeBenchmark(bm.BenchmarkSettings(**{**kwargs, "labeled": [1, 2, 4]}, seeds=5,
+                                                arms=["scratch"]),
                            io.StringIO())
     grown.check_settings()  # more seeds, counts, fewer arms: the same experiment
     assert grown.fold_of(4, 3) == 2 and grown.fold_of(1, 0) == 0 and grown.fold_of(2, 0) == 1
@@ -230,9 +233,9 @@ def benchmark_run(tmp_path_factory):
     # its 2 cases one is held out for testing, so one labeled case remains and validates itself
     make_synthetic(raw, seed=5, n_3d=3, n_2d=4, n_labeled_train=2, n_labeled_test=0, ids=(621, 622, 623),
                    n_organs=2, file_ending_3d=".nrrd")
-    args = ["--raw", str(raw), "--pretrain", "621", "622", "623", "--target", "623", "--labeled", "1", "--seeds",
-            "1", "--arms", "scratch,nnunet,joint", "--budget", "tiny", "--val-cases", "0", "--test-fraction", "0.5",
-            "--out", str(root / "out")]
+    args = ["--raw", str(raw), "--pretrain", "621", "622", "623", "--target", "623", "--labeled", "1",
+            "--seeds", "1", "--arms", "scratch,nnunet,joint", "--budget", "tiny", "--val-cases", "0",
+            "--test-fraction", "0.5", "--out", str(root / "out")]
     result = _cli(*args, cwd=root)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return {"root": root, "out": root / "out", "args": args, "stdout": result.stdout}
@@ -278,8 +281,8 @@ def test_the_nnunet_arm_is_stock_nnunet_plans_and_network(benchmark_run):
     log = next(folder.glob("training_log_*.txt")).read_text()
     assert '"num_epochs": 2' in log and '"seed": 0' in log  # the budget and seed of the other arms
     # the plugin's arms were planned by the plugin's planner
-    plugin = json.loads((Path(json.loads((benchmark_run["out"] / "report" / "benchmark.json").read_text())["runs"][
-        "scratch/L1_s0"]["run_folder"]).parent / "plans.json").read_text())
+    plugin = json.loads((Path(json.loads((benchmark_run["out"] / "report" / "benchmark.json").read_text())
+                              ["runs"]["scratch/L1_s0"]["run_folder"]).parent / "plans.json").read_text())
     assert plugin["plans_name"] == "nnsslJointPlans"
 
 
@@ -332,10 +335,12 @@ def check_raw(tmp_path_factory):
             image = (np.random.default_rng(i).random((32, 32)) * 255).astype(np.uint8)
             (flat / f"images{split}").mkdir(parents=True, exist_ok=True)
             (flat / f"labels{split}").mkdir(parents=True, exist_ok=True)
-            sitk.WriteImage(sitk.GetImageFromArray(image), str(flat / f"images{split}" / f"f{split}{i}_0000.png"))
+            sitk.WriteImage(sitk.GetImageFromArray(image),
+                            str(flat / f"images{split}" / f"f{split}{i}_0000.png"))
             sitk.WriteImage(sitk.GetImageFromArray((image > 128).astype(np.uint8)),
                             str(flat / f"labels{split}" / f"f{split}{i}.png"))
-    (flat / "dataset.json").write_text(json.dumps({"channel_names": {"0": "gray"}, "labels": {"background": 0, "a": 1},
+    (flat / "dataset.json").write_text(json.dumps({"channel_names": {"0": "gray"},
+                                                   "labels": {"background": 0, "a": 1},
                                                    "numTraining": 3, "file_ending": ".png"}))
     return raw
 
@@ -381,11 +386,13 @@ def _broken_channels(raw: Path) -> str:
     ("pool too small", {"labeled": [3], "val_cases": 1}, r"need 4 cases.*has 3.*--val-cases, 0 validates"),
     ("missing pretraining dataset", {"pretrain": ["699"], "arms": ["scratch", "joint"]}, "699"),
     ("test image missing", {"target": _broken_missing_test_image}, "images are missing in"),
-    ("undeclared label value", {"target": _broken_label_value}, r"label value\(s\) \[9\].*add them to 'labels'"),
+    ("undeclared label value", {"target": _broken_label_value},
+     r"label value\(s\) \[9\].*add them to 'labels'"),
     ("channel files missing", {"target": _broken_channels}, "channel"),
     ("2D target, 3D configuration", {"target": "640"}, "holds 2D images.*-c 2d"),
 ])
-def test_every_early_check_fires_in_seconds_before_anything_is_written(check_raw, tmp_path, case, flags, match):
+def test_every_early_check_fires_in_seconds_before_anything_is_written(check_raw, tmp_path, case, flags,
+                                                                       match):
     import time
 
     flags = dict(flags)
@@ -402,10 +409,11 @@ def test_every_early_check_fires_in_seconds_before_anything_is_written(check_raw
 
 
 def test_the_checks_pass_for_a_one_case_target_validating_on_itself(check_raw, tmp_path):
-    settings = bm.BenchmarkSettings(pretrain=["631"], target="633", out=tmp_path, raw=check_raw, labeled=[1, 3],
-                                    seeds=3, val_cases=0, arms=["scratch", "nnunet", "joint"])
+    settings = bm.BenchmarkSettings(pretrain=["631"], target="633", out=tmp_path, raw=check_raw,
+                                    labeled=[1, 3], seeds=3, val_cases=0, arms=["scratch", "nnunet", "joint"])
     checked = bm.check_inputs(settings)
     assert checked["training_pool"] == 3 and checked["test_cases"] == 2 and not checked["2d"]
     with pytest.raises(NnsslJointError, match="--pretrain is needed"):
-        bm.BenchmarkSettings(pretrain=[], target="633", out=tmp_path, raw=check_raw, labeled=[1], arms=["nnunet", "intra"])
+        bm.BenchmarkSettings(pretrain=[], target="633", out=tmp_path, raw=check_raw, labeled=[1],
+                             arms=["nnunet", "intra"])
     bm.BenchmarkSettings(pretrain=[], target="633", out=tmp_path, raw=check_raw, labeled=[1], arms=["nnunet"])

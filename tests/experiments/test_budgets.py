@@ -42,7 +42,8 @@ def test_budget_names_and_json_overrides(tmp_path):
     spec = tmp_path / "budget.json"
     spec.write_text(json.dumps({"finetune_epochs": 7}))
     budget = TrainingBudget.resolve(str(spec))
-    assert budget.finetune_epochs == 7 and budget.pretrain_epochs == TrainingBudget.named("small").pretrain_epochs
+    assert (budget.finetune_epochs == 7
+            and budget.pretrain_epochs == TrainingBudget.named("small").pretrain_epochs)
     spec.write_text(json.dumps({"finetune_epoch": 7}))
     with pytest.raises(NnsslJointError, match=r"budget.json: unknown key 'finetune_epoch'"):
         TrainingBudget.resolve(str(spec))
@@ -89,6 +90,8 @@ def test_demo_and_benchmark_do_not_import_each_other():
     folder = Path(package.__file__).parent
     for module, other in (("demo", "benchmark"), ("benchmark", "demo")):
         tree = ast.parse((folder / f"{module}.py").read_text())
-        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
-        imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        imported = {node.module for node in ast.walk(tree)
+                    if isinstance(node, ast.ImportFrom) and node.module}
+        imported |= {alias.name for node in ast.walk(tree)
+                     if isinstance(node, ast.Import) for alias in node.names}
         assert f"nnssl_joint.experiments.{other}" not in imported, f"{module}.py imports {other}.py"

@@ -1,5 +1,5 @@
-"""The demo's pieces (nnssl_joint/experiments/demo.py, nnssl_joint/experiments/report.py) on small fake inputs; the full demo runs
-only in the slow test at the end (``bash scripts/test.sh -m slow``)."""
+"""The demo's pieces (nnssl_joint/experiments/demo.py, nnssl_joint/experiments/report.py) on small fake
+inputs; the full demo runs only in the slow test at the end (``bash scripts/test.sh -m slow``)."""
 
 from __future__ import annotations
 
@@ -197,13 +197,14 @@ def test_pretraining_model_roundtrip_and_embedding(tmp_path):
 
     preset = load_preset("cpu")
     # the record keeps the user's "auto" sizes (defaults here); the network's sizes come from "resolved"
-    resolved = SelfConfiguration(view_size=32, small_view_size=32, n_small_views=0, n_slices=4, batch_size_2d=4,
-                                 batch_size_3d=2, num_prototypes_2d=8, num_prototypes_3d=4,
-                                 freeze_prototypes_iterations=1, queue_start_iteration=1, memory_budget_gb=3.0,
-                                 estimated_activation_gb=0.1)
+    resolved = SelfConfiguration(view_size=32, small_view_size=32, n_small_views=0, n_slices=4,
+                                 batch_size_2d=4, batch_size_3d=2, num_prototypes_2d=8, num_prototypes_3d=4,
+                                 freeze_prototypes_iterations=1, queue_start_iteration=1,
+                                 memory_budget_gb=3.0, estimated_activation_gb=0.1)
     model = JointSSLModel(preset, 1, resolved.objective(ObjectiveConfig()))
     checkpoint = {"network_weights": model.state_dict(),
-                  "nnssl_joint": {"preset": preset.to_dict(), "config": {"objective": ObjectiveConfig().to_dict()},
+                  "nnssl_joint": {"preset": preset.to_dict(),
+                                  "config": {"objective": ObjectiveConfig().to_dict()},
                                   "input_channels": 1, "resolved": resolved.to_dict()}}
     torch.save(checkpoint, tmp_path / "checkpoint_final.pth")
     loaded, meta = load_pretraining_model(tmp_path / "checkpoint_final.pth")
@@ -238,16 +239,17 @@ def _fake_report_data() -> dict:
     dice = {arm: {case: {c: float(np.clip(b + 0.05 * rng.standard_normal(), 0, 1)) for c in classes}
                   for case in cases} for arm, b in base.items()}
     dice["scratch"][cases[0]]["2"] = math.nan
-    logging = {"train_losses": [9.0, 8.0, 7.5], "loss_intra": [3.6, 3.5, 3.4], "loss_intra_3d": [3.6, 3.5, 3.4],
-               "loss_inter": [1.5, 0.5, 0.3], "loss_mask": [0.2, 0.1, 0.05], "entropy_2d": [0.9, 0.8, 0.7],
-               "entropy_3d": [0.9, 0.5, 0.4]}
+    logging = {"train_losses": [9.0, 8.0, 7.5], "loss_intra": [3.6, 3.5, 3.4],
+               "loss_intra_3d": [3.6, 3.5, 3.4], "loss_inter": [1.5, 0.5, 0.3], "loss_mask": [0.2, 0.1, 0.05],
+               "entropy_2d": [0.9, 0.8, 0.7], "entropy_3d": [0.9, 0.5, 0.4]}
     intra_log = {k: (list(v) if k in ("train_losses", "loss_intra", "entropy_2d") else [math.nan] * 3)
                  for k, v in logging.items()}
     image = rng.standard_normal((32, 32)).astype(np.float32)
     label = np.zeros((32, 32), dtype=np.uint8)
     label[8:16, 8:20] = 1
     montage = [{"case": c, "slice": 5, "image": image, "reference": label,
-                "predictions": {a: label for a in demo.ARMS}, "dice": {a: 0.5 for a in demo.ARMS}} for c in cases]
+                "predictions": {a: label for a in demo.ARMS}, "dice": {a: 0.5 for a in demo.ARMS}}
+               for c in cases]
     embeddings = {run: {"label": PRETRAIN_LABELS[run], "coords": rng.standard_normal((6, 2)).tolist(),
                         "groups": ["pool"] * 3 + ["task"] * 3, "cases": list("abcdef"),
                         "explained_variance": [0.6, 0.2],
@@ -334,7 +336,8 @@ def test_tiny_demo_end_to_end(tmp_path):
     """The whole pipeline with the smoke-test budget: every report file and three arms with numbers."""
     result = demo.run_demo(demo.DemoSettings(out=tmp_path / "demo", budget="tiny", labeled=1), io.StringIO())
     assert set(result["summary"]["mean_dice"]) == set(demo.ARMS)
-    for name in ("report.md", "report.json", "dice.png", "pretraining_curves.png", "montage.png", "embeddings.png"):
+    for name in ("report.md", "report.json", "dice.png", "pretraining_curves.png", "montage.png",
+                 "embeddings.png"):
         assert (tmp_path / "demo" / "report" / name).is_file()
     assert result["finetuning"]["joint"]["weights_check"]
 
@@ -384,13 +387,16 @@ def test_a_step_locked_elsewhere_is_skipped_when_parallel_and_waited_for_otherwi
 
 
 def test_preset_follows_the_device_and_is_recorded(tmp_path):
-    assert demo.DemoSettings(out=tmp_path).preset == "cpu" and "preset" not in demo.DemoSettings(out=tmp_path).record()
+    assert (demo.DemoSettings(out=tmp_path).preset == "cpu"
+            and "preset" not in demo.DemoSettings(out=tmp_path).record())
     on_gpu = demo.DemoSettings(out=tmp_path, device="cuda")
-    assert on_gpu.preset == "gpu" and on_gpu.record()["preset"] == "gpu"  # a CUDA run benchmarks the GPU network
+    # a CUDA run benchmarks the GPU network
+    assert on_gpu.preset == "gpu" and on_gpu.record()["preset"] == "gpu"
     assert demo.DemoSettings(out=tmp_path, preset="nnunet").preset == "nnunet"
     with pytest.raises(NnsslJointError, match="--preset 'huge': use one of cpu, gpu, nnunet"):
         demo.DemoSettings(out=tmp_path, preset="huge")
-    steps = [s.key for s in demo.Demo(demo.DemoSettings(out=tmp_path, preset="nnunet"), io.StringIO()).steps()]
+    steps = [s.key for s in
+             demo.Demo(demo.DemoSettings(out=tmp_path, preset="nnunet"), io.StringIO()).steps()]
     assert steps.index("plan_stock") < steps.index("pretrain_joint")  # the preset exists before pretraining
 
 
@@ -405,5 +411,6 @@ def test_pretraining_and_downstream_plans_of_different_presets_are_refused(tmp_p
     torch.save({"network_weights": {}, "nnssl_joint": {"preset": load_preset("cpu").to_dict()}}, weights)
     pipeline.check_presets_agree(plans, weights)
     torch.save({"network_weights": {}, "nnssl_joint": {"preset": load_preset("gpu").to_dict()}}, weights)
-    with pytest.raises(NnsslJointError, match="planned with preset 'cpu' but .* pretrained with preset 'gpu'.*one --preset"):
+    with pytest.raises(NnsslJointError,
+                       match="planned with preset 'cpu' but .* pretrained with preset 'gpu'.*one --preset"):
         pipeline.check_presets_agree(plans, weights)

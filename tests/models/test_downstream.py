@@ -145,7 +145,8 @@ def _fake_pretraining_checkpoint(preset, downstream, path):
     same-preset downstream instance, plus a key only pretraining has."""
     torch.manual_seed(123)
     pretrained = {"encoder": build_encoder_2d(preset, 1),
-                  "slice_embedding": SliceEmbeddingHead(preset.encoder.features_per_stage, preset.embedding_dim),
+                  "slice_embedding": SliceEmbeddingHead(preset.encoder.features_per_stage,
+                                                        preset.embedding_dim),
                   "slice_transformer": SliceTransformer(preset.embedding_dim, depth=preset.transformer.depth,
                                                         heads=preset.transformer.heads,
                                                         dim_head=preset.transformer.dim_head,

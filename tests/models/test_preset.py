@@ -14,11 +14,13 @@ from nnssl_joint.models.preset import ArchitecturePreset, load_preset, preset_fr
 
 def _stock_plans(strides, network="dynamic_network_architectures.architectures.unet.PlainConvUNet"):
     n = len(strides)
-    return {"plans_name": "nnUNetPlans", "dataset_name": "Dataset001_X", "configurations": {"2d": {"architecture": {
+    return {"plans_name": "nnUNetPlans", "dataset_name": "Dataset001_X",
+            "configurations": {"2d": {"architecture": {
         "network_class_name": network,
         "arch_kwargs": {"n_stages": n, "features_per_stage": [min(32 * 2 ** i, 512) for i in range(n)],
-                        "conv_op": "torch.nn.modules.conv.Conv2d", "kernel_sizes": [[3, 3]] * n, "strides": strides,
-                        "n_conv_per_stage": [2] * n, "n_conv_per_stage_decoder": [2] * (n - 1), "conv_bias": True,
+                        "conv_op": "torch.nn.modules.conv.Conv2d", "kernel_sizes": [[3, 3]] * n,
+                        "strides": strides, "n_conv_per_stage": [2] * n,
+                        "n_conv_per_stage_decoder": [2] * (n - 1), "conv_bias": True,
                         "norm_op": "torch.nn.modules.instancenorm.InstanceNorm2d",
                         "norm_op_kwargs": {"eps": 1e-05, "affine": True}, "dropout_op": None,
                         "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU",
