@@ -130,8 +130,8 @@ def load_model(checkpoint: Path):
         return model.eval(), meta
 
 
-def evaluate(run_dir: Path, volumes: dict[str, np.ndarray], seed: int, checkpoint: str = "checkpoint_final.pth"
-             ) -> dict:
+def evaluate(run_dir: Path, volumes: dict[str, np.ndarray], seed: int,
+             checkpoint: str = "checkpoint_final.pth") -> dict:
     import torch
 
     from nnssl_joint.data.augment import STRONG, WEAK, volume_view_transforms
@@ -187,7 +187,8 @@ def evaluate(run_dir: Path, volumes: dict[str, np.ndarray], seed: int, checkpoin
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("/tmp/ssl_abl"))
     parser.add_argument("--preprocessed", type=Path, default=None)
     parser.add_argument("--data-seed", type=int, default=0)
@@ -215,11 +216,13 @@ def main() -> int:
     volumes = held_back_volumes(raw)
     if args.evaluate is not None:
         print(json.dumps({"tag": args.tag, "evaluated": str(args.evaluate),
-                          **evaluate(args.evaluate.resolve(), volumes, args.seeds[0], args.checkpoint)}, indent=1))
+                          **evaluate(args.evaluate.resolve(), volumes, args.seeds[0], args.checkpoint)},
+                         indent=1))
         return 0
     runs = {}
     for seed in args.seeds:
-        config = merge({"seed": seed, "optim": {"num_epochs": args.epochs, "iterations_per_epoch": args.iterations,
+        config = merge({"seed": seed, "optim": {"num_epochs": args.epochs,
+                                                "iterations_per_epoch": args.iterations,
                                                 "save_every": args.epochs}}, partial)
         start = time.time()
         res = work / f"res_{args.tag}_s{seed}"
@@ -234,7 +237,8 @@ def main() -> int:
     summary = {}
     for key in keys:
         values = [r[key] for r in runs.values()]
-        summary[key] = {"mean": float(np.mean(values)), "min": float(np.min(values)), "max": float(np.max(values))}
+        summary[key] = {"mean": float(np.mean(values)), "min": float(np.min(values)),
+                        "max": float(np.max(values))}
     print(json.dumps({"tag": args.tag, "config": partial, "seeds": args.seeds, "epochs": args.epochs,
                       "iterations": args.iterations, "summary": summary, "runs": runs}, indent=1))
     return 0

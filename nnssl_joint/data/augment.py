@@ -61,7 +61,8 @@ __all__ = [
 
 def _check_range(name: str, value: Sequence[float], low: float, high: float) -> tuple[float, float]:
     if len(value) != 2 or not (low <= value[0] <= value[1] <= high):
-        raise NnsslJointError(f"{name} must be (min, max) with {low} <= min <= max <= {high}, got {tuple(value)}")
+        raise NnsslJointError(f"{name} must be (min, max) with {low} <= min <= max <= {high}, "
+                              f"got {tuple(value)}")
     return float(value[0]), float(value[1])
 
 
@@ -80,7 +81,8 @@ class RandomResizedCropTransform(SpatialTransform):
                  aspect_ratio: Sequence[float] = (3 / 4, 4 / 3), p_rotation: float = 0.0,
                  rotation: RandomScalar = (-math.pi / 6, math.pi / 6), padding_value_seg: float = -1):
         if len(patch_size) != 2:
-            raise NnsslJointError(f"RandomResizedCropTransform is 2D: patch_size must be (h, w), got {patch_size}")
+            raise NnsslJointError(f"RandomResizedCropTransform is 2D: patch_size must be (h, w), "
+                                  f"got {patch_size}")
         super().__init__(tuple(int(i) for i in patch_size), patch_center_dist_from_border=0, random_crop=True,
                          p_rotation=p_rotation, rotation=rotation, border_mode_seg="constant",
                          padding_value_seg=padding_value_seg)
@@ -90,7 +92,8 @@ class RandomResizedCropTransform(SpatialTransform):
     def get_parameters(self, **data_dict) -> dict:
         image = data_dict["image"]
         if image.ndim != 3:
-            raise NnsslJointError(f"RandomResizedCropTransform expects (C, H, W), got shape {tuple(image.shape)}")
+            raise NnsslJointError(f"RandomResizedCropTransform expects (C, H, W), "
+                                  f"got shape {tuple(image.shape)}")
         height, width = image.shape[1:]
         area = np.random.uniform(*self.area) * height * width
         ratio = math.exp(np.random.uniform(math.log(self.aspect_ratio[0]), math.log(self.aspect_ratio[1])))
@@ -99,7 +102,8 @@ class RandomResizedCropTransform(SpatialTransform):
         # continuous pixel coordinates: pixel k covers [k, k + 1), its centre is k + 0.5
         centre_y = np.random.uniform(box_h / 2, height - box_h / 2)
         centre_x = np.random.uniform(box_w / 2, width - box_w / 2)
-        angle = sample_scalar(self.rotation, image=image, dim=0) if np.random.uniform() < self.p_rotation else 0.0
+        angle = (sample_scalar(self.rotation, image=image, dim=0) if np.random.uniform() < self.p_rotation
+                 else 0.0)
 
         out_h, out_w = self.patch_size
         offset_y = (torch.arange(out_h, dtype=torch.float32) - (out_h - 1) / 2) * (box_h / out_h)
@@ -118,10 +122,10 @@ class MultiplicativeBiasFieldTransform(ImageOnlyTransform):
     """Smooth multiplicative intensity inhomogeneity (MR bias field), in-plane.
 
     Per channel, a field f = exp(s * b) is drawn, b being bicubically upsampled Gaussian noise on a
-    ``control_points`` x ``control_points`` grid scaled to max |b| = 1 and s ~ ``strength``. It varies over the
-    last two axes and is the same along any axes before them (the slices of a stack). Our data are z-scored,
-    so the field multiplies the intensity above the channel minimum m: x' = m + (x - m) * f, which is what a
-    multiplicative field does to the raw, non-negative signal.
+    ``control_points`` x ``control_points`` grid scaled to max |b| = 1 and s ~ ``strength``. It varies over
+    the last two axes and is the same along any axes before them (the slices of a stack). Our data are
+    z-scored, so the field multiplies the intensity above the channel minimum m: x' = m + (x - m) * f, which
+    is what a multiplicative field does to the raw, non-negative signal.
     """
 
     def __init__(self, strength: RandomScalar = (0.05, 0.3), control_points: int = 4,
@@ -149,7 +153,8 @@ class MultiplicativeBiasFieldTransform(ImageOnlyTransform):
             field = self._field(in_plane, sample_scalar(self.strength, image=image, channel=None))
             fields = [field] * len(channels)
         else:
-            fields = [self._field(in_plane, sample_scalar(self.strength, image=image, channel=c)) for c in channels]
+            fields = [self._field(in_plane, sample_scalar(self.strength, image=image, channel=c))
+                      for c in channels]
         return {"channels": channels, "fields": fields}
 
     def _apply_to_image(self, img: torch.Tensor, **params) -> torch.Tensor:
@@ -223,12 +228,14 @@ def _spatial(view_size: Sequence[int], config: ViewAugmentationConfig) -> list[B
 
 
 def _in_plane_filters(config: ViewAugmentationConfig, synchronize_channels: bool) -> list[BasicTransform]:
-    """Blur and low resolution; with synchronize_channels every channel (every slice) gets the same setting."""
+    """Blur and low resolution; with synchronize_channels every channel (every slice) gets the same
+    setting."""
     return [
         *_maybe(GaussianBlurTransform(blur_sigma=config.blur_sigma, synchronize_channels=synchronize_channels,
                                       synchronize_axes=False, p_per_channel=1.0), config.p_blur),
         *_maybe(SimulateLowResolutionTransform(scale=config.low_resolution_scale,
-                                               synchronize_channels=synchronize_channels, synchronize_axes=True,
+                                               synchronize_channels=synchronize_channels,
+                                               synchronize_axes=True,
                                                ignore_axes=None, p_per_channel=1.0), config.p_low_resolution),
     ]
 

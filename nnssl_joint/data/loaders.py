@@ -75,7 +75,8 @@ def case_shape(dataset: nnUNetBaseDataset, identifier: str) -> tuple[int, ...]:
         npy = os.path.join(folder, identifier + ".npy")
         if os.path.isfile(npy):
             return tuple(int(i) for i in np.load(npy, mmap_mode="r").shape)
-        with zipfile.ZipFile(os.path.join(folder, identifier + ".npz")) as archive, archive.open("data.npy") as f:
+        with zipfile.ZipFile(os.path.join(folder, identifier + ".npz")) as archive, \
+                archive.open("data.npy") as f:
             version = np.lib.format.read_magic(f)
             read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
                 np.lib.format.read_array_header_2_0
@@ -148,7 +149,8 @@ def case_sampling_probabilities(dataset: nnUNetBaseDataset | Sequence[str],
         slices_per_case = _slices_per_case(dataset_summary(dataset))
     missing = [i for i in identifiers if i not in slices_per_case]
     if missing:
-        raise NnsslJointError(f"slices_per_case lacks cases {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        raise NnsslJointError(f"slices_per_case lacks cases "
+                              f"{missing[:5]}{' ...' if len(missing) > 5 else ''}")
     counts = np.array([int(slices_per_case[i]) for i in identifiers], dtype=np.float64)
     if len(counts) == 0 or np.any(counts < 1):
         raise NnsslJointError("every case needs at least one slice, and there must be at least one case")
@@ -156,8 +158,8 @@ def case_sampling_probabilities(dataset: nnUNetBaseDataset | Sequence[str],
     if weight_2d_fraction is None:
         return probabilities
     if not 0.0 <= weight_2d_fraction < 1.0:
-        raise NnsslJointError(f"weight_2d_fraction must be in [0, 1) (or None for proportional sampling), got "
-                              f"{weight_2d_fraction}; 1 would never draw a volume slice")
+        raise NnsslJointError(f"weight_2d_fraction must be in [0, 1) (or None for proportional sampling), "
+                              f"got {weight_2d_fraction}; 1 would never draw a volume slice")
     is_2d = counts == 1
     if not is_2d.any() or is_2d.all() or probabilities[is_2d].sum() >= weight_2d_fraction:
         return probabilities
@@ -243,14 +245,16 @@ class SliceViewsLoader(nnUNetDataLoader):
             for j, key in enumerate(keys):
                 data = self._data.load_case(key)[0]
                 lbs, ubs = self.get_bbox(data.shape[1:], False, None)
-                patch = torch.from_numpy(crop_and_pad_nd(data, _bbox_in_plane_inside(lbs, ubs, data.shape), 0))
+                patch = torch.from_numpy(
+                    crop_and_pad_nd(data, _bbox_in_plane_inside(lbs, ubs, data.shape), 0))
                 patch = patch.float()[:, 0]
                 slice_index[j] = lbs[0]
                 if global_views is None:
                     channels = patch.shape[0]
                     global_views = torch.empty((batch, 2, channels, *self.view_size))
                     if self.n_small_views:
-                        small_views = torch.empty((batch, self.n_small_views, channels, *self.small_view_size))
+                        small_views = torch.empty((batch, self.n_small_views, channels,
+                                                   *self.small_view_size))
                 for v in range(2):
                     global_views[j, v] = self.global_transforms(image=patch.clone())["image"]
                 for v in range(self.n_small_views):
@@ -344,8 +348,8 @@ class JointLoader(DataLoader):
 def _check_probabilities(probabilities: Sequence[float] | np.ndarray, n: int) -> np.ndarray:
     p = np.asarray(probabilities, dtype=np.float64)
     if p.shape != (n,) or np.any(p < 0) or not np.isclose(p.sum(), 1.0):
-        raise NnsslJointError(f"sampling_probabilities must be {n} non-negative numbers summing to 1 (one per "
-                              f"case the loader draws from), got shape {p.shape} and sum {p.sum():.6g}")
+        raise NnsslJointError(f"sampling_probabilities must be {n} non-negative numbers summing to 1 (one "
+                              f"per case the loader draws from), got shape {p.shape} and sum {p.sum():.6g}")
     return p / p.sum()
 
 

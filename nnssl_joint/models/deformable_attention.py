@@ -112,7 +112,8 @@ class ContinuousPositionBias(nn.Module):
     def __init__(self, heads: int, hidden: int = 64) -> None:
         super().__init__()
         if heads < 1 or hidden < 1:
-            raise ValueError(f"ContinuousPositionBias needs heads >= 1 and hidden >= 1, got {heads}, {hidden}")
+            raise ValueError(f"ContinuousPositionBias needs heads >= 1 and hidden >= 1, "
+                             f"got {heads}, {hidden}")
         self.heads = heads
         self.net = nn.Sequential(nn.Linear(1, hidden), nn.ReLU(), nn.Linear(hidden, heads))
 
@@ -201,7 +202,8 @@ class DeformableSliceAttention(nn.Module):
         if downsample < 1 or offset_kernel < 1:
             raise ValueError(f"downsample and offset_kernel must be >= 1, got {downsample}, {offset_kernel}")
         if heads < 1 or dim_head < 1 or offset_groups < 1 or heads % offset_groups != 0:
-            raise ValueError(f"heads ({heads}) must be a positive multiple of offset_groups ({offset_groups})")
+            raise ValueError(f"heads ({heads}) must be a positive multiple of "
+                             f"offset_groups ({offset_groups})")
         self.heads = heads
         self.dim_head = dim_head
         self.downsample = downsample
@@ -217,7 +219,8 @@ class DeformableSliceAttention(nn.Module):
         self.to_k = nn.Linear(dim, inner, bias=False)
         self.to_v = nn.Linear(dim, inner, bias=False)
         self.offset_net = nn.Sequential(
-            nn.Conv1d(group_channels, group_channels, offset_kernel, stride=downsample, groups=group_channels),
+            nn.Conv1d(group_channels, group_channels, offset_kernel, stride=downsample,
+                      groups=group_channels),
             nn.GELU(),
             nn.Conv1d(group_channels, 1, 1),
         )
@@ -289,7 +292,8 @@ class DeformableSliceAttention(nn.Module):
             any_valid = valid.any(dim=1)
             lo = torch.where(valid, index, n).amin(dim=1).where(any_valid, 0)
             hi = torch.where(valid, index, -1).amax(dim=1).where(any_valid, 0)
-            positions = torch.maximum(torch.minimum(positions, hi.view(b, 1, 1).float()), lo.view(b, 1, 1).float())
+            positions = torch.maximum(torch.minimum(positions, hi.view(b, 1, 1).float()),
+                                      lo.view(b, 1, 1).float())
 
         # linear interpolation along the slice axis
         left = positions.floor().long().clamp(0, n - 1)

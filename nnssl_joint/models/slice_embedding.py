@@ -45,7 +45,8 @@ class SliceEmbeddingHead(nn.Module):
     def __init__(self, stage_channels: Sequence[int], dim: int, pooling: str = "max") -> None:
         super().__init__()
         if len(stage_channels) == 0 or any(c < 1 for c in stage_channels) or dim < 1:
-            raise ValueError(f"need >= 1 stage with positive channels and dim >= 1, got {list(stage_channels)}, {dim}")
+            raise ValueError(f"need >= 1 stage with positive channels and dim >= 1, "
+                             f"got {list(stage_channels)}, {dim}")
         if pooling not in POOLINGS:
             raise ValueError(f"slice pooling must be one of {POOLINGS}, got {pooling!r}")
         self.stage_channels = [int(c) for c in stage_channels]
@@ -83,7 +84,8 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
     def forward(self, x: Tensor) -> Tensor:
         import torch.distributed as dist
 
-        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        if not (self.training and dist.is_available() and dist.is_initialized()
+                and dist.get_world_size() > 1):
             return super().forward(x)
         from torch.distributed.nn.functional import all_reduce
 
@@ -142,7 +144,8 @@ class ProjectionHead(nn.Module):
 
     ``norm="batch"`` (BatchNorm1d, as in SwAV) needs more than one sample in training; ``"layer"``
     (LayerNorm) works for any batch; ``"running_batch"`` (:class:`RunningBatchNorm1d`) centres and scales
-    across samples with running statistics, for tiny batches. Leading dimensions beyond the last are flattened and restored.
+    across samples with running statistics, for tiny batches. Leading dimensions beyond the last are flattened
+    and restored.
     """
 
     def __init__(self, dim: int, hidden: int, out_dim: int, norm: str = "batch") -> None:

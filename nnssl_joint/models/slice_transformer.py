@@ -27,7 +27,8 @@ class SliceTransformerLayer(nn.Module):
         self.attention = DeformableSliceAttention(dim, heads=heads, dim_head=dim_head, downsample=downsample,
                                                   offset_scale=offset_scale, offset_kernel=offset_kernel,
                                                   dropout=dropout)
-        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(ffn_dim, dim))
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(), nn.Dropout(dropout),
+                                 nn.Linear(ffn_dim, dim))
         self.norm_attention = nn.LayerNorm(dim)
         self.norm_ffn = nn.LayerNorm(dim)
         self.dropout = nn.Dropout(dropout)
@@ -47,7 +48,8 @@ class SliceTransformer(nn.Module):
     embedding: order comes from the attention's relative-position bias, so any N >= 1 works.
     """
 
-    def __init__(self, dim: int, depth: int = 4, heads: int = 8, dim_head: int = 64, ffn_dim: int | None = None,
+    def __init__(self, dim: int, depth: int = 4, heads: int = 8, dim_head: int = 64,
+                 ffn_dim: int | None = None,
                  dropout: float = 0.1, downsample: int = 4, offset_scale: float = 2.0, offset_kernel: int = 6,
                  norm_first: bool = False) -> None:
         super().__init__()
@@ -56,8 +58,8 @@ class SliceTransformer(nn.Module):
         ffn_dim = 4 * dim if ffn_dim is None else ffn_dim
         self.dim = dim
         self.layers = nn.ModuleList(
-            SliceTransformerLayer(dim, heads, dim_head, ffn_dim, dropout, downsample, offset_scale, offset_kernel,
-                                  norm_first)
+            SliceTransformerLayer(dim, heads, dim_head, ffn_dim, dropout, downsample, offset_scale,
+                                  offset_kernel, norm_first)
             for _ in range(depth)
         )
         self.final_norm = nn.LayerNorm(dim) if norm_first else nn.Identity()

@@ -50,7 +50,8 @@ class JointSSLModel(nn.Module):
         if objective.clustering != "swav":
             raise ValueError(
                 f"objective.clustering={objective.clustering!r}: the pretraining trainer wires the SwAV "
-                "variant; DeepCluster-v2 (nnssl_joint.ssl.deepcluster) is available as a building block only. "
+                "variant; DeepCluster-v2 (nnssl_joint.ssl.deepcluster) is available "
+                "as a building block only. "
                 "Set objective.clustering to 'swav'."
             )
         self.preset = preset
@@ -144,7 +145,8 @@ class JointSSLModel(nn.Module):
                 if stage.is_active(TERM_MASK):
                     # a loader (or a test) may fix the mask; otherwise draw it here
                     mask = volumes.get("mask")
-                    mask = mask.to(torch.bool) if mask is not None else sample_slice_mask(valid, self.objective.mask_ratio)
+                    mask = (mask.to(torch.bool) if mask is not None
+                            else sample_slice_mask(valid, self.objective.mask_ratio))
                 zs_3d, mask_losses = [], []
                 targets = e3.detach()
                 if mask is not None and self.objective.mask_target_normalization == "standardize":

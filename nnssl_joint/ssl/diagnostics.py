@@ -28,7 +28,8 @@ def usage_entropy(scores: Tensor) -> float:
     return abs(prototype_usage_entropy(scores))
 
 
-# RankMe, mean pairwise cosine and cross-view retrieval: the probe's definitions (nnssl_joint.probe.diagnostics)
+# RankMe, mean pairwise cosine and cross-view retrieval: the probe's definitions
+# (nnssl_joint.probe.diagnostics)
 def rankme(x: Tensor) -> float:
     from nnssl_joint.probe.diagnostics import rankme as probe_rankme
 
@@ -59,7 +60,8 @@ def window_features(model, views: Tensor, valid: Tensor) -> dict[str, Tensor]:
 
 
 @torch.no_grad()
-def masked_vs_interpolation(model, emb: Tensor, valid: Tensor, generator: torch.Generator) -> dict[str, float]:
+def masked_vs_interpolation(model, emb: Tensor, valid: Tensor,
+                            generator: torch.Generator) -> dict[str, float]:
     """Masked-slice prediction error on standardised embeddings vs the mean of the two neighbours.
 
     One interior valid slice per window is masked (positions whose both neighbours are valid), the tokens go
@@ -76,7 +78,8 @@ def masked_vs_interpolation(model, emb: Tensor, valid: Tensor, generator: torch.
             mask[i, p] = True
             rows.append((i, p))
     if not rows:
-        return {"mask_mse_model": float("nan"), "mask_mse_interp": float("nan"), "mask_ratio_vs_interp": float("nan")}
+        return {"mask_mse_model": float("nan"), "mask_mse_interp": float("nan"),
+                "mask_ratio_vs_interp": float("nan")}
     tokens = model.masked_modeling.apply_mask(emb, mask)
     per_slice, _ = model.slice_transformer(tokens, valid)
     pred = model.masked_modeling(per_slice)

@@ -154,7 +154,8 @@ class ObjectiveConfig:
     slice_level_3d_loss: bool = True
 
     _CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"schedule": SCHEDULES, "clustering": CLUSTERING_METHODS,
-                                                      "head_norm_3d": HEAD_NORMS_3D, "inter_codes": INTER_CODES,
+                                                      "head_norm_3d": HEAD_NORMS_3D,
+                                                      "inter_codes": INTER_CODES,
                                                       "mask_target_normalization": MASK_TARGET_NORMALIZATIONS}
     _POSITIVE: ClassVar[tuple[str, ...]] = (
         "temperature",
@@ -260,7 +261,8 @@ class ObjectiveConfig:
                 raise ValueError(f"ObjectiveConfig.{name} must be >= 0, got {getattr(self, name)}.")
         if not 0.0 <= self.centering_momentum_3d < 1.0:
             raise ValueError(
-                f"ObjectiveConfig.centering_momentum_3d must lie in [0, 1) (DINO: 0.9), got {self.centering_momentum_3d}."
+                f"ObjectiveConfig.centering_momentum_3d must lie in [0, 1) (DINO: 0.9), "
+                f"got {self.centering_momentum_3d}."
             )
         if not 0.0 < self.mask_ratio < 1.0:
             raise ValueError(

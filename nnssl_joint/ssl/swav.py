@@ -173,7 +173,8 @@ class SwAVLoss(nn.Module):
         self.distributed = distributed
         self.standardize_code_scores = standardize_code_scores
         if centering_momentum is not None and not 0.0 <= centering_momentum < 1.0:
-            raise ValueError(f"centering_momentum must lie in [0, 1) (DINO uses 0.9), got {centering_momentum}.")
+            raise ValueError(f"centering_momentum must lie in [0, 1) (DINO uses 0.9), "
+                             f"got {centering_momentum}.")
         if teacher_temperature <= 0:
             raise ValueError(f"teacher_temperature must be > 0 (DINO uses 0.04), got {teacher_temperature}.")
         self.centering_momentum = centering_momentum
@@ -241,7 +242,8 @@ class SwAVLoss(nn.Module):
         """DINO-style codes (Caron et al. 2021): softmax((s - c) / teacher_temperature), c an EMA of the mean
         score of the code views over the global batch, updated after use. Centring keeps one prototype from
         taking every sample, the low temperature keeps the codes from being uniform; no queue needed."""
-        codes = {view: F.softmax((scores[view].detach().float() - self.center) / self.teacher_temperature, dim=1)
+        codes = {view: F.softmax((scores[view].detach().float() - self.center) / self.teacher_temperature,
+                                 dim=1)
                  for view in self.code_views}
         if self.training:
             distributed = use_distributed(self.distributed)

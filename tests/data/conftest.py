@@ -31,7 +31,8 @@ def _smooth_texture(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndar
     from scipy.ndimage import zoom
 
     coarse = rng.normal(size=tuple(max(2, s // 8) for s in shape))
-    smooth = zoom(coarse, [s / c for s, c in zip(shape, coarse.shape)], order=1)[tuple(slice(0, s) for s in shape)]
+    smooth = zoom(coarse, [s / c for s, c in zip(shape, coarse.shape)],
+                  order=1)[tuple(slice(0, s) for s in shape)]
     return 100.0 + 20.0 * smooth + 2.0 * rng.normal(size=shape)
 
 

@@ -133,7 +133,8 @@ def test_slice_loader_uses_every_slice_and_reports_it(dataset):
 
 
 def test_views_of_an_item_differ_but_are_correlated(dataset):
-    loader = SliceViewsLoader(dataset, 48, VIEW, PATCH, sampling_probabilities=case_sampling_probabilities(dataset))
+    loader = SliceViewsLoader(dataset, 48, VIEW, PATCH,
+                              sampling_probabilities=case_sampling_probabilities(dataset))
     views = next(loader)["global_views"]
     assert not torch.allclose(views[:, 0], views[:, 1])
     flat = views[:, 0].flatten(1)
@@ -201,7 +202,8 @@ def test_volume_views_keep_slice_correspondence(dataset, summary, n):
 
 
 def test_volume_loader_refuses_a_2d_only_dataset(preprocessed_folder, n_slices):
-    images_only = nnUNetDatasetBlosc2(preprocessed_folder, identifiers=sorted(k for k, v in n_slices.items() if v == 1))
+    images_only = nnUNetDatasetBlosc2(preprocessed_folder,
+                                      identifiers=sorted(k for k, v in n_slices.items() if v == 1))
     with pytest.raises(NnsslJointError, match="no volumes"):
         VolumeViewsLoader(images_only, 2, 4, VIEW, PATCH)
 

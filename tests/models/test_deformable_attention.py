@@ -86,7 +86,8 @@ def test_reduces_to_naive_relative_bias_attention(offset_groups, forced_zero):
     x = torch.randn(3, 13, DIM)
     expected = _naive_full_attention(attention, x)
     torch.testing.assert_close(attention(x), expected, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(attention(x, torch.ones(3, 13, dtype=torch.bool)), expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(attention(x, torch.ones(3, 13, dtype=torch.bool)), expected,
+                               atol=1e-5, rtol=1e-4)
 
 
 def test_offsets_change_the_output():
@@ -205,9 +206,11 @@ def test_relative_bias_matches_the_mlp_on_grouped_positions(groups, rows_per_chu
     positions = (torch.rand(2, groups, m) * (n - 1)).requires_grad_()
     fast = bias.relative_bias(positions, n)  # (B, heads, n, m)
     distance = torch.arange(n, dtype=torch.float32).view(1, 1, n, 1) - positions[:, :, None, :]
-    per_group = bias.net((torch.sign(distance) * torch.log1p(distance.abs()))[..., None])  # (B, G, n, m, heads)
+    # (B, G, n, m, heads)
+    per_group = bias.net((torch.sign(distance) * torch.log1p(distance.abs()))[..., None])
     hg = 6 // groups
-    naive = torch.cat([per_group[:, g, :, :, g * hg:(g + 1) * hg].permute(0, 3, 1, 2) for g in range(groups)], 1)
+    naive = torch.cat([per_group[:, g, :, :, g * hg:(g + 1) * hg].permute(0, 3, 1, 2)
+                       for g in range(groups)], 1)
     torch.testing.assert_close(fast, naive, atol=1e-5, rtol=1e-5)
     weights = torch.randn_like(fast)
     grads_fast = torch.autograd.grad((fast * weights).sum(), [positions, *bias.parameters()])

@@ -8,7 +8,8 @@ from nnssl_joint.models import ProjectionHead, SliceEmbeddingHead, encoder_stage
 
 FEATURES = [8, 16, 32]
 COMMON = {
-    "input_channels": 1, "n_stages": 3, "features_per_stage": FEATURES, "conv_op": nn.Conv2d, "kernel_sizes": 3,
+    "input_channels": 1, "n_stages": 3, "features_per_stage": FEATURES,
+    "conv_op": nn.Conv2d, "kernel_sizes": 3,
     "strides": [1, 2, 2], "conv_bias": True, "norm_op": nn.InstanceNorm2d, "norm_op_kwargs": {"affine": True},
     "nonlin": nn.LeakyReLU, "nonlin_kwargs": {"inplace": True}, "return_skips": True,
 }
@@ -83,7 +84,8 @@ def test_global_batchnorm_equals_batchnorm_in_one_process():
     x = torch.randn(10, 6) * 3 + 1
     ref, ours = torch.nn.BatchNorm1d(6), GlobalBatchNorm1d(6)
     assert torch.allclose(ref(x), ours(x), atol=1e-6)
-    assert torch.allclose(ref.running_mean, ours.running_mean) and torch.allclose(ref.running_var, ours.running_var)
+    assert (torch.allclose(ref.running_mean, ours.running_mean)
+            and torch.allclose(ref.running_var, ours.running_var))
 
 
 def test_running_batchnorm_centres_tiny_batches_that_share_one_component():

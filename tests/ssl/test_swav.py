@@ -282,8 +282,8 @@ def test_standardized_code_scores_tell_apart_samples_that_share_one_component():
     std = standardize_scores(scores)
     torch.testing.assert_close(std.mean(0), torch.zeros(4), atol=1e-5, rtol=0)
     torch.testing.assert_close(std.std(0, unbiased=False), torch.ones(4), atol=1e-4, rtol=0)
-    torch.testing.assert_close(standardize_scores(scores * 3 + torch.randn(1, 4, generator=g)), std, atol=1e-4,
-                               rtol=0)
+    torch.testing.assert_close(standardize_scores(scores * 3 + torch.randn(1, 4, generator=g)), std,
+                               atol=1e-4, rtol=0)
     assert torch.equal(standardize_scores(scores[:1]), scores[:1])  # one row: nothing to standardise against
 
     torch.manual_seed(0)
