@@ -164,7 +164,7 @@ DEMO_BUDGETS = {
     "tiny": _demo_budget("tiny", n_3d=4, n_2d=8, n_test=2, pretrain_epochs=2, pretrain_iterations=4,
                          finetune_epochs=2, finetune_iterations=4, finetune_val_iterations=1,
                          finetune_warmup_epochs=0, test_time_augmentation=False),
-    # the default: about 10-15 minutes on 2 CPU cores
+    # the default: 26 minutes on 2 CPU cores (2026-12-01, next to a test run), probe step included
     "small": _demo_budget("small", n_3d=8, n_2d=16, n_test=4, pretrain_epochs=8, pretrain_iterations=50,
                           finetune_epochs=20, finetune_iterations=25, finetune_val_iterations=4,
                           finetune_warmup_epochs=1, test_time_augmentation=False),
