@@ -92,26 +92,29 @@ class SelfConfiguration:
     estimated_activation_gb: float
     world_size: int = 1
     rank: int = 0
-    batch_size_2d_per_rank: int = -1  # -1: the global size (set in __post_init__)
-    batch_size_3d_per_rank: int = -1
 
-    def __post_init__(self) -> None:
-        for key in ("batch_size_2d", "batch_size_3d"):
-            if getattr(self, f"{key}_per_rank") < 0:
-                object.__setattr__(self, f"{key}_per_rank", getattr(self, key))
+    def _share(self, total: int) -> int:
+        """This process's part of a global batch (the first ``total % world_size`` ranks take one more)."""
+        return total // self.world_size + (1 if self.rank < total % self.world_size else 0)
+
+    @property
+    def batch_size_2d_per_rank(self) -> int:
+        return self._share(self.batch_size_2d)
+
+    @property
+    def batch_size_3d_per_rank(self) -> int:
+        return self._share(self.batch_size_3d)
 
     def for_process(self, world_size: int, rank: int) -> SelfConfiguration:
         """This configuration for process ``rank`` of ``world_size``: each takes its share of the global
-        batches (the first ``total % world_size`` ranks one more), as nnU-Net's DDP splits its batch."""
-        shares = {}
+        batches, as nnU-Net's DDP splits its batch."""
         for key in ("batch_size_2d", "batch_size_3d"):
             total = getattr(self, key)
             if 0 < total < world_size:
                 raise NnsslJointError(
                     f"data.{key}={total} is smaller than the number of processes ({world_size}); set "
                     f"data.{key} to at least {world_size} in the file named by NNSSL_JOINT_CONFIG")
-            shares[f"{key}_per_rank"] = total // world_size + (1 if rank < total % world_size else 0)
-        return replace(self, world_size=world_size, rank=rank, **shares)
+        return replace(self, world_size=world_size, rank=rank)
 
     def objective(self, base: ObjectiveConfig) -> ObjectiveConfig:
         """``base`` with the self-configured sizes: the objective the losses are built with."""
@@ -121,10 +124,13 @@ class SelfConfiguration:
                        queue_start_iteration=self.queue_start_iteration)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields plus this process's batch shares (recorded for the reader of a run folder)."""
+        return {**asdict(self), "batch_size_2d_per_rank": self.batch_size_2d_per_rank,
+                "batch_size_3d_per_rank": self.batch_size_3d_per_rank}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> SelfConfiguration:
+        """From :meth:`to_dict`'s output (the derived per-process shares are recomputed)."""
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
 
