@@ -193,7 +193,7 @@ def main() -> None:
     env = dict(os.environ, nnUNet_raw=str(work / "raw"), nnUNet_preprocessed=str(work / "pre"),
                nnUNet_results=str(work / "res"), nnUNet_extTrainer=str(REPO / "trainers"),
                nnUNet_def_n_proc="1")
-    env.pop("nnUNet_n_proc_DA", None)  # planning must not see 0 on older plugin versions
+    env.pop("nnUNet_n_proc_DA", None)  # the real loader uses nnU-Net's default unless --da-processes
     prepare(work, env, args.n_3d, args.n_2d, args.shape_3d)
     os.environ.update({k: env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results",
                                            "nnUNet_extTrainer", "nnUNet_def_n_proc")})

@@ -29,11 +29,12 @@ from pathlib import Path
 
 import numpy as np
 
+from nnssl_joint.naming import PLANS_NAME as PLANS
+from nnssl_joint.naming import PRETRAIN_TRAINER as TRAINER
+
 PRETRAIN_ID = 900
 PRETRAIN_NAME = "JointPretrain"
 IDS = (501, 502, 503)
-TRAINER = "JointSSLPretrainTrainer"
-PLANS = "nnsslJointPlans"
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -68,8 +69,7 @@ def build_data(work: Path, data_seed: int, preprocessed: Path | None) -> tuple[P
             raise SystemExit(f"--preprocessed {pre} holds no Dataset{PRETRAIN_ID}_*/{PLANS}_joint_ssl")
         from nnssl_joint.planning import plan_and_preprocess_unlabeled, prepare_pretraining_dataset
 
-        with nnunet_env(raw, pre, work / "res"), environment({"nnUNet_n_proc_DA": ""}):
-            os.environ.pop("nnUNet_n_proc_DA", None)
+        with nnunet_env(raw, pre, work / "res"):  # the plugin's planning works with any nnUNet_n_proc_DA
             prepare_pretraining_dataset(list(IDS[:2]), PRETRAIN_ID, PRETRAIN_NAME)
             plan_and_preprocess_unlabeled(PRETRAIN_ID, num_processes=1, num_processes_fingerprint=1)
     return raw, pre

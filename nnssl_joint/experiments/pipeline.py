@@ -310,7 +310,8 @@ class Pipeline:
             # one process on a small CPU: data augmentation workers compete with the training for cores
             env.setdefault("nnUNet_n_proc_DA", "0" if self.device == "cpu" else "4")
         else:
-            # nnU-Net's planning crashes with nnUNet_n_proc_DA=0
+            # nnU-Net's own planner (the stock `nnunet` arm) crashes with nnUNet_n_proc_DA=0; the plugin's
+            # planners do not (nnssl_joint.planning.estimate)
             env.pop("nnUNet_n_proc_DA", None)
         for key in ("NNSSL_JOINT_CONFIG", "NNSSL_JOINT_FINETUNE_CONFIG"):
             env.pop(key, None)
