@@ -38,10 +38,12 @@ from nnssl_joint.ssl.objective import (
     TERM_INTRA,
     TERM_INTRA_3D,
     TERM_MASK,
+    TERM_VARCOV,
     ObjectiveConfig,
     StagePlan,
 )
 from nnssl_joint.ssl.swav import SwAVLoss
+from nnssl_joint.ssl.varcov import masked_mean, variance_covariance_loss
 
 
 class JointSSLModel(nn.Module):
@@ -122,6 +124,14 @@ class JointSSLModel(nn.Module):
             if want_intra and slices.get("small_views") is not None and slices["small_views"].shape[1] > 0:
                 s = slices["small_views"]
                 small = self.embed_slices(s.flatten(0, 1)).view(s.shape[0], s.shape[1], -1)
+        varcov_parts: list[Tensor] = []
+        want_varcov = stage.is_active(TERM_VARCOV)
+        if want_varcov and not freeze:
+            rows = [torch.ones(emb.shape[0] - (b3 * n_views * n if want_3d else 0), dtype=torch.bool,
+                               device=emb.device)]
+            if want_3d:
+                rows.append(volumes["valid"].to(torch.bool)[:, None, :].expand(b3, n_views, n).reshape(-1))
+            varcov_parts.append(self._varcov(emb[torch.cat(rows)]))
         offset = 0
         if want_intra:
             e2 = emb[: b2 * n_global].view(b2, n_global, -1)
@@ -147,7 +157,7 @@ class JointSSLModel(nn.Module):
                     mask = volumes.get("mask")
                     mask = (mask.to(torch.bool) if mask is not None
                             else sample_slice_mask(valid, self.objective.mask_ratio))
-                zs_3d, mask_losses = [], []
+                zs_3d, mask_losses, pooled = [], [], []
                 targets = e3.detach()
                 if mask is not None and self.objective.mask_target_normalization == "standardize":
                     targets = standardize_targets(targets.flatten(0, 1), valid.repeat_interleave(n_views, 0)
@@ -163,10 +173,20 @@ class JointSSLModel(nn.Module):
                             pred, targets[:, view], mask, valid,
                             all_positions=self.objective.mask_loss_all_positions))
                     zs_3d.append(self.projection_3d(volume_feature))
+                    if want_varcov:
+                        pooled.append(masked_mean(per_slice, valid))
                 if mask is not None:
                     out[TERM_MASK] = torch.stack(mask_losses).mean()
                 if stage.is_active(TERM_INTER):
                     out[TERM_INTER] = self.inter_loss(zs_3d, iteration)
                     with torch.no_grad():
                         out["_assign_3d"] = self.inter_loss.prototypes(zs_3d[0].detach()).argmax(1)
+                if pooled:
+                    varcov_parts.append(self._varcov(torch.cat(pooled)))
+        if varcov_parts:
+            out[TERM_VARCOV] = torch.stack(varcov_parts).mean()
         return out
+
+    def _varcov(self, rows: Tensor) -> Tensor:
+        return variance_covariance_loss(rows, target_std=self.objective.varcov_target_std,
+                                        covariance_weight=self.objective.varcov_covariance_weight)

@@ -9,6 +9,8 @@ Representation Learning with Intra-Inter Contrastive Clustering" (AAAI 2023), as
   missing from the authors' release; switch ``slice_level_3d_loss``).
 - ``inter``: the clustering loss on the volume features Z of two 3D views.
 - ``mask``: masked slice-embedding prediction (MSE).
+- ``varcov`` (ours, off by default): VICReg's variance and covariance terms on the slice embeddings e and the
+  un-normalised volume feature (:mod:`nnssl_joint.ssl.varcov`); active in every stage when its weight is > 0.
 
 Two schedules: ``joint`` (every term in every iteration; our default) and ``staged`` (the authors'
 runs): stage A L_intra only; stage B L_mask with f_intra frozen; stage C L_inter (+ L_intra and
@@ -28,7 +30,8 @@ TERM_INTRA = "intra"
 TERM_INTRA_3D = "intra_3d"
 TERM_INTER = "inter"
 TERM_MASK = "mask"
-LOSS_TERMS = (TERM_INTRA, TERM_INTRA_3D, TERM_INTER, TERM_MASK)
+TERM_VARCOV = "varcov"
+LOSS_TERMS = (TERM_INTRA, TERM_INTRA_3D, TERM_INTER, TERM_MASK, TERM_VARCOV)
 VOLUME_TERMS = (TERM_INTRA_3D, TERM_INTER, TERM_MASK)
 SCHEDULES = ("joint", "staged")
 CLUSTERING_METHODS = ("swav", "deepcluster")
@@ -74,6 +77,10 @@ class ObjectiveConfig:
         lambda_inter: L_inter, clustering of the volume features Z.
         lambda_mask: L_mask, masked slice-embedding prediction.
         The paper sums the terms; 1.0 each is our default.
+        lambda_varcov: our addition, 0 (off) by default: variance-covariance regulariser (VICReg) on the
+            slice embeddings e of the step and on the un-normalised pooled f_inter output of the 3D views.
+        varcov_target_std: the per-feature standard deviation the variance hinge asks for (VICReg: 1).
+        varcov_covariance_weight: weight of the covariance part relative to the variance part (VICReg: 1/25).
 
     Schedule:
         schedule: "joint" (all terms every iteration, default) or "staged" (authors' runs).
@@ -124,6 +131,9 @@ class ObjectiveConfig:
     lambda_intra_3d: float = 1.0
     lambda_inter: float = 1.0
     lambda_mask: float = 1.0
+    lambda_varcov: float = 0.0
+    varcov_target_std: float = 1.0
+    varcov_covariance_weight: float = 0.04
 
     schedule: str = "joint"
     stage_a_epochs: int = 100
@@ -166,6 +176,7 @@ class ObjectiveConfig:
         "deepcluster_heads",
         "kmeans_iterations",
         "teacher_temperature_3d",
+        "varcov_target_std",
     )
 
     def __post_init__(self) -> None:
@@ -198,6 +209,12 @@ class ObjectiveConfig:
 
     def stage_at(self, epoch: int) -> StagePlan:
         """The loss terms, weights and freezing in effect at ``epoch`` (0-based)."""
+        plan = self._clustering_stage_at(epoch)
+        if self.lambda_varcov > 0:
+            return dataclasses.replace(plan, weights={**plan.weights, TERM_VARCOV: self.lambda_varcov})
+        return plan
+
+    def _clustering_stage_at(self, epoch: int) -> StagePlan:
         if epoch < 0:
             raise ValueError(f"epoch must be >= 0, got {epoch}.")
         intra = {TERM_INTRA: self.lambda_intra}
@@ -240,7 +257,8 @@ class ObjectiveConfig:
                 raise ValueError(
                     f"ObjectiveConfig.{name} must be one of {choices}, got {getattr(self, name)!r}."
                 )
-        for name in ("lambda_intra", "lambda_intra_3d", "lambda_inter", "lambda_mask"):
+        for name in ("lambda_intra", "lambda_intra_3d", "lambda_inter", "lambda_mask", "lambda_varcov",
+                     "varcov_covariance_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(
                     f"ObjectiveConfig.{name} must be >= 0 (0 switches the term off), "
@@ -272,7 +290,7 @@ class ObjectiveConfig:
 
     def _validate_schedule(self) -> None:
         if self.schedule == "joint":
-            if not self.stage_at(0).weights:
+            if not self._clustering_stage_at(0).weights:
                 raise ValueError(
                     "all loss weights are 0; set at least one of lambda_intra/lambda_inter/lambda_mask > 0."
                 )
@@ -287,7 +305,7 @@ class ObjectiveConfig:
                 "staged stage B trains only L_mask but lambda_mask is 0; "
                 "set lambda_mask > 0 or stage_b_epochs = 0."
             )
-        if not self.stage_at(self.stage_a_epochs + self.stage_b_epochs).weights:
+        if not self._clustering_stage_at(self.stage_a_epochs + self.stage_b_epochs).weights:
             raise ValueError(
                 "staged stage C has no active term; "
                 "set lambda_inter > 0 (or staged_keep_intra with lambda_intra > 0)."

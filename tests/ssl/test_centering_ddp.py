@@ -1,7 +1,7 @@
 """Two gloo processes holding unequal parts of one batch compute what one process computes on the whole
 batch, for every cross-sample statistic of the 3D-path options: standardised Sinkhorn scores, the
 running-statistics BatchNorm of the 3D head, DINO-style centred codes (codes and centre) and the standardised
-L_mask targets."""
+L_mask targets, and the variance-covariance term (value, and the input gradients DDP averages)."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ def _compute(inputs: dict[str, torch.Tensor], rows: slice) -> dict[str, torch.Te
     from nnssl_joint.models.masked_prediction import standardize_targets
     from nnssl_joint.models.slice_embedding import RunningBatchNorm1d
     from nnssl_joint.ssl.swav import SwAVLoss, standardize_scores
+    from nnssl_joint.ssl.varcov import variance_covariance_loss
 
     out = {"std_scores": standardize_scores(inputs["scores"][rows])}
     norm = RunningBatchNorm1d(6, momentum=0.3)
@@ -38,6 +39,13 @@ def _compute(inputs: dict[str, torch.Tensor], rows: slice) -> dict[str, torch.Te
         out[f"centered_{step}"] = loss._centered_codes([loss.prototypes(z[rows]) for z in inputs["z"]])[0]
     out["center"] = loss.center.clone()
     out["targets"] = standardize_targets(inputs["emb"][rows], inputs["valid"][rows])
+    x = inputs["features"][0][rows].clone().requires_grad_(True)
+    varcov = variance_covariance_loss(x)
+    varcov.backward()
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    # every rank computes the global loss; its gradient reaches each rank once per rank, and DDP divides
+    # the summed parameter gradients by the world size: the averaged gradient is the single-process one
+    out["varcov"], out["varcov_grad"] = varcov.detach(), x.grad / world
     return out
 
 
@@ -47,7 +55,7 @@ def test_two_process_gloo_equals_single_process(run_ranks) -> None:
     expected = _compute(inputs, slice(None))
     parts = [torch.load(out_dir / f"centering_rank{rank}.pt") for rank in range(2)]
     for key, value in expected.items():
-        if key in ("rbn_mean", "rbn_var", "center"):  # the same on every rank
+        if key in ("rbn_mean", "rbn_var", "center", "varcov"):  # the same on every rank
             for part in parts:
                 torch.testing.assert_close(part[key], value, atol=1e-5, rtol=1e-5)
         else:
@@ -57,6 +65,7 @@ def test_two_process_gloo_equals_single_process(run_ranks) -> None:
     alone = _compute(inputs, slice(0, SPLIT))
     assert not torch.allclose(alone["std_scores"], expected["std_scores"][:SPLIT], atol=1e-3)
     assert not torch.allclose(alone["rbn_mean"], expected["rbn_mean"], atol=1e-3)
+    assert not torch.allclose(alone["varcov"], expected["varcov"], atol=1e-3)
 
 
 def _distributed_worker(rank: int, world_size: int, port: int, out_dir: Path) -> None:
