@@ -2,10 +2,20 @@
 iteration, Dice. For issue 16's comparison of the plugin's networks with stock nnU-Net at the same budget.
 
     python scripts/bench_networks.py BENCHMARK_OUT [--json out.json]
+    python scripts/bench_networks.py --plans PLANS.json [PLANS.json ...] -c 3d_fullres [--iterations 5]
 
-Reads OUT/report/benchmark.json and every run's checkpoint_final.pth and nnU-Net training log. Seconds
-per iteration are nnU-Net's logged epoch time (training iterations plus the validation iterations)
-divided by the training iterations, so they slightly overstate the training step alone.
+The first form reads OUT/report/benchmark.json and every run's checkpoint_final.pth and nnU-Net training
+log. Seconds per iteration are nnU-Net's logged epoch time (training iterations plus the validation
+iterations) divided by the training iterations, so they slightly overstate the training step alone.
+
+The second form needs no training run: it builds each plans file's network for configuration ``-c`` as
+nnU-Net does (deep supervision on) and times forward + backward + SGD step on random data of the plans'
+batch and patch size (median of ``--iterations`` after one warm-up step; no data loading or
+augmentation, so it is a lower bound of nnU-Net's iteration time), for networks too slow to train here.
+
+Parameters are counted once per tensor: nnU-Net's blocks register each convolution twice
+(``conv`` and ``all_modules.0``) and stock ``PlainConvUNet`` its encoder a second time as
+``decoder.encoder``, so summing the state_dict would double-count them.
 """
 
 from __future__ import annotations
@@ -21,11 +31,58 @@ import torch
 _EPOCH_TIME = re.compile(r"Epoch time: ([0-9.]+) s")
 
 
+def count_unique(tensors) -> int:
+    """Elements of the floating-point tensors, each storage region counted once (shared tensors, e.g. a
+    module registered under two names, share their storage, also after ``torch.save``/``torch.load``)."""
+    seen, total = set(), 0
+    for v in tensors:
+        if not v.is_floating_point():
+            continue
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
+        if key not in seen:
+            seen.add(key)
+            total += v.numel()
+    return total
+
+
 def parameters(checkpoint: Path) -> int:
     weights = torch.load(checkpoint, map_location="cpu", weights_only=False)["network_weights"]
-    # stock PlainConvUNet stores its encoder twice (decoder.encoder.* is the same module)
-    return sum(v.numel() for k, v in weights.items()
-               if not k.startswith("decoder.encoder.") and v.is_floating_point())
+    return count_unique(weights.values())
+
+
+def time_plans(plans_file: Path, configuration: str, iterations: int) -> dict:
+    """Parameters and seconds per forward + backward + SGD step of a plans file's network (random data of
+    the plans' batch and patch size, cross-entropy on every deep-supervision output)."""
+    import time
+
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+    plans = json.loads(plans_file.read_text())
+    cfg = plans["configurations"][configuration]
+    arch = cfg["architecture"]
+    torch.manual_seed(0)
+    network = get_network_from_plans(arch["network_class_name"], arch["arch_kwargs"],
+                                     arch["_kw_requires_import"], 1, 4, allow_init=True,
+                                     deep_supervision=True)
+    optimizer = torch.optim.SGD(network.parameters(), 1e-2, momentum=0.99, nesterov=True)
+    x = torch.randn(cfg["batch_size"], 1, *cfg["patch_size"])
+    times = []
+    for i in range(iterations + 1):
+        start = time.perf_counter()
+        outputs = network(x)
+        outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+        loss = sum(torch.nn.functional.cross_entropy(o, torch.zeros(o.shape[0], *o.shape[2:],
+                                                                    dtype=torch.long))
+                   for o in outputs)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if i:  # the first step allocates; not counted
+            times.append(time.perf_counter() - start)
+    return {"plans": str(plans_file), "plans_name": plans.get("plans_name"), "configuration": configuration,
+            "network": arch["network_class_name"].rsplit(".", 1)[-1], "batch_size": cfg["batch_size"],
+            "patch_size": cfg["patch_size"], "parameters": count_unique(network.state_dict().values()),
+            "s_per_iteration": statistics.median(times), "threads": torch.get_num_threads()}
 
 
 def epoch_seconds(run_folder: Path) -> list[float]:
@@ -37,9 +94,26 @@ def epoch_seconds(run_folder: Path) -> list[float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("out", type=Path, help="the benchmark's --out folder")
+    parser.add_argument("out", type=Path, nargs="?", help="the benchmark's --out folder")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
+    parser.add_argument("--plans", type=Path, nargs="+", default=None,
+                        help="time these plans files' networks instead of reading a benchmark")
+    parser.add_argument("-c", "--configuration", default="3d_fullres",
+                        help="with --plans (default 3d_fullres)")
+    parser.add_argument("--iterations", type=int, default=5, help="with --plans: timed steps (default 5)")
     args = parser.parse_args()
+    if args.plans:
+        rows = [time_plans(p, args.configuration, args.iterations) for p in args.plans]
+        print("| plans | network | batch x patch | parameters | s/iteration (fwd+bwd+step) | threads |")
+        print("|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['plans_name']} | {r['network']} | {r['batch_size']} x {r['patch_size']} | "
+                  f"{r['parameters'] / 1e6:.2f} M | {r['s_per_iteration']:.2f} | {r['threads']} |")
+        if args.json is not None:
+            args.json.write_text(json.dumps(rows, indent=2) + "\n")
+        return
+    if args.out is None:
+        parser.error("give a benchmark's --out folder or --plans")
     report = json.loads((args.out / "report" / "benchmark.json").read_text())
     iterations = report["settings"]["budget"]["finetune_iterations"]
     rows = []

@@ -14,10 +14,11 @@ environment variables set; nnunetv2.paths reads them at import time):
 5. pretrain with L_intra only (``intra``, 2D-only pretraining), in its own nnUNet_results root;
 6. ``nnssl_joint plan_and_preprocess -d 503 --downstream`` and a ``splits_final.json`` whose fold 0
    trains on ``--labeled`` cases and validates on one other training case;
-7-9. fine-tune ``3d_fullres`` from scratch, from ``intra`` and from ``joint`` with the same budget,
-   each in its own nnUNet_results root, then ``nnUNetv2_predict`` the held-back test cases
-   (imagesTs; their labels are read only by the evaluation);
-10. evaluate (Dice per class and case) and write the report (:mod:`nnssl_joint.experiments.report`).
+7-10. fine-tune ``3d_fullres`` from scratch, from ``intra`` and from ``joint`` with the same budget,
+   and stock nnU-Net (``nnUNetv2_plan_and_preprocess``'s ``nnUNetPlans``, ``nnUNetTrainerBudget``: the
+   same budget, nnU-Net's own network and schedule), each in its own nnUNet_results root, then
+   ``nnUNetv2_predict`` the held-back test cases (imagesTs; their labels are read only by the evaluation);
+11. evaluate (Dice per class and case) and write the report (:mod:`nnssl_joint.experiments.report`).
 
 Everything lives under ``--out``. A finished step leaves a marker in ``OUT/.demo/``; a re-run with the
 same settings skips finished steps, so a killed demo continues where it stopped (an interrupted
@@ -59,6 +60,8 @@ from nnssl_joint.naming import (
     FINETUNE_TRAINER,
     PLANS_NAME,
     PRETRAINING_CONFIGURATION,
+    STOCK_BUDGET_TRAINER,
+    STOCK_PLANS_NAME,
     dataset_folder_name,
     run_folder,
 )
@@ -72,10 +75,15 @@ REAL_IDS = (504, 505, 506)  # real 3D MR, real 2D, real 3D CT (--real)
 TARGET_ID = SYNTHETIC_IDS[2]
 FINETUNE_CONFIGURATION = "3d_fullres"
 
-#: fine-tuning arms: where the initial weights come from
-ARMS = ("scratch", "intra", "joint")
+#: fine-tuning arms: where the initial weights come from; ``nnunet`` is stock nnU-Net (its own plans,
+#: network and trainer, same budget), the baseline a pretrained arm must beat besides the plugin's network
+#: from scratch
+ARMS = ("scratch", "nnunet", "intra", "joint")
+#: arms that train stock nnU-Net rather than the plugin's networks
+STOCK_ARMS = ("nnunet",)
 ARM_LABELS = {
     "scratch": "from scratch",
+    "nnunet": "stock nnU-Net (nnUNetPlans, from scratch)",
     "intra": "2D-only pretraining (L_intra)",
     "joint": "joint 2D/3D pretraining",
 }
@@ -148,8 +156,14 @@ class Demo(Pipeline):
     def pretrain_folder(self, run: str) -> Path:
         return self.pretrain_run_folder(run, self.pretrain_dataset)
 
+    @staticmethod
+    def trainer_and_plans(arm: str) -> tuple[str, str]:
+        if arm in STOCK_ARMS:
+            return STOCK_BUDGET_TRAINER, STOCK_PLANS_NAME
+        return FINETUNE_TRAINER, PLANS_NAME
+
     def finetune_folder(self, arm: str) -> Path:
-        return run_folder(self.results_root("finetune", arm), self.target_name, FINETUNE_TRAINER, PLANS_NAME,
+        return run_folder(self.results_root("finetune", arm), self.target_name, *self.trainer_and_plans(arm),
                           FINETUNE_CONFIGURATION, 0)
 
     def predictions(self, arm: str) -> Path:
@@ -161,9 +175,9 @@ class Demo(Pipeline):
             Step("generate", "generating data" + (" (synthetic + real image pool)" if self.settings.real
                                                    else " (synthetic)"), self.step_generate),
         ]
-        if self.settings.preset == NNUNET_PRESET:
-            steps.append(Step("plan_stock", "nnU-Net's own planning of the labeled task (the nnunet preset)",
-                              self.step_plan_stock))
+        for_preset = ", the nnunet preset" if self.settings.preset == NNUNET_PRESET else ""
+        steps.append(Step("plan_stock", "nnU-Net's own planning + preprocessing of the labeled task (the "
+                          f"stock nnU-Net arm{for_preset})", self.step_plan_stock))
         steps += [
             Step("prepare", "merging unlabeled 2D + 3D datasets",
                  lambda p: self.prepare_pretraining(self.pretrain_sources, PRETRAIN_ID, PRETRAIN_NAME, p)),
@@ -201,8 +215,13 @@ class Demo(Pipeline):
         return info
 
     def step_plan_stock(self, progress: StepProgress) -> dict[str, Any]:
-        plans = self.plan_stock(TARGET_ID, self.target_name, "2d", False, progress)
-        return {"preset": self.derive_nnunet_preset(plans, progress).to_dict()}
+        """``nnUNetv2_plan_and_preprocess`` of the labeled task: the stock arm's 3d_fullres data, and the 2d
+        topology ``--preset nnunet`` copies (nnU-Net plans every configuration; -c only limits the
+        preprocessing)."""
+        plans = self.plan_stock(TARGET_ID, self.target_name, FINETUNE_CONFIGURATION, True, progress)
+        if self.settings.preset != NNUNET_PRESET:
+            return {"plans": STOCK_PLANS_NAME}
+        return {"plans": STOCK_PLANS_NAME, "preset": self.derive_nnunet_preset(plans, progress).to_dict()}
 
     def step_pretrain(self, run: str, progress: StepProgress) -> dict[str, Any]:
         training = self.budget.training
@@ -239,10 +258,11 @@ class Demo(Pipeline):
         training = self.budget.training
         config_file = self.write_config("finetune", training.finetune_config())
         folder = self.finetune_folder(arm)
-        weights = (None if arm == "scratch"
+        trainer, plans = self.trainer_and_plans(arm)
+        weights = (None if arm == "scratch" or arm in STOCK_ARMS
                    else self.pretrain_folder(arm) / f"pretrained_for_{FINETUNE_CONFIGURATION}.pth")
-        cmd, resume, weights = self.train_command(TARGET_ID, FINETUNE_CONFIGURATION, 0, FINETUNE_TRAINER,
-                                                  PLANS_NAME, folder, weights)
+        cmd, resume, weights = self.train_command(TARGET_ID, FINETUNE_CONFIGURATION, 0, trainer, plans,
+                                                  folder, weights)
         env = self.env(self.results_root("finetune", arm), training=True,
                        NNSSL_JOINT_FINETUNE_CONFIG=str(config_file))
         progress.expect(training.finetune_epochs, "epoch", "validating on the validation case")
@@ -252,8 +272,7 @@ class Demo(Pipeline):
         if out.exists():
             shutil.rmtree(out)
         cmd = self.predict_command(self.raw / self.target_name / "imagesTs", out, TARGET_ID,
-                                   FINETUNE_CONFIGURATION, 0, FINETUNE_TRAINER, PLANS_NAME,
-                                   training.test_time_augmentation)
+                                   FINETUNE_CONFIGURATION, 0, trainer, plans, training.test_time_augmentation)
         progress.expect(self.budget.n_test, "case")
         self.run_command(cmd, self.env(self.results_root("finetune", arm)), f"predict_{arm}", progress)
         return {"run_folder": str(folder), "pretrained_weights": None if weights is None else str(weights),
@@ -360,7 +379,7 @@ def collect_results(demo: Demo, timings: dict[str, float]) -> dict[str, Any]:
         log = _logging_lists(folder / "checkpoint_final.pth")
         facts["logging"] = {k: log[k] for k in ("train_losses", "val_losses", "mean_fg_dice", "ema_fg_dice")
                             if k in log}
-        facts["pretrained_change"] = None if arm == "scratch" else _relative_change(
+        facts["pretrained_change"] = None if arm == "scratch" or arm in STOCK_ARMS else _relative_change(
             demo.pretrain_folder(arm) / f"pretrained_for_{FINETUNE_CONFIGURATION}.pth",
             folder / "checkpoint_final.pth")
         facts["run_folder"] = str(folder)
@@ -486,12 +505,15 @@ def embedding_projection(demo: Demo) -> dict[str, Any]:
 
 
 def summary_line(report: dict[str, Any], seconds: float) -> str:
+    """One line: every arm's mean Dice and every difference the report states (points); a difference
+    whose arms did not both run is left out."""
+    from nnssl_joint.experiments.report import gain_phrases
+
     means = report["summary"]["mean_dice"]
-    gain = report["summary"]["gain_points"]
-    parts = " | ".join(f"{arm} {means[arm]:.3f}" for arm in ARMS)
-    return (f"Dice (mean over classes and {len(report['test_cases'])} test cases): {parts}; joint - scratch "
-            f"{gain['joint_vs_scratch']:+.1f} points, joint - 2D-only {gain['joint_vs_intra']:+.1f} points; "
-            f"all steps {format_seconds(seconds)}")
+    parts = " | ".join(f"{arm} {means[arm]:.3f}" for arm in ARMS if means.get(arm) is not None)
+    gains = ", ".join(gain_phrases(report["summary"]["gain_points"]))
+    return (f"Dice (mean over classes and {len(report['test_cases'])} test cases): {parts}"
+            + (f"; points: {gains}" if gains else "") + f"; all steps {format_seconds(seconds)}")
 
 
 # ----------------------------------------------------------------------------------------------------

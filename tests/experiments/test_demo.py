@@ -235,7 +235,7 @@ def _fake_report_data() -> dict:
     rng = np.random.default_rng(0)
     cases = ["SynthOrgans_003", "SynthOrgans_004"]
     classes = {"1": "liver_like", "2": "lesion_like", "3": "kidney_like"}
-    base = {"scratch": 0.4, "intra": 0.5, "joint": 0.6}
+    base = {"scratch": 0.4, "nnunet": 0.45, "intra": 0.5, "joint": 0.6}
     dice = {arm: {case: {c: float(np.clip(b + 0.05 * rng.standard_normal(), 0, 1)) for c in classes}
                   for case in cases} for arm, b in base.items()}
     dice["scratch"][cases[0]]["2"] = math.nan
@@ -244,6 +244,7 @@ def _fake_report_data() -> dict:
                "entropy_2d": [0.9, 0.8, 0.7], "entropy_3d": [0.9, 0.5, 0.4]}
     intra_log = {k: (list(v) if k in ("train_losses", "loss_intra", "entropy_2d") else [math.nan] * 3)
                  for k, v in logging.items()}
+    random_init = ("scratch", "nnunet")
     image = rng.standard_normal((32, 32)).astype(np.float32)
     label = np.zeros((32, 32), dtype=np.uint8)
     label[8:16, 8:20] = 1
@@ -265,8 +266,9 @@ def _fake_report_data() -> dict:
         "test_cases": cases, "dice": dice,
         "pretraining": {"joint": {"label": PRETRAIN_LABELS["joint"], "logging": logging},
                         "intra": {"label": PRETRAIN_LABELS["intra"], "logging": intra_log}},
-        "finetuning": {arm: {"weights_check": None if arm == "scratch" else "all 120 keys present",
-                             "pretrained_change": None if arm == "scratch" else 0.3, "validation_dice": 0.5,
+        "finetuning": {arm: {"weights_check": None if arm in random_init else "all 120 keys present",
+                             "pretrained_change": None if arm in random_init else 0.3,
+                             "validation_dice": 0.5,
                              "logging": {"train_losses": [1.0, 0.5], "val_losses": [0.9, 0.6],
                                          "mean_fg_dice": [0.2, 0.4]}} for arm in demo.ARMS},
         "timings": {"generate": 1.0, "pretrain_joint": 100.0},
@@ -314,7 +316,30 @@ def test_write_report_from_fake_inputs(tmp_path):
         assert label in markdown
     assert "![Dice per class and arm](dice.png)" in markdown
     line = demo.summary_line(record, 600)
-    assert "scratch" in line and "joint - scratch" in line and "all steps 10m00s" in line
+    gain = record["summary"]["gain_points"]
+    for arm, name in (("joint", "joint"), ("intra", "2D-only")):  # both baselines for each pretrained arm
+        assert f"{name} - scratch {gain[f'{arm}_vs_scratch']:+.1f}" in line
+        assert f"{name} - stock nnU-Net {gain[f'{arm}_vs_nnunet']:+.1f}" in line
+        assert f"{name} - stock nnU-Net **{gain[f'{arm}_vs_nnunet']:+.1f}**" in markdown
+    assert "nnunet " in line and "all steps 10m00s" in line and "nan" not in line
+
+
+def test_summary_line_leaves_out_differences_of_arms_that_did_not_run():
+    record = {"test_cases": ["a", "b"], "summary": {"mean_dice": {"scratch": 0.2, "joint": 0.25},
+                                                    "gain_points": {"joint_vs_scratch": 5.0}}}
+    assert demo.summary_line(record, 61) == ("Dice (mean over classes and 2 test cases): scratch 0.200 | "
+                                             "joint 0.250; points: joint - scratch +5.0; all steps 1m01s")
+
+
+def test_the_stock_arm_trains_nnunet_itself_on_its_own_plans(tmp_path):
+    d = demo.Demo(demo.DemoSettings(out=tmp_path), io.StringIO())
+    keys = [s.key for s in d.steps()]
+    assert keys.index("plan_stock") < keys.index("finetune_nnunet") < keys.index("report")
+    assert {"finetune_scratch", "finetune_intra", "finetune_joint"} < set(keys)
+    assert d.trainer_and_plans("nnunet") == ("nnUNetTrainerBudget", "nnUNetPlans")
+    assert d.trainer_and_plans("joint") == ("JointSSLFinetuneTrainer", "nnsslJointPlans")
+    assert d.finetune_folder("nnunet").parent.name == "nnUNetTrainerBudget__nnUNetPlans__3d_fullres"
+    assert d.finetune_folder("scratch").parent.name == "JointSSLFinetuneTrainer__nnsslJointPlans__3d_fullres"
 
 
 # ----------------------------------------------------------------------------------------------------

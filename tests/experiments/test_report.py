@@ -47,6 +47,35 @@ def test_summarize_dice_on_known_numbers():
     assert below["verdict"]["joint_beats_scratch_by_target"] is False
 
 
+def test_every_pretrained_arm_is_compared_with_stock_nnunet_and_scratch():
+    # case means: scratch 0.45, nnunet a 0.5, b 0.7 -> 0.6, joint 0.725
+    dice = {**DICE, "nnunet": {"a": {"1": 0.4, "2": 0.6}, "b": {"1": 0.7, "2": 0.7}}}
+    summary = report.summarize_dice(dice, CLASSES)
+    assert summary["gain_points"] == {"joint_vs_scratch": pytest.approx(27.5),
+                                      "joint_vs_nnunet": pytest.approx(12.5),
+                                      "scratch_vs_nnunet": pytest.approx(-15.0)}
+    assert summary["verdict"]["scratch_within_tolerance_of_nnunet"] is False  # -15 points, tolerance 1
+    close = report.summarize_dice({"scratch": dice["nnunet"], "nnunet": {"a": {"1": 0.41, "2": 0.6},
+                                                                         "b": {"1": 0.7, "2": 0.7}}}, CLASSES)
+    assert close["gain_points"]["scratch_vs_nnunet"] == pytest.approx(-0.25)
+    assert close["verdict"]["scratch_within_tolerance_of_nnunet"] is True
+    assert report.gain_phrases(summary["gain_points"], bold=("joint_vs_nnunet",)) == [
+        "joint - scratch +27.5", "joint - stock nnU-Net **+12.5**", "scratch - stock nnU-Net -15.0"]
+
+    data = _minimal_demo_data()
+    data["dice"] = dice
+    data["arms"]["nnunet"] = "stock nnU-Net (nnUNetPlans, from scratch)"
+    data["finetuning"]["nnunet"] = {"logging": {"train_losses": [0.8]}, "validation_dice": 0.75}
+    markdown = report.render_markdown(data, summary)
+    assert ("Differences in Dice points: joint - scratch **+27.5**, joint - stock nnU-Net **+12.5**, "
+            "scratch - stock nnU-Net -15.0.") in markdown
+    stock = "| stock nnU-Net (nnUNetPlans, from scratch) |"
+    assert f"{stock} 0.550 ± 0.15 | 0.650 ± 0.05 | **0.600** |" in markdown
+    assert f"{stock} n/a (random initialisation) | n/a | 0.750 |" in markdown
+    assert "within 1 point of stock nnU-Net: **not met** in this run" in markdown
+    assert "stock nnU-Net: nnUNetPlans, nnUNetTrainerBudget" in markdown
+
+
 @pytest.mark.filterwarnings("ignore:Mean of empty slice:RuntimeWarning")
 def test_a_class_without_any_finite_dice_is_nan():
     summary = report.summarize_dice({"scratch": {"a": {"1": math.nan}}}, {"1": "x"})
@@ -83,7 +112,10 @@ def test_write_report_writes_the_numbers_it_was_given(tmp_path):
     markdown = files["markdown"].read_text()
     assert "| from scratch | 0.400 ± 0.20 | 0.400 ± 0.00 | **0.450** |" in markdown
     assert "| joint pretraining | 0.700 ± 0.20 | 0.750 ± 0.05 | **0.725** |" in markdown
-    assert "joint - scratch **+27.5**" in markdown and "joint - 2D-only **+nan**" in markdown
+    # only the difference of arms that ran: no 2D-only arm, so no "joint - 2D-only" (never "+nan")
+    assert "Differences in Dice points: joint - scratch **+27.5**." in markdown
+    assert "nan" not in markdown and "2D-only" not in markdown
+    assert "Targets:" not in markdown  # both targets need an arm that did not run (2D-only, stock nnU-Net)
     assert "seed 7, 2 held-back test cases (a, b)" in markdown
     # the final finite L_intra (the NaN of the last epoch is skipped)
     assert "| joint pretraining | 2.500 | 1.250 | n/a | n/a | n/a | n/a | n/a |" in markdown
