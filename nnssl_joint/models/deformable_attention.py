@@ -6,11 +6,19 @@ offsets predicted from the queries. A continuous relative-position bias, a small
 distance between the query slice and the sampled position, makes the attention order-aware without an
 absolute position table, so any number of slices works.
 
-Cost: N queries x ceil(N / r) keys per head, i.e. O(N^2 / r) time and memory for the attention map
-(plus O(N d^2) for the projections). That is quadratic in N with a constant r-times smaller than full
-attention; it is not linear in N. The position bias is evaluated exactly but without materialising
-the MLP's hidden layer per (query, key) pair, and in chunks with recomputation in backward, so it
-adds about one attention map of memory (see ``scripts/bench_attention.py``).
+Cost: N queries x ceil(N / r) keys per head, i.e. O(N^2 / r) time for the attention map (plus O(N d^2)
+for the projections). That is quadratic in N with a constant r-times smaller than full attention; it is
+not linear in N. Memory: the attention probabilities (N x ceil(N / r) per head) are the only map-sized
+tensor kept for backward.
+
+How it is computed (:class:`_DeformableAttentionFunction`): one autograd function for bias + softmax +
+weighted sum, run in tiles of (sample, head group) so that every map-sized temporary stays small. The
+bias MLP has one hidden ReLU layer, so it is piecewise linear in the signed log distance, with a kink
+per hidden unit. Along the queries of one key (i = 0..N-1, distance i - p_j increasing) the segment
+index is a step function: its steps lie at integer thresholds ``ceil(p_j + D_u)`` (``D_u`` the distance
+of kink u). The per-pair slope and intercept therefore come from a cumulative sum of the segment
+differences scattered at the thresholds, with no per-pair search, and the gradients of the tables are
+suffix sums read at the same thresholds. The result is the MLP's value exactly (up to float rounding).
 """
 
 from __future__ import annotations
@@ -27,86 +35,13 @@ def signed_log_distance(distance: Tensor) -> Tensor:
     return torch.sign(distance) * torch.log1p(distance.abs())
 
 
-class _RelativeBiasFunction(torch.autograd.Function):
-    """Piecewise-linear bias of the signed log distance between query slices and key positions.
-
-    Works through the (batch x group) rows in chunks and recomputes in backward, so that besides the
-    bias itself (and later its gradient) only chunk-sized temporaries exist: plain autograd keeps about
-    ten tensors of the attention map's size alive until backward.
-
-    positions (R, M) with R = B * G rows; row r uses group ``r % G``; slope/intercept tables are flat
-    (segments * G * Hg,) and indexed by ``(segment * G + group) * Hg + head_in_group``.
-    Output: (R, Hg, N, M).
-    """
-
-    CHUNK_PAIRS = 1 << 18
-
-    @staticmethod
-    def _chunk_rows(pairs_per_row: int) -> int:
-        return max(1, _RelativeBiasFunction.CHUNK_PAIRS // max(1, pairs_per_row))
-
-    @staticmethod
-    def _evaluate(positions: Tensor, row_start: int, groups: int, hg: int, kinks: Tensor, n: int
-                  ) -> tuple[Tensor, Tensor, Tensor]:
-        rows = positions.shape[0]
-        queries = torch.arange(n, device=positions.device, dtype=positions.dtype)
-        distance = queries.view(1, n, 1) - positions[:, None, :]  # (rows, N, M)
-        s = signed_log_distance(distance)
-        segment = torch.searchsorted(kinks, s, right=True)
-        group = (torch.arange(row_start, row_start + rows, device=s.device) % groups).view(rows, 1, 1)
-        heads = torch.arange(hg, device=s.device).view(1, hg, 1, 1)
-        index = (segment * groups + group).unsqueeze(1) * hg + heads  # (rows, Hg, N, M)
-        return distance, s, index
-
-    @staticmethod
-    def forward(ctx, positions: Tensor, slope: Tensor, intercept: Tensor, kinks: Tensor, groups: int,
-                n: int) -> Tensor:
-        ctx.save_for_backward(positions, slope, intercept, kinks)
-        ctx.groups, ctx.n = groups, n
-        rows, m = positions.shape
-        hg = slope.numel() // ((kinks.numel() + 1) * groups)
-        out = positions.new_empty(rows, hg, n, m)
-        size = _RelativeBiasFunction._chunk_rows(hg * n * m)
-        for start in range(0, rows, size):
-            chunk = positions[start:start + size]
-            _, s, index = _RelativeBiasFunction._evaluate(chunk, start, groups, hg, kinks, n)
-            torch.addcmul(intercept.take(index), slope.take(index), s.unsqueeze(1),
-                          out=out[start:start + chunk.shape[0]])
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
-        positions, slope, intercept, kinks = ctx.saved_tensors
-        need_positions, need_slope, need_intercept = ctx.needs_input_grad[:3]
-        rows, m = positions.shape
-        hg = grad.shape[1]
-        grad_positions = torch.zeros_like(positions) if need_positions else None
-        grad_slope = torch.zeros_like(slope) if need_slope else None
-        grad_intercept = torch.zeros_like(intercept) if need_intercept else None
-        size = _RelativeBiasFunction._chunk_rows(hg * ctx.n * m)
-        for start in range(0, rows, size):
-            chunk = positions[start:start + size]
-            g = grad[start:start + chunk.shape[0]]
-            distance, s, index = _RelativeBiasFunction._evaluate(chunk, start, ctx.groups, hg, kinks, ctx.n)
-            if need_positions:
-                # d bias / d position = -slope / (1 + |distance|)
-                grad_s = (g * slope.take(index)).sum(dim=1)
-                grad_positions[start:start + chunk.shape[0]] = -(grad_s / (1 + distance.abs())).sum(dim=1)
-            if need_slope:
-                grad_slope.scatter_add_(0, index.flatten(), (g * s.unsqueeze(1)).flatten())
-            if need_intercept:
-                grad_intercept.scatter_add_(0, index.flatten(), g.flatten())
-        return grad_positions, grad_slope, grad_intercept, None, None, None
-
-
 class ContinuousPositionBias(nn.Module):
     """Relative-position bias b(s) = W2 relu(W1 s + b1) + b2 of a scalar s, one output per head.
 
-    The MLP has one hidden ReLU layer, so b is piecewise linear in s with at most ``hidden`` kinks. We
-    evaluate it exactly through per-segment slope/intercept tables computed from the weights: the
-    (queries x keys x heads) bias then costs as much memory as the attention logits, instead of
-    ``hidden`` times more when the hidden layer is materialised for every pair. ``self.net`` is the
-    plain MLP; ``self.net(s[..., None])`` gives the same values (and the same gradients).
+    The MLP has one hidden ReLU layer, so b is piecewise linear in s with at most ``hidden`` kinks. The
+    attention evaluates it exactly through per-segment slope/intercept tables computed from the weights
+    (:meth:`segment_tables`), never materialising the hidden layer per (query, key) pair. ``self.net``
+    is the plain MLP; ``self.net(s[..., None])`` gives the same values (and the same gradients).
     """
 
     def __init__(self, heads: int, hidden: int = 64) -> None:
@@ -141,26 +76,183 @@ class ContinuousPositionBias(nn.Module):
         intercept = (active * b1) @ last.weight.t() + last.bias
         return sorted_kinks.contiguous(), slope, intercept
 
+    def step_tables(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+        """The tables in the form the attention uses: (kink distances (hidden,), slope steps, intercept
+        steps (hidden + 1, heads)), in ``dtype``.
+
+        Kink u sits at slice distance ``D_u = sign(k_u) expm1(|k_u|)`` (the inverse of the signed log);
+        row 0 of the steps is segment 0, row u + 1 the change at kink u, so that the slope of segment m
+        is the sum of rows 0..m.
+        """
+        with torch.autocast(self.net[0].weight.device.type, enabled=False):
+            kinks, slope, intercept = self.segment_tables()
+        kinks, slope, intercept = kinks.to(dtype), slope.to(dtype), intercept.to(dtype)
+        distance = torch.sign(kinks) * torch.expm1(kinks.abs())
+        return distance, torch.diff(slope, dim=0, prepend=slope.new_zeros(1, slope.shape[1])), \
+            torch.diff(intercept, dim=0, prepend=intercept.new_zeros(1, intercept.shape[1]))
+
     def forward(self, s: Tensor) -> Tensor:
         """b(s) for any shape of ``s``: returns ``s.shape + (heads,)``."""
         kinks, slope, intercept = self.segment_tables()
         segment = torch.searchsorted(kinks, s.detach().to(kinks.dtype).contiguous(), right=True)
         return slope[segment] * s.unsqueeze(-1).to(slope.dtype) + intercept[segment]
 
-    def relative_bias(self, positions: Tensor, n: int) -> Tensor:
-        """Bias between query slices 0..n-1 and key positions (B, G, M) -> (B, heads, n, M).
 
-        b(signed_log(i - positions[b, g, j])) where head group g (heads g*heads/G ... (g+1)*heads/G - 1)
-        uses its own key positions. Computed in float32.
-        """
-        b, g, m = positions.shape
-        if self.heads % g != 0:
-            raise ValueError(f"heads ({self.heads}) must be divisible by the position groups ({g})")
-        kinks, slope, intercept = self.segment_tables()
-        bias = _RelativeBiasFunction.apply(positions.float().reshape(b * g, m).contiguous(),
-                                           slope.float().flatten(), intercept.float().flatten(),
-                                           kinks.float(), g, n)
-        return bias.view(b, self.heads, n, m)
+def _thresholds(positions: Tensor, kink_distance: Tensor, n: int) -> Tensor:
+    """First query index of every bias segment, per key: (rows, M) -> (rows, M, kinks + 1), long.
+
+    Query i of key j lies in segment m iff exactly m kinks have ``i - p_j >= D_u``, i.e. ``i >=
+    ceil(p_j + D_u)``; segment 0 starts at query 0. Clamped to [0, n] (n: the segment is never reached).
+    """
+    steps = (positions[..., None] + kink_distance).ceil_().clamp_(0, n).long()
+    return F.pad(steps, (1, 0))
+
+
+def _signed_log_map(positions: Tensor, n: int) -> Tensor:
+    """s = signed_log(i - p_j) in key-major layout: (rows, M) -> (rows, M, n)."""
+    distance = torch.arange(n, device=positions.device, dtype=positions.dtype) - positions[..., None]
+    return distance.abs().log1p_().copysign_(distance)
+
+
+def _dropout_keep(probabilities: Tensor, p: float) -> Tensor:
+    """Bool mask of the attention weights that dropout keeps (a function so tests can fix it)."""
+    return torch.rand_like(probabilities) >= p
+
+
+class _DeformableAttentionFunction(torch.autograd.Function):
+    """softmax(q k^T + bias(positions) [masked]) (dropout) v for rows of (sample, head group).
+
+    q (R, hg, N, dh) already scaled, k and v (R, hg, M, dh), positions (R, M) (row r uses head group
+    ``r % groups``), key_mask (R, M) bool or None, slope/intercept steps (kinks + 1, heads) and kink
+    distances (kinks,) from :meth:`ContinuousPositionBias.step_tables`. Returns (R, hg, N, dh).
+
+    Works through the rows in tiles of about ``TILE_PAIRS`` (key, query) pairs per head group, key-major
+    (keys x queries), so that the per-key step maps are cumulative sums along the contiguous axis.
+    Saved for backward, each the size of the attention map: the probabilities, d bias / d position (when
+    the positions need a gradient), the signed log distances (when the tables do, shared by the heads of
+    a group) and the dropout mask (bool).
+    """
+
+    TILE_PAIRS = 1 << 18
+
+    @staticmethod
+    def _tiles(rows: int, pairs_per_row: int) -> list[slice]:
+        size = max(1, _DeformableAttentionFunction.TILE_PAIRS // max(1, pairs_per_row))
+        return [slice(start, min(rows, start + size)) for start in range(0, rows, size)]
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, positions: Tensor, slope_steps: Tensor,
+                intercept_steps: Tensor, kink_distance: Tensor, key_mask: Tensor | None, groups: int,
+                dropout: float) -> Tensor:
+        with torch.autocast(q.device.type, enabled=False):  # the inputs arrive in the working dtype
+            return _DeformableAttentionFunction._forward(ctx, q, k, v, positions, slope_steps,
+                                                         intercept_steps, kink_distance, key_mask, groups,
+                                                         dropout)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        with torch.autocast(grad_out.device.type, enabled=False):
+            return _DeformableAttentionFunction._backward(ctx, grad_out)
+
+    @staticmethod
+    def _forward(ctx, q: Tensor, k: Tensor, v: Tensor, positions: Tensor, slope_steps: Tensor,
+                 intercept_steps: Tensor, kink_distance: Tensor, key_mask: Tensor | None, groups: int,
+                 dropout: float) -> Tensor:
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        rows, hg, n, dh = q.shape
+        m = k.shape[2]
+        segments = slope_steps.shape[0]
+        # per group: [slope steps of its heads, intercept steps of its heads], (groups, 2 hg, kinks + 1)
+        steps = torch.cat([slope_steps.t().reshape(groups, hg, segments),
+                           intercept_steps.t().reshape(groups, hg, segments)], dim=1)
+        need_positions = ctx.needs_input_grad[3]
+        need_tables = ctx.needs_input_grad[4] or ctx.needs_input_grad[5]
+        out = q.new_empty(rows, hg, n, dh)
+        attn = q.new_empty(rows, hg, m, n)
+        bias_slope = q.new_empty(rows, hg, m, n) if need_positions else None
+        signed_log = q.new_empty(rows, m, n) if need_tables else None
+        keep = torch.empty(rows, hg, m, n, dtype=torch.bool, device=q.device) if dropout > 0 else None
+        queries = torch.arange(n, device=q.device, dtype=q.dtype)
+        for tile in _DeformableAttentionFunction._tiles(rows, hg * n * m):
+            p = positions[tile]
+            rc = p.shape[0]
+            threshold = _thresholds(p, kink_distance, n)  # (rc, M, kinks + 1)
+            group = torch.arange(tile.start, tile.stop, device=q.device) % groups
+            maps = q.new_zeros(rc, 2 * hg, m, n + 1)
+            maps.scatter_add_(-1, threshold[:, None].expand(rc, 2 * hg, m, segments),
+                              steps[group][:, :, None, :].expand(rc, 2 * hg, m, segments))
+            maps.cumsum_(-1)  # slope and intercept of every (key, query) pair
+            slope = maps[:, :hg, :, :n]
+            distance = queries - p[..., None]  # (rc, M, n)
+            magnitude = distance.abs()
+            s = torch.log1p(magnitude, out=signed_log[tile] if need_tables else None).copysign_(distance)
+            logits = torch.addcmul(maps[:, hg:, :, :n], slope, s[:, None],
+                                   out=q.new_empty(rc, hg, m, n))  # the bias
+            if need_positions:  # d bias / d p = -slope / (1 + |i - p|)
+                torch.mul(slope, magnitude.add_(1).reciprocal_().neg_()[:, None], out=bias_slope[tile])
+            logits = logits.view(rc * hg, m, n).baddbmm_(k[tile].reshape(rc * hg, m, dh),
+                                                         q[tile].reshape(rc * hg, n, dh).transpose(1, 2))
+            logits = logits.view(rc, hg, m, n)
+            if key_mask is not None:
+                # finite fill keeps queries whose keys are all padding finite instead of NaN
+                logits.masked_fill_(~key_mask[tile].reshape(rc, 1, m, 1), torch.finfo(logits.dtype).min)
+            probabilities = torch.softmax(logits, dim=-2, out=attn[tile])
+            if keep is not None:
+                keep_tile = _dropout_keep(probabilities, dropout)
+                keep[tile] = keep_tile
+                probabilities = probabilities * keep_tile / (1.0 - dropout)
+            torch.bmm(probabilities.view(rc * hg, m, n).transpose(1, 2), v[tile].reshape(rc * hg, m, dh),
+                      out=out[tile].view(rc * hg, n, dh))
+        ctx.save_for_backward(q, k, v, positions, kink_distance, attn, bias_slope, signed_log, keep, out)
+        ctx.groups, ctx.dropout, ctx.segments = groups, dropout, segments
+        return out
+
+    @staticmethod
+    def _backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        q, k, v, positions, kink_distance, attn, bias_slope, signed_log, keep, out = ctx.saved_tensors
+        groups, dropout, segments = ctx.groups, ctx.dropout, ctx.segments
+        grad_out = grad_out.to(q.dtype).contiguous()
+        rows, hg, n, dh = q.shape
+        m = k.shape[2]
+        row_dot = (grad_out * out).sum(-1)  # sum_j P_ij dL/dP_ij, (R, hg, n)
+        grad_q, grad_k, grad_v = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+        grad_positions = torch.empty_like(positions) if bias_slope is not None else None
+        grad_steps = q.new_zeros(groups, 2, hg, segments) if signed_log is not None else None
+        for tile in _DeformableAttentionFunction._tiles(rows, hg * n * m):
+            rc = tile.stop - tile.start
+            probabilities = attn[tile].view(rc * hg, m, n)
+            go = grad_out[tile].reshape(rc * hg, n, dh)
+            used = probabilities if keep is None else probabilities * keep[tile].view(rc * hg, m, n) \
+                / (1.0 - dropout)
+            torch.bmm(used, go, out=grad_v[tile].reshape(rc * hg, m, dh))
+            grad_bias = torch.bmm(v[tile].reshape(rc * hg, m, dh), go.transpose(1, 2))  # dL/dP, (rc hg, M, n)
+            if keep is not None:
+                grad_bias.mul_(keep[tile].view(rc * hg, m, n)).div_(1.0 - dropout)
+            grad_bias.sub_(row_dot[tile].view(rc * hg, 1, n)).mul_(probabilities)  # softmax backward
+            torch.bmm(grad_bias.transpose(1, 2), k[tile].reshape(rc * hg, m, dh),
+                      out=grad_q[tile].reshape(rc * hg, n, dh))
+            torch.bmm(grad_bias, q[tile].reshape(rc * hg, n, dh), out=grad_k[tile].reshape(rc * hg, m, dh))
+            grad_bias = grad_bias.view(rc, hg, m, n)
+            if grad_positions is not None:
+                grad_positions[tile] = (grad_bias * bias_slope[tile]).sum((1, 3))
+            if grad_steps is not None:
+                # step u of a key's tables acts on the queries from its threshold on: suffix sums
+                prefix = q.new_empty(rc, 2, hg, m, n + 1)
+                prefix[..., 0] = 0
+                torch.mul(grad_bias, signed_log[tile][:, None], out=prefix[:, 0, ..., 1:])
+                prefix[:, 1, ..., 1:] = grad_bias
+                prefix.cumsum_(-1)
+                index = _thresholds(positions[tile], kink_distance, n)[:, None, None]
+                suffix = prefix[..., n:] - prefix.gather(-1, index.expand(rc, 2, hg, m, segments))
+                group = torch.arange(tile.start, tile.stop, device=q.device) % groups
+                grad_steps.index_add_(0, group, suffix.sum(-2))
+        grad_slope = grad_intercept = None
+        if grad_steps is not None:
+            per_head = grad_steps.permute(1, 3, 0, 2).reshape(2, segments, groups * hg)
+            grad_slope, grad_intercept = per_head[0], per_head[1]
+        need = ctx.needs_input_grad
+        return (grad_q if need[0] else None, grad_k if need[1] else None, grad_v if need[2] else None,
+                grad_positions, grad_slope, grad_intercept, None, None, None, None)
 
 
 class DeformableSliceAttention(nn.Module):
@@ -177,11 +269,13 @@ class DeformableSliceAttention(nn.Module):
         offset_groups: head groups sharing one offset per reference point (default: one per head).
         bias_hidden: hidden width of the relative-position-bias MLP.
         use_offsets: False pins the keys to the reference grid (the offset net is skipped). With
-            ``downsample=1`` and no offsets this is ordinary relative-bias attention over all slices.
+            ``downsample=1`` and no offsets this is ordinary relative-bias attention over all slices,
+            and it is computed as such (all keys, a bias table per distance).
 
     The last offset layer is zero-initialised, so training starts from the reference grid.
     Keys and values are interpolated after projection (the projections are linear without bias, so
     this equals projecting interpolated tokens), which projects N tokens once instead of once per group.
+    The attention itself runs in float32 (float64 for float64 input), also under autocast.
     """
 
     def __init__(
@@ -233,13 +327,14 @@ class DeformableSliceAttention(nn.Module):
     def num_keys(self, n: int) -> int:
         return -(-n // self.downsample)
 
-    def reference_positions(self, n: int, device: torch.device | None = None) -> Tensor:
-        """Uniform grid p_j (float32, slice units): centres of the blocks of r slices."""
+    def reference_positions(self, n: int, device: torch.device | None = None,
+                            dtype: torch.dtype = torch.float32) -> Tensor:
+        """Uniform grid p_j (slice units): centres of the blocks of r slices."""
         r = self.downsample
-        return torch.arange(self.num_keys(n), device=device, dtype=torch.float32) * r + (r - 1) / 2
+        return torch.arange(self.num_keys(n), device=device, dtype=dtype) * r + (r - 1) / 2
 
     def offsets(self, q: Tensor) -> Tensor:
-        """Offsets (B, groups, ceil(N/r)) in slices from queries (B, N, heads*dim_head).
+        """Offsets (B, groups, ceil(N/r)) in slices from queries (B, N, heads*dim_head), float32.
 
         Output j sees the k queries centred on block j; the sequence is zero-padded (or cropped, when
         k < r) so that exactly ceil(N/r) outputs exist for every N >= 1, including N < k.
@@ -254,7 +349,16 @@ class DeformableSliceAttention(nn.Module):
         q = F.pad(q, (pad_left, pad_right))
         q = q[..., first + pad_left: first + pad_left + span]
         raw = self.offset_net(q).view(b, g, m)
-        return self.offset_scale * torch.tanh(raw.float())
+        dtype = torch.float64 if raw.dtype == torch.float64 else torch.float32
+        return self.offset_scale * torch.tanh(raw.to(dtype))
+
+    def _key_value_weight(self) -> Tensor:
+        """[W_k; W_v] with rows ordered (group, k/v, head in group, channel): one projection whose
+        output rows, viewed per (slice, group), hold that group's keys and values side by side."""
+        g = self.offset_groups
+        dim = self.to_k.weight.shape[1]
+        return torch.stack([self.to_k.weight.view(g, -1, dim), self.to_v.weight.view(g, -1, dim)], 1) \
+            .reshape(-1, dim)
 
     def forward(self, x: Tensor, valid: Tensor | None = None) -> Tensor:
         """x: (B, N, dim) slice tokens in slice order; valid: optional (B, N) bool, False = padding.
@@ -273,34 +377,52 @@ class DeformableSliceAttention(nn.Module):
                                  f"{tuple(valid.shape)}")
             # zeroing (not multiplying) keeps NaN/inf padding from reaching anything
             x = x.masked_fill(~valid[..., None], 0.0)
-        h, g, r = self.heads, self.offset_groups, self.downsample
+        h, g, dh = self.heads, self.offset_groups, self.dim_head
         hg = h // g
-        m = self.num_keys(n)
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        dropout = self.attn_dropout.p if self.training else 0.0
 
         q = self.to_q(x)  # no bias: padded queries are exactly zero for the offset conv
-        # per group: [keys of its heads, values of its heads]
-        kv = torch.cat([self.to_k(x).view(b, n, g, -1), self.to_v(x).view(b, n, g, -1)], dim=-1)
+        kv = F.linear(x, self._key_value_weight())  # (B, N, groups * 2 * hg * dh)
+        if self.downsample == 1 and not self.use_offsets:
+            out = self._full_attention(q, kv, valid, dtype, dropout)
+        else:
+            out = self._deformable_attention(q, kv, valid, dtype, dropout)
+        # (B, groups, hg, N, dh) -> (B, N, heads * dh)
+        return self.to_out(out.view(b, g, hg, n, dh).permute(0, 3, 1, 2, 4).reshape(b, n, h * dh))
 
-        positions = self.reference_positions(n, x.device).expand(b, g, m)
+    def _queries(self, q: Tensor, dtype: torch.dtype) -> Tensor:
+        """(B, N, heads * dh) -> scaled (B * groups, hg, N, dh) in ``dtype``."""
+        b, n, _ = q.shape
+        g, dh = self.offset_groups, self.dim_head
+        scaled = (q.to(dtype) * self.scale).view(b, n, g, -1, dh).permute(0, 2, 3, 1, 4)
+        return scaled.reshape(b * g, -1, n, dh).contiguous()
+
+    def _deformable_attention(self, q: Tensor, kv: Tensor, valid: Tensor | None, dtype: torch.dtype,
+                              dropout: float) -> Tensor:
+        b, n, _ = q.shape
+        h, g, r, dh = self.heads, self.offset_groups, self.downsample, self.dim_head
+        hg = h // g
+        m = self.num_keys(n)
+        positions = self.reference_positions(n, q.device, dtype).expand(b, g, m)
         if self.use_offsets:
             positions = positions + self.offsets(q)
-
         if valid is None:
             positions = positions.clamp(0, n - 1)
         else:
-            index = torch.arange(n, device=x.device)
+            index = torch.arange(n, device=q.device)
             any_valid = valid.any(dim=1)
             lo = torch.where(valid, index, n).amin(dim=1).where(any_valid, 0)
             hi = torch.where(valid, index, -1).amax(dim=1).where(any_valid, 0)
-            positions = torch.maximum(torch.minimum(positions, hi.view(b, 1, 1).float()),
-                                      lo.view(b, 1, 1).float())
+            positions = torch.maximum(torch.minimum(positions, hi.view(b, 1, 1).to(dtype)),
+                                      lo.view(b, 1, 1).to(dtype))
 
         # linear interpolation along the slice axis
-        left = positions.floor().long().clamp(0, n - 1)
+        left = positions.detach().floor().long().clamp(0, n - 1)
         right = (left + 1).clamp(max=n - 1)
-        w_right = positions - left.float()
+        w_right = positions - left.to(dtype)
         w_left = 1.0 - w_right
-        key_valid = None
+        key_mask = None
         if valid is not None:
             w_left = w_left * valid.gather(1, left.view(b, -1)).view(b, g, m)
             w_right = w_right * valid.gather(1, right.view(b, -1)).view(b, g, m)
@@ -308,25 +430,40 @@ class DeformableSliceAttention(nn.Module):
             # a sampled point whose neighbours are both padding is dropped; otherwise renormalise
             # onto the valid neighbour(s) so the key stays a convex combination of real slices
             padded = F.pad(valid, (0, m * r - n)).view(b, m, r)
-            key_valid = (total > 0) & padded.any(dim=-1)[:, None, :]
+            key_mask = ((total > 0) & padded.any(dim=-1)[:, None, :]).view(b * g, m)
             total = total.clamp_min(1e-12)
             w_left, w_right = w_left / total, w_right / total
 
-        kv = kv.transpose(1, 2)  # (B, G, N, 2 * hg * dh)
-        channels = kv.shape[-1]
-        kv_left = kv.gather(2, left[..., None].expand(b, g, m, channels))
-        kv_right = kv.gather(2, right[..., None].expand(b, g, m, channels))
-        sampled = w_left[..., None].to(kv.dtype) * kv_left + w_right[..., None].to(kv.dtype) * kv_right
-        k, v = sampled.view(b, g, m, 2, hg, self.dim_head).permute(3, 0, 1, 4, 2, 5).reshape(2, b, h, m, -1)
+        # row (b, slice, group) of kv holds that group's keys and values
+        rows = kv.view(b * n * g, -1)
+        base = (torch.arange(b, device=q.device) * n).view(b, 1, 1)
+        group = torch.arange(g, device=q.device).view(1, g, 1)
+        sampled = rows.index_select(0, ((base + left) * g + group).flatten()).to(dtype) \
+            * w_left.reshape(-1, 1) \
+            + rows.index_select(0, ((base + right) * g + group).flatten()).to(dtype) * w_right.reshape(-1, 1)
+        k, v = sampled.view(b * g, m, 2, hg, dh).permute(2, 0, 3, 1, 4).contiguous()  # 2 x (B G, hg, M, dh)
 
-        q = q.view(b, n, h, self.dim_head).transpose(1, 2)
-        logits = (q * self.scale) @ k.transpose(-1, -2)  # (B, H, N, M)
-        logits = logits + self.position_bias.relative_bias(positions, n).to(logits.dtype)
-        if key_valid is not None:
-            mask = key_valid[:, :, None, :].expand(b, g, hg, m).reshape(b, h, 1, m)
-            # finite fill keeps all-padding samples finite instead of NaN
-            logits = logits.masked_fill(~mask, torch.finfo(logits.dtype).min)
+        distance, slope_steps, intercept_steps = self.position_bias.step_tables(dtype)
+        out = _DeformableAttentionFunction.apply(self._queries(q, dtype), k, v, positions.reshape(b * g, m),
+                                                 slope_steps, intercept_steps, distance, key_mask, g,
+                                                 dropout)
+        return out.to(q.dtype)
 
-        attn = self.attn_dropout(logits.softmax(dim=-1))
-        out = (attn @ v).transpose(1, 2).reshape(b, n, h * self.dim_head)
-        return self.to_out(out)
+    def _full_attention(self, q: Tensor, kv: Tensor, valid: Tensor | None, dtype: torch.dtype,
+                        dropout: float) -> Tensor:
+        """All keys at their own slices (r = 1, no offsets): the bias depends on i - j only, so it is the
+        MLP at the 2N - 1 integer distances, laid out as a Toeplitz matrix."""
+        b, n, _ = q.shape
+        h, g, dh = self.heads, self.offset_groups, self.dim_head
+        hg = h // g
+        k, v = kv.to(dtype).view(b, n, g, 2, hg, dh).permute(3, 0, 2, 4, 1, 5).reshape(2, b * g, hg, n, dh)
+        distances = torch.arange(1 - n, n, device=q.device, dtype=dtype)
+        with torch.autocast(q.device.type, enabled=False):
+            table = self.position_bias(signed_log_distance(distances)).to(dtype)  # (2N - 1, heads)
+        index = torch.arange(n, device=q.device)
+        bias = table[index[:, None] - index[None, :] + n - 1].permute(2, 0, 1).reshape(1, g, hg, n, n)
+        logits = (self._queries(q, dtype) @ k.transpose(-1, -2)).view(b, g, hg, n, n) + bias
+        if valid is not None:
+            logits = logits.masked_fill(~valid.view(b, 1, 1, 1, n), torch.finfo(dtype).min)
+        attn = F.dropout(logits.softmax(dim=-1), dropout, training=dropout > 0)
+        return (attn.view(b * g, hg, n, n) @ v).to(q.dtype)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from nnssl_joint.models import ContinuousPositionBias, DeformableSliceAttention
-from nnssl_joint.models.deformable_attention import _RelativeBiasFunction
+from nnssl_joint.models import deformable_attention as module
 
 DIM = 24
 
@@ -196,27 +196,17 @@ def test_continuous_position_bias_matches_its_mlp_in_value_and_gradient():
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("groups", [1, 3, 6])
-@pytest.mark.parametrize("rows_per_chunk", [None, 1, 5])
-def test_relative_bias_matches_the_mlp_on_grouped_positions(groups, rows_per_chunk, monkeypatch):
-    bias = _bias_with_kinkless_unit(6)
-    n, m = 9, 4
-    if rows_per_chunk is not None:  # chunk boundaries that do not align with the groups
-        monkeypatch.setattr(_RelativeBiasFunction, "CHUNK_PAIRS", rows_per_chunk * (6 // groups) * n * m)
-    positions = (torch.rand(2, groups, m) * (n - 1)).requires_grad_()
-    fast = bias.relative_bias(positions, n)  # (B, heads, n, m)
-    distance = torch.arange(n, dtype=torch.float32).view(1, 1, n, 1) - positions[:, :, None, :]
-    # (B, G, n, m, heads)
-    per_group = bias.net((torch.sign(distance) * torch.log1p(distance.abs()))[..., None])
-    hg = 6 // groups
-    naive = torch.cat([per_group[:, g, :, :, g * hg:(g + 1) * hg].permute(0, 3, 1, 2)
-                       for g in range(groups)], 1)
-    torch.testing.assert_close(fast, naive, atol=1e-5, rtol=1e-5)
-    weights = torch.randn_like(fast)
-    grads_fast = torch.autograd.grad((fast * weights).sum(), [positions, *bias.parameters()])
-    grads_naive = torch.autograd.grad((naive * weights).sum(), [positions, *bias.parameters()])
-    for a, b in zip(grads_fast, grads_naive):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+def test_step_tables_rebuild_the_mlp():
+    """Slope/intercept of segment m = cumulative sum of the steps 0..m; a kink at signed log k sits at
+    slice distance D with signed_log(D) = k."""
+    bias = _bias_with_kinkless_unit(6).double()
+    distance, slope_steps, intercept_steps = bias.step_tables(torch.float64)
+    kinks, slope, intercept = bias.segment_tables()
+    torch.testing.assert_close(slope_steps.cumsum(0), slope)
+    torch.testing.assert_close(intercept_steps.cumsum(0), intercept)
+    finite = torch.isfinite(kinks)
+    torch.testing.assert_close(module.signed_log_distance(distance[finite]), kinks[finite])
+    assert torch.isinf(distance[~finite]).all() and (~finite).sum() == 1
 
 
 def test_bfloat16_autocast():
@@ -240,3 +230,165 @@ def test_rejects_bad_arguments():
     attention = _attention()
     with pytest.raises(ValueError):
         attention(torch.randn(2, 5, DIM), torch.ones(2, 5))
+
+
+def test_state_dict_keys_and_shapes_are_those_of_existing_checkpoints():
+    """The computation changed (tiled bias, fused key/value projection), the parameters did not:
+    checkpoints written before load unchanged."""
+    attention = DeformableSliceAttention(DIM, heads=4, dim_head=8, downsample=2, offset_kernel=3)
+    shapes = {key: tuple(value.shape) for key, value in attention.state_dict().items()}
+    assert shapes == {
+        "to_q.weight": (32, 24), "to_k.weight": (32, 24), "to_v.weight": (32, 24),
+        "offset_net.0.weight": (8, 1, 3), "offset_net.0.bias": (8,), "offset_net.2.weight": (1, 8, 1),
+        "offset_net.2.bias": (1,), "position_bias.net.0.weight": (64, 1),
+        "position_bias.net.0.bias": (64,), "position_bias.net.2.weight": (4, 64),
+        "position_bias.net.2.bias": (4,), "to_out.weight": (24, 32), "to_out.bias": (24,),
+    }
+
+
+# ------------------------------------------------ reference: the method written out, no optimisation
+def _reference_attention(attention: DeformableSliceAttention, x: torch.Tensor,
+                         valid: torch.Tensor | None = None, keep: torch.Tensor | None = None,
+                         dropout: float = 0.0) -> torch.Tensor:
+    """Deformable slice attention as METHOD.md states it, one sample and one head at a time: keys and
+    values interpolated linearly at p_j + offset_j, the bias MLP evaluated on every (query, key) pair,
+    softmax, weighted sum. ``keep`` (B, heads, N, M): a dropout mask applied to the probabilities."""
+    b, n, _ = x.shape
+    h, g, dh, r = attention.heads, attention.offset_groups, attention.dim_head, attention.downsample
+    hg, m = h // g, math.ceil(n / r)
+    if valid is not None:
+        x = x.masked_fill(~valid[..., None], 0.0)
+    q = x @ attention.to_q.weight.t()
+    k_all = x @ attention.to_k.weight.t()
+    v_all = x @ attention.to_v.weight.t()
+    positions = (torch.arange(m, dtype=x.dtype) * r + (r - 1) / 2).expand(b, g, m)
+    if attention.use_offsets:
+        positions = positions + attention.offsets(q)
+    samples = []
+    for i in range(b):
+        real = torch.arange(n) if valid is None else valid[i].nonzero().flatten()
+        lo, hi = (0, 0) if len(real) == 0 else (int(real.min()), int(real.max()))
+        outputs = []
+        for head in range(h):
+            cols = slice(head * dh, (head + 1) * dh)
+            p = positions[i, head // hg].clamp(lo, hi)
+            left = p.detach().floor().long().clamp(0, n - 1)
+            right = (left + 1).clamp(max=n - 1)
+            w_right, w_left = p - left, 1 - (p - left)
+            key_ok = torch.ones(m, dtype=torch.bool)
+            if valid is not None:
+                w_left, w_right = w_left * valid[i, left], w_right * valid[i, right]
+                total = w_left + w_right
+                block_has_slice = torch.stack([valid[i, j * r:(j + 1) * r].any() for j in range(m)])
+                key_ok = (total > 0) & block_has_slice
+                w_left, w_right = w_left / total.clamp_min(1e-12), w_right / total.clamp_min(1e-12)
+            keys = w_left[:, None] * k_all[i, left, cols] + w_right[:, None] * k_all[i, right, cols]
+            values = w_left[:, None] * v_all[i, left, cols] + w_right[:, None] * v_all[i, right, cols]
+            distance = torch.arange(n, dtype=x.dtype)[:, None] - p[None, :]
+            s = torch.sign(distance) * torch.log1p(distance.abs())
+            bias = attention.position_bias.net(s[..., None])[..., head]  # the plain MLP, (N, M)
+            logits = q[i, :, cols] @ keys.t() / math.sqrt(dh) + bias
+            logits = logits.masked_fill(~key_ok[None, :], torch.finfo(x.dtype).min)
+            probabilities = logits.softmax(-1)
+            if keep is not None:
+                probabilities = probabilities * keep[i, head] / (1 - dropout)
+            outputs.append(probabilities @ values)
+        samples.append(torch.cat(outputs, dim=-1))
+    return attention.to_out(torch.stack(samples))
+
+
+def _compare_with_reference(attention, x, valid=None, **reference_kwargs):
+    x = x.detach().requires_grad_()
+    outputs, gradients = [], []
+    for fn in (attention, lambda *a: _reference_attention(attention, *a, **reference_kwargs)):
+        attention.zero_grad(set_to_none=True)
+        x.grad = None
+        out = fn(x, valid)
+        weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+        (out * weights).sum().backward()
+        outputs.append(out.detach())
+        gradients.append([x.grad.clone()] + [torch.zeros_like(p) if p.grad is None else p.grad.clone()
+                                             for p in attention.parameters()])
+    mask = slice(None) if valid is None else valid
+    torch.testing.assert_close(outputs[0][mask], outputs[1][mask], atol=1e-10, rtol=1e-9)
+    names = ["x"] + [name for name, _ in attention.named_parameters()]
+    for name, fast, slow in zip(names, *gradients):
+        torch.testing.assert_close(fast, slow, atol=1e-9, rtol=1e-8, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def _padding(b: int, n: int, kind: str) -> torch.Tensor | None:
+    if kind == "none":
+        return None
+    valid = torch.ones(b, n, dtype=torch.bool)
+    valid[0, n // 2 + 1:] = False  # trailing padding
+    if kind == "interior":
+        valid[-1, 2:5] = False
+    if kind == "leading":
+        valid[-1, :3] = False
+    return valid
+
+
+@pytest.mark.parametrize("downsample, kernel, groups, n", [
+    (4, 6, 4, 37), (2, 4, 4, 23), (3, 2, 2, 20), (1, 3, 1, 11), (4, 6, 4, 3), (2, 5, 4, 1),
+])
+@pytest.mark.parametrize("padding", ["none", "trailing", "interior", "leading"])
+def test_matches_the_reference_in_value_and_gradient(downsample, kernel, groups, n, padding):
+    attention = _attention(downsample=downsample, offset_kernel=kernel, offset_groups=groups,
+                           offset_scale=3.0).double()
+    x = torch.randn(3, n, DIM, dtype=torch.float64)
+    _compare_with_reference(attention, x, _padding(3, n, padding))
+
+
+@pytest.mark.parametrize("tile_pairs", [1, 40, 500])
+@pytest.mark.parametrize("groups", [4, 2])
+def test_tiles_do_not_change_the_result(tile_pairs, groups, monkeypatch):
+    """Tiles of one row, of rows that straddle samples, and of several rows of different groups."""
+    monkeypatch.setattr(module._DeformableAttentionFunction, "TILE_PAIRS", tile_pairs)
+    attention = _attention(downsample=2, offset_groups=groups).double()
+    x = torch.randn(3, 19, DIM, dtype=torch.float64)
+    _compare_with_reference(attention, x, _padding(3, 19, "interior"))
+
+
+@pytest.mark.parametrize("padding", ["none", "interior"])
+def test_full_attention_path_matches_the_reference(padding):
+    """r = 1 without offsets runs the Toeplitz-bias path; it is the same function."""
+    attention = _attention(downsample=1, use_offsets=False, offset_groups=2).double()
+    x = torch.randn(3, 14, DIM, dtype=torch.float64)
+    _compare_with_reference(attention, x, _padding(3, 14, padding))
+
+
+def test_dropout_matches_the_reference_with_the_same_mask(monkeypatch):
+    attention = _attention(downsample=2, dropout=0.3).double().train()
+    b, n = 2, 15
+    m = math.ceil(n / 2)
+    keep = torch.rand(b, attention.heads, n, m, generator=torch.Generator().manual_seed(1)) >= 0.3
+    monkeypatch.setattr(module, "_dropout_keep",
+                        lambda probabilities, p: keep.transpose(-1, -2).reshape(probabilities.shape))
+    _compare_with_reference(attention, torch.randn(b, n, DIM, dtype=torch.float64), keep=keep, dropout=0.3)
+
+
+def test_dropout_is_active_in_training_only():
+    attention = _attention(downsample=2, dropout=0.5)
+    x = torch.randn(2, 30, DIM)
+    reference = attention(x)
+    attention.train()
+    torch.manual_seed(0)
+    dropped = attention(x)
+    assert not torch.allclose(dropped, reference, atol=1e-3)
+    torch.testing.assert_close(attention.eval()(x), reference)
+
+
+def test_float32_gradients_stay_close_to_float64():
+    """The cumulative sums of the bias path run in float32 for float32 input: check their rounding."""
+    attention = _attention(downsample=4, offset_scale=3.0)
+    x = torch.randn(2, 300, DIM)
+    grads = []
+    for dtype in (torch.float32, torch.float64):
+        attention.to(dtype).zero_grad(set_to_none=True)
+        xx = x.to(dtype).clone().requires_grad_()
+        attention(xx).pow(2).sum().backward()
+        grads.append([xx.grad] + [p.grad for p in attention.parameters()])
+    for low, high in zip(*grads):
+        # the last bias layer's bias gets zero gradient (softmax ignores a constant): compare absolutely
+        scale = max(high.abs().max().item(), 1.0)
+        torch.testing.assert_close(low.double(), high, atol=1e-4 * scale, rtol=1e-3)
