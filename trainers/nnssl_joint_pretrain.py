@@ -73,6 +73,8 @@ class JointSSLPretrainTrainer(nnUNetTrainer):
         self.resolved: SelfConfiguration | None = None
         self.stats: DatasetStats | None = None
         self.dataset_summary: dict = {}
+        self.sample_index = None  # nnssl_joint.data.loaders.SampleIndex, built in initialize()
+        self.deepcluster = self.ssl_config.objective.clustering == "deepcluster"
         self._epoch_outputs_start = 0.0
         self._consecutive_nonfinite = 0
         self._best_loss: float | None = None
@@ -103,13 +105,27 @@ class JointSSLPretrainTrainer(nnUNetTrainer):
                                    "L_intra_3d, L_inter and L_mask are disabled; only the 2D encoder is "
                                    "pretrained.")
 
+        # global sample indices of the dataset (keys of DeepCluster-v2's memory banks; same on every rank)
+        self.sample_index = runtime.sample_index(self.dataset_summary, self.resolved.n_slices)
         self.network = JointSSLModel(self.preset, self.num_input_channels,
-                                     self.resolved.objective(cfg.objective)).to(self.device)
+                                     self.resolved.objective(cfg.objective),
+                                     slice_memory_size=self.sample_index.num_slices,
+                                     window_memory_size=self.sample_index.num_windows,
+                                     kmeans_seed=cfg.seed or 0).to(self.device)
+        if self.deepcluster:
+            self.print_to_log_file(
+                f"DeepCluster-v2: memory banks of {self.sample_index.num_slices} slices and "
+                f"{self.sample_index.num_windows} windows of {self.resolved.n_slices} slices, "
+                f"{cfg.objective.deepcluster_heads} k-means heads, K 2D={self.resolved.num_prototypes_2d} "
+                f"3D={self.resolved.num_prototypes_3d}; k-means at the start of every epoch on the banks "
+                "filled so far (the DeepCluster terms are 0 until a bank's first k-means)")
         self.optimizer, self.lr_scheduler = self.configure_optimizers()
         if self.is_ddp:
+            # DeepCluster-v2's banks, centroids and labels are identical on every rank by construction
+            # (all-gathered updates, distributed k-means): no need to broadcast them before every forward
             self.network = DDP(self.network,
                                device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                               find_unused_parameters=True)
+                               find_unused_parameters=True, broadcast_buffers=not self.deepcluster)
         self.was_initialized = True
         if self.local_rank == 0:
             atomic_write_text(json.dumps(self.effective_config(), indent=2),
@@ -174,7 +190,26 @@ class JointSSLPretrainTrainer(nnUNetTrainer):
         self.stage = self.ssl_config.objective.stage_at(self.current_epoch)
         self.print_to_log_file(f"stage {self.stage.name}: terms {dict(self.stage.weights)}"
                                + (", f_intra frozen" if self.stage.freeze_intra else ""))
+        if self.deepcluster:
+            self.recompute_clusters()
         self._epoch_outputs_start = time()
+
+    def recompute_clusters(self) -> None:
+        """DeepCluster-v2: k-means on the memory banks as the previous epochs left them (every rank, same
+        result), pseudo-labels for this epoch. Nothing to cluster at the start of the first epoch."""
+        report = self.model.recompute_clusters()
+        for key, what in (("2d", "slices (L_intra, L_intra_3d)"), ("3d", "windows (L_inter)")):
+            r = report[key]
+            if r["done"]:
+                self.print_to_log_file(
+                    f"DeepCluster-v2 k-means #{int(r['recomputes'])} on {int(r['samples'])} {what}, "
+                    f"K={int(r['clusters'])}: NMI to the previous pseudo-labels {r['nmi']:.3f}")
+            elif r["samples"] > 0 or self.current_epoch > 0:
+                self.print_to_log_file(
+                    f"DeepCluster-v2: {int(r['samples'])} {what} in the memory bank, fewer than K="
+                    f"{int(r['clusters'])}: no k-means yet"
+                    + (f", the pseudo-labels of k-means #{int(r['recomputes'])} stay" if r["recomputes"]
+                       else ", the term stays 0"))
 
     def train_step(self, batch: dict) -> dict:
         slices, volumes = runtime.batch_to_device(batch, self.device)
@@ -205,6 +240,7 @@ class JointSSLPretrainTrainer(nnUNetTrainer):
             self.loss_file.append(self.iteration, self.current_epoch, out)
         if not finite:
             runtime.restore_buffers(self.model, buffers)
+            self.model.discard_memory_updates()
             self._consecutive_nonfinite += 1
             self.print_to_log_file(
                 f"WARNING: non-finite loss {out['loss']} ({ {t: out.get(t) for t in LOSS_TERMS} }) at "
@@ -219,6 +255,7 @@ class JointSSLPretrainTrainer(nnUNetTrainer):
             self.iteration += 1
             return out
         self._consecutive_nonfinite = 0
+        self.model.update_memory_banks()  # DeepCluster-v2: this step's embeddings (no-op for SwAV)
         if self.grad_scaler is not None:
             self.grad_scaler.scale(loss).backward()
             self.grad_scaler.unscale_(self.optimizer)
@@ -289,8 +326,10 @@ class JointSSLPretrainTrainer(nnUNetTrainer):
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, filename: str) -> None:
         if self.local_rank == 0:  # the record below is only needed where the file is written
-            save_nnunet_checkpoint(self, self.model, self._best_loss, filename, {"nnssl_joint": {
-                **self.effective_config(), "iteration": self.iteration, "rng": capture_rng()}})
+            record = {**self.effective_config(), "iteration": self.iteration, "rng": capture_rng()}
+            if self.deepcluster:  # the keys of the memory banks in network_weights
+                record["sample_index"] = self.sample_index.to_dict()
+            save_nnunet_checkpoint(self, self.model, self._best_loss, filename, {"nnssl_joint": record})
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         if not self.was_initialized:
@@ -302,6 +341,8 @@ class JointSSLPretrainTrainer(nnUNetTrainer):
                 self.print_to_log_file(f"{os.path.basename(path)} is newer than "
                                        f"{os.path.basename(filename_or_checkpoint)}: resuming from it")
         extra = runtime.check_resume_compatible(checkpoint, self.effective_config())
+        if self.deepcluster:
+            runtime.check_sample_index(extra.get("sample_index"), self.sample_index)
         self.model.load_state_dict(checkpoint["network_weights"])
         self.optimizer.load_state_dict(checkpoint["optimizer_state"])
         if self.grad_scaler is not None and checkpoint.get("grad_scaler_state") is not None:

@@ -15,6 +15,12 @@ Batch layouts (float32 unless noted):
   ids, 'slice_start': (B,) int64}``. Window position n holds slice ``slice_start[b] + n``; it is padding
   (all zero, ``valid`` False) where that slice does not exist.
 - :class:`JointLoader`: ``{'slices': <slice batch>, 'volumes': <volume batch or None>}``.
+
+Given a :class:`SampleIndex` (``sample_index=``), the batches also carry global sample indices for
+DeepCluster-v2's memory banks: the slice batch ``'index'`` (B,) int64, the global index of (case, slice);
+the volume batch ``'index'`` (B,) int64, the global index of (case, window start), and
+``'slice_indices'`` (B, N) int64, the global (case, slice) index of every window position (-1 at padding).
+They draw no random numbers: the batches are otherwise the same with or without them.
 """
 
 from __future__ import annotations
@@ -45,14 +51,17 @@ from nnssl_joint.data.augment import (
     volume_view_transforms,
 )
 from nnssl_joint.errors import NnsslJointError
+from nnssl_joint.ssl.deepcluster import GlobalIndex
 
 __all__ = [
     "JointLoader",
+    "SampleIndex",
     "SliceViewsLoader",
     "VolumeViewsLoader",
     "case_sampling_probabilities",
     "case_shape",
     "dataset_summary",
+    "window_start_range",
 ]
 
 SMALL_VIEW_CROP_AREA = (0.05, 0.25)
@@ -125,6 +134,98 @@ def dataset_summary(dataset: nnUNetBaseDataset) -> dict:
 
 def _slices_per_case(summary: Mapping) -> dict[str, int]:
     return {k: v["n_slices"] for k, v in summary["cases"].items()}
+
+
+# ------------------------------------------------------------------------------------- sample indices
+def window_start_range(case_slices: int, n_slices: int) -> tuple[int, int]:
+    """Lowest and highest first slice of an ``n_slices`` window that :class:`VolumeViewsLoader` draws in a
+    case of ``case_slices`` slices: nnU-Net's ``get_bbox`` along the slice axis (patch = final patch, so the
+    only padding is that of a case shorter than the window, split over both ends)."""
+    if case_slices < 1 or n_slices < 1:
+        raise NnsslJointError(f"need case_slices >= 1 and n_slices >= 1, got {case_slices} and {n_slices}")
+    need = max(0, n_slices - case_slices)
+    return (-need) // 2, case_slices + need // 2 + need % 2 - n_slices
+
+
+class SampleIndex:
+    """Global sample indices of one preprocessed dataset, the keys of DeepCluster-v2's memory banks.
+
+    ``slices``: a :class:`~nnssl_joint.ssl.deepcluster.GlobalIndex` over (case, slice), a 2D image being a
+    case of one slice; both the 2D items of :class:`SliceViewsLoader` and the valid slices of the volume
+    windows use it, so a slice has one entry however it was drawn. ``windows``: a ``GlobalIndex`` over
+    (case, window start) for the windows of ``n_slices`` slices that :class:`VolumeViewsLoader` can draw
+    (:func:`window_start_range`; cases of one slice have none). Cases are numbered in sorted identifier
+    order, so the indices depend only on the dataset's shapes and N: the same on every DDP rank and in
+    every resumed run. :meth:`to_dict` records it (the trainer refuses to resume across a change).
+    """
+
+    def __init__(self, slices_per_case: Mapping[str, int], n_slices: int):
+        if n_slices < 1:
+            raise NnsslJointError(f"n_slices must be >= 1, got {n_slices}")
+        self.n_slices = int(n_slices)
+        self.slices_per_case = {str(k): int(slices_per_case[k]) for k in sorted(slices_per_case)}
+        if not self.slices_per_case or min(self.slices_per_case.values()) < 1:
+            raise NnsslJointError("SampleIndex needs at least one case and at least one slice per case")
+        self.cases = list(self.slices_per_case)
+        self.case_number = {k: i for i, k in enumerate(self.cases)}
+        self._window_lowest: dict[str, int] = {}
+        windows = []
+        for key, z in self.slices_per_case.items():
+            lowest, highest = window_start_range(z, self.n_slices)
+            self._window_lowest[key] = lowest
+            windows.append(highest - lowest + 1 if z >= 2 else 0)
+        self.slices = GlobalIndex()
+        self.slices.register("slices", list(self.slices_per_case.values()))
+        self.windows = GlobalIndex()
+        self.windows.register("windows", windows)
+
+    @classmethod
+    def from_summary(cls, summary: Mapping, n_slices: int) -> SampleIndex:
+        """From :func:`dataset_summary`'s output (all cases of the preprocessed folder)."""
+        return cls(_slices_per_case(summary), n_slices)
+
+    @property
+    def num_slices(self) -> int:
+        """Size of the slice memory bank."""
+        return self.slices.size
+
+    @property
+    def num_windows(self) -> int:
+        """Size of the window memory bank."""
+        return self.windows.size
+
+    def _case(self, key: str) -> int:
+        if key not in self.case_number:
+            raise NnsslJointError(f"case {key!r} is not in the SampleIndex (built from the "
+                                  f"{len(self.cases)} cases of the dataset summary)")
+        return self.case_number[key]
+
+    def slice_index(self, key: str, slice_number: int) -> int:
+        """Global index of slice ``slice_number`` of case ``key``."""
+        return self.slices.index("slices", self._case(key), int(slice_number))
+
+    def slice_indices(self, key: str, first_slice: int, count: int) -> torch.Tensor:
+        """(count,) global indices of slices ``first_slice ..`` of case ``key``; -1 where no slice exists."""
+        z = self.slices_per_case[self.cases[self._case(key)]]
+        numbers = torch.arange(int(first_slice), int(first_slice) + int(count))
+        inside = (numbers >= 0) & (numbers < z)
+        out = torch.full((int(count),), -1, dtype=torch.int64)
+        out[inside] = self.slices.indices("slices", torch.full((int(inside.sum()),), self._case(key)),
+                                          numbers[inside])
+        return out
+
+    def window_index(self, key: str, start: int) -> int:
+        """Global index of the window of case ``key`` whose first position is slice ``start`` (may be < 0
+        for a case shorter than N)."""
+        case = self._case(key)
+        return self.windows.index("windows", case, int(start) - self._window_lowest[key])
+
+    def to_dict(self) -> dict:
+        return {"n_slices": self.n_slices, "slices_per_case": dict(self.slices_per_case)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> SampleIndex:
+        return cls(data["slices_per_case"], data["n_slices"])
 
 
 # --------------------------------------------------------------------------------------------- sampling
@@ -206,7 +307,7 @@ class SliceViewsLoader(nnUNetDataLoader):
     ``view_size`` and ``n_small_views`` small views of ``small_view_size`` (multi-crop), each the result of
     its own random draw of the view pipeline (:func:`slice_view_transforms`). Crop areas are fractions of
     the initial patch: ``config.crop_area`` for global views, ``small_crop_area`` for small ones.
-    Batch layout: see the module docstring.
+    Batch layout (and the global sample indices a ``sample_index`` adds): see the module docstring.
     """
 
     def __init__(self, data: nnUNetBaseDataset, batch_size: int, view_size: Sequence[int],
@@ -217,7 +318,8 @@ class SliceViewsLoader(nnUNetDataLoader):
                  small_crop_area: Sequence[float] = SMALL_VIEW_CROP_AREA,
                  global_transforms: BasicTransform | None = None,
                  small_transforms: BasicTransform | None = None,
-                 label_manager: LabelManager | None = None):
+                 label_manager: LabelManager | None = None,
+                 sample_index: SampleIndex | None = None):
         view_size = _pair(view_size, "view_size")
         patch = _initial_patch(patch_size, view_size)
         if sampling_probabilities is not None:
@@ -227,6 +329,7 @@ class SliceViewsLoader(nnUNetDataLoader):
         if n_small_views < 0:
             raise NnsslJointError(f"n_small_views must be >= 0, got {n_small_views}")
         self.view_size = view_size
+        self.sample_index = sample_index
         self.n_small_views = int(n_small_views)
         self.small_view_size = (_pair(small_view_size, "small_view_size") if small_view_size is not None
                                 else (max(1, view_size[0] // 2), max(1, view_size[1] // 2)))
@@ -259,8 +362,12 @@ class SliceViewsLoader(nnUNetDataLoader):
                     global_views[j, v] = self.global_transforms(image=patch.clone())["image"]
                 for v in range(self.n_small_views):
                     small_views[j, v] = self.small_transforms(image=patch.clone())["image"]
-        return {"global_views": global_views, "small_views": small_views, "keys": keys,
-                "slice_index": slice_index}
+        out = {"global_views": global_views, "small_views": small_views, "keys": keys,
+               "slice_index": slice_index}
+        if self.sample_index is not None:
+            out["index"] = torch.tensor([self.sample_index.slice_index(k, int(n))
+                                         for k, n in zip(keys, slice_index)], dtype=torch.int64)
+        return out
 
 
 class VolumeViewsLoader(nnUNetDataLoader):
@@ -271,7 +378,7 @@ class VolumeViewsLoader(nnUNetDataLoader):
     volume shorter than N is centred in the window and padded (nnU-Net's ``get_bbox``), never dropped: the
     padded positions are zero in both views and False in ``valid``. The in-plane crop works as in
     :class:`SliceViewsLoader`; the views come from :func:`volume_view_transforms`.
-    Batch layout: see the module docstring.
+    Batch layout (and the global sample indices a ``sample_index`` adds): see the module docstring.
     """
 
     def __init__(self, data: nnUNetBaseDataset, batch_size: int, n_slices: int, view_size: Sequence[int],
@@ -280,7 +387,8 @@ class VolumeViewsLoader(nnUNetDataLoader):
                  config: ViewAugmentationConfig = STRONG,
                  transforms: BasicTransform | None = None,
                  summary: Mapping | None = None,
-                 label_manager: LabelManager | None = None):
+                 label_manager: LabelManager | None = None,
+                 sample_index: SampleIndex | None = None):
         if n_slices < 1:
             raise NnsslJointError(f"n_slices must be >= 1, got {n_slices}")
         view_size = _pair(view_size, "view_size")
@@ -297,6 +405,10 @@ class VolumeViewsLoader(nnUNetDataLoader):
                          sampling_probabilities=sampling_probabilities)
         self.indices = volumes
         self.n_slices = int(n_slices)
+        if sample_index is not None and sample_index.n_slices != self.n_slices:
+            raise NnsslJointError(f"sample_index was built for windows of {sample_index.n_slices} slices, "
+                                  f"this loader draws {self.n_slices}")
+        self.sample_index = sample_index
         self.view_size = view_size
         self.transforms = transforms or volume_view_transforms(view_size, config=config)
 
@@ -321,7 +433,13 @@ class VolumeViewsLoader(nnUNetDataLoader):
                     view = self.transforms(image=stack.clone())["image"]
                     view[:, ~valid[j]] = 0  # intensity transforms touched the padding too
                     views[j, v] = view
-        return {"views": views, "valid": valid, "keys": keys, "slice_start": slice_start}
+        out = {"views": views, "valid": valid, "keys": keys, "slice_start": slice_start}
+        if self.sample_index is not None:
+            out["index"] = torch.tensor([self.sample_index.window_index(k, int(s))
+                                         for k, s in zip(keys, slice_start)], dtype=torch.int64)
+            out["slice_indices"] = torch.stack([self.sample_index.slice_indices(k, int(s), self.n_slices)
+                                                for k, s in zip(keys, slice_start)])
+        return out
 
 
 class JointLoader(DataLoader):

@@ -15,6 +15,20 @@ Forward computes the loss terms of Nguyen et al. (AAAI 2023) that the current st
   mask token, go through f_inter once; the decoder predicts the detached original embeddings at the
   masked slices (L_mask) and the pooled volume feature Z of the two views enters the 3D clustering
   loss (L_inter). One pass serves both terms: Z is the masked pass's, like BERT's sentence feature.
+
+The clustering loss is SwAV (``objective.clustering == "swav"``, default) or DeepCluster-v2
+(``"deepcluster"``, :mod:`nnssl_joint.ssl.deepcluster`): ``deepcluster_heads`` spherical k-means heads
+over memory banks keyed by global sample indices (``nnssl_joint.data.loaders.SampleIndex``; the batches
+carry them as ``'index'`` / ``'slice_indices'``). One slice bank serves the 2D terms: L_intra on the 2D
+items (bank entry = (case, slice)) and L_intra_3d on the valid slices of the volume windows (the entry of
+the slice they show), so both terms read the same pseudo-labels and write the same entries; a window bank
+((case, window start)) serves L_inter with K = ``num_prototypes_3d`` per head. Each bank stores the
+detached projected embeddings of the two global views (head h clusters view h % 2). ``forward`` only
+queues the step's bank rows; the trainer writes them with :meth:`JointSSLModel.update_memory_banks` once
+the step's loss is known to be finite (a skipped step leaves the banks untouched) and runs
+:meth:`JointSSLModel.recompute_clusters` at the start of every epoch. Before a bank's first k-means the
+DeepCluster terms are 0 (still in the graph). Banks, centroids, pseudo-labels and k-means counters are
+buffers: checkpoints hold them and a resumed run continues exactly.
 """
 
 from __future__ import annotations
@@ -22,6 +36,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nnssl_joint.models.encoder import build_encoder_2d, build_slice_embedding, build_slice_transformer
@@ -33,6 +48,7 @@ from nnssl_joint.models.masked_prediction import (
 )
 from nnssl_joint.models.preset import ArchitecturePreset
 from nnssl_joint.models.slice_embedding import ProjectionHead
+from nnssl_joint.ssl.deepcluster import DeepClusterV2Loss, MemoryBank, normalized_mutual_information
 from nnssl_joint.ssl.objective import (
     TERM_INTER,
     TERM_INTRA,
@@ -45,17 +61,24 @@ from nnssl_joint.ssl.objective import (
 from nnssl_joint.ssl.swav import SwAVLoss
 from nnssl_joint.ssl.varcov import masked_mean, variance_covariance_loss
 
+#: views of a sample stored in a DeepCluster memory bank (the two global views)
+BANK_VIEWS = 2
+
 
 class JointSSLModel(nn.Module):
-    def __init__(self, preset: ArchitecturePreset, input_channels: int, objective: ObjectiveConfig) -> None:
+    """See the module docstring. ``slice_memory_size`` / ``window_memory_size`` (DeepCluster-v2 only): the
+    sizes of the slice and window memory banks (``SampleIndex.num_slices`` / ``num_windows``); without them
+    the banks are placeholders that take the size of the state dict they load (a network rebuilt from a
+    checkpoint record). ``kmeans_seed`` seeds the k-means of every recompute (with the recompute count)."""
+
+    def __init__(self, preset: ArchitecturePreset, input_channels: int, objective: ObjectiveConfig,
+                 slice_memory_size: int | None = None, window_memory_size: int | None = None,
+                 kmeans_seed: int = 0) -> None:
         super().__init__()
-        if objective.clustering != "swav":
-            raise ValueError(
-                f"objective.clustering={objective.clustering!r}: the pretraining trainer wires the SwAV "
-                "variant; DeepCluster-v2 (nnssl_joint.ssl.deepcluster) is available "
-                "as a building block only. "
-                "Set objective.clustering to 'swav'."
-            )
+        if objective.clustering not in ("swav", "deepcluster"):
+            raise ValueError(f"objective.clustering must be one of ('swav', 'deepcluster'), "
+                             f"got {objective.clustering!r}.")
+        self.deepcluster = objective.clustering == "deepcluster"
         self.preset = preset
         self.objective = objective
         d = preset.embedding_dim
@@ -70,6 +93,9 @@ class JointSSLModel(nn.Module):
         self.projection_2d = ProjectionHead(d, proj.hidden_dim, proj.out_dim, norm="batch")
         self.projection_3d = ProjectionHead(d, proj.hidden_dim, proj.out_dim, norm=objective.head_norm_3d)
         self.masked_modeling = MaskedSliceModeling(d)
+        if self.deepcluster:
+            self._build_deepcluster(objective, slice_memory_size, window_memory_size, kmeans_seed)
+            return
         common = {
             "temperature": objective.temperature,
             "epsilon": objective.epsilon,
@@ -86,6 +112,110 @@ class JointSSLModel(nn.Module):
                                                        if objective.inter_codes == "centering" else None),
                                    teacher_temperature=objective.teacher_temperature_3d, **common)
 
+    def _build_deepcluster(self, objective: ObjectiveConfig, slice_memory_size: int | None,
+                           window_memory_size: int | None, kmeans_seed: int) -> None:
+        dim = self.preset.projection.out_dim
+        heads = objective.deepcluster_heads
+        slice_memory_size = max(1, int(slice_memory_size or 1))
+        window_memory_size = max(1, int(window_memory_size or 1))
+        common = {"temperature": objective.temperature, "kmeans_iterations": objective.kmeans_iterations}
+        self.intra_loss = DeepClusterV2Loss(dim, [objective.num_prototypes_2d] * heads, slice_memory_size,
+                                            seed=2 * int(kmeans_seed), **common)
+        self.inter_loss = DeepClusterV2Loss(dim, [objective.num_prototypes_3d] * heads, window_memory_size,
+                                            seed=2 * int(kmeans_seed) + 1, **common)
+        self.slice_bank = MemoryBank(slice_memory_size, dim, num_views=BANK_VIEWS)
+        self.window_bank = MemoryBank(window_memory_size, dim, num_views=BANK_VIEWS)
+        self._pending_banks: dict[str, tuple[Tensor, list[Tensor]]] = {}
+
+    # ------------------------------------------------------------------ DeepCluster-v2 state
+    @property
+    def buffers_not_written_by_forward(self) -> tuple[str, ...]:
+        """Buffer-name prefixes that ``forward`` never writes (the DeepCluster banks, centroids and labels
+        change only in :meth:`update_memory_banks` / :meth:`recompute_clusters`): a trainer that restores
+        the buffers after a skipped step need not copy them."""
+        if not self.deepcluster:
+            return ()
+        return ("intra_loss.", "inter_loss.", "slice_bank.", "window_bank.")
+
+    def _bank_groups(self) -> tuple[tuple[str, MemoryBank], ...]:
+        """The row groups a step writes, in writing order: 2D items, then volume slices (both into the slice
+        bank; separate updates, so that under DDP the order of rows, and so which of two rows of the same
+        slice wins, is that of one process on the concatenated batch), then windows."""
+        return (("2d", self.slice_bank), ("3d_slices", self.slice_bank), ("windows", self.window_bank))
+
+    def _queue_bank_rows(self, group: str, indices: Tensor, views: list[Tensor]) -> None:
+        if self.training:  # evaluation passes never write the banks
+            self._pending_banks[group] = (indices.detach(), [z.detach() for z in views[:BANK_VIEWS]])
+
+    def discard_memory_updates(self) -> None:
+        """Forget the bank rows the last ``forward`` queued (a skipped, non-finite step)."""
+        if self.deepcluster:
+            self._pending_banks = {}
+
+    @torch.no_grad()
+    def update_memory_banks(self) -> None:
+        """Write the rows the last training ``forward`` queued into the slice and window banks.
+
+        Under DDP every rank must call it after every step (each group's update all-gathers, also when this
+        rank has no rows), so that every rank holds the same, complete banks."""
+        if not self.deepcluster:
+            return
+        for group, bank in self._bank_groups():
+            if group in self._pending_banks:
+                indices, views = self._pending_banks[group]
+                rows = torch.stack(views)
+            else:
+                indices = torch.zeros(0, dtype=torch.long, device=bank.embeddings.device)
+                rows = bank.embeddings.new_zeros((BANK_VIEWS, 0, bank.dim))
+            bank.update(indices, rows)
+        self.discard_memory_updates()
+
+    @torch.no_grad()
+    def recompute_clusters(self) -> dict[str, dict[str, float]]:
+        """k-means on each bank that holds at least K filled entries (once per epoch, by the trainer).
+
+        Returns per loss ("2d": L_intra / L_intra_3d, "3d": L_inter) what happened: ``samples`` (filled
+        entries clustered, or found when too few), ``clusters`` (K), ``recomputes`` (count so far),
+        ``done`` (1/0) and ``nmi`` (head 0, to the previous pseudo-labels of the entries labelled both times;
+        NaN at the first recompute)."""
+        report: dict[str, dict[str, float]] = {}
+        if not self.deepcluster:
+            return report
+        for key, loss, bank in (("2d", self.intra_loss, self.slice_bank), ("3d", self.inter_loss,
+                                                                            self.window_bank)):
+            filled, k = bank.num_filled, max(loss.num_clusters)
+            entry = {"samples": float(filled), "clusters": float(k), "done": 0.0, "nmi": float("nan")}
+            if filled >= k:
+                previous = loss.assignments[0].clone()
+                loss.recompute_assignments(bank)
+                current = loss.assignments[0]
+                both = (previous >= 0) & (current >= 0)
+                if bool(both.any()):
+                    entry["nmi"] = normalized_mutual_information(previous[both], current[both])
+                entry["done"] = 1.0
+            entry["recomputes"] = float(int(loss.num_recomputes))
+            report[key] = entry
+        return report
+
+    def _deepcluster_term(self, loss: DeepClusterV2Loss, views: list[Tensor], indices: Tensor) -> Tensor:
+        return loss([F.normalize(z.float(), dim=1) for z in views], indices)
+
+    @staticmethod
+    def _nearest_centroid(loss: DeepClusterV2Loss, z: Tensor) -> Tensor | None:
+        """Head 0's nearest centroid per row (the usage diagnostic); None before the first k-means."""
+        if not loss.has_assignments:
+            return None
+        return loss.prototypes(F.normalize(z.detach().float(), dim=1)).argmax(1)
+
+    @staticmethod
+    def _batch_indices(batch: dict[str, Any], key: str, what: str) -> Tensor:
+        if batch.get(key) is None:
+            raise ValueError(
+                f"objective.clustering='deepcluster' needs global sample indices in the {what} batch "
+                f"(key {key!r}); build the loaders with sample_index=SampleIndex.from_summary(...) "
+                "(nnssl_joint.data.loaders), as the pretraining trainer does.")
+        return batch[key].long()
+
     # ------------------------------------------------------------------ embeddings
     def embed_slices(self, x: Tensor) -> Tensor:
         """(M, C, H, W) images/slices -> (M, d) slice embeddings e = g(f_intra(x))."""
@@ -101,6 +231,7 @@ class JointSSLModel(nn.Module):
                 stage: StagePlan) -> dict[str, Tensor]:
         """Loss terms (unweighted) of the active stage plus diagnostics (``_``-prefixed, detached)."""
         out: dict[str, Tensor] = {}
+        self.discard_memory_updates()  # bank rows of an earlier forward that nobody wrote
         want_intra = stage.is_active(TERM_INTRA) and slices is not None
         want_3d = volumes is not None and stage.needs_volumes
         want_intra_3d = want_3d and stage.is_active(TERM_INTRA_3D)
@@ -140,16 +271,29 @@ class JointSSLModel(nn.Module):
             if small is not None:
                 views += [small[:, i] for i in range(small.shape[1])]
             z = [self.projection_2d(e) for e in views]
-            out[TERM_INTRA] = self.intra_loss(z, iteration)
-            with torch.no_grad():
-                out["_assign_2d"] = self.intra_loss.prototypes(z[0].detach()).argmax(1)
+            if self.deepcluster:
+                index_2d = self._batch_indices(slices, "index", "2D").to(z[0].device)
+                out[TERM_INTRA] = self._deepcluster_term(self.intra_loss, z, index_2d)
+                self._queue_bank_rows("2d", index_2d, z)
+                assigned = self._nearest_centroid(self.intra_loss, z[0])
+                if assigned is not None:
+                    out["_assign_2d"] = assigned
+            else:
+                out[TERM_INTRA] = self.intra_loss(z, iteration)
+                with torch.no_grad():
+                    out["_assign_2d"] = self.intra_loss.prototypes(z[0].detach()).argmax(1)
         if want_3d:
             e3 = emb[offset:].view(b3, n_views, n, -1)
             valid = volumes["valid"].to(torch.bool)  # (B3, N)
             if want_intra_3d:
                 zs = self.projection_2d(e3[:, 0][valid])
                 zt = self.projection_2d(e3[:, 1][valid])
-                out[TERM_INTRA_3D] = self.intra_loss([zs, zt], iteration)
+                if self.deepcluster:
+                    slice_index = self._batch_indices(volumes, "slice_indices", "volume").to(zs.device)[valid]
+                    out[TERM_INTRA_3D] = self._deepcluster_term(self.intra_loss, [zs, zt], slice_index)
+                    self._queue_bank_rows("3d_slices", slice_index, [zs, zt])
+                else:
+                    out[TERM_INTRA_3D] = self.intra_loss([zs, zt], iteration)
             if stage.is_active(TERM_MASK) or stage.is_active(TERM_INTER):
                 mask = None
                 if stage.is_active(TERM_MASK):
@@ -177,7 +321,14 @@ class JointSSLModel(nn.Module):
                         pooled.append(masked_mean(per_slice, valid))
                 if mask is not None:
                     out[TERM_MASK] = torch.stack(mask_losses).mean()
-                if stage.is_active(TERM_INTER):
+                if stage.is_active(TERM_INTER) and self.deepcluster:
+                    index_3d = self._batch_indices(volumes, "index", "volume").to(zs_3d[0].device)
+                    out[TERM_INTER] = self._deepcluster_term(self.inter_loss, zs_3d, index_3d)
+                    self._queue_bank_rows("windows", index_3d, zs_3d)
+                    assigned = self._nearest_centroid(self.inter_loss, zs_3d[0])
+                    if assigned is not None:
+                        out["_assign_3d"] = assigned
+                elif stage.is_active(TERM_INTER):
                     out[TERM_INTER] = self.inter_loss(zs_3d, iteration)
                     with torch.no_grad():
                         out["_assign_3d"] = self.inter_loss.prototypes(zs_3d[0].detach()).argmax(1)

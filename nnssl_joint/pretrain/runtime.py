@@ -105,8 +105,13 @@ def augmenter_seeds(num_processes: int) -> list[int]:
 
 
 def snapshot_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Copies of the model's buffers (SwAV feature queues and their pointers), taken before a step."""
-    return {name: buf.detach().clone() for name, buf in model.named_buffers()}
+    """Copies of the model's buffers (SwAV feature queues and their pointers), taken before a step.
+
+    Buffers the forward pass never writes (``model.buffers_not_written_by_forward``: the DeepCluster-v2
+    memory banks, centroids and pseudo-labels, which can be large) are not copied."""
+    skip = tuple(getattr(model, "buffers_not_written_by_forward", ()))
+    return {name: buf.detach().clone() for name, buf in model.named_buffers()
+            if not (skip and name.startswith(skip))}
 
 
 def restore_buffers(model: nn.Module, snapshot: dict[str, torch.Tensor]) -> None:
@@ -114,7 +119,8 @@ def restore_buffers(model: nn.Module, snapshot: dict[str, torch.Tensor]) -> None
     queue, which would make every later loss NaN)."""
     with torch.no_grad():
         for name, buf in model.named_buffers():
-            buf.copy_(snapshot[name])
+            if name in snapshot:
+                buf.copy_(snapshot[name])
 
 
 #: temporary files of atomic writes (nnssl_joint.common.checkpoint_io: ".<name>.<random>.tmp") and of the
@@ -169,6 +175,13 @@ def check_resume_compatible(checkpoint: dict, current: dict) -> dict:
             f"the checkpoint used architecture preset '{extra['preset']['name']}' but this run resolves to "
             f"'{current['preset']['name']}'; resume with the same NNSSL_JOINT_CONFIG/plans, "
             "or start a new run")
+    old_clustering = extra.get("config", {}).get("objective", {}).get("clustering", "swav")
+    new_clustering = current.get("config", {}).get("objective", {}).get("clustering", "swav")
+    if old_clustering != new_clustering:
+        raise NnsslJointError(
+            f"the checkpoint was trained with objective.clustering={old_clustering!r} but this run sets "
+            f"{new_clustering!r}; their clustering state differs (prototypes and queues vs. memory banks and "
+            "k-means centroids). Resume with the same value or start a new run")
     old, new = extra["resolved"], current["resolved"]
     changed = {k: (old.get(k), new.get(k)) for k in ("view_size", "n_slices", "num_prototypes_2d",
                                                       "num_prototypes_3d") if old.get(k) != new.get(k)}
@@ -197,9 +210,35 @@ def dataset_stats(folder: str, dataset_class: Any) -> tuple[DatasetStats, dict]:
     return DatasetStats.from_shapes(shapes), summary
 
 
+def sample_index(summary: dict, n_slices: int) -> Any:
+    """Global sample indices of the dataset (all cases of the summary, sorted) for DeepCluster-v2's memory
+    banks: :class:`nnssl_joint.data.loaders.SampleIndex`."""
+    from nnssl_joint.data.loaders import SampleIndex
+
+    return SampleIndex.from_summary(summary, n_slices)
+
+
+def check_sample_index(checkpoint_index: dict | None, current: Any) -> None:
+    """A DeepCluster-v2 checkpoint's memory banks are keyed by its sample index: refuse another one."""
+    if checkpoint_index is None:
+        raise NnsslJointError("the checkpoint holds no sample index (record 'sample_index'), so its "
+                              "DeepCluster-v2 memory banks cannot be matched to this dataset; "
+                              "start a new run")
+    if checkpoint_index != current.to_dict():
+        old, new = checkpoint_index.get("slices_per_case", {}), current.to_dict()["slices_per_case"]
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        raise NnsslJointError(
+            f"the dataset's cases or window length changed since the checkpoint (n_slices "
+            f"{checkpoint_index.get('n_slices')} -> {current.n_slices}; cases added, removed or of another "
+            f"slice count: {changed[:5]}{' ...' if len(changed) > 5 else ''}): the DeepCluster-v2 memory "
+            "banks are keyed by (case, slice) and (case, window start), so the run cannot resume on this "
+            "data; start a new run")
+
+
 def build_joint_loader(trainer: Any, resolved: SelfConfiguration) -> Any:
     """nnU-Net dataset of all training cases -> JointLoader (2D views + volume windows) drawing this
-    process's share of the global batches (``resolved.for_process``)."""
+    process's share of the global batches (``resolved.for_process``); with the trainer's ``sample_index``
+    the batches carry global sample indices (for DeepCluster-v2; they draw no random numbers)."""
     from nnssl_joint.data.augment import STRONG, WEAK
     from nnssl_joint.data.loaders import (
         JointLoader,
@@ -219,14 +258,16 @@ def build_joint_loader(trainer: Any, resolved: SelfConfiguration) -> Any:
         raise NnsslJointError(f"data.augmentation must be one of {sorted(strengths)}, "
                               f"got {data.augmentation!r}")
     augmentation = strengths[data.augmentation]
+    index = getattr(trainer, "sample_index", None)
     slice_loader = SliceViewsLoader(dataset_tr, resolved.batch_size_2d_per_rank, view, config=augmentation,
                                     n_small_views=resolved.n_small_views,
                                     small_view_size=(resolved.small_view_size,) * 2,
-                                    sampling_probabilities=probabilities)
+                                    sampling_probabilities=probabilities, sample_index=index)
     volume_loader = None
     if resolved.batch_size_3d_per_rank > 0 and any(n >= 2 for n in slices_per_case.values()):
         volume_loader = VolumeViewsLoader(dataset_tr, resolved.batch_size_3d_per_rank, resolved.n_slices,
                                           view, config=augmentation,
                                           summary={"cases": {k: summary["cases"][k]
-                                                             for k in dataset_tr.identifiers}})
+                                                             for k in dataset_tr.identifiers}},
+                                          sample_index=index)
     return JointLoader(slice_loader, volume_loader)

@@ -206,6 +206,18 @@ class MemoryBank(nn.Module):
     def num_filled(self) -> int:
         return int(self.filled.sum())
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        # A bank built without knowing the dataset (a network rebuilt from a checkpoint record) takes the
+        # size of the bank it loads; the trainer checks the size against its own sample index first.
+        incoming = state_dict.get(prefix + "filled")
+        if isinstance(incoming, Tensor) and incoming.dim() == 1 and incoming.shape[0] != self.size:
+            self.size = int(incoming.shape[0])
+            self.embeddings = self.embeddings.new_zeros((self.num_views, self.size, self.dim))
+            self.filled = self.filled.new_zeros(self.size)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
     @torch.no_grad()
     def update(self, indices: Tensor, embeddings: Tensor | Sequence[Tensor]) -> None:
         """Store ``embeddings`` at global ``indices`` (B,).
@@ -373,6 +385,49 @@ def spherical_kmeans(
     return centroids, _nearest_centroid(x, centroids, chunk_size)
 
 
+def normalized_mutual_information(a: Tensor, b: Tensor) -> float:
+    """NMI (arithmetic normalisation, as scikit-learn's default) of two labelings of the same samples.
+
+    1 = the same partition up to a renaming of the clusters, 0 = independent; DeepCluster logs it between
+    the assignments of consecutive epochs. Two single-cluster labelings give 1.
+    """
+    if a.shape != b.shape or a.dim() != 1:
+        raise ValueError(
+            f"need two labelings of the same samples, got shapes {tuple(a.shape)} and {tuple(b.shape)}."
+        )
+    if a.numel() == 0:
+        return float("nan")
+    _, a = torch.unique(a.long(), return_inverse=True)
+    _, b = torch.unique(b.long(), return_inverse=True)
+    ka, kb = int(a.max()) + 1, int(b.max()) + 1
+    joint = torch.bincount(a * kb + b, minlength=ka * kb).double().view(ka, kb) / a.numel()
+    pa, pb = joint.sum(1), joint.sum(0)
+    nonzero = joint > 0
+    mutual = float((joint[nonzero] * (joint[nonzero] / (pa[:, None] * pb[None, :])[nonzero]).log()).sum())
+    entropy_a = float(-(pa * pa.log()).sum())
+    entropy_b = float(-(pb * pb.log()).sum())
+    if entropy_a + entropy_b <= 0:
+        return 1.0
+    return max(0.0, min(1.0, 2.0 * mutual / (entropy_a + entropy_b)))
+
+
+class CentroidScores:
+    """Scores ``z C_h^T`` against the centroids of one head, shaped like SwAV's ``Prototypes``: ``weight``
+    is the (K, D) centroid matrix and calling it with L2-normalised (B, D) embeddings gives (B, K) scores.
+    Lets read-outs written for SwAV prototypes (usage entropy, nearest prototype) run on DeepCluster-v2."""
+
+    def __init__(self, loss: DeepClusterV2Loss, head: int = 0) -> None:
+        self._loss = loss
+        self._head = head
+
+    @property
+    def weight(self) -> Tensor:
+        return self._loss.centroids(self._head)
+
+    def __call__(self, z: Tensor, frozen: bool = False) -> Tensor:
+        return F.linear(z, self.weight.to(device=z.device, dtype=z.dtype))
+
+
 class DeepClusterV2Loss(nn.Module):
     """DeepCluster-v2 loss with several k-means heads over a :class:`MemoryBank`.
 
@@ -427,8 +482,25 @@ class DeepClusterV2Loss(nn.Module):
         return getattr(self, f"centroids_{head}")
 
     @property
+    def prototypes(self) -> CentroidScores:
+        """Head 0's centroids in the role of SwAV's prototypes (diagnostics: nearest centroid, usage)."""
+        return CentroidScores(self, 0)
+
+    @property
     def has_assignments(self) -> bool:
         return int(self.num_recomputes) > 0
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        # like MemoryBank: a loss built without knowing the dataset takes the memory size it loads
+        incoming = state_dict.get(prefix + "assignments")
+        heads = len(self.num_clusters)
+        if (isinstance(incoming, Tensor) and incoming.dim() == 2 and incoming.shape[0] == heads
+                and incoming.shape[1] != self.memory_size):
+            self.memory_size = int(incoming.shape[1])
+            self.assignments = self.assignments.new_full((heads, self.memory_size), -1)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     @torch.no_grad()
     def recompute_assignments(self, memory_bank: MemoryBank) -> None:
@@ -482,7 +554,7 @@ class DeepClusterV2Loss(nn.Module):
         labels = self.assignments[:, indices]  # (H, B)
         valid = labels[0] >= 0
         if not bool(valid.any()):
-            return sum(z.sum() for z in embeddings) * 0.0
+            return sum(z.sum() for z in embeddings) * 0.0 + 0.0  # +0.0: never a printed -0.0
         total = embeddings[0].new_zeros((), dtype=torch.float32)
         for head in range(len(self.num_clusters)):
             centroids = self.centroids(head)

@@ -23,11 +23,13 @@ from nnunetv2.training.dataloading.nnunet_dataset import (
 from nnssl_joint.data.augment import STRONG
 from nnssl_joint.data.loaders import (
     JointLoader,
+    SampleIndex,
     SliceViewsLoader,
     VolumeViewsLoader,
     case_sampling_probabilities,
     case_shape,
     dataset_summary,
+    window_start_range,
 )
 from nnssl_joint.errors import NnsslJointError
 
@@ -266,3 +268,71 @@ def test_joint_loader_in_nnunet_multithreaded_augmenter(dataset, summary):
         _assert_joint_batch(batch)
     views = [b["slices"]["global_views"] for b in batches]
     assert not all(torch.equal(views[0], v) for v in views[1:])
+
+
+# ---------------------------------------------------------------- global sample indices (DeepCluster)
+@pytest.mark.parametrize("n", [1, 4, 5, 8, 16])
+def test_window_start_range_is_what_the_volume_loader_draws(dataset, summary, volumes, n):
+    loader = VolumeViewsLoader(dataset, 16, n, VIEW, PATCH, summary=summary)
+    for case, z in volumes.items():
+        loader.sampling_probabilities = _only(loader, case)
+        lowest, highest = window_start_range(z, n)
+        drawn = {int(s) for _ in range(4) for s in next(loader)["slice_start"]}
+        assert drawn <= set(range(lowest, highest + 1)), (case, drawn, lowest, highest)
+        if highest - lowest < 16:  # few positions: 64 draws see every one
+            assert drawn == set(range(lowest, highest + 1)), (case, drawn)
+
+
+def test_sample_index_is_dense_unique_and_independent_of_case_order(n_slices):
+    index = SampleIndex(n_slices, 8)
+    shuffled = SampleIndex(dict(reversed(list(n_slices.items()))), 8)
+    assert index.to_dict() == shuffled.to_dict() and index.cases == sorted(n_slices)
+    slice_ids = [index.slice_index(k, s) for k, z in n_slices.items() for s in range(z)]
+    assert sorted(slice_ids) == list(range(sum(n_slices.values()))) == list(range(index.num_slices))
+    window_ids = [index.window_index(k, start) for k, z in n_slices.items() if z > 1
+                  for start in range(window_start_range(z, 8)[0], window_start_range(z, 8)[1] + 1)]
+    assert sorted(window_ids) == list(range(index.num_windows))
+    assert [shuffled.slice_index(k, 0) for k in n_slices] == [index.slice_index(k, 0) for k in n_slices]
+    assert index.slice_indices("vol_z05", -2, 8).tolist() == [-1, -1] + [index.slice_index("vol_z05", s)
+                                                                          for s in range(5)] + [-1]
+    assert SampleIndex.from_dict(index.to_dict()).to_dict() == index.to_dict()
+    with pytest.raises(NnsslJointError, match="not in the SampleIndex"):
+        index.slice_index("unknown", 0)
+    with pytest.raises(ValueError, match="items"):
+        index.slice_index("img_a", 1)  # a 2D image has one slice
+
+
+def test_loaders_emit_global_indices_that_match_keys_and_slices(dataset, summary, n_slices):
+    index = SampleIndex.from_summary(summary, 8)
+    slices = SliceViewsLoader(dataset, 16, VIEW, PATCH, sample_index=index)
+    batch = next(slices)
+    assert batch["index"].dtype == torch.int64 and batch["index"].shape == (16,)
+    assert batch["index"].tolist() == [index.slice_index(k, int(s))
+                                       for k, s in zip(batch["keys"], batch["slice_index"])]
+    volume_loader = VolumeViewsLoader(dataset, 6, 8, VIEW, PATCH, summary=summary, sample_index=index)
+    batch = next(volume_loader)
+    assert batch["index"].shape == (6,) and batch["slice_indices"].shape == (6, 8)
+    for b, key in enumerate(batch["keys"]):
+        start = int(batch["slice_start"][b])
+        assert int(batch["index"][b]) == index.window_index(key, start)
+        for position in range(8):
+            expected = index.slice_index(key, start + position) if batch["valid"][b, position] else -1
+            assert int(batch["slice_indices"][b, position]) == expected
+    with pytest.raises(NnsslJointError, match="windows of 8 slices"):
+        VolumeViewsLoader(dataset, 2, 4, VIEW, PATCH, summary=summary, sample_index=index)
+
+
+def test_indices_draw_no_random_numbers(dataset, summary):
+    """The batches are the same with and without a sample index (the default SwAV runs do not change)."""
+    index = SampleIndex.from_summary(summary, 8)
+    batches = []
+    for sample_index in (None, index):
+        np.random.seed(3)
+        torch.manual_seed(3)
+        joint = JointLoader(SliceViewsLoader(dataset, 4, VIEW, PATCH, sample_index=sample_index),
+                            VolumeViewsLoader(dataset, 2, 8, VIEW, PATCH, summary=summary,
+                                              sample_index=sample_index))
+        batches.append(joint.generate_train_batch())
+    for part, key in (("slices", "global_views"), ("volumes", "views")):
+        assert torch.equal(batches[0][part][key], batches[1][part][key])
+    assert "index" not in batches[0]["slices"] and "index" in batches[1]["slices"]

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from nnssl_joint.ssl import DeepClusterV2Loss, GlobalIndex, MemoryBank, spherical_kmeans
+from nnssl_joint.ssl.deepcluster import normalized_mutual_information
 
 
 def _clustered(n: int, num_clusters: int = 4, dim: int = 8, noise: float = 0.03, seed: int = 0):
@@ -205,6 +206,34 @@ def test_deepcluster_loss_decreases_when_training_a_linear_encoder() -> None:
         epoch_losses.append(total / 4)
         loss_fn.recompute_assignments(bank)
     assert epoch_losses[-1] < 0.5 * epoch_losses[0], epoch_losses
+
+
+def test_normalized_mutual_information() -> None:
+    a = torch.tensor([0, 0, 1, 1, 2, 2])
+    assert normalized_mutual_information(a, torch.tensor([5, 5, 3, 3, 4, 4])) == pytest.approx(1.0)
+    assert normalized_mutual_information(a, torch.tensor([0, 1, 0, 1, 0, 1])) == pytest.approx(0.0, abs=1e-12)
+    assert 0.0 < normalized_mutual_information(a, torch.tensor([0, 0, 1, 1, 1, 1])) < 1.0
+    assert normalized_mutual_information(torch.zeros(4), torch.zeros(4)) == 1.0
+
+
+def test_centroids_stand_in_for_prototypes_and_sizes_follow_the_loaded_state() -> None:
+    x, _ = _clustered(40, noise=0.05)
+    bank = MemoryBank(40, 8, num_views=2)
+    bank.update(torch.arange(40), [x, x])
+    loss_fn = DeepClusterV2Loss(8, (4, 3), memory_size=40)
+    loss_fn.recompute_assignments(bank)
+    scores = loss_fn.prototypes(x)  # head 0, like SwAV's Prototypes
+    assert loss_fn.prototypes.weight.shape == (4, 8) and scores.shape == (40, 4)
+    assert torch.equal(scores.argmax(1), loss_fn.assignments[0])
+    # built without knowing the dataset (a network rebuilt from a checkpoint record): takes the loaded sizes
+    small_bank, small_loss = MemoryBank(1, 8, num_views=2), DeepClusterV2Loss(8, (4, 3), memory_size=1)
+    small_bank.load_state_dict(bank.state_dict())
+    small_loss.load_state_dict(loss_fn.state_dict())
+    assert small_bank.size == 40 and small_loss.memory_size == 40
+    assert torch.equal(small_loss.assignments, loss_fn.assignments)
+    assert small_loss([x[:5]], torch.arange(5)).item() == loss_fn([x[:5]], torch.arange(5)).item()
+    unlabelled = DeepClusterV2Loss(8, (4,), memory_size=40)([x[:3]], torch.arange(3))
+    assert unlabelled.item() == 0.0 and str(unlabelled.item()) == "0.0"
 
 
 # ---------------------------------------------------------------- distributed (2 gloo ranks)
