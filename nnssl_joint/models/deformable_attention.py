@@ -271,12 +271,27 @@ class DeformableSliceAttention(nn.Module):
         use_offsets: False pins the keys to the reference grid (the offset net is skipped). With
             ``downsample=1`` and no offsets this is ordinary relative-bias attention over all slices,
             and it is computed as such (all keys, a bias table per distance).
+        attention: which attention the same parameters compute.
+            ``"deformable"`` (default): the method above, for every N.
+            ``"full"``: every query attends to all N slices at their own positions with the same
+            projections and bias MLP; ``downsample``, ``offset_scale`` and the offset net are unused
+            (the offset net gets no gradient).
+            ``"auto"``: full attention for N < :attr:`AUTO_FULL_BELOW` slices, deformable from there
+            on, whichever ran faster at that N in ``scripts/bench_attention.py`` (CPU, d=256, 8x32
+            heads, r=4). Consequence: the function changes at the threshold. A model pretrained on
+            short windows (N=16: full) and fine-tuned on long ones (N=256 would stay full, N=1024 not)
+            meets in fine-tuning an attention whose offset net was never trained; keep one mode for
+            pretraining and fine-tuning unless both sides of the threshold were seen in pretraining.
 
     The last offset layer is zero-initialised, so training starts from the reference grid.
     Keys and values are interpolated after projection (the projections are linear without bias, so
     this equals projecting interpolated tokens), which projects N tokens once instead of once per group.
     The attention itself runs in float32 (float64 for float64 input), also under autocast.
     """
+
+    #: "auto" runs full attention below this many slices (the measured crossover, see ``attention``)
+    AUTO_FULL_BELOW = 512
+    ATTENTION_MODES = ("deformable", "full", "auto")
 
     def __init__(
         self,
@@ -290,9 +305,12 @@ class DeformableSliceAttention(nn.Module):
         offset_groups: int | None = None,
         bias_hidden: int = 64,
         use_offsets: bool = True,
+        attention: str = "deformable",
     ) -> None:
         super().__init__()
         offset_groups = heads if offset_groups is None else offset_groups
+        if attention not in self.ATTENTION_MODES:
+            raise ValueError(f"attention must be one of {self.ATTENTION_MODES}, got {attention!r}")
         if downsample < 1 or offset_kernel < 1:
             raise ValueError(f"downsample and offset_kernel must be >= 1, got {downsample}, {offset_kernel}")
         if heads < 1 or dim_head < 1 or offset_groups < 1 or heads % offset_groups != 0:
@@ -305,6 +323,7 @@ class DeformableSliceAttention(nn.Module):
         self.offset_kernel = offset_kernel
         self.offset_groups = offset_groups
         self.use_offsets = use_offsets
+        self.attention = attention
         self.scale = dim_head ** -0.5
         inner = heads * dim_head
         group_channels = inner // offset_groups
@@ -326,6 +345,13 @@ class DeformableSliceAttention(nn.Module):
 
     def num_keys(self, n: int) -> int:
         return -(-n // self.downsample)
+
+    def uses_full_attention(self, n: int) -> bool:
+        """Whether N slices run full attention (mode ``full``, ``auto`` below the threshold, or r = 1
+        without offsets, where both are the same function)."""
+        if self.attention == "full" or (self.attention == "auto" and n < self.AUTO_FULL_BELOW):
+            return True
+        return self.downsample == 1 and not self.use_offsets
 
     def reference_positions(self, n: int, device: torch.device | None = None,
                             dtype: torch.dtype = torch.float32) -> Tensor:
@@ -384,7 +410,7 @@ class DeformableSliceAttention(nn.Module):
 
         q = self.to_q(x)  # no bias: padded queries are exactly zero for the offset conv
         kv = F.linear(x, self._key_value_weight())  # (B, N, groups * 2 * hg * dh)
-        if self.downsample == 1 and not self.use_offsets:
+        if self.uses_full_attention(n):
             out = self._full_attention(q, kv, valid, dtype, dropout)
         else:
             out = self._deformable_attention(q, kv, valid, dtype, dropout)
@@ -452,18 +478,19 @@ class DeformableSliceAttention(nn.Module):
     def _full_attention(self, q: Tensor, kv: Tensor, valid: Tensor | None, dtype: torch.dtype,
                         dropout: float) -> Tensor:
         """All keys at their own slices (r = 1, no offsets): the bias depends on i - j only, so it is the
-        MLP at the 2N - 1 integer distances, laid out as a Toeplitz matrix."""
+        MLP at the 2N - 1 integer distances. With the keys in reverse slice order, query i and key
+        j' = N - 1 - j are at distance i + j' - (N - 1): the bias matrix is a sliding window over that
+        table, a view, and its gradient is summed back per distance."""
         b, n, _ = q.shape
         h, g, dh = self.heads, self.offset_groups, self.dim_head
         hg = h // g
-        k, v = kv.to(dtype).view(b, n, g, 2, hg, dh).permute(3, 0, 2, 4, 1, 5).reshape(2, b * g, hg, n, dh)
+        k, v = kv.to(dtype).view(b, n, g, 2, hg, dh).flip(1).permute(3, 0, 2, 4, 1, 5).reshape(2, b, h, n, dh)
         distances = torch.arange(1 - n, n, device=q.device, dtype=dtype)
-        with torch.autocast(q.device.type, enabled=False):
-            table = self.position_bias(signed_log_distance(distances)).to(dtype)  # (2N - 1, heads)
-        index = torch.arange(n, device=q.device)
-        bias = table[index[:, None] - index[None, :] + n - 1].permute(2, 0, 1).reshape(1, g, hg, n, n)
-        logits = (self._queries(q, dtype) @ k.transpose(-1, -2)).view(b, g, hg, n, n) + bias
+        with torch.autocast(q.device.type, enabled=False):  # the plain MLP: 2N - 1 points
+            table = self.position_bias.net(signed_log_distance(distances)[:, None]).to(dtype)  # (2N - 1, H)
+        logits = (self._queries(q, dtype).view(b, h, n, dh) @ k.transpose(-1, -2)).add_(
+            table.t().unfold(-1, n, 1))
         if valid is not None:
-            logits = logits.masked_fill(~valid.view(b, 1, 1, 1, n), torch.finfo(dtype).min)
+            logits = logits.masked_fill(~valid.flip(1).view(b, 1, 1, n), torch.finfo(dtype).min)
         attn = F.dropout(logits.softmax(dim=-1), dropout, training=dropout > 0)
-        return (attn.view(b * g, hg, n, n) @ v).to(q.dtype)
+        return (attn @ v).to(q.dtype)

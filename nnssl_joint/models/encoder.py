@@ -62,7 +62,8 @@ def build_slice_transformer(preset: ArchitecturePreset) -> SliceTransformer:
     t = preset.transformer
     return SliceTransformer(preset.embedding_dim, depth=t.depth, heads=t.heads, dim_head=t.dim_head,
                             ffn_dim=t.ffn_dim, dropout=t.dropout, downsample=t.downsample,
-                            offset_scale=t.offset_scale, offset_kernel=t.offset_kernel)
+                            offset_scale=t.offset_scale, offset_kernel=t.offset_kernel,
+                            attention=t.attention)
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,10 @@ class TransformerConfig:
     downsample: int = 2
     offset_scale: float = 2.0
     offset_kernel: int = 4
+    #: "deformable" (the paper's f_inter), "full" (all slices, same parameters) or "auto" (full below
+    #: DeformableSliceAttention.AUTO_FULL_BELOW slices); see DeformableSliceAttention for what switching
+    #: by N means for a pretrained model. Presets without the key (and older checkpoints) get "deformable".
+    attention: str = "deformable"
 
 
 Pair = tuple[int, int]

@@ -21,12 +21,13 @@ class SliceTransformerLayer(nn.Module):
     """
 
     def __init__(self, dim: int, heads: int, dim_head: int, ffn_dim: int, dropout: float, downsample: int,
-                 offset_scale: float, offset_kernel: int, norm_first: bool = False) -> None:
+                 offset_scale: float, offset_kernel: int, norm_first: bool = False,
+                 attention: str = "deformable") -> None:
         super().__init__()
         self.norm_first = norm_first
         self.attention = DeformableSliceAttention(dim, heads=heads, dim_head=dim_head, downsample=downsample,
                                                   offset_scale=offset_scale, offset_kernel=offset_kernel,
-                                                  dropout=dropout)
+                                                  dropout=dropout, attention=attention)
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(), nn.Dropout(dropout),
                                  nn.Linear(ffn_dim, dim))
         self.norm_attention = nn.LayerNorm(dim)
@@ -46,12 +47,14 @@ class SliceTransformer(nn.Module):
 
     ``ffn_dim`` defaults to 4 * dim; the authors used d = 640 with ffn_dim = 720. No absolute position
     embedding: order comes from the attention's relative-position bias, so any N >= 1 works.
+    ``attention`` (``deformable``, ``full``, ``auto``) picks what the same parameters compute; see
+    :class:`DeformableSliceAttention` for the modes and what switching by N means for pretrained models.
     """
 
     def __init__(self, dim: int, depth: int = 4, heads: int = 8, dim_head: int = 64,
                  ffn_dim: int | None = None,
                  dropout: float = 0.1, downsample: int = 4, offset_scale: float = 2.0, offset_kernel: int = 6,
-                 norm_first: bool = False) -> None:
+                 norm_first: bool = False, attention: str = "deformable") -> None:
         super().__init__()
         if depth < 1:
             raise ValueError(f"SliceTransformer needs depth >= 1, got {depth}")
@@ -59,7 +62,7 @@ class SliceTransformer(nn.Module):
         self.dim = dim
         self.layers = nn.ModuleList(
             SliceTransformerLayer(dim, heads, dim_head, ffn_dim, dropout, downsample, offset_scale,
-                                  offset_kernel, norm_first)
+                                  offset_kernel, norm_first, attention)
             for _ in range(depth)
         )
         self.final_norm = nn.LayerNorm(dim) if norm_first else nn.Identity()

@@ -27,7 +27,7 @@ def _naive_full_attention(attention: DeformableSliceAttention, x: torch.Tensor) 
     q = x @ attention.to_q.weight.t()
     k = x @ attention.to_k.weight.t()
     v = x @ attention.to_v.weight.t()
-    rel = torch.arange(n, dtype=torch.float32)[:, None] - torch.arange(n, dtype=torch.float32)[None, :]
+    rel = torch.arange(n, dtype=x.dtype)[:, None] - torch.arange(n, dtype=x.dtype)[None, :]
     s = torch.sign(rel) * torch.log(1 + rel.abs())
     bias = attention.position_bias.net(s[..., None])  # (N, N, H), the plain MLP
     heads_out = []
@@ -392,3 +392,38 @@ def test_float32_gradients_stay_close_to_float64():
         # the last bias layer's bias gets zero gradient (softmax ignores a constant): compare absolutely
         scale = max(high.abs().max().item(), 1.0)
         torch.testing.assert_close(low.double(), high, atol=1e-4 * scale, rtol=1e-3)
+
+
+# ------------------------------------------------------------------------------ attention modes
+@pytest.mark.parametrize("padding", ["none", "interior"])
+def test_full_mode_is_relative_bias_attention_over_all_slices(padding):
+    """Same parameters, all keys at their own slices: r and the offsets play no part."""
+    attention = _attention(downsample=4, attention="full").double()
+    x = torch.randn(3, 13, DIM, dtype=torch.float64)
+    valid = _padding(3, 13, padding)
+    out = attention(x, valid)
+    pinned = _attention(downsample=1, use_offsets=False).double()
+    pinned.load_state_dict(attention.state_dict())
+    torch.testing.assert_close(out, pinned(x, valid), atol=1e-12, rtol=1e-12)
+    if valid is None:
+        torch.testing.assert_close(out, _naive_full_attention(attention, x), atol=1e-10, rtol=1e-9)
+    out.sum().backward()
+    assert all(p.grad is None for p in attention.offset_net.parameters())
+
+
+def test_auto_mode_switches_at_the_threshold(monkeypatch):
+    monkeypatch.setattr(DeformableSliceAttention, "AUTO_FULL_BELOW", 10)
+    auto = _attention(downsample=2, attention="auto")
+    modes = {mode: _attention(downsample=2, attention=mode) for mode in ("full", "deformable")}
+    for n, expected in ((9, "full"), (10, "deformable"), (25, "deformable")):
+        x = torch.randn(2, n, DIM)
+        assert auto.uses_full_attention(n) == (expected == "full")
+        torch.testing.assert_close(auto(x), modes[expected](x))
+
+
+def test_modes_share_the_state_dict():
+    keys = {mode: {k: v.shape for k, v in _attention(attention=mode).state_dict().items()}
+            for mode in DeformableSliceAttention.ATTENTION_MODES}
+    assert keys["full"] == keys["deformable"] == keys["auto"]
+    with pytest.raises(ValueError, match="attention must be one of"):
+        _attention(attention="sparse")

@@ -4,6 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from nnssl_joint.models import SliceTransformer
+from nnssl_joint.models.encoder import build_slice_transformer
+from nnssl_joint.models.preset import load_preset
 from nnssl_joint.ssl.sinkhorn import sinkhorn
 
 DIM = 32
@@ -52,6 +54,52 @@ def test_z_is_the_normalised_mean_over_valid_slices():
     per_slice, z = model(tokens, valid)
     expected = torch.stack([per_slice[0, :7].mean(0), per_slice[1].mean(0)])
     torch.testing.assert_close(z, F.normalize(expected, dim=-1))
+
+
+# the first layer of the gpu preset's f_inter as checkpoints written before issue #15 hold it
+GPU_LAYER_SHAPES = {
+    "attention.to_q.weight": (512, 640), "attention.to_k.weight": (512, 640),
+    "attention.to_v.weight": (512, 640), "attention.offset_net.0.weight": (64, 1, 6),
+    "attention.offset_net.0.bias": (64,), "attention.offset_net.2.weight": (1, 64, 1),
+    "attention.offset_net.2.bias": (1,), "attention.position_bias.net.0.weight": (64, 1),
+    "attention.position_bias.net.0.bias": (64,), "attention.position_bias.net.2.weight": (8, 64),
+    "attention.position_bias.net.2.bias": (8,), "attention.to_out.weight": (640, 512),
+    "attention.to_out.bias": (640,), "ffn.0.weight": (720, 640), "ffn.0.bias": (720,),
+    "ffn.3.weight": (640, 720), "ffn.3.bias": (640,), "norm_attention.weight": (640,),
+    "norm_attention.bias": (640,), "norm_ffn.weight": (640,), "norm_ffn.bias": (640,),
+}
+
+
+@pytest.mark.parametrize("attention", ["deformable", "full", "auto"])
+def test_preset_transformer_keeps_the_checkpoint_layout(attention):
+    """Every attention mode has the parameters pretrained checkpoints hold, key for key."""
+    preset = load_preset("gpu")
+    preset = type(preset).from_dict({**preset.to_dict(), "transformer": {**preset.to_dict()["transformer"],
+                                                                        "attention": attention}})
+    model = build_slice_transformer(preset)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert len(shapes) == 4 * len(GPU_LAYER_SHAPES)
+    for layer in range(4):
+        assert {k[len(f"layers.{layer}."):]: v for k, v in shapes.items()
+                if k.startswith(f"layers.{layer}.")} == GPU_LAYER_SHAPES
+    assert all(layer.attention.attention == attention for layer in model.layers)
+
+
+def test_preset_attention_defaults_to_deformable_and_is_recorded():
+    """Presets (and checkpoints) written without the key keep the paper's attention."""
+    data = load_preset("cpu").to_dict()
+    assert data["transformer"]["attention"] == "deformable"
+    del data["transformer"]["attention"]
+    assert type(load_preset("cpu")).from_dict(data).transformer.attention == "deformable"
+
+
+def test_a_checkpoint_loads_into_either_mode():
+    """A checkpoint trained with one mode loads into the other (same keys); outputs differ as intended."""
+    deformable = _transformer()
+    full = _transformer(attention="full")
+    full.load_state_dict(deformable.state_dict())
+    tokens = torch.randn(2, 12, DIM)
+    assert not torch.allclose(full(tokens)[0], deformable(tokens)[0], atol=1e-4)
 
 
 # ---------------------------------------------------------------- toy learning: volume clustering
