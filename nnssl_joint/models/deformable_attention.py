@@ -8,8 +8,8 @@ absolute position table, so any number of slices works.
 
 Cost: N queries x ceil(N / r) keys per head, i.e. O(N^2 / r) time for the attention map (plus O(N d^2)
 for the projections). That is quadratic in N with a constant r-times smaller than full attention; it is
-not linear in N. Memory: the attention probabilities (N x ceil(N / r) per head) are the only map-sized
-tensor kept for backward.
+not linear in N. Memory kept for backward: two tensors of the attention map's size (probabilities and
+d bias / d position; a bool dropout mask in training).
 
 How it is computed (:class:`_DeformableAttentionFunction`): one autograd function for bias + softmax +
 weighted sum, run in tiles of (sample, head group) so that every map-sized temporary stays small. The
@@ -19,6 +19,11 @@ index is a step function: its steps lie at integer thresholds ``ceil(p_j + D_u)`
 of kink u). The per-pair slope and intercept therefore come from a cumulative sum of the segment
 differences scattered at the thresholds, with no per-pair search, and the gradients of the tables are
 suffix sums read at the same thresholds. The result is the MLP's value exactly (up to float rounding).
+
+Speed (``scripts/bench_attention.py``, CPU, one thread, d=256, 8x32 heads, batch 2, r=4): faster than
+full attention from a few hundred slices on, slower below, where a fixed cost of some hundred small
+operations dominates; ``attention="auto"`` runs full attention there (see
+:class:`DeformableSliceAttention` for what that means for pretrained models).
 """
 
 from __future__ import annotations
@@ -108,12 +113,6 @@ def _thresholds(positions: Tensor, kink_distance: Tensor, n: int) -> Tensor:
     return F.pad(steps, (1, 0))
 
 
-def _signed_log_map(positions: Tensor, n: int) -> Tensor:
-    """s = signed_log(i - p_j) in key-major layout: (rows, M) -> (rows, M, n)."""
-    distance = torch.arange(n, device=positions.device, dtype=positions.dtype) - positions[..., None]
-    return distance.abs().log1p_().copysign_(distance)
-
-
 def _dropout_keep(probabilities: Tensor, p: float) -> Tensor:
     """Bool mask of the attention weights that dropout keeps (a function so tests can fix it)."""
     return torch.rand_like(probabilities) >= p
@@ -129,8 +128,7 @@ class _DeformableAttentionFunction(torch.autograd.Function):
     Works through the rows in tiles of about ``TILE_PAIRS`` (key, query) pairs per head group, key-major
     (keys x queries), so that the per-key step maps are cumulative sums along the contiguous axis.
     Saved for backward, each the size of the attention map: the probabilities, d bias / d position (when
-    the positions need a gradient), the signed log distances (when the tables do, shared by the heads of
-    a group) and the dropout mask (bool).
+    the positions need a gradient) and the dropout mask (bool); the signed log distances are recomputed.
     """
 
     TILE_PAIRS = 1 << 18
@@ -170,7 +168,6 @@ class _DeformableAttentionFunction(torch.autograd.Function):
         out = q.new_empty(rows, hg, n, dh)
         attn = q.new_empty(rows, hg, m, n)
         bias_slope = q.new_empty(rows, hg, m, n) if need_positions else None
-        signed_log = q.new_empty(rows, m, n) if need_tables else None
         keep = torch.empty(rows, hg, m, n, dtype=torch.bool, device=q.device) if dropout > 0 else None
         queries = torch.arange(n, device=q.device, dtype=q.dtype)
         for tile in _DeformableAttentionFunction._tiles(rows, hg * n * m):
@@ -185,11 +182,12 @@ class _DeformableAttentionFunction(torch.autograd.Function):
             slope = maps[:, :hg, :, :n]
             distance = queries - p[..., None]  # (rc, M, n)
             magnitude = distance.abs()
-            s = torch.log1p(magnitude, out=signed_log[tile] if need_tables else None).copysign_(distance)
+            if need_positions:  # d bias / d p = -slope / (1 + |i - p|)
+                torch.mul(slope, torch.add(magnitude, 1).reciprocal_().neg_()[:, None], out=bias_slope[tile])
+            s = magnitude.log1p_().copysign_(distance)
             logits = torch.addcmul(maps[:, hg:, :, :n], slope, s[:, None],
                                    out=q.new_empty(rc, hg, m, n))  # the bias
-            if need_positions:  # d bias / d p = -slope / (1 + |i - p|)
-                torch.mul(slope, magnitude.add_(1).reciprocal_().neg_()[:, None], out=bias_slope[tile])
+            del maps, slope, distance, magnitude, s  # tile temporaries: free before the next tile
             logits = logits.view(rc * hg, m, n).baddbmm_(k[tile].reshape(rc * hg, m, dh),
                                                          q[tile].reshape(rc * hg, n, dh).transpose(1, 2))
             logits = logits.view(rc, hg, m, n)
@@ -203,13 +201,14 @@ class _DeformableAttentionFunction(torch.autograd.Function):
                 probabilities = probabilities * keep_tile / (1.0 - dropout)
             torch.bmm(probabilities.view(rc * hg, m, n).transpose(1, 2), v[tile].reshape(rc * hg, m, dh),
                       out=out[tile].view(rc * hg, n, dh))
-        ctx.save_for_backward(q, k, v, positions, kink_distance, attn, bias_slope, signed_log, keep, out)
-        ctx.groups, ctx.dropout, ctx.segments = groups, dropout, segments
+            del logits, probabilities
+        ctx.save_for_backward(q, k, v, positions, kink_distance, attn, bias_slope, keep, out)
+        ctx.groups, ctx.dropout, ctx.segments, ctx.need_tables = groups, dropout, segments, need_tables
         return out
 
     @staticmethod
     def _backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        q, k, v, positions, kink_distance, attn, bias_slope, signed_log, keep, out = ctx.saved_tensors
+        q, k, v, positions, kink_distance, attn, bias_slope, keep, out = ctx.saved_tensors
         groups, dropout, segments = ctx.groups, ctx.dropout, ctx.segments
         grad_out = grad_out.to(q.dtype).contiguous()
         rows, hg, n, dh = q.shape
@@ -217,7 +216,8 @@ class _DeformableAttentionFunction(torch.autograd.Function):
         row_dot = (grad_out * out).sum(-1)  # sum_j P_ij dL/dP_ij, (R, hg, n)
         grad_q, grad_k, grad_v = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
         grad_positions = torch.empty_like(positions) if bias_slope is not None else None
-        grad_steps = q.new_zeros(groups, 2, hg, segments) if signed_log is not None else None
+        grad_steps = q.new_zeros(groups, 2, hg, segments) if ctx.need_tables else None
+        queries = torch.arange(n, device=q.device, dtype=q.dtype)
         for tile in _DeformableAttentionFunction._tiles(rows, hg * n * m):
             rc = tile.stop - tile.start
             probabilities = attn[tile].view(rc * hg, m, n)
@@ -237,15 +237,19 @@ class _DeformableAttentionFunction(torch.autograd.Function):
                 grad_positions[tile] = (grad_bias * bias_slope[tile]).sum((1, 3))
             if grad_steps is not None:
                 # step u of a key's tables acts on the queries from its threshold on: suffix sums
+                distance = queries - positions[tile][..., None]
+                s = distance.abs().log1p_().copysign_(distance)  # recomputed: one map less to keep
                 prefix = q.new_empty(rc, 2, hg, m, n + 1)
                 prefix[..., 0] = 0
-                torch.mul(grad_bias, signed_log[tile][:, None], out=prefix[:, 0, ..., 1:])
+                torch.mul(grad_bias, s[:, None], out=prefix[:, 0, ..., 1:])
                 prefix[:, 1, ..., 1:] = grad_bias
                 prefix.cumsum_(-1)
                 index = _thresholds(positions[tile], kink_distance, n)[:, None, None]
                 suffix = prefix[..., n:] - prefix.gather(-1, index.expand(rc, 2, hg, m, segments))
                 group = torch.arange(tile.start, tile.stop, device=q.device) % groups
                 grad_steps.index_add_(0, group, suffix.sum(-2))
+                del distance, s, prefix, suffix
+            del grad_bias, used
         grad_slope = grad_intercept = None
         if grad_steps is not None:
             per_head = grad_steps.permute(1, 3, 0, 2).reshape(2, segments, groups * hg)
@@ -290,7 +294,7 @@ class DeformableSliceAttention(nn.Module):
     """
 
     #: "auto" runs full attention below this many slices (the measured crossover, see ``attention``)
-    AUTO_FULL_BELOW = 512
+    AUTO_FULL_BELOW = 384
     ATTENTION_MODES = ("deformable", "full", "auto")
 
     def __init__(
