@@ -127,7 +127,7 @@ class _DeformableAttentionFunction(torch.autograd.Function):
 
     Works through the rows in tiles of about ``TILE_PAIRS`` (key, query) pairs per head group, key-major
     (keys x queries), so that the per-key step maps are cumulative sums along the contiguous axis.
-    Saved for backward, each the size of the attention map: the probabilities, d bias / d position (when
+    Saved for backward, each the size of the attention map: the probabilities, -d bias / d position (when
     the positions need a gradient) and the dropout mask (bool); the signed log distances are recomputed.
     """
 
@@ -182,8 +182,8 @@ class _DeformableAttentionFunction(torch.autograd.Function):
             slope = maps[:, :hg, :, :n]
             distance = queries - p[..., None]  # (rc, M, n)
             magnitude = distance.abs()
-            if need_positions:  # d bias / d p = -slope / (1 + |i - p|)
-                torch.mul(slope, torch.add(magnitude, 1).reciprocal_().neg_()[:, None], out=bias_slope[tile])
+            if need_positions:  # d bias / d p = -slope / (1 + |i - p|); the sign is applied in backward
+                torch.div(slope, torch.add(magnitude, 1)[:, None], out=bias_slope[tile])
             s = magnitude.log1p_().copysign_(distance)
             logits = torch.addcmul(maps[:, hg:, :, :n], slope, s[:, None],
                                    out=q.new_empty(rc, hg, m, n))  # the bias
@@ -234,7 +234,7 @@ class _DeformableAttentionFunction(torch.autograd.Function):
             torch.bmm(grad_bias, q[tile].reshape(rc * hg, n, dh), out=grad_k[tile].reshape(rc * hg, m, dh))
             grad_bias = grad_bias.view(rc, hg, m, n)
             if grad_positions is not None:
-                grad_positions[tile] = (grad_bias * bias_slope[tile]).sum((1, 3))
+                grad_positions[tile] = (grad_bias * bias_slope[tile]).sum((1, 3)).neg_()
             if grad_steps is not None:
                 # step u of a key's tables acts on the queries from its threshold on: suffix sums
                 distance = queries - positions[tile][..., None]
