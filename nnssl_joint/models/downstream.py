@@ -3,8 +3,8 @@ plans by dotted path (``architecture.network_class_name``).
 
 - :class:`JointSSLUNet2D`: nnU-Net's 2D U-Net whose encoder is the pretrained f_intra.
 - :class:`SliceWiseUNet3D`: f_intra on every slice of a 3D patch, f_inter across the slices, and
-  nnU-Net's 3D decoder (Nguyen et al., AAAI 2023, downstream 3D use; the authors' release discarded
-  f_inter downstream, we inject it).
+  nnU-Net's 3D decoder, whose deeper stages work on slice-averaged features (Nguyen et al., AAAI 2023,
+  downstream 3D use; the authors' release discarded f_inter downstream, we inject it).
 
 Both take ``(input_channels, num_classes, deep_supervision, preset)`` with ``preset`` a preset name or
 an ``ArchitecturePreset.to_dict()`` dict, so plans can store them as JSON ``arch_kwargs``. Parts that
@@ -16,16 +16,21 @@ state_dict keys and shapes identical, as nnU-Net's ``load_pretrained_weights`` d
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
+import torch
 from dynamic_network_architectures.architectures.abstract_arch import AbstractDynamicNetworkArchitectures
 from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
 from dynamic_network_architectures.initialization.weight_init import InitWeights_He
 from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 from nnssl_joint.common.modules import unwrap
 from nnssl_joint.models.encoder import (
+    EncoderSpec,
     build_encoder_2d,
     build_slice_embedding,
     build_slice_transformer,
@@ -36,6 +41,13 @@ from nnssl_joint.models.preset import ArchitecturePreset, load_preset
 
 #: Top-level parts whose weights come from pretraining; everything else is initialised for the task.
 PRETRAINED_PARTS = ("encoder", "slice_embedding", "slice_transformer")
+
+#: Default of ``SliceWiseUNet3D(pool_slices_from_stage=...)``: the decoder halves the slice axis at every
+#: downsampling stage from stage 1 on (as nnU-Net's 3D U-Net does on isotropic data). Chosen by
+#: measurement (docs/benchmarks.md, ``scripts/bench_network3d.py``): with the gpu preset only pooling from
+#: stage 1 brings the FLOPs per training iteration near stock nnU-Net's (1.03x without encoder
+#: recomputation; from stage 2: 1.38x, stage 3: 1.71x, never: 2.17x).
+DEFAULT_POOL_SLICES_FROM_STAGE = 1
 
 
 def resolve_preset(preset: ArchitecturePreset | dict[str, Any] | str) -> ArchitecturePreset:
@@ -169,22 +181,116 @@ class SliceContextInjection(nn.Module):
         return features + context.transpose(1, 2)[..., None, None]
 
 
+def slice_strides(preset: ArchitecturePreset, pool_slices_from_stage: int | None) -> list[int]:
+    """The decoder's stride along the slice axis per encoder stage: 2 at the stages from
+    ``pool_slices_from_stage`` on that downsample in-plane, else 1 (``None``: 1 everywhere)."""
+    n = preset.encoder.n_stages
+    if pool_slices_from_stage is None:
+        return [1] * n
+    if isinstance(pool_slices_from_stage, bool) or not isinstance(pool_slices_from_stage, int) \
+            or not 1 <= pool_slices_from_stage < n:
+        raise ValueError(f"pool_slices_from_stage must be None or an int in [1, {n - 1}] (a stage of "
+                         f"architecture preset '{preset.name}'), got {pool_slices_from_stage!r}")
+    return [2 if i >= pool_slices_from_stage and max(s) > 1 else 1
+            for i, s in enumerate(preset.encoder.stage_strides)]
+
+
+def _pool_slices(x: Tensor, factor: int) -> Tensor:
+    """Average (B, C, Z, ...) over windows of ``factor`` slices; the last window may be partial, so
+    Z -> ceil(Z / factor) for any Z."""
+    if factor == 1:
+        return x
+    kernel = min(factor, x.shape[2])  # fewer slices than the factor: one window over all of them
+    return F.avg_pool3d(x, (kernel, 1, 1), (factor, 1, 1), ceil_mode=True) if x.dim() == 5 else \
+        F.avg_pool1d(x, kernel, factor, ceil_mode=True)
+
+
+class SliceAxisUNetDecoder(UNetDecoder):
+    """nnU-Net's ``UNetDecoder`` over slice-wise skips whose deeper levels have fewer slices.
+
+    Built from an :class:`~nnssl_joint.models.encoder.EncoderSpec` with strides (z, s, s), z in {1, 2},
+    so transposed convolutions are (z, s, s) and parameter names are ``UNetDecoder``'s. ``forward``
+    takes skips whose slice counts are ``ceil(Z / prod(z strides so far))`` (as :func:`_pool_slices`
+    makes them), crops each transposed-convolution output to its skip's slice count (any Z works),
+    and with deep supervision resamples every output to the full slice count Z (linear along the
+    slice axis), because nnU-Net derives its targets from the plans' (1, s, s) strides.
+    """
+
+    def forward(self, skips: Sequence[Tensor]) -> Tensor | list[Tensor]:
+        lres_input = skips[-1]
+        seg_outputs = []
+        for s in range(len(self.stages)):
+            skip = skips[-(s + 2)]
+            x = self.transpconvs[s](lres_input)
+            if x.shape[2] != skip.shape[2]:
+                x = x[:, :, :skip.shape[2]]
+            x = self.stages[s](torch.cat((x, skip), 1))
+            if self.deep_supervision or s == len(self.stages) - 1:
+                seg_outputs.append(self.seg_layers[s if self.deep_supervision else -1](x))
+            lres_input = x
+        seg_outputs = seg_outputs[::-1]
+        if not self.deep_supervision:
+            return seg_outputs[0]
+        z = seg_outputs[0].shape[2]
+        return [o if o.shape[2] == z else F.interpolate(o, size=(z, *o.shape[3:]), mode="trilinear")
+                for o in seg_outputs]
+
+    def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> np.int64:
+        """As ``UNetDecoder``'s (``input_size`` = (Z, Y, X) of the encoder input), with ceil division
+        along the slice axis and the full-Z copies of the deep-supervision outputs."""
+        sizes = [list(input_size)]
+        for stride in self.encoder.strides[1:]:
+            previous = sizes[-1]
+            sizes.append([-(-previous[0] // stride[0]), *(i // j for i, j in zip(previous[1:], stride[1:]))])
+        output = np.int64(0)
+        for s in range(len(self.stages)):
+            size = sizes[-(s + 2)]
+            output += self.stages[s].compute_conv_feature_map_size(size)
+            output += np.prod([self.encoder.output_channels[-(s + 2)], *size], dtype=np.int64)
+            if self.deep_supervision or s == len(self.stages) - 1:
+                output += np.prod([self.num_classes, *size], dtype=np.int64)
+                if size[0] != input_size[0]:
+                    output += np.prod([self.num_classes, input_size[0], *size[1:]], dtype=np.int64)
+        return output
+
+
 class SliceWiseUNet3D(_PresetUNet):
     """3D segmentation from the pretrained 2D encoder f_intra and slice Transformer f_inter.
 
-    For a patch x (B, C, Z, Y, X), Z being the slice axis: the first spatial axis, never downsampled.
-    nnU-Net's plans put the axis of largest spacing first (``transpose_forward``), which for
-    anisotropic scans is the acquisition's slice axis.
+    For a patch x (B, C, Z, Y, X), Z being the slice axis: the first spatial axis, which the
+    pretrained encoder never downsamples. nnU-Net's plans put the axis of largest spacing first
+    (``transpose_forward``), which for anisotropic scans is the acquisition's slice axis.
 
     1. ``encoder`` (f_intra, 2D) runs on all B*Z slices at once; each stage output is viewed as
        (B, C_s, Z, Y_s, X_s) without copying (strides (1, s, s)).
     2. ``slice_embedding`` (g) turns each slice's stage outputs into a token: (B, Z, d).
     3. ``slice_transformer`` (f_inter) mixes the Z tokens: per-slice outputs (B, Z, d). No absolute
        position embedding, so any Z >= 1 works.
-    4. ``slice_context`` (:class:`SliceContextInjection`) adds a zero-initialised linear map of each
-       slice's output to every in-plane position of that slice of the bottleneck.
-    5. ``decoder``: nnU-Net's ``UNetDecoder`` in 3D (Conv3d, InstanceNorm3d, kernel (3, k, k),
-       transposed convolutions (1, s, s)), deep supervision via ``decoder.deep_supervision``.
+    4. From stage ``pool_slices_from_stage`` on, each skip is averaged over 2, 4, 8 ... neighbouring
+       slices (``ceil(Z / 2**k)`` slices at the k-th such stage; parameter-free, so the pretrained
+       features are pooled, not changed), as nnU-Net's 3D U-Net downsamples the first axis.
+    5. ``slice_context`` (:class:`SliceContextInjection`) adds a zero-initialised linear map of each
+       slice's output (averaged like the bottleneck's slices) to every in-plane position of that
+       slice of the bottleneck.
+    6. ``decoder`` (:class:`SliceAxisUNetDecoder`): nnU-Net's ``UNetDecoder`` in 3D (Conv3d,
+       InstanceNorm3d, kernel (3, k, k), transposed convolutions (z, s, s) with z = 2 where the slice
+       axis was pooled), deep supervision via ``decoder.deep_supervision``; every output has Z slices.
+
+    ``pool_slices_from_stage`` (int in [1, n_stages - 1] or ``None``; default
+    :data:`DEFAULT_POOL_SLICES_FROM_STAGE` = 1): ``None`` keeps all Z slices at every decoder level, the
+    behaviour before this option existed, at about 2.2x the FLOPs of nnU-Net's own 3D U-Net per
+    training iteration with the gpu preset (docs/benchmarks.md). Keep it for networks fine-tuned or
+    exported (``pretrained_for_3d_fullres.pth``) before the option existed: their decoder's transposed
+    convolutions have the (1, s, s) shape, so add ``"pool_slices_from_stage": null`` to the plans'
+    ``arch_kwargs`` (or re-export). The encoder, slice embedding and Transformer (the pretrained
+    parts) are the same for every value, and so are the plans' ``strides`` (deep supervision keeps
+    nnU-Net's (1, s, s) targets: pooled outputs are resampled to all slices).
+
+    ``recompute_encoder`` (bool, default ``True``): while training, encoder stages 1.. keep only their
+    outputs and recompute the rest in backward (``torch.utils.checkpoint``); results and gradients
+    are the same. The 2D encoder never pools the slice axis, so its activations at deep stages are
+    Z / z_s times larger than a 3D encoder's; recomputing them keeps the activations stored for
+    backward at about stock nnU-Net's (gpu preset: 1.0x instead of 1.25x) for about 9% more FLOPs.
 
     Why the bottleneck, additive and zero-initialised: f_inter's outputs are slice-level descriptors
     computed from globally pooled features, and the bottleneck is the level with the widest receptive
@@ -201,17 +307,27 @@ class SliceWiseUNet3D(_PresetUNet):
 
     def __init__(self, input_channels: int, num_classes: int, deep_supervision: bool = True,
                  preset: ArchitecturePreset | dict[str, Any] | str = "cpu",
-                 strides: Sequence[Sequence[int]] | None = None) -> None:
+                 strides: Sequence[Sequence[int]] | None = None,
+                 pool_slices_from_stage: int | None = DEFAULT_POOL_SLICES_FROM_STAGE,
+                 recompute_encoder: bool = True) -> None:
         super().__init__(preset)
+        if not isinstance(recompute_encoder, bool):
+            raise TypeError(f"recompute_encoder must be true or false, got {recompute_encoder!r}")
+        self.recompute_encoder = recompute_encoder
         _check_classes(input_channels, num_classes)
         _check_strides(self.preset, strides, 3)
+        self.pool_slices_from_stage = pool_slices_from_stage
+        z_strides = slice_strides(self.preset, pool_slices_from_stage)
+        #: per encoder stage, how many input slices one decoder slice averages (1, .., 2, 4, ...)
+        self.slice_factors = [int(f) for f in np.cumprod(z_strides)]
         self.encoder = build_encoder_2d(self.preset, input_channels, return_skips=True)
         self.slice_embedding = build_slice_embedding(self.preset)
         self.slice_transformer = build_slice_transformer(self.preset)
         self.slice_context = SliceContextInjection(self.preset.embedding_dim,
                                                    self.preset.encoder.features_per_stage[-1])
-        self.decoder = UNetDecoder(encoder_spec_slicewise_3d(self.preset), num_classes,
-                                   list(self.preset.encoder.n_conv_per_stage_decoder), deep_supervision)
+        self.decoder = SliceAxisUNetDecoder(decoder_spec_slicewise_3d(self.preset, pool_slices_from_stage),
+                                            num_classes, list(self.preset.encoder.n_conv_per_stage_decoder),
+                                            deep_supervision)
 
     def forward(self, x: Tensor) -> Tensor | list[Tensor]:
         if x.dim() != 5:
@@ -220,35 +336,67 @@ class SliceWiseUNet3D(_PresetUNet):
         b, c, z, h, w = x.shape
         _check_in_plane(self.preset, (h, w))
         slices = x.transpose(1, 2).reshape(b * z, c, h, w)
-        skips_2d = self.encoder(slices)
+        skips_2d = self._encode(slices)
         tokens = self.slice_embedding(skips_2d).unflatten(0, (b, z))
         per_slice, _ = self.slice_transformer(tokens)
-        # views, not copies: the decoder only concatenates the skips, which reads strided tensors fine
-        skips = [s.unflatten(0, (b, z)).transpose(1, 2) for s in skips_2d]
+        # views, not copies (unless pooled): the decoder only concatenates the skips, which reads
+        # strided tensors fine
+        skips = [_pool_slices(s.unflatten(0, (b, z)).transpose(1, 2), f)
+                 for s, f in zip(skips_2d, self.slice_factors)]
+        per_slice = _pool_slices(per_slice.transpose(1, 2), self.slice_factors[-1]).transpose(1, 2)
         skips[-1] = self.slice_context(skips[-1], per_slice)
         return self.decoder(skips)
+
+    def _encode(self, slices: Tensor) -> list[Tensor]:
+        """f_intra's stage outputs; with ``recompute_encoder`` (while training with gradients) stages 1..
+        keep only their outputs and recompute their insides in backward (activation checkpointing)."""
+        if not (self.recompute_encoder and self.training and torch.is_grad_enabled()):
+            return self.encoder(slices)
+        skips = []
+        x = slices
+        for i, stage in enumerate(self.encoder.stages):
+            x = stage(x) if i == 0 else checkpoint(stage, x, use_reentrant=False)
+            skips.append(x)
+        return skips
 
     def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> np.int64:
         """Feature-map elements per sample, in the unit of dynamic_network_architectures' U-Nets
         (conv outputs; nnU-Net's planner calibrates its memory budget against that unit).
-        ``input_size`` = (Z, Y, X). Counts the 2D encoder on all Z slices, the 3D decoder, the
-        bottleneck copy made by the context addition, and the (small) token/Transformer activations."""
+        ``input_size`` = (Z, Y, X). Counts the 2D encoder on all Z slices, the slice-pooled skips, the
+        3D decoder, the bottleneck copy made by the context addition, and the (small)
+        token/Transformer activations."""
         if len(input_size) != 3:
             raise ValueError(f"give the 3D patch size (Z, Y, X) without batch/channel axes, "
                              f"got {tuple(input_size)}")
         z, h, w = (int(i) for i in input_size)
         _check_in_plane(self.preset, (h, w))
-        ty, tx = self.preset.encoder.total_strides
         encoder = z * self.encoder.compute_conv_feature_map_size([h, w])
         decoder = self.decoder.compute_conv_feature_map_size([z, h, w])
-        bottleneck = self.preset.encoder.features_per_stage[-1] * z * (h // ty) * (w // tx)
+        pooled = 0
+        sy = sx = 1
+        for f, (ty, tx), ch in zip(self.slice_factors, self.preset.encoder.stage_strides,
+                                   self.preset.encoder.features_per_stage):
+            sy, sx = sy * ty, sx * tx
+            if f > 1:
+                pooled += ch * -(-z // f) * (h // sy) * (w // sx)
+        bottleneck = self.preset.encoder.features_per_stage[-1] * -(-z // self.slice_factors[-1]) * \
+            (h // sy) * (w // sx)
         t = self.preset.transformer
         d = self.preset.embedding_dim
         inner = t.heads * t.dim_head
         # per layer: q, k, v, attention output, two residual sums/norms, FFN hidden
         transformer = z * (sum(self.preset.encoder.features_per_stage) + d) + \
             t.depth * z * (4 * inner + 4 * d + t.ffn_dim)
-        return np.int64(encoder + decoder + bottleneck + transformer)
+        return np.int64(encoder + decoder + pooled + bottleneck + transformer)
+
+
+def decoder_spec_slicewise_3d(preset: ArchitecturePreset, pool_slices_from_stage: int | None) -> EncoderSpec:
+    """The 3D topology the decoder of :class:`SliceWiseUNet3D` mirrors: f_intra's slice-wise view
+    (``encoder_spec_slicewise_3d``: strides (1, s, s), kernels (3, k, k)) with slice-axis stride 2 at
+    the stages :func:`slice_strides` pools."""
+    spec = encoder_spec_slicewise_3d(preset)
+    z_strides = slice_strides(preset, pool_slices_from_stage)
+    return replace(spec, strides=[[zs, *s[1:]] for zs, s in zip(z_strides, spec.strides)])
 
 
 def pretrained_key_groups(network: nn.Module) -> dict[str, list[str]]:
@@ -270,12 +418,16 @@ def pretrained_key_groups(network: nn.Module) -> dict[str, list[str]]:
 
 
 __all__ = [
+    "DEFAULT_POOL_SLICES_FROM_STAGE",
     "PRETRAINED_PARTS",
     "JointSSLUNet2D",
+    "SliceAxisUNetDecoder",
     "SliceContextInjection",
     "SliceWiseUNet3D",
+    "decoder_spec_slicewise_3d",
     "pool_op_kernel_sizes",
     "pretrained_key_groups",
     "resolve_preset",
+    "slice_strides",
 ]
 

@@ -8,11 +8,13 @@ from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
 from nnssl_joint.models.downstream import (
+    DEFAULT_POOL_SLICES_FROM_STAGE,
     PRETRAINED_PARTS,
     JointSSLUNet2D,
     SliceWiseUNet3D,
     pool_op_kernel_sizes,
     pretrained_key_groups,
+    slice_strides,
 )
 from nnssl_joint.models.encoder import build_encoder_2d, encoder_arch_kwargs
 from nnssl_joint.models.preset import load_preset
@@ -201,5 +203,122 @@ def test_feature_map_size_estimate_via_nnunet_planner(preset):
            for z in (4, 8)}
     assert est[4] > 0 and 1.9 < est[8] / est[4] < 2.1  # every part scales with the slice count
     est_2d = ExperimentPlanner.static_estimate_VRAM_usage(IN_PLANE, 1, 3, NET_2D, arch_kwargs, ())
-    # the 3D net runs the 2D encoder on each slice and decodes in 3D: more than Z times the 2D net
-    assert est[4] > 4 * est_2d
+    full = ExperimentPlanner.static_estimate_VRAM_usage((4, *IN_PLANE), 1, 3, NET_3D,
+                                                        {**arch_kwargs, "pool_slices_from_stage": None}, ())
+    # without slice pooling the 3D net runs the 2D encoder on each slice and decodes every slice in 3D:
+    # more than Z times the 2D net; pooling the slices in the decoder's deeper stages costs less
+    assert full > 4 * est_2d and 0.5 * full < est[4] < full
+    encoder_2d = SliceWiseUNet3D(1, 3, True, preset.to_dict()).encoder.compute_conv_feature_map_size(IN_PLANE)
+    assert est[4] > 4 * encoder_2d
+
+
+# --- slice-axis pooling in the decoder (pool_slices_from_stage) and encoder recomputation ---------------
+
+def _net3d(preset, pool_from=DEFAULT_POOL_SLICES_FROM_STAGE, recompute=True, seed=0, ds=True):
+    torch.manual_seed(seed)
+    net = SliceWiseUNet3D(1, 3, ds, preset.to_dict(), pool_slices_from_stage=pool_from,
+                          recompute_encoder=recompute)
+    net.apply(net.initialize)
+    return net
+
+
+def test_slice_strides_default_and_validation(preset):
+    n = preset.encoder.n_stages
+    assert slice_strides(preset, None) == [1] * n
+    assert slice_strides(preset, 1) == [1] + [2] * (n - 1)  # stage 0 does not downsample in-plane
+    assert slice_strides(preset, 3) == [1, 1, 1] + [2] * (n - 3)
+    assert _net3d(preset).slice_factors == [1, 2, 4, 8, 16][:n]
+    for bad in (0, n, -1, "1", 1.0, True):
+        with pytest.raises(ValueError, match="pool_slices_from_stage"):
+            SliceWiseUNet3D(1, 3, True, preset.to_dict(), pool_slices_from_stage=bad)
+    with pytest.raises(TypeError, match="recompute_encoder"):
+        SliceWiseUNet3D(1, 3, True, preset.to_dict(), recompute_encoder="yes")
+
+
+@pytest.mark.parametrize("pool_from", [1, 2, None])
+@pytest.mark.parametrize("patch", [(5, 32, 48), (7, 48, 16), (9, 16, 64), (3, 32, 32), (2, 64, 16)])
+def test_3d_net_shapes_anisotropic_patches_odd_slice_counts(preset, pool_from, patch):
+    """Any slice count (odd, fewer than the pooling factor) and non-square in-plane sizes: every output
+    has the shape nnU-Net's deep-supervision targets get from the plans' (1, s, s) strides."""
+    net = _net3d(preset, pool_from)
+    out = net(torch.randn(2, 1, *patch))
+    assert [tuple(o.shape) for o in out] == _expected_shapes(patch, 3, preset, batch=2)
+    net.eval()
+    with torch.no_grad():
+        net.decoder.deep_supervision = False
+        assert net(torch.randn(1, 1, *patch)).shape == (1, 3, *patch)
+
+
+def test_decoder_pools_slices_with_transposed_convs_along_them(preset):
+    pooled, full = _net3d(preset, 1), _net3d(preset, None)
+    assert all(tuple(c.kernel_size) == (2, 2, 2) for c in pooled.decoder.transpconvs)
+    assert all(tuple(c.kernel_size) == (1, 2, 2) for c in full.decoder.transpconvs)
+    assert _net3d(preset, 3).decoder.transpconvs[-1].kernel_size == (1, 2, 2)
+    # same state_dict keys; only the decoder's transposed convolutions differ in shape
+    a, b = _key_shapes(pooled.state_dict()), _key_shapes(full.state_dict())
+    assert a.keys() == b.keys()
+    assert {k for k in a if a[k] != b[k]} <= {k for k in a if k.startswith("decoder.transpconvs.")}
+    size = (16, *IN_PLANE)
+    assert pooled.compute_conv_feature_map_size(size) < full.compute_conv_feature_map_size(size)
+
+
+def test_pooled_skips_are_slice_averages(preset):
+    """The pooled decoder sees the pretrained features averaged over 2, 4, ... slices (last window
+    partial), nothing learned in between."""
+    net = _net3d(preset, 1)
+    seen = []
+    net.decoder.register_forward_pre_hook(lambda m, args: seen.append([s.detach() for s in args[0]]))
+    x = torch.randn(1, 1, 7, *IN_PLANE)
+    net.eval()
+    with torch.no_grad():
+        net(x)
+        skips = net.encoder(x.transpose(1, 2).reshape(7, 1, *IN_PLANE))
+    for stage, (pooled, raw, f) in enumerate(zip(seen[0], skips, net.slice_factors)):
+        raw = raw.unflatten(0, (1, 7)).transpose(1, 2)
+        expected = torch.stack([raw[:, :, i:i + f].mean(2) for i in range(0, 7, f)], 2)
+        if stage == len(skips) - 1:
+            continue  # the bottleneck also gets the (zero at init) slice context added
+        assert torch.allclose(pooled, expected, atol=1e-6), stage
+
+
+@pytest.mark.parametrize("pool_from", [1, None])
+def test_gradients_reach_every_encoder_stage_and_recompute_changes_nothing(preset, pool_from):
+    x = torch.randn(2, 1, 5, *IN_PLANE)
+    grads, outs = {}, {}
+    for recompute in (True, False):
+        net = _net3d(preset, pool_from, recompute, seed=4)
+        net.train()
+        torch.manual_seed(9)  # same dropout draws in the slice Transformer
+        out = net(x)
+        sum(o.square().mean() for o in out).backward()
+        outs[recompute] = [o.detach() for o in out]
+        grads[recompute] = {k: p.grad.clone() for k, p in net.named_parameters() if p.grad is not None}
+        for stage in net.encoder.stages:
+            assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in stage.parameters())
+    assert grads[True].keys() == grads[False].keys()
+    for k in grads[True]:
+        assert torch.allclose(grads[True][k], grads[False][k], rtol=1e-4, atol=1e-7), k
+    assert all(torch.allclose(a, b) for a, b in zip(outs[True], outs[False]))
+
+
+@pytest.mark.parametrize("arch_extra", [{}, {"pool_slices_from_stage": None}, {"pool_slices_from_stage": 2},
+                                        {"recompute_encoder": False}])
+def test_nnunet_loader_accepts_pretraining_weights_every_decoder_option(preset, tmp_path, arch_extra):
+    """The pretrained parts are the same for every option: a pretraining checkpoint's encoder, slice
+    embedding and Transformer load with every key matched (plans JSON round trip included)."""
+    arch_kwargs = json.loads(json.dumps({"preset": preset.to_dict(), **arch_extra}))
+    torch.manual_seed(0)
+    net = get_network_from_plans(NET_3D, arch_kwargs, [], 1, 3, deep_supervision=True)
+    expected = arch_extra.get("pool_slices_from_stage", DEFAULT_POOL_SLICES_FROM_STAGE)
+    assert net.pool_slices_from_stage == expected
+    torch.manual_seed(1)
+    sd = _fake_pretraining_checkpoint(preset, get_network_from_plans(NET_3D, arch_kwargs, [], 1, 3),
+                                      tmp_path / "pretrained.pth")
+    load_pretrained_weights(net, str(tmp_path / "pretrained.pth"))
+    loaded = net.state_dict()
+    for part in PRETRAINED_PARTS:
+        keys = pretrained_key_groups(net)[part]
+        assert keys and all(torch.equal(loaded[k], sd[k]) for k in keys), part
+    reference = _key_shapes(_net3d(preset, None).state_dict())
+    assert {k: v for k, v in _key_shapes(loaded).items() if k.startswith(PRETRAINED_PARTS)} == \
+        {k: v for k, v in reference.items() if k.startswith(PRETRAINED_PARTS)}
