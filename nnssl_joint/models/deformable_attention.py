@@ -8,8 +8,8 @@ absolute position table, so any number of slices works.
 
 Cost: N queries x ceil(N / r) keys per head, i.e. O(N^2 / r) time for the attention map (plus O(N d^2)
 for the projections). That is quadratic in N with a constant r-times smaller than full attention; it is
-not linear in N. Memory kept for backward: two tensors of the attention map's size (probabilities and
-d bias / d position; a bool dropout mask in training).
+not linear in N. Memory kept for backward: one tensor of the attention map's size, the probabilities
+(and a bool dropout mask in training); the bias path is recomputed in backward.
 
 How it is computed (:class:`_DeformableAttentionFunction`): one autograd function for bias + softmax +
 weighted sum, run in tiles of (sample, head group) so that every map-sized temporary stays small. The
@@ -127,8 +127,8 @@ class _DeformableAttentionFunction(torch.autograd.Function):
 
     Works through the rows in tiles of about ``TILE_PAIRS`` (key, query) pairs per head group, key-major
     (keys x queries), so that the per-key step maps are cumulative sums along the contiguous axis.
-    Saved for backward, each the size of the attention map: the probabilities, -d bias / d position (when
-    the positions need a gradient) and the dropout mask (bool); the signed log distances are recomputed.
+    Saved for backward, the size of the attention map: the probabilities and, in training with dropout,
+    the dropout mask (bool). The bias path (signed log distances, slope maps) is recomputed.
     """
 
     TILE_PAIRS = 1 << 18
@@ -163,11 +163,8 @@ class _DeformableAttentionFunction(torch.autograd.Function):
         # per group: [slope steps of its heads, intercept steps of its heads], (groups, 2 hg, kinks + 1)
         steps = torch.cat([slope_steps.t().reshape(groups, hg, segments),
                            intercept_steps.t().reshape(groups, hg, segments)], dim=1)
-        need_positions = ctx.needs_input_grad[3]
-        need_tables = ctx.needs_input_grad[4] or ctx.needs_input_grad[5]
         out = q.new_empty(rows, hg, n, dh)
         attn = q.new_empty(rows, hg, m, n)
-        bias_slope = q.new_empty(rows, hg, m, n) if need_positions else None
         keep = torch.empty(rows, hg, m, n, dtype=torch.bool, device=q.device) if dropout > 0 else None
         queries = torch.arange(n, device=q.device, dtype=q.dtype)
         for tile in _DeformableAttentionFunction._tiles(rows, hg * n * m):
@@ -181,13 +178,10 @@ class _DeformableAttentionFunction(torch.autograd.Function):
             maps.cumsum_(-1)  # slope and intercept of every (key, query) pair
             slope = maps[:, :hg, :, :n]
             distance = queries - p[..., None]  # (rc, M, n)
-            magnitude = distance.abs()
-            if need_positions:  # d bias / d p = -slope / (1 + |i - p|); the sign is applied in backward
-                torch.div(slope, torch.add(magnitude, 1)[:, None], out=bias_slope[tile])
-            s = magnitude.log1p_().copysign_(distance)
+            s = distance.abs().log1p_().copysign_(distance)
             logits = torch.addcmul(maps[:, hg:, :, :n], slope, s[:, None],
                                    out=q.new_empty(rc, hg, m, n))  # the bias
-            del maps, slope, distance, magnitude, s  # tile temporaries: free before the next tile
+            del maps, slope, distance, s  # tile temporaries: free before the next tile
             logits = logits.view(rc * hg, m, n).baddbmm_(k[tile].reshape(rc * hg, m, dh),
                                                          q[tile].reshape(rc * hg, n, dh).transpose(1, 2))
             logits = logits.view(rc, hg, m, n)
@@ -202,21 +196,22 @@ class _DeformableAttentionFunction(torch.autograd.Function):
             torch.bmm(probabilities.view(rc * hg, m, n).transpose(1, 2), v[tile].reshape(rc * hg, m, dh),
                       out=out[tile].view(rc * hg, n, dh))
             del logits, probabilities
-        ctx.save_for_backward(q, k, v, positions, kink_distance, attn, bias_slope, keep, out)
-        ctx.groups, ctx.dropout, ctx.segments, ctx.need_tables = groups, dropout, segments, need_tables
+        ctx.save_for_backward(q, k, v, positions, kink_distance, steps, attn, keep, out)
+        ctx.groups, ctx.dropout, ctx.segments = groups, dropout, segments
         return out
 
     @staticmethod
     def _backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        q, k, v, positions, kink_distance, attn, bias_slope, keep, out = ctx.saved_tensors
+        q, k, v, positions, kink_distance, steps, attn, keep, out = ctx.saved_tensors
         groups, dropout, segments = ctx.groups, ctx.dropout, ctx.segments
         grad_out = grad_out.to(q.dtype).contiguous()
         rows, hg, n, dh = q.shape
         m = k.shape[2]
         row_dot = (grad_out * out).sum(-1)  # sum_j P_ij dL/dP_ij, (R, hg, n)
         grad_q, grad_k, grad_v = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-        grad_positions = torch.empty_like(positions) if bias_slope is not None else None
-        grad_steps = q.new_zeros(groups, 2, hg, segments) if ctx.need_tables else None
+        need = ctx.needs_input_grad
+        grad_positions = torch.empty_like(positions) if need[3] else None
+        grad_steps = q.new_zeros(groups, 2, hg, segments) if need[4] or need[5] else None
         queries = torch.arange(n, device=q.device, dtype=q.dtype)
         for tile in _DeformableAttentionFunction._tiles(rows, hg * n * m):
             rc = tile.stop - tile.start
@@ -233,22 +228,35 @@ class _DeformableAttentionFunction(torch.autograd.Function):
                       out=grad_q[tile].reshape(rc * hg, n, dh))
             torch.bmm(grad_bias, q[tile].reshape(rc * hg, n, dh), out=grad_k[tile].reshape(rc * hg, m, dh))
             grad_bias = grad_bias.view(rc, hg, m, n)
+            if grad_positions is None and grad_steps is None:
+                continue
+            # the signed log distances and step maps are recomputed: no map of them is kept
+            p = positions[tile]
+            threshold = _thresholds(p, kink_distance, n)  # (rc, M, kinks + 1)
+            group = torch.arange(tile.start, tile.stop, device=q.device) % groups
+            distance = queries - p[..., None]
+            magnitude = distance.abs()
             if grad_positions is not None:
-                grad_positions[tile] = (grad_bias * bias_slope[tile]).sum((1, 3)).neg_()
+                # d bias / d p = -slope(segment) / (1 + |i - p|)
+                slope = q.new_zeros(rc, hg, m, n + 1)
+                slope.scatter_add_(-1, threshold[:, None].expand(rc, hg, m, segments),
+                                   steps[group][:, :hg, None, :].expand(rc, hg, m, segments))
+                slope = slope.cumsum_(-1)[..., :n].mul_(grad_bias).div_(torch.add(magnitude, 1)[:, None])
+                grad_positions[tile] = slope.sum((1, 3)).neg_()
+                del slope
             if grad_steps is not None:
                 # step u of a key's tables acts on the queries from its threshold on: suffix sums
-                distance = queries - positions[tile][..., None]
-                s = distance.abs().log1p_().copysign_(distance)  # recomputed: one map less to keep
+                s = magnitude.log1p_().copysign_(distance)
                 prefix = q.new_empty(rc, 2, hg, m, n + 1)
                 prefix[..., 0] = 0
                 torch.mul(grad_bias, s[:, None], out=prefix[:, 0, ..., 1:])
                 prefix[:, 1, ..., 1:] = grad_bias
                 prefix.cumsum_(-1)
-                index = _thresholds(positions[tile], kink_distance, n)[:, None, None]
-                suffix = prefix[..., n:] - prefix.gather(-1, index.expand(rc, 2, hg, m, segments))
-                group = torch.arange(tile.start, tile.stop, device=q.device) % groups
+                index = threshold[:, None, None].expand(rc, 2, hg, m, segments)
+                suffix = prefix[..., n:] - prefix.gather(-1, index)
                 grad_steps.index_add_(0, group, suffix.sum(-2))
-                del distance, s, prefix, suffix
+                del s, prefix, suffix
+            del distance, magnitude
             del grad_bias, used
         grad_slope = grad_intercept = None
         if grad_steps is not None:
