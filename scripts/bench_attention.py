@@ -14,13 +14,15 @@ Methods (same d, heads, batch; the four first share the projections' shapes):
 Time: wall-clock milliseconds; on CPU also the process CPU time (less sensitive to other jobs on the
 machine). On CUDA every step is synchronised and timed with CUDA events.
 
-Memory of one forward + backward, MiB:
+Memory of one forward + backward (after a warm-up step), MiB:
   cuda  torch.cuda.max_memory_allocated above the allocation before the step (in process).
-  cpu   each (method, N) once more in a fresh subprocess: how far the peak resident set size rises above
-        the current one during one step, after building the module and inputs and a warm-up at a tiny
-        N. The peak (VmHWM) is reset through /proc/self/clear_refs right before the step (ru_maxrss
-        alone is inherited across fork + exec). Process level: includes allocator slack and the
-        parameter gradients, not a per-tensor account.
+  cpu   the peak of live tensor bytes above the start of the step, from torch.profiler's memory
+        records (profile_memory=True): the net allocation of every operator, in start order, summed.
+        Deterministic; operator granularity (a temporary allocated and freed inside one kernel is not
+        seen), tensors only (no allocator slack). With --rss also, per (method, N), the median over
+        --memory-repeats fresh subprocesses of how far the peak resident set size rises above the
+        current one during one step (VmHWM reset through /proc/self/clear_refs; ru_maxrss alone is
+        inherited across fork + exec): process level, includes allocator slack, scatters by some MiB.
 
 Throughput and utilisation: slices/s = batch * N / time. Model FLOPs are counted analytically (matrix
 products only: projections 4 * 2 B N d (heads * dim_head), scores and weighted sum 2 * 2 B heads N K
@@ -173,6 +175,23 @@ def cuda_memory_mib(method: str, n: int, args: argparse.Namespace, device: torch
     return (torch.cuda.max_memory_allocated(device) - before) / 2 ** 20
 
 
+def cpu_tensor_memory_mib(method: str, n: int, args: argparse.Namespace) -> float:
+    module = build(method, args)
+    x = torch.randn(args.batch, n, args.dim)
+    step(module, x)
+    module.zero_grad(set_to_none=True)
+    cpu = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=cpu, profile_memory=True) as prof:
+        step(module, x)
+    changes = sorted((event.time_range.start, event.cpu_memory_usage if event.name == "[memory]"
+                      else event.self_cpu_memory_usage) for event in prof.events())
+    live = peak = 0
+    for _, change in changes:
+        live += change
+        peak = max(peak, live)
+    return peak / 2 ** 20
+
+
 def peak_rss_growth_mib(method: str, n: int, args: argparse.Namespace) -> float:
     """Runs in a fresh subprocess (see ``--measure-memory``)."""
     module = build(method, args)
@@ -236,6 +255,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--peak-tflops", type=float, help="peak FLOP/s of the device for utilisation")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
+    parser.add_argument("--rss", action="store_true", help="CPU: also the peak RSS growth in subprocesses")
+    parser.add_argument("--memory-repeats", type=int, default=3,
+                        help="--rss: subprocesses per (method, N) for the median")
     parser.add_argument("--out", type=Path, help="also write the JSON report to this file")
     parser.add_argument("--measure-memory", nargs=2, metavar=("METHOD", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -243,8 +265,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--device cuda needs a visible CUDA GPU and a CUDA build of torch; here "
                      f"torch {torch.__version__} reports torch.cuda.is_available() = False. Run on a GPU "
                      "machine or leave out --device for the CPU benchmark")
-    if min(args.sizes) < 1 or args.repeats < 1:
-        parser.error("--sizes and --repeats must be positive")
+    if min(args.sizes) < 1 or args.repeats < 1 or args.memory_repeats < 1:
+        parser.error("--sizes, --repeats and --memory-repeats must be positive")
     if args.preset:
         from nnssl_joint.models.preset import load_preset
         preset = load_preset(args.preset)
@@ -270,9 +292,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
     wall, cpu = time_all(sizes, args, device)
     memory = None
     if not args.no_memory:
-        measure = (lambda m, n: cuda_memory_mib(m, n, args, device)) if device.type == "cuda" \
-            else (lambda m, n: cpu_memory_in_subprocess(m, n, args))
+        def measure(method: str, n: int) -> float:
+            if device.type == "cuda":
+                return cuda_memory_mib(method, n, args, device)
+            return cpu_tensor_memory_mib(method, n, args)
         memory = {m: {n: measure(m, n) for n in sizes} for m in METHODS}
+    rss = None
+    if args.rss and device.type == "cpu":
+        rss = {m: {n: statistics.median(cpu_memory_in_subprocess(m, n, args)
+                                        for _ in range(args.memory_repeats)) for n in sizes} for m in METHODS}
     peak, peak_source = peak_tflops(args, device)
 
     machine = f"{platform.machine()}, {torch.get_num_threads()} torch thread(s) of {_cpu_count()} CPUs"
@@ -287,17 +315,20 @@ def main(argv: Sequence[str] | None = None) -> dict:
                    "downsample": args.downsample, "offset_kernel": args.offset_kernel,
                    "preset": args.preset, "threads": args.threads, "repeats": args.repeats,
                    "device": args.device, "torch": torch.__version__, "dtype": "float32",
+                   "rss_repeats": args.memory_repeats if rss is not None else None,
                    "auto_full_below": DeformableSliceAttention.AUTO_FULL_BELOW,
                    "memory": None if memory is None else (
                        "peak CUDA allocation above the allocation before one fwd+bwd (MiB)"
                        if device.type == "cuda" else
-                       "peak RSS above current RSS during one fwd+bwd, fresh subprocess (MiB)")},
+                       "peak live tensor bytes during one fwd+bwd, torch.profiler memory records (MiB)")},
         "time_ms_fwd_bwd": {m: {n: round(wall[m][n], 2) for n in sizes} for m in METHODS},
     }
     if device.type == "cpu":
         report["cpu_time_ms_fwd_bwd"] = {m: {n: round(cpu[m][n], 2) for n in sizes} for m in METHODS}
     if memory is not None:
         report["memory_mib"] = {m: {n: round(memory[m][n], 1) for n in sizes} for m in METHODS}
+    if rss is not None:
+        report["peak_rss_growth_mib"] = {m: {n: round(rss[m][n], 1) for n in sizes} for m in METHODS}
     report["slices_per_s"] = {m: {n: round(args.batch * n / (wall[m][n] / 1000), 1) for n in sizes}
                               for m in METHODS}
     report["model_gflop_fwd_bwd"] = {m: {n: round(model_flops(m, n, args) / 1e9, 4) for n in sizes}

@@ -42,8 +42,11 @@ def test_tiny_run_reports_every_method_and_size_and_writes_json(bench, tmp_path)
     assert report["date"] and report["machine"]
 
 
-def test_cpu_memory_is_measured_in_a_subprocess(bench):
+def test_cpu_memory_measures(bench):
     args = bench.parse_args(TINY)
+    tensors = {m: bench.cpu_tensor_memory_mib(m, 20, args) for m in ("deformable", "full")}
+    assert all(value > 0 for value in tensors.values())
+    assert bench.cpu_tensor_memory_mib("deformable", 20, args) == tensors["deformable"]  # deterministic
     assert bench.cpu_memory_in_subprocess("deformable", 20, args) >= 0.0
 
 
