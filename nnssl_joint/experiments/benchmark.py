@@ -46,7 +46,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from nnssl_joint.errors import NnsslJointError
-from nnssl_joint.experiments.budgets import FINETUNE_RECIPES, TrainingBudget
+from nnssl_joint.experiments.budgets import FINETUNE_RECIPES, TrainingBudget, default_preset
 from nnssl_joint.experiments.pipeline import (
     NNUNET_PRESET,
     Pipeline,
@@ -334,6 +334,7 @@ class BenchmarkSettings:
     raw: Path | None = None
     #: architecture preset of pretraining and the plugin's downstream plans: a shipped name, a preset JSON
     #: file, or ``nnunet`` (the 2D topology nnU-Net's planner gives the target); None: follows the device
+    #: (budgets.DEFAULT_PRESETS: nnunet on CPU, gpu on CUDA)
     preset: str | None = None
     #: fine-tuning recipe of the plugin's arms (:data:`nnssl_joint.experiments.budgets.FINETUNE_RECIPES`)
     recipe: str = "plugin"
@@ -357,7 +358,7 @@ class BenchmarkSettings:
         if self.recipe not in FINETUNE_RECIPES:
             raise NnsslJointError(f"--recipe must be one of {', '.join(FINETUNE_RECIPES)}, "
                                   f"got {self.recipe!r}")
-        self.preset = resolve_preset_choice(self.preset, self.device)
+        self.preset = resolve_preset_choice(default_preset(self.preset, self.device), self.device)
         self.budget_spec = TrainingBudget.resolve(self.budget)
         if self.raw is None:
             from nnssl_joint.naming import nnunet_raw
@@ -805,9 +806,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "the labeled cases themselves (nnU-Net's fold 'all'), so one labeled case suffices")
     parser.add_argument("--preset", default=None, metavar="cpu|gpu|nnunet|FILE.json",
                         help="architecture preset of pretraining and of the plugin's downstream plans "
-                        "(default: gpu with --device cuda, else cpu); nnunet: the 2D encoder topology "
-                        "nnU-Net's own planner gives the target's 2d configuration, so "
-                        "pretrained_for_2d.pth also loads into stock nnUNetPlans 2d networks")
+                        "(default: gpu with --device cuda, else nnunet); nnunet: the 2D encoder topology "
+                        "nnU-Net's own planner gives the target's 2d configuration (from scratch the 2d "
+                        "network is stock nnU-Net's), so pretrained_for_2d.pth also loads into stock "
+                        "nnUNetPlans 2d networks; cpu: the narrow CPU preset (faster, far behind stock "
+                        "nnU-Net from scratch, docs/finetuning.md)")
     parser.add_argument("--recipe", default="plugin", choices=FINETUNE_RECIPES,
                         help="fine-tuning recipe of the plugin's arms: plugin (default: warm-up inside "
                         "nnU-Net's poly schedule, lr 1e-2) or nnunet_warmup (nnU-Net's pretrained-weights "

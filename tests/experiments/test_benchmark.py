@@ -208,6 +208,16 @@ def test_settings_may_grow_but_not_change(tmp_path):
         other.check_settings()
 
 
+def test_the_default_preset_on_cpu_is_nnunets_own_topology_and_is_recorded(tmp_path):
+    kwargs = {"pretrain": [], "target": "2", "out": tmp_path, "raw": tmp_path, "labeled": [1],
+              "arms": ["scratch"]}
+    default = bm.BenchmarkSettings(**kwargs)
+    assert default.preset == "nnunet" and default.record()["preset"] == "nnunet"
+    assert _FakeBenchmark(default, io.StringIO()).needs_stock_plans  # the preset comes from nnU-Net's plans
+    assert "preset" not in bm.BenchmarkSettings(**kwargs, preset="cpu").record()  # as earlier records
+    assert bm.BenchmarkSettings(**kwargs, device="cuda").preset == "gpu"
+
+
 def test_pretrained_arms_need_pretraining_data(tmp_path):
     with pytest.raises(NnsslJointError, match="--pretrain is needed"):
         bm.BenchmarkSettings(pretrain=[], target="2", out=tmp_path, raw=tmp_path, labeled=[1], arms=["joint"])

@@ -95,3 +95,14 @@ def test_demo_and_benchmark_do_not_import_each_other():
         imported |= {alias.name for node in ast.walk(tree)
                      if isinstance(node, ast.Import) for alias in node.names}
         assert f"nnssl_joint.experiments.{other}" not in imported, f"{module}.py imports {other}.py"
+
+
+def test_default_preset_is_nnunets_topology_on_cpu_and_gpu_on_cuda():
+    from nnssl_joint.experiments.budgets import default_preset
+    from nnssl_joint.experiments.pipeline import NNUNET_PRESET
+
+    assert default_preset(None, "cpu") == NNUNET_PRESET
+    assert default_preset(None, "cuda") == "gpu"
+    assert default_preset("cpu", "cpu") == "cpu" and default_preset("x.json", "cuda") == "x.json"
+    with pytest.raises(NnsslJointError, match="--device"):
+        default_preset(None, "tpu")
