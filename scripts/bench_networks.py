@@ -9,9 +9,12 @@ log. Seconds per iteration are nnU-Net's logged epoch time (training iterations 
 iterations) divided by the training iterations, so they slightly overstate the training step alone.
 
 The second form needs no training run: it builds each plans file's network for configuration ``-c`` as
-nnU-Net does (deep supervision on) and times forward + backward + SGD step on random data of the plans'
-batch and patch size (median of ``--iterations`` after one warm-up step; no data loading or
-augmentation, so it is a lower bound of nnU-Net's iteration time), for networks too slow to train here.
+nnU-Net does (deep supervision on), counts the FLOPs of one forward + backward pass
+(``torch.utils.flop_counter``: convolutions and matrix products; independent of the machine's load) and
+times forward + backward + SGD step on random data of the plans' batch and patch size (median and
+minimum of ``--iterations`` after one untimed step; on a shared machine the minimum is the steadier; no
+data loading or augmentation, so a lower bound of nnU-Net's iteration time), for networks too slow to
+train here.
 
 Parameters are counted once per tensor: nnU-Net's blocks register each convolution twice
 (``conv`` and ``all_modules.0``) and stock ``PlainConvUNet`` its encoder a second time as
@@ -66,9 +69,14 @@ def time_plans(plans_file: Path, configuration: str, iterations: int) -> dict:
                                      deep_supervision=True)
     optimizer = torch.optim.SGD(network.parameters(), 1e-2, momentum=0.99, nesterov=True)
     x = torch.randn(cfg["batch_size"], 1, *cfg["patch_size"])
-    times = []
+    from torch.utils.flop_counter import FlopCounterMode
+
+    times, flops = [], None
     for i in range(iterations + 1):
+        counter = FlopCounterMode(display=False) if i == 0 else None
         start = time.perf_counter()
+        if counter is not None:
+            counter.__enter__()
         outputs = network(x)
         outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
         loss = sum(torch.nn.functional.cross_entropy(o, torch.zeros(o.shape[0], *o.shape[2:],
@@ -76,13 +84,18 @@ def time_plans(plans_file: Path, configuration: str, iterations: int) -> dict:
                    for o in outputs)
         optimizer.zero_grad()
         loss.backward()
+        if counter is not None:
+            counter.__exit__(None, None, None)
+            flops = counter.get_total_flops()
         optimizer.step()
-        if i:  # the first step allocates; not counted
+        if i:  # the first step allocates (and counts FLOPs); not timed
             times.append(time.perf_counter() - start)
     return {"plans": str(plans_file), "plans_name": plans.get("plans_name"), "configuration": configuration,
             "network": arch["network_class_name"].rsplit(".", 1)[-1], "batch_size": cfg["batch_size"],
             "patch_size": cfg["patch_size"], "parameters": count_unique(network.state_dict().values()),
-            "s_per_iteration": statistics.median(times), "threads": torch.get_num_threads()}
+            "gflop_per_iteration": flops / 1e9,
+            "s_per_iteration": statistics.median(times), "s_per_iteration_min": min(times),
+            "threads": torch.get_num_threads()}
 
 
 def epoch_seconds(run_folder: Path) -> list[float]:
@@ -104,11 +117,14 @@ def main() -> None:
     args = parser.parse_args()
     if args.plans:
         rows = [time_plans(p, args.configuration, args.iterations) for p in args.plans]
-        print("| plans | network | batch x patch | parameters | s/iteration (fwd+bwd+step) | threads |")
-        print("|---|---|---|---|---|---|")
+        print("| plans | network | batch x patch | parameters | GFLOP/iteration (fwd+bwd) "
+              "| s/iteration (fwd+bwd+step), median | min | threads |")
+        print("|---|---|---|---|---|---|---|---|")
         for r in rows:
             print(f"| {r['plans_name']} | {r['network']} | {r['batch_size']} x {r['patch_size']} | "
-                  f"{r['parameters'] / 1e6:.2f} M | {r['s_per_iteration']:.2f} | {r['threads']} |")
+                  f"{r['parameters'] / 1e6:.2f} M | {r['gflop_per_iteration']:.1f} | "
+                  f"{r['s_per_iteration']:.2f} | "
+                  f"{r['s_per_iteration_min']:.2f} | {r['threads']} |")
         if args.json is not None:
             args.json.write_text(json.dumps(rows, indent=2) + "\n")
         return
