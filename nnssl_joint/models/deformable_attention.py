@@ -28,11 +28,19 @@ operations dominates; ``attention="auto"`` runs full attention there (see
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """Disables autocast where the device has one (not on ``meta``, used for FLOP counting)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def signed_log_distance(distance: Tensor) -> Tensor:
@@ -89,7 +97,7 @@ class ContinuousPositionBias(nn.Module):
         row 0 of the steps is segment 0, row u + 1 the change at kink u, so that the slope of segment m
         is the sum of rows 0..m.
         """
-        with torch.autocast(self.net[0].weight.device.type, enabled=False):
+        with _autocast_off(self.net[0].weight.device.type):
             kinks, slope, intercept = self.segment_tables()
         kinks, slope, intercept = kinks.to(dtype), slope.to(dtype), intercept.to(dtype)
         distance = torch.sign(kinks) * torch.expm1(kinks.abs())
@@ -142,14 +150,14 @@ class _DeformableAttentionFunction(torch.autograd.Function):
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, positions: Tensor, slope_steps: Tensor,
                 intercept_steps: Tensor, kink_distance: Tensor, key_mask: Tensor | None, groups: int,
                 dropout: float) -> Tensor:
-        with torch.autocast(q.device.type, enabled=False):  # the inputs arrive in the working dtype
+        with _autocast_off(q.device.type):  # the inputs arrive in the working dtype
             return _DeformableAttentionFunction._forward(ctx, q, k, v, positions, slope_steps,
                                                          intercept_steps, kink_distance, key_mask, groups,
                                                          dropout)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        with torch.autocast(grad_out.device.type, enabled=False):
+        with _autocast_off(grad_out.device.type):
             return _DeformableAttentionFunction._backward(ctx, grad_out)
 
     @staticmethod
@@ -498,7 +506,7 @@ class DeformableSliceAttention(nn.Module):
         hg = h // g
         k, v = kv.to(dtype).view(b, n, g, 2, hg, dh).flip(1).permute(3, 0, 2, 4, 1, 5).reshape(2, b, h, n, dh)
         distances = torch.arange(1 - n, n, device=q.device, dtype=dtype)
-        with torch.autocast(q.device.type, enabled=False):  # the plain MLP: 2N - 1 points
+        with _autocast_off(q.device.type):  # the plain MLP: 2N - 1 points
             table = self.position_bias.net(signed_log_distance(distances)[:, None]).to(dtype)  # (2N - 1, H)
         logits = (self._queries(q, dtype).view(b, h, n, dh) @ k.transpose(-1, -2)).add_(
             table.t().unfold(-1, n, 1))

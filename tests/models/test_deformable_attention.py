@@ -427,3 +427,13 @@ def test_modes_share_the_state_dict():
     assert keys["full"] == keys["deformable"] == keys["auto"]
     with pytest.raises(ValueError, match="attention must be one of"):
         _attention(attention="sparse")
+
+
+@pytest.mark.parametrize("attention", ["deformable", "full"])
+def test_runs_on_the_meta_device(attention):
+    """scripts/bench_network3d.py counts FLOPs on meta tensors, where autocast does not exist."""
+    with torch.device("meta"):
+        module = DeformableSliceAttention(DIM, heads=4, dim_head=8, attention=attention)
+    x = torch.empty(2, 19, DIM, device="meta", requires_grad=True)
+    module(x).sum().backward()
+    assert x.grad.shape == x.shape
