@@ -204,7 +204,7 @@ class JointSSLPretrainTrainer(nnUNetTrainer):
                 self.print_to_log_file(
                     f"DeepCluster-v2 k-means #{int(r['recomputes'])} on {int(r['samples'])} {what}, "
                     f"K={int(r['clusters'])}: NMI to the previous pseudo-labels {r['nmi']:.3f}")
-            elif r["samples"] > 0 or self.current_epoch > 0:
+            elif r["samples"] > 0:  # an empty bank (e.g. windows during staged stage A) says nothing new
                 self.print_to_log_file(
                     f"DeepCluster-v2: {int(r['samples'])} {what} in the memory bank, fewer than K="
                     f"{int(r['clusters'])}: no k-means yet"
