@@ -34,8 +34,8 @@ Usage:
   python scripts/bench_attention.py [--out bench.json]                 # CPU, the configuration below
   python scripts/bench_attention.py --device cuda --sizes 16 64 256 1024 4096 --out bench_cuda.json
   python scripts/bench_attention.py --preset gpu                       # d, heads, r, k of a preset
-Default configuration: d=256, 8 heads x 32, batch 2, r=4, k=6 (the gpu preset's r and k at a
-quarter of its width; the cpu preset has r=2).
+Default configuration: d=256, 8 heads x 32, batch 2, r=4, k=6 (the gpu preset's r and k at 2/5 of
+its width, d=640 with 8 x 64 heads; the cpu preset has r=2).
 """
 
 from __future__ import annotations
