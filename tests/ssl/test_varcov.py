@@ -102,7 +102,8 @@ def test_the_model_computes_the_term_and_it_reaches_encoder_and_transformer() ->
     from nnssl_joint.pretrain.model import JointSSLModel
 
     torch.manual_seed(0)
-    objective = ObjectiveConfig(num_prototypes_2d=8, num_prototypes_3d=4, queue_length_3d=0, lambda_varcov=1.0)
+    objective = ObjectiveConfig(num_prototypes_2d=8, num_prototypes_3d=4, queue_length_3d=0,
+                                lambda_varcov=1.0)
     model = JointSSLModel(load_preset("cpu"), 1, objective)
     slices, volumes = _batches()
     out = model(slices, volumes, 0, objective.stage_at(0))
