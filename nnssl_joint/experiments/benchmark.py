@@ -1,7 +1,7 @@
 """Label-efficiency benchmark on your own nnU-Net datasets: does pretraining help, and by how much?
 
     nnssl_joint benchmark --pretrain 501 502 --target 503 --labeled 1,2,4 --seeds 3 \\
-        --arms scratch,intra,joint --budget small --out benchmark_output
+        --arms scratch,nnunet,intra,joint --budget small --out benchmark_output
 
 For every seed s and labeled count k, nnU-Net's ``3d_fullres`` (or ``-c 2d``) network of the plugin
 is fine-tuned on k labeled cases of the target dataset, once per arm, with the same budget, the same
@@ -92,6 +92,10 @@ def parse_labeled(text: str) -> list[int]:
     if not values or values[0] < 1:
         raise NnsslJointError(f"--labeled {text!r}: every count must be >= 1")
     return values
+
+
+#: arms of a benchmark without --arms: both baselines and both pretrained arms
+DEFAULT_ARMS = ("scratch", "nnunet", "intra", "joint")
 
 
 def parse_arms(text: str) -> list[str]:
@@ -324,7 +328,9 @@ class BenchmarkSettings:
     out: Path
     labeled: list[int]
     seeds: int = 3
-    arms: list[str] = field(default_factory=lambda: ["scratch", "intra", "joint"])
+    #: default: both baselines (the plugin's network from scratch, stock nnU-Net) and both pretrained arms, so
+    #: every pretrained arm is reported against both (issue 16)
+    arms: list[str] = field(default_factory=lambda: list(DEFAULT_ARMS))
     budget: str = "small"
     seed: int = 0
     test_fraction: float = 0.25
@@ -786,8 +792,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default 1,2,4)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per labeled count: each draws its own "
                         "labeled cases and fine-tuning seed (default 3)")
-    parser.add_argument("--arms", default="scratch,intra,joint",
-                        help=f"comma-separated, from {', '.join(ARM_LABELS)} (default scratch,intra,joint)")
+    parser.add_argument("--arms", default=",".join(DEFAULT_ARMS),
+                        help=f"comma-separated, from {', '.join(ARM_LABELS)} (default "
+                        f"{','.join(DEFAULT_ARMS)}: every pretrained arm is compared with the plugin's "
+                        "network from scratch and with stock nnU-Net)")
     parser.add_argument("--budget", default="small",
                         help="training lengths: tiny, small (default), medium, large (the demo's) or a JSON "
                         "file overriding keys of small: pretrain_epochs, pretrain_iterations, "

@@ -31,6 +31,9 @@ def test_parse_labeled_and_arms():
     with pytest.raises(NnsslJointError, match=">= 1"):
         bm.parse_labeled("0,1")
     assert bm.parse_arms("joint,scratch,joint") == ["joint", "scratch"]
+    # by default every pretrained arm is compared with both baselines (issue 16)
+    default = bm.BenchmarkSettings(pretrain=["1"], target="2", out=Path("x"), raw=Path("."), labeled=[1])
+    assert default.arms == ["scratch", "nnunet", "intra", "joint"]
     with pytest.raises(NnsslJointError, match=r"unknown arm\(s\) \['simclr'\]"):
         bm.parse_arms("scratch,simclr")
 
