@@ -41,15 +41,20 @@ PRETRAINED_INITIAL_LR = 1e-3
 #: 2d task, docs/finetuning.md); it costs about 2.8x the ``cpu`` preset's time per iteration on the demo's
 #: task. On CUDA ``gpu`` (nnU-Net's usual widths).
 DEFAULT_PRESETS = {"cpu": "nnunet", "cuda": "gpu"}
+#: ``--preset`` of the demo when none is given. On CPU the narrow ``cpu`` preset: the demo is the quick tour
+#: (the ``nnunet`` preset would make it about 3x longer); its report states every arm's gap to stock nnU-Net,
+#: which it trains beside the plugin's arms. Measurements use ``nnssl_joint benchmark`` (``nnunet`` on CPU).
+DEMO_DEFAULT_PRESETS = {"cpu": "cpu", "cuda": "gpu"}
 
 
-def default_preset(preset: str | None, device: str) -> str:
-    """``preset`` if given, else the default of ``device`` (:data:`DEFAULT_PRESETS`)."""
+def default_preset(preset: str | None, device: str, defaults: dict[str, str] | None = None) -> str:
+    """``preset`` if given, else the default of ``device`` in ``defaults`` (:data:`DEFAULT_PRESETS`)."""
     if preset is not None:
         return preset
-    if device not in DEFAULT_PRESETS:
-        raise NnsslJointError(f"--device must be one of {', '.join(DEFAULT_PRESETS)}, got {device!r}")
-    return DEFAULT_PRESETS[device]
+    defaults = DEFAULT_PRESETS if defaults is None else defaults
+    if device not in defaults:
+        raise NnsslJointError(f"--device must be one of {', '.join(defaults)}, got {device!r}")
+    return defaults[device]
 
 
 def pretrain_objective(arm: str, epochs: int) -> dict[str, Any]:

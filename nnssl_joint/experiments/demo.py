@@ -42,6 +42,7 @@ import numpy as np
 from nnssl_joint.errors import NnsslJointError
 from nnssl_joint.experiments.budgets import (
     DEMO_BUDGETS,
+    DEMO_DEFAULT_PRESETS,
     PRETRAIN_LABELS,
     PRETRAIN_RUNS,
     DemoBudget,
@@ -102,14 +103,15 @@ class DemoSettings:
     real: bool = False
     device: str = "cpu"
     #: architecture preset of pretraining and downstream planning (None: follows the device,
-    #: budgets.DEFAULT_PRESETS)
+    #: budgets.DEMO_DEFAULT_PRESETS)
     preset: str | None = None
 
     def __post_init__(self) -> None:
         self.out = Path(self.out).expanduser().resolve()
         if self.device not in ("cpu", "cuda"):
             raise NnsslJointError(f"--device must be cpu or cuda, got {self.device!r}")
-        self.preset = resolve_preset_choice(default_preset(self.preset, self.device), self.device)
+        self.preset = resolve_preset_choice(default_preset(self.preset, self.device, DEMO_DEFAULT_PRESETS),
+                                            self.device)
         if self.budget not in DEMO_BUDGETS:
             raise NnsslJointError(f"--budget must be one of {sorted(DEMO_BUDGETS)}, got {self.budget!r}")
         if self.labeled < 1:
@@ -552,10 +554,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="training device (default cpu)")
     parser.add_argument("--preset", default=None, metavar="cpu|gpu|nnunet|FILE.json",
                         help="architecture preset of pretraining and downstream planning together (default: "
-                        "gpu with --device cuda, else nnunet); nnunet: the 2D encoder topology of nnU-Net's "
-                        "own 2d plans of the labeled task (from scratch it is stock nnU-Net's network); "
-                        "cpu: the narrow CPU preset (about 2.8x faster, far behind stock nnU-Net from "
-                        "scratch, docs/finetuning.md)")
+                        "gpu with --device cuda, else cpu: the narrow CPU preset, about 2.8x faster than "
+                        "nnunet but behind stock nnU-Net from scratch, docs/finetuning.md; the report states "
+                        "the gap); "
+                        "nnunet: the 2D encoder topology of nnU-Net's own 2d plans of the labeled task (the "
+                        "default of nnssl_joint benchmark on CPU)")
 
 
 def _settings_from_args(args: argparse.Namespace) -> DemoSettings:
