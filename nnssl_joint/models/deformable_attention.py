@@ -116,8 +116,9 @@ def _thresholds(positions: Tensor, kink_distance: Tensor, n: int) -> Tensor:
 
     Query i of key j lies in segment m iff exactly m kinks have ``i - p_j >= D_u``, i.e. ``i >=
     ceil(p_j + D_u)``; segment 0 starts at query 0. Clamped to [0, n] (n: the segment is never reached).
+    Non-finite positions (NaN inputs) map to n, so a NaN batch gives a NaN loss, not an indexing error.
     """
-    steps = (positions[..., None] + kink_distance).ceil_().clamp_(0, n).long()
+    steps = (positions[..., None] + kink_distance).nan_to_num_(nan=float(n)).ceil_().clamp_(0, n).long()
     return F.pad(steps, (1, 0))
 
 

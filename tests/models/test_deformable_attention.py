@@ -437,3 +437,16 @@ def test_runs_on_the_meta_device(attention):
     x = torch.empty(2, 19, DIM, device="meta", requires_grad=True)
     module(x).sum().backward()
     assert x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("valid", [False, True])
+def test_nan_input_gives_nan_output_not_an_indexing_error(valid):
+    """A NaN batch (corrupt data) must reach the loss as NaN, where the trainer skips the step and names the
+    cases; NaN offsets once became out-of-range segment indices in the attention's bias tables."""
+    torch.manual_seed(0)
+    attention = DeformableSliceAttention(32, heads=4, dim_head=8, downsample=2, offset_kernel=4)
+    x = torch.full((2, 9, 32), float("nan"))
+    mask = torch.ones(2, 9, dtype=torch.bool) if valid else None
+    out = attention(x, mask)
+    assert out.shape == x.shape and torch.isnan(out).all()
+    out.sum().backward()  # the backward pass must not fail either
