@@ -12,6 +12,15 @@ from torch import Tensor, nn
 from nnssl_joint.models.deformable_attention import DeformableSliceAttention
 
 
+def masked_slice_mean(x: Tensor, valid: Tensor | None) -> Tensor:
+    """(B, N, D) per-slice features, optional (B, N) bool -> (B, D) mean over the valid slices (padded
+    positions are filled, not multiplied, so whatever they hold cannot reach the mean)."""
+    if valid is None:
+        return x.mean(dim=1)
+    summed = x.masked_fill(~valid[..., None], 0.0).sum(dim=1)
+    return summed / valid.to(x.dtype)[..., None].sum(dim=1).clamp_min(1.0)
+
+
 class SliceTransformerLayer(nn.Module):
     """Deformable attention + FFN (GELU), each with dropout, residual and LayerNorm.
 
@@ -81,10 +90,4 @@ class SliceTransformer(nn.Module):
         for layer in self.layers:
             x = layer(x, valid)
         per_slice = self.final_norm(x)
-        if valid is None:
-            pooled = per_slice.mean(dim=1)
-        else:
-            weights = valid.to(per_slice.dtype)[..., None]
-            summed = per_slice.masked_fill(~valid[..., None], 0.0).sum(dim=1)
-            pooled = summed / weights.sum(dim=1).clamp_min(1.0)
-        return per_slice, F.normalize(pooled, dim=-1)
+        return per_slice, F.normalize(masked_slice_mean(per_slice, valid), dim=-1)

@@ -48,6 +48,7 @@ from nnssl_joint.models.masked_prediction import (
 )
 from nnssl_joint.models.preset import ArchitecturePreset
 from nnssl_joint.models.slice_embedding import ProjectionHead
+from nnssl_joint.models.slice_transformer import masked_slice_mean
 from nnssl_joint.ssl.deepcluster import DeepClusterV2Loss, MemoryBank, normalized_mutual_information
 from nnssl_joint.ssl.objective import (
     TERM_INTER,
@@ -59,7 +60,7 @@ from nnssl_joint.ssl.objective import (
     StagePlan,
 )
 from nnssl_joint.ssl.swav import SwAVLoss
-from nnssl_joint.ssl.varcov import masked_mean, variance_covariance_loss
+from nnssl_joint.ssl.varcov import variance_covariance_loss
 
 #: views of a sample stored in a DeepCluster memory bank (the two global views)
 BANK_VIEWS = 2
@@ -318,7 +319,7 @@ class JointSSLModel(nn.Module):
                             all_positions=self.objective.mask_loss_all_positions))
                     zs_3d.append(self.projection_3d(volume_feature))
                     if want_varcov:
-                        pooled.append(masked_mean(per_slice, valid))
+                        pooled.append(masked_slice_mean(per_slice, valid))
                 if mask is not None:
                     out[TERM_MASK] = torch.stack(mask_losses).mean()
                 if stage.is_active(TERM_INTER) and self.deepcluster:

@@ -9,7 +9,8 @@ Over the rows of a batch (B, D):
 
 Why here: the clustering losses act on normalised projections behind BatchNorm / LayerNorm heads, which can
 look healthy while the slice embeddings e and the volume feature beneath them lose their effective rank
-(docs/pretraining.md, ablation). This term acts on e and on the un-normalised pooled f_inter output directly.
+(docs/pretraining.md, ablation). This term acts on e and on the un-normalised pooled f_inter output directly
+(``nnssl_joint.models.slice_transformer.masked_slice_mean``, the pooling behind Z).
 Under torch.distributed the statistics run over the global batch (differentiable all-reduce), so N processes
 compute the loss and, after DDP's gradient averaging, the gradients of one process on the whole batch.
 """
@@ -59,10 +60,3 @@ def variance_covariance_loss(x: Tensor, target_std: float = 1.0, covariance_weig
     covariance = off_diagonal.pow(2).sum() / d
     return variance + covariance_weight * covariance
 
-
-def masked_mean(x: Tensor, valid: Tensor | None) -> Tensor:
-    """(B, N, D) per-slice features, optional (B, N) bool -> (B, D) mean over the valid slices."""
-    if valid is None:
-        return x.mean(dim=1)
-    weights = valid.to(x.dtype)[..., None]
-    return (x * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)

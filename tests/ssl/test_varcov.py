@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from nnssl_joint.models.slice_transformer import masked_slice_mean
 from nnssl_joint.probe.diagnostics import rankme
 from nnssl_joint.ssl.objective import TERM_VARCOV, ObjectiveConfig
-from nnssl_joint.ssl.varcov import masked_mean, variance_covariance_loss
+from nnssl_joint.ssl.varcov import variance_covariance_loss
 
 
 def test_values_at_the_extremes() -> None:
@@ -67,8 +68,8 @@ def test_bad_input_is_named() -> None:
 def test_masked_mean_ignores_padding() -> None:
     x = torch.arange(12.0).view(1, 4, 3)
     valid = torch.tensor([[True, True, False, False]])
-    torch.testing.assert_close(masked_mean(x, valid), x[:, :2].mean(1))
-    torch.testing.assert_close(masked_mean(x, None), x.mean(1))
+    torch.testing.assert_close(masked_slice_mean(x, valid), x[:, :2].mean(1))
+    torch.testing.assert_close(masked_slice_mean(x, None), x.mean(1))
 
 
 def test_config_activates_the_term_in_every_stage_only_when_weighted() -> None:
