@@ -1,26 +1,17 @@
 """Argument handling and report of scripts/bench_attention.py, on a tiny configuration (CPU, seconds)."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_attention.py"
 TINY = ["--sizes", "8", "20", "--dim", "16", "--heads", "2", "--dim-head", "8", "--batch", "1",
         "--downsample", "2", "--offset-kernel", "3", "--repeats", "1"]
 
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_attention", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_attention"] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("bench_attention", None)
+def bench(load_script):
+    return load_script("bench_attention")
 
 
 def test_tiny_run_reports_every_method_and_size_and_writes_json(bench, tmp_path):

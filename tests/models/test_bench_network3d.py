@@ -3,26 +3,17 @@ fingerprints, and one tiny CPU run through the JSON output (the real benchmark r
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from nnssl_joint.models.downstream import DEFAULT_POOL_SLICES_FROM_STAGE
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_network3d.py"
-
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_network3d", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_network3d"] = module
-    spec.loader.exec_module(module)
-    return module
+def bench(load_script):
+    return load_script("bench_network3d")
 
 
 def test_defaults(bench):
