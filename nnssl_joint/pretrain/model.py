@@ -198,6 +198,23 @@ class JointSSLModel(nn.Module):
             report[key] = entry
         return report
 
+    def _clustering_term(self, loss: nn.Module, views: list[Tensor], iteration: int, indices: Tensor | None,
+                         bank: str, assign: bool = True) -> tuple[Tensor, Tensor | None]:
+        """One clustering term over ``views`` and, with ``assign``, view 0's prototype / nearest-centroid
+        assignment (the usage diagnostic; None before DeepCluster's first k-means).
+
+        ``indices`` (global sample indices) given: DeepCluster-v2 against the pseudo-labels, and the rows are
+        queued for the memory bank ``bank``; None: SwAV at ``iteration``."""
+        if indices is not None:
+            value = self._deepcluster_term(loss, views, indices)
+            self._queue_bank_rows(bank, indices, views)
+            return value, self._nearest_centroid(loss, views[0]) if assign else None
+        value = loss(views, iteration)
+        if not assign:
+            return value, None
+        with torch.no_grad():
+            return value, loss.prototypes(views[0].detach()).argmax(1)
+
     def _deepcluster_term(self, loss: DeepClusterV2Loss, views: list[Tensor], indices: Tensor) -> Tensor:
         return loss([F.normalize(z.float(), dim=1) for z in views], indices)
 
@@ -272,29 +289,21 @@ class JointSSLModel(nn.Module):
             if small is not None:
                 views += [small[:, i] for i in range(small.shape[1])]
             z = [self.projection_2d(e) for e in views]
-            if self.deepcluster:
-                index_2d = self._batch_indices(slices, "index", "2D").to(z[0].device)
-                out[TERM_INTRA] = self._deepcluster_term(self.intra_loss, z, index_2d)
-                self._queue_bank_rows("2d", index_2d, z)
-                assigned = self._nearest_centroid(self.intra_loss, z[0])
-                if assigned is not None:
-                    out["_assign_2d"] = assigned
-            else:
-                out[TERM_INTRA] = self.intra_loss(z, iteration)
-                with torch.no_grad():
-                    out["_assign_2d"] = self.intra_loss.prototypes(z[0].detach()).argmax(1)
+            index_2d = (self._batch_indices(slices, "index", "2D").to(z[0].device)
+                        if self.deepcluster else None)
+            out[TERM_INTRA], assigned = self._clustering_term(self.intra_loss, z, iteration, index_2d, "2d")
+            if assigned is not None:
+                out["_assign_2d"] = assigned
         if want_3d:
             e3 = emb[offset:].view(b3, n_views, n, -1)
             valid = volumes["valid"].to(torch.bool)  # (B3, N)
             if want_intra_3d:
                 zs = self.projection_2d(e3[:, 0][valid])
                 zt = self.projection_2d(e3[:, 1][valid])
-                if self.deepcluster:
-                    slice_index = self._batch_indices(volumes, "slice_indices", "volume").to(zs.device)[valid]
-                    out[TERM_INTRA_3D] = self._deepcluster_term(self.intra_loss, [zs, zt], slice_index)
-                    self._queue_bank_rows("3d_slices", slice_index, [zs, zt])
-                else:
-                    out[TERM_INTRA_3D] = self.intra_loss([zs, zt], iteration)
+                slice_index = (self._batch_indices(volumes, "slice_indices", "volume").to(zs.device)[valid]
+                               if self.deepcluster else None)
+                out[TERM_INTRA_3D], _ = self._clustering_term(self.intra_loss, [zs, zt], iteration,
+                                                              slice_index, "3d_slices", assign=False)
             if stage.is_active(TERM_MASK) or stage.is_active(TERM_INTER):
                 mask = None
                 if stage.is_active(TERM_MASK):
@@ -322,17 +331,13 @@ class JointSSLModel(nn.Module):
                         pooled.append(masked_slice_mean(per_slice, valid))
                 if mask is not None:
                     out[TERM_MASK] = torch.stack(mask_losses).mean()
-                if stage.is_active(TERM_INTER) and self.deepcluster:
-                    index_3d = self._batch_indices(volumes, "index", "volume").to(zs_3d[0].device)
-                    out[TERM_INTER] = self._deepcluster_term(self.inter_loss, zs_3d, index_3d)
-                    self._queue_bank_rows("windows", index_3d, zs_3d)
-                    assigned = self._nearest_centroid(self.inter_loss, zs_3d[0])
+                if stage.is_active(TERM_INTER):
+                    index_3d = (self._batch_indices(volumes, "index", "volume").to(zs_3d[0].device)
+                                if self.deepcluster else None)
+                    out[TERM_INTER], assigned = self._clustering_term(self.inter_loss, zs_3d, iteration,
+                                                                      index_3d, "windows")
                     if assigned is not None:
                         out["_assign_3d"] = assigned
-                elif stage.is_active(TERM_INTER):
-                    out[TERM_INTER] = self.inter_loss(zs_3d, iteration)
-                    with torch.no_grad():
-                        out["_assign_3d"] = self.inter_loss.prototypes(zs_3d[0].detach()).argmax(1)
                 if pooled:
                     varcov_parts.append(self._varcov(torch.cat(pooled)))
         if varcov_parts:
