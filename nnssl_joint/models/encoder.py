@@ -63,7 +63,7 @@ def build_slice_transformer(preset: ArchitecturePreset) -> SliceTransformer:
     return SliceTransformer(preset.embedding_dim, depth=t.depth, heads=t.heads, dim_head=t.dim_head,
                             ffn_dim=t.ffn_dim, dropout=t.dropout, downsample=t.downsample,
                             offset_scale=t.offset_scale, offset_kernel=t.offset_kernel,
-                            attention=t.attention)
+                            attention=t.attention, input_norm=t.input_norm)
 
 
 @dataclass(frozen=True)

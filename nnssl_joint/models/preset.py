@@ -30,6 +30,11 @@ class TransformerConfig:
     #: DeformableSliceAttention.AUTO_FULL_BELOW slices); see DeformableSliceAttention for what switching
     #: by N means for a pretrained model. Presets without the key (and older checkpoints) get "deformable".
     attention: str = "deformable"
+    #: "none" (the paper's f_inter) or "batch": a BatchNorm over the input slice tokens (statistics over the
+    #: valid slices of all windows of the global batch, running statistics in eval), which removes the
+    #: component every slice embedding shares before f_inter (models/slice_transformer.py, TokenBatchNorm).
+    #: Presets without the key (and older checkpoints) get "none".
+    input_norm: str = "none"
 
 
 Pair = tuple[int, int]
@@ -121,6 +126,11 @@ class ArchitecturePreset:
         if self.embedding_dim < 1:
             raise ValueError(f"preset '{self.name}': embedding_dim must be positive, "
                              f"got {self.embedding_dim}")
+        from nnssl_joint.models.slice_transformer import INPUT_NORMS
+
+        if self.transformer.input_norm not in INPUT_NORMS:
+            raise ValueError(f"preset '{self.name}': transformer.input_norm must be one of "
+                             f"{', '.join(INPUT_NORMS)}, got {self.transformer.input_norm!r}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

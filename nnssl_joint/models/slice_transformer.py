@@ -10,6 +10,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nnssl_joint.models.deformable_attention import DeformableSliceAttention
+from nnssl_joint.models.slice_embedding import GlobalBatchNorm1d
+
+#: ``transformer.input_norm`` choices: no normalisation of f_inter's input tokens, or :class:`TokenBatchNorm`
+INPUT_NORMS = ("none", "batch")
 
 
 def masked_slice_mean(x: Tensor, valid: Tensor | None) -> Tensor:
@@ -19,6 +23,27 @@ def masked_slice_mean(x: Tensor, valid: Tensor | None) -> Tensor:
         return x.mean(dim=1)
     summed = x.masked_fill(~valid[..., None], 0.0).sum(dim=1)
     return summed / valid.to(x.dtype)[..., None].sum(dim=1).clamp_min(1.0)
+
+
+class TokenBatchNorm(GlobalBatchNorm1d):
+    """BatchNorm over the slice tokens of f_inter: per feature, statistics over every valid slice of every
+    window in the (global) batch, running statistics in eval.
+
+    Slice embeddings of an InstanceNorm encoder share one dominant component (mean pairwise cosine about
+    0.98 between slices of different volumes); f_inter's LayerNorms normalise each token on its own and
+    keep it, so the volume feature Z inherits it (docs/pretraining.md). Centring the tokens across slices
+    and windows removes it before the first layer. Padded positions (``valid`` False) take no part in the
+    statistics; they come back as zeros. Under torch.distributed the statistics cover all ranks
+    (:class:`GlobalBatchNorm1d`).
+    """
+
+    def forward(self, x: Tensor, valid: Tensor | None = None) -> Tensor:  # type: ignore[override]
+        """(B, N, D) tokens, optional (B, N) bool -> (B, N, D)."""
+        if valid is None:
+            return super().forward(x.flatten(0, 1)).view_as(x)
+        out = x.new_zeros(x.shape)
+        out[valid] = super().forward(x[valid])
+        return out
 
 
 class SliceTransformerLayer(nn.Module):
@@ -58,17 +83,23 @@ class SliceTransformer(nn.Module):
     embedding: order comes from the attention's relative-position bias, so any N >= 1 works.
     ``attention`` (``deformable``, ``full``, ``auto``) picks what the same parameters compute; see
     :class:`DeformableSliceAttention` for the modes and what switching by N means for pretrained models.
+    ``input_norm`` ``"batch"`` puts a :class:`TokenBatchNorm` in front of the first layer (``"none"``: the
+    tokens enter as they are, the paper's f_inter).
     """
 
     def __init__(self, dim: int, depth: int = 4, heads: int = 8, dim_head: int = 64,
                  ffn_dim: int | None = None,
                  dropout: float = 0.1, downsample: int = 4, offset_scale: float = 2.0, offset_kernel: int = 6,
-                 norm_first: bool = False, attention: str = "deformable") -> None:
+                 norm_first: bool = False, attention: str = "deformable", input_norm: str = "none") -> None:
         super().__init__()
         if depth < 1:
             raise ValueError(f"SliceTransformer needs depth >= 1, got {depth}")
+        if input_norm not in INPUT_NORMS:
+            raise ValueError(f"transformer.input_norm must be one of {', '.join(INPUT_NORMS)}, "
+                             f"got {input_norm!r}")
         ffn_dim = 4 * dim if ffn_dim is None else ffn_dim
         self.dim = dim
+        self.input_norm = TokenBatchNorm(dim) if input_norm == "batch" else None
         self.layers = nn.ModuleList(
             SliceTransformerLayer(dim, heads, dim_head, ffn_dim, dropout, downsample, offset_scale,
                                   offset_kernel, norm_first, attention)
@@ -84,7 +115,7 @@ class SliceTransformer(nn.Module):
         """
         if tokens.dim() != 3 or tokens.shape[-1] != self.dim:
             raise ValueError(f"expected tokens of shape (B, N, {self.dim}), got {tuple(tokens.shape)}")
-        x = tokens
+        x = tokens if self.input_norm is None else self.input_norm(tokens, valid)
         if valid is not None:
             x = x.masked_fill(~valid[..., None], 0.0)
         for layer in self.layers:

@@ -318,6 +318,8 @@ class JointSSLModel(nn.Module):
                                                   ).view_as(targets)
                 for view in range(n_views):
                     tokens = e3[:, view]
+                    if not self.objective.volume_terms_train_encoder:
+                        tokens = tokens.detach()
                     if mask is not None:
                         tokens = self.masked_modeling.apply_mask(tokens, mask)
                     per_slice, volume_feature = self.slice_transformer(tokens, valid)

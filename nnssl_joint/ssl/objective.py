@@ -121,6 +121,12 @@ class ObjectiveConfig:
         mask_loss_all_positions: False = MSE on the masked slices only (BERT, ours); True = the
             authors' release, which averaged the masked MSE over all slices.
 
+    Gradient routing:
+        volume_terms_train_encoder: True (default, the paper) = L_inter and L_mask reach f_intra and g
+            through the slice tokens; False = f_inter reads detached slice embeddings, so L_inter and L_mask
+            train f_inter, the mask decoder and the 3D head only, and f_intra / g learn from L_intra and
+            L_intra_3d (session-4 ablation: L_inter is the term that collapses the slice embeddings).
+
     Release behaviour:
         slice_level_3d_loss: True (default) = the paper-intended slice-level loss between 3D views,
             which the authors' release lacked (False reproduces the release).
@@ -162,6 +168,7 @@ class ObjectiveConfig:
     mask_loss_all_positions: bool = False
     mask_target_normalization: str = "none"
     slice_level_3d_loss: bool = True
+    volume_terms_train_encoder: bool = True
 
     _CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"schedule": SCHEDULES, "clustering": CLUSTERING_METHODS,
                                                       "head_norm_3d": HEAD_NORMS_3D,

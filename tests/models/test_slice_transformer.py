@@ -183,3 +183,115 @@ def test_swapped_prediction_clusters_toy_volumes():
         _, z = model(*_view(_volumes(trajectories, labels, generator), generator))
         assignment = (z @ F.normalize(prototypes, dim=-1).t()).argmax(-1)
     assert _nmi(labels.numpy(), assignment.numpy()) >= 0.8
+
+
+# ------------------------------------------------------- input_norm: TokenBatchNorm in front of f_inter
+def _shared_component_volumes(n_volumes: int = 8, n: int = 12, seed: int = 0) -> torch.Tensor:
+    """Slice tokens the way an InstanceNorm encoder gives them: one large vector every slice shares, a small
+    per-volume part and smaller per-slice noise (mean pairwise cosine between slices about 0.98)."""
+    g = torch.Generator().manual_seed(seed)
+    common = 4 * torch.randn(DIM, generator=g)
+    per_volume = torch.randn(n_volumes, 1, DIM, generator=g)
+    return common + per_volume + 0.3 * torch.randn(n_volumes, n, DIM, generator=g)
+
+
+def _mean_pairwise_cosine(z: torch.Tensor) -> float:
+    z = F.normalize(z.detach(), dim=-1)
+    b = z.shape[0]
+    return float(((z @ z.T).sum() - b) / (b * (b - 1)))
+
+
+def test_input_norm_removes_the_component_every_slice_shares():
+    """Without it, Z of different volumes is nearly parallel (the paper's f_inter keeps the shared vector);
+    with it Z spreads, in training (batch statistics) and in eval (running statistics of the same data)."""
+    tokens = _shared_component_volumes()
+    plain = _transformer(dropout=0.0)
+    assert _mean_pairwise_cosine(plain(tokens)[1]) > 0.9
+    normed = _transformer(dropout=0.0, input_norm="batch").train()
+    with torch.no_grad():
+        for _ in range(100):  # running statistics converge to the data's (momentum 0.1)
+            z_train = normed(tokens)[1]
+    assert _mean_pairwise_cosine(z_train) < 0.5
+    torch.testing.assert_close(normed.input_norm.running_mean, tokens.flatten(0, 1).mean(0),
+                               atol=1e-2, rtol=0)
+    assert _mean_pairwise_cosine(normed.eval()(tokens)[1]) < 0.5
+
+
+def test_input_norm_statistics_ignore_padded_positions():
+    tokens = _shared_component_volumes(n_volumes=3, n=10)
+    valid = torch.ones(3, 10, dtype=torch.bool)
+    valid[1, 6:] = False
+    valid[2, :2] = False
+    a = _transformer(dropout=0.0, input_norm="batch").train()
+    b = _transformer(dropout=0.0, input_norm="batch").train()
+    garbage = tokens.clone()
+    garbage[~valid] = 1e4
+    per_slice_a, z_a = a(tokens, valid)
+    per_slice_b, z_b = b(garbage, valid)
+    torch.testing.assert_close(per_slice_a[valid], per_slice_b[valid])
+    torch.testing.assert_close(z_a, z_b)
+    momentum = a.input_norm.momentum
+    torch.testing.assert_close(b.input_norm.running_mean, momentum * tokens[valid].mean(0))
+    assert torch.isfinite(per_slice_b).all()
+
+
+def test_input_norm_key_is_typed_recorded_and_defaults_to_none():
+    """Presets and checkpoints without the key keep the paper's f_inter (no extra tensors); "batch" adds the
+    norm's five tensors and nothing else; another value names the key and the choices."""
+    data = load_preset("cpu").to_dict()
+    assert data["transformer"]["input_norm"] == "none"
+    del data["transformer"]["input_norm"]
+    preset_type = type(load_preset("cpu"))
+    plain_keys = set(build_slice_transformer(preset_type.from_dict(data)).state_dict())
+    assert not any(k.startswith("input_norm") for k in plain_keys)
+    data["transformer"]["input_norm"] = "batch"
+    batch_preset = preset_type.from_dict(data)
+    assert batch_preset.to_dict()["transformer"]["input_norm"] == "batch"
+    assert set(build_slice_transformer(batch_preset).state_dict()) - plain_keys == {
+        f"input_norm.{k}" for k in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")}
+    data["transformer"]["input_norm"] = "layer"
+    with pytest.raises(ValueError, match=r"transformer.input_norm must be one of none, batch, got 'layer'"):
+        preset_type.from_dict(data)
+
+
+def test_input_norm_weights_load_into_the_3d_fine_tuning_network(tmp_path):
+    """A pretraining model with input_norm "batch" hands its f_inter, running statistics included, to the
+    SliceWiseUNet3D nnU-Net builds from plans with the same preset (nnU-Net's own loader, every key
+    matched)."""
+    import json
+
+    from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+    from nnssl_joint.export import fill_pretrained
+    from nnssl_joint.models.downstream import pretrained_key_groups
+    from nnssl_joint.pretrain.model import JointSSLModel
+    from nnssl_joint.ssl.objective import ObjectiveConfig
+
+    data = load_preset("cpu").to_dict()
+    data["transformer"]["input_norm"] = "batch"
+    preset = type(load_preset("cpu")).from_dict(data)
+    torch.manual_seed(0)
+    objective = ObjectiveConfig(num_prototypes_2d=8, num_prototypes_3d=4, queue_length_3d=0)
+    model = JointSSLModel(preset, 1, objective)
+    with torch.no_grad():
+        model.slice_transformer.input_norm(torch.randn(2, 8, preset.embedding_dim) * 3 + 1)
+    arch_kwargs = json.loads(json.dumps({"preset": preset.to_dict()}))
+
+    def network():
+        return get_network_from_plans("nnssl_joint.models.downstream.SliceWiseUNet3D", arch_kwargs, [], 1, 3,
+                                      deep_supervision=True)
+
+    exported = network()  # what nnssl_joint export writes: the downstream network with the pretrained parts
+    fill_pretrained(exported, model.pretrained_state_dict())
+    torch.save({"network_weights": exported.state_dict()}, tmp_path / "pretrained.pth")
+    net = network()
+    keys = pretrained_key_groups(net)["slice_transformer"]
+    assert {k for k in keys if "input_norm" in k} == {
+        f"slice_transformer.input_norm.{k}"
+        for k in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")}
+    load_pretrained_weights(net, str(tmp_path / "pretrained.pth"))
+    source = model.state_dict()
+    for k in keys:
+        assert torch.equal(net.state_dict()[k], source[k]), k
+    assert net.slice_transformer.input_norm.num_batches_tracked.item() == 1

@@ -1,0 +1,51 @@
+"""objective.volume_terms_train_encoder: which parameters L_inter and L_mask reach."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nnssl_joint.models.preset import load_preset
+from nnssl_joint.pretrain.model import JointSSLModel
+from nnssl_joint.ssl.objective import TERM_INTER, TERM_INTRA_3D, TERM_MASK, ObjectiveConfig
+
+
+def _volumes(seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    valid = torch.ones(2, 6, dtype=torch.bool)
+    valid[1, 5:] = False
+    return {"views": torch.randn(2, 2, 1, 6, 32, 32, generator=g), "valid": valid}
+
+
+def _grad_norm(module: torch.nn.Module) -> float:
+    return sum(float(p.grad.abs().sum()) for p in module.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("train_encoder", [True, False])
+def test_volume_terms_reach_the_encoder_only_when_asked(train_encoder: bool) -> None:
+    torch.manual_seed(0)
+    objective = ObjectiveConfig(num_prototypes_2d=8, num_prototypes_3d=4, queue_length_3d=0,
+                                volume_terms_train_encoder=train_encoder)
+    model = JointSSLModel(load_preset("cpu"), 1, objective)
+    out = model(None, _volumes(), 0, objective.stage_at(0))
+    (out[TERM_INTER] + out[TERM_MASK]).backward(retain_graph=True)
+    # f_inter, the 3D head and the mask decoder learn either way
+    assert _grad_norm(model.slice_transformer) > 0
+    assert _grad_norm(model.projection_3d) > 0
+    assert _grad_norm(model.masked_modeling) > 0
+    if train_encoder:
+        assert _grad_norm(model.encoder) > 0 and _grad_norm(model.slice_embedding) > 0
+    else:
+        assert _grad_norm(model.encoder) == 0 and _grad_norm(model.slice_embedding) == 0
+    # the slice-level term between the 3D views trains the encoder in both settings
+    model.zero_grad()
+    out[TERM_INTRA_3D].backward()
+    assert _grad_norm(model.encoder) > 0
+
+
+def test_the_key_is_typed_and_recorded() -> None:
+    assert ObjectiveConfig().volume_terms_train_encoder is True
+    assert ObjectiveConfig.from_dict({"volume_terms_train_encoder": False}).to_dict()[
+        "volume_terms_train_encoder"] is False
+    with pytest.raises((TypeError, ValueError), match="volume_terms_train_encoder"):
+        ObjectiveConfig.from_dict({"volume_terms_train_encoder": "no"})
