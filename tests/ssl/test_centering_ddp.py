@@ -1,7 +1,8 @@
 """Two gloo processes holding unequal parts of one batch compute what one process computes on the whole
 batch, for every cross-sample statistic of the 3D-path options: standardised Sinkhorn scores, the
 running-statistics BatchNorm of the 3D head, DINO-style centred codes (codes and centre) and the standardised
-L_mask targets, and the variance-covariance term (value, and the input gradients DDP averages)."""
+L_mask targets, the variance-covariance term (value, and the input gradients DDP averages) and the BatchNorm
+over f_inter's input tokens (transformer.input_norm "batch": outputs and running statistics)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ def _inputs() -> dict[str, torch.Tensor]:
 def _compute(inputs: dict[str, torch.Tensor], rows: slice) -> dict[str, torch.Tensor]:
     from nnssl_joint.models.masked_prediction import standardize_targets
     from nnssl_joint.models.slice_embedding import RunningBatchNorm1d
+    from nnssl_joint.models.slice_transformer import TokenBatchNorm
     from nnssl_joint.ssl.swav import SwAVLoss, standardize_scores
     from nnssl_joint.ssl.varcov import variance_covariance_loss
 
@@ -39,6 +41,9 @@ def _compute(inputs: dict[str, torch.Tensor], rows: slice) -> dict[str, torch.Te
         out[f"centered_{step}"] = loss._centered_codes([loss.prototypes(z[rows]) for z in inputs["z"]])[0]
     out["center"] = loss.center.clone()
     out["targets"] = standardize_targets(inputs["emb"][rows], inputs["valid"][rows])
+    token_norm = TokenBatchNorm(6)
+    out["token_bn"] = token_norm(inputs["emb"][rows], inputs["valid"][rows])
+    out["tbn_mean"], out["tbn_var"] = token_norm.running_mean.clone(), token_norm.running_var.clone()
     x = inputs["features"][0][rows].clone().requires_grad_(True)
     varcov = variance_covariance_loss(x)
     varcov.backward()
@@ -55,7 +60,8 @@ def test_two_process_gloo_equals_single_process(run_ranks) -> None:
     expected = _compute(inputs, slice(None))
     parts = [torch.load(out_dir / f"centering_rank{rank}.pt") for rank in range(2)]
     for key, value in expected.items():
-        if key in ("rbn_mean", "rbn_var", "center", "varcov"):  # the same on every rank
+        # the same on every rank
+        if key in ("rbn_mean", "rbn_var", "center", "varcov", "tbn_mean", "tbn_var"):
             for part in parts:
                 torch.testing.assert_close(part[key], value, atol=1e-5, rtol=1e-5)
         else:
@@ -66,6 +72,7 @@ def test_two_process_gloo_equals_single_process(run_ranks) -> None:
     assert not torch.allclose(alone["std_scores"], expected["std_scores"][:SPLIT], atol=1e-3)
     assert not torch.allclose(alone["rbn_mean"], expected["rbn_mean"], atol=1e-3)
     assert not torch.allclose(alone["varcov"], expected["varcov"], atol=1e-3)
+    assert not torch.allclose(alone["tbn_mean"], expected["tbn_mean"], atol=1e-3)
 
 
 def _distributed_worker(rank: int, world_size: int, port: int, out_dir: Path) -> None:
