@@ -111,15 +111,71 @@ class ContinuousPositionBias(nn.Module):
         return slope[segment] * s.unsqueeze(-1).to(slope.dtype) + intercept[segment]
 
 
-def _thresholds(positions: Tensor, kink_distance: Tensor, n: int) -> Tensor:
-    """First query index of every bias segment, per key: (rows, M) -> (rows, M, kinks + 1), long.
+def _bias_tables(slope_steps: Tensor, intercept_steps: Tensor, kink_distance: Tensor, n: int, groups: int
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The bias MLP as tables over the integer offset k = i - floor(p) of a (query i, key at p) pair.
 
-    Query i of key j lies in segment m iff exactly m kinks have ``i - p_j >= D_u``, i.e. ``i >=
-    ceil(p_j + D_u)``; segment 0 starts at query 0. Clamped to [0, n] (n: the segment is never reached).
-    Non-finite positions (NaN inputs) map to n, so a NaN batch gives a NaN loss, not an indexing error.
+    Returns (tables (groups, 3 hg, 2N): per head the slope times sign(k), the intercept and the slope
+    at k = t - N for t = 0..2N-1, taken as if p were an integer; kink steps (groups, 3 hg, kinks),
+    the same three channels; clamped kink distances D (kinks,) and their ceilings ceil(D) (kinks,)).
+
+    With f = p - floor(p) in [0, 1), the pair is past kink u (distance D_u) iff k - f >= D_u, i.e.
+    k >= ceil(D_u) + [D_u + f > ceil(D_u)]. The tables put every step at k = ceil(D_u); where the
+    second term is 1 the step belongs one query later, a single (key, query) pair that
+    :func:`_bias_maps` corrects. ``sign(k)`` is the sign of i - p (+1 for k >= 1, -1 below; at i = p
+    the log distance is 0). Distances beyond +-(N + 1) never or always apply and are clamped there.
     """
-    steps = (positions[..., None] + kink_distance).nan_to_num_(nan=float(n)).ceil_().clamp_(0, n).long()
-    return F.pad(steps, (1, 0))
+    segments, heads = slope_steps.shape
+    hg = heads // groups
+    bound = float(n + 1)
+    distance = kink_distance.nan_to_num(nan=bound).clamp(-bound, bound)
+    first = distance.ceil()
+    offsets = torch.arange(-n, n, device=slope_steps.device)
+    start = torch.cat([offsets[:1], first.long()])  # segment 0 applies from the first offset on
+    active = (start[:, None] <= offsets).to(slope_steps.dtype)  # (segments, 2N)
+    sign = torch.where(offsets >= 1, 1.0, -1.0).to(slope_steps.dtype)
+    slope = slope_steps.t().reshape(groups, hg, segments)
+    intercept = intercept_steps.t().reshape(groups, hg, segments)
+    slope_table, intercept_table = slope @ active, intercept @ active  # sums of the steps reached
+    tables = torch.cat([slope_table * sign, intercept_table, slope_table], dim=1)
+    step_sign = torch.where(first >= 1, 1.0, -1.0).to(slope_steps.dtype)
+    kink_steps = torch.cat([slope[..., 1:] * step_sign, intercept[..., 1:], slope[..., 1:]], dim=1)
+    return tables.contiguous(), kink_steps.contiguous(), distance, first
+
+
+def _row_bias_layout(positions: Tensor, tables: Tensor, kink_steps: Tensor, distance: Tensor,
+                     first: Tensor, n: int, groups: int, channels: slice
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Where every key of every row reads its bias maps (see :func:`_bias_tables`), for ``channels`` of
+    the tables: (flat tables of the rows (R C 2N,), window starts (R, C, M) long, the query of every
+    kink step (R, M, kinks) long in [0, N - 1], the correction there (R, C, M, kinks): minus the step
+    where it belongs one query later, else 0; and the first query of every step (R, M, kinks) long in
+    [0, N]).
+
+    Non-finite positions (NaN inputs) give floor 0 and no corrections: a NaN batch gives a NaN loss, not
+    an indexing error."""
+    rows = positions.shape[0]
+    p = positions.detach()
+    left = p.nan_to_num(0.0).floor().clamp_(0, n - 1)
+    late = (distance + (p - left)[..., None]) > first
+    left = left.long()
+    query = left[..., None] + first.long()
+    threshold = (query + late).clamp_(0, n)
+    late &= (query >= 0) & (query < n)
+    row_tables = tables[torch.arange(rows, device=p.device) % groups, channels]  # (R, C, 2N)
+    c, length = row_tables.shape[1:]
+    starts = torch.arange(rows * c, device=p.device).view(rows, c, 1) * length + (n - left)[:, None, :]
+    steps = kink_steps[torch.arange(rows, device=p.device) % groups, channels]  # (R, C, kinks)
+    correction = steps[:, :, None, :] * late[:, None].to(steps.dtype).neg_()
+    return row_tables.reshape(-1), starts, query.clamp_(0, n - 1), correction, threshold
+
+
+def _bias_maps(flat_tables: Tensor, starts: Tensor, query: Tensor, correction: Tensor, n: int) -> Tensor:
+    """Per-pair maps (rows, C, M, N) for a tile of :func:`_row_bias_layout`: row j of a key is the window
+    of its table that starts at k = -floor(p_j) (a strided gather), plus the corrections."""
+    rows, channels, m = starts.shape
+    maps = flat_tables.unfold(0, n, 1).index_select(0, starts.view(-1)).view(rows, channels, m, n)
+    return maps.scatter_add_(-1, query[:, None].expand(rows, channels, m, query.shape[-1]), correction)
 
 
 def _dropout_keep(probabilities: Tensor, p: float) -> Tensor:
@@ -130,14 +186,16 @@ def _dropout_keep(probabilities: Tensor, p: float) -> Tensor:
 class _DeformableAttentionFunction(torch.autograd.Function):
     """softmax(q k^T + bias(positions) [masked]) (dropout) v for rows of (sample, head group).
 
-    q (R, hg, N, dh) already scaled, k and v (R, hg, M, dh), positions (R, M) (row r uses head group
-    ``r % groups``), key_mask (R, M) bool or None, slope/intercept steps (kinks + 1, heads) and kink
-    distances (kinks,) from :meth:`ContinuousPositionBias.step_tables`. Returns (R, hg, N, dh).
+    q (R, hg, N, dh) already scaled, k and v (R, hg, M, dh), positions (R, M) in [0, N - 1] (row r uses
+    head group ``r % groups``), key_mask (R, M) bool or None, slope/intercept steps (kinks + 1, heads)
+    and kink distances (kinks,) from :meth:`ContinuousPositionBias.step_tables`. Returns (R, hg, N, dh).
 
     Works through the rows in tiles of about ``TILE_PAIRS`` (key, query) pairs per head group, key-major
-    (keys x queries), so that the per-key step maps are cumulative sums along the contiguous axis.
+    (keys x queries). The bias of a pair is slope * log(1 + |i - p|) + intercept with slope and intercept
+    gathered from per-offset tables (:func:`_bias_tables`); the gradients of the steps are suffix sums
+    along the queries of each key, read at the queries where the steps start.
     Saved for backward, the size of the attention map: the probabilities and, in training with dropout,
-    the dropout mask (bool). The bias path (signed log distances, slope maps) is recomputed.
+    the dropout mask (bool). The bias path is recomputed.
     """
 
     TILE_PAIRS = 1 << 18
@@ -168,36 +226,31 @@ class _DeformableAttentionFunction(torch.autograd.Function):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         rows, hg, n, dh = q.shape
         m = k.shape[2]
-        segments = slope_steps.shape[0]
-        # per group: [slope steps of its heads, intercept steps of its heads], (groups, 2 hg, kinks + 1)
-        steps = torch.cat([slope_steps.t().reshape(groups, hg, segments),
-                           intercept_steps.t().reshape(groups, hg, segments)], dim=1)
+        tables, kink_steps, distance, first = _bias_tables(slope_steps, intercept_steps, kink_distance, n,
+                                                           groups)
         out = q.new_empty(rows, hg, n, dh)
         attn = q.new_empty(rows, hg, m, n)
         keep = torch.empty(rows, hg, m, n, dtype=torch.bool, device=q.device) if dropout > 0 else None
         queries = torch.arange(n, device=q.device, dtype=q.dtype)
+        flat, starts, query, correction, _ = _row_bias_layout(positions, tables, kink_steps, distance, first,
+                                                              n, groups, slice(0, 2 * hg))
         for tile in _DeformableAttentionFunction._tiles(rows, hg * n * m):
             p = positions[tile]
             rc = p.shape[0]
-            threshold = _thresholds(p, kink_distance, n)  # (rc, M, kinks + 1)
-            group = torch.arange(tile.start, tile.stop, device=q.device) % groups
-            maps = q.new_zeros(rc, 2 * hg, m, n + 1)
-            maps.scatter_add_(-1, threshold[:, None].expand(rc, 2 * hg, m, segments),
-                              steps[group][:, :, None, :].expand(rc, 2 * hg, m, segments))
-            maps.cumsum_(-1)  # slope and intercept of every (key, query) pair
-            slope = maps[:, :hg, :, :n]
-            distance = queries - p[..., None]  # (rc, M, n)
-            s = distance.abs().log1p_().copysign_(distance)
-            logits = torch.addcmul(maps[:, hg:, :, :n], slope, s[:, None],
+            maps = _bias_maps(flat, starts[tile], query[tile], correction[tile], n)
+            log_distance = torch.sub(queries, p[..., None]).abs_().add_(1.0).log_()  # (rc, M, n)
+            logits = torch.addcmul(maps[:, hg:], maps[:, :hg], log_distance[:, None],
                                    out=q.new_empty(rc, hg, m, n))  # the bias
-            del maps, slope, distance, s  # tile temporaries: free before the next tile
+            del maps, log_distance  # tile temporaries: free before the next tile
             logits = logits.view(rc * hg, m, n).baddbmm_(k[tile].reshape(rc * hg, m, dh),
                                                          q[tile].reshape(rc * hg, n, dh).transpose(1, 2))
             logits = logits.view(rc, hg, m, n)
             if key_mask is not None:
                 # finite fill keeps queries whose keys are all padding finite instead of NaN
                 logits.masked_fill_(~key_mask[tile].reshape(rc, 1, m, 1), torch.finfo(logits.dtype).min)
-            probabilities = torch.softmax(logits, dim=-2, out=attn[tile])
+            # softmax over the keys, written out: torch's kernel for a non-last dim was the slower
+            logits.sub_(logits.amax(-2, keepdim=True)).exp_()
+            probabilities = torch.div(logits, logits.sum(-2, keepdim=True), out=attn[tile])
             if keep is not None:
                 keep_tile = _dropout_keep(probabilities, dropout)
                 keep[tile] = keep_tile
@@ -205,23 +258,30 @@ class _DeformableAttentionFunction(torch.autograd.Function):
             torch.bmm(probabilities.view(rc * hg, m, n).transpose(1, 2), v[tile].reshape(rc * hg, m, dh),
                       out=out[tile].view(rc * hg, n, dh))
             del logits, probabilities
-        ctx.save_for_backward(q, k, v, positions, kink_distance, steps, attn, keep, out)
-        ctx.groups, ctx.dropout, ctx.segments = groups, dropout, segments
+        ctx.save_for_backward(q, k, v, positions, tables, kink_steps, distance, first, attn, keep, out)
+        ctx.groups, ctx.dropout = groups, dropout
         return out
 
     @staticmethod
     def _backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        q, k, v, positions, kink_distance, steps, attn, keep, out = ctx.saved_tensors
-        groups, dropout, segments = ctx.groups, ctx.dropout, ctx.segments
+        q, k, v, positions, tables, kink_steps, distance, first, attn, keep, out = ctx.saved_tensors
+        groups, dropout = ctx.groups, ctx.dropout
         grad_out = grad_out.to(q.dtype).contiguous()
         rows, hg, n, dh = q.shape
         m = k.shape[2]
+        kinks = distance.shape[0]
         row_dot = (grad_out * out).sum(-1)  # sum_j P_ij dL/dP_ij, (R, hg, n)
         grad_q, grad_k, grad_v = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
         need = ctx.needs_input_grad
         grad_positions = torch.empty_like(positions) if need[3] else None
-        grad_steps = q.new_zeros(groups, 2, hg, segments) if need[4] or need[5] else None
+        grad_steps = q.new_zeros(groups, 2, hg, kinks + 1) if need[4] or need[5] else None
         queries = torch.arange(n, device=q.device, dtype=q.dtype)
+        if grad_positions is not None or grad_steps is not None:
+            flat, starts, query, correction, threshold = _row_bias_layout(
+                positions, tables, kink_steps, distance, first, n, groups, slice(2 * hg, 3 * hg))
+            before = (threshold - 1).clamp_(min=0)  # the last query before each step's first
+            after_first = threshold > 0
+            group = torch.arange(rows, device=q.device) % groups
         for tile in _DeformableAttentionFunction._tiles(rows, hg * n * m):
             rc = tile.stop - tile.start
             probabilities = attn[tile].view(rc * hg, m, n)
@@ -237,41 +297,37 @@ class _DeformableAttentionFunction(torch.autograd.Function):
                       out=grad_q[tile].reshape(rc * hg, n, dh))
             torch.bmm(grad_bias, q[tile].reshape(rc * hg, n, dh), out=grad_k[tile].reshape(rc * hg, m, dh))
             grad_bias = grad_bias.view(rc, hg, m, n)
+            del used
             if grad_positions is None and grad_steps is None:
                 continue
-            # the signed log distances and step maps are recomputed: no map of them is kept
+            # the distances and the slope map are recomputed: no map of them is kept
             p = positions[tile]
-            threshold = _thresholds(p, kink_distance, n)  # (rc, M, kinks + 1)
-            group = torch.arange(tile.start, tile.stop, device=q.device) % groups
-            distance = queries - p[..., None]
-            magnitude = distance.abs()
+            distance_map = torch.sub(queries, p[..., None])  # (rc, M, n)
+            scale = distance_map.abs().add_(1.0)  # 1 + |i - p|
             if grad_positions is not None:
                 # d bias / d p = -slope(segment) / (1 + |i - p|)
-                slope = q.new_zeros(rc, hg, m, n + 1)
-                slope.scatter_add_(-1, threshold[:, None].expand(rc, hg, m, segments),
-                                   steps[group][:, :hg, None, :].expand(rc, hg, m, segments))
-                slope = slope.cumsum_(-1)[..., :n].mul_(grad_bias).div_(torch.add(magnitude, 1)[:, None])
-                grad_positions[tile] = slope.sum((1, 3)).neg_()
+                slope = _bias_maps(flat, starts[tile], query[tile], correction[tile], n)
+                slope = slope.mul_(grad_bias).sum(1) if hg > 1 else slope.mul_(grad_bias).view(rc, m, n)
+                grad_positions[tile] = slope.div_(scale).sum(-1).neg_()
                 del slope
             if grad_steps is not None:
                 # step u of a key's tables acts on the queries from its threshold on: suffix sums
-                s = magnitude.log1p_().copysign_(distance)
-                prefix = q.new_empty(rc, 2, hg, m, n + 1)
-                prefix[..., 0] = 0
-                torch.mul(grad_bias, s[:, None], out=prefix[:, 0, ..., 1:])
-                prefix[:, 1, ..., 1:] = grad_bias
-                prefix.cumsum_(-1)
-                index = threshold[:, None, None].expand(rc, 2, hg, m, segments)
-                suffix = prefix[..., n:] - prefix.gather(-1, index)
-                grad_steps.index_add_(0, group, suffix.sum(-2))
-                del s, prefix, suffix
-            del distance, magnitude
-            del grad_bias, used
+                s = scale.log_().copysign_(distance_map)
+                index = before[tile, None].expand(rc, hg, m, kinks)
+                reached = after_first[tile, None]
+                sums = []
+                for weights in (torch.mul(grad_bias, s[:, None]), grad_bias):
+                    prefix = weights.cumsum_(-1)
+                    total = prefix[..., -1:]  # (rc, hg, M, 1)
+                    suffix = total - prefix.gather(-1, index) * reached
+                    sums.append(torch.cat([total, suffix], -1).sum(-2))  # (rc, hg, kinks + 1)
+                grad_steps.index_add_(0, group[tile], torch.stack(sums, 1))
+                del s, sums, prefix
+            del distance_map, scale, grad_bias
         grad_slope = grad_intercept = None
         if grad_steps is not None:
-            per_head = grad_steps.permute(1, 3, 0, 2).reshape(2, segments, groups * hg)
+            per_head = grad_steps.permute(1, 3, 0, 2).reshape(2, kinks + 1, groups * hg)
             grad_slope, grad_intercept = per_head[0], per_head[1]
-        need = ctx.needs_input_grad
         return (grad_q if need[0] else None, grad_k if need[1] else None, grad_v if need[2] else None,
                 grad_positions, grad_slope, grad_intercept, None, None, None, None)
 
