@@ -115,15 +115,16 @@ def _bias_tables(slope_steps: Tensor, intercept_steps: Tensor, kink_distance: Te
                  ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The bias MLP as tables over the integer offset k = i - floor(p) of a (query i, key at p) pair.
 
-    Returns (tables (groups, 3 hg, 2N): per head the slope times sign(k), the intercept and the slope
-    at k = t - N for t = 0..2N-1, taken as if p were an integer; kink steps (groups, 3 hg, kinks),
-    the same three channels; clamped kink distances D (kinks,) and their ceilings ceil(D) (kinks,)).
+    Returns (tables (2, groups, hg, 2N): the slope times sign(k) and the intercept per head at
+    k = t - N for t = 0..2N-1, taken as if p were an integer; their kink steps (2, groups, hg, kinks);
+    the ceilings ceil(D) (kinks,) of the kink distances D clamped to +-(N + 1) and the gaps
+    ceil(D) - D (kinks,)).
 
-    With f = p - floor(p) in [0, 1), the pair is past kink u (distance D_u) iff k - f >= D_u, i.e.
-    k >= ceil(D_u) + [D_u + f > ceil(D_u)]. The tables put every step at k = ceil(D_u); where the
-    second term is 1 the step belongs one query later, a single (key, query) pair that
-    :func:`_bias_maps` corrects. ``sign(k)`` is the sign of i - p (+1 for k >= 1, -1 below; at i = p
-    the log distance is 0). Distances beyond +-(N + 1) never or always apply and are clamped there.
+    With f = p - floor(p) in [0, 1), the pair is past kink u iff k - f >= D_u, i.e.
+    k >= ceil(D_u) + [f > ceil(D_u) - D_u]. The tables put every step at k = ceil(D_u); where the
+    second term is 1 the step belongs one query later, a single (key, query) pair that the forward pass
+    corrects. ``sign(k)`` is the sign of i - p (+1 for k >= 1, -1 below; at i = p the log distance is 0).
+    Distances beyond +-(N + 1) never or always apply and are clamped there.
     """
     segments, heads = slope_steps.shape
     hg = heads // groups
@@ -134,48 +135,26 @@ def _bias_tables(slope_steps: Tensor, intercept_steps: Tensor, kink_distance: Te
     start = torch.cat([offsets[:1], first.long()])  # segment 0 applies from the first offset on
     active = (start[:, None] <= offsets).to(slope_steps.dtype)  # (segments, 2N)
     sign = torch.where(offsets >= 1, 1.0, -1.0).to(slope_steps.dtype)
-    slope = slope_steps.t().reshape(groups, hg, segments)
-    intercept = intercept_steps.t().reshape(groups, hg, segments)
-    slope_table, intercept_table = slope @ active, intercept @ active  # sums of the steps reached
-    tables = torch.cat([slope_table * sign, intercept_table, slope_table], dim=1)
+    steps = torch.stack([slope_steps, intercept_steps]).transpose(1, 2).reshape(2, groups, hg, segments)
+    tables = steps @ active  # the sums of the steps reached
+    tables[0] *= sign
     step_sign = torch.where(first >= 1, 1.0, -1.0).to(slope_steps.dtype)
-    kink_steps = torch.cat([slope[..., 1:] * step_sign, intercept[..., 1:], slope[..., 1:]], dim=1)
-    return tables.contiguous(), kink_steps.contiguous(), distance, first
+    kink_steps = steps[..., 1:].clone()
+    kink_steps[0] *= step_sign
+    return tables, kink_steps, first, first - distance
 
 
-def _row_bias_layout(positions: Tensor, tables: Tensor, kink_steps: Tensor, distance: Tensor,
-                     first: Tensor, n: int, groups: int, channels: slice
-                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Where every key of every row reads its bias maps (see :func:`_bias_tables`), for ``channels`` of
-    the tables: (flat tables of the rows (R C 2N,), window starts (R, C, M) long, the query of every
-    kink step (R, M, kinks) long in [0, N - 1], the correction there (R, C, M, kinks): minus the step
-    where it belongs one query later, else 0; and the first query of every step (R, M, kinks) long in
-    [0, N]).
+def _key_layout(positions: Tensor, first: Tensor, gap: Tensor, n: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per key: (floor(p) (R, M) long; the query where each kink's step lies in the tables (R, M, kinks)
+    long, unclamped; whether it belongs one query later (R, M, kinks) bool), see :func:`_bias_tables`.
 
-    Non-finite positions (NaN inputs) give floor 0 and no corrections: a NaN batch gives a NaN loss, not
+    Non-finite positions (NaN inputs) give floor 0 and no late steps: a NaN batch gives a NaN loss, not
     an indexing error."""
-    rows = positions.shape[0]
     p = positions.detach()
     left = p.nan_to_num(0.0).floor().clamp_(0, n - 1)
-    late = (distance + (p - left)[..., None]) > first
+    late = (p - left)[..., None] > gap
     left = left.long()
-    query = left[..., None] + first.long()
-    threshold = (query + late).clamp_(0, n)
-    late &= (query >= 0) & (query < n)
-    row_tables = tables[torch.arange(rows, device=p.device) % groups, channels]  # (R, C, 2N)
-    c, length = row_tables.shape[1:]
-    starts = torch.arange(rows * c, device=p.device).view(rows, c, 1) * length + (n - left)[:, None, :]
-    steps = kink_steps[torch.arange(rows, device=p.device) % groups, channels]  # (R, C, kinks)
-    correction = steps[:, :, None, :] * late[:, None].to(steps.dtype).neg_()
-    return row_tables.reshape(-1), starts, query.clamp_(0, n - 1), correction, threshold
-
-
-def _bias_maps(flat_tables: Tensor, starts: Tensor, query: Tensor, correction: Tensor, n: int) -> Tensor:
-    """Per-pair maps (rows, C, M, N) for a tile of :func:`_row_bias_layout`: row j of a key is the window
-    of its table that starts at k = -floor(p_j) (a strided gather), plus the corrections."""
-    rows, channels, m = starts.shape
-    maps = flat_tables.unfold(0, n, 1).index_select(0, starts.view(-1)).view(rows, channels, m, n)
-    return maps.scatter_add_(-1, query[:, None].expand(rows, channels, m, query.shape[-1]), correction)
+    return left, left[..., None] + first.long(), late
 
 
 def _dropout_keep(probabilities: Tensor, p: float) -> Tensor:
@@ -191,9 +170,11 @@ class _DeformableAttentionFunction(torch.autograd.Function):
     and kink distances (kinks,) from :meth:`ContinuousPositionBias.step_tables`. Returns (R, hg, N, dh).
 
     Works through the rows in tiles of about ``TILE_PAIRS`` (key, query) pairs per head group, key-major
-    (keys x queries). The bias of a pair is slope * log(1 + |i - p|) + intercept with slope and intercept
-    gathered from per-offset tables (:func:`_bias_tables`); the gradients of the steps are suffix sums
-    along the queries of each key, read at the queries where the steps start.
+    (keys x queries). Forward: the bias of a pair is slope * log(1 + |i - p|) + intercept, slope and
+    intercept read as windows of per-offset tables (:func:`_bias_tables`). Backward: every gradient of the
+    bias path (slope and intercept steps, positions) is a sum, per key, of a map over the queries from
+    the first query of a segment step on: one cumulative sum along the queries of three maps, read at
+    those queries.
     Saved for backward, the size of the attention map: the probabilities and, in training with dropout,
     the dropout mask (bool). The bias path is recomputed.
     """
@@ -226,22 +207,33 @@ class _DeformableAttentionFunction(torch.autograd.Function):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         rows, hg, n, dh = q.shape
         m = k.shape[2]
-        tables, kink_steps, distance, first = _bias_tables(slope_steps, intercept_steps, kink_distance, n,
-                                                           groups)
+        tables, kink_steps, first, gap = _bias_tables(slope_steps, intercept_steps, kink_distance, n, groups)
+        kinks = first.shape[0]
         out = q.new_empty(rows, hg, n, dh)
         attn = q.new_empty(rows, hg, m, n)
         keep = torch.empty(rows, hg, m, n, dtype=torch.bool, device=q.device) if dropout > 0 else None
         queries = torch.arange(n, device=q.device, dtype=q.dtype)
-        flat, starts, query, correction, _ = _row_bias_layout(positions, tables, kink_steps, distance, first,
-                                                              n, groups, slice(0, 2 * hg))
+        # per row: its group's tables, the window start of every key, the corrections of late steps
+        left, query, late = _key_layout(positions, first, gap, n)
+        # for backward: the first query of every segment of every key (segment 0: query 0)
+        threshold = F.pad((query + late).clamp_(0, n), (1, 0)).to(torch.int32)  # (R, M, segments)
+        late &= (query >= 0) & (query < n)
+        query.clamp_(0, n - 1)
+        group = torch.arange(rows, device=q.device) % groups
+        flat = tables[:, group].reshape(-1)  # (2, R, hg, 2N) flattened
+        starts = (torch.arange(2 * rows * hg, device=q.device).view(2, rows, hg, 1) * (2 * n)
+                  + (n - left)[:, None, :])  # (2, R, hg, M)
+        # (2, R, hg, M, kinks)
+        correction = kink_steps[:, group, :, None, :] * late[:, None].to(q.dtype).neg_()
+        windows = flat.unfold(0, n, 1)
         for tile in _DeformableAttentionFunction._tiles(rows, hg * n * m):
             p = positions[tile]
             rc = p.shape[0]
-            maps = _bias_maps(flat, starts[tile], query[tile], correction[tile], n)
+            maps = windows.index_select(0, starts[:, tile].reshape(-1)).view(2, rc, hg, m, n)
+            maps.scatter_add_(-1, query[tile, None].expand(2, rc, hg, m, kinks), correction[:, tile])
             log_distance = torch.sub(queries, p[..., None]).abs_().add_(1.0).log_()  # (rc, M, n)
-            logits = torch.addcmul(maps[:, hg:], maps[:, :hg], log_distance[:, None],
-                                   out=q.new_empty(rc, hg, m, n))  # the bias
-            del maps, log_distance  # tile temporaries: free before the next tile
+            logits = maps[1].addcmul_(maps[0], log_distance[:, None])  # the bias
+            del log_distance  # tile temporaries: free before the next tile
             logits = logits.view(rc * hg, m, n).baddbmm_(k[tile].reshape(rc * hg, m, dh),
                                                          q[tile].reshape(rc * hg, n, dh).transpose(1, 2))
             logits = logits.view(rc, hg, m, n)
@@ -257,31 +249,29 @@ class _DeformableAttentionFunction(torch.autograd.Function):
                 probabilities = probabilities * keep_tile / (1.0 - dropout)
             torch.bmm(probabilities.view(rc * hg, m, n).transpose(1, 2), v[tile].reshape(rc * hg, m, dh),
                       out=out[tile].view(rc * hg, n, dh))
-            del logits, probabilities
-        ctx.save_for_backward(q, k, v, positions, tables, kink_steps, distance, first, attn, keep, out)
+            del maps, logits, probabilities
+        ctx.save_for_backward(q, k, v, positions, slope_steps, left, threshold, attn, keep, out)
         ctx.groups, ctx.dropout = groups, dropout
         return out
 
     @staticmethod
     def _backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        q, k, v, positions, tables, kink_steps, distance, first, attn, keep, out = ctx.saved_tensors
+        q, k, v, positions, slope_steps, left, threshold, attn, keep, out = ctx.saved_tensors
         groups, dropout = ctx.groups, ctx.dropout
         grad_out = grad_out.to(q.dtype).contiguous()
         rows, hg, n, dh = q.shape
         m = k.shape[2]
-        kinks = distance.shape[0]
+        segments = slope_steps.shape[0]
         row_dot = (grad_out * out).sum(-1)  # sum_j P_ij dL/dP_ij, (R, hg, n)
         grad_q, grad_k, grad_v = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
         need = ctx.needs_input_grad
+        bias_path = need[3] or need[4] or need[5]
         grad_positions = torch.empty_like(positions) if need[3] else None
-        grad_steps = q.new_zeros(groups, 2, hg, kinks + 1) if need[4] or need[5] else None
         queries = torch.arange(n, device=q.device, dtype=q.dtype)
-        if grad_positions is not None or grad_steps is not None:
-            flat, starts, query, correction, threshold = _row_bias_layout(
-                positions, tables, kink_steps, distance, first, n, groups, slice(2 * hg, 3 * hg))
-            before = (threshold - 1).clamp_(min=0)  # the last query before each step's first
-            after_first = threshold > 0
+        if bias_path:
             group = torch.arange(rows, device=q.device) % groups
+            slope = slope_steps.t().reshape(groups, hg, 1, segments)
+            sums = q.new_empty(rows, 2, hg, segments)
         for tile in _DeformableAttentionFunction._tiles(rows, hg * n * m):
             rc = tile.stop - tile.start
             probabilities = attn[tile].view(rc * hg, m, n)
@@ -289,44 +279,41 @@ class _DeformableAttentionFunction(torch.autograd.Function):
             used = probabilities if keep is None else probabilities * keep[tile].view(rc * hg, m, n) \
                 / (1.0 - dropout)
             torch.bmm(used, go, out=grad_v[tile].reshape(rc * hg, m, dh))
-            grad_bias = torch.bmm(v[tile].reshape(rc * hg, m, dh), go.transpose(1, 2))  # dL/dP, (rc hg, M, n)
+            # maps per pair: [dL/dbias * log(1 + |i - p|), dL/dbias, dL/dbias / (1 + |i - p|)]
+            maps = q.new_empty(3, rc * hg, m, n)
+            grad_bias = torch.bmm(v[tile].reshape(rc * hg, m, dh), go.transpose(1, 2), out=maps[1])
             if keep is not None:
                 grad_bias.mul_(keep[tile].view(rc * hg, m, n)).div_(1.0 - dropout)
             grad_bias.sub_(row_dot[tile].view(rc * hg, 1, n)).mul_(probabilities)  # softmax backward
             torch.bmm(grad_bias.transpose(1, 2), k[tile].reshape(rc * hg, m, dh),
                       out=grad_q[tile].reshape(rc * hg, n, dh))
             torch.bmm(grad_bias, q[tile].reshape(rc * hg, n, dh), out=grad_k[tile].reshape(rc * hg, m, dh))
-            grad_bias = grad_bias.view(rc, hg, m, n)
             del used
-            if grad_positions is None and grad_steps is None:
+            if not bias_path:
                 continue
-            # the distances and the slope map are recomputed: no map of them is kept
-            p = positions[tile]
-            distance_map = torch.sub(queries, p[..., None])  # (rc, M, n)
-            scale = distance_map.abs().add_(1.0)  # 1 + |i - p|
-            if grad_positions is not None:
-                # d bias / d p = -slope(segment) / (1 + |i - p|)
-                slope = _bias_maps(flat, starts[tile], query[tile], correction[tile], n)
-                slope = slope.mul_(grad_bias).sum(1) if hg > 1 else slope.mul_(grad_bias).view(rc, m, n)
-                grad_positions[tile] = slope.div_(scale).sum(-1).neg_()
-                del slope
-            if grad_steps is not None:
-                # step u of a key's tables acts on the queries from its threshold on: suffix sums
-                s = scale.log_().copysign_(distance_map)
-                index = before[tile, None].expand(rc, hg, m, kinks)
-                reached = after_first[tile, None]
-                sums = []
-                for weights in (torch.mul(grad_bias, s[:, None]), grad_bias):
-                    prefix = weights.cumsum_(-1)
-                    total = prefix[..., -1:]  # (rc, hg, M, 1)
-                    suffix = total - prefix.gather(-1, index) * reached
-                    sums.append(torch.cat([total, suffix], -1).sum(-2))  # (rc, hg, kinks + 1)
-                grad_steps.index_add_(0, group[tile], torch.stack(sums, 1))
-                del s, sums, prefix
-            del distance_map, scale, grad_bias
+            # the distances are recomputed: no map of them is kept
+            scale = torch.sub(queries, positions[tile, :, None]).abs_().add_(1.0)[:, None]  # (rc, 1, M, n)
+            maps = maps.view(3, rc, hg, m, n)
+            torch.div(maps[1], scale, out=maps[2])
+            torch.mul(maps[1], scale.log_(), out=maps[0])
+            maps.cumsum_(-1)
+            # sum from query t on = total - (cumulative sum at t - 1)
+            total = maps[..., -1:]
+            first_query = threshold[tile, None].long()  # (rc, 1, M, segments)
+            index = (first_query - 1).clamp_(min=0).expand(3, rc, hg, m, segments)
+            suffix = total - maps.gather(-1, index) * (first_query > 0)
+            # the log distance is signed: -1 up to query floor(p), +1 from there on
+            floor = left[tile, None, :, None]  # (rc, 1, M, 1)
+            at_sign = total[0] - maps[0].gather(-1, floor.expand(rc, hg, m, 1))
+            suffix[0] = torch.where(first_query > floor, suffix[0], 2 * at_sign - suffix[0])
+            sums[tile] = suffix[:2].sum(-2).transpose(0, 1)
+            if grad_positions is not None:  # d bias / d p = -slope / (1 + |i - p|), slope: the steps reached
+                grad_positions[tile] = (suffix[2] * slope[group[tile]]).sum((1, 3)).neg_()
+            del maps, total, suffix
         grad_slope = grad_intercept = None
-        if grad_steps is not None:
-            per_head = grad_steps.permute(1, 3, 0, 2).reshape(2, kinks + 1, groups * hg)
+        if bias_path:
+            per_group = sums.view(rows // groups, groups, 2, hg, segments).sum(0)  # rows: (sample, group)
+            per_head = per_group.permute(1, 3, 0, 2).reshape(2, segments, groups * hg)
             grad_slope, grad_intercept = per_head[0], per_head[1]
         return (grad_q if need[0] else None, grad_k if need[1] else None, grad_v if need[2] else None,
                 grad_positions, grad_slope, grad_intercept, None, None, None, None)
@@ -445,13 +432,18 @@ class DeformableSliceAttention(nn.Module):
         b, n, _ = q.shape
         g, r, k = self.offset_groups, self.downsample, self.offset_kernel
         m = self.num_keys(n)
-        q = q.view(b, n, g, -1).permute(0, 2, 3, 1).reshape(b * g, -1, n)
         first = -((k - r) // 2)  # original index of the first input of output 0
         span = (m - 1) * r + k
         pad_left, pad_right = max(0, -first), max(0, first + span - n)
-        q = F.pad(q, (pad_left, pad_right))
-        q = q[..., first + pad_left: first + pad_left + span]
-        raw = self.offset_net(q).view(b, g, m)
+        q = F.pad(q, (0, 0, pad_left, pad_right))[:, first + pad_left: first + pad_left + span]
+        # the depthwise conv of every group at once (its weights repeated per group), channels last:
+        # the same function as ``self.offset_net`` on (B * groups, channels, span), faster on CPU
+        conv, act, mix = self.offset_net
+        q = q.transpose(1, 2).unsqueeze(2).contiguous(memory_format=torch.channels_last)  # (B, g c, 1, span)
+        hidden = F.conv2d(q, conv.weight.repeat(g, 1, 1).unsqueeze(2), conv.bias.repeat(g), stride=(1, r),
+                          groups=q.shape[1])
+        hidden = act(hidden).permute(0, 3, 2, 1).reshape(b, m, g, -1)  # a view: channels last
+        raw = (hidden @ mix.weight.view(-1) + mix.bias).transpose(1, 2).contiguous()  # 1x1 conv, (B, g, m)
         dtype = torch.float64 if raw.dtype == torch.float64 else torch.float32
         return self.offset_scale * torch.tanh(raw.to(dtype))
 
