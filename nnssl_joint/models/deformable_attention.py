@@ -319,6 +319,35 @@ class _DeformableAttentionFunction(torch.autograd.Function):
                 grad_positions, grad_slope, grad_intercept, None, None, None, None)
 
 
+class _SampleTokens(torch.autograd.Function):
+    """rows (T, d), neighbours (S, 2) long, weights (S, 2) -> (S, d), row s the weighted sum
+    ``weights[s, 0] rows[neighbours[s, 0]] + weights[s, 1] rows[neighbours[s, 1]]``.
+
+    Backward reads the neighbours again instead of keeping the gathered pairs (2 S d values) alive."""
+
+    @staticmethod
+    def forward(ctx, rows: Tensor, neighbours: Tensor, weights: Tensor) -> Tensor:
+        with _autocast_off(rows.device.type):
+            pairs = rows.index_select(0, neighbours.view(-1)).view(-1, 2, rows.shape[1])
+            ctx.save_for_backward(rows, neighbours, weights)
+            return (weights.to(rows.dtype).unsqueeze(1) @ pairs).squeeze(1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        rows, neighbours, weights = ctx.saved_tensors
+        grad_rows = grad_weights = None
+        with _autocast_off(grad.device.type):
+            grad = grad.to(rows.dtype)
+            if ctx.needs_input_grad[0]:
+                spread = weights.to(rows.dtype).unsqueeze(-1) * grad.unsqueeze(1)  # (S, 2, d)
+                grad_rows = torch.zeros_like(rows).index_add_(0, neighbours.view(-1),
+                                                              spread.view(-1, rows.shape[1]))
+            if ctx.needs_input_grad[2]:
+                pairs = rows.index_select(0, neighbours.view(-1)).view(-1, 2, rows.shape[1])
+                grad_weights = (pairs @ grad.unsqueeze(-1)).squeeze(-1).to(weights.dtype)
+        return grad_rows, None, grad_weights
+
+
 class DeformableSliceAttention(nn.Module):
     """Multi-head deformable self-attention over a sequence of slice embeddings.
 
@@ -478,11 +507,11 @@ class DeformableSliceAttention(nn.Module):
         dropout = self.attn_dropout.p if self.training else 0.0
 
         q = self.to_q(x)  # no bias: padded queries are exactly zero for the offset conv
-        kv = F.linear(x, self._key_value_weight())  # (B, N, groups * 2 * hg * dh)
         if self.uses_full_attention(n):
+            kv = F.linear(x, self._key_value_weight())  # (B, N, groups * 2 * hg * dh)
             out = self._full_attention(q, kv, valid, dtype, dropout)
         else:
-            out = self._deformable_attention(q, kv, valid, dtype, dropout)
+            out = self._deformable_attention(q, x, valid, dtype, dropout)
         # (B, groups, hg, N, dh) -> (B, N, heads * dh)
         return self.to_out(out.view(b, g, hg, n, dh).permute(0, 3, 1, 2, 4).reshape(b, n, h * dh))
 
@@ -493,7 +522,7 @@ class DeformableSliceAttention(nn.Module):
         scaled = (q.to(dtype) * self.scale).view(b, n, g, -1, dh).permute(0, 2, 3, 1, 4)
         return scaled.reshape(b * g, -1, n, dh).contiguous()
 
-    def _deformable_attention(self, q: Tensor, kv: Tensor, valid: Tensor | None, dtype: torch.dtype,
+    def _deformable_attention(self, q: Tensor, x: Tensor, valid: Tensor | None, dtype: torch.dtype,
                               dropout: float) -> Tensor:
         b, n, _ = q.shape
         h, g, r, dh = self.heads, self.offset_groups, self.downsample, self.dim_head
@@ -529,14 +558,15 @@ class DeformableSliceAttention(nn.Module):
             total = total.clamp_min(1e-12)
             w_left, w_right = w_left / total, w_right / total
 
-        # row (b, slice, group) of kv holds that group's keys and values
-        rows = kv.view(b * n * g, -1)
-        base = (torch.arange(b, device=q.device) * n).view(b, 1, 1)
-        group = torch.arange(g, device=q.device).view(1, g, 1)
-        sampled = rows.index_select(0, ((base + left) * g + group).flatten()).to(dtype) \
-            * w_left.reshape(-1, 1) \
-            + rows.index_select(0, ((base + right) * g + group).flatten()).to(dtype) * w_right.reshape(-1, 1)
-        k, v = sampled.view(b * g, m, 2, hg, dh).permute(2, 0, 3, 1, 4).contiguous()  # 2 x (B G, hg, M, dh)
+        # the tokens interpolated at the sampled points, rows in (group, sample, key) order, then each
+        # group's key/value projection: ceil(N / r) tokens per group instead of all N slices
+        base = (torch.arange(b, device=q.device) * n).view(b, 1, 1, 1)
+        neighbours = (base + torch.stack([left, right], -1)).transpose(0, 1)  # (groups, B, M, 2)
+        weights = torch.stack([w_left, w_right], -1).transpose(0, 1).reshape(-1, 2)
+        tokens = _SampleTokens.apply(x.reshape(b * n, -1), neighbours.reshape(-1, 2), weights)
+        tokens = tokens.view(g, b * m, -1)
+        kv = tokens @ self._key_value_weight().view(g, 2 * hg * dh, -1).transpose(1, 2)
+        k, v = kv.to(dtype).view(g, b, m, 2, hg, dh).permute(3, 1, 0, 4, 2, 5).reshape(2, b * g, hg, m, dh)
 
         distance, slope_steps, intercept_steps = self.position_bias.step_tables(dtype)
         out = _DeformableAttentionFunction.apply(self._queries(q, dtype), k, v, positions.reshape(b * g, m),
