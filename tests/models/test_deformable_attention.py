@@ -339,6 +339,55 @@ def test_matches_the_reference_in_value_and_gradient(downsample, kernel, groups,
     _compare_with_reference(attention, x, _padding(3, n, padding))
 
 
+@pytest.mark.parametrize("downsample", [3, 2])
+@pytest.mark.parametrize("shift", [0.0, 1e-7, -1e-7])
+@pytest.mark.parametrize("padding", ["none", "interior"])
+def test_kinks_at_whole_distances_and_keys_at_whole_positions_match_the_reference(downsample, shift, padding):
+    """The bias tables put every kink's step at query floor(p) + ceil(D) and move it one query later
+    where the key's fraction demands it: hit the edges (keys at integer and half-integer positions,
+    kinks at, just above and just below integer and half-integer distances, either sign of the
+    first-layer weight). Exactly at a kink the MLP has no derivative (its ReLU takes 0 there, the
+    segment tables the next segment): there only the values are compared."""
+    attention = _attention(downsample=downsample, use_offsets=False, random_offsets=False).double()
+    hidden = attention.position_bias.net[0]
+    distances = torch.tensor([-9.0, -4, -2, -1.5, -1, -0.5, 0.5, 1, 1.5, 2, 3, 4.5, 7, 12, 40, 0],
+                             dtype=torch.float64).repeat(4) + shift
+    with torch.no_grad():
+        hidden.weight.copy_(torch.tensor([1.0, -2.0], dtype=torch.float64).repeat(32)[:, None])
+        hidden.bias.copy_(-hidden.weight[:, 0] * module.signed_log_distance(distances))
+    x = torch.randn(3, 23, DIM, dtype=torch.float64)
+    valid = _padding(3, 23, padding)
+    if shift != 0.0:
+        _compare_with_reference(attention, x, valid)
+        return
+    mask = slice(None) if valid is None else valid
+    torch.testing.assert_close(attention(x, valid)[mask], _reference_attention(attention, x, valid)[mask],
+                               atol=1e-10, rtol=1e-9)
+
+
+def test_sample_tokens_gradients():
+    rows = torch.randn(9, 5, dtype=torch.float64, requires_grad=True)
+    neighbours = torch.tensor([[0, 1], [3, 3], [8, 8], [2, 3], [0, 1]])
+    weights = torch.rand(5, 2, dtype=torch.float64, requires_grad=True)
+    expected = weights[:, :1] * rows[neighbours[:, 0]] + weights[:, 1:] * rows[neighbours[:, 1]]
+    torch.testing.assert_close(module._SampleTokens.apply(rows, neighbours, weights), expected)
+    assert torch.autograd.gradcheck(module._SampleTokens.apply, (rows, neighbours, weights))
+
+
+def test_repeated_runs_are_bitwise_identical():
+    attention = _attention(downsample=4)
+    x = torch.randn(2, 61, DIM)
+    runs = []
+    for _ in range(2):
+        attention.zero_grad(set_to_none=True)
+        xx = x.clone().requires_grad_()
+        out = attention(xx)
+        out.square().sum().backward()
+        runs.append([out, xx.grad] + [p.grad for p in attention.parameters()])
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
+
+
 @pytest.mark.parametrize("tile_pairs", [1, 40, 500])
 @pytest.mark.parametrize("groups", [4, 2])
 def test_tiles_do_not_change_the_result(tile_pairs, groups, monkeypatch):
