@@ -274,9 +274,11 @@ class _DeformableAttentionFunction(torch.autograd.Function):
         grad_positions = torch.empty_like(positions) if need[3] else None
         queries = torch.arange(n, device=q.device, dtype=q.dtype)
         if bias_path:
-            group = torch.arange(rows, device=q.device) % groups
-            slope = slope_steps.t().reshape(groups, hg, 1, segments)
-            sums = q.new_empty(rows, 2, hg, segments)
+            # per key: the cumulative sums of the three maps below at the query before each segment's
+            # first, at its last query (the total) and, for the first map, at query floor(p)
+            before = q.new_empty(3, rows, hg, m, segments)
+            total = q.new_empty(3, rows, hg, m, 1)
+            at_floor = q.new_empty(rows, hg, m, 1)
         for tile in _DeformableAttentionFunction._tiles(rows, hg * n * m):
             rc = tile.stop - tile.start
             probabilities = attn[tile].view(rc * hg, m, n)
@@ -302,23 +304,26 @@ class _DeformableAttentionFunction(torch.autograd.Function):
             torch.div(maps[1], scale, out=maps[2])
             torch.mul(maps[1], scale.log_(), out=maps[0])
             maps.cumsum_(-1)
-            # sum from query t on = total - (cumulative sum at t - 1)
-            total = maps[..., -1:]
-            first_query = threshold[tile, None].long()  # (rc, 1, M, segments)
-            index = (first_query - 1).clamp_(min=0).expand(3, rc, hg, m, segments)
-            suffix = total - maps.gather(-1, index) * (first_query > 0)
-            # the log distance is signed: -1 up to query floor(p), +1 from there on
-            floor = left[tile, None, :, None]  # (rc, 1, M, 1)
-            at_sign = total[0] - maps[0].gather(-1, floor.expand(rc, hg, m, 1))
-            suffix[0] = torch.where(first_query > floor, suffix[0], 2 * at_sign - suffix[0])
-            sums[tile] = suffix[:2].sum(-2).transpose(0, 1)
-            if grad_positions is not None:  # d bias / d p = -slope / (1 + |i - p|), slope: the steps reached
-                grad_positions[tile] = (suffix[2] * slope[group[tile]]).sum((1, 3)).neg_()
-            del maps, total, suffix
+            index = (threshold[tile, None].long() - 1).clamp_(min=0).expand(3, rc, hg, m, segments)
+            before[:, tile] = maps.gather(-1, index)
+            total[:, tile] = maps[..., -1:]
+            at_floor[tile] = maps[0].gather(-1, left[tile, None, :, None].expand(rc, hg, m, 1))
+            del maps
         grad_slope = grad_intercept = None
         if bias_path:
-            per_group = sums.view(rows // groups, groups, 2, hg, segments).sum(0)  # rows: (sample, group)
-            per_head = per_group.permute(1, 3, 0, 2).reshape(2, segments, groups * hg)
+            # sum from query t on = total - (cumulative sum at t - 1)
+            first_query = threshold[:, None].long()  # (R, 1, M, segments)
+            suffix = total - before.mul_(first_query > 0)
+            # the log distance is signed: -1 up to query floor(p), +1 from there on
+            suffix[0] = torch.where(first_query > left[:, None, :, None], suffix[0],
+                                    2 * (total[0] - at_floor) - suffix[0])
+            if grad_positions is not None:  # d bias / d p = -slope / (1 + |i - p|), slope: the steps reached
+                slope = slope_steps.t().reshape(groups, hg, 1, segments)
+                group = torch.arange(rows, device=q.device) % groups
+                torch.sum(suffix[2] * slope[group], (1, 3), out=grad_positions).neg_()
+            # rows are (sample, group): the steps' gradients per group, then per head
+            per_group = suffix[:2].sum(-2).view(2, rows // groups, groups, hg, segments).sum(1)
+            per_head = per_group.permute(0, 3, 1, 2).reshape(2, segments, groups * hg)
             grad_slope, grad_intercept = per_head[0], per_head[1]
         return (grad_q if need[0] else None, grad_k if need[1] else None, grad_v if need[2] else None,
                 grad_positions, grad_slope, grad_intercept, None, None, None, None)
@@ -470,13 +475,18 @@ class DeformableSliceAttention(nn.Module):
         first = -((k - r) // 2)  # original index of the first input of output 0
         span = (m - 1) * r + k
         pad_left, pad_right = max(0, -first), max(0, first + span - n)
-        q = F.pad(q, (0, 0, pad_left, pad_right))[:, first + pad_left: first + pad_left + span]
-        # the depthwise conv of every group at once (its weights repeated per group), channels last:
-        # the same function as ``self.offset_net`` on (B * groups, channels, span), faster on CPU
+        padding = 0
+        if pad_left == pad_right == -first:  # the conv pads (the common case: r divides N, k - r even)
+            padding = pad_left
+        else:
+            q = F.pad(q, (0, 0, pad_left, pad_right))[:, first + pad_left: first + pad_left + span]
+        # the depthwise conv of every group at once (its weights repeated per group), channels last
+        # ((B, L, g c) viewed as (B, g c, 1, L)): the same function as ``self.offset_net`` on
+        # (B * groups, channels, span), faster on CPU
         conv, act, mix = self.offset_net
-        q = q.transpose(1, 2).unsqueeze(2).contiguous(memory_format=torch.channels_last)  # (B, g c, 1, span)
+        q = q.unsqueeze(1).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
         hidden = F.conv2d(q, conv.weight.repeat(g, 1, 1).unsqueeze(2), conv.bias.repeat(g), stride=(1, r),
-                          groups=q.shape[1])
+                          padding=(0, padding), groups=q.shape[1])
         hidden = act(hidden).permute(0, 3, 2, 1).reshape(b, m, g, -1)  # a view: channels last
         raw = (hidden @ mix.weight.view(-1) + mix.bias).transpose(1, 2).contiguous()  # 1x1 conv, (B, g, m)
         dtype = torch.float64 if raw.dtype == torch.float64 else torch.float32
