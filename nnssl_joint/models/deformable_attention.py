@@ -338,9 +338,10 @@ class _SampleTokens(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows: Tensor, neighbours: Tensor, weights: Tensor) -> Tensor:
         with _autocast_off(rows.device.type):
-            pairs = rows.index_select(0, neighbours.view(-1)).view(-1, 2, rows.shape[1])
             ctx.save_for_backward(rows, neighbours, weights)
-            return (weights.to(rows.dtype).unsqueeze(1) @ pairs).squeeze(1)
+            weights = weights.to(rows.dtype)
+            out = rows.index_select(0, neighbours[:, 0]).mul_(weights[:, :1])
+            return out.addcmul_(rows.index_select(0, neighbours[:, 1]), weights[:, 1:])
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
@@ -349,12 +350,14 @@ class _SampleTokens(torch.autograd.Function):
         with _autocast_off(grad.device.type):
             grad = grad.to(rows.dtype)
             if ctx.needs_input_grad[0]:
-                spread = weights.to(rows.dtype).unsqueeze(-1) * grad.unsqueeze(1)  # (S, 2, d)
-                grad_rows = torch.zeros_like(rows).index_add_(0, neighbours.view(-1),
-                                                              spread.view(-1, rows.shape[1]))
+                grad_rows = torch.zeros_like(rows)
+                weights = weights.to(grad.dtype)
+                for side in (0, 1):
+                    grad_rows.index_add_(0, neighbours[:, side], grad * weights[:, side:side + 1])
             if ctx.needs_input_grad[2]:
-                pairs = rows.index_select(0, neighbours.view(-1)).view(-1, 2, rows.shape[1])
-                grad_weights = (pairs @ grad.unsqueeze(-1)).squeeze(-1).to(weights.dtype)
+                grad_weights = torch.stack([(rows.index_select(0, neighbours[:, side]).unsqueeze(1)
+                                             @ grad.unsqueeze(-1)).view(-1) for side in (0, 1)], -1)
+                grad_weights = grad_weights.to(ctx.saved_tensors[2].dtype)
         return grad_rows, None, grad_weights
 
 
