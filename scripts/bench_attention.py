@@ -1,7 +1,10 @@
 """Benchmark: the slice attention of f_inter (DeformableSliceAttention) against full self-attention.
 
 All methods and slice counts N run in one process, forward + backward of ``out.square().mean()``,
-repeats interleaved across methods (so a busy machine slows all of them alike); reported: the median.
+repeats interleaved across methods (so a busy machine slows all of them alike), the methods in a
+different order every repeat (a fixed shuffle per repeat: in one fixed order a method always runs right
+after the same one, e.g. after the one whose freed memory the allocator has just returned to the
+system, and pays the page faults of growing the heap again every time); reported: the median.
 
 Methods (same d, heads, batch; the four first share the projections' shapes):
   deformable    DeformableSliceAttention, attention="deformable": ceil(N / r) keys per head at learned
@@ -45,6 +48,7 @@ import datetime
 import json
 import math
 import platform
+import random
 import resource
 import statistics
 import subprocess
@@ -153,8 +157,10 @@ def time_all(sizes: Sequence[int], args: argparse.Namespace, device: torch.devic
         samples = {m: [] for m in METHODS}
         for m in METHODS:
             step(modules[m], x)  # warm-up
-        for _ in range(args.repeats):
-            for m in METHODS:
+        for repeat in range(args.repeats):
+            order = list(METHODS)
+            random.Random(repeat).shuffle(order)
+            for m in order:
                 samples[m].append(timed(lambda m=m, x=x: step(modules[m], x)))
         for m in METHODS:
             wall[m][n] = statistics.median(s[0] for s in samples[m])
