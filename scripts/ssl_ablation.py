@@ -173,13 +173,15 @@ def evaluate(run_dir: Path, volumes: dict[str, np.ndarray], seed: int,
     diag = volume_diagnostics(model, resized, valid_t, views[0], views[1], seed=seed)
     last = {key: float(log[key][-1]) for key in ("loss_intra", "loss_intra_3d", "loss_inter", "loss_mask",
                                                  "entropy_2d", "entropy_3d") if log.get(key)}
-    warnings = (run_dir / next(p.name for p in run_dir.glob("training_log_*.txt"))).read_text().count(
-        "possible cluster collapse")
+    log_text = (run_dir / next(p.name for p in run_dir.glob("training_log_*.txt"))).read_text()
+    warnings = log_text.count("possible cluster collapse")
+    uniform_warnings = log_text.count("no clustering signal")
     out = {"train_last_epoch": last, "log_k3d": math.log(k3), "log_k2d": math.log(k2),
            "inter_over_log_k3d": last.get("loss_inter", float("nan")) / math.log(k3),
            "entropy_3d_per_epoch": [round(float(v), 3) for v in log.get("entropy_3d", [])],
            "inter_per_epoch": [round(float(v), 3) for v in log.get("loss_inter", [])],
-           "collapse_warnings": warnings, "resolved": {k: resolved[k] for k in (
+           "collapse_warnings": warnings, "uniform_code_warnings": uniform_warnings,
+           "resolved": {k: resolved[k] for k in (
                "view_size", "n_slices", "batch_size_2d", "batch_size_3d", "num_prototypes_2d",
                "num_prototypes_3d")}}
     out.update(diag)

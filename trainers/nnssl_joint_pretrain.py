@@ -293,14 +293,12 @@ class JointSSLPretrainTrainer(nnUNetTrainer):
         epoch_time = self.logger.get_value("epoch_end_timestamps", -1) - self.logger.get_value(
             "epoch_start_timestamps", -1)
         self.print_to_log_file(f"Epoch time: {epoch_time:.2f} s")
-        threshold = self.ssl_config.optim.collapse_entropy_threshold
-        for key, prototypes in (("entropy_2d", self.model.intra_loss), ("entropy_3d", self.model.inter_loss)):
-            enough = s[f"{key}_samples"] >= 4 * prototypes.prototypes.weight.shape[0]
-            if enough and s[key] < threshold and self.current_epoch >= 1:
-                self.print_to_log_file(
-                    f"WARNING: possible cluster collapse: {key} = {s[key]:.3f} < {threshold} "
-                    "(few prototypes take all samples). Consider a larger batch, fewer prototypes, a larger "
-                    "epsilon or a longer prototype freeze.")
+        num_prototypes = {"2d": self.model.intra_loss.prototypes.weight.shape[0],
+                          "3d": self.model.inter_loss.prototypes.weight.shape[0]}
+        for warning in runtime.monitor_warnings(s, self.current_epoch, num_prototypes,
+                                                self.ssl_config.optim.collapse_entropy_threshold,
+                                                swav=not self.deepcluster):
+            self.print_to_log_file(warning)
         if (self.current_epoch + 1) % self.save_every == 0 and self.current_epoch != self.num_epochs - 1:
             self.save_checkpoint(join(self.output_folder, "checkpoint_latest.pth"))
         if np.isfinite(s["train_losses"]) and (self._best_loss is None

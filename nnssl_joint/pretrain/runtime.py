@@ -97,6 +97,43 @@ def summarize_epoch(outputs: list[dict], model: nn.Module, seconds: float, is_dd
     return summary
 
 
+#: a SwAV term whose epoch mean lies within this fraction of log K carries no clustering signal: with
+#: uniform Sinkhorn codes the cross-entropy is log K exactly when the predictions are uniform as well
+UNIFORM_CODES_TOLERANCE = 0.01
+
+
+def monitor_warnings(summary: dict[str, float], epoch: int, num_prototypes: dict[str, int],
+                     entropy_threshold: float, swav: bool) -> list[str]:
+    """The collapse monitor's warnings for one epoch's ``summarize_epoch`` output (from the second epoch on).
+
+    * *collapse*: a prototype-usage entropy below ``entropy_threshold`` with at least 4 samples per
+      prototype (few prototypes take all samples);
+    * *uniform codes* (SwAV only): L_intra / L_intra_3d within ``UNIFORM_CODES_TOLERANCE`` of log K_2D, or
+      L_inter of log K_3D. Then codes and predictions are both uniform: the entropies look healthy while
+      nothing is learned (e.g. 8 windows per 3D batch with the default head, docs/pretraining.md).
+    ``num_prototypes``: ``{"2d": K_2D, "3d": K_3D}``."""
+    if epoch < 1:
+        return []
+    warnings = []
+    for key in ("2d", "3d"):
+        value, samples = summary[f"entropy_{key}"], summary[f"entropy_{key}_samples"]
+        if samples >= 4 * num_prototypes[key] and value < entropy_threshold:
+            warnings.append(f"WARNING: possible cluster collapse: entropy_{key} = {value:.3f} < "
+                            f"{entropy_threshold} (few prototypes take all samples). Consider a larger "
+                            "batch, fewer prototypes, a larger epsilon or a longer prototype freeze.")
+    if swav:
+        for term, key in (("intra", "2d"), ("intra_3d", "2d"), ("inter", "3d")):
+            value, log_k = summary[f"loss_{term}"], float(np.log(num_prototypes[key]))
+            if np.isfinite(value) and abs(value / log_k - 1.0) < UNIFORM_CODES_TOLERANCE:
+                k = f"K_{key.upper()}"
+                warnings.append(
+                    f"WARNING: no clustering signal: L_{term} = {value:.4f} = {value / log_k:.3f} log {k} "
+                    f"({k} = {num_prototypes[key]}): the Sinkhorn codes and the predictions are uniform, so "
+                    "the entropies look healthy while the term learns nothing. Consider a smaller epsilon, a "
+                    "normalised input (transformer.input_norm batch for L_inter) or fewer samples per batch.")
+    return warnings
+
+
 def augmenter_seeds(num_processes: int) -> list[int]:
     """Distinct seeds for the augmentation worker processes, drawn from NumPy's global RNG (seeded by
     :func:`nnssl_joint.common.seeding.seed_everything` or restored from a checkpoint)."""
