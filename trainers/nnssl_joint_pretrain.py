@@ -295,9 +295,16 @@ class JointSSLPretrainTrainer(nnUNetTrainer):
         self.print_to_log_file(f"Epoch time: {epoch_time:.2f} s")
         num_prototypes = {"2d": self.model.intra_loss.prototypes.weight.shape[0],
                           "3d": self.model.inter_loss.prototypes.weight.shape[0]}
+        previous = None  # the losses of the epoch before (the logger is restored on resume)
+        if self.current_epoch >= 1:
+            try:
+                previous = {f"loss_{t}": self.logger.get_value(f"loss_{t}", self.current_epoch - 1)
+                            for t in LOSS_TERMS}
+            except (KeyError, IndexError):  # a checkpoint whose log lacks that epoch: not judged
+                previous = None
         for warning in runtime.monitor_warnings(s, self.current_epoch, num_prototypes,
                                                 self.ssl_config.optim.collapse_entropy_threshold,
-                                                swav=not self.deepcluster):
+                                                swav=not self.deepcluster, previous=previous):
             self.print_to_log_file(warning)
         if (self.current_epoch + 1) % self.save_every == 0 and self.current_epoch != self.num_epochs - 1:
             self.save_checkpoint(join(self.output_folder, "checkpoint_latest.pth"))

@@ -103,14 +103,17 @@ UNIFORM_CODES_TOLERANCE = 0.01
 
 
 def monitor_warnings(summary: dict[str, float], epoch: int, num_prototypes: dict[str, int],
-                     entropy_threshold: float, swav: bool) -> list[str]:
+                     entropy_threshold: float, swav: bool,
+                     previous: dict[str, float] | None = None) -> list[str]:
     """The collapse monitor's warnings for one epoch's ``summarize_epoch`` output (from the second epoch on).
 
     * *collapse*: a prototype-usage entropy below ``entropy_threshold`` with at least 4 samples per
       prototype (few prototypes take all samples);
     * *uniform codes* (SwAV only): L_intra / L_intra_3d within ``UNIFORM_CODES_TOLERANCE`` of log K_2D, or
-      L_inter of log K_3D. Then codes and predictions are both uniform: the entropies look healthy while
-      nothing is learned (e.g. 8 windows per 3D batch with the default head, docs/pretraining.md).
+      L_inter of log K_3D, in this epoch and in the ``previous`` one (the losses of the epoch before; a
+      term on its way down passes through log K in one epoch, e.g. L_intra from 1.02 to 0.98 log K_2D early
+      on). Then codes and predictions are both uniform: the entropies look healthy while nothing is
+      learned (e.g. 8 windows per 3D batch with the default head, docs/pretraining.md).
     ``num_prototypes``: ``{"2d": K_2D, "3d": K_3D}``."""
     if epoch < 1:
         return []
@@ -121,16 +124,19 @@ def monitor_warnings(summary: dict[str, float], epoch: int, num_prototypes: dict
             warnings.append(f"WARNING: possible cluster collapse: entropy_{key} = {value:.3f} < "
                             f"{entropy_threshold} (few prototypes take all samples). Consider a larger "
                             "batch, fewer prototypes, a larger epsilon or a longer prototype freeze.")
-    if swav:
+    if swav and previous is not None:
         for term, key in (("intra", "2d"), ("intra_3d", "2d"), ("inter", "3d")):
             value, log_k = summary[f"loss_{term}"], float(np.log(num_prototypes[key]))
-            if np.isfinite(value) and abs(value / log_k - 1.0) < UNIFORM_CODES_TOLERANCE:
+            before = previous.get(f"loss_{term}", float("nan"))
+            if all(np.isfinite(v) and abs(v / log_k - 1) < UNIFORM_CODES_TOLERANCE for v in (value, before)):
                 k = f"K_{key.upper()}"
                 warnings.append(
                     f"WARNING: no clustering signal: L_{term} = {value:.4f} = {value / log_k:.3f} log {k} "
-                    f"({k} = {num_prototypes[key]}): the Sinkhorn codes and the predictions are uniform, so "
-                    "the entropies look healthy while the term learns nothing. Consider a smaller epsilon, a "
-                    "normalised input (transformer.input_norm batch for L_inter) or fewer samples per batch.")
+                    f"({k} = {num_prototypes[key]}) in this epoch and the one before: the Sinkhorn codes and "
+                    "the predictions are uniform, so the entropies look healthy while the term learns "
+                    "nothing. In the first epochs (frozen prototypes) this can pass; if it persists, "
+                    "consider a smaller epsilon, a normalised input (transformer.input_norm batch for "
+                    "L_inter) or fewer samples per batch.")
     return warnings
 
 
