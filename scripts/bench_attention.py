@@ -28,8 +28,10 @@ Memory of one forward + backward (after a warm-up step), MiB:
         inherited across fork + exec): process level, includes allocator slack, scatters by some MiB.
 
 Throughput and utilisation: slices/s = batch * N / time. Model FLOPs are counted analytically (matrix
-products only: projections 4 * 2 B N d (heads * dim_head), scores and weighted sum 2 * 2 B heads N K
-dim_head with K = N (full) or ceil(N / r) (deformable); backward counted as twice the forward; the
+products only: query and output projections 2 * 2 B N d (heads * dim_head), key and value projections
+2 * 2 B K d (heads * dim_head), scores and weighted sum 2 * 2 B heads N K dim_head with K = N (full) or
+ceil(N / r) (deformable: keys and values come from the ceil(N / r) interpolated tokens of each group);
+backward counted as twice the forward; the
 bias, softmax and offset network are left out). Model FLOPs utilisation = model FLOP/s / peak FLOP/s,
 the peak from --peak-tflops or, on CUDA, from a small table of FP32 peaks by device name.
 
@@ -115,8 +117,11 @@ def attention_keys(method: str, n: int, args: argparse.Namespace) -> int:
 def model_flops(method: str, n: int, args: argparse.Namespace) -> int:
     """Matrix-product FLOPs of one forward + backward (see the module docstring)."""
     inner = args.heads * args.dim_head
-    projections = 4 * 2 * args.batch * n * args.dim * inner
-    attention = 2 * 2 * args.batch * args.heads * n * attention_keys(method, n, args) * args.dim_head
+    keys = attention_keys(method, n, args)
+    # queries and output on all N slices; keys and values on the tokens attended to (deformable: each group
+    # projects its ceil(N / r) interpolated tokens, so K/V cost ceil(N / r) rows in all, not N)
+    projections = 2 * 2 * args.batch * (n + keys) * args.dim * inner
+    attention = 2 * 2 * args.batch * args.heads * n * keys * args.dim_head
     return 3 * (projections + attention)
 
 
