@@ -31,9 +31,9 @@ Throughput and utilisation: slices/s = batch * N / time. Model FLOPs are counted
 products only: query and output projections 2 * 2 B N d (heads * dim_head), key and value projections
 2 * 2 B K d (heads * dim_head), scores and weighted sum 2 * 2 B heads N K dim_head with K = N (full) or
 ceil(N / r) (deformable: keys and values come from the ceil(N / r) interpolated tokens of each group);
-backward counted as twice the forward; the
-bias, softmax and offset network are left out). Model FLOPs utilisation = model FLOP/s / peak FLOP/s,
-the peak from --peak-tflops or, on CUDA, from a small table of FP32 peaks by device name.
+backward counted as twice the forward; the bias, softmax and offset network are left out). Model FLOPs
+utilisation = model FLOP/s / peak FLOP/s, the peak from --peak-tflops or, on CUDA, from a small table of
+FP32 peaks by device name.
 
 Usage:
   python scripts/bench_attention.py [--out bench.json]                 # CPU, the configuration below

@@ -351,13 +351,13 @@ class _SampleTokens(torch.autograd.Function):
             grad = grad.to(rows.dtype)
             if ctx.needs_input_grad[0]:
                 grad_rows = torch.zeros_like(rows)
-                weights = weights.to(grad.dtype)
+                row_weights = weights.to(grad.dtype)
                 for side in (0, 1):
-                    grad_rows.index_add_(0, neighbours[:, side], grad * weights[:, side:side + 1])
+                    grad_rows.index_add_(0, neighbours[:, side], grad * row_weights[:, side:side + 1])
             if ctx.needs_input_grad[2]:
                 grad_weights = torch.stack([(rows.index_select(0, neighbours[:, side]).unsqueeze(1)
                                              @ grad.unsqueeze(-1)).view(-1) for side in (0, 1)], -1)
-                grad_weights = grad_weights.to(ctx.saved_tensors[2].dtype)
+                grad_weights = grad_weights.to(weights.dtype)
         return grad_rows, None, grad_weights
 
 
