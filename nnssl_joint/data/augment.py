@@ -54,6 +54,7 @@ __all__ = [
     "MultiplicativeBiasFieldTransform",
     "RandomResizedCropTransform",
     "ViewAugmentationConfig",
+    "coordinate_maps",
     "slice_view_transforms",
     "volume_view_transforms",
 ]
@@ -211,6 +212,17 @@ STRONG = ViewAugmentationConfig()
 WEAK = ViewAugmentationConfig(crop_area=(0.5, 1.0), p_rotation=0.2, p_bias_field=0.0, p_brightness=0.3,
                               p_contrast=0.3, p_gamma=0.1, p_blur=0.1, p_low_resolution=0.0, p_noise=0.1)
 """Crop, flip and mild intensity changes only (e.g. an asymmetric second view, or feature extraction)."""
+
+
+def coordinate_maps(height: int, width: int) -> torch.Tensor:
+    """(3, height, width): each pixel's continuous (y, x) centre (pixel k covers [k, k + 1)) and an in-image
+    weight of 1. Passed through a view pipeline as its ``regression_target``, which the spatial steps
+    resample like the image (bilinear, zero padding) and mirror, and which no intensity step touches, it
+    tells where each pixel of the view came from; the weight falls below 1 where the view leaves the
+    source (the dense term, :mod:`nnssl_joint.ssl.dense`)."""
+    y = torch.arange(height, dtype=torch.float32)[:, None].expand(height, width) + 0.5
+    x = torch.arange(width, dtype=torch.float32)[None, :].expand(height, width) + 0.5
+    return torch.stack((y, x, torch.ones(height, width)))
 
 
 def _maybe(transform: BasicTransform, probability: float) -> list[BasicTransform]:

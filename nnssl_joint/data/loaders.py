@@ -16,6 +16,12 @@ Batch layouts (float32 unless noted):
   (all zero, ``valid`` False) where that slice does not exist.
 - :class:`JointLoader`: ``{'slices': <slice batch>, 'volumes': <volume batch or None>}``.
 
+With ``coordinates=True`` the slice batch also holds ``'global_coords'`` (B, 2, 3, h, w) and the volume
+batch ``'coords'`` (B, 2, 3, h, w): per view, each pixel's (y, x) position in the item's initial patch (the
+window's, the same for all its slices) and an in-image weight (:func:`~nnssl_joint.data.augment.
+coordinate_maps`), for the dense term. They draw no random numbers: the views are the same with or
+without them.
+
 Given a :class:`SampleIndex` (``sample_index=``), the batches also carry global sample indices for
 DeepCluster-v2's memory banks: the slice batch ``'index'`` (B,) int64, the global index of (case, slice);
 the volume batch ``'index'`` (B,) int64, the global index of (case, window start), and
@@ -47,6 +53,7 @@ from threadpoolctl import threadpool_limits
 from nnssl_joint.data.augment import (
     STRONG,
     ViewAugmentationConfig,
+    coordinate_maps,
     slice_view_transforms,
     volume_view_transforms,
 )
@@ -319,9 +326,10 @@ class SliceViewsLoader(nnUNetDataLoader):
                  global_transforms: BasicTransform | None = None,
                  small_transforms: BasicTransform | None = None,
                  label_manager: LabelManager | None = None,
-                 sample_index: SampleIndex | None = None):
+                 sample_index: SampleIndex | None = None, coordinates: bool = False):
         view_size = _pair(view_size, "view_size")
         patch = _initial_patch(patch_size, view_size)
+        self.coordinates = bool(coordinates)
         if sampling_probabilities is not None:
             sampling_probabilities = _check_probabilities(sampling_probabilities, len(data.identifiers))
         super().__init__(data, batch_size, patch, patch, label_manager or _dummy_label_manager(),
@@ -342,7 +350,7 @@ class SliceViewsLoader(nnUNetDataLoader):
     def generate_train_batch(self) -> dict:
         keys = [str(k) for k in self.get_indices()]
         batch = len(keys)
-        global_views = small_views = None
+        global_views = small_views = global_coords = None
         slice_index = torch.empty(batch, dtype=torch.int64)
         with torch.no_grad(), threadpool_limits(limits=1, user_api=None):
             for j, key in enumerate(keys):
@@ -358,12 +366,21 @@ class SliceViewsLoader(nnUNetDataLoader):
                     if self.n_small_views:
                         small_views = torch.empty((batch, self.n_small_views, channels,
                                                    *self.small_view_size))
+                    if self.coordinates:
+                        global_coords = torch.empty((batch, 2, 3, *self.view_size))
                 for v in range(2):
-                    global_views[j, v] = self.global_transforms(image=patch.clone())["image"]
+                    if self.coordinates:
+                        view = self.global_transforms(image=patch.clone(),
+                                                      regression_target=coordinate_maps(*patch.shape[1:]))
+                        global_views[j, v], global_coords[j, v] = view["image"], view["regression_target"]
+                    else:
+                        global_views[j, v] = self.global_transforms(image=patch.clone())["image"]
                 for v in range(self.n_small_views):
                     small_views[j, v] = self.small_transforms(image=patch.clone())["image"]
         out = {"global_views": global_views, "small_views": small_views, "keys": keys,
                "slice_index": slice_index}
+        if self.coordinates:
+            out["global_coords"] = global_coords
         if self.sample_index is not None:
             out["index"] = torch.tensor([self.sample_index.slice_index(k, int(n))
                                          for k, n in zip(keys, slice_index)], dtype=torch.int64)
@@ -388,7 +405,7 @@ class VolumeViewsLoader(nnUNetDataLoader):
                  transforms: BasicTransform | None = None,
                  summary: Mapping | None = None,
                  label_manager: LabelManager | None = None,
-                 sample_index: SampleIndex | None = None):
+                 sample_index: SampleIndex | None = None, coordinates: bool = False):
         if n_slices < 1:
             raise NnsslJointError(f"n_slices must be >= 1, got {n_slices}")
         view_size = _pair(view_size, "view_size")
@@ -411,11 +428,12 @@ class VolumeViewsLoader(nnUNetDataLoader):
         self.sample_index = sample_index
         self.view_size = view_size
         self.transforms = transforms or volume_view_transforms(view_size, config=config)
+        self.coordinates = bool(coordinates)
 
     def generate_train_batch(self) -> dict:
         keys = [str(k) for k in self.get_indices()]
         batch = len(keys)
-        views = None
+        views = coords = None
         valid = torch.empty((batch, self.n_slices), dtype=torch.bool)
         slice_start = torch.empty(batch, dtype=torch.int64)
         positions = torch.arange(self.n_slices)
@@ -429,11 +447,20 @@ class VolumeViewsLoader(nnUNetDataLoader):
                 valid[j] = (positions + lbs[0] >= 0) & (positions + lbs[0] < data.shape[1])
                 if views is None:
                     views = torch.empty((batch, 2, stack.shape[0], self.n_slices, *self.view_size))
+                    if self.coordinates:
+                        coords = torch.empty((batch, 2, 3, *self.view_size))
                 for v in range(2):
-                    view = self.transforms(image=stack.clone())["image"]
+                    if self.coordinates:  # one in-plane map for all slices: (3, 1, H, W)
+                        result = self.transforms(image=stack.clone(),
+                                                 regression_target=coordinate_maps(*stack.shape[2:])[:, None])
+                        view, coords[j, v] = result["image"], result["regression_target"][:, 0]
+                    else:
+                        view = self.transforms(image=stack.clone())["image"]
                     view[:, ~valid[j]] = 0  # intensity transforms touched the padding too
                     views[j, v] = view
         out = {"views": views, "valid": valid, "keys": keys, "slice_start": slice_start}
+        if self.coordinates:
+            out["coords"] = coords
         if self.sample_index is not None:
             out["index"] = torch.tensor([self.sample_index.window_index(k, int(s))
                                          for k, s in zip(keys, slice_start)], dtype=torch.int64)

@@ -50,7 +50,9 @@ from nnssl_joint.models.preset import ArchitecturePreset
 from nnssl_joint.models.slice_embedding import ProjectionHead
 from nnssl_joint.models.slice_transformer import masked_slice_mean
 from nnssl_joint.ssl.deepcluster import DeepClusterV2Loss, MemoryBank, normalized_mutual_information
+from nnssl_joint.ssl.dense import DenseProjectionHead, dense_correspondence_loss
 from nnssl_joint.ssl.objective import (
+    TERM_DENSE,
     TERM_INTER,
     TERM_INTRA,
     TERM_INTRA_3D,
@@ -94,6 +96,14 @@ class JointSSLModel(nn.Module):
         self.projection_2d = ProjectionHead(d, proj.hidden_dim, proj.out_dim, norm="batch")
         self.projection_3d = ProjectionHead(d, proj.hidden_dim, proj.out_dim, norm=objective.head_norm_3d)
         self.masked_modeling = MaskedSliceModeling(d)
+        self.dense_head = None
+        if objective.lambda_dense > 0:  # only then: other configurations keep their state_dict keys
+            features = preset.encoder.features_per_stage
+            if objective.dense_stage >= len(features):
+                raise ValueError(f"objective.dense_stage={objective.dense_stage} does not exist: the "
+                                 f"preset's encoder has {len(features)} stages (0-{len(features) - 1}).")
+            channels = features[objective.dense_stage]
+            self.dense_head = DenseProjectionHead(channels, channels, objective.dense_dim)
         if self.deepcluster:
             self._build_deepcluster(objective, slice_memory_size, window_memory_size, kmeans_seed)
             return
@@ -254,6 +264,7 @@ class JointSSLModel(nn.Module):
         want_3d = volumes is not None and stage.needs_volumes
         want_intra_3d = want_3d and stage.is_active(TERM_INTRA_3D)
         freeze = stage.freeze_intra
+        want_dense = stage.is_active(TERM_DENSE) and self.dense_head is not None and not freeze
 
         # one encoder pass for every input of the global view size (2D global views + volume slices)
         same_size: list[Tensor] = []
@@ -268,12 +279,15 @@ class JointSSLModel(nn.Module):
         if not same_size:
             return out
         with torch.set_grad_enabled(torch.is_grad_enabled() and not freeze):
-            emb = self.embed_slices(torch.cat(same_size, 0))
+            skips = self.encoder(torch.cat(same_size, 0))
+            emb = self.slice_embedding(skips)
+            dense_map = skips[self.objective.dense_stage] if want_dense else None
             small = None
             if want_intra and slices.get("small_views") is not None and slices["small_views"].shape[1] > 0:
                 s = slices["small_views"]
                 small = self.embed_slices(s.flatten(0, 1)).view(s.shape[0], s.shape[1], -1)
         varcov_parts: list[Tensor] = []
+        dense_parts: list[Tensor] = []
         want_varcov = stage.is_active(TERM_VARCOV)
         if want_varcov and not freeze:
             rows = [torch.ones(emb.shape[0] - (b3 * n_views * n if want_3d else 0), dtype=torch.bool,
@@ -294,9 +308,22 @@ class JointSSLModel(nn.Module):
             out[TERM_INTRA], assigned = self._clustering_term(self.intra_loss, z, iteration, index_2d, "2d")
             if assigned is not None:
                 out["_assign_2d"] = assigned
+            if dense_map is not None:
+                grid = dense_map.shape[-2:]
+                cells = self.dense_head(dense_map[: b2 * n_global]).view(b2, n_global, -1, *grid)
+                coords = self._coordinates(slices, "global_coords", "2D")
+                dense_parts.append(self._dense(cells[:, 0], cells[:, 1], coords[:, 0], coords[:, 1],
+                                               torch.arange(b2, device=cells.device)))
         if want_3d:
             e3 = emb[offset:].view(b3, n_views, n, -1)
             valid = volumes["valid"].to(torch.bool)  # (B3, N)
+            if dense_map is not None:
+                cells = self.dense_head(dense_map[offset:]).view(b3, n_views, n, -1, *dense_map.shape[-2:])
+                coords = self._coordinates(volumes, "coords", "volume")
+                coords = coords[:, :, None].expand(-1, -1, n, -1, -1, -1)
+                window = torch.arange(b3, device=cells.device)[:, None].expand(b3, n)
+                dense_parts.append(self._dense(cells[:, 0][valid], cells[:, 1][valid], coords[:, 0][valid],
+                                               coords[:, 1][valid], window[valid]))
             if want_intra_3d:
                 zs = self.projection_2d(e3[:, 0][valid])
                 zt = self.projection_2d(e3[:, 1][valid])
@@ -344,7 +371,22 @@ class JointSSLModel(nn.Module):
                     varcov_parts.append(self._varcov(torch.cat(pooled)))
         if varcov_parts:
             out[TERM_VARCOV] = torch.stack(varcov_parts).mean()
+        if dense_parts:
+            out[TERM_DENSE] = torch.stack(dense_parts).mean()
         return out
+
+    @staticmethod
+    def _coordinates(batch: dict[str, Any], key: str, what: str) -> Tensor:
+        if batch.get(key) is None:
+            raise ValueError(
+                f"objective.lambda_dense > 0 needs each view's coordinate maps in the {what} batch (key "
+                f"{key!r}); build the loaders with coordinates=True (nnssl_joint.data.loaders), as the "
+                "pretraining trainer does when lambda_dense > 0.")
+        return batch[key]
+
+    def _dense(self, fa: Tensor, fb: Tensor, ca: Tensor, cb: Tensor, source: Tensor) -> Tensor:
+        return dense_correspondence_loss(fa, fb, ca, cb, source, temperature=self.objective.dense_temperature,
+                                         max_queries=self.objective.dense_queries)
 
     def _varcov(self, rows: Tensor) -> Tensor:
         return variance_covariance_loss(rows, target_std=self.objective.varcov_target_std,

@@ -302,15 +302,17 @@ def build_joint_loader(trainer: Any, resolved: SelfConfiguration) -> Any:
                               f"got {data.augmentation!r}")
     augmentation = strengths[data.augmentation]
     index = getattr(trainer, "sample_index", None)
+    coordinates = trainer.ssl_config.objective.lambda_dense > 0  # the dense term reads them
     slice_loader = SliceViewsLoader(dataset_tr, resolved.batch_size_2d_per_rank, view, config=augmentation,
                                     n_small_views=resolved.n_small_views,
                                     small_view_size=(resolved.small_view_size,) * 2,
-                                    sampling_probabilities=probabilities, sample_index=index)
+                                    sampling_probabilities=probabilities, sample_index=index,
+                                    coordinates=coordinates)
     volume_loader = None
     if resolved.batch_size_3d_per_rank > 0 and any(n >= 2 for n in slices_per_case.values()):
         volume_loader = VolumeViewsLoader(dataset_tr, resolved.batch_size_3d_per_rank, resolved.n_slices,
                                           view, config=augmentation,
                                           summary={"cases": {k: summary["cases"][k]
                                                              for k in dataset_tr.identifiers}},
-                                          sample_index=index)
+                                          sample_index=index, coordinates=coordinates)
     return JointLoader(slice_loader, volume_loader)

@@ -11,6 +11,9 @@ Representation Learning with Intra-Inter Contrastive Clustering" (AAAI 2023), as
 - ``mask``: masked slice-embedding prediction (MSE).
 - ``varcov`` (ours, off by default): VICReg's variance and covariance terms on the slice embeddings e and the
   un-normalised volume feature (:mod:`nnssl_joint.ssl.varcov`); active in every stage when its weight is > 0.
+- ``dense`` (ours, off by default): InfoNCE between corresponding cells of one skip level of f_intra in the
+  two global views of 2D items and of volume windows (:mod:`nnssl_joint.ssl.dense`); active in every stage
+  when its weight is > 0 (not while f_intra is frozen).
 
 Two schedules: ``joint`` (every term in every iteration; our default) and ``staged`` (the authors'
 runs): stage A L_intra only; stage B L_mask with f_intra frozen; stage C L_inter (+ L_intra and
@@ -31,7 +34,8 @@ TERM_INTRA_3D = "intra_3d"
 TERM_INTER = "inter"
 TERM_MASK = "mask"
 TERM_VARCOV = "varcov"
-LOSS_TERMS = (TERM_INTRA, TERM_INTRA_3D, TERM_INTER, TERM_MASK, TERM_VARCOV)
+TERM_DENSE = "dense"
+LOSS_TERMS = (TERM_INTRA, TERM_INTRA_3D, TERM_INTER, TERM_MASK, TERM_VARCOV, TERM_DENSE)
 VOLUME_TERMS = (TERM_INTRA_3D, TERM_INTER, TERM_MASK)
 SCHEDULES = ("joint", "staged")
 CLUSTERING_METHODS = ("swav", "deepcluster")
@@ -113,6 +117,14 @@ class ObjectiveConfig:
         deepcluster_heads: number of k-means heads (each with the 2D/3D K above); DC-v2 used 3.
         kmeans_iterations: spherical k-means iterations per recompute (DC-v2: 10).
 
+    Dense term (ours; :mod:`nnssl_joint.ssl.dense`):
+        lambda_dense: weight, 0 (off) by default. The loaders then also carry each view's coordinate maps.
+        dense_stage: the encoder stage (skip) whose feature map the term acts on (0 = full resolution).
+        dense_dim: output channels of the per-cell projection head (1x1 conv, ReLU, 1x1 conv).
+        dense_temperature: InfoNCE temperature.
+        dense_queries: at most this many query cells per direction and batch part (2D items, volume
+            slices), drawn at random; the keys are all usable cells.
+
     Masked slice prediction:
         mask_ratio: fraction of slices masked per volume (at least one); paper 0.1.
         mask_target_normalization: "none" (the raw detached embeddings, as the paper) or "standardize"
@@ -140,6 +152,11 @@ class ObjectiveConfig:
     lambda_varcov: float = 0.0
     varcov_target_std: float = 1.0
     varcov_covariance_weight: float = 0.04
+    lambda_dense: float = 0.0
+    dense_stage: int = 2
+    dense_dim: int = 64
+    dense_temperature: float = 0.2
+    dense_queries: int = 1024
 
     schedule: str = "joint"
     stage_a_epochs: int = 100
@@ -184,6 +201,9 @@ class ObjectiveConfig:
         "kmeans_iterations",
         "teacher_temperature_3d",
         "varcov_target_std",
+        "dense_dim",
+        "dense_temperature",
+        "dense_queries",
     )
 
     def __post_init__(self) -> None:
@@ -217,8 +237,10 @@ class ObjectiveConfig:
     def stage_at(self, epoch: int) -> StagePlan:
         """The loss terms, weights and freezing in effect at ``epoch`` (0-based)."""
         plan = self._clustering_stage_at(epoch)
-        if self.lambda_varcov > 0:
-            return dataclasses.replace(plan, weights={**plan.weights, TERM_VARCOV: self.lambda_varcov})
+        extra = {term: weight for term, weight in ((TERM_VARCOV, self.lambda_varcov),
+                                                   (TERM_DENSE, self.lambda_dense)) if weight > 0}
+        if extra:
+            return dataclasses.replace(plan, weights={**plan.weights, **extra})
         return plan
 
     def _clustering_stage_at(self, epoch: int) -> StagePlan:
@@ -265,7 +287,7 @@ class ObjectiveConfig:
                     f"ObjectiveConfig.{name} must be one of {choices}, got {getattr(self, name)!r}."
                 )
         for name in ("lambda_intra", "lambda_intra_3d", "lambda_inter", "lambda_mask", "lambda_varcov",
-                     "varcov_covariance_weight"):
+                     "varcov_covariance_weight", "lambda_dense"):
             if getattr(self, name) < 0:
                 raise ValueError(
                     f"ObjectiveConfig.{name} must be >= 0 (0 switches the term off), "
@@ -281,6 +303,7 @@ class ObjectiveConfig:
             "queue_length_2d",
             "queue_length_3d",
             "queue_start_iteration",
+            "dense_stage",
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"ObjectiveConfig.{name} must be >= 0, got {getattr(self, name)}.")

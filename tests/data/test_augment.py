@@ -14,6 +14,7 @@ from nnssl_joint.data.augment import (
     MultiplicativeBiasFieldTransform,
     RandomResizedCropTransform,
     ViewAugmentationConfig,
+    coordinate_maps,
     slice_view_transforms,
     volume_view_transforms,
 )
@@ -117,3 +118,41 @@ def test_config_round_trip_and_errors():
         RandomResizedCropTransform((8, 8), area=(0.5, 1.5))
     with pytest.raises(NnsslJointError, match=r"\(C, H, W\)"):
         RandomResizedCropTransform((8, 8))(image=torch.zeros(1, 4, 16, 16))
+
+
+GEOMETRY_ONLY = replace(STRONG, p_bias_field=0.0, p_brightness=0.0, p_contrast=0.0, p_gamma=0.0, p_noise=0.0,
+                        p_blur=0.0, p_low_resolution=0.0, p_rotation=1.0)
+
+
+def _smooth(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return torch.sin(y / 7) + torch.cos(x / 5) + 0.01 * y
+
+
+@pytest.mark.parametrize("volume", [False, True])
+def test_coordinate_maps_say_where_each_view_pixel_came_from(volume):
+    """A view of a smooth image f(y, x) must equal f at the view's coordinate maps (rotated crops, flips);
+    the maps of another draw must not fit."""
+    height, width = 96, 80
+    yy, xx = torch.meshgrid(torch.arange(height) + 0.5, torch.arange(width) + 0.5, indexing="ij")
+    image = _smooth(yy, xx)[None]
+    maps = coordinate_maps(height, width)
+    if volume:  # 4 slices, slice k brighter by k: one in-plane map for all of them
+        image = torch.stack([image[0] + k for k in range(4)])[None]
+        maps = maps[:, None]
+        transform = volume_view_transforms((48, 48), config=GEOMETRY_ONLY)
+    else:
+        transform = slice_view_transforms((48, 48), config=GEOMETRY_ONLY)
+    results = []
+    for _ in range(6):
+        out = transform(image=image.clone(), regression_target=maps.clone())
+        coords = out["regression_target"][:, 0] if volume else out["regression_target"]
+        view = out["image"][0] if volume else out["image"]
+        results.append((view, coords))
+        inside = coords[2] > 0.999
+        assert inside.float().mean() > 0.5
+        for k in range(view.shape[0]):
+            error = (_smooth(coords[0], coords[1]) + (k if volume else 0) - view[k])[inside].abs().max()
+            assert float(error) < 0.02  # bilinear interpolation of a smooth function
+    (view_a, _), (_, coords_b) = results[0], results[1]
+    inside = coords_b[2] > 0.999
+    assert float((_smooth(coords_b[0], coords_b[1]) - view_a[0])[inside].abs().max()) > 0.5

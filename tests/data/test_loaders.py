@@ -336,3 +336,33 @@ def test_indices_draw_no_random_numbers(dataset, summary):
     for part, key in (("slices", "global_views"), ("volumes", "views")):
         assert torch.equal(batches[0][part][key], batches[1][part][key])
     assert "index" not in batches[0]["slices"] and "index" in batches[1]["slices"]
+
+
+def test_coordinate_maps_draw_no_random_numbers_and_match_the_views(dataset, summary):
+    """``coordinates=True`` (the dense term) adds each view's coordinate maps and leaves the views alone."""
+    batches = []
+    for coordinates in (False, True):
+        np.random.seed(5)
+        torch.manual_seed(5)
+        joint = JointLoader(SliceViewsLoader(dataset, 4, VIEW, PATCH, n_small_views=1, small_view_size=(8, 8),
+                                             coordinates=coordinates),
+                            VolumeViewsLoader(dataset, 2, 8, VIEW, PATCH, summary=summary,
+                                              coordinates=coordinates))
+        batches.append(joint.generate_train_batch())
+    for part, key in (("slices", "global_views"), ("slices", "small_views"), ("volumes", "views")):
+        assert torch.equal(batches[0][part][key], batches[1][part][key])
+    assert "global_coords" not in batches[0]["slices"] and "coords" not in batches[0]["volumes"]
+    slices, volumes = batches[1]["slices"], batches[1]["volumes"]
+    assert slices["global_coords"].shape == (4, 2, 3, *VIEW)
+    assert volumes["coords"].shape == (2, 2, 3, *VIEW)
+    for coords in (slices["global_coords"], volumes["coords"]):
+        weight = coords[:, :, 2]
+        assert float(weight.min()) >= -1e-6 and float(weight.max()) <= 1 + 1e-6
+        inside = weight > 0.999
+        assert inside.float().mean() > 0.5
+        # positions lie inside the initial patch (continuous pixel coordinates)
+        for axis, size in ((0, PATCH[0]), (1, PATCH[1])):
+            values = coords[:, :, axis][inside]
+            assert float(values.min()) >= 0 and float(values.max()) <= size
+        # the two views of an item are different crops
+        assert not torch.allclose(coords[:, 0, :2], coords[:, 1, :2])

@@ -1,0 +1,188 @@
+"""The dense correspondence term (nnssl_joint/ssl/dense.py) and its wiring into the pretraining model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nnssl_joint.data.augment import coordinate_maps
+from nnssl_joint.models.preset import load_preset
+from nnssl_joint.pretrain.model import JointSSLModel
+from nnssl_joint.ssl.dense import dense_correspondence_loss, pool_coordinates
+from nnssl_joint.ssl.objective import TERM_DENSE, TERM_INTRA, ObjectiveConfig
+
+VIEW, GRID, DIM = 16, 4, 64
+
+
+def _table(rows: int, seed: int = 0) -> torch.Tensor:
+    """(rows, DIM, GRID, GRID): orthonormal features, one per (row, cell) of the source."""
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(DIM, DIM, generator=g))
+    return q[: rows * GRID * GRID].reshape(rows, GRID, GRID, DIM).permute(0, 3, 1, 2).contiguous()
+
+
+def _maps(rows: int, mirror: bool = False, shift: float = 0.0) -> torch.Tensor:
+    maps = coordinate_maps(VIEW, VIEW)
+    if mirror:
+        maps = maps.flip(-1)
+    maps = maps.clone()
+    maps[:2] += shift
+    return maps[None].expand(rows, -1, -1, -1).clone()
+
+
+def test_identity_spacing_and_usable_cells():
+    maps = _maps(2)
+    maps[1, 2, 0, 0] = 0.5  # one pixel half outside the source: its cell is not usable
+    position, usable, spacing = pool_coordinates(maps, (GRID, GRID))
+    assert position.shape == (2, GRID * GRID, 2)
+    assert torch.allclose(position[0, 0], torch.tensor([2.0, 2.0]))  # mean of pixel centres 0.5 .. 3.5
+    assert torch.allclose(spacing, torch.full((2,), float(VIEW // GRID)))
+    assert usable[0].all() and not usable[1, 0] and usable[1, 1:].all()
+
+
+def test_matching_features_give_a_low_loss_and_swapped_correspondence_a_high_one():
+    """View B is view A mirrored: its cell (i, j) shows source cell (i, GRID - 1 - j)."""
+    rows = 2
+    table = _table(rows)
+    source = torch.arange(rows)
+    right = dense_correspondence_loss(table, table.flip(-1), _maps(rows), _maps(rows, mirror=True), source,
+                                      temperature=0.05)
+    wrong = dense_correspondence_loss(table, table, _maps(rows), _maps(rows, mirror=True), source,
+                                      temperature=0.05)
+    assert float(right) < 0.01
+    assert float(wrong) > 5.0
+
+
+def test_near_cells_of_the_same_source_are_not_negatives():
+    """Features constant over each row: cells of the same row near the positive would be indistinguishable
+    negatives; the exclusion radius leaves them out, so the loss is lower with it."""
+    rows = 3
+    feats = torch.nn.functional.normalize(torch.randn(rows, DIM, 1, 1), dim=1).expand(-1, -1, GRID, GRID)
+    source = torch.arange(rows)
+    args = (feats, feats, _maps(rows), _maps(rows), source)
+    with_exclusion = dense_correspondence_loss(*args, exclusion=2.0)
+    without = dense_correspondence_loss(*args, exclusion=0.0)
+    assert float(with_exclusion) < float(without) - 0.2  # log(16) without; about log(10) with
+    # slices of one window share a source: same-place cells of the other slices are left out as well
+    one_window = torch.zeros(rows, dtype=torch.long)
+    shared = dense_correspondence_loss(feats, feats, _maps(rows), _maps(rows), one_window, exclusion=2.0)
+    assert float(shared) < float(with_exclusion)
+
+
+def test_views_without_overlap_give_zero_in_the_graph():
+    feats = _table(2).requires_grad_(True)
+    loss = dense_correspondence_loss(feats, feats, _maps(2), _maps(2, shift=1000.0), torch.arange(2))
+    assert float(loss.detach()) == 0.0 and loss.requires_grad
+    loss.backward()
+    assert float(feats.grad.abs().sum()) == 0.0
+
+
+def test_the_loss_decreases_when_the_features_learn_the_correspondence():
+    torch.manual_seed(0)
+    rows = 4
+    fa = torch.randn(rows, 16, GRID, GRID, requires_grad=True)
+    fb = torch.randn(rows, 16, GRID, GRID, requires_grad=True)
+    optimizer = torch.optim.Adam([fa, fb], lr=0.05)
+    maps_a, maps_b = _maps(rows), _maps(rows, mirror=True)
+    losses = []
+    for _ in range(60):
+        loss = dense_correspondence_loss(torch.nn.functional.normalize(fa, dim=1),
+                                         torch.nn.functional.normalize(fb, dim=1), maps_a, maps_b,
+                                         torch.arange(rows))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_query_subsampling_repeats_under_a_seed():
+    rows = 4
+    fa, fb = _table(rows, 1), _table(rows, 2)
+    values = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        values.append(float(dense_correspondence_loss(fa, fb, _maps(rows), _maps(rows, mirror=True),
+                                                      torch.arange(rows), max_queries=10)))
+    assert values[0] == values[1]
+
+
+def test_shape_errors_name_the_inputs():
+    feats = _table(2)
+    with pytest.raises(ValueError, match="coordinate maps must be"):
+        dense_correspondence_loss(feats, feats, _maps(2)[:, :2], _maps(2)[:, :2], torch.arange(2))
+    with pytest.raises(ValueError, match="one coordinate map and one source id per row"):
+        dense_correspondence_loss(feats, feats, _maps(2), _maps(2), torch.arange(3))
+
+
+# ------------------------------------------------------------------------------------------- model wiring
+def _batches(view: int = 32) -> tuple[dict, dict]:
+    g = torch.Generator().manual_seed(0)
+    maps = coordinate_maps(view, view)
+    slices = {"global_views": torch.randn(6, 2, 1, view, view, generator=g), "small_views": None,
+              "global_coords": maps[None, None].expand(6, 2, -1, -1, -1).clone()}
+    valid = torch.ones(2, 6, dtype=torch.bool)
+    valid[1, 4:] = False
+    volumes = {"views": torch.randn(2, 2, 1, 6, view, view, generator=g), "valid": valid,
+               "coords": maps[None, None].flip(-1).expand(2, 2, -1, -1, -1).clone()}
+    return slices, volumes
+
+
+def _objective(**values) -> ObjectiveConfig:
+    return ObjectiveConfig(num_prototypes_2d=8, num_prototypes_3d=4, queue_length_3d=0, **values)
+
+
+def test_default_model_has_no_dense_head_and_no_term():
+    objective = _objective()
+    model = JointSSLModel(load_preset("cpu"), 1, objective)
+    assert not any(k.startswith("dense_head.") for k in model.state_dict())
+    out = model(*_batches(), 0, objective.stage_at(0))
+    assert TERM_DENSE not in out and TERM_DENSE not in objective.stage_at(0).weights
+
+
+def test_dense_term_trains_the_encoder_and_its_head():
+    torch.manual_seed(0)
+    objective = _objective(lambda_dense=0.5, dense_stage=1)
+    model = JointSSLModel(load_preset("cpu"), 1, objective)
+    assert objective.stage_at(0).weights[TERM_DENSE] == 0.5
+    out = model(*_batches(), 0, objective.stage_at(0))
+    assert TERM_DENSE in out and torch.isfinite(out[TERM_DENSE]) and float(out[TERM_DENSE]) > 0
+    out[TERM_DENSE].backward()
+    assert sum(float(p.grad.abs().sum()) for p in model.encoder.stages[1].parameters()) > 0
+    assert sum(float(p.grad.abs().sum()) for p in model.dense_head.parameters()) > 0
+    assert all(p.grad is None for p in model.encoder.stages[2].parameters())  # deeper than the skip used
+    # 2D items only (no volume batch) still give the term
+    slices, _ = _batches()
+    assert TERM_DENSE in model(slices, None, 0, objective.stage_at(0))
+
+
+def test_dense_term_errors_name_the_key():
+    objective = _objective(lambda_dense=1.0)
+    model = JointSSLModel(load_preset("cpu"), 1, objective)
+    slices, volumes = _batches()
+    del slices["global_coords"]
+    with pytest.raises(ValueError, match="global_coords"):
+        model(slices, volumes, 0, objective.stage_at(0))
+    with pytest.raises(ValueError, match="dense_stage=9"):
+        JointSSLModel(load_preset("cpu"), 1, _objective(lambda_dense=1.0, dense_stage=9))
+
+
+def test_no_dense_term_while_the_encoder_is_frozen():
+    objective = _objective(lambda_dense=1.0, schedule="staged", stage_a_epochs=1, stage_b_epochs=1)
+    model = JointSSLModel(load_preset("cpu"), 1, objective)
+    stage_b = objective.stage_at(1)
+    assert stage_b.freeze_intra and TERM_DENSE in stage_b.weights
+    assert TERM_DENSE not in model(*_batches(), 1, stage_b)
+    assert TERM_INTRA in objective.stage_at(0).weights and TERM_DENSE in model(*_batches(), 0,
+                                                                               objective.stage_at(0))
+
+
+def test_the_keys_are_typed_and_recorded():
+    values = {"lambda_dense": 1, "dense_stage": 1, "dense_dim": 32, "dense_temperature": 0.1,
+              "dense_queries": 64}
+    recorded = ObjectiveConfig.from_dict(values).to_dict()
+    assert {k: recorded[k] for k in values} == values
+    for key, bad in (("lambda_dense", -1.0), ("dense_stage", -1), ("dense_dim", 0),
+                     ("dense_temperature", 0.0), ("dense_queries", 0), ("dense_stage", 1.5)):
+        with pytest.raises((TypeError, ValueError), match=key):
+            ObjectiveConfig.from_dict({key: bad})
