@@ -135,13 +135,19 @@ class IterationLossFile:
         self.path = Path(path)
 
     def restart_at(self, iteration: int) -> int:
-        """Keep the complete rows of iterations before ``iteration``; returns how many were dropped."""
+        """Keep the complete rows of iterations before ``iteration``; returns how many were dropped.
+
+        A file written by a version with other loss columns (one term more or less) keeps its rows: each is
+        read by its own header and rewritten in the current columns (empty for a term it did not have)."""
         kept, dropped = [], 0
         if self.path.is_file():
-            for line in self.path.read_text().splitlines(keepends=True)[1:]:
+            lines = self.path.read_text().splitlines(keepends=True)
+            header = lines[0].rstrip("\n").split("\t") if lines else list(self.COLUMNS)
+            for line in lines[1:]:
                 fields = line.rstrip("\n").split("\t")
-                if line.endswith("\n") and len(fields) == len(self.COLUMNS) and int(fields[0]) < iteration:
-                    kept.append(line)
+                if line.endswith("\n") and len(fields) == len(header) and int(fields[0]) < iteration:
+                    values = dict(zip(header, fields))
+                    kept.append("\t".join(values.get(c, "") for c in self.COLUMNS) + "\n")
                 else:
                     dropped += 1
         atomic_write_text("\t".join(self.COLUMNS) + "\n" + "".join(kept), self.path)

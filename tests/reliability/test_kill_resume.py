@@ -244,6 +244,27 @@ def test_losses_file_drops_rows_after_the_resume_point_and_half_written_lines(tm
     assert losses.restart_at(0) == 3 and IterationLossFile.read(losses.path) == []
 
 
+def test_losses_file_of_an_older_version_keeps_its_rows_on_resume(tmp_path):
+    """A run written before the L_dense column existed resumes without losing its loss history."""
+    from nnssl_joint.pretrain.run_logging import IterationLossFile
+
+    old_columns = [c for c in IterationLossFile.COLUMNS if c != "L_dense"]
+    fields = [["0", "0", "2.5", "1.5", "", "0.5", "0.5", "", "1"],
+              ["1", "0", "2.25", "1.25", "", "0.5", "0.5", "", "1"],
+              ["2", "0", "2.0", "1.0", "", "0.5", "0.5", "", "1"]]
+    rows = ["\t".join(row) for row in fields]
+    assert len(old_columns) == len(rows[0].split("\t"))
+    path = tmp_path / "losses.tsv"
+    path.write_text("\t".join(old_columns) + "\n" + "\n".join(rows) + "\n")
+    losses = IterationLossFile(path)
+    assert losses.restart_at(2) == 1
+    read = IterationLossFile.read(path)
+    assert [r["iteration"] for r in read] == [0, 1]
+    assert [r["loss"] for r in read] == [2.5, 2.25] and read[1]["L_intra"] == 1.25
+    assert read[0]["L_inter"] == 0.5 and read[0]["L_dense"] is None and read[0]["finite"] is True
+    assert path.read_text().splitlines()[0].split("\t") == list(IterationLossFile.COLUMNS)
+
+
 def test_only_temporary_files_of_interrupted_writes_are_removed(tmp_path):
     from nnssl_joint.pretrain.runtime import remove_stale_temp_files
 
