@@ -15,6 +15,9 @@ Forward computes the loss terms of Nguyen et al. (AAAI 2023) that the current st
   mask token, go through f_inter once; the decoder predicts the detached original embeddings at the
   masked slices (L_mask) and the pooled volume feature Z of the two views enters the 3D clustering
   loss (L_inter). One pass serves both terms: Z is the masked pass's, like BERT's sentence feature.
+* ``dense`` (ours, only when ``objective.lambda_dense > 0``; :mod:`nnssl_joint.ssl.dense`): InfoNCE between
+  corresponding cells of the encoder skip ``objective.dense_stage`` in the two global views of the 2D items
+  and of every valid window slice, from the views' coordinate maps (``'global_coords'`` / ``'coords'``).
 
 The clustering loss is SwAV (``objective.clustering == "swav"``, default) or DeepCluster-v2
 (``"deepcluster"``, :mod:`nnssl_joint.ssl.deepcluster`): ``deepcluster_heads`` spherical k-means heads
