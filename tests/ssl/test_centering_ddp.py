@@ -81,6 +81,10 @@ def _distributed_worker(rank: int, world_size: int, port: int, out_dir: Path) ->
     try:
         rows = slice(0, SPLIT) if rank == 0 else slice(SPLIT, None)
         torch.save(_compute(_inputs(), rows), out_dir / f"centering_rank{rank}.pt")
+        # both ranks done before either tears the group down: without it a rank exiting while the other
+        # still finished its last collective aborted with "terminate called without an active exception"
+        # (3 of 12 runs)
+        torch.distributed.barrier()
     finally:
         torch.distributed.destroy_process_group()
 
