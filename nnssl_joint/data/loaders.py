@@ -369,12 +369,11 @@ class SliceViewsLoader(nnUNetDataLoader):
                     if self.coordinates:
                         global_coords = torch.empty((batch, 2, 3, *self.view_size))
                 for v in range(2):
+                    view = self.global_transforms(image=patch.clone(),
+                                                  **_coordinate_target(self.coordinates, patch.shape[1:]))
+                    global_views[j, v] = view["image"]
                     if self.coordinates:
-                        view = self.global_transforms(image=patch.clone(),
-                                                      regression_target=coordinate_maps(*patch.shape[1:]))
-                        global_views[j, v], global_coords[j, v] = view["image"], view["regression_target"]
-                    else:
-                        global_views[j, v] = self.global_transforms(image=patch.clone())["image"]
+                        global_coords[j, v] = view["regression_target"]
                 for v in range(self.n_small_views):
                     small_views[j, v] = self.small_transforms(image=patch.clone())["image"]
         out = {"global_views": global_views, "small_views": small_views, "keys": keys,
@@ -450,12 +449,11 @@ class VolumeViewsLoader(nnUNetDataLoader):
                     if self.coordinates:
                         coords = torch.empty((batch, 2, 3, *self.view_size))
                 for v in range(2):
-                    if self.coordinates:  # one in-plane map for all slices: (3, 1, H, W)
-                        result = self.transforms(image=stack.clone(),
-                                                 regression_target=coordinate_maps(*stack.shape[2:])[:, None])
-                        view, coords[j, v] = result["image"], result["regression_target"][:, 0]
-                    else:
-                        view = self.transforms(image=stack.clone())["image"]
+                    target = _coordinate_target(self.coordinates, stack.shape[2:], stack=True)
+                    result = self.transforms(image=stack.clone(), **target)
+                    view = result["image"]
+                    if self.coordinates:
+                        coords[j, v] = result["regression_target"][:, 0]
                     view[:, ~valid[j]] = 0  # intensity transforms touched the padding too
                     views[j, v] = view
         out = {"views": views, "valid": valid, "keys": keys, "slice_start": slice_start}
@@ -488,6 +486,16 @@ class JointLoader(DataLoader):
     def generate_train_batch(self) -> dict:
         volumes = self.volume_loader.generate_train_batch() if self.volume_loader is not None else None
         return {"slices": self.slice_loader.generate_train_batch(), "volumes": volumes}
+
+
+def _coordinate_target(wanted: bool, in_plane: Sequence[int], stack: bool = False) -> dict:
+    """The view pipeline's extra input for ``coordinates=True``: the coordinate maps of an (H, W) sample as
+    its ``regression_target``, (3, H, W), or (3, 1, H, W) for a stack (one in-plane map for all slices);
+    nothing otherwise."""
+    if not wanted:
+        return {}
+    maps = coordinate_maps(*in_plane)
+    return {"regression_target": maps[:, None] if stack else maps}
 
 
 def _check_probabilities(probabilities: Sequence[float] | np.ndarray, n: int) -> np.ndarray:

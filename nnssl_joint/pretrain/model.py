@@ -239,13 +239,20 @@ class JointSSLModel(nn.Module):
         return loss.prototypes(F.normalize(z.detach().float(), dim=1)).argmax(1)
 
     @staticmethod
-    def _batch_indices(batch: dict[str, Any], key: str, what: str) -> Tensor:
+    def _batch_entry(batch: dict[str, Any], key: str, what: str, needed_by: str, content: str,
+                     loader_option: str, when: str = "") -> Tensor:
+        """``batch[key]``, or an error naming the key, the option that needs it and the loader option that
+        provides it."""
         if batch.get(key) is None:
             raise ValueError(
-                f"objective.clustering='deepcluster' needs global sample indices in the {what} batch "
-                f"(key {key!r}); build the loaders with sample_index=SampleIndex.from_summary(...) "
-                "(nnssl_joint.data.loaders), as the pretraining trainer does.")
-        return batch[key].long()
+                f"{needed_by} needs {content} in the {what} batch (key {key!r}); build the loaders with "
+                f"{loader_option} (nnssl_joint.data.loaders), as the pretraining trainer does{when}.")
+        return batch[key]
+
+    @classmethod
+    def _batch_indices(cls, batch: dict[str, Any], key: str, what: str) -> Tensor:
+        return cls._batch_entry(batch, key, what, "objective.clustering='deepcluster'",
+                                "global sample indices", "sample_index=SampleIndex.from_summary(...)").long()
 
     # ------------------------------------------------------------------ embeddings
     def embed_slices(self, x: Tensor) -> Tensor:
@@ -284,7 +291,8 @@ class JointSSLModel(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not freeze):
             skips = self.encoder(torch.cat(same_size, 0))
             emb = self.slice_embedding(skips)
-            dense_map = skips[self.objective.dense_stage] if want_dense else None
+            # per-cell projections of the chosen skip (rows, dense_dim, *grid): 2D items, then window slices
+            cells = self.dense_head(skips[self.objective.dense_stage]) if want_dense else None
             small = None
             if want_intra and slices.get("small_views") is not None and slices["small_views"].shape[1] > 0:
                 s = slices["small_views"]
@@ -311,22 +319,21 @@ class JointSSLModel(nn.Module):
             out[TERM_INTRA], assigned = self._clustering_term(self.intra_loss, z, iteration, index_2d, "2d")
             if assigned is not None:
                 out["_assign_2d"] = assigned
-            if dense_map is not None:
-                grid = dense_map.shape[-2:]
-                cells = self.dense_head(dense_map[: b2 * n_global]).view(b2, n_global, -1, *grid)
+            if cells is not None:
+                items = cells[: b2 * n_global].unflatten(0, (b2, n_global))
                 coords = self._coordinates(slices, "global_coords", "2D")
-                dense_parts.append(self._dense(cells[:, 0], cells[:, 1], coords[:, 0], coords[:, 1],
-                                               torch.arange(b2, device=cells.device)))
+                dense_parts.append(self._dense(items[:, 0], items[:, 1], coords[:, 0], coords[:, 1],
+                                               torch.arange(b2, device=items.device)))
         if want_3d:
             e3 = emb[offset:].view(b3, n_views, n, -1)
             valid = volumes["valid"].to(torch.bool)  # (B3, N)
-            if dense_map is not None:
-                cells = self.dense_head(dense_map[offset:]).view(b3, n_views, n, -1, *dense_map.shape[-2:])
+            if cells is not None:
+                window_slices = cells[offset:].unflatten(0, (b3, n_views, n))
                 coords = self._coordinates(volumes, "coords", "volume")
                 coords = coords[:, :, None].expand(-1, -1, n, -1, -1, -1)
                 window = torch.arange(b3, device=cells.device)[:, None].expand(b3, n)
-                dense_parts.append(self._dense(cells[:, 0][valid], cells[:, 1][valid], coords[:, 0][valid],
-                                               coords[:, 1][valid], window[valid]))
+                dense_parts.append(self._dense(window_slices[:, 0][valid], window_slices[:, 1][valid],
+                                               coords[:, 0][valid], coords[:, 1][valid], window[valid]))
             if want_intra_3d:
                 zs = self.projection_2d(e3[:, 0][valid])
                 zt = self.projection_2d(e3[:, 1][valid])
@@ -378,14 +385,10 @@ class JointSSLModel(nn.Module):
             out[TERM_DENSE] = torch.stack(dense_parts).mean()
         return out
 
-    @staticmethod
-    def _coordinates(batch: dict[str, Any], key: str, what: str) -> Tensor:
-        if batch.get(key) is None:
-            raise ValueError(
-                f"objective.lambda_dense > 0 needs each view's coordinate maps in the {what} batch (key "
-                f"{key!r}); build the loaders with coordinates=True (nnssl_joint.data.loaders), as the "
-                "pretraining trainer does when lambda_dense > 0.")
-        return batch[key]
+    @classmethod
+    def _coordinates(cls, batch: dict[str, Any], key: str, what: str) -> Tensor:
+        return cls._batch_entry(batch, key, what, "objective.lambda_dense > 0", "each view's coordinate maps",
+                                "coordinates=True", when=" when lambda_dense > 0")
 
     def _dense(self, fa: Tensor, fb: Tensor, ca: Tensor, cb: Tensor, source: Tensor) -> Tensor:
         return dense_correspondence_loss(fa, fb, ca, cb, source, temperature=self.objective.dense_temperature,

@@ -1,4 +1,5 @@
-"""Shared fixture of the tests/models files: import a benchmark script of scripts/ as a module."""
+"""Shared fixtures of the tests/models files: import a benchmark script of scripts/ as a module, and put
+torch's thread count back after a benchmark's ``main`` changed it."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+import torch
 
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 
@@ -30,3 +32,11 @@ def load_script() -> Iterator[Callable[[str], ModuleType]]:
     yield load
     for name in loaded:
         sys.modules.pop(name, None)
+
+
+@pytest.fixture
+def restore_torch_threads() -> Iterator[None]:
+    """The benchmark scripts set torch's thread count (``--threads``); the tests after them get it back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

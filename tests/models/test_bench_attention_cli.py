@@ -14,13 +14,9 @@ def bench(load_script):
     return load_script("bench_attention")
 
 
-def test_tiny_run_reports_every_method_and_size_and_writes_json(bench, tmp_path):
+def test_tiny_run_reports_every_method_and_size_and_writes_json(bench, tmp_path, restore_torch_threads):
     out = tmp_path / "bench.json"
-    threads = torch.get_num_threads()
-    try:
-        report = bench.main([*TINY, "--no-memory", "--peak-tflops", "0.05", "--out", str(out)])
-    finally:
-        torch.set_num_threads(threads)
+    report = bench.main([*TINY, "--no-memory", "--peak-tflops", "0.05", "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
     for section in ("time_ms_fwd_bwd", "cpu_time_ms_fwd_bwd", "slices_per_s", "model_gflop_fwd_bwd",
                     "model_flops_utilisation"):

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 
 @pytest.fixture(scope="module")
@@ -11,14 +10,10 @@ def bench(load_script):
     return load_script("bench_dense")
 
 
-def test_tiny_run_reports_every_arm_and_writes_json(bench, tmp_path):
+def test_tiny_run_reports_every_arm_and_writes_json(bench, tmp_path, restore_torch_threads):
     out = tmp_path / "bench.json"
-    threads = torch.get_num_threads()
-    try:
-        report = bench.main(["--stages", "2", "--repeats", "1", "--view", "32", "--batch-2d", "4",
-                             "--batch-3d", "1", "--slices", "4", "--out", str(out)])
-    finally:
-        torch.set_num_threads(threads)
+    report = bench.main(["--stages", "2", "--repeats", "1", "--view", "32", "--batch-2d", "4",
+                         "--batch-3d", "1", "--slices", "4", "--out", str(out)])
     assert json.loads(out.read_text()) == report
     assert set(report["seconds_median"]) == {"joint", "joint+dense_stage2", "2d_only", "2d_only+dense_stage2"}
     assert all(v > 0 for v in report["seconds_median"].values())

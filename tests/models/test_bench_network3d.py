@@ -61,7 +61,7 @@ def test_nnunet_plans_of_the_built_in_fingerprints(bench):
     assert mr["architecture"]["network_class_name"].endswith("PlainConvUNet")
 
 
-def test_tiny_run_writes_json_with_ratios(bench, tmp_path, capsys):
+def test_tiny_run_writes_json_with_ratios(bench, tmp_path, capsys, restore_torch_threads):
     torch.set_num_threads(1)
     out = tmp_path / "r.json"
     result = bench.main(["--datasets", "mr", "--patch", "32,32,64", "--batch", "1", "--iters", "1",
