@@ -17,7 +17,8 @@ Forward computes the loss terms of Nguyen et al. (AAAI 2023) that the current st
   loss (L_inter). One pass serves both terms: Z is the masked pass's, like BERT's sentence feature.
 * ``dense`` (ours, only when ``objective.lambda_dense > 0``; :mod:`nnssl_joint.ssl.dense`): InfoNCE between
   corresponding cells of the encoder skip ``objective.dense_stage`` in the two global views of the 2D items
-  and of every valid window slice, from the views' coordinate maps (``'global_coords'`` / ``'coords'``).
+  and of every valid window slice, from the views' coordinate maps (``'global_coords'`` / ``'coords'``); with
+  ``objective.dense_slice_offset`` > 0 a window slice of view A is paired with a neighbouring slice of view B.
 
 The clustering loss is SwAV (``objective.clustering == "swav"``, default) or DeepCluster-v2
 (``"deepcluster"``, :mod:`nnssl_joint.ssl.deepcluster`): ``deepcluster_heads`` spherical k-means heads
@@ -53,7 +54,7 @@ from nnssl_joint.models.preset import ArchitecturePreset
 from nnssl_joint.models.slice_embedding import ProjectionHead
 from nnssl_joint.models.slice_transformer import masked_slice_mean
 from nnssl_joint.ssl.deepcluster import DeepClusterV2Loss, MemoryBank, normalized_mutual_information
-from nnssl_joint.ssl.dense import DenseProjectionHead, dense_correspondence_loss
+from nnssl_joint.ssl.dense import DenseProjectionHead, dense_correspondence_loss, window_slice_pairs
 from nnssl_joint.ssl.objective import (
     TERM_DENSE,
     TERM_INTER,
@@ -329,11 +330,11 @@ class JointSSLModel(nn.Module):
             valid = volumes["valid"].to(torch.bool)  # (B3, N)
             if cells is not None:
                 window_slices = cells[offset:].unflatten(0, (b3, n_views, n))
-                coords = self._coordinates(volumes, "coords", "volume")
-                coords = coords[:, :, None].expand(-1, -1, n, -1, -1, -1)
-                window = torch.arange(b3, device=cells.device)[:, None].expand(b3, n)
-                dense_parts.append(self._dense(window_slices[:, 0][valid], window_slices[:, 1][valid],
-                                               coords[:, 0][valid], coords[:, 1][valid], window[valid]))
+                coords = self._coordinates(volumes, "coords", "volume")  # (B3, views, 3, h, w)
+                window, slice_a, slice_b = window_slice_pairs(valid, self.objective.dense_slice_offset)
+                dense_parts.append(self._dense(window_slices[window, 0, slice_a],
+                                               window_slices[window, 1, slice_b],
+                                               coords[window, 0], coords[window, 1], window))
             if want_intra_3d:
                 zs = self.projection_2d(e3[:, 0][valid])
                 zt = self.projection_2d(e3[:, 1][valid])

@@ -16,6 +16,10 @@ the same tissue and are left out rather than pushed away. The loss is the InfoNC
 temperature ``temperature``, both directions (A->B, B->A), averaged over the queries that have a positive.
 Queries may be subsampled (``max_queries`` per direction, drawn with torch's generator, so a seeded run
 repeats exactly).
+
+Volume windows give the term a correspondence that 2D images cannot: :func:`window_slice_pairs` pairs slice
+n of view A with slice n + d of view B (``objective.dense_slice_offset``), the same in-plane position of a
+neighbouring slice, so the positive crosses the slice axis as well as the in-plane augmentation.
 """
 
 from __future__ import annotations
@@ -67,6 +71,37 @@ def pool_coordinates(coords: Tensor, grid: tuple[int, int]) -> tuple[Tensor, Ten
     spacing = (torch.cat(steps, 1).mean(1) if steps
                else torch.full((m,), float(max(kernel)), device=coords.device))
     return position, inside, spacing
+
+
+def window_slice_pairs(valid: Tensor, max_offset: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Rows of the window part of the dense term: ``(window, slice in view A, slice in view B)`` index
+    tensors over a (B, N) ``valid`` mask of the windows' slices.
+
+    ``max_offset`` 0: every valid slice with itself. D > 0: each valid slice n with n + d, |d| drawn
+    uniformly from 1..D and its sign at random (torch's generator); where n + d leaves the window or hits
+    padding the sign flips, and a slice with no valid partner either way is left out.
+    """
+    if valid.dim() != 2:
+        raise ValueError(f"valid must be a (windows, slices) mask, got shape {tuple(valid.shape)}")
+    if max_offset < 0:
+        raise ValueError(f"max_offset must be >= 0, got {max_offset}")
+    valid = valid.to(torch.bool)
+    window, slice_a = valid.nonzero(as_tuple=True)
+    if max_offset == 0 or window.numel() == 0:
+        return window, slice_a, slice_a.clone()
+    n = valid.shape[1]
+    magnitude = torch.randint(1, max_offset + 1, (window.numel(),)).to(valid.device)
+    sign = torch.where(torch.rand(window.numel()) < 0.5, -1, 1).to(valid.device)
+
+    def partner_ok(target: Tensor) -> Tensor:
+        inside = (target >= 0) & (target < n)
+        return inside & valid[window, target.clamp(0, n - 1)]
+
+    slice_b = slice_a + sign * magnitude
+    flipped = slice_a - sign * magnitude
+    slice_b = torch.where(partner_ok(slice_b), slice_b, flipped)
+    keep = partner_ok(slice_b)
+    return window[keep], slice_a[keep], slice_b[keep]
 
 
 def _one_direction(fq: Tensor, fk: Tensor, pq: Tensor, pk: Tensor, uq: Tensor, uk: Tensor, spacing: Tensor,

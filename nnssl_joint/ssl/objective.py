@@ -124,6 +124,10 @@ class ObjectiveConfig:
         dense_temperature: InfoNCE temperature.
         dense_queries: at most this many query cells per direction and batch part (2D items, volume
             slices), drawn at random; the keys are all usable cells.
+        dense_slice_offset: volume windows only. 0 (default): slice n of view A is paired with slice n of
+            view B, as a 2D item's two views. D > 0: with slice n + d of view B, d drawn per window
+            uniformly from +-1..+-D (torch's generator), so the positive is the same in-plane position one
+            to D slices away: a through-plane correspondence that 2D images cannot give.
 
     Masked slice prediction:
         mask_ratio: fraction of slices masked per volume (at least one); paper 0.1.
@@ -157,6 +161,7 @@ class ObjectiveConfig:
     dense_dim: int = 64
     dense_temperature: float = 0.2
     dense_queries: int = 1024
+    dense_slice_offset: int = 0
 
     schedule: str = "joint"
     stage_a_epochs: int = 100
@@ -304,6 +309,7 @@ class ObjectiveConfig:
             "queue_length_3d",
             "queue_start_iteration",
             "dense_stage",
+            "dense_slice_offset",
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"ObjectiveConfig.{name} must be >= 0, got {getattr(self, name)}.")

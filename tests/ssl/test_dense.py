@@ -8,7 +8,7 @@ import torch
 from nnssl_joint.data.augment import coordinate_maps
 from nnssl_joint.models.preset import load_preset
 from nnssl_joint.pretrain.model import JointSSLModel
-from nnssl_joint.ssl.dense import dense_correspondence_loss, pool_coordinates
+from nnssl_joint.ssl.dense import dense_correspondence_loss, pool_coordinates, window_slice_pairs
 from nnssl_joint.ssl.objective import TERM_DENSE, TERM_INTRA, ObjectiveConfig
 
 VIEW, GRID, DIM = 16, 4, 64
@@ -179,10 +179,67 @@ def test_no_dense_term_while_the_encoder_is_frozen():
 
 def test_the_keys_are_typed_and_recorded():
     values = {"lambda_dense": 1, "dense_stage": 1, "dense_dim": 32, "dense_temperature": 0.1,
-              "dense_queries": 64}
+              "dense_queries": 64, "dense_slice_offset": 2}
     recorded = ObjectiveConfig.from_dict(values).to_dict()
     assert {k: recorded[k] for k in values} == values
     for key, bad in (("lambda_dense", -1.0), ("dense_stage", -1), ("dense_dim", 0),
-                     ("dense_temperature", 0.0), ("dense_queries", 0), ("dense_stage", 1.5)):
+                     ("dense_temperature", 0.0), ("dense_queries", 0), ("dense_stage", 1.5),
+                     ("dense_slice_offset", -1), ("dense_slice_offset", 0.5)):
         with pytest.raises((TypeError, ValueError), match=key):
             ObjectiveConfig.from_dict({key: bad})
+
+
+def _valid_windows() -> torch.Tensor:
+    valid = torch.ones(3, 8, dtype=torch.bool)
+    valid[1, 5:] = False  # a window with padding at its end
+    valid[2, 1:] = False  # a window of one valid slice: no partner at any offset
+    return valid
+
+
+def test_window_slice_pairs_without_offset_are_the_valid_slices_with_themselves():
+    valid = _valid_windows()
+    window, a, b = window_slice_pairs(valid, 0)
+    assert torch.equal(a, b)
+    assert torch.equal(torch.stack([window, a], 1), valid.nonzero())
+
+
+def test_window_slice_pairs_cross_the_slice_axis_within_the_offset_and_the_valid_slices():
+    valid = _valid_windows()
+    torch.manual_seed(0)
+    window, a, b = window_slice_pairs(valid, 2)
+    step = (b - a).abs()
+    assert ((step >= 1) & (step <= 2)).all()
+    assert valid[window, a].all() and valid[window, b].all()
+    assert not (window == 2).any()  # the one-slice window has no partner
+    # every valid slice of a window with partners on both sides keeps a pair: edges flip the sign
+    assert torch.equal(a[window == 0], torch.arange(8)) and torch.equal(a[window == 1], torch.arange(5))
+    assert {1, 2} <= set(step.tolist()) and bool(((b - a) < 0).any()) and bool(((b - a) > 0).any())
+    torch.manual_seed(0)
+    again = window_slice_pairs(valid, 2)
+    assert all(torch.equal(x, y) for x, y in zip((window, a, b), again))
+    with pytest.raises(ValueError, match="max_offset"):
+        window_slice_pairs(valid, -1)
+
+
+def _dense_term(objective: ObjectiveConfig, views: torch.Tensor) -> float:
+    torch.manual_seed(0)
+    model = JointSSLModel(load_preset("cpu"), 1, objective)  # same seed: same weights for every objective
+    maps = coordinate_maps(views.shape[-2], views.shape[-1])
+    volumes = {"views": views, "valid": torch.ones(views.shape[0], views.shape[3], dtype=torch.bool),
+               "coords": maps[None, None].expand(views.shape[0], 2, -1, -1, -1).clone()}
+    with torch.no_grad():
+        return float(model(None, volumes, 0, objective.stage_at(0))[TERM_DENSE])
+
+
+def test_slice_offset_pairs_neighbouring_slices_in_the_model():
+    """Both views of a window show the same slices, and the slices differ: offset 0 pairs each slice with
+    its own copy (low loss), offset 1 with a neighbour (higher). Slices that repeat along the axis give
+    the same loss either way, so the offset acts on the slice axis and nowhere else."""
+    g = torch.Generator().manual_seed(1)
+    distinct = torch.randn(2, 1, 1, 6, 32, 32, generator=g).expand(-1, 2, -1, -1, -1, -1).clone()
+    same = _dense_term(_objective(lambda_dense=1.0), distinct)
+    neighbour = _dense_term(_objective(lambda_dense=1.0, dense_slice_offset=1), distinct)
+    assert same < 0.8 * neighbour
+    repeated = distinct[:, :, :, :1].expand(-1, -1, -1, 6, -1, -1).clone()
+    assert _dense_term(_objective(lambda_dense=1.0), repeated) == pytest.approx(
+        _dense_term(_objective(lambda_dense=1.0, dense_slice_offset=1), repeated), rel=1e-5)
