@@ -38,6 +38,7 @@ Conventions:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -96,10 +97,34 @@ _STREAM_UNLABELED_2D = 2
 _STREAM_LABELED_3D = 3
 
 
-def organ_labels(n_organs: int) -> dict[str, int]:
-    """The nnU-Net ``labels`` map of a labeled synthetic task with ``n_organs`` organs."""
-    _check_n_organs(n_organs)
-    return {"background": 0, **{t.name: i + 1 for i, t in enumerate(ORGAN_TEMPLATES[:n_organs])}}
+def organ_templates(organs: int | Sequence[str]) -> tuple[OrganTemplate, ...]:
+    """The labeled organs of a task, in label order: the first ``organs`` of :data:`ORGAN_TEMPLATES` (an
+    int), or the named ones (``nested_in`` re-indexed into the selection; a nested organ needs its parent
+    before it)."""
+    if isinstance(organs, (int, np.integer)):
+        _check_n_organs(int(organs))
+        return ORGAN_TEMPLATES[: int(organs)]
+    names = [str(n) for n in organs]
+    known = [t.name for t in ORGAN_TEMPLATES]
+    if not names or len(set(names)) != len(names) or not set(names) <= set(known):
+        raise ValueError(f"organs must be distinct names from {known}, got {names}")
+    chosen = []
+    for name in names:
+        template = ORGAN_TEMPLATES[known.index(name)]
+        if template.nested_in is not None:
+            parent = ORGAN_TEMPLATES[template.nested_in].name
+            if parent not in names[: len(chosen)]:
+                raise ValueError(f"organ {name!r} lies inside {parent!r}: list {parent!r} before it, "
+                                 f"got {names}")
+            template = dataclasses.replace(template, nested_in=names.index(parent))
+        chosen.append(template)
+    return tuple(chosen)
+
+
+def organ_labels(organs: int | Sequence[str]) -> dict[str, int]:
+    """The nnU-Net ``labels`` map of a labeled synthetic task with these organs
+    (:func:`organ_templates`)."""
+    return {"background": 0, **{t.name: i + 1 for i, t in enumerate(organ_templates(organs))}}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -272,10 +297,11 @@ def _place_distractor(rng: np.random.Generator, body: _Blob) -> _Blob:
                  roughness=0.25)
 
 
-def _render_anatomy(rng: np.random.Generator, grid: _Grid, n_organs: int, modality: str,
+def _render_anatomy(rng: np.random.Generator, grid: _Grid, organs: int | Sequence[str], modality: str,
                     require_all_organs: bool) -> tuple[np.ndarray, np.ndarray]:
     """Image (float32, modality units) and label map (uint8) of one case on ``grid``."""
-    templates = ORGAN_TEMPLATES[:n_organs]
+    templates = organ_templates(organs)
+    n_organs = len(templates)
     min_voxels = max(4, int(2e-4 * np.prod(grid.shape)))
     for _attempt in range(50):
         body = _place_body(rng, grid)
@@ -295,7 +321,8 @@ def _render_anatomy(rng: np.random.Generator, grid: _Grid, n_organs: int, modali
         if not require_all_organs or counts[1:].min() >= min_voxels:
             break
     else:
-        raise RuntimeError(f"could not place all {n_organs} organs inside a {grid.shape} grid; "
+        raise RuntimeError(f"could not place all {n_organs} organs ({[t.name for t in templates]}) inside a "
+                           f"{grid.shape} grid; "
                            "use a larger shape or fewer organs")
 
     tissue = _TISSUE_LEVEL[modality]
@@ -351,7 +378,7 @@ def _check_modality(modality: str) -> None:
 def make_volume_case(rng: np.random.Generator, shape: Sequence[int] = (32, 32, 32),
                      spacing: Sequence[float] | None = None, n_organs: int = 3,
                      anisotropic: bool | None = None, modality: str = "MRI",
-                     require_all_organs: bool = True
+                     require_all_organs: bool = True, organs: Sequence[str] | None = None
                      ) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
     """One synthetic 3D case.
 
@@ -364,12 +391,14 @@ def make_volume_case(rng: np.random.Generator, shape: Sequence[int] = (32, 32, 3
         anisotropic: only used when ``spacing`` is None; ``None`` makes 40 % of cases anisotropic.
         modality: ``"MRI"`` (arbitrary units, bias field, Rician noise) or ``"CT"`` (HU, no bias field).
         require_all_organs: redraw the geometry until every organ has a few voxels.
+        organs: template names to label instead of the first ``n_organs`` (labels 1..len in this order;
+            :func:`organ_templates`), e.g. ``("liver_like", "kidney_like", "vessel_like")``.
 
     Returns:
         ``(image, label, spacing)``: float32 and uint8 arrays of ``shape`` and the ``(z, y, x)`` spacing.
     """
     shape = _check_shape(shape, 3)
-    _check_n_organs(n_organs)
+    selection = organ_templates(n_organs if organs is None else organs)
     _check_modality(modality)
     if spacing is None:
         in_plane = round(float(rng.uniform(0.7, 1.3)), 4)
@@ -380,7 +409,8 @@ def make_volume_case(rng: np.random.Generator, shape: Sequence[int] = (32, 32, 3
     spacing = tuple(float(s) for s in spacing)
     if len(spacing) != 3 or min(spacing) <= 0:
         raise ValueError(f"spacing must be three positive (z, y, x) values in mm, got {spacing}")
-    image, label = _render_anatomy(rng, _Grid(shape, spacing), n_organs, modality, require_all_organs)
+    image, label = _render_anatomy(rng, _Grid(shape, spacing), n_organs if organs is None else
+                                   [t.name for t in selection], modality, require_all_organs)
     return image, label, spacing
 
 
@@ -613,16 +643,19 @@ def _plan_unlabeled_2d(raw_root: str | os.PathLike, dataset_id: int, name: str, 
 
 def _plan_labeled_3d(raw_root: str | os.PathLike, dataset_id: int, name: str, n_train: int, n_test: int,
                      shape: Sequence[int], seed: int, n_organs: int, file_ending: str,
-                     modality: str) -> _DatasetPlan:
+                     modality: str, organs: Sequence[str] | None = None) -> _DatasetPlan:
     folder = _dataset_folder(raw_root, dataset_id, name)
     n_train = _check_count(n_train, "n_train", 1)
     n_test = _check_count(n_test, "n_test", 0)
     shape = _check_shape(shape, 3)
-    _check_n_organs(n_organs)
+    selection = organ_templates(n_organs if organs is None else organs)
+    chosen = n_organs if organs is None else [t.name for t in selection]
     _check_ending(file_ending, SUPPORTED_3D_ENDINGS)
     _check_modality(modality)
+    # a named selection is recorded as such; the default manifest keeps its keys (up-to-date checks)
+    named = {} if organs is None else {"organs": list(chosen)}
     manifest = _manifest("labeled_3d", seed=int(seed), n_train=n_train, n_test=n_test, shape=shape,
-                         n_organs=int(n_organs), file_ending=file_ending, modality=modality)
+                         n_organs=len(selection), file_ending=file_ending, modality=modality, **named)
     # one stream of cases: the first n_train go to imagesTr, the next n_test to imagesTs
     splits = [("Tr", i) for i in range(n_train)] + [("Ts", n_train + j) for j in range(n_test)]
     files = [f"{kind}{split}/{_case_id(name, i)}{suffix}{file_ending}"
@@ -633,11 +666,11 @@ def _plan_labeled_3d(raw_root: str | os.PathLike, dataset_id: int, name: str, n_
             (target / sub).mkdir()
         for split, i in splits:
             rng = _case_rng(seed, _STREAM_LABELED_3D, i)
-            image, label, spacing = make_volume_case(rng, shape, n_organs=n_organs,
+            image, label, spacing = make_volume_case(rng, shape, n_organs=len(selection), organs=organs,
                                                      anisotropic=_is_anisotropic(i), modality=modality)
             _write_image(image, target / f"images{split}" / f"{_case_id(name, i)}_0000{file_ending}", spacing)
             _write_image(label, target / f"labels{split}" / f"{_case_id(name, i)}{file_ending}", spacing)
-        _write_dataset_json(target, channel_name=modality, labels=organ_labels(n_organs),
+        _write_dataset_json(target, channel_name=modality, labels=organ_labels(chosen),
                             num_training=n_train, file_ending=file_ending, unlabeled=False, manifest=manifest,
                             description="Synthetic 3D organ segmentation task (nnssl_joint fine-tuning)")
 
@@ -675,15 +708,17 @@ def write_unlabeled_2d(raw_root: str | os.PathLike, dataset_id: int, name: str, 
 
 def write_labeled_3d(raw_root: str | os.PathLike, dataset_id: int, name: str, n_train: int, n_test: int,
                      shape: Sequence[int] = (32, 32, 32), seed: int = 0, n_organs: int = 3,
-                     file_ending: str = ".nii.gz", *, modality: str = "MRI", overwrite: bool = False) -> Path:
+                     file_ending: str = ".nii.gz", *, modality: str = "MRI", overwrite: bool = False,
+                     organs: Sequence[str] | None = None) -> Path:
     """Labeled 3D task: cases ``0..n_train-1`` in ``imagesTr/labelsTr``, the next ``n_test`` in
     ``imagesTs/labelsTs``.
 
-    Every case contains all ``n_organs`` organs (labels 1..n_organs, see :func:`organ_labels`); cases
-    1, 4, 7, ... are anisotropic. Overwrite rules as in :func:`write_unlabeled_3d`.
+    Every case contains all ``n_organs`` organs (labels 1..n_organs, see :func:`organ_labels`), or the
+    named ``organs`` instead; cases 1, 4, 7, ... are anisotropic. Overwrite rules as in
+    :func:`write_unlabeled_3d`.
     """
     plan = _plan_labeled_3d(raw_root, dataset_id, name, n_train, n_test, shape, seed, n_organs, file_ending,
-                            modality)
+                            modality, organs)
     plan.execute(overwrite)
     return plan.folder
 
@@ -698,7 +733,7 @@ def make_synthetic(raw_root: str | os.PathLike, seed: int = 0, n_3d: int = 8, n_
                    shape_3d: Sequence[int] = (32, 32, 32), shape_2d: Sequence[int] = (64, 64),
                    ids: Sequence[int] = DEFAULT_IDS, *, n_organs: int = 3, file_ending_3d: str = ".nii.gz",
                    file_ending_2d: str = ".png", names: Sequence[str] = DEFAULT_NAMES,
-                   overwrite: bool = False) -> dict[str, dict]:
+                   overwrite: bool = False, organs: Sequence[str] | None = None) -> dict[str, dict]:
     """Write the unlabeled 3D pool, the unlabeled 2D pool and the labeled 3D task under ``raw_root``.
 
     All three targets are checked before anything is written, so a refused overwrite or an id clash
@@ -714,7 +749,7 @@ def make_synthetic(raw_root: str | os.PathLike, seed: int = 0, n_3d: int = 8, n_
         _plan_unlabeled_3d(raw_root, ids[0], names[0], n_3d, shape_3d, seed, file_ending_3d, "MRI"),
         _plan_unlabeled_2d(raw_root, ids[1], names[1], n_2d, shape_2d, seed, file_ending_2d, 0.25, "uint8"),
         _plan_labeled_3d(raw_root, ids[2], names[2], n_labeled_train, n_labeled_test, shape_3d, seed,
-                         n_organs, file_ending_3d, "MRI"),
+                         n_organs, file_ending_3d, "MRI", organs),
     ]
     if not overwrite:
         for plan in plans:
@@ -757,6 +792,11 @@ def register_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
     parser.add_argument("--n-train", type=int, default=6, help="labeled training cases (default 6)")
     parser.add_argument("--n-test", type=int, default=4, help="labeled test cases (default 4)")
     parser.add_argument("--n-organs", type=int, default=3, help=f"labeled organs, 1-{MAX_ORGANS} (default 3)")
+    parser.add_argument("--organs", type=lambda text: tuple(n.strip() for n in text.split(",") if n.strip()),
+                        default=None,
+                        help="comma-separated organ names to label instead of the first --n-organs, "
+                             f"from {', '.join(t.name for t in ORGAN_TEMPLATES)} (a nested organ after its "
+                             "parent)")
     parser.add_argument("--shape-3d", type=_int_tuple(3), default=(32, 32, 32),
                         help="z,y,x (default 32,32,32)")
     parser.add_argument("--shape-2d", type=_int_tuple(2), default=(64, 64), help="y,x (default 64,64)")
@@ -781,7 +821,8 @@ def run_make_synthetic(args: argparse.Namespace) -> int:
                                 n_labeled_train=args.n_train, n_labeled_test=args.n_test,
                                 shape_3d=args.shape_3d, shape_2d=args.shape_2d, ids=args.ids,
                                 n_organs=args.n_organs, file_ending_3d=args.file_ending_3d,
-                                file_ending_2d=args.file_ending_2d, overwrite=args.overwrite)
+                                file_ending_2d=args.file_ending_2d, overwrite=args.overwrite,
+                                organs=args.organs)
     except (FileExistsError, ValueError) as e:
         raise SystemExit(f"make-synthetic: {e}") from e
     for kind, info in result.items():

@@ -80,6 +80,27 @@ def test_volume_case_contains_every_organ(n_organs: int):
         assert set(np.unique(label)) == set(range(n_organs + 1))
 
 
+def test_named_organs_choose_the_labels_and_keep_the_default_draws():
+    """Named organs label only those (in the given order); the first-n form is unchanged by the option."""
+    names = ("liver_like", "kidney_like", "vessel_like")
+    assert organ_labels(names) == {"background": 0, "liver_like": 1, "kidney_like": 2, "vessel_like": 3}
+    for seed in range(3):
+        _, label, _ = make_volume_case(np.random.default_rng(seed), (24, 24, 24), organs=names)
+        assert set(np.unique(label)) == {0, 1, 2, 3}
+    default = make_volume_case(np.random.default_rng(4), (16, 24, 20))
+    first_three = make_volume_case(np.random.default_rng(4), (16, 24, 20),
+                                   organs=("liver_like", "lesion_like", "kidney_like"))
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(default[:2], first_three[:2]))
+    # the nested organ is placed inside its parent, re-indexed into the selection
+    _, label, _ = make_volume_case(np.random.default_rng(0), (24, 24, 24),
+                                   organs=("kidney_like", "liver_like", "lesion_like"))
+    assert set(np.unique(label)) == {0, 1, 2, 3}
+    with pytest.raises(ValueError, match="'lesion_like' lies inside 'liver_like'"):
+        organ_labels(("lesion_like", "liver_like"))
+    with pytest.raises(ValueError, match="spleen_like"):
+        organ_labels(("liver_like", "spleen_like"))
+
+
 def test_anisotropic_spacing_is_thick_in_z():
     _, _, (z, y, x) = make_volume_case(np.random.default_rng(0), (16, 16, 16), anisotropic=True)
     assert y == x and 2.0 <= z / x <= 3.0
@@ -330,3 +351,15 @@ def test_cli_writes_and_refuses(tmp_path, capsys, monkeypatch):
 
     with pytest.raises(SystemExit):
         _parser().parse_args(["make-synthetic", "--shape-3d", "12,12"])
+
+    # named organs: recorded in dataset.json's labels and manifest
+    args = _parser().parse_args([*argv, "--ids", "921,922,923", "--out", str(tmp_path),
+                                 "--organs", "liver_like,vessel_like"])
+    assert args.func(args) == 0
+    written = json.loads((tmp_path / "Dataset923_SynthOrgans" / "dataset.json").read_text())
+    assert written["labels"] == {"background": 0, "liver_like": 1, "vessel_like": 2}
+    assert written["synthetic"]["organs"] == ["liver_like", "vessel_like"]
+    args = _parser().parse_args([*argv, "--ids", "931,932,933", "--out", str(tmp_path),
+                                 "--organs", "lesion_like"])
+    with pytest.raises(SystemExit, match="lies inside 'liver_like'"):
+        args.func(args)
