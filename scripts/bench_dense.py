@@ -5,10 +5,11 @@ One process, one thread by default, the ``cpu`` preset at the demo's self-config
 backward of the weighted loss of :class:`nnssl_joint.pretrain.model.JointSSLModel` on the same random batch
 (data loading and the optimizer are not included), repeats interleaved across arms, the median reported.
 Arms: the joint objective and 2D-only (``lambda_intra_3d``, ``lambda_inter``, ``lambda_mask`` 0), each without
-the dense term and with it at each stage in ``--stages``. Prints JSON (and writes it with ``--out``).
+the dense term and with it at each stage in ``--stages``, and with ``--keys K`` also at each stage with the
+negatives subsampled to K keys (``objective.dense_keys``). Prints JSON (and writes it with ``--out``).
 
 Usage:
-  python scripts/bench_dense.py [--stages 2 1] [--repeats 5] [--threads 1] [--out bench_dense.json]
+  python scripts/bench_dense.py [--stages 2 1] [--keys 2048] [--repeats 5] [--threads 1] [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stages", type=int, nargs="+", default=[2, 1], help="dense_stage values to time")
+    parser.add_argument("--keys", type=int, nargs="*", default=[],
+                        help="dense_keys values to time at every stage as well (default: none)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per arm (after one warm-up)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--view", type=int, default=48, help="global view size (small views: 2/3 of it)")
@@ -48,6 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--repeats and --threads must be >= 1")
     if any(s < 0 for s in args.stages):
         parser.error(f"--stages must be encoder stage indices >= 0, got {args.stages}")
+    if any(k < 1 for k in args.keys):
+        parser.error(f"--keys must be key counts >= 1, got {args.keys}")
     return args
 
 
@@ -64,12 +69,15 @@ def _batches(args: argparse.Namespace) -> tuple[dict, dict]:
     return slices, volumes
 
 
-def arms(stages: list[int]) -> dict[str, dict]:
+def arms(stages: list[int], keys: list[int] = ()) -> dict[str, dict]:
     out: dict[str, dict] = {}
     for objective, base in (("joint", {}), ("2d_only", TWO_D_ONLY)):
         out[objective] = dict(base)
         for stage in stages:
-            out[f"{objective}+dense_stage{stage}"] = {**base, "lambda_dense": 1.0, "dense_stage": stage}
+            dense = {**base, "lambda_dense": 1.0, "dense_stage": stage}
+            out[f"{objective}+dense_stage{stage}"] = dense
+            for k in keys:
+                out[f"{objective}+dense_stage{stage}_keys{k}"] = {**dense, "dense_keys": k}
     return out
 
 
@@ -78,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     slices, volumes = _batches(args)
     models = {}
-    for name, values in arms(args.stages).items():
+    for name, values in arms(args.stages, args.keys).items():
         objective = ObjectiveConfig(num_prototypes_2d=34, num_prototypes_3d=4, **values)
         torch.manual_seed(0)
         models[name] = (JointSSLModel(load_preset("cpu"), 1, objective), objective.stage_at(0))

@@ -393,7 +393,8 @@ class JointSSLModel(nn.Module):
 
     def _dense(self, fa: Tensor, fb: Tensor, ca: Tensor, cb: Tensor, source: Tensor) -> Tensor:
         return dense_correspondence_loss(fa, fb, ca, cb, source, temperature=self.objective.dense_temperature,
-                                         max_queries=self.objective.dense_queries)
+                                         max_queries=self.objective.dense_queries,
+                                         max_keys=self.objective.dense_keys or None)
 
     def _varcov(self, rows: Tensor) -> Tensor:
         return variance_covariance_loss(rows, target_std=self.objective.varcov_target_std,

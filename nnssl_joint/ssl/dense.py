@@ -15,7 +15,8 @@ source (the same 2D item; any slice of the same window) within ``exclusion`` x t
 the same tissue and are left out rather than pushed away. The loss is the InfoNCE cross-entropy at
 temperature ``temperature``, both directions (A->B, B->A), averaged over the queries that have a positive.
 Queries may be subsampled (``max_queries`` per direction, drawn with torch's generator, so a seeded run
-repeats exactly).
+repeats exactly), and so may the negatives (``max_keys``: a random subset of the other view's usable cells;
+the positive is always found among all cells of the query's own row, so only the negatives thin out).
 
 Volume windows give the term a correspondence that 2D images cannot: :func:`window_slice_pairs` pairs slice
 n of view A with slice n + d of view B (``objective.dense_slice_offset``), the same in-plane position of a
@@ -106,7 +107,7 @@ def window_slice_pairs(valid: Tensor, max_offset: int) -> tuple[Tensor, Tensor, 
 
 def _one_direction(fq: Tensor, fk: Tensor, pq: Tensor, pk: Tensor, uq: Tensor, uk: Tensor, spacing: Tensor,
                    source: Tensor, temperature: float, radius: float, exclusion: float,
-                   max_queries: int | None) -> tuple[Tensor, int]:
+                   max_queries: int | None, max_keys: int | None) -> tuple[Tensor, int]:
     m, p, _ = fq.shape
     rows = torch.arange(m, device=fq.device).repeat_interleave(p)
     q_idx = uq.flatten().nonzero().squeeze(1)
@@ -116,27 +117,37 @@ def _one_direction(fq: Tensor, fk: Tensor, pq: Tensor, pk: Tensor, uq: Tensor, u
     if max_queries is not None and q_idx.numel() > max_queries:
         pick = torch.randperm(q_idx.numel())[:max_queries].to(q_idx.device)
         q_idx = q_idx[pick.sort().values]
-    q_rows, k_rows = rows[q_idx], rows[k_idx]
-    q_pos, k_pos = pq.reshape(-1, 2)[q_idx], pk.reshape(-1, 2)[k_idx]
-    dist = torch.cdist(q_pos, k_pos)  # (Q, K) in source pixels
-    same_row = q_rows[:, None] == k_rows[None, :]
-    nearest = dist.masked_fill(~same_row, float("inf")).min(1)
+    q_rows = rows[q_idx]
+    q_pos = pq.reshape(-1, 2)[q_idx]
+    # the positive: the nearest usable cell of the query's own row in the other view (Q x P distances)
+    row_dist = torch.cdist(q_pos[:, None], pk[q_rows]).squeeze(1).masked_fill(~uk[q_rows], float("inf"))
+    nearest = row_dist.min(1)
     scale = spacing[q_rows]
     has_positive = nearest.values <= radius * scale
     if not bool(has_positive.any()):
         return fq.sum() * 0.0, 0
-    same_source = source[q_rows][:, None] == source[k_rows][None, :]
-    excluded = same_source & (dist < exclusion * scale[:, None])
-    excluded[torch.arange(q_idx.numel(), device=fq.device), nearest.indices] = False
-    logits = fq.reshape(-1, fq.shape[-1])[q_idx] @ fk.reshape(-1, fk.shape[-1])[k_idx].T / temperature
-    logits = logits.float().masked_fill(excluded, float("-inf"))
-    loss = F.cross_entropy(logits[has_positive], nearest.indices[has_positive], reduction="sum")
-    return loss, int(has_positive.sum())
+    q_idx, q_rows, q_pos, scale = (t[has_positive] for t in (q_idx, q_rows, q_pos, scale))
+    positive = q_rows * p + nearest.indices[has_positive]  # flat cell index in the other view
+    # the negatives: every usable cell of the other view, or a random max_keys of them, except cells of the
+    # same source within the exclusion radius (same tissue; this also removes the positive itself)
+    if max_keys is not None and k_idx.numel() > max_keys:
+        pick = torch.randperm(k_idx.numel())[:max_keys].to(k_idx.device)
+        k_idx = k_idx[pick.sort().values]
+    k_rows = rows[k_idx]
+    dist = torch.cdist(q_pos, pk.reshape(-1, 2)[k_idx])  # (Q, K) in source pixels
+    excluded = (source[q_rows][:, None] == source[k_rows][None, :]) & (dist < exclusion * scale[:, None])
+    flat_q = fq.reshape(-1, fq.shape[-1])[q_idx]
+    flat_k = fk.reshape(-1, fk.shape[-1])
+    positive_logit = (flat_q * flat_k[positive]).sum(-1, keepdim=True) / temperature
+    negative_logits = (flat_q @ flat_k[k_idx].T / temperature).float().masked_fill(excluded, float("-inf"))
+    logits = torch.cat([positive_logit.float(), negative_logits], 1)
+    target = torch.zeros(q_idx.numel(), dtype=torch.long, device=fq.device)
+    return F.cross_entropy(logits, target, reduction="sum"), int(q_idx.numel())
 
 
 def dense_correspondence_loss(fa: Tensor, fb: Tensor, ca: Tensor, cb: Tensor, source: Tensor,
                               temperature: float = 0.2, radius: float = 0.75, exclusion: float = 2.0,
-                              max_queries: int | None = None) -> Tensor:
+                              max_queries: int | None = None, max_keys: int | None = None) -> Tensor:
     """See the module docstring. ``fa``, ``fb``: (M, D, hf, wf) L2-normalised (per cell) features of the
     two views of M rows; ``ca``, ``cb``: their (M, 3, h, w) coordinate maps; ``source``: (M,) ids, equal for
     rows cut from the same in-plane source (the slices of one volume window). Returns a scalar (0, still in
@@ -156,6 +167,6 @@ def dense_correspondence_loss(fa: Tensor, fb: Tensor, ca: Tensor, cb: Tensor, so
     total, count = fa.sum() * 0.0, 0
     for fq, fk, pq, pk, uq, uk in ((fa, fb, pa, pb, ua, ub), (fb, fa, pb, pa, ub, ua)):
         loss, n = _one_direction(fq, fk, pq, pk, uq, uk, spacing, source, temperature, radius, exclusion,
-                                 max_queries)
+                                 max_queries, max_keys)
         total, count = total + loss, count + n
     return total / max(count, 1)

@@ -123,7 +123,10 @@ class ObjectiveConfig:
         dense_dim: output channels of the per-cell projection head (1x1 conv, ReLU, 1x1 conv).
         dense_temperature: InfoNCE temperature.
         dense_queries: at most this many query cells per direction and batch part (2D items, volume
-            slices), drawn at random; the keys are all usable cells.
+            slices), drawn at random.
+        dense_keys: 0 (default): every usable cell of the other view is a key (the positive and the
+            negatives); K > 0: the negatives are a random K of them (torch's generator), the positive is
+            still the nearest cell of the query's own row. Stage 1 has 9-18k keys per batch part.
         dense_slice_offset: volume windows only. 0 (default): slice n of view A is paired with slice n of
             view B, as a 2D item's two views. D > 0: with slice n + d of view B, d drawn per window
             uniformly from +-1..+-D (torch's generator), so the positive is the same in-plane position one
@@ -162,6 +165,7 @@ class ObjectiveConfig:
     dense_temperature: float = 0.2
     dense_queries: int = 1024
     dense_slice_offset: int = 0
+    dense_keys: int = 0
 
     schedule: str = "joint"
     stage_a_epochs: int = 100
@@ -310,6 +314,7 @@ class ObjectiveConfig:
             "queue_start_iteration",
             "dense_stage",
             "dense_slice_offset",
+            "dense_keys",
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"ObjectiveConfig.{name} must be >= 0, got {getattr(self, name)}.")

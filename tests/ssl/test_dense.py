@@ -107,6 +107,27 @@ def test_query_subsampling_repeats_under_a_seed():
     assert values[0] == values[1]
 
 
+def test_key_subsampling_thins_the_negatives_only():
+    """All keys: max_keys changes nothing. Fewer keys: the positive stays (matching features still give ~0,
+    swapped ones a high loss), and the loss can only fall, since the softmax loses negative terms."""
+    rows = 4
+    fa, fb = _table(rows, 1), _table(rows, 2)
+    ca, cb, source = _maps(rows), _maps(rows, mirror=True), torch.arange(rows)
+    full = float(dense_correspondence_loss(fa, fb, ca, cb, source))
+    assert float(dense_correspondence_loss(fa, fb, ca, cb, source, max_keys=rows * GRID * GRID)) == full
+    values = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        values.append(float(dense_correspondence_loss(fa, fb, ca, cb, source, max_keys=12)))
+    assert values[0] == values[1] and values[0] < full
+    table = _table(rows)
+    torch.manual_seed(0)
+    right = dense_correspondence_loss(table, table.flip(-1), ca, cb, source, temperature=0.05, max_keys=12)
+    torch.manual_seed(0)
+    wrong = dense_correspondence_loss(table, table, ca, cb, source, temperature=0.05, max_keys=12)
+    assert float(right) < 0.01 and float(wrong) > 2.0
+
+
 def test_shape_errors_name_the_inputs():
     feats = _table(2)
     with pytest.raises(ValueError, match="coordinate maps must be"):
@@ -179,12 +200,12 @@ def test_no_dense_term_while_the_encoder_is_frozen():
 
 def test_the_keys_are_typed_and_recorded():
     values = {"lambda_dense": 1, "dense_stage": 1, "dense_dim": 32, "dense_temperature": 0.1,
-              "dense_queries": 64, "dense_slice_offset": 2}
+              "dense_queries": 64, "dense_slice_offset": 2, "dense_keys": 512}
     recorded = ObjectiveConfig.from_dict(values).to_dict()
     assert {k: recorded[k] for k in values} == values
     for key, bad in (("lambda_dense", -1.0), ("dense_stage", -1), ("dense_dim", 0),
                      ("dense_temperature", 0.0), ("dense_queries", 0), ("dense_stage", 1.5),
-                     ("dense_slice_offset", -1), ("dense_slice_offset", 0.5)):
+                     ("dense_slice_offset", -1), ("dense_slice_offset", 0.5), ("dense_keys", -1)):
         with pytest.raises((TypeError, ValueError), match=key):
             ObjectiveConfig.from_dict({key: bad})
 
