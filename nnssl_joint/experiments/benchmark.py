@@ -46,7 +46,12 @@ from typing import Any, TextIO
 import numpy as np
 
 from nnssl_joint.errors import NnsslJointError
-from nnssl_joint.experiments.budgets import FINETUNE_RECIPES, TrainingBudget, default_preset
+from nnssl_joint.experiments.budgets import (
+    FINETUNE_RECIPES,
+    TrainingBudget,
+    default_preset,
+    read_objective_overrides,
+)
 from nnssl_joint.experiments.pipeline import (
     NNUNET_PRESET,
     Pipeline,
@@ -344,6 +349,8 @@ class BenchmarkSettings:
     preset: str | None = None
     #: fine-tuning recipe of the plugin's arms (:data:`nnssl_joint.experiments.budgets.FINETUNE_RECIPES`)
     recipe: str = "plugin"
+    #: objective keys for every pretraining arm (``--pretrain-objective``: JSON text or file); {}: defaults
+    pretrain_objective: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.out = Path(self.out).expanduser().resolve()
@@ -366,6 +373,8 @@ class BenchmarkSettings:
                                   f"got {self.recipe!r}")
         self.preset = resolve_preset_choice(default_preset(self.preset, self.device), self.device)
         self.budget_spec = TrainingBudget.resolve(self.budget)
+        for arm in pretrained:  # a contradiction with an arm's own keys is refused before anything runs
+            self.budget_spec.pretrain_config(arm, self.seed, objective_overrides=self.pretrain_objective)
         if self.raw is None:
             from nnssl_joint.naming import nnunet_raw
 
@@ -383,6 +392,8 @@ class BenchmarkSettings:
             record["preset"] = self.preset
         if self.recipe != "plugin":
             record["recipe"] = self.recipe
+        if self.pretrain_objective:
+            record["pretrain_objective"] = self.pretrain_objective
         return record
 
 
@@ -590,7 +601,8 @@ class Benchmark(Pipeline):
         return info
 
     def step_pretrain(self, arm: str, progress: StepProgress) -> dict[str, Any]:
-        config = self.budget.pretrain_config(arm, self.settings.seed, self.preset_argument)
+        config = self.budget.pretrain_config(arm, self.settings.seed, self.preset_argument,
+                                             self.settings.pretrain_objective)
         return self.pretrain(arm, config, self.pretrain_id, self.pretrain_dataset,
                              self.budget.pretrain_epochs,
                              [f"pretrained_for_{self.settings.configuration}.pth"], progress)
@@ -824,6 +836,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "nnU-Net's poly schedule, lr 1e-2) or nnunet_warmup (nnU-Net's pretrained-weights "
                         "recipe: linear warm-up of the whole network, then poly; lr 1e-3 for pretrained "
                         "networks)")
+    parser.add_argument("--pretrain-objective", default=None, metavar="JSON|FILE.json",
+                        help="objective keys for every pretraining arm, as JSON text or a file, e.g. "
+                             "'{\"lambda_dense\": 1.0, \"dense_stage\": 1}' (the recommended dense term, "
+                             "docs/pretraining.md); a key an arm sets itself (2D-only's volume weights) is "
+                             "refused")
     parser.add_argument("-c", "--configuration", default="3d_fullres", choices=("3d_fullres", "2d"),
                         help="the nnU-Net configuration to fine-tune (default 3d_fullres)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
@@ -838,7 +855,8 @@ def settings_from_args(args: argparse.Namespace) -> BenchmarkSettings:
                              test_fraction=args.test_fraction, val_cases=args.val_cases,
                              configuration=args.configuration, device=args.device,
                              raw=None if args.raw is None else Path(args.raw), preset=args.preset,
-                             recipe=args.recipe)
+                             recipe=args.recipe,
+                             pretrain_objective=read_objective_overrides(args.pretrain_objective))
 
 
 def run_benchmark(settings: BenchmarkSettings, stream: TextIO | None = None) -> dict[str, Any]:

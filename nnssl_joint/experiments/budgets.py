@@ -10,6 +10,7 @@ and :meth:`TrainingBudget.finetune_config` build the partial JSON files the trai
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,47 @@ def pretrain_objective(arm: str, epochs: int) -> dict[str, Any]:
                           f"{', '.join([*PRETRAIN_RUNS, 'staged'])}")
 
 
+def merge_objective(arm: str, objective: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """``objective`` (the arm's) plus ``overrides`` (the same for every arm); an override may not change a
+    key the arm sets (2D-only switches the volume terms off: a benchmark that turned them on again would
+    compare nothing)."""
+    merged = dict(objective)
+    for key, value in (overrides or {}).items():
+        if key in objective and objective[key] != value:
+            raise NnsslJointError(f"the pretraining objective override {key}={value!r} contradicts arm "
+                                  f"{arm!r}, which sets {key}={objective[key]!r}; leave {key} out of the "
+                                  f"override")
+        merged[key] = value
+    return merged
+
+
+def read_objective_overrides(spec: str | None) -> dict[str, Any]:
+    """``--pretrain-objective``: JSON text (``{"lambda_dense": 1.0}``) or a JSON file of objective keys,
+    checked against :class:`nnssl_joint.ssl.objective.ObjectiveConfig` (unknown keys, types, ranges)."""
+    if spec is None or not spec.strip():
+        return {}
+    from nnssl_joint.ssl.objective import ObjectiveConfig
+
+    text = spec.strip()
+    if text.startswith("{"):
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise NnsslJointError(f"--pretrain-objective is not valid JSON ({e}): {text!r}") from e
+    else:
+        path = Path(text).expanduser()
+        if not path.is_file():
+            raise NnsslJointError(f"--pretrain-objective {text!r} is neither JSON text nor a file")
+        values = read_json_file(path, f"--pretrain-objective {path}")
+    if not isinstance(values, dict):
+        raise NnsslJointError(f"--pretrain-objective must be a JSON object of objective keys, got {values!r}")
+    try:
+        ObjectiveConfig.from_dict(values)
+    except (TypeError, ValueError) as e:
+        raise NnsslJointError(f"--pretrain-objective: {e}") from e
+    return dict(values)
+
+
 @dataclass(frozen=True)
 class TrainingBudget:
     """How long each pretraining and each fine-tuning run trains (the same for every arm)."""
@@ -118,16 +160,19 @@ class TrainingBudget:
         values = read_json_file(path, f"--budget {path}")
         return build(cls, {**asdict(cls.named("small")), **values}, f"--budget {path}")
 
-    def pretrain_config(self, arm: str, seed: int, preset: str | None = None) -> dict[str, Any]:
+    def pretrain_config(self, arm: str, seed: int, preset: str | None = None,
+                        objective_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
         """The partial pretraining configuration (``NNSSL_JOINT_CONFIG``) of the run behind ``arm``;
-        ``preset``: an architecture preset name or file (None: the pretraining default)."""
+        ``preset``: an architecture preset name or file (None: the pretraining default);
+        ``objective_overrides``: objective keys for every arm (e.g. ``{"lambda_dense": 1.0}``), which may
+        not change a key the arm itself sets (:func:`merge_objective`)."""
         config: dict[str, Any] = {"seed": int(seed),
                                   "optim": {"num_epochs": self.pretrain_epochs,
                                             "iterations_per_epoch": self.pretrain_iterations,
                                             "save_every": 1}}
         if preset is not None:
             config["preset"] = str(preset)
-        objective = pretrain_objective(arm, self.pretrain_epochs)
+        objective = merge_objective(arm, pretrain_objective(arm, self.pretrain_epochs), objective_overrides)
         if objective:
             config["objective"] = objective
         return config

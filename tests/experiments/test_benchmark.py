@@ -221,6 +221,40 @@ def test_the_default_preset_on_cpu_is_nnunets_own_topology_and_is_recorded(tmp_p
     assert bm.BenchmarkSettings(**kwargs, device="cuda").preset == "gpu"
 
 
+def test_a_pretraining_objective_reaches_every_arm_and_is_part_of_the_experiment(tmp_path):
+    from nnssl_joint.experiments.budgets import read_objective_overrides
+    from nnssl_joint.pretrain.config import PretrainConfig
+
+    kwargs = {"pretrain": ["1"], "target": "2", "out": tmp_path / "out", "raw": tmp_path, "labeled": [1],
+              "arms": ["scratch", "intra", "joint"]}
+    dense = read_objective_overrides('{"lambda_dense": 1.0, "dense_stage": 1}')
+    settings = bm.BenchmarkSettings(**kwargs, pretrain_objective=dense)
+    assert settings.record()["pretrain_objective"] == dense
+    assert "pretrain_objective" not in bm.BenchmarkSettings(**kwargs).record()  # earlier records continue
+    bench = _FakeBenchmark(settings, io.StringIO())
+    for arm in ("intra", "joint"):
+        config = settings.budget_spec.pretrain_config(arm, 0, None, settings.pretrain_objective)
+        objective = PretrainConfig.from_dict(config).objective
+        assert objective.lambda_dense == 1.0 and objective.dense_stage == 1
+    assert PretrainConfig.from_dict(settings.budget_spec.pretrain_config("intra", 0, None, dense)
+                                    ).objective.lambda_inter == 0.0  # the arm's own keys stay
+    bench.check_settings()
+    with pytest.raises(NnsslJointError, match="differences: pretrain_objective"):
+        _FakeBenchmark(bm.BenchmarkSettings(**kwargs), io.StringIO()).check_settings()
+    # refused before anything runs: a key an arm sets, an unknown key, bad JSON, a missing file
+    with pytest.raises(NnsslJointError, match="lambda_inter=1.0 contradicts arm 'intra'"):
+        bm.BenchmarkSettings(**kwargs, pretrain_objective={"lambda_inter": 1.0})
+    with pytest.raises(NnsslJointError, match="lambda_dens"):
+        read_objective_overrides('{"lambda_dens": 1.0}')
+    with pytest.raises(NnsslJointError, match="not valid JSON"):
+        read_objective_overrides('{"lambda_dense": }')
+    with pytest.raises(NnsslJointError, match="neither JSON text nor a file"):
+        read_objective_overrides(str(tmp_path / "missing.json"))
+    spec = tmp_path / "objective.json"
+    spec.write_text(json.dumps({"lambda_dense": 0.5}))
+    assert read_objective_overrides(str(spec)) == {"lambda_dense": 0.5}
+
+
 def test_pretrained_arms_need_pretraining_data(tmp_path):
     with pytest.raises(NnsslJointError, match="--pretrain is needed"):
         bm.BenchmarkSettings(pretrain=[], target="2", out=tmp_path, raw=tmp_path, labeled=[1], arms=["joint"])
