@@ -73,6 +73,7 @@ def worker(rank: int, world: int, port: int, out_file: str) -> None:
                        "checksums": {k: float(v.sum()) for k, v in params.items()},
                        "abs": {k: float(v.abs().sum()) for k, v in params.items()}}, f)
     if world > 1:
+        dist.barrier()  # both ranks done before the teardown (see tests/ssl/test_centering_ddp.py)
         dist.destroy_process_group()
 
 

@@ -304,6 +304,7 @@ def _distributed_worker(rank: int, world_size: int, port: int, out_dir: Path) ->
         loss_fn.recompute_assignments(bank)
         results["loss"] = loss_fn.state_dict()
         torch.save(results, out_dir / f"deepcluster_rank{rank}.pt")
+        torch.distributed.barrier()  # both ranks done before the teardown (see test_centering_ddp)
     finally:
         torch.distributed.destroy_process_group()
 

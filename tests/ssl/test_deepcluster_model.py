@@ -192,6 +192,7 @@ def _distributed_worker(rank: int, world_size: int, port: int, out_dir: Path) ->
                                          world_size=world_size, timeout=timedelta(seconds=60))
     try:
         torch.save(_run(rank, world_size), out_dir / f"dc_model_rank{rank}.pt")
+        torch.distributed.barrier()  # both ranks done before the teardown (see test_centering_ddp)
     finally:
         torch.distributed.destroy_process_group()
 

@@ -141,6 +141,7 @@ def _distributed_worker(rank: int, world_size: int, port: int, out_dir: Path) ->
         local = scores[:SPLIT] if rank == 0 else scores[SPLIT:]
         codes = sinkhorn(local, EPSILON, ITERATIONS)  # auto-detects the process group
         torch.save(codes, out_dir / f"sinkhorn_rank{rank}.pt")
+        torch.distributed.barrier()  # both ranks done before the teardown (see test_centering_ddp)
     finally:
         torch.distributed.destroy_process_group()
 
