@@ -104,7 +104,7 @@ def organ_templates(organs: int | Sequence[str]) -> tuple[OrganTemplate, ...]:
     if isinstance(organs, (int, np.integer)):
         _check_n_organs(int(organs))
         return ORGAN_TEMPLATES[: int(organs)]
-    names = [str(n) for n in organs]
+    names = [organs] if isinstance(organs, str) else [str(n) for n in organs]
     known = [t.name for t in ORGAN_TEMPLATES]
     if not names or len(set(names)) != len(names) or not set(names) <= set(known):
         raise ValueError(f"organs must be distinct names from {known}, got {names}")

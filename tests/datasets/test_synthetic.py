@@ -99,6 +99,7 @@ def test_named_organs_choose_the_labels_and_keep_the_default_draws():
         organ_labels(("lesion_like", "liver_like"))
     with pytest.raises(ValueError, match="spleen_like"):
         organ_labels(("liver_like", "spleen_like"))
+    assert organ_labels("kidney_like") == {"background": 0, "kidney_like": 1}  # one name, not its letters
 
 
 def test_anisotropic_spacing_is_thick_in_z():
