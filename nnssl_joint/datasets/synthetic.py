@@ -398,7 +398,8 @@ def make_volume_case(rng: np.random.Generator, shape: Sequence[int] = (32, 32, 3
         ``(image, label, spacing)``: float32 and uint8 arrays of ``shape`` and the ``(z, y, x)`` spacing.
     """
     shape = _check_shape(shape, 3)
-    selection = organ_templates(n_organs if organs is None else organs)
+    labeled = n_organs if organs is None else organs
+    organ_templates(labeled)  # bad organs are refused before any random draw
     _check_modality(modality)
     if spacing is None:
         in_plane = round(float(rng.uniform(0.7, 1.3)), 4)
@@ -409,8 +410,7 @@ def make_volume_case(rng: np.random.Generator, shape: Sequence[int] = (32, 32, 3
     spacing = tuple(float(s) for s in spacing)
     if len(spacing) != 3 or min(spacing) <= 0:
         raise ValueError(f"spacing must be three positive (z, y, x) values in mm, got {spacing}")
-    image, label = _render_anatomy(rng, _Grid(shape, spacing), n_organs if organs is None else
-                                   [t.name for t in selection], modality, require_all_organs)
+    image, label = _render_anatomy(rng, _Grid(shape, spacing), labeled, modality, require_all_organs)
     return image, label, spacing
 
 
