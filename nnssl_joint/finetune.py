@@ -33,8 +33,10 @@ class FinetuneConfig:
     initial_lr: float = 1e-2
     weight_decay: float = 3e-5
     warmup_epochs: int = 0  # linear warm-up of every learning rate before nnU-Net's poly decay
-    freeze_pretrained_epochs: int = 0  # pretrained parts get no updates for this many epochs
-    pretrained_lr_factor: float = 1.0  # learning rate of the pretrained parts relative to the rest
+    #: pretrained parts get no updates for this many epochs (runs from pretrained weights only)
+    freeze_pretrained_epochs: int = 0
+    #: learning rate of the pretrained parts relative to the rest (runs from pretrained weights only)
+    pretrained_lr_factor: float = 1.0
     save_every: int = 50
     #: the learning-rate recipe: ``plugin`` (``warmup_epochs`` of linear warm-up inside nnU-Net's poly decay
     #: over all epochs, optional freezing and lower rate of the pretrained parts) or ``nnunet_warmup``
@@ -82,6 +84,14 @@ class FinetuneConfig:
         if pretrained and self.pretrained_initial_lr is not None:
             return self.pretrained_initial_lr
         return self.initial_lr
+
+    def pretrained_parts_schedule(self, pretrained: bool) -> tuple[float, int]:
+        """(learning-rate factor, frozen epochs) of the pretrained parts (encoder, slice embedding, slice
+        Transformer). A run from scratch trains them like the rest (1.0, 0): there is nothing pretrained to
+        keep, and the same configuration file can serve both arms of a comparison."""
+        if not pretrained:
+            return 1.0, 0
+        return self.pretrained_lr_factor, self.freeze_pretrained_epochs
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

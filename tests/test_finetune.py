@@ -43,3 +43,11 @@ def test_pretrained_networks_start_at_their_own_learning_rate():
 def test_recipe_settings_are_checked_with_the_fix(values, match):
     with pytest.raises(NnsslJointError, match=match):
         FinetuneConfig.from_dict(values)
+
+
+def test_freezing_and_the_lower_rate_act_only_on_runs_from_pretrained_weights():
+    config = FinetuneConfig(freeze_pretrained_epochs=3, pretrained_lr_factor=0.1)
+    assert config.pretrained_parts_schedule(pretrained=True) == (0.1, 3)
+    # from scratch nothing is pretrained: the encoder trains like the rest, so one file serves both arms
+    assert config.pretrained_parts_schedule(pretrained=False) == (1.0, 0)
+    assert FinetuneConfig().pretrained_parts_schedule(pretrained=True) == (1.0, 0)

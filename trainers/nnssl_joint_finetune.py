@@ -5,7 +5,8 @@
         -pretrained_weights .../pretrained_for_3d_fullres.pth
 
 nnU-Net's trainer plus: learning-rate warm-up, optionally frozen pretrained parts for the first
-epochs, a lower learning rate for the pretrained parts, epochs/iterations from a JSON file
+epochs and a lower learning rate for the pretrained parts (both only in runs from pretrained weights),
+epochs/iterations from a JSON file
 (``NNSSL_JOINT_FINETUNE_CONFIG``), and a check of ``-pretrained_weights`` before training starts.
 """
 
@@ -44,6 +45,9 @@ class JointSSLFinetuneTrainer(nnUNetTrainer):
         self.weight_decay = cfg.weight_decay
         self.save_every = cfg.save_every
         self._frozen: bool | None = None
+        # learning-rate factor and frozen epochs of the pretrained parts, set in initialize() once it is known
+        # whether the run starts from pretrained weights
+        self._lr_factor, self._freeze_epochs = 1.0, 0
 
     def initialize(self):
         # before the network is built: its initial weights and (with nnUNet_n_proc_DA=0) every batch and
@@ -54,8 +58,9 @@ class JointSSLFinetuneTrainer(nnUNetTrainer):
         start_record = join(self.output_folder, "nnssl_joint_finetune_start.json")
         pretrained = weights is not None or (isfile(start_record)
                                              and load_json(start_record)["pretrained_weights"] is not None)
-        # before super().initialize(), which builds the optimizer from it
+        # before super().initialize(), which builds the optimizer from them
         self.initial_lr = self.finetune_config.initial_lr_for(pretrained=pretrained)
+        self._lr_factor, self._freeze_epochs = self.finetune_config.pretrained_parts_schedule(pretrained)
         super().initialize()
         if self.local_rank == 0 and (weights is not None or not isfile(start_record)):
             atomic_write_text(json.dumps({"pretrained_weights": weights}), start_record)
@@ -66,7 +71,10 @@ class JointSSLFinetuneTrainer(nnUNetTrainer):
                               join(self.output_folder, "nnssl_joint_finetune_config.json"))
         self.print_to_log_file(f"recipe '{self.finetune_config.recipe}', initial learning rate "
                                f"{self.initial_lr:g} ({'pretrained' if pretrained else 'random'} "
-                               "initialisation)")
+                               f"initialisation); pretrained parts: learning rate x {self._lr_factor:g}, "
+                               f"frozen for {self._freeze_epochs} epoch(s)"
+                               + ("" if pretrained else " (freeze_pretrained_epochs and pretrained_lr_factor "
+                                  "act only on runs from pretrained weights)"))
         if weights is not None:
             module = unwrap(self.network)
             preset = self.configuration_manager.network_arch_init_kwargs.get("preset")
@@ -79,7 +87,7 @@ class JointSSLFinetuneTrainer(nnUNetTrainer):
     def configure_optimizers(self):
         module = unwrap(self.network)
         pretrained, other = split_parameters(module)
-        lrs = [self.initial_lr * self.finetune_config.pretrained_lr_factor, self.initial_lr]
+        lrs = [self.initial_lr * self._lr_factor, self.initial_lr]
         groups = [{"params": pretrained, "lr": lrs[0]}, {"params": other, "lr": lrs[1]}]
         optimizer = torch.optim.SGD(groups, self.initial_lr, weight_decay=self.weight_decay, momentum=0.99,
                                     nesterov=True)
@@ -87,7 +95,7 @@ class JointSSLFinetuneTrainer(nnUNetTrainer):
                                       self.finetune_config.recipe)
 
     def on_train_epoch_start(self):
-        frozen = self.current_epoch < self.finetune_config.freeze_pretrained_epochs
+        frozen = self.current_epoch < self._freeze_epochs
         if frozen != self._frozen:
             n = freeze_pretrained(unwrap(self.network), frozen)
             self.print_to_log_file(f"pretrained parts {'frozen' if frozen else 'trainable'} ({n} tensors)")

@@ -50,6 +50,7 @@ from nnssl_joint.experiments.budgets import (
     FINETUNE_RECIPES,
     TrainingBudget,
     default_preset,
+    read_finetune_overrides,
     read_objective_overrides,
 )
 from nnssl_joint.experiments.pipeline import (
@@ -351,6 +352,9 @@ class BenchmarkSettings:
     recipe: str = "plugin"
     #: objective keys for every pretraining arm (``--pretrain-objective``: JSON text or file); {}: defaults
     pretrain_objective: dict[str, Any] = field(default_factory=dict)
+    #: fine-tuning keys for every run of the plugin's networks (``--finetune``: JSON text or file), e.g. a
+    #: lower learning rate for the pretrained parts; {}: the recipe's defaults. Not for the stock arm
+    finetune: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.out = Path(self.out).expanduser().resolve()
@@ -375,6 +379,7 @@ class BenchmarkSettings:
         self.budget_spec = TrainingBudget.resolve(self.budget)
         for arm in pretrained:  # a contradiction with an arm's own keys is refused before anything runs
             self.budget_spec.pretrain_config(arm, self.seed, objective_overrides=self.pretrain_objective)
+        self.budget_spec.finetune_config(self.seed, self.recipe, self.finetune)  # same, for --finetune
         if self.raw is None:
             from nnssl_joint.naming import nnunet_raw
 
@@ -394,6 +399,8 @@ class BenchmarkSettings:
             record["recipe"] = self.recipe
         if self.pretrain_objective:
             record["pretrain_objective"] = self.pretrain_objective
+        if self.finetune:
+            record["finetune"] = self.finetune
         return record
 
 
@@ -659,12 +666,22 @@ class Benchmark(Pipeline):
         write_splits(self.preprocessed / self.target_name, splits)
         return {"folds": dict(zip(registry, splits))}
 
+    def finetune_config_of(self, arm: str, seed: int) -> tuple[str, dict[str, Any], str, dict[str, Any]]:
+        """(recipe, --finetune overrides, file name, configuration) of the fine-tuning runs of ``arm`` and
+        ``seed``. The stock arm keeps the plugin recipe's lengths and nothing else (its trainer reads only
+        those); every plugin arm of a seed gets the same file, so the arms differ only in their start."""
+        s = self.settings
+        recipe = "plugin" if arm == "nnunet" else s.recipe
+        overrides = {} if arm == "nnunet" else dict(s.finetune)
+        name = (f"finetune_seed{seed}" + ("" if recipe == "plugin" else f"_{recipe}")
+                + ("_overrides" if overrides else ""))
+        return recipe, overrides, name, self.budget.finetune_config(seed, recipe, overrides)
+
     def step_finetune(self, arm: str, labeled: int, seed: int, progress: StepProgress) -> dict[str, Any]:
         s = self.settings
         fold = self.fold_of(labeled, seed)
-        recipe = "plugin" if arm == "nnunet" else s.recipe
-        config_file = self.write_config(f"finetune_seed{seed}" + ("" if recipe == "plugin" else f"_{recipe}"),
-                                        self.budget.finetune_config(seed, recipe))
+        recipe, overrides, name, config = self.finetune_config_of(arm, seed)
+        config_file = self.write_config(name, config)
         trainer, plans = self.trainer_and_plans(arm)
         folder = self.finetune_folder(arm, fold)
         weights = None
@@ -698,7 +715,8 @@ class Benchmark(Pipeline):
                   "trainer": trainer, "plans_name": run_plans["plans_name"],
                   "network_class": (run_plans["configurations"][s.configuration]["architecture"]
                                     ["network_class_name"]),
-                  "recipe": recipe, "pretrained_weights": None if weights is None else str(weights),
+                  "recipe": recipe, "finetune_overrides": overrides,
+                  "pretrained_weights": None if weights is None else str(weights),
                   "train_cases": split["train"], "validation_cases": split["val"],
                   "validated_on_training_cases": split["val"] == split["train"],
                   "dice": dice_json, "mean_dice": run_mean_dice(dice_json)}
@@ -762,7 +780,9 @@ class Benchmark(Pipeline):
         s = self.settings
         print(f"nnssl_joint benchmark: target {s.target}, pretraining on {', '.join(s.pretrain) or '-'}, "
               f"arms {','.join(s.arms)}, labeled {','.join(map(str, s.labeled))}, {s.seeds} seed(s), "
-              f"budget {s.budget!r}, preset {s.preset!r}, recipe {s.recipe!r}; output in {s.out}",
+              f"budget {s.budget!r}, preset {s.preset!r}, recipe {s.recipe!r}"
+              + (f", fine-tuning overrides {json.dumps(s.finetune)}" if s.finetune else "")
+              + f"; output in {s.out}",
               file=self.stream, flush=True)
         self.run_steps(self.steps())
         report = json.loads((self.report_folder / "benchmark.json").read_text())
@@ -841,6 +861,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "'{\"lambda_dense\": 1.0, \"dense_stage\": 1}' (the recommended dense term, "
                              "docs/pretraining.md); a key an arm sets itself (2D-only's volume weights) is "
                              "refused")
+    parser.add_argument("--finetune", default=None, metavar="JSON|FILE.json",
+                        help="fine-tuning keys for every run of the plugin's networks (not the stock arm), "
+                             "as JSON text or a file, e.g. '{\"pretrained_lr_factor\": 0.1}' (pretrained "
+                             "parts at a tenth of the learning rate) or '{\"freeze_pretrained_epochs\": 5}'; "
+                             "both act only on runs that start from pretrained weights. Lengths, warm-up, "
+                             "recipe and seed come from --budget, --recipe and --seeds")
     parser.add_argument("-c", "--configuration", default="3d_fullres", choices=("3d_fullres", "2d"),
                         help="the nnU-Net configuration to fine-tune (default 3d_fullres)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
@@ -856,7 +882,8 @@ def settings_from_args(args: argparse.Namespace) -> BenchmarkSettings:
                              configuration=args.configuration, device=args.device,
                              raw=None if args.raw is None else Path(args.raw), preset=args.preset,
                              recipe=args.recipe,
-                             pretrain_objective=read_objective_overrides(args.pretrain_objective))
+                             pretrain_objective=read_objective_overrides(args.pretrain_objective),
+                             finetune=read_finetune_overrides(args.finetune))
 
 
 def run_benchmark(settings: BenchmarkSettings, stream: TextIO | None = None) -> dict[str, Any]:

@@ -88,6 +88,24 @@ def merge_objective(arm: str, objective: dict[str, Any], overrides: dict[str, An
     return merged
 
 
+def _read_json_object(spec: str, option: str, what: str) -> dict[str, Any]:
+    """JSON text (starting with ``{``) or the path of a JSON file holding one object, for ``option``."""
+    text = spec.strip()
+    if text.startswith("{"):
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise NnsslJointError(f"{option} is not valid JSON ({e}): {text!r}") from e
+    else:
+        path = Path(text).expanduser()
+        if not path.is_file():
+            raise NnsslJointError(f"{option} {text!r} is neither JSON text nor a file")
+        values = read_json_file(path, f"{option} {path}")
+    if not isinstance(values, dict):
+        raise NnsslJointError(f"{option} must be a JSON object of {what}, got {values!r}")
+    return dict(values)
+
+
 def read_objective_overrides(spec: str | None) -> dict[str, Any]:
     """``--pretrain-objective``: JSON text (``{"lambda_dense": 1.0}``) or a JSON file of objective keys,
     checked against :class:`nnssl_joint.ssl.objective.ObjectiveConfig` (unknown keys, types, ranges)."""
@@ -95,24 +113,39 @@ def read_objective_overrides(spec: str | None) -> dict[str, Any]:
         return {}
     from nnssl_joint.ssl.objective import ObjectiveConfig
 
-    text = spec.strip()
-    if text.startswith("{"):
-        try:
-            values = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise NnsslJointError(f"--pretrain-objective is not valid JSON ({e}): {text!r}") from e
-    else:
-        path = Path(text).expanduser()
-        if not path.is_file():
-            raise NnsslJointError(f"--pretrain-objective {text!r} is neither JSON text nor a file")
-        values = read_json_file(path, f"--pretrain-objective {path}")
-    if not isinstance(values, dict):
-        raise NnsslJointError(f"--pretrain-objective must be a JSON object of objective keys, got {values!r}")
+    values = _read_json_object(spec, "--pretrain-objective", "objective keys")
     try:
         ObjectiveConfig.from_dict(values)
     except (TypeError, ValueError) as e:
         raise NnsslJointError(f"--pretrain-objective: {e}") from e
-    return dict(values)
+    return values
+
+
+#: fine-tuning keys that the budget (lengths, warm-up), ``--recipe`` and the benchmark's seeds set:
+#: ``--finetune`` may not change them (a longer run is another budget, not an override)
+FINETUNE_KEYS_SET_ELSEWHERE = ("num_epochs", "iterations_per_epoch", "val_iterations_per_epoch",
+                               "warmup_epochs", "save_every", "recipe", "seed")
+
+
+def read_finetune_overrides(spec: str | None) -> dict[str, Any]:
+    """``--finetune``: JSON text (``{"pretrained_lr_factor": 0.1}``) or a JSON file of fine-tuning keys
+    (:class:`nnssl_joint.finetune.FinetuneConfig`) for every run of the plugin's networks; keys the budget,
+    the recipe or the seeds set are refused (:data:`FINETUNE_KEYS_SET_ELSEWHERE`). Types, ranges and the
+    combination with the recipe are checked by :meth:`TrainingBudget.finetune_config`."""
+    if spec is None or not spec.strip():
+        return {}
+    from nnssl_joint.finetune import FinetuneConfig
+
+    values = _read_json_object(spec, "--finetune", "fine-tuning keys")
+    known = {f.name for f in fields(FinetuneConfig)}
+    for key in values:
+        if key not in known:
+            raise NnsslJointError(f"--finetune: unknown fine-tuning key {key!r}; known keys: "
+                                  f"{', '.join(sorted(known - set(FINETUNE_KEYS_SET_ELSEWHERE)))}")
+        if key in FINETUNE_KEYS_SET_ELSEWHERE:
+            raise NnsslJointError(f"--finetune: {key!r} is set by the budget, --recipe or the seeds, not "
+                                  f"here; use --budget (a JSON file of finetune_* keys) or --recipe instead")
+    return values
 
 
 @dataclass(frozen=True)
@@ -177,13 +210,15 @@ class TrainingBudget:
             config["objective"] = objective
         return config
 
-    def finetune_config(self, seed: int | None = None, recipe: str = "plugin") -> dict[str, Any]:
+    def finetune_config(self, seed: int | None = None, recipe: str = "plugin",
+                        overrides: dict[str, Any] | None = None) -> dict[str, Any]:
         """The fine-tuning configuration (``NNSSL_JOINT_FINETUNE_CONFIG``), identical for every arm of a
         seed; ``seed``: seed the fine-tuning (the demo's is not seeded, the benchmark's is). ``recipe``:
         ``plugin`` (warm-up ``finetune_warmup_epochs`` then poly, lr 1e-2 for every arm) or
         ``nnunet_warmup`` (nnU-Net's pretrained-weights recipe: linear warm-up of the whole network, then
         poly from the end of the warm-up; initial lr :data:`PRETRAINED_INITIAL_LR` when the run starts
-        from pretrained weights)."""
+        from pretrained weights). ``overrides``: further :class:`nnssl_joint.finetune.FinetuneConfig` keys
+        (``--finetune``), not the ones set here (:data:`FINETUNE_KEYS_SET_ELSEWHERE`)."""
         if recipe not in FINETUNE_RECIPES:
             raise NnsslJointError(f"fine-tuning recipe {recipe!r}: choose from {', '.join(FINETUNE_RECIPES)}")
         config: dict[str, Any] = {"num_epochs": self.finetune_epochs,
@@ -196,6 +231,16 @@ class TrainingBudget:
             config["pretrained_initial_lr"] = PRETRAINED_INITIAL_LR
         if seed is not None:
             config["seed"] = int(seed)
+        if overrides:
+            from nnssl_joint.finetune import FinetuneConfig
+
+            clash = sorted(set(overrides) & set(FINETUNE_KEYS_SET_ELSEWHERE))
+            if clash:
+                raise NnsslJointError(f"fine-tuning overrides may not set {', '.join(clash)} (the budget, "
+                                      f"the recipe and the seed set them)")
+            config.update(overrides)
+            # types, ranges and the combination with the recipe, before anything runs
+            FinetuneConfig.from_dict(config, f"--finetune with the budget and recipe {recipe!r}")
         return config
 
 

@@ -610,6 +610,12 @@ def _mean_std(entry: dict[str, Any] | None) -> str:
     return f"{entry['mean']:.3f}{std} (n={entry['n']})"
 
 
+#: settings a benchmark records only when they differ from the defaults, as the report names them
+_SETTING_LABELS = (("preset", "Preset"), ("recipe", "Fine-tuning recipe"),
+                   ("pretrain_objective", "Pretraining objective overrides"),
+                   ("finetune", "Fine-tuning overrides (plugin networks)"))
+
+
 def render_benchmark_markdown(data: dict[str, Any]) -> str:
     s = data["settings"]
     summary = data["summary"]
@@ -617,7 +623,8 @@ def render_benchmark_markdown(data: dict[str, Any]) -> str:
     sources = ", ".join(f"`{p}`" for p in data.get("pretraining_sources") or []) or "(none)"
     lines = ["# nnssl_joint label-efficiency benchmark", "",
              (f"Target `{data['target']}`, pretraining on {sources}; configuration `{s['configuration']}`; "
-              f"{s['seeds']} seed(s); budget {json.dumps(s['budget'])}."),
+              f"{s['seeds']} seed(s); budget {json.dumps(s['budget'])}."
+              + "".join(f" {label} {json.dumps(s[key])}." for key, label in _SETTING_LABELS if key in s)),
              (f"Finished runs: {data['finished_runs']} of {data['planned_runs']} "
               f"(report written {data['written']})."),
              "",

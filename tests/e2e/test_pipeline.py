@@ -136,6 +136,7 @@ def test_finetune_from_pretrained_weights_and_predict(workspace, configuration):
                "JointSSLFinetuneTrainer", "-device", "cpu", "-pretrained_weights", str(weights)], train_env,
               root)
     assert "non-segmentation-head keys present with matching shapes" in log
+    assert "pretrained parts: learning rate x 1, frozen for 1 epoch(s)" in log
     out_dir = (root / "res" / "Dataset503_SynthOrgans"
                / f"JointSSLFinetuneTrainer__nnsslJointPlans__{configuration}")
     final = torch.load(out_dir / "fold_0" / "checkpoint_final.pth", weights_only=False)["network_weights"]

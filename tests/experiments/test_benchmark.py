@@ -255,6 +255,46 @@ def test_a_pretraining_objective_reaches_every_arm_and_is_part_of_the_experiment
     assert read_objective_overrides(str(spec)) == {"lambda_dense": 0.5}
 
 
+def test_fine_tuning_overrides_reach_every_plugin_arm_but_not_stock_nnunet(tmp_path):
+    from nnssl_joint.experiments.budgets import read_finetune_overrides
+    from nnssl_joint.finetune import FinetuneConfig
+
+    kwargs = {"pretrain": ["1"], "target": "2", "out": tmp_path / "out", "raw": tmp_path, "labeled": [1],
+              "arms": ["scratch", "nnunet", "joint"]}
+    layerwise = read_finetune_overrides('{"pretrained_lr_factor": 0.1, "freeze_pretrained_epochs": 2}')
+    settings = bm.BenchmarkSettings(**kwargs, finetune=layerwise)
+    assert settings.record()["finetune"] == layerwise
+    assert "finetune" not in bm.BenchmarkSettings(**kwargs).record()  # earlier records continue
+    bench = _FakeBenchmark(settings, io.StringIO())
+    for arm in ("scratch", "joint"):  # the same file for both: they differ only in their start
+        recipe, overrides, name, config = bench.finetune_config_of(arm, 3)
+        assert (recipe, overrides, name) == ("plugin", layerwise, "finetune_seed3_overrides")
+        cfg = FinetuneConfig.from_dict(config)
+        assert (cfg.pretrained_lr_factor, cfg.freeze_pretrained_epochs, cfg.seed) == (0.1, 2, 3)
+        assert cfg.num_epochs == settings.budget_spec.finetune_epochs  # the budget's lengths stay
+    _, overrides, name, config = bench.finetune_config_of("nnunet", 3)
+    assert overrides == {} and name == "finetune_seed3" and "pretrained_lr_factor" not in config
+    bench.check_settings()
+    with pytest.raises(NnsslJointError, match="differences: finetune"):
+        _FakeBenchmark(bm.BenchmarkSettings(**kwargs), io.StringIO()).check_settings()
+    # refused before anything runs: keys the budget, recipe or seeds set, unknown keys, wrong types, a
+    # combination the recipe rules out
+    with pytest.raises(NnsslJointError, match="'num_epochs' is set by the budget"):
+        read_finetune_overrides('{"num_epochs": 5}')
+    with pytest.raises(NnsslJointError, match="unknown fine-tuning key 'pretrained_lr'.*lr_factor"):
+        read_finetune_overrides('{"pretrained_lr": 0.1}')
+    with pytest.raises(NnsslJointError, match="--finetune.*'pretrained_lr_factor' must be a number"):
+        bm.BenchmarkSettings(**kwargs, finetune={"pretrained_lr_factor": "low"})
+    with pytest.raises(NnsslJointError, match="recipe 'nnunet_warmup' trains the whole network"):
+        bm.BenchmarkSettings(**kwargs, recipe="nnunet_warmup", finetune={"pretrained_lr_factor": 0.1})
+    with pytest.raises(NnsslJointError, match="--finetune is not valid JSON"):
+        read_finetune_overrides('{"pretrained_lr_factor": }')
+    spec = tmp_path / "finetune.json"
+    spec.write_text(json.dumps({"weight_decay": 1e-4}))
+    assert read_finetune_overrides(str(spec)) == {"weight_decay": 1e-4}
+    assert read_finetune_overrides(None) == {} and read_finetune_overrides("  ") == {}
+
+
 def test_pretrained_arms_need_pretraining_data(tmp_path):
     with pytest.raises(NnsslJointError, match="--pretrain is needed"):
         bm.BenchmarkSettings(pretrain=[], target="2", out=tmp_path, raw=tmp_path, labeled=[1], arms=["joint"])
@@ -282,7 +322,8 @@ def benchmark_run(tmp_path_factory):
                    n_organs=2, file_ending_3d=".nrrd")
     args = ["--raw", str(raw), "--pretrain", "621", "622", "623", "--target", "623", "--labeled", "1",
             "--seeds", "1", "--arms", "scratch,nnunet,joint", "--budget", "tiny", "--val-cases", "0",
-            "--test-fraction", "0.5", "--out", str(root / "out")]
+            "--test-fraction", "0.5", "--finetune", '{"freeze_pretrained_epochs": 1}',
+            "--out", str(root / "out")]
     result = _cli(*args, cwd=root)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return {"root": root, "out": root / "out", "args": args, "stdout": result.stdout}
@@ -312,6 +353,24 @@ def test_benchmark_writes_a_report_with_every_run(benchmark_run):
     assert "| joint 2D/3D pretraining |" in markdown and "## Gain over stock nnU-Net" in markdown
     assert "(the labeled cases)" in markdown and "![paired](benchmark_paired.png)" in markdown
     assert "joint    1 labeled" in benchmark_run["stdout"] and "pts vs nnunet" in benchmark_run["stdout"]
+
+
+def test_fine_tuning_overrides_act_on_the_pretrained_run_only(benchmark_run):
+    """--finetune '{"freeze_pretrained_epochs": 1}' (tiny budget: 2 epochs): the joint run keeps its
+    pretrained parts frozen for the first epoch, the scratch run trains everything from the start, stock
+    nnU-Net gets no override; the report names the override."""
+    report = json.loads((benchmark_run["out"] / "report" / "benchmark.json").read_text())
+    runs = report["runs"]
+    logs = {arm: next(Path(runs[f"{arm}/L1_s0"]["run_folder"]).glob("training_log_*.txt")).read_text()
+            for arm in ("joint", "scratch")}
+    assert "learning rate x 1, frozen for 1 epoch(s)" in logs["joint"]
+    assert "pretrained parts frozen" in logs["joint"] and "pretrained parts trainable" in logs["joint"]
+    assert "frozen for 0 epoch(s) (freeze_pretrained_epochs and pretrained_lr_factor act" in logs["scratch"]
+    assert "pretrained parts frozen" not in logs["scratch"]
+    assert runs["joint/L1_s0"]["finetune_overrides"] == {"freeze_pretrained_epochs": 1}
+    assert runs["nnunet/L1_s0"]["finetune_overrides"] == {}
+    markdown = (benchmark_run["out"] / "report" / "benchmark.md").read_text()
+    assert 'Fine-tuning overrides (plugin networks) {"freeze_pretrained_epochs": 1}.' in markdown
 
 
 def test_the_nnunet_arm_is_stock_nnunet_plans_and_network(benchmark_run):
