@@ -12,7 +12,10 @@ own view pipeline, the masked-prediction check against interpolation) is here un
 * RankMe (Garrido et al. 2023): exp of the entropy of the normalised singular values, an effective rank;
 * L_mask on standardised targets against a neighbour-interpolation baseline: the masked-slice decoder must
   predict a held-out slice embedding better than the mean of its two neighbours to have learnt anything
-  from f_inter; ratio < 1 means better than interpolation.
+  from f_inter; ratio < 1 means better than interpolation;
+* where in f_inter the windows become one point (:func:`f_inter_trace`): the share of the windows' mean
+  token that all windows have in common, at f_inter's input and after every layer, and how much each
+  layer's feed-forward block amplifies its input.
 """
 
 from __future__ import annotations
@@ -46,6 +49,55 @@ def cross_view_top1(a: Tensor, b: Tensor) -> float:
     from nnssl_joint.probe.diagnostics import retrieval_top1
 
     return retrieval_top1(a, b)
+
+
+def shared_share(x: Tensor) -> float:
+    """(W, d) vectors -> ||mean_w x_w||^2 / mean_w ||x_w||^2: the share of their energy that all of them have
+    in common (1: identical vectors; about 1 / W for independent centred ones; 0 when they cancel)."""
+    energy = x.pow(2).sum(-1).mean()
+    return float(x.mean(0).pow(2).sum() / energy.clamp_min(1e-30))
+
+
+@torch.no_grad()
+def f_inter_trace(transformer, tokens: Tensor, valid: Tensor | None = None) -> dict[str, float]:
+    """Where f_inter (a :class:`~nnssl_joint.models.slice_transformer.SliceTransformer`) makes windows alike.
+
+    ``tokens`` (W, N, d) slice embeddings of W windows, ``valid`` optional (W, N) bool. Each window is
+    summarised by the mean of its valid tokens (what Z normalises); returns the :func:`shared_share` of
+    those means at the input (``finter_shared_input``) and after every layer k (``finter_shared_layer{k}``),
+    and every layer's feed-forward gain, mean token norm of the FFN's output over that of its input
+    (``finter_ffn_gain_layer{k}``). A share near 1 after a layer whose input share is lower, with a large
+    gain, says that layer's feed-forward block maps every window onto one common vector."""
+    from nnssl_joint.models.slice_transformer import masked_slice_mean
+
+    transformer.eval()
+    outputs: dict[int, Tensor] = {}
+    gains: dict[int, float] = {}
+
+    def keep_output(k: int):
+        return lambda module, args, out: outputs.__setitem__(k, out)
+
+    def keep_gain(k: int):
+        def hook(module, args, out):
+            rows = valid.reshape(-1) if valid is not None else slice(None)
+            inp, res = args[0].reshape(-1, args[0].shape[-1])[rows], out.reshape(-1, out.shape[-1])[rows]
+            gains[k] = float(res.norm(dim=-1).mean() / inp.norm(dim=-1).mean().clamp_min(1e-30))
+        return hook
+
+    hooks = []
+    for k, layer in enumerate(transformer.layers):
+        hooks.append(layer.register_forward_hook(keep_output(k)))
+        hooks.append(layer.ffn.register_forward_hook(keep_gain(k)))
+    try:
+        transformer(tokens, valid)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    out = {"finter_shared_input": shared_share(masked_slice_mean(tokens, valid))}
+    for k in range(len(transformer.layers)):
+        out[f"finter_shared_layer{k}"] = shared_share(masked_slice_mean(outputs[k], valid))
+        out[f"finter_ffn_gain_layer{k}"] = gains[k]
+    return out
 
 
 @torch.no_grad()
@@ -130,4 +182,5 @@ def volume_diagnostics(model, windows: Tensor, valid: Tensor, view_a: Tensor, vi
         "chance_top1": 1.0 / len(windows),
     }
     out.update(masked_vs_interpolation(model, plain["emb"], valid, torch.Generator().manual_seed(seed)))
+    out.update(f_inter_trace(model.slice_transformer, plain["emb"], valid))
     return out
