@@ -137,11 +137,12 @@ class JointSSLPretrainTrainer(nnUNetTrainer):
                 "sources": self.ssl_config_sources, "input_channels": self.num_input_channels}
 
     def configure_optimizers(self):
-        params = runtime.parameter_groups(self.network, self.ssl_config.optim.weight_decay)
+        optim = self.ssl_config.optim
+        params = runtime.parameter_groups(self.network, optim.weight_decay, optim.volume_lr_factor)
         optimizer = torch.optim.AdamW(params, lr=self.initial_lr, betas=(0.9, 0.999))
-        scheduler = WarmupCosineLR(optimizer, [self.initial_lr] * len(optimizer.param_groups),
-                                   self.num_epochs, self.ssl_config.optim.warmup_epochs,
-                                   self.ssl_config.optim.min_lr_ratio)
+        base_lrs = [self.initial_lr * group["lr_factor"] for group in optimizer.param_groups]
+        scheduler = WarmupCosineLR(optimizer, base_lrs, self.num_epochs, optim.warmup_epochs,
+                                   optim.min_lr_ratio)
         return optimizer, scheduler
 
     @property

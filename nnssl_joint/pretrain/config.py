@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Union
 
 from nnssl_joint.common.typed_config import Layer, Loaded, layers_from, load_layered
+from nnssl_joint.errors import NnsslJointError
 from nnssl_joint.ssl.objective import ObjectiveConfig
 
 CONFIG_ENV_VAR = "NNSSL_JOINT_CONFIG"
@@ -50,11 +51,19 @@ class OptimConfig:
     warmup_epochs: int = 2
     min_lr_ratio: float = 0.01  # cosine decay to lr * min_lr_ratio
     grad_clip: float = 3.0
+    #: learning rate of the parts only the volume terms train (f_inter, the 3D projection head and prototypes,
+    #: the masked-slice decoder) relative to ``lr``; 1.0: one rate for the whole network
+    volume_lr_factor: float = 1.0
     num_epochs: int = 100
     iterations_per_epoch: int = 250
     save_every: int = 5  # epochs between checkpoint_latest.pth writes
     max_consecutive_nonfinite: int = 5  # stop after this many non-finite losses in a row
     collapse_entropy_threshold: float = 0.3  # warn when normalised prototype-usage entropy falls below
+
+    def __post_init__(self) -> None:
+        if not self.volume_lr_factor > 0:
+            raise NnsslJointError(f"optim.volume_lr_factor must be > 0 (1.0: one learning rate for the whole "
+                                  f"network), got {self.volume_lr_factor!r}")
 
 
 @dataclass

@@ -13,23 +13,40 @@ import torch
 from torch import distributed as dist
 from torch import nn
 
+from nnssl_joint.common.modules import unwrap
 from nnssl_joint.errors import NnsslJointError
 from nnssl_joint.pretrain.autoconfig import DatasetStats, SelfConfiguration
 from nnssl_joint.ssl.objective import LOSS_TERMS
 from nnssl_joint.ssl.swav import prototype_usage_entropy
 
+#: top-level modules of :class:`~nnssl_joint.pretrain.model.JointSSLModel` that only the volume terms train:
+#: f_inter, the 3D projection head, the 3D prototypes (or centroids), the masked-slice decoder
+VOLUME_PARTS = ("slice_transformer", "projection_3d", "inter_loss", "masked_modeling")
 
-def parameter_groups(network: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """No weight decay on norms, biases, the mask token and prototypes (unit vectors anyway)."""
-    decay, no_decay = [], []
-    for name, p in network.named_parameters():
+
+def parameter_groups(network: nn.Module, weight_decay: float, volume_lr_factor: float = 1.0
+                     ) -> list[dict[str, Any]]:
+    """No weight decay on norms, biases, the mask token and prototypes (unit vectors anyway). Every group
+    carries ``lr_factor``, its learning rate relative to the base rate: with ``volume_lr_factor`` != 1 the
+    :data:`VOLUME_PARTS` get groups of their own at that factor (with 1: two groups, as before the key
+    existed, so earlier checkpoints resume)."""
+    if not volume_lr_factor > 0:
+        raise ValueError(f"optim.volume_lr_factor must be > 0, got {volume_lr_factor!r}")
+    split = volume_lr_factor != 1.0
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for name, p in unwrap(network).named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim <= 1 or "prototypes" in name or "mask_token" in name:
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        no_decay = p.ndim <= 1 or "prototypes" in name or "mask_token" in name
+        volume = split and name.split(".", 1)[0] in VOLUME_PARTS
+        groups.setdefault((volume, no_decay), []).append(p)
+    out = []
+    for volume in ((False, True) if split else (False,)):
+        for no_decay in (False, True):
+            out.append({"params": groups.get((volume, no_decay), []),
+                        "weight_decay": 0.0 if no_decay else weight_decay,
+                        "lr_factor": volume_lr_factor if volume else 1.0})
+    return out
 
 
 def batch_to_device(batch: dict, device: torch.device) -> tuple[dict | None, dict | None]:

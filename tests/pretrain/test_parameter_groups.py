@@ -1,0 +1,60 @@
+"""Optimiser groups of the pretraining network (nnssl_joint/pretrain/runtime.py): weight decay and the
+learning rate of the parts only the volume terms train (``optim.volume_lr_factor``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nnssl_joint.errors import NnsslJointError
+from nnssl_joint.models.preset import load_preset
+from nnssl_joint.pretrain.config import PretrainConfig
+from nnssl_joint.pretrain.model import JointSSLModel
+from nnssl_joint.pretrain.runtime import VOLUME_PARTS, parameter_groups
+from nnssl_joint.pretrain.schedule import WarmupCosineLR
+from nnssl_joint.ssl.objective import ObjectiveConfig
+
+
+@pytest.fixture(scope="module")
+def model() -> JointSSLModel:
+    torch.manual_seed(0)
+    return JointSSLModel(load_preset("cpu"), 1, ObjectiveConfig(num_prototypes_2d=8, num_prototypes_3d=4))
+
+
+def _names(model, group) -> set[str]:
+    ids = {id(p) for p in group["params"]}
+    return {n for n, p in model.named_parameters() if id(p) in ids}
+
+
+def test_one_rate_keeps_the_two_groups_of_earlier_checkpoints(model):
+    groups = parameter_groups(model, 0.05)
+    assert [(g["weight_decay"], g["lr_factor"]) for g in groups] == [(0.05, 1.0), (0.0, 1.0)]
+    decay, no_decay = (_names(model, g) for g in groups)
+    assert decay.isdisjoint(no_decay) and decay | no_decay == {n for n, _ in model.named_parameters()}
+    assert any("prototypes" in n for n in no_decay) and all(not n.endswith(".bias") for n in decay)
+
+
+def test_the_volume_parts_get_their_own_rate_and_nothing_else_does(model):
+    groups = parameter_groups(model, 0.05, volume_lr_factor=0.1)
+    assert [(g["weight_decay"], g["lr_factor"]) for g in groups] == [(0.05, 1.0), (0.0, 1.0), (0.05, 0.1),
+                                                                     (0.0, 0.1)]
+    names = [_names(model, g) for g in groups]
+    assert sum(len(n) for n in names) == len(list(model.named_parameters()))  # each parameter once
+    slow = names[2] | names[3]
+    assert slow == {n for n, _ in model.named_parameters() if n.split(".", 1)[0] in VOLUME_PARTS}
+    assert any(n.startswith("slice_transformer.") for n in slow)
+    assert any(n.startswith("encoder.") for n in names[0])
+    # the schedule keeps the ratio at every epoch
+    optimizer = torch.optim.AdamW(groups, lr=3e-3)
+    base_lrs = [3e-3 * g["lr_factor"] for g in optimizer.param_groups]
+    scheduler = WarmupCosineLR(optimizer, base_lrs, 10, 2, 0.01)
+    for epoch in (0, 1, 5, 9):
+        scheduler.step(epoch)
+        lrs = [g["lr"] for g in optimizer.param_groups]
+        assert lrs[2] == pytest.approx(0.1 * lrs[0]) and lrs[3] == pytest.approx(0.1 * lrs[1])
+
+
+def test_a_factor_that_is_not_positive_is_refused_with_the_key():
+    with pytest.raises(NnsslJointError, match="optim.volume_lr_factor must be > 0"):
+        PretrainConfig.from_dict({"optim": {"volume_lr_factor": 0.0}})
+    assert PretrainConfig.from_dict({"optim": {"volume_lr_factor": 0.1}}).optim.volume_lr_factor == 0.1
