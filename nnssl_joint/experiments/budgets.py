@@ -134,18 +134,24 @@ def read_finetune_overrides(spec: str | None) -> dict[str, Any]:
     combination with the recipe are checked by :meth:`TrainingBudget.finetune_config`."""
     if spec is None or not spec.strip():
         return {}
+    values = _read_json_object(spec, "--finetune", "fine-tuning keys")
+    check_finetune_override_keys(values)
+    return values
+
+
+def check_finetune_override_keys(overrides: dict[str, Any]) -> None:
+    """Every key of ``overrides`` is a :class:`nnssl_joint.finetune.FinetuneConfig` field that neither the
+    budget, nor the recipe, nor the seeds set (:data:`FINETUNE_KEYS_SET_ELSEWHERE`)."""
     from nnssl_joint.finetune import FinetuneConfig
 
-    values = _read_json_object(spec, "--finetune", "fine-tuning keys")
     known = {f.name for f in fields(FinetuneConfig)}
-    for key in values:
+    for key in overrides:
         if key not in known:
             raise NnsslJointError(f"--finetune: unknown fine-tuning key {key!r}; known keys: "
                                   f"{', '.join(sorted(known - set(FINETUNE_KEYS_SET_ELSEWHERE)))}")
         if key in FINETUNE_KEYS_SET_ELSEWHERE:
             raise NnsslJointError(f"--finetune: {key!r} is set by the budget, --recipe or the seeds, not "
                                   f"here; use --budget (a JSON file of finetune_* keys) or --recipe instead")
-    return values
 
 
 @dataclass(frozen=True)
@@ -234,10 +240,7 @@ class TrainingBudget:
         if overrides:
             from nnssl_joint.finetune import FinetuneConfig
 
-            clash = sorted(set(overrides) & set(FINETUNE_KEYS_SET_ELSEWHERE))
-            if clash:
-                raise NnsslJointError(f"fine-tuning overrides may not set {', '.join(clash)} (the budget, "
-                                      f"the recipe and the seed set them)")
+            check_finetune_override_keys(overrides)
             config.update(overrides)
             # types, ranges and the combination with the recipe, before anything runs
             FinetuneConfig.from_dict(config, f"--finetune with the budget and recipe {recipe!r}")
