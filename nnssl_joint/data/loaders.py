@@ -25,7 +25,8 @@ without them.
 Given a :class:`SampleIndex` (``sample_index=``), the batches also carry global sample indices for
 DeepCluster-v2's memory banks: the slice batch ``'index'`` (B,) int64, the global index of (case, slice);
 the volume batch ``'index'`` (B,) int64, the global index of (case, window start), and
-``'slice_indices'`` (B, N) int64, the global (case, slice) index of every window position (-1 at padding).
+``'slice_indices'`` (B, N) int64, the global (case, slice) index of every window position (-1 at padding),
+and ``'case'`` (B,) int64, the window's case number (the contrastive volume term's same-case exclusion).
 They draw no random numbers: the batches are otherwise the same with or without them.
 """
 
@@ -464,6 +465,7 @@ class VolumeViewsLoader(nnUNetDataLoader):
                                          for k, s in zip(keys, slice_start)], dtype=torch.int64)
             out["slice_indices"] = torch.stack([self.sample_index.slice_indices(k, int(s), self.n_slices)
                                                 for k, s in zip(keys, slice_start)])
+            out["case"] = torch.tensor([self.sample_index.case_number[k] for k in keys], dtype=torch.int64)
         return out
 
 

@@ -62,11 +62,13 @@ from nnssl_joint.ssl.objective import (
     TERM_INTRA_3D,
     TERM_MASK,
     TERM_VARCOV,
+    TERM_VOLUME_CONTRAST,
     ObjectiveConfig,
     StagePlan,
 )
 from nnssl_joint.ssl.swav import SwAVLoss
 from nnssl_joint.ssl.varcov import variance_covariance_loss
+from nnssl_joint.ssl.volume_contrast import VolumeContrast
 
 #: views of a sample stored in a DeepCluster memory bank (the two global views)
 BANK_VIEWS = 2
@@ -108,6 +110,10 @@ class JointSSLModel(nn.Module):
                                  f"preset's encoder has {len(features)} stages (0-{len(features) - 1}).")
             channels = features[objective.dense_stage]
             self.dense_head = DenseProjectionHead(channels, channels, objective.dense_dim)
+        self.volume_contrast = None
+        if objective.lambda_volume_contrast > 0:  # only then, like the dense head
+            self.volume_contrast = VolumeContrast(d, objective.volume_contrast_temperature,
+                                                  objective.volume_contrast_queue)
         if self.deepcluster:
             self._build_deepcluster(objective, slice_memory_size, window_memory_size, kmeans_seed)
             return
@@ -342,14 +348,15 @@ class JointSSLModel(nn.Module):
                                if self.deepcluster else None)
                 out[TERM_INTRA_3D], _ = self._clustering_term(self.intra_loss, [zs, zt], iteration,
                                                               slice_index, "3d_slices", assign=False)
-            if stage.is_active(TERM_MASK) or stage.is_active(TERM_INTER):
+            want_contrast = stage.is_active(TERM_VOLUME_CONTRAST) and self.volume_contrast is not None
+            if stage.is_active(TERM_MASK) or stage.is_active(TERM_INTER) or want_contrast:
                 mask = None
                 if stage.is_active(TERM_MASK):
                     # a loader (or a test) may fix the mask; otherwise draw it here
                     mask = volumes.get("mask")
                     mask = (mask.to(torch.bool) if mask is not None
                             else sample_slice_mask(valid, self.objective.mask_ratio))
-                zs_3d, mask_losses, pooled = [], [], []
+                zs_3d, mask_losses, pooled, volume_features = [], [], [], []
                 targets = e3.detach()
                 if mask is not None and self.objective.mask_target_normalization == "standardize":
                     targets = standardize_targets(targets.flatten(0, 1), valid.repeat_interleave(n_views, 0)
@@ -367,6 +374,7 @@ class JointSSLModel(nn.Module):
                             pred, targets[:, view], mask, valid,
                             all_positions=self.objective.mask_loss_all_positions))
                     zs_3d.append(self.projection_3d(volume_feature))
+                    volume_features.append(volume_feature)
                     if want_varcov:
                         pooled.append(masked_slice_mean(per_slice, valid))
                 if mask is not None:
@@ -378,6 +386,13 @@ class JointSSLModel(nn.Module):
                                                                       index_3d, "windows")
                     if assigned is not None:
                         out["_assign_3d"] = assigned
+                if want_contrast:
+                    case = self._batch_entry(volumes, "case", "volume",
+                                             "objective.lambda_volume_contrast > 0",
+                                             "each window's case number",
+                                             "sample_index=SampleIndex.from_summary(...)").long()
+                    out[TERM_VOLUME_CONTRAST] = self.volume_contrast(volume_features[0], volume_features[1],
+                                                                     case)
                 if pooled:
                     varcov_parts.append(self._varcov(torch.cat(pooled)))
         if varcov_parts:

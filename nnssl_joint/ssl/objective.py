@@ -14,6 +14,10 @@ Representation Learning with Intra-Inter Contrastive Clustering" (AAAI 2023), as
 - ``dense`` (ours, off by default): InfoNCE between corresponding cells of one skip level of f_intra in the
   two global views of 2D items and of volume windows (:mod:`nnssl_joint.ssl.dense`); active in every stage
   when its weight is > 0 (not while f_intra is frozen).
+- ``volume_contrast`` (ours, off by default): InfoNCE between the volume features Z of the two 3D views of a
+  window, the other windows (of other cases) and a queue of earlier ones as negatives
+  (:mod:`nnssl_joint.ssl.volume_contrast`); active wherever the volume terms are (every epoch of ``joint``,
+  stage C of ``staged``) when its weight is > 0.
 
 Two schedules: ``joint`` (every term in every iteration; our default) and ``staged`` (the authors'
 runs): stage A L_intra only; stage B L_mask with f_intra frozen; stage C L_inter (+ L_intra and
@@ -35,8 +39,9 @@ TERM_INTER = "inter"
 TERM_MASK = "mask"
 TERM_VARCOV = "varcov"
 TERM_DENSE = "dense"
-LOSS_TERMS = (TERM_INTRA, TERM_INTRA_3D, TERM_INTER, TERM_MASK, TERM_VARCOV, TERM_DENSE)
-VOLUME_TERMS = (TERM_INTRA_3D, TERM_INTER, TERM_MASK)
+TERM_VOLUME_CONTRAST = "volume_contrast"
+LOSS_TERMS = (TERM_INTRA, TERM_INTRA_3D, TERM_INTER, TERM_MASK, TERM_VARCOV, TERM_DENSE, TERM_VOLUME_CONTRAST)
+VOLUME_TERMS = (TERM_INTRA_3D, TERM_INTER, TERM_MASK, TERM_VOLUME_CONTRAST)
 SCHEDULES = ("joint", "staged")
 CLUSTERING_METHODS = ("swav", "deepcluster")
 HEAD_NORMS_3D = ("layer", "running_batch")
@@ -132,6 +137,14 @@ class ObjectiveConfig:
             uniformly from +-1..+-D (torch's generator), so the positive is the same in-plane position one
             to D slices away: a through-plane correspondence that 2D images cannot give.
 
+    Contrastive volume term (ours; :mod:`nnssl_joint.ssl.volume_contrast`):
+        lambda_volume_contrast: weight, 0 (off) by default. InfoNCE on the L2-normalised volume features Z of
+            the two 3D views: the other view of the same window is the positive, the other windows of the
+            batch (both views) and the queue are negatives, windows of the same case never.
+        volume_contrast_temperature: InfoNCE temperature.
+        volume_contrast_queue: length of the FIFO queue of earlier, detached Z (both views of every window
+            of every training step, with their case numbers); 0 = in-batch negatives only.
+
     Masked slice prediction:
         mask_ratio: fraction of slices masked per volume (at least one); paper 0.1.
         mask_target_normalization: "none" (the raw detached embeddings, as the paper) or "standardize"
@@ -166,6 +179,9 @@ class ObjectiveConfig:
     dense_queries: int = 1024
     dense_slice_offset: int = 0
     dense_keys: int = 0
+    lambda_volume_contrast: float = 0.0
+    volume_contrast_temperature: float = 0.2
+    volume_contrast_queue: int = 128
 
     schedule: str = "joint"
     stage_a_epochs: int = 100
@@ -213,6 +229,7 @@ class ObjectiveConfig:
         "dense_dim",
         "dense_temperature",
         "dense_queries",
+        "volume_contrast_temperature",
     )
 
     def __post_init__(self) -> None:
@@ -246,6 +263,9 @@ class ObjectiveConfig:
     def stage_at(self, epoch: int) -> StagePlan:
         """The loss terms, weights and freezing in effect at ``epoch`` (0-based)."""
         plan = self._clustering_stage_at(epoch)
+        if self.lambda_volume_contrast > 0 and (self.schedule == "joint" or plan.name == "C"):
+            plan = dataclasses.replace(plan, weights={**plan.weights,
+                                                      TERM_VOLUME_CONTRAST: self.lambda_volume_contrast})
         extra = {term: weight for term, weight in ((TERM_VARCOV, self.lambda_varcov),
                                                    (TERM_DENSE, self.lambda_dense)) if weight > 0}
         if extra:
@@ -296,7 +316,7 @@ class ObjectiveConfig:
                     f"ObjectiveConfig.{name} must be one of {choices}, got {getattr(self, name)!r}."
                 )
         for name in ("lambda_intra", "lambda_intra_3d", "lambda_inter", "lambda_mask", "lambda_varcov",
-                     "varcov_covariance_weight", "lambda_dense"):
+                     "varcov_covariance_weight", "lambda_dense", "lambda_volume_contrast"):
             if getattr(self, name) < 0:
                 raise ValueError(
                     f"ObjectiveConfig.{name} must be >= 0 (0 switches the term off), "
@@ -315,6 +335,7 @@ class ObjectiveConfig:
             "dense_stage",
             "dense_slice_offset",
             "dense_keys",
+            "volume_contrast_queue",
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"ObjectiveConfig.{name} must be >= 0, got {getattr(self, name)}.")

@@ -1,0 +1,101 @@
+"""Contrastive volume term (ours, off by default; term ``volume_contrast``): InfoNCE on the volume features Z
+of the two 3D views of every window, with the other windows as negatives.
+
+Why: L_inter is a clustering loss. Its Sinkhorn codes are uniform when all windows score alike, so when
+the windows' Z share almost all of their direction (docs/pretraining.md, sixth pass: 99.999% after f_inter's
+first layer) nothing in the objective asks f_inter to tell windows apart. This term asks exactly that: Z of
+view A of window i must be closer to Z of view B of window i than to Z of any other window, so a component
+every window shares lowers no loss and the differences between windows are what the logits are made of.
+
+For a local batch of B windows with L2-normalised features a_i, b_i (views A and B) and a FIFO queue of
+earlier, detached features q_k:
+
+    keys      = [a_1..a_B, b_1..b_B, q_1..q_L]
+    logit_rk  = <query_r, key_k> / temperature          queries [a_1..a_B, b_1..b_B]
+    positive  = the other view of the same window
+    excluded  = the query itself, and every other key of the same case (overlapping windows of one volume
+                are not negatives), except the positive
+    loss      = mean over queries of cross-entropy(logits, positive)
+
+In-batch keys carry gradients (SimCLR); the queue does not (a memory bank of the model's own recent
+outputs, like SwAV's queue, without a momentum encoder). After a training step's forward both views' features
+enter the queue with their case numbers (skipped when not finite). A query without any negative (one window,
+empty queue) contributes 0. Under DDP each process contrasts its own share of the batch against its own
+queue, like the dense term (not a global-batch computation).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class VolumeContrast(nn.Module):
+    """InfoNCE between the two views' volume features (see the module docstring).
+
+    Queue contents, case numbers, write position and fill count are buffers: saved in ``state_dict``, so a
+    resumed run continues exactly.
+    """
+
+    queue: Tensor
+    queue_case: Tensor
+    pointer: Tensor
+    count: Tensor
+
+    def __init__(self, dim: int, temperature: float = 0.2, queue_length: int = 128) -> None:
+        super().__init__()
+        if dim < 1 or temperature <= 0 or queue_length < 0:
+            raise ValueError(f"VolumeContrast needs dim >= 1, temperature > 0 and queue_length >= 0, got "
+                             f"{dim}, {temperature} and {queue_length}.")
+        self.dim = dim
+        self.temperature = float(temperature)
+        self.queue_length = int(queue_length)
+        self.register_buffer("queue", torch.zeros(self.queue_length, dim))
+        self.register_buffer("queue_case", torch.full((self.queue_length,), -1, dtype=torch.long))
+        self.register_buffer("pointer", torch.zeros((), dtype=torch.long))
+        self.register_buffer("count", torch.zeros((), dtype=torch.long))
+
+    def forward(self, view_a: Tensor, view_b: Tensor, case: Tensor) -> Tensor:
+        """``view_a``, ``view_b``: (B, D) volume features of the two views; ``case``: (B,) int64 case numbers
+        (windows of one case are never each other's negatives). Returns the scalar loss; in training mode the
+        features then enter the queue."""
+        if view_a.dim() != 2 or view_a.shape != view_b.shape or view_a.shape[1] != self.dim:
+            raise ValueError(f"VolumeContrast expects two (batch, {self.dim}) tensors, got "
+                             f"{tuple(view_a.shape)} and {tuple(view_b.shape)}.")
+        if case.shape != (view_a.shape[0],):
+            raise ValueError(f"VolumeContrast expects one case number per window, got shape "
+                             f"{tuple(case.shape)} for {view_a.shape[0]} windows.")
+        b = view_a.shape[0]
+        case = case.to(device=view_a.device, dtype=torch.long)
+        queries = F.normalize(torch.cat([view_a, view_b]).float(), dim=1)
+        count = int(self.count)
+        stored = self.queue[:count].to(queries.device)
+        keys = torch.cat([queries, stored])
+        key_case = torch.cat([case, case, self.queue_case[:count].to(case.device)])
+        logits = queries @ keys.T / self.temperature  # (2B, 2B + count)
+        rows = torch.arange(2 * b, device=queries.device)
+        positive = (rows + b) % (2 * b)
+        excluded = key_case[None, :] == torch.cat([case, case])[:, None]
+        excluded[rows, positive] = False
+        excluded[rows, rows] = True
+        logits = logits.masked_fill(excluded, float("-inf"))
+        loss = F.cross_entropy(logits, positive)
+        if self.training:
+            self._push(queries.detach(), torch.cat([case, case]))
+        return loss
+
+    @torch.no_grad()
+    def _push(self, features: Tensor, case: Tensor) -> None:
+        if self.queue_length == 0 or not bool(torch.isfinite(features).all()):
+            return
+        features, case = features[-self.queue_length:], case[-self.queue_length:]
+        start = int(self.pointer)
+        positions = (torch.arange(features.shape[0], device=self.queue.device) + start) % self.queue_length
+        self.queue[positions] = features.to(self.queue)
+        self.queue_case[positions] = case.to(self.queue_case.device)
+        self.pointer.fill_((start + features.shape[0]) % self.queue_length)
+        self.count.fill_(min(self.queue_length, int(self.count) + features.shape[0]))
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, temperature={self.temperature}, queue_length={self.queue_length}"
