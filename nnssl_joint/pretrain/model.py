@@ -37,6 +37,7 @@ buffers: checkpoints hold them and a resumed run continues exactly.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -111,9 +112,17 @@ class JointSSLModel(nn.Module):
             channels = features[objective.dense_stage]
             self.dense_head = DenseProjectionHead(channels, channels, objective.dense_dim)
         self.volume_contrast = None
+        self.volume_key_network = None
         if objective.lambda_volume_contrast > 0:  # only then, like the dense head
             self.volume_contrast = VolumeContrast(d, objective.volume_contrast_temperature,
                                                   objective.volume_contrast_queue)
+            if objective.volume_contrast_momentum > 0:
+                # momentum copy of the path to Z (MoCo's key encoder): no gradient, not pretrained weights
+                self.volume_key_network = nn.ModuleDict({
+                    "encoder": copy.deepcopy(self.encoder),
+                    "slice_embedding": copy.deepcopy(self.slice_embedding),
+                    "slice_transformer": copy.deepcopy(self.slice_transformer)})
+                self.volume_key_network.requires_grad_(False)
         if self.deepcluster:
             self._build_deepcluster(objective, slice_memory_size, window_memory_size, kmeans_seed)
             return
@@ -391,8 +400,9 @@ class JointSSLModel(nn.Module):
                                              "objective.lambda_volume_contrast > 0",
                                              "each window's case number",
                                              "sample_index=SampleIndex.from_summary(...)").long()
+                    keys = self._momentum_keys(v, valid) if self.volume_key_network is not None else None
                     out[TERM_VOLUME_CONTRAST] = self.volume_contrast(volume_features[0], volume_features[1],
-                                                                     case)
+                                                                     case, keys)
                 if pooled:
                     varcov_parts.append(self._varcov(torch.cat(pooled)))
         if varcov_parts:
@@ -400,6 +410,25 @@ class JointSSLModel(nn.Module):
         if dense_parts:
             out[TERM_DENSE] = torch.stack(dense_parts).mean()
         return out
+
+    @torch.no_grad()
+    def _momentum_keys(self, views: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+        """The volume features of both views (B3, 2, C, N, h, w) from the momentum key network, after its
+        update (training mode only): parameters m * key + (1 - m) * online, buffers copied."""
+        keys = self.volume_key_network
+        if self.training:
+            m = self.objective.volume_contrast_momentum
+            for name in ("encoder", "slice_embedding", "slice_transformer"):
+                online = getattr(self, name)
+                for key_p, p in zip(keys[name].parameters(), online.parameters()):
+                    key_p.mul_(m).add_(p.detach(), alpha=1 - m)
+                for key_b, b in zip(keys[name].buffers(), online.buffers()):
+                    key_b.copy_(b)
+        b3, n_views, c, n, h, w = views.shape
+        emb = keys["slice_embedding"](keys["encoder"](views.permute(0, 1, 3, 2, 4, 5).reshape(-1, c, h, w)))
+        emb = emb.view(b3, n_views, n, -1)
+        features = [keys["slice_transformer"](emb[:, view], valid)[1] for view in range(2)]
+        return features[0], features[1]
 
     @classmethod
     def _coordinates(cls, batch: dict[str, Any], key: str, what: str) -> Tensor:

@@ -144,6 +144,10 @@ class ObjectiveConfig:
         volume_contrast_temperature: InfoNCE temperature.
         volume_contrast_queue: length of the FIFO queue of earlier, detached Z (both views of every window
             of every training step, with their case numbers); 0 = in-batch negatives only.
+        volume_contrast_momentum: 0 (default): the keys are the online volume features themselves; m in
+            (0, 1): the keys (positives, in-batch negatives, the queue) come from a momentum copy of the
+            encoder, g and f_inter, updated as m * copy + (1 - m) * online before every training forward
+            (MoCo); without it the queue holds features of earlier weights (measured: collapse).
 
     Masked slice prediction:
         mask_ratio: fraction of slices masked per volume (at least one); paper 0.1.
@@ -182,6 +186,7 @@ class ObjectiveConfig:
     lambda_volume_contrast: float = 0.0
     volume_contrast_temperature: float = 0.2
     volume_contrast_queue: int = 128
+    volume_contrast_momentum: float = 0.0
 
     schedule: str = "joint"
     stage_a_epochs: int = 100
@@ -339,6 +344,11 @@ class ObjectiveConfig:
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"ObjectiveConfig.{name} must be >= 0, got {getattr(self, name)}.")
+        if not 0.0 <= self.volume_contrast_momentum < 1.0:
+            raise ValueError(
+                f"ObjectiveConfig.volume_contrast_momentum must lie in [0, 1) (0: no momentum key network; "
+                f"MoCo: 0.999), got {self.volume_contrast_momentum}."
+            )
         if not 0.0 <= self.centering_momentum_3d < 1.0:
             raise ValueError(
                 f"ObjectiveConfig.centering_momentum_3d must lie in [0, 1) (DINO: 0.9), "

@@ -22,6 +22,14 @@ outputs, like SwAV's queue, without a momentum encoder). After a training step's
 enter the queue with their case numbers (skipped when not finite). A query without any negative (one window,
 empty queue) contributes 0. Under DDP each process contrasts its own share of the batch against its own
 queue, like the dense term (not a global-batch computation).
+
+Measured (docs/pretraining.md, seventh pass): with keys from the online network, the queue holds features of
+earlier weights, and the term fell by moving every window's Z away from them together (f_inter's feed-forward
+gain 32-45, Z collapsed, the term back at chance level). Hence the momentum key network (MoCo, He et al.
+2020): with ``momentum`` > 0 the caller passes ``keys``, the two views' features from an exponential moving
+average of the encoder, g and f_inter (no gradient); the positive of view A's query is view B's key and vice
+versa, the in-batch negatives are the keys of the other windows, and the queue holds keys, which change as
+slowly as the moving average.
 """
 
 from __future__ import annotations
@@ -56,24 +64,31 @@ class VolumeContrast(nn.Module):
         self.register_buffer("pointer", torch.zeros((), dtype=torch.long))
         self.register_buffer("count", torch.zeros((), dtype=torch.long))
 
-    def forward(self, view_a: Tensor, view_b: Tensor, case: Tensor) -> Tensor:
+    def forward(self, view_a: Tensor, view_b: Tensor, case: Tensor,
+                keys: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """``view_a``, ``view_b``: (B, D) volume features of the two views; ``case``: (B,) int64 case numbers
-        (windows of one case are never each other's negatives). Returns the scalar loss; in training mode the
-        features then enter the queue."""
+        (windows of one case are never each other's negatives); ``keys``: the two views' features from a
+        momentum key network (None: the queries are their own keys). Returns the scalar loss; in training mode
+        the keys then enter the queue."""
         if view_a.dim() != 2 or view_a.shape != view_b.shape or view_a.shape[1] != self.dim:
             raise ValueError(f"VolumeContrast expects two (batch, {self.dim}) tensors, got "
                              f"{tuple(view_a.shape)} and {tuple(view_b.shape)}.")
         if case.shape != (view_a.shape[0],):
             raise ValueError(f"VolumeContrast expects one case number per window, got shape "
                              f"{tuple(case.shape)} for {view_a.shape[0]} windows.")
+        if keys is not None and (keys[0].shape != view_a.shape or keys[1].shape != view_a.shape):
+            raise ValueError(f"VolumeContrast keys must match the queries' shape {tuple(view_a.shape)}, got "
+                             f"{tuple(keys[0].shape)} and {tuple(keys[1].shape)}.")
         b = view_a.shape[0]
         case = case.to(device=view_a.device, dtype=torch.long)
         queries = F.normalize(torch.cat([view_a, view_b]).float(), dim=1)
+        batch_keys = (queries if keys is None
+                      else F.normalize(torch.cat([keys[0], keys[1]]).detach().float(), dim=1))
         count = int(self.count)
         stored = self.queue[:count].to(queries.device)
-        keys = torch.cat([queries, stored])
+        all_keys = torch.cat([batch_keys, stored])
         key_case = torch.cat([case, case, self.queue_case[:count].to(case.device)])
-        logits = queries @ keys.T / self.temperature  # (2B, 2B + count)
+        logits = queries @ all_keys.T / self.temperature  # (2B, 2B + count)
         rows = torch.arange(2 * b, device=queries.device)
         positive = (rows + b) % (2 * b)
         excluded = key_case[None, :] == torch.cat([case, case])[:, None]
@@ -82,7 +97,7 @@ class VolumeContrast(nn.Module):
         logits = logits.masked_fill(excluded, float("-inf"))
         loss = F.cross_entropy(logits, positive)
         if self.training:
-            self._push(queries.detach(), torch.cat([case, case]))
+            self._push(batch_keys.detach(), torch.cat([case, case]))
         return loss
 
     @torch.no_grad()

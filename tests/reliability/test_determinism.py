@@ -98,12 +98,13 @@ def test_dense_term_runs_through_the_trainer_and_repeats_exactly(base, tmp_path)
 
 
 def test_volume_contrast_runs_through_the_trainer_and_repeats_exactly(base, tmp_path):
-    """objective.lambda_volume_contrast > 0: the volume batches carry case numbers, L_volume_contrast is
-    logged, its queue (with the case numbers) is in the checkpoint, and two runs with one seed give the same
-    losses and weights."""
+    """objective.lambda_volume_contrast > 0 with a momentum key network: the volume batches carry case numbers,
+    L_volume_contrast is logged, its queue (with the case numbers) and the key network are in the checkpoint
+    but not in the pretrained weights, and two runs with one seed give the same losses and weights."""
     config = json.loads(json.dumps(REFERENCE_CONFIG))
     config["optim"].update(num_epochs=2, iterations_per_epoch=3)
-    config["objective"] = {"lambda_volume_contrast": 1.0, "volume_contrast_queue": 8}
+    config["objective"] = {"lambda_volume_contrast": 1.0, "volume_contrast_queue": 8,
+                           "volume_contrast_momentum": 0.9}
     runs = []
     for name in ("a", "b"):
         ws = Workspace.create(tmp_path / name, raw=base["ws"].raw, pre=base["ws"].pre)
@@ -117,5 +118,8 @@ def test_volume_contrast_runs_through_the_trainer_and_repeats_exactly(base, tmp_
     weights = checkpoint["network_weights"]
     assert int(weights["volume_contrast.count"]) == 8  # 6 steps x 2 views x the windows of a step, capped
     assert (weights["volume_contrast.queue_case"] >= 0).all()
+    key_network = {k for k in weights if k.startswith("volume_key_network.")}
+    assert key_network and not any(k.startswith("volume_key_network.") for k in
+                                   load(runs[0] / "pretrained_for_2d.pth")["network_weights"])
     assert checkpoint["nnssl_joint"]["config"]["objective"]["lambda_volume_contrast"] == 1.0
     assert_same_tensors(weights, load(runs[1] / "checkpoint_final.pth")["network_weights"], "final weights")

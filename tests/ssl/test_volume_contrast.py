@@ -18,14 +18,17 @@ DIM = 8
 
 
 def _reference(a: torch.Tensor, b: torch.Tensor, case: list[int], queue: torch.Tensor, queue_case: list[int],
-               temperature: float) -> float:
+               temperature: float, key_a: torch.Tensor | None = None,
+               key_b: torch.Tensor | None = None) -> float:
     """InfoNCE written out query by query: the positive and every key of another case."""
     a, b = F.normalize(a, dim=1), F.normalize(b, dim=1)
-    keys = [(a[i], case[i]) for i in range(len(case))] + [(b[i], case[i]) for i in range(len(case))]
+    ka = a if key_a is None else F.normalize(key_a, dim=1)
+    kb = b if key_b is None else F.normalize(key_b, dim=1)
+    keys = [(ka[i], case[i]) for i in range(len(case))] + [(kb[i], case[i]) for i in range(len(case))]
     keys += [(queue[k], queue_case[k]) for k in range(len(queue_case))]
     losses = []
-    for query, positive, c in [(a[i], b[i], case[i]) for i in range(len(case))] + \
-                              [(b[i], a[i], case[i]) for i in range(len(case))]:
+    for query, positive, c in [(a[i], kb[i], case[i]) for i in range(len(case))] + \
+                              [(b[i], ka[i], case[i]) for i in range(len(case))]:
         logits = [float(query @ positive) / temperature]
         logits += [float(query @ key) / temperature for key, kc in keys if kc != c]
         losses.append(-logits[0] + math.log(sum(math.exp(v) for v in logits)))
@@ -46,6 +49,22 @@ def test_loss_matches_the_written_out_infonce_with_queue_and_same_case_exclusion
     assert float(loss) == pytest.approx(_reference(*second, [1, 2], queue, [0, 1, 1, 0, 1, 1], 0.5), rel=1e-5)
     # the queue is a ring: the 4 new rows overwrote the 4 oldest
     assert int(term.count) == 6 and int(term.pointer) == 4 and term.queue_case.tolist() == [1, 2, 1, 2, 1, 1]
+
+
+def test_momentum_keys_are_the_positives_negatives_and_what_enters_the_queue():
+    g = torch.Generator().manual_seed(2)
+    term = VolumeContrast(DIM, temperature=0.3, queue_length=8)
+    a, b, ka, kb = (torch.randn(3, DIM, generator=g) for _ in range(4))
+    a.requires_grad_(True)
+    cases = [0, 1, 2]
+    loss = term(a, b, torch.tensor(cases), keys=(ka, kb))
+    assert float(loss.detach()) == pytest.approx(
+        _reference(a.detach(), b, cases, torch.zeros(0, DIM), [], 0.3, ka, kb), rel=1e-5)
+    assert torch.allclose(term.queue[:6], torch.cat([F.normalize(ka, dim=1), F.normalize(kb, dim=1)]))
+    loss.backward()
+    assert a.grad is not None and a.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="keys must match"):
+        term(a, b, torch.tensor(cases), keys=(ka[:2], kb))
 
 
 def test_a_window_without_negatives_gives_zero_and_eval_mode_does_not_fill_the_queue():
@@ -179,11 +198,13 @@ def test_volume_contrast_follows_the_volume_terms_through_the_staged_schedule():
 
 
 def test_the_keys_are_typed_and_recorded():
-    values = {"lambda_volume_contrast": 2, "volume_contrast_temperature": 0.1, "volume_contrast_queue": 0}
+    values = {"lambda_volume_contrast": 2, "volume_contrast_temperature": 0.1, "volume_contrast_queue": 0,
+              "volume_contrast_momentum": 0.99}
     recorded = ObjectiveConfig.from_dict(values).to_dict()
     assert {k: recorded[k] for k in values} == values
     for key, bad in (("lambda_volume_contrast", -1.0), ("volume_contrast_temperature", 0.0),
-                     ("volume_contrast_queue", -1), ("volume_contrast_queue", 2.5)):
+                     ("volume_contrast_queue", -1), ("volume_contrast_queue", 2.5),
+                     ("volume_contrast_momentum", 1.0), ("volume_contrast_momentum", -0.1)):
         with pytest.raises((TypeError, ValueError), match=key):
             ObjectiveConfig.from_dict({key: bad})
 
@@ -203,3 +224,34 @@ def test_a_model_rebuilt_from_its_state_dict_continues_exactly():
     second = copy(*_batches(), 2, objective.stage_at(0))[TERM_VOLUME_CONTRAST]
     assert int(model.volume_contrast.count) == 8 and torch.equal(first, second)
     assert float(first) > 0
+
+
+def test_momentum_key_network_follows_the_online_network_and_is_not_trained_or_exported():
+    from nnssl_joint.pretrain.runtime import parameter_groups
+
+    torch.manual_seed(0)
+    objective = _objective(lambda_volume_contrast=1.0, volume_contrast_momentum=0.9)
+    model = JointSSLModel(load_preset("cpu"), 1, objective)
+    keys = model.volume_key_network
+    assert keys is not None and not any(p.requires_grad for p in keys.parameters())
+    trained = {id(p) for group in parameter_groups(model, 0.05) for p in group["params"]}
+    assert not any(id(p) in trained for p in keys.parameters())
+    assert not any(k.startswith("volume_key_network.") for k in model.pretrained_state_dict())
+    assert any(k.startswith("volume_key_network.") for k in model.state_dict())
+    with torch.no_grad():  # the online network moves away from the copy it started as
+        for p in model.slice_transformer.parameters():
+            p.add_(0.5)
+    before = [p.clone() for p in keys["slice_transformer"].parameters()]
+    out = model(*_batches(), 0, objective.stage_at(0))
+    out[TERM_VOLUME_CONTRAST].backward()
+    for old, new, online in zip(before, keys["slice_transformer"].parameters(),
+                                model.slice_transformer.parameters()):
+        assert torch.allclose(new, 0.9 * old + 0.1 * online.detach(), atol=1e-6)
+        assert new.grad is None
+    assert sum(float(p.grad.abs().sum()) for p in model.slice_transformer.parameters()) > 0
+    frozen = [p.clone() for p in keys.parameters()]
+    model.eval()
+    model(*_batches(), 1, objective.stage_at(0))
+    assert all(torch.equal(a, b) for a, b in zip(frozen, keys.parameters()))  # no update in eval mode
+    assert model.volume_contrast.queue_case[:6].tolist() == [0, 1, 2, 0, 1, 2]  # training step only
+    assert int(model.volume_contrast.count) == 6
