@@ -98,9 +98,10 @@ def test_dense_term_runs_through_the_trainer_and_repeats_exactly(base, tmp_path)
 
 
 def test_volume_contrast_runs_through_the_trainer_and_repeats_exactly(base, tmp_path):
-    """objective.lambda_volume_contrast > 0 with a momentum key network: the volume batches carry case numbers,
-    L_volume_contrast is logged, its queue (with the case numbers) and the key network are in the checkpoint
-    but not in the pretrained weights, and two runs with one seed give the same losses and weights."""
+    """objective.lambda_volume_contrast > 0 with a momentum key network: the volume batches carry case
+    numbers, L_volume_contrast is logged, its queue (with the case numbers) and the key network are in the
+    checkpoint but not in the pretrained weights, and two runs with one seed give the same losses and
+    weights."""
     config = json.loads(json.dumps(REFERENCE_CONFIG))
     config["optim"].update(num_epochs=2, iterations_per_epoch=3)
     config["objective"] = {"lambda_volume_contrast": 1.0, "volume_contrast_queue": 8,
