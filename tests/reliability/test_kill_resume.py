@@ -245,10 +245,11 @@ def test_losses_file_drops_rows_after_the_resume_point_and_half_written_lines(tm
 
 
 def test_losses_file_of_an_older_version_keeps_its_rows_on_resume(tmp_path):
-    """A run written before the L_dense column existed resumes without losing its loss history."""
+    """A run written before the L_dense and L_volume_contrast columns existed resumes without losing its loss
+    history."""
     from nnssl_joint.pretrain.run_logging import IterationLossFile
 
-    old_columns = [c for c in IterationLossFile.COLUMNS if c != "L_dense"]
+    old_columns = [c for c in IterationLossFile.COLUMNS if c not in ("L_dense", "L_volume_contrast")]
     fields = [["0", "0", "2.5", "1.5", "", "0.5", "0.5", "", "1"],
               ["1", "0", "2.25", "1.25", "", "0.5", "0.5", "", "1"],
               ["2", "0", "2.0", "1.0", "", "0.5", "0.5", "", "1"]]
@@ -262,6 +263,7 @@ def test_losses_file_of_an_older_version_keeps_its_rows_on_resume(tmp_path):
     assert [r["iteration"] for r in read] == [0, 1]
     assert [r["loss"] for r in read] == [2.5, 2.25] and read[1]["L_intra"] == 1.25
     assert read[0]["L_inter"] == 0.5 and read[0]["L_dense"] is None and read[0]["finite"] is True
+    assert read[0]["L_volume_contrast"] is None
     assert path.read_text().splitlines()[0].split("\t") == list(IterationLossFile.COLUMNS)
 
 
