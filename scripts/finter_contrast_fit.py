@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ssl_ablation import load_model
 
 from nnssl_joint.models.encoder import build_slice_transformer
+from nnssl_joint.probe.diagnostics import mean_pairwise_cosine
 from nnssl_joint.ssl.volume_contrast import VolumeContrast
 
 
@@ -46,12 +47,6 @@ def windows(folder: str, n: int, view: int) -> tuple[torch.Tensor, torch.Tensor]
             out.append(F.interpolate(t, size=(view, view), mode="bilinear", align_corners=False))
             case.append(number)
     return torch.stack(out), torch.tensor(case)
-
-
-def mean_pairwise_cosine(z: torch.Tensor) -> float:
-    z = F.normalize(z, dim=1)
-    sim = z @ z.T
-    return float(sim[~torch.eye(len(z), dtype=torch.bool)].mean())
 
 
 def fit(model, emb_a: torch.Tensor, emb_b: torch.Tensor, case: torch.Tensor, lr: float, dropout: float,

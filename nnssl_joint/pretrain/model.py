@@ -300,8 +300,8 @@ class JointSSLModel(nn.Module):
             same_size.append(g.flatten(0, 1))
         if want_3d:
             v = volumes["views"]  # (B3, 2, C, N, h, w)
-            b3, n_views, c, n, h, w = v.shape
-            same_size.append(v.permute(0, 1, 3, 2, 4, 5).reshape(b3 * n_views * n, c, h, w))
+            b3, n_views, _, n = v.shape[:4]
+            same_size.append(self._window_slices(v))
         if not same_size:
             return out
         with torch.set_grad_enabled(torch.is_grad_enabled() and not freeze):
@@ -411,6 +411,12 @@ class JointSSLModel(nn.Module):
             out[TERM_DENSE] = torch.stack(dense_parts).mean()
         return out
 
+    @staticmethod
+    def _window_slices(views: Tensor) -> Tensor:
+        """(B3, views, C, N, h, w) volume windows -> (B3 * views * N, C, h, w) slices, window by window."""
+        b3, n_views, c, n, h, w = views.shape
+        return views.permute(0, 1, 3, 2, 4, 5).reshape(b3 * n_views * n, c, h, w)
+
     @torch.no_grad()
     def _momentum_keys(self, views: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
         """The volume features of both views (B3, 2, C, N, h, w) from the momentum key network, after its
@@ -424,9 +430,8 @@ class JointSSLModel(nn.Module):
                     key_p.mul_(m).add_(p.detach(), alpha=1 - m)
                 for key_b, b in zip(keys[name].buffers(), online.buffers()):
                     key_b.copy_(b)
-        b3, n_views, c, n, h, w = views.shape
-        emb = keys["slice_embedding"](keys["encoder"](views.permute(0, 1, 3, 2, 4, 5).reshape(-1, c, h, w)))
-        emb = emb.view(b3, n_views, n, -1)
+        b3, n_views, _, n = views.shape[:4]
+        emb = keys["slice_embedding"](keys["encoder"](self._window_slices(views))).view(b3, n_views, n, -1)
         features = [keys["slice_transformer"](emb[:, view], valid)[1] for view in range(2)]
         return features[0], features[1]
 

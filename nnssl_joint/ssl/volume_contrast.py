@@ -38,18 +38,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from nnssl_joint.ssl.queue import FeatureQueue
+
 
 class VolumeContrast(nn.Module):
     """InfoNCE between the two views' volume features (see the module docstring).
 
-    Queue contents, case numbers, write position and fill count are buffers: saved in ``state_dict``, so a
-    resumed run continues exactly.
+    The queue (a :class:`~nnssl_joint.ssl.queue.FeatureQueue` labelled with case numbers; None when
+    ``queue_length`` is 0) is made of buffers: saved in ``state_dict``, so a resumed run continues exactly.
     """
-
-    queue: Tensor
-    queue_case: Tensor
-    pointer: Tensor
-    count: Tensor
 
     def __init__(self, dim: int, temperature: float = 0.2, queue_length: int = 128) -> None:
         super().__init__()
@@ -59,10 +56,7 @@ class VolumeContrast(nn.Module):
         self.dim = dim
         self.temperature = float(temperature)
         self.queue_length = int(queue_length)
-        self.register_buffer("queue", torch.zeros(self.queue_length, dim))
-        self.register_buffer("queue_case", torch.full((self.queue_length,), -1, dtype=torch.long))
-        self.register_buffer("pointer", torch.zeros((), dtype=torch.long))
-        self.register_buffer("count", torch.zeros((), dtype=torch.long))
+        self.queue = FeatureQueue(self.queue_length, dim, labelled=True) if self.queue_length > 0 else None
 
     def forward(self, view_a: Tensor, view_b: Tensor, case: Tensor,
                 keys: tuple[Tensor, Tensor] | None = None) -> Tensor:
@@ -84,11 +78,11 @@ class VolumeContrast(nn.Module):
         queries = F.normalize(torch.cat([view_a, view_b]).float(), dim=1)
         batch_keys = (queries if keys is None
                       else F.normalize(torch.cat([keys[0], keys[1]]).detach().float(), dim=1))
-        count = int(self.count)
-        stored = self.queue[:count].to(queries.device)
-        all_keys = torch.cat([batch_keys, stored])
-        key_case = torch.cat([case, case, self.queue_case[:count].to(case.device)])
-        logits = queries @ all_keys.T / self.temperature  # (2B, 2B + count)
+        all_keys, key_case = batch_keys, torch.cat([case, case])
+        if self.queue is not None:
+            all_keys = torch.cat([all_keys, self.queue.get().to(queries.device)])
+            key_case = torch.cat([key_case, self.queue.get_labels().to(case.device)])
+        logits = queries @ all_keys.T / self.temperature  # (2B, 2B + queued rows)
         rows = torch.arange(2 * b, device=queries.device)
         positive = (rows + b) % (2 * b)
         excluded = key_case[None, :] == torch.cat([case, case])[:, None]
@@ -102,15 +96,8 @@ class VolumeContrast(nn.Module):
 
     @torch.no_grad()
     def _push(self, features: Tensor, case: Tensor) -> None:
-        if self.queue_length == 0 or not bool(torch.isfinite(features).all()):
-            return
-        features, case = features[-self.queue_length:], case[-self.queue_length:]
-        start = int(self.pointer)
-        positions = (torch.arange(features.shape[0], device=self.queue.device) + start) % self.queue_length
-        self.queue[positions] = features.to(self.queue)
-        self.queue_case[positions] = case.to(self.queue_case.device)
-        self.pointer.fill_((start + features.shape[0]) % self.queue_length)
-        self.count.fill_(min(self.queue_length, int(self.count) + features.shape[0]))
+        if self.queue is not None and bool(torch.isfinite(features).all()):
+            self.queue.push(features, labels=case)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, temperature={self.temperature}, queue_length={self.queue_length}"

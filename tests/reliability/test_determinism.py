@@ -74,6 +74,16 @@ def test_augmentation_workers_get_distinct_seeds_from_the_run_seed(base, referen
     assert seeds[0] == seeds[1]  # drawn from the seeded RNG
 
 
+def _two_runs(base, tmp_path, config: dict) -> list:
+    """Train ``config`` twice, in fresh workspaces over the base data; the two run folders."""
+    runs = []
+    for name in ("a", "b"):
+        ws = Workspace.create(tmp_path / name, raw=base["ws"].raw, pre=base["ws"].pre)
+        train_cli(ws, BASE_ID, write_config(tmp_path / f"{name}.json", config))
+        runs.append(ws.run_dir(base["dataset"]))
+    return runs
+
+
 def test_dense_term_runs_through_the_trainer_and_repeats_exactly(base, tmp_path):
     """objective.lambda_dense > 0: the loaders carry coordinate maps, L_dense is logged, the dense head is in
     the checkpoint, and two runs with one seed give the same losses and weights (the query cells are drawn
@@ -81,11 +91,7 @@ def test_dense_term_runs_through_the_trainer_and_repeats_exactly(base, tmp_path)
     config = json.loads(json.dumps(REFERENCE_CONFIG))
     config["optim"].update(num_epochs=2, iterations_per_epoch=3)
     config["objective"] = {"lambda_dense": 1.0, "dense_stage": 1, "dense_queries": 64}
-    runs = []
-    for name in ("a", "b"):
-        ws = Workspace.create(tmp_path / name, raw=base["ws"].raw, pre=base["ws"].pre)
-        train_cli(ws, BASE_ID, write_config(tmp_path / f"{name}.json", config))
-        runs.append(ws.run_dir(base["dataset"]))
+    runs = _two_runs(base, tmp_path, config)
     losses = read_losses(runs[0])
     assert len(losses) == 6 and all(r["L_dense"] is not None and math.isfinite(r["L_dense"]) for r in losses)
     assert all(r["L_dense"] > 0 for r in losses)
@@ -106,19 +112,15 @@ def test_volume_contrast_runs_through_the_trainer_and_repeats_exactly(base, tmp_
     config["optim"].update(num_epochs=2, iterations_per_epoch=3)
     config["objective"] = {"lambda_volume_contrast": 1.0, "volume_contrast_queue": 8,
                            "volume_contrast_momentum": 0.9}
-    runs = []
-    for name in ("a", "b"):
-        ws = Workspace.create(tmp_path / name, raw=base["ws"].raw, pre=base["ws"].pre)
-        train_cli(ws, BASE_ID, write_config(tmp_path / f"{name}.json", config))
-        runs.append(ws.run_dir(base["dataset"]))
+    runs = _two_runs(base, tmp_path, config)
     losses = read_losses(runs[0])
     assert len(losses) == 6
     assert all(r["L_volume_contrast"] is not None and math.isfinite(r["L_volume_contrast"]) for r in losses)
     assert read_losses(runs[1]) == losses
     checkpoint = load(runs[0] / "checkpoint_final.pth")
     weights = checkpoint["network_weights"]
-    assert int(weights["volume_contrast.count"]) == 8  # 6 steps x 2 views x the windows of a step, capped
-    assert (weights["volume_contrast.queue_case"] >= 0).all()
+    assert int(weights["volume_contrast.queue.count"]) == 8  # 6 steps x 2 views x a step's windows, capped
+    assert (weights["volume_contrast.queue.labels"] >= 0).all()
     key_network = {k for k in weights if k.startswith("volume_key_network.")}
     assert key_network and not any(k.startswith("volume_key_network.") for k in
                                    load(runs[0] / "pretrained_for_2d.pth")["network_weights"])

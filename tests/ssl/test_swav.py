@@ -181,6 +181,24 @@ def test_feature_queue_fifo_and_state_dict() -> None:
     torch.testing.assert_close(queue.get(), torch.arange(10.0, 20.0).reshape(5, 2))
 
 
+def test_labelled_feature_queue_keeps_labels_with_their_rows() -> None:
+    queue = FeatureQueue(length=4, dim=1, labelled=True)
+    assert set(queue.state_dict()) == {"features", "labels", "pointer", "count"}
+    assert set(FeatureQueue(length=4, dim=1).state_dict()) == {"features", "pointer", "count"}
+    queue.push(torch.arange(3.0)[:, None], labels=torch.tensor([10, 11, 12]))
+    queue.push(torch.arange(3.0, 6.0)[:, None], labels=torch.tensor([13, 14, 15]))
+    torch.testing.assert_close(queue.get(), torch.arange(2.0, 6.0)[:, None])
+    assert queue.get_labels().tolist() == [12, 13, 14, 15]  # same rows, same order as get()
+    queue.push(torch.arange(6.0, 12.0)[:, None], labels=torch.arange(16, 22))  # longer than the queue
+    assert queue.get_labels().tolist() == [18, 19, 20, 21]
+    with pytest.raises(ValueError, match="one label per row"):
+        queue.push(torch.zeros(2, 1))
+    with pytest.raises(ValueError, match="no labels"):
+        FeatureQueue(length=4, dim=1).push(torch.zeros(2, 1), labels=torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="holds no labels"):
+        FeatureQueue(length=4, dim=1).get_labels()
+
+
 def _random_views(seed: int, batch: int = 4, views: int = 2, dim: int = 6) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     return [F.normalize(torch.randn(batch, dim, generator=generator), dim=1) for _ in range(views)]

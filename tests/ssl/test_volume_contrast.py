@@ -42,13 +42,14 @@ def test_loss_matches_the_written_out_infonce_with_queue_and_same_case_exclusion
     cases = [0, 1, 1]  # windows 1 and 2 share a case: never each other's negatives
     loss = term(first[0], first[1], torch.tensor(cases))
     assert float(loss) == pytest.approx(_reference(*first, cases, torch.zeros(0, DIM), [], 0.5), rel=1e-5)
-    assert int(term.count) == 6 and term.queue_case.tolist() == [0, 1, 1, 0, 1, 1]
+    assert len(term.queue) == 6 and term.queue.labels.tolist() == [0, 1, 1, 0, 1, 1]
     second = [torch.randn(2, DIM, generator=g) for _ in range(2)]
     loss = term(second[0], second[1], torch.tensor([1, 2]))
     queue = torch.cat([F.normalize(first[0], dim=1), F.normalize(first[1], dim=1)])
     assert float(loss) == pytest.approx(_reference(*second, [1, 2], queue, [0, 1, 1, 0, 1, 1], 0.5), rel=1e-5)
     # the queue is a ring: the 4 new rows overwrote the 4 oldest
-    assert int(term.count) == 6 and int(term.pointer) == 4 and term.queue_case.tolist() == [1, 2, 1, 2, 1, 1]
+    assert len(term.queue) == 6 and int(term.queue.pointer) == 4
+    assert term.queue.labels.tolist() == [1, 2, 1, 2, 1, 1]
 
 
 def test_momentum_keys_are_the_positives_negatives_and_what_enters_the_queue():
@@ -60,7 +61,8 @@ def test_momentum_keys_are_the_positives_negatives_and_what_enters_the_queue():
     loss = term(a, b, torch.tensor(cases), keys=(ka, kb))
     assert float(loss.detach()) == pytest.approx(
         _reference(a.detach(), b, cases, torch.zeros(0, DIM), [], 0.3, ka, kb), rel=1e-5)
-    assert torch.allclose(term.queue[:6], torch.cat([F.normalize(ka, dim=1), F.normalize(kb, dim=1)]))
+    queued = torch.cat([F.normalize(ka, dim=1), F.normalize(kb, dim=1)])
+    assert torch.allclose(term.queue.features[:6], queued)
     loss.backward()
     assert a.grad is not None and a.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="keys must match"):
@@ -71,7 +73,7 @@ def test_a_window_without_negatives_gives_zero_and_eval_mode_does_not_fill_the_q
     term = VolumeContrast(DIM, queue_length=8).eval()
     a, b = torch.randn(2, DIM), torch.randn(2, DIM)
     assert float(term(a, b, torch.tensor([3, 3]))) == pytest.approx(0.0, abs=1e-6)
-    assert int(term.count) == 0
+    assert len(term.queue) == 0
     assert float(term(a, b, torch.tensor([3, 4]))) > 0
 
 
@@ -119,14 +121,15 @@ def test_queue_state_round_trips_through_the_state_dict():
     copy.load_state_dict(term.state_dict())
     a, b, case = torch.randn(2, DIM, generator=g), torch.randn(2, DIM, generator=g), torch.tensor([0, 1])
     assert torch.equal(term(a, b, case), copy(a, b, case))
-    assert torch.equal(term.queue, copy.queue) and torch.equal(term.queue_case, copy.queue_case)
+    assert torch.equal(term.queue.features, copy.queue.features)
+    assert torch.equal(term.queue.labels, copy.queue.labels)
 
 
 def test_non_finite_features_do_not_enter_the_queue():
     term = VolumeContrast(DIM, queue_length=4)
     bad = torch.full((1, DIM), float("nan"))
     term(bad, bad, torch.tensor([0]))
-    assert int(term.count) == 0 and torch.isfinite(term.queue).all()
+    assert len(term.queue) == 0 and torch.isfinite(term.queue.features).all()
 
 
 def test_shape_errors_name_the_inputs():
@@ -172,9 +175,9 @@ def test_volume_contrast_trains_f_inter_and_the_encoder_and_fills_its_queue():
     assert sum(float(p.grad.abs().sum()) for p in model.slice_transformer.parameters()) > 0
     assert sum(float(p.grad.abs().sum()) for p in model.encoder.parameters()) > 0
     assert all(p.grad is None for p in model.projection_3d.parameters())  # Z itself, not the 3D head
-    assert int(model.volume_contrast.count) == 6
-    assert model.volume_contrast.queue_case[:6].tolist() == [0, 1, 2, 0, 1, 2]
-    assert "volume_contrast.queue" in model.state_dict()
+    assert len(model.volume_contrast.queue) == 6
+    assert model.volume_contrast.queue.labels[:6].tolist() == [0, 1, 2, 0, 1, 2]
+    assert "volume_contrast.queue.features" in model.state_dict()
     assert not any(k.startswith("volume_contrast.") for k in model.pretrained_state_dict())
 
 
@@ -222,7 +225,7 @@ def test_a_model_rebuilt_from_its_state_dict_continues_exactly():
     first = model(*_batches(), 2, objective.stage_at(0))[TERM_VOLUME_CONTRAST]
     torch.manual_seed(1)
     second = copy(*_batches(), 2, objective.stage_at(0))[TERM_VOLUME_CONTRAST]
-    assert int(model.volume_contrast.count) == 8 and torch.equal(first, second)
+    assert len(model.volume_contrast.queue) == 8 and torch.equal(first, second)
     assert float(first) > 0
 
 
@@ -253,5 +256,5 @@ def test_momentum_key_network_follows_the_online_network_and_is_not_trained_or_e
     model.eval()
     model(*_batches(), 1, objective.stage_at(0))
     assert all(torch.equal(a, b) for a, b in zip(frozen, keys.parameters()))  # no update in eval mode
-    assert model.volume_contrast.queue_case[:6].tolist() == [0, 1, 2, 0, 1, 2]  # training step only
-    assert int(model.volume_contrast.count) == 6
+    assert model.volume_contrast.queue.labels[:6].tolist() == [0, 1, 2, 0, 1, 2]  # training step only
+    assert len(model.volume_contrast.queue) == 6
