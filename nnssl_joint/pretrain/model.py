@@ -382,7 +382,8 @@ class JointSSLModel(nn.Module):
                         mask_losses.append(masked_embedding_loss(
                             pred, targets[:, view], mask, valid,
                             all_positions=self.objective.mask_loss_all_positions))
-                    zs_3d.append(self.projection_3d(volume_feature))
+                    zs_3d.append(self.projection_3d(volume_feature if self.objective.inter_trains_transformer
+                                                    else volume_feature.detach()))
                     volume_features.append(volume_feature)
                     if want_varcov:
                         pooled.append(masked_slice_mean(per_slice, valid))

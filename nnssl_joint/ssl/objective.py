@@ -162,6 +162,11 @@ class ObjectiveConfig:
             through the slice tokens; False = f_inter reads detached slice embeddings, so L_inter and L_mask
             train f_inter, the mask decoder and the 3D head only, and f_intra / g learn from L_intra and
             L_intra_3d (session-4 ablation: L_inter is the term that collapses the slice embeddings).
+        inter_trains_transformer: True (default, the paper) = L_inter's gradient reaches f_inter (and, with
+            ``volume_terms_train_encoder``, the encoder) through Z; False = L_inter clusters a detached Z, so
+            it trains the 3D projection head and the 3D prototypes only, and f_inter learns from L_mask and
+            the contrastive volume term (eighth pass: L_inter's gradient is what collapses Z when the
+            contrastive term spreads it).
 
     Release behaviour:
         slice_level_3d_loss: True (default) = the paper-intended slice-level loss between 3D views,
@@ -216,6 +221,7 @@ class ObjectiveConfig:
     mask_target_normalization: str = "none"
     slice_level_3d_loss: bool = True
     volume_terms_train_encoder: bool = True
+    inter_trains_transformer: bool = True
 
     _CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"schedule": SCHEDULES, "clustering": CLUSTERING_METHODS,
                                                       "head_norm_3d": HEAD_NORMS_3D,

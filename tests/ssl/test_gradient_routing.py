@@ -1,4 +1,5 @@
-"""objective.volume_terms_train_encoder: which parameters L_inter and L_mask reach."""
+"""objective.volume_terms_train_encoder and inter_trains_transformer: which parameters L_inter and L_mask
+reach."""
 
 from __future__ import annotations
 
@@ -49,3 +50,34 @@ def test_the_key_is_typed_and_recorded() -> None:
         "volume_terms_train_encoder"] is False
     with pytest.raises((TypeError, ValueError), match="volume_terms_train_encoder"):
         ObjectiveConfig.from_dict({"volume_terms_train_encoder": "no"})
+
+
+@pytest.mark.parametrize("inter_trains_transformer", [True, False])
+def test_inter_reaches_f_inter_only_when_asked(inter_trains_transformer: bool) -> None:
+    torch.manual_seed(0)
+    objective = ObjectiveConfig(num_prototypes_2d=8, num_prototypes_3d=4, queue_length_3d=0,
+                                freeze_prototypes_iterations=0,
+                                inter_trains_transformer=inter_trains_transformer)
+    model = JointSSLModel(load_preset("cpu"), 1, objective)
+    out = model(None, _volumes(), 0, objective.stage_at(0))
+    out[TERM_INTER].backward(retain_graph=True)
+    # the 3D head and the 3D prototypes learn from L_inter either way
+    assert _grad_norm(model.projection_3d) > 0
+    assert _grad_norm(model.inter_loss) > 0
+    upstream = (model.slice_transformer, model.slice_embedding, model.encoder)
+    if inter_trains_transformer:
+        assert all(_grad_norm(module) > 0 for module in upstream)
+    else:
+        assert all(_grad_norm(module) == 0 for module in upstream)
+    # L_mask still trains f_inter (and, by default, the encoder) with L_inter's path cut
+    model.zero_grad()
+    out[TERM_MASK].backward()
+    assert _grad_norm(model.slice_transformer) > 0 and _grad_norm(model.encoder) > 0
+
+
+def test_inter_routing_key_is_typed_and_recorded() -> None:
+    assert ObjectiveConfig().inter_trains_transformer is True
+    assert ObjectiveConfig.from_dict({"inter_trains_transformer": False}).to_dict()[
+        "inter_trains_transformer"] is False
+    with pytest.raises((TypeError, ValueError), match="inter_trains_transformer"):
+        ObjectiveConfig.from_dict({"inter_trains_transformer": 0})
