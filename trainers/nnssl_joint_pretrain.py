@@ -260,15 +260,19 @@ class JointSSLPretrainTrainer(nnUNetTrainer):
         if self.grad_scaler is not None:
             self.grad_scaler.scale(loss).backward()
             self.grad_scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.ssl_config.optim.grad_clip)
+            self._clip_gradients()
             self.grad_scaler.step(self.optimizer)
             self.grad_scaler.update()
         else:
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.ssl_config.optim.grad_clip)
+            self._clip_gradients()
             self.optimizer.step()
         self.iteration += 1
         return out
+
+    def _clip_gradients(self) -> None:
+        optim = self.ssl_config.optim
+        runtime.clip_gradients(self.network, optim.grad_clip, optim.grad_clip_mode)
 
     def on_train_epoch_end(self, train_outputs: list[dict]):
         seconds = max(1e-9, time() - self._epoch_outputs_start)

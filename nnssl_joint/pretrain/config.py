@@ -24,6 +24,8 @@ from nnssl_joint.ssl.objective import ObjectiveConfig
 CONFIG_ENV_VAR = "NNSSL_JOINT_CONFIG"
 PLANS_SECTION = "nnssl_joint_pretrain"
 
+GRAD_CLIP_MODES = ("global", "per_part")
+
 Auto = Union[int, str, None]  # noqa: UP007 (a runtime alias, used in annotations)
 
 
@@ -51,6 +53,11 @@ class OptimConfig:
     warmup_epochs: int = 2
     min_lr_ratio: float = 0.01  # cosine decay to lr * min_lr_ratio
     grad_clip: float = 3.0
+    #: "global": one norm over all gradients is clipped to ``grad_clip`` (default); "per_part": each top-level
+    #: part of the network (encoder, slice embedding g, f_inter, each head, each loss's prototypes) is clipped
+    #: to ``grad_clip`` on its own, so a term with large gradients on its own head cannot shrink the steps of
+    #: the parts it does not reach (docs/pretraining.md, eighth pass)
+    grad_clip_mode: str = "global"
     #: learning rate of the parts only the volume terms train (f_inter, the 3D projection head and prototypes,
     #: the masked-slice decoder) relative to ``lr``; 1.0: one rate for the whole network
     volume_lr_factor: float = 1.0
@@ -61,6 +68,9 @@ class OptimConfig:
     collapse_entropy_threshold: float = 0.3  # warn when normalised prototype-usage entropy falls below
 
     def __post_init__(self) -> None:
+        if self.grad_clip_mode not in GRAD_CLIP_MODES:
+            raise NnsslJointError(f"optim.grad_clip_mode must be one of {GRAD_CLIP_MODES}, got "
+                                  f"{self.grad_clip_mode!r}")
         if not self.volume_lr_factor > 0:
             raise NnsslJointError(f"optim.volume_lr_factor must be > 0 (1.0: one learning rate for the whole "
                                   f"network), got {self.volume_lr_factor!r}")

@@ -49,6 +49,29 @@ def parameter_groups(network: nn.Module, weight_decay: float, volume_lr_factor: 
     return out
 
 
+def gradient_parts(network: nn.Module) -> list[tuple[str, list[nn.Parameter]]]:
+    """The parts ``optim.grad_clip_mode: per_part`` clips separately: every top-level module of the
+    (unwrapped) network with trainable parameters, plus the network's own direct parameters if any."""
+    model = unwrap(network)
+    parts = [(name, [p for p in child.parameters() if p.requires_grad])
+             for name, child in model.named_children()]
+    parts.append(("", [p for p in model.parameters(recurse=False) if p.requires_grad]))
+    return [(name, params) for name, params in parts if params]
+
+
+def clip_gradients(network: nn.Module, max_norm: float, mode: str = "global") -> None:
+    """Clips the gradients to ``max_norm``: one norm over all parameters (``global``) or one per part of
+    :func:`gradient_parts` (``per_part``). Under DDP the gradients are already averaged, so every process
+    clips by the same factors."""
+    if mode == "global":
+        torch.nn.utils.clip_grad_norm_(unwrap(network).parameters(), max_norm)
+    elif mode == "per_part":
+        for _, params in gradient_parts(network):
+            torch.nn.utils.clip_grad_norm_(params, max_norm)
+    else:
+        raise ValueError(f"grad_clip_mode must be 'global' or 'per_part', got {mode!r}")
+
+
 def batch_to_device(batch: dict, device: torch.device) -> tuple[dict | None, dict | None]:
     def move(d: dict | None) -> dict | None:
         if d is None:

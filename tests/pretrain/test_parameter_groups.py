@@ -1,5 +1,6 @@
 """Optimiser groups of the pretraining network (nnssl_joint/pretrain/runtime.py): weight decay and the
-learning rate of the parts only the volume terms train (``optim.volume_lr_factor``)."""
+learning rate of the parts only the volume terms train (``optim.volume_lr_factor``); gradient clipping
+per part (``optim.grad_clip_mode``)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from nnssl_joint.errors import NnsslJointError
 from nnssl_joint.models.preset import load_preset
 from nnssl_joint.pretrain.config import PretrainConfig
 from nnssl_joint.pretrain.model import JointSSLModel
-from nnssl_joint.pretrain.runtime import VOLUME_PARTS, parameter_groups
+from nnssl_joint.pretrain.runtime import VOLUME_PARTS, clip_gradients, gradient_parts, parameter_groups
 from nnssl_joint.pretrain.schedule import WarmupCosineLR
 from nnssl_joint.ssl.objective import ObjectiveConfig
 
@@ -58,3 +59,43 @@ def test_a_factor_that_is_not_positive_is_refused_with_the_key():
     with pytest.raises(NnsslJointError, match="optim.volume_lr_factor must be > 0"):
         PretrainConfig.from_dict({"optim": {"volume_lr_factor": 0.0}})
     assert PretrainConfig.from_dict({"optim": {"volume_lr_factor": 0.1}}).optim.volume_lr_factor == 0.1
+
+
+def _loss_with_a_loud_head(model: JointSSLModel) -> torch.Tensor:
+    """A quiet gradient on f_inter and a gradient 1e4 times larger on the 3D head."""
+    quiet = sum(p.sum() for p in model.slice_transformer.parameters()) * 1e-3
+    loud = sum(p.sum() for p in model.projection_3d.parameters()) * 10.0
+    return quiet + loud
+
+
+def test_per_part_clipping_keeps_one_part_from_shrinking_another(model):
+    parts = dict(gradient_parts(model))
+    assert {"encoder", "slice_transformer", "projection_3d", "inter_loss"} <= set(parts)
+    ids = {id(p) for params in parts.values() for p in params}
+    assert ids == {id(p) for p in model.parameters() if p.requires_grad}  # every parameter in one part
+    norms = {}
+    for mode in ("global", "per_part"):
+        model.zero_grad(set_to_none=True)
+        _loss_with_a_loud_head(model).backward()
+        before = torch.nn.utils.get_total_norm([p.grad for p in model.slice_transformer.parameters()])
+        clip_gradients(model, 3.0, mode)
+        after = {name: float(torch.nn.utils.get_total_norm([p.grad for p in parts[name]]))
+                 for name in ("slice_transformer", "projection_3d")}
+        norms[mode] = (float(before), after)
+    before, after = norms["global"]
+    # one global norm: the loud head sets the factor, f_inter's step shrinks with it
+    assert after["slice_transformer"] < 0.01 * before
+    assert after["projection_3d"] == pytest.approx(3.0, rel=1e-4)
+    before, after = norms["per_part"]
+    # per part: f_inter (under the limit) keeps its gradient, the head is clipped on its own
+    assert after["slice_transformer"] == pytest.approx(before, rel=1e-6)
+    assert after["projection_3d"] == pytest.approx(3.0, rel=1e-4)
+    model.zero_grad(set_to_none=True)
+
+
+def test_the_clip_mode_is_typed_and_refused_with_the_key():
+    assert PretrainConfig().optim.grad_clip_mode == "global"
+    loaded = PretrainConfig.from_dict({"optim": {"grad_clip_mode": "per_part"}})
+    assert loaded.optim.grad_clip_mode == "per_part"
+    with pytest.raises(NnsslJointError, match="optim.grad_clip_mode must be one of"):
+        PretrainConfig.from_dict({"optim": {"grad_clip_mode": "parts"}})
