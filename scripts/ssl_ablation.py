@@ -172,7 +172,8 @@ def evaluate(run_dir: Path, volumes: dict[str, np.ndarray], seed: int,
         v[~valid_t[:, None, :, None, None].expand_as(v)] = 0
     diag = volume_diagnostics(model, resized, valid_t, views[0], views[1], seed=seed)
     last = {key: float(log[key][-1]) for key in ("loss_intra", "loss_intra_3d", "loss_inter", "loss_mask",
-                                                 "entropy_2d", "entropy_3d") if log.get(key)}
+                                                 "loss_volume_contrast", "entropy_2d", "entropy_3d")
+            if log.get(key)}
     log_text = (run_dir / next(p.name for p in run_dir.glob("training_log_*.txt"))).read_text()
     warnings = log_text.count("possible cluster collapse")
     uniform_warnings = log_text.count("no clustering signal")

@@ -25,6 +25,8 @@ CONFIG_ENV_VAR = "NNSSL_JOINT_CONFIG"
 PLANS_SECTION = "nnssl_joint_pretrain"
 
 GRAD_CLIP_MODES = ("global", "per_part")
+#: optimisers the trainer builds (``optim.optimizer``); AdamW with decoupled weight decay
+OPTIMIZERS = ("adamw",)
 
 Auto = Union[int, str, None]  # noqa: UP007 (a runtime alias, used in annotations)
 
@@ -47,7 +49,7 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    optimizer: str = "adamw"
+    optimizer: str = "adamw"  # the one optimiser the trainer builds (OPTIMIZERS); other values are refused
     lr: float = 3e-3
     weight_decay: float = 0.05
     warmup_epochs: int = 2
@@ -68,6 +70,9 @@ class OptimConfig:
     collapse_entropy_threshold: float = 0.3  # warn when normalised prototype-usage entropy falls below
 
     def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise NnsslJointError(f"optim.optimizer must be one of {OPTIMIZERS} (the trainer builds AdamW "
+                                  f"only), got {self.optimizer!r}; remove the key or set it to 'adamw'")
         if self.grad_clip_mode not in GRAD_CLIP_MODES:
             raise NnsslJointError(f"optim.grad_clip_mode must be one of {GRAD_CLIP_MODES}, got "
                                   f"{self.grad_clip_mode!r}")

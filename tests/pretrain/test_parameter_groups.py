@@ -99,3 +99,10 @@ def test_the_clip_mode_is_typed_and_refused_with_the_key():
     assert loaded.optim.grad_clip_mode == "per_part"
     with pytest.raises(NnsslJointError, match="optim.grad_clip_mode must be one of"):
         PretrainConfig.from_dict({"optim": {"grad_clip_mode": "parts"}})
+
+
+def test_an_optimizer_the_trainer_does_not_build_is_refused_with_the_key():
+    # the trainer builds AdamW only: another name must not be accepted and silently ignored
+    assert PretrainConfig.from_dict({"optim": {"optimizer": "adamw"}}).optim.optimizer == "adamw"
+    with pytest.raises(NnsslJointError, match="optim.optimizer must be one of.*'sgd'"):
+        PretrainConfig.from_dict({"optim": {"optimizer": "sgd"}})
