@@ -52,6 +52,7 @@ from nnssl_joint.experiments.budgets import (
     default_preset,
     read_finetune_overrides,
     read_objective_overrides,
+    read_pretrain_options,
 )
 from nnssl_joint.experiments.pipeline import (
     NNUNET_PRESET,
@@ -352,6 +353,9 @@ class BenchmarkSettings:
     recipe: str = "plugin"
     #: objective keys for every pretraining arm (``--pretrain-objective``: JSON text or file); {}: defaults
     pretrain_objective: dict[str, Any] = field(default_factory=dict)
+    #: ``data`` and ``optim`` keys for every pretraining arm (``--pretrain-options``: JSON text or file),
+    #: e.g. more windows per step or per-part gradient clipping; {}: the defaults
+    pretrain_options: dict[str, Any] = field(default_factory=dict)
     #: fine-tuning keys for every run of the plugin's networks (``--finetune``: JSON text or file), e.g. a
     #: lower learning rate for the pretrained parts; {}: the recipe's defaults. Not for the stock arm
     finetune: dict[str, Any] = field(default_factory=dict)
@@ -378,7 +382,8 @@ class BenchmarkSettings:
         self.preset = resolve_preset_choice(default_preset(self.preset, self.device), self.device)
         self.budget_spec = TrainingBudget.resolve(self.budget)
         for arm in pretrained:  # a contradiction with an arm's own keys is refused before anything runs
-            self.budget_spec.pretrain_config(arm, self.seed, objective_overrides=self.pretrain_objective)
+            self.budget_spec.pretrain_config(arm, self.seed, objective_overrides=self.pretrain_objective,
+                                             options=self.pretrain_options)
         self.budget_spec.finetune_config(self.seed, self.recipe, self.finetune)  # same, for --finetune
         if self.raw is None:
             from nnssl_joint.naming import nnunet_raw
@@ -399,6 +404,8 @@ class BenchmarkSettings:
             record["recipe"] = self.recipe
         if self.pretrain_objective:
             record["pretrain_objective"] = self.pretrain_objective
+        if self.pretrain_options:
+            record["pretrain_options"] = self.pretrain_options
         if self.finetune:
             record["finetune"] = self.finetune
         return record
@@ -609,7 +616,7 @@ class Benchmark(Pipeline):
 
     def step_pretrain(self, arm: str, progress: StepProgress) -> dict[str, Any]:
         config = self.budget.pretrain_config(arm, self.settings.seed, self.preset_argument,
-                                             self.settings.pretrain_objective)
+                                             self.settings.pretrain_objective, self.settings.pretrain_options)
         return self.pretrain(arm, config, self.pretrain_id, self.pretrain_dataset,
                              self.budget.pretrain_epochs,
                              [f"pretrained_for_{self.settings.configuration}.pth"], progress)
@@ -861,6 +868,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "'{\"lambda_dense\": 1.0, \"dense_stage\": 1}' (the recommended dense term, "
                              "docs/pretraining.md); a key an arm sets itself (2D-only's volume weights) is "
                              "refused")
+    parser.add_argument("--pretrain-options", default=None, metavar="JSON|FILE.json",
+                        help="data and optim keys of the pretraining configuration for every pretraining "
+                             "arm, "
+                             "as JSON text or a file, e.g. '{\"data\": {\"batch_size_3d\": 8}, \"optim\": "
+                             "{\"grad_clip_mode\": \"per_part\", \"volume_lr_factor\": 0.1}}' "
+                             "(docs/pretraining.md); the lengths come from --budget")
     parser.add_argument("--finetune", default=None, metavar="JSON|FILE.json",
                         help="fine-tuning keys for every run of the plugin's networks (not the stock arm), "
                              "as JSON text or a file, e.g. '{\"pretrained_lr_factor\": 0.1}' (pretrained "
@@ -883,6 +896,7 @@ def settings_from_args(args: argparse.Namespace) -> BenchmarkSettings:
                              raw=None if args.raw is None else Path(args.raw), preset=args.preset,
                              recipe=args.recipe,
                              pretrain_objective=read_objective_overrides(args.pretrain_objective),
+                             pretrain_options=read_pretrain_options(args.pretrain_options),
                              finetune=read_finetune_overrides(args.finetune))
 
 

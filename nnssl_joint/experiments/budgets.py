@@ -121,6 +121,51 @@ def read_objective_overrides(spec: str | None) -> dict[str, Any]:
     return values
 
 
+#: sections of a pretraining configuration ``--pretrain-options`` may set; the objective has
+#: ``--pretrain-objective``, the preset ``--preset`` and the seed ``--seed``
+PRETRAIN_OPTION_SECTIONS = ("data", "optim")
+#: pretraining keys the budget sets (a longer run is another budget, not an option)
+PRETRAIN_KEYS_SET_ELSEWHERE = ("optim.num_epochs", "optim.iterations_per_epoch", "optim.save_every")
+
+
+def read_pretrain_options(spec: str | None) -> dict[str, Any]:
+    """``--pretrain-options``: JSON text (``{"data": {"batch_size_3d": 8}, "optim": {"grad_clip_mode":
+    "per_part"}}``) or a JSON file of ``data`` and ``optim`` keys of the pretraining configuration
+    (:class:`nnssl_joint.pretrain.config.PretrainConfig`) for every pretraining arm; other sections and the
+    keys the budget sets (:data:`PRETRAIN_KEYS_SET_ELSEWHERE`) are refused; names, types, ranges checked."""
+    if spec is None or not spec.strip():
+        return {}
+    values = _read_json_object(spec, "--pretrain-options", "pretraining configuration sections")
+    check_pretrain_options(values)
+    return values
+
+
+def check_pretrain_options(options: dict[str, Any]) -> None:
+    """Only :data:`PRETRAIN_OPTION_SECTIONS`, each an object, none of :data:`PRETRAIN_KEYS_SET_ELSEWHERE`,
+    and a valid partial :class:`nnssl_joint.pretrain.config.PretrainConfig`."""
+    from nnssl_joint.pretrain.config import PretrainConfig
+
+    elsewhere = {"objective": "--pretrain-objective", "preset": "--preset", "seed": "--seed"}
+    for section, values in options.items():
+        if section in elsewhere:
+            raise NnsslJointError(f"--pretrain-options: {section!r} is set with {elsewhere[section]}, "
+                                  f"not here")
+        if section not in PRETRAIN_OPTION_SECTIONS:
+            raise NnsslJointError(f"--pretrain-options: unknown section {section!r}; sections: "
+                                  f"{', '.join(PRETRAIN_OPTION_SECTIONS)}")
+        if not isinstance(values, dict):
+            raise NnsslJointError(f"--pretrain-options: {section!r} must be an object of keys, "
+                                  f"got {values!r}")
+        for key in values:
+            if f"{section}.{key}" in PRETRAIN_KEYS_SET_ELSEWHERE:
+                raise NnsslJointError(f"--pretrain-options: {section}.{key} is set by the budget, not here; "
+                                      f"use --budget (a JSON file of pretrain_* keys) instead")
+    try:
+        PretrainConfig.from_dict(options, "--pretrain-options")
+    except (TypeError, ValueError) as e:  # NnsslJointError is a ValueError: one message shape for all
+        raise NnsslJointError(f"--pretrain-options: {e}") from e
+
+
 #: fine-tuning keys that the budget (lengths, warm-up), ``--recipe`` and the benchmark's seeds set:
 #: ``--finetune`` may not change them (a longer run is another budget, not an override)
 FINETUNE_KEYS_SET_ELSEWHERE = ("num_epochs", "iterations_per_epoch", "val_iterations_per_epoch",
@@ -200,15 +245,23 @@ class TrainingBudget:
         return build(cls, {**asdict(cls.named("small")), **values}, f"--budget {path}")
 
     def pretrain_config(self, arm: str, seed: int, preset: str | None = None,
-                        objective_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+                        objective_overrides: dict[str, Any] | None = None,
+                        options: dict[str, Any] | None = None) -> dict[str, Any]:
         """The partial pretraining configuration (``NNSSL_JOINT_CONFIG``) of the run behind ``arm``;
         ``preset``: an architecture preset name or file (None: the pretraining default);
         ``objective_overrides``: objective keys for every arm (e.g. ``{"lambda_dense": 1.0}``), which may
-        not change a key the arm itself sets (:func:`merge_objective`)."""
+        not change a key the arm itself sets (:func:`merge_objective`); ``options``: ``data`` and ``optim``
+        keys for every arm (:func:`read_pretrain_options`), not the lengths the budget sets."""
+        if options:
+            check_pretrain_options(options)
+        options = options or {}
         config: dict[str, Any] = {"seed": int(seed),
-                                  "optim": {"num_epochs": self.pretrain_epochs,
+                                  "optim": {**options.get("optim", {}),
+                                            "num_epochs": self.pretrain_epochs,
                                             "iterations_per_epoch": self.pretrain_iterations,
                                             "save_every": 1}}
+        if options.get("data"):
+            config["data"] = dict(options["data"])
         if preset is not None:
             config["preset"] = str(preset)
         objective = merge_objective(arm, pretrain_objective(arm, self.pretrain_epochs), objective_overrides)

@@ -613,6 +613,7 @@ def _mean_std(entry: dict[str, Any] | None) -> str:
 #: settings a benchmark records only when they differ from the defaults, as the report names them
 _SETTING_LABELS = (("preset", "Preset"), ("recipe", "Fine-tuning recipe"),
                    ("pretrain_objective", "Pretraining objective overrides"),
+                   ("pretrain_options", "Pretraining data/optim options"),
                    ("finetune", "Fine-tuning overrides (plugin networks)"))
 
 

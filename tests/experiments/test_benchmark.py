@@ -523,3 +523,39 @@ def test_the_checks_pass_for_a_one_case_target_validating_on_itself(check_raw, t
         bm.BenchmarkSettings(pretrain=[], target="633", out=tmp_path, raw=check_raw, labeled=[1],
                              arms=["nnunet", "intra"])
     bm.BenchmarkSettings(pretrain=[], target="633", out=tmp_path, raw=check_raw, labeled=[1], arms=["nnunet"])
+
+
+def test_pretraining_options_reach_every_arm_are_part_of_the_experiment_and_bad_ones_are_refused(tmp_path):
+    from nnssl_joint.experiments.budgets import read_pretrain_options
+    from nnssl_joint.pretrain.config import PretrainConfig
+
+    kwargs = {"pretrain": ["1"], "target": "2", "out": tmp_path / "out", "raw": tmp_path, "labeled": [1],
+              "arms": ["scratch", "intra", "joint"]}
+    options = read_pretrain_options('{"data": {"batch_size_3d": 8}, '
+                                    '"optim": {"grad_clip_mode": "per_part", "volume_lr_factor": 0.1}}')
+    settings = bm.BenchmarkSettings(**kwargs, pretrain_options=options)
+    assert settings.record()["pretrain_options"] == options
+    assert "pretrain_options" not in bm.BenchmarkSettings(**kwargs).record()  # earlier records continue
+    for arm in ("intra", "joint"):
+        config = PretrainConfig.from_dict(settings.budget_spec.pretrain_config(arm, 0, None, None, options))
+        assert config.data.batch_size_3d == 8
+        assert config.optim.grad_clip_mode == "per_part" and config.optim.volume_lr_factor == 0.1
+        # the budget's lengths stay the budget's
+        assert config.optim.num_epochs == settings.budget_spec.pretrain_epochs
+        assert config.optim.iterations_per_epoch == settings.budget_spec.pretrain_iterations
+    _FakeBenchmark(settings, io.StringIO()).check_settings()
+    with pytest.raises(NnsslJointError, match="differences: pretrain_options"):  # the same folder, no options
+        _FakeBenchmark(bm.BenchmarkSettings(**kwargs), io.StringIO()).check_settings()
+    # refused before anything runs, each naming the key and where it belongs
+    with pytest.raises(NnsslJointError, match="optim.num_epochs is set by the budget"):
+        read_pretrain_options('{"optim": {"num_epochs": 3}}')
+    with pytest.raises(NnsslJointError, match="'objective' is set with --pretrain-objective"):
+        read_pretrain_options('{"objective": {"lambda_inter": 0}}')
+    with pytest.raises(NnsslJointError, match="unknown section 'optm'"):
+        read_pretrain_options('{"optm": {"lr": 0.1}}')
+    with pytest.raises(NnsslJointError, match="grad_clip_mode"):
+        read_pretrain_options('{"optim": {"grad_clip_mode": "parts"}}')
+    with pytest.raises(NnsslJointError, match="batch_size_3e"):
+        read_pretrain_options('{"data": {"batch_size_3e": 8}}')
+    with pytest.raises(NnsslJointError, match="--pretrain-options"):
+        bm.BenchmarkSettings(**kwargs, pretrain_options={"optim": {"save_every": 2}})
