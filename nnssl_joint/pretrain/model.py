@@ -75,6 +75,24 @@ from nnssl_joint.ssl.volume_contrast import VolumeContrast
 BANK_VIEWS = 2
 
 
+class _ScaleGradient(torch.autograd.Function):
+    """Identity in the forward pass; the backward pass multiplies the gradient by ``factor``."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, tensor: Tensor, factor: float) -> Tensor:
+        ctx.factor = factor
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_output: Tensor) -> tuple[Tensor, None]:
+        return grad_output * ctx.factor, None
+
+
+def scale_gradient(tensor: Tensor, factor: float) -> Tensor:
+    """``tensor`` unchanged, with its gradient multiplied by ``factor`` on the way back (1: plain)."""
+    return tensor if factor == 1.0 else _ScaleGradient.apply(tensor, factor)
+
+
 class JointSSLModel(nn.Module):
     """See the module docstring. ``slice_memory_size`` / ``window_memory_size`` (DeepCluster-v2 only): the
     sizes of the slice and window memory banks (``SampleIndex.num_slices`` / ``num_windows``); without them
@@ -374,6 +392,8 @@ class JointSSLModel(nn.Module):
                     tokens = e3[:, view]
                     if not self.objective.volume_terms_train_encoder:
                         tokens = tokens.detach()
+                    else:
+                        tokens = scale_gradient(tokens, self.objective.volume_encoder_gradient_scale)
                     if mask is not None:
                         tokens = self.masked_modeling.apply_mask(tokens, mask)
                     per_slice, volume_feature = self.slice_transformer(tokens, valid)

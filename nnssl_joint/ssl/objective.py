@@ -162,6 +162,10 @@ class ObjectiveConfig:
             through the slice tokens; False = f_inter reads detached slice embeddings, so L_inter and L_mask
             train f_inter, the mask decoder and the 3D head only, and f_intra / g learn from L_intra and
             L_intra_3d (session-4 ablation: L_inter is the term that collapses the slice embeddings).
+        volume_encoder_gradient_scale: with ``volume_terms_train_encoder``, the factor on the volume terms'
+            gradient where it enters the encoder (the slice tokens f_inter reads); 1.0 (default, the paper) =
+            unchanged, 0.1 = the encoder gets a tenth of it while f_inter and the heads get all of theirs
+            (eighth pass: the whole gradient collapses the slice embeddings and, with them, Z).
         inter_trains_transformer: True (default, the paper) = L_inter's gradient reaches f_inter (and, with
             ``volume_terms_train_encoder``, the encoder) through Z; False = L_inter clusters a detached Z, so
             it trains the 3D projection head and the 3D prototypes only, and f_inter learns from L_mask and
@@ -221,6 +225,7 @@ class ObjectiveConfig:
     mask_target_normalization: str = "none"
     slice_level_3d_loss: bool = True
     volume_terms_train_encoder: bool = True
+    volume_encoder_gradient_scale: float = 1.0
     inter_trains_transformer: bool = True
 
     _CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"schedule": SCHEDULES, "clustering": CLUSTERING_METHODS,
@@ -359,6 +364,17 @@ class ObjectiveConfig:
             raise ValueError(
                 f"ObjectiveConfig.centering_momentum_3d must lie in [0, 1) (DINO: 0.9), "
                 f"got {self.centering_momentum_3d}."
+            )
+        if not 0.0 < self.volume_encoder_gradient_scale <= 1.0:
+            raise ValueError(
+                f"ObjectiveConfig.volume_encoder_gradient_scale must lie in (0, 1] (1: the whole gradient; "
+                f"volume_terms_train_encoder: false cuts it), got {self.volume_encoder_gradient_scale}."
+            )
+        if not self.volume_terms_train_encoder and self.volume_encoder_gradient_scale != 1.0:
+            raise ValueError(
+                f"ObjectiveConfig.volume_encoder_gradient_scale={self.volume_encoder_gradient_scale} has no "
+                f"effect with volume_terms_train_encoder: false (no volume gradient reaches the encoder); "
+                f"leave it at 1.0 or set volume_terms_train_encoder: true."
             )
         if not 0.0 < self.mask_ratio < 1.0:
             raise ValueError(

@@ -81,3 +81,36 @@ def test_inter_routing_key_is_typed_and_recorded() -> None:
         "inter_trains_transformer"] is False
     with pytest.raises((TypeError, ValueError), match="inter_trains_transformer"):
         ObjectiveConfig.from_dict({"inter_trains_transformer": 0})
+
+
+def test_the_volume_gradient_into_the_encoder_is_scaled_and_nothing_else_changes() -> None:
+    grads, losses = {}, {}
+    for scale in (1.0, 0.1):
+        torch.manual_seed(0)
+        objective = ObjectiveConfig(num_prototypes_2d=8, num_prototypes_3d=4, queue_length_3d=0,
+                                    freeze_prototypes_iterations=0, volume_encoder_gradient_scale=scale)
+        model = JointSSLModel(load_preset("cpu"), 1, objective)
+        out = model(None, _volumes(), 0, objective.stage_at(0))
+        losses[scale] = (out[TERM_INTER].item(), out[TERM_MASK].item())
+        (out[TERM_INTER] + out[TERM_MASK]).backward()
+        grads[scale] = {name: torch.cat([p.grad.flatten() for p in module.parameters() if p.grad is not None])
+                        for name, module in (("encoder", model.encoder), ("g", model.slice_embedding),
+                                             ("f_inter", model.slice_transformer),
+                                             ("head", model.projection_3d))}
+    assert losses[0.1] == losses[1.0]  # the forward pass is the identity
+    for name in ("encoder", "g"):  # everything below f_inter gets a tenth
+        scaled = 0.1 * grads[1.0][name]  # float rounding differs with the gradient's magnitude: atol by scale
+        torch.testing.assert_close(grads[0.1][name], scaled, rtol=1e-3, atol=1e-4 * float(scaled.abs().max()))
+        assert grads[1.0][name].abs().sum() > 0
+    for name in ("f_inter", "head"):  # f_inter and the heads keep their whole gradient
+        torch.testing.assert_close(grads[0.1][name], grads[1.0][name])
+
+
+def test_the_gradient_scale_is_typed_and_refused_where_it_means_nothing() -> None:
+    assert ObjectiveConfig().volume_encoder_gradient_scale == 1.0
+    assert ObjectiveConfig.from_dict({"volume_encoder_gradient_scale": 0.1}).to_dict()[
+        "volume_encoder_gradient_scale"] == 0.1
+    with pytest.raises(ValueError, match="volume_encoder_gradient_scale must lie in"):
+        ObjectiveConfig.from_dict({"volume_encoder_gradient_scale": 0.0})
+    with pytest.raises(ValueError, match="no effect with volume_terms_train_encoder: false"):
+        ObjectiveConfig.from_dict({"volume_encoder_gradient_scale": 0.5, "volume_terms_train_encoder": False})
