@@ -870,9 +870,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "refused")
     parser.add_argument("--pretrain-options", default=None, metavar="JSON|FILE.json",
                         help="data and optim keys of the pretraining configuration for every pretraining "
-                             "arm, "
-                             "as JSON text or a file, e.g. '{\"data\": {\"batch_size_3d\": 8}, \"optim\": "
-                             "{\"grad_clip_mode\": \"per_part\", \"volume_lr_factor\": 0.1}}' "
+                             "arm, as JSON text or a file, e.g. '{\"data\": {\"batch_size_3d\": 8}, "
+                             "\"optim\": {\"grad_clip_mode\": \"per_part\", \"volume_lr_factor\": 0.1}}' "
                              "(docs/pretraining.md); the lengths come from --budget")
     parser.add_argument("--finetune", default=None, metavar="JSON|FILE.json",
                         help="fine-tuning keys for every run of the plugin's networks (not the stock arm), "
