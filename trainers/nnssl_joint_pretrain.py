@@ -138,7 +138,8 @@ class JointSSLPretrainTrainer(nnUNetTrainer):
 
     def configure_optimizers(self):
         optim = self.ssl_config.optim
-        params = runtime.parameter_groups(self.network, optim.weight_decay, optim.volume_lr_factor)
+        params = runtime.parameter_groups(self.network, optim.weight_decay, optim.volume_lr_factor,
+                                          optim.volume_head_lr_factor)
         optimizer = torch.optim.AdamW(params, lr=self.initial_lr, betas=(0.9, 0.999))
         base_lrs = [self.initial_lr * group["lr_factor"] for group in optimizer.param_groups]
         scheduler = WarmupCosineLR(optimizer, base_lrs, self.num_epochs, optim.warmup_epochs,

@@ -63,6 +63,9 @@ class OptimConfig:
     #: learning rate of the parts only the volume terms train (f_inter, the 3D projection head and prototypes,
     #: the masked-slice decoder) relative to ``lr``; 1.0: one rate for the whole network
     volume_lr_factor: float = 1.0
+    #: learning rate of the 3D projection head and the 3D prototypes (what L_inter trains once
+    #: ``objective.inter_trains_transformer`` is false) relative to ``lr``; null: ``volume_lr_factor``
+    volume_head_lr_factor: float | None = None
     num_epochs: int = 100
     iterations_per_epoch: int = 250
     save_every: int = 5  # epochs between checkpoint_latest.pth writes
@@ -79,6 +82,9 @@ class OptimConfig:
         if not self.volume_lr_factor > 0:
             raise NnsslJointError(f"optim.volume_lr_factor must be > 0 (1.0: one learning rate for the whole "
                                   f"network), got {self.volume_lr_factor!r}")
+        if self.volume_head_lr_factor is not None and not self.volume_head_lr_factor > 0:
+            raise NnsslJointError(f"optim.volume_head_lr_factor must be > 0, or null for volume_lr_factor's "
+                                  f"rate, got {self.volume_head_lr_factor!r}")
 
 
 @dataclass

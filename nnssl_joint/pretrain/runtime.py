@@ -24,29 +24,36 @@ from nnssl_joint.ssl.swav import prototype_usage_entropy
 VOLUME_PARTS = ("slice_transformer", "projection_3d", "inter_loss", "masked_modeling")
 
 
-def parameter_groups(network: nn.Module, weight_decay: float, volume_lr_factor: float = 1.0
-                     ) -> list[dict[str, Any]]:
+#: the parts of :data:`VOLUME_PARTS` that ``optim.volume_head_lr_factor`` sets apart: the 3D projection head
+#: and the 3D prototypes (or centroids), all that L_inter trains when ``objective.inter_trains_transformer``
+#: is false
+VOLUME_HEAD_PARTS = ("projection_3d", "inter_loss")
+
+
+def parameter_groups(network: nn.Module, weight_decay: float, volume_lr_factor: float = 1.0,
+                     volume_head_lr_factor: float | None = None) -> list[dict[str, Any]]:
     """No weight decay on norms, biases, the mask token and prototypes (unit vectors anyway). Every group
     carries ``lr_factor``, its learning rate relative to the base rate: with ``volume_lr_factor`` != 1 the
     :data:`VOLUME_PARTS` get groups of their own at that factor (with 1: two groups, as before the key
-    existed, so earlier checkpoints resume)."""
-    if not volume_lr_factor > 0:
-        raise ValueError(f"optim.volume_lr_factor must be > 0, got {volume_lr_factor!r}")
-    split = volume_lr_factor != 1.0
-    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    existed, so earlier checkpoints resume); ``volume_head_lr_factor`` (None: ``volume_lr_factor``) sets the
+    rate of :data:`VOLUME_HEAD_PARTS`. One pair of groups (decay, no decay) per distinct factor, the base
+    rate's first, so the groups of a configuration without the second key are those it had before."""
+    head_factor = volume_lr_factor if volume_head_lr_factor is None else volume_head_lr_factor
+    for key, value in (("volume_lr_factor", volume_lr_factor), ("volume_head_lr_factor", head_factor)):
+        if not value > 0:
+            raise ValueError(f"optim.{key} must be > 0, got {value!r}")
+    factors = list(dict.fromkeys((1.0, volume_lr_factor, head_factor)))
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
     for name, p in unwrap(network).named_parameters():
         if not p.requires_grad:
             continue
         no_decay = p.ndim <= 1 or "prototypes" in name or "mask_token" in name
-        volume = split and name.split(".", 1)[0] in VOLUME_PARTS
-        groups.setdefault((volume, no_decay), []).append(p)
-    out = []
-    for volume in ((False, True) if split else (False,)):
-        for no_decay in (False, True):
-            out.append({"params": groups.get((volume, no_decay), []),
-                        "weight_decay": 0.0 if no_decay else weight_decay,
-                        "lr_factor": volume_lr_factor if volume else 1.0})
-    return out
+        part = name.split(".", 1)[0]
+        factor = (head_factor if part in VOLUME_HEAD_PARTS
+                  else volume_lr_factor if part in VOLUME_PARTS else 1.0)
+        groups.setdefault((factor, no_decay), []).append(p)
+    return [{"params": groups.get((factor, no_decay), []), "weight_decay": 0.0 if no_decay else weight_decay,
+             "lr_factor": factor} for factor in factors for no_decay in (False, True)]
 
 
 def gradient_parts(network: nn.Module) -> list[tuple[str, list[nn.Parameter]]]:

@@ -106,3 +106,40 @@ def test_an_optimizer_the_trainer_does_not_build_is_refused_with_the_key():
     assert PretrainConfig.from_dict({"optim": {"optimizer": "adamw"}}).optim.optimizer == "adamw"
     with pytest.raises(NnsslJointError, match="optim.optimizer must be one of.*'sgd'"):
         PretrainConfig.from_dict({"optim": {"optimizer": "sgd"}})
+
+
+def test_the_3d_head_rate_sets_apart_only_the_head_and_prototypes(model):
+    from nnssl_joint.pretrain.runtime import VOLUME_HEAD_PARTS
+
+    all_names = {n for n, _ in model.named_parameters()}
+    # null: the head follows volume_lr_factor, so the groups are the ones without the key
+    same, before = parameter_groups(model, 0.05, 0.1, None), parameter_groups(model, 0.05, 0.1)
+    assert [(_names(model, g), g["lr_factor"]) for g in same] == [(_names(model, g), g["lr_factor"])
+                                                                  for g in before]
+    groups = parameter_groups(model, 0.05, volume_lr_factor=0.1, volume_head_lr_factor=1.0)
+    # the head's factor equals the base rate: it joins the base groups, f_inter keeps the slow ones
+    assert [(g["weight_decay"], g["lr_factor"]) for g in groups] == [(0.05, 1.0), (0.0, 1.0), (0.05, 0.1),
+                                                                     (0.0, 0.1)]
+    names = [_names(model, g) for g in groups]
+    head = {n for n in all_names if n.split(".", 1)[0] in VOLUME_HEAD_PARTS}
+    assert any(n.startswith("projection_3d.") for n in head) and any("prototypes" in n for n in head)
+    assert head <= names[0] | names[1]
+    assert names[2] | names[3] == {n for n in all_names if n.split(".", 1)[0] in VOLUME_PARTS} - head
+    # three distinct rates: three pairs of groups, each parameter exactly once
+    groups = parameter_groups(model, 0.05, volume_lr_factor=0.1, volume_head_lr_factor=0.5)
+    assert [g["lr_factor"] for g in groups] == [1.0, 1.0, 0.1, 0.1, 0.5, 0.5]
+    names = [_names(model, g) for g in groups]
+    assert sum(len(n) for n in names) == len(all_names) and names[4] | names[5] == head
+    # with one rate for f_inter and the base, only the head is split off
+    groups = parameter_groups(model, 0.05, volume_head_lr_factor=3.0)
+    assert [g["lr_factor"] for g in groups] == [1.0, 1.0, 3.0, 3.0]
+    assert _names(model, groups[2]) | _names(model, groups[3]) == head
+
+
+def test_the_3d_head_rate_is_typed_and_refused_with_the_key():
+    assert PretrainConfig().optim.volume_head_lr_factor is None
+    cfg = PretrainConfig.from_dict({"optim": {"volume_lr_factor": 0.1, "volume_head_lr_factor": 1.0}})
+    assert (cfg.optim.volume_lr_factor, cfg.optim.volume_head_lr_factor) == (0.1, 1.0)
+    assert PretrainConfig.from_dict(cfg.to_dict()).optim.volume_head_lr_factor == 1.0  # round trip
+    with pytest.raises(NnsslJointError, match="optim.volume_head_lr_factor must be > 0"):
+        PretrainConfig.from_dict({"optim": {"volume_head_lr_factor": -1.0}})
