@@ -11,7 +11,13 @@ from nnssl_joint.errors import NnsslJointError
 from nnssl_joint.models.preset import load_preset
 from nnssl_joint.pretrain.config import PretrainConfig
 from nnssl_joint.pretrain.model import JointSSLModel
-from nnssl_joint.pretrain.runtime import VOLUME_PARTS, clip_gradients, gradient_parts, parameter_groups
+from nnssl_joint.pretrain.runtime import (
+    VOLUME_HEAD_PARTS,
+    VOLUME_PARTS,
+    clip_gradients,
+    gradient_parts,
+    parameter_groups,
+)
 from nnssl_joint.pretrain.schedule import WarmupCosineLR
 from nnssl_joint.ssl.objective import ObjectiveConfig
 
@@ -109,13 +115,12 @@ def test_an_optimizer_the_trainer_does_not_build_is_refused_with_the_key():
 
 
 def test_the_3d_head_rate_sets_apart_only_the_head_and_prototypes(model):
-    from nnssl_joint.pretrain.runtime import VOLUME_HEAD_PARTS
-
     all_names = {n for n, _ in model.named_parameters()}
-    # null: the head follows volume_lr_factor, so the groups are the ones without the key
-    same, before = parameter_groups(model, 0.05, 0.1, None), parameter_groups(model, 0.05, 0.1)
-    assert [(_names(model, g), g["lr_factor"]) for g in same] == [(_names(model, g), g["lr_factor"])
-                                                                  for g in before]
+    # null (the default) keeps the groups of the test above; the head at volume_lr_factor's own value is the
+    # same configuration, so it must give those groups too, not a second pair at the same rate
+    null, explicit = parameter_groups(model, 0.05, 0.1), parameter_groups(model, 0.05, 0.1, 0.1)
+    assert [(_names(model, g), g["lr_factor"]) for g in explicit] == [(_names(model, g), g["lr_factor"])
+                                                                      for g in null]
     groups = parameter_groups(model, 0.05, volume_lr_factor=0.1, volume_head_lr_factor=1.0)
     # the head's factor equals the base rate: it joins the base groups, f_inter keeps the slow ones
     assert [(g["weight_decay"], g["lr_factor"]) for g in groups] == [(0.05, 1.0), (0.0, 1.0), (0.05, 0.1),
