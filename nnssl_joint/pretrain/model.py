@@ -158,7 +158,9 @@ class JointSSLModel(nn.Module):
                                    standardize_code_scores=objective.inter_code_standardization,
                                    centering_momentum=(objective.centering_momentum_3d
                                                        if objective.inter_codes == "centering" else None),
-                                   teacher_temperature=objective.teacher_temperature_3d, **common)
+                                   teacher_temperature=objective.teacher_temperature_3d,
+                                   **{**common, "epsilon": (objective.epsilon if objective.epsilon_3d is None
+                                                            else objective.epsilon_3d)})
 
     def _build_deepcluster(self, objective: ObjectiveConfig, slice_memory_size: int | None,
                            window_memory_size: int | None, kmeans_seed: int) -> None:

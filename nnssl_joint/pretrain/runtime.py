@@ -182,7 +182,8 @@ def monitor_warnings(summary: dict[str, float], epoch: int, num_prototypes: dict
                     f"({k} = {num_prototypes[key]}) in this epoch and the one before: the Sinkhorn codes and "
                     "the predictions are uniform, so the entropies look healthy while the term learns "
                     "nothing. In the first epochs (frozen prototypes) this can pass; if it persists, "
-                    "consider a smaller epsilon, a normalised input (transformer.input_norm batch for "
+                    "consider a smaller epsilon (objective.epsilon_3d for L_inter alone), a normalised "
+                    "input (transformer.input_norm batch for "
                     "L_inter) or fewer samples per batch.")
     return warnings
 

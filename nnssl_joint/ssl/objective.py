@@ -100,6 +100,8 @@ class ObjectiveConfig:
     Clustering (L_intra, L_intra_3d and L_inter):
         clustering: "swav" (Sinkhorn codes, swapped prediction) or "deepcluster" (DeepCluster-v2).
         temperature, epsilon, sinkhorn_iterations: SwAV defaults 0.1, 0.05, 3.
+        epsilon_3d: ours; the Sinkhorn epsilon of L_inter's codes alone (None: ``epsilon``, shared with
+            the 2D losses). Only Sinkhorn codes use it; with "centering" codes or DeepCluster it is refused.
         num_prototypes_2d: K for the 2D losses (authors 3000; small datasets need far fewer).
         num_prototypes_3d: K for L_inter (few, since there are few volumes).
         freeze_prototypes_iterations: prototypes get no update for this many iterations (SwAV);
@@ -205,6 +207,7 @@ class ObjectiveConfig:
     clustering: str = "swav"
     temperature: float = 0.1
     epsilon: float = 0.05
+    epsilon_3d: float | None = None
     sinkhorn_iterations: int = 3
     num_prototypes_2d: int = 3000
     num_prototypes_3d: int = 64
@@ -310,6 +313,15 @@ class ObjectiveConfig:
         for spec in dataclasses.fields(self):
             value = getattr(self, spec.name)
             default = spec.default
+            if default is None:  # optional float: None (the documented fallback) or a number
+                ok = value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+                if ok and value is not None:
+                    object.__setattr__(self, spec.name, float(value))
+                if not ok:
+                    raise ValueError(
+                        f"ObjectiveConfig.{spec.name} must be a number or null, got {value!r}."
+                    )
+                continue
             if isinstance(default, bool):
                 ok = isinstance(value, bool)
             elif isinstance(default, int):
@@ -355,6 +367,15 @@ class ObjectiveConfig:
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"ObjectiveConfig.{name} must be >= 0, got {getattr(self, name)}.")
+        if self.epsilon_3d is not None:
+            if self.epsilon_3d <= 0:
+                raise ValueError(f"ObjectiveConfig.epsilon_3d must be > 0 or null (null: epsilon, "
+                                 f"{self.epsilon}), got {self.epsilon_3d}.")
+            if self.clustering != "swav" or self.inter_codes != "sinkhorn":
+                raise ValueError(
+                    f"ObjectiveConfig.epsilon_3d={self.epsilon_3d} has no effect with clustering "
+                    f"{self.clustering!r} and inter_codes {self.inter_codes!r}: only L_inter's Sinkhorn "
+                    f"codes (clustering 'swav', inter_codes 'sinkhorn') use it; leave it null.")
         if not 0.0 <= self.volume_contrast_momentum < 1.0:
             raise ValueError(
                 f"ObjectiveConfig.volume_contrast_momentum must lie in [0, 1) (0: no momentum key network; "
