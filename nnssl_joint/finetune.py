@@ -175,6 +175,11 @@ def check_pretrained_weights(network: nn.Module, path: str, plans_preset: dict |
         k = stem[0]
         cause = (f"input channels differ: {k} has {weights[k].shape[1]} input channel(s) in the file, the "
                  f"network {state[k].shape[1]}")
+    elif missing and not mismatched and all(k.startswith("through_plane.") for k in missing):
+        cause = (f"the network has through-plane convolutions (arch_kwargs through_plane_convs: true; "
+                 f"{len(missing)} keys, e.g. {missing[:2]}) and the file was exported for a network "
+                 f"without them (pretrained_for_3d_fullres.pth of a pretraining run is); export for these "
+                 f"plans")
     elif missing and all(k.split(".", 1)[0] not in PRETRAINED_PARTS for k in missing):
         cause = (f"the file holds no weights for the newly initialised parts ({len(missing)} keys, e.g. "
                  f"{missing[:3]}): it is a pretraining checkpoint, not a downstream file")

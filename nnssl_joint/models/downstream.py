@@ -120,7 +120,7 @@ class _PresetUNet(AbstractDynamicNetworkArchitectures):
     def initialize(module: nn.Module) -> None:
         """nnU-Net calls ``network.apply(network.initialize)`` after construction."""
         InitWeights_He(1e-2)(module)
-        if isinstance(module, SliceContextInjection):
+        if isinstance(module, (SliceContextInjection, ThroughPlaneConv)):
             module.reset_parameters()
 
 
@@ -179,6 +179,29 @@ class SliceContextInjection(nn.Module):
     def forward(self, features: Tensor, per_slice: Tensor) -> Tensor:
         context = self.proj(per_slice)  # (B, Z, C)
         return features + context.transpose(1, 2)[..., None, None]
+
+
+class ThroughPlaneConv(nn.Module):
+    """A residual convolution along the slice axis only, for a stage output of the slice-wise encoder.
+
+    ``x + conv(x)`` with ``conv`` a (3, 1, 1) Conv3d over (B, C, Z, Y, X): each slice's features receive a
+    learned mix of its two neighbours' at the same in-plane position, which the 2D encoder cannot see (a
+    stock 3D U-Net's (3, 3, 3) kernels can). ``conv`` starts at zero, so at initialisation the block is
+    the identity and a pretrained f_intra computes exactly its pretrained features; zero padding at the
+    first and last slice, so any Z >= 1 works. Factorised like the (2+1)D convolutions of video networks:
+    the in-plane part stays the pretrained 2D kernel."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv3d(channels, channels, kernel_size=(3, 1, 1), padding=(1, 0, 0))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.conv.weight)
+        nn.init.zeros_(self.conv.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.conv(x)
 
 
 def slice_strides(preset: ArchitecturePreset, pool_slices_from_stage: int | None) -> list[int]:
@@ -292,6 +315,14 @@ class SliceWiseUNet3D(_PresetUNet):
     Z / z_s times larger than a 3D encoder's; recomputing them keeps the activations stored for
     backward at about stock nnU-Net's (gpu preset: 1.0x instead of 1.25x) for about 9% more FLOPs.
 
+    ``through_plane_convs`` (bool, default ``False``): after every encoder stage, a zero-initialised
+    residual (3, 1, 1) convolution along the slice axis (:class:`ThroughPlaneConv`), whose output feeds
+    the next stage, the skip and the slice embedding: the encoder then mixes neighbouring slices at
+    every resolution, as a 3D U-Net does, while the pretrained in-plane kernels stay as they are (the
+    network starts as the one without them). Not part of the pretrained weights: export for such plans
+    with ``nnssl_joint export -p PLANS``. Costs one C x C x 3 kernel per stage (about a sixth of a stage's
+    convolutions).
+
     Why the bottleneck, additive and zero-initialised: f_inter's outputs are slice-level descriptors
     computed from globally pooled features, and the bottleneck is the level with the widest receptive
     field and the most semantic channels, where such a vector is meaningful as a per-slice channel
@@ -309,10 +340,12 @@ class SliceWiseUNet3D(_PresetUNet):
                  preset: ArchitecturePreset | dict[str, Any] | str = "cpu",
                  strides: Sequence[Sequence[int]] | None = None,
                  pool_slices_from_stage: int | None = DEFAULT_POOL_SLICES_FROM_STAGE,
-                 recompute_encoder: bool = True) -> None:
+                 recompute_encoder: bool = True, through_plane_convs: bool = False) -> None:
         super().__init__(preset)
-        if not isinstance(recompute_encoder, bool):
-            raise TypeError(f"recompute_encoder must be true or false, got {recompute_encoder!r}")
+        for name, value in (("recompute_encoder", recompute_encoder),
+                            ("through_plane_convs", through_plane_convs)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be true or false, got {value!r}")
         self.recompute_encoder = recompute_encoder
         _check_classes(input_channels, num_classes)
         _check_strides(self.preset, strides, 3)
@@ -321,6 +354,10 @@ class SliceWiseUNet3D(_PresetUNet):
         #: per encoder stage, how many input slices one decoder slice averages (1, .., 2, 4, ...)
         self.slice_factors = [int(f) for f in np.cumprod(z_strides)]
         self.encoder = build_encoder_2d(self.preset, input_channels, return_skips=True)
+        #: one :class:`ThroughPlaneConv` per encoder stage, or None (the network of the paper)
+        features = self.preset.encoder.features_per_stage
+        self.through_plane = (nn.ModuleList([ThroughPlaneConv(c) for c in features])
+                              if through_plane_convs else None)
         self.slice_embedding = build_slice_embedding(self.preset)
         self.slice_transformer = build_slice_transformer(self.preset)
         self.slice_context = SliceContextInjection(self.preset.embedding_dim,
@@ -336,7 +373,7 @@ class SliceWiseUNet3D(_PresetUNet):
         b, c, z, h, w = x.shape
         _check_in_plane(self.preset, (h, w))
         slices = x.transpose(1, 2).reshape(b * z, c, h, w)
-        skips_2d = self._encode(slices)
+        skips_2d = self._encode(slices, b)
         tokens = self.slice_embedding(skips_2d).unflatten(0, (b, z))
         per_slice, _ = self.slice_transformer(tokens)
         # views, not copies (unless pooled): the decoder only concatenates the skips, which reads
@@ -347,15 +384,20 @@ class SliceWiseUNet3D(_PresetUNet):
         skips[-1] = self.slice_context(skips[-1], per_slice)
         return self.decoder(skips)
 
-    def _encode(self, slices: Tensor) -> list[Tensor]:
-        """f_intra's stage outputs; with ``recompute_encoder`` (while training with gradients) stages 1..
-        keep only their outputs and recompute their insides in backward (activation checkpointing)."""
-        if not (self.recompute_encoder and self.training and torch.is_grad_enabled()):
+    def _encode(self, slices: Tensor, batch: int) -> list[Tensor]:
+        """f_intra's stage outputs (B*Z, C, Y, X), each followed by its through-plane convolution when the
+        network has them; with ``recompute_encoder`` (while training with gradients) stages 1.. keep only
+        their outputs and recompute their insides in backward (activation checkpointing)."""
+        recompute = self.recompute_encoder and self.training and torch.is_grad_enabled()
+        if not recompute and self.through_plane is None:
             return self.encoder(slices)
         skips = []
         x = slices
         for i, stage in enumerate(self.encoder.stages):
-            x = stage(x) if i == 0 else checkpoint(stage, x, use_reentrant=False)
+            x = stage(x) if i == 0 or not recompute else checkpoint(stage, x, use_reentrant=False)
+            if self.through_plane is not None:
+                x3d = x.unflatten(0, (batch, -1)).transpose(1, 2)  # (B, C, Z, Y, X)
+                x = self.through_plane[i](x3d).transpose(1, 2).flatten(0, 1)
             skips.append(x)
         return skips
 
@@ -387,7 +429,14 @@ class SliceWiseUNet3D(_PresetUNet):
         # per layer: q, k, v, attention output, two residual sums/norms, FFN hidden
         transformer = z * (sum(self.preset.encoder.features_per_stage) + d) + \
             t.depth * z * (4 * inner + 4 * d + t.ffn_dim)
-        return np.int64(encoder + decoder + pooled + bottleneck + transformer)
+        through_plane = 0
+        if self.through_plane is not None:  # each block's convolution output and residual sum
+            sy = sx = 1
+            encoder_spec = self.preset.encoder
+            for (ty, tx), ch in zip(encoder_spec.stage_strides, encoder_spec.features_per_stage):
+                sy, sx = sy * ty, sx * tx
+                through_plane += 2 * ch * z * (h // sy) * (w // sx)
+        return np.int64(encoder + decoder + pooled + bottleneck + transformer + through_plane)
 
 
 def decoder_spec_slicewise_3d(preset: ArchitecturePreset, pool_slices_from_stage: int | None) -> EncoderSpec:
@@ -424,6 +473,7 @@ __all__ = [
     "SliceAxisUNetDecoder",
     "SliceContextInjection",
     "SliceWiseUNet3D",
+    "ThroughPlaneConv",
     "decoder_spec_slicewise_3d",
     "pool_op_kernel_sizes",
     "pretrained_key_groups",

@@ -302,7 +302,7 @@ def test_gradients_reach_every_encoder_stage_and_recompute_changes_nothing(prese
 
 
 @pytest.mark.parametrize("arch_extra", [{}, {"pool_slices_from_stage": None}, {"pool_slices_from_stage": 2},
-                                        {"recompute_encoder": False}])
+                                        {"recompute_encoder": False}, {"through_plane_convs": True}])
 def test_nnunet_loader_accepts_pretraining_weights_every_decoder_option(preset, tmp_path, arch_extra):
     """The pretrained parts are the same for every option: a pretraining checkpoint's encoder, slice
     embedding and Transformer load with every key matched (plans JSON round trip included)."""
@@ -322,3 +322,78 @@ def test_nnunet_loader_accepts_pretraining_weights_every_decoder_option(preset, 
     reference = _key_shapes(_net3d(preset, None).state_dict())
     assert {k: v for k, v in _key_shapes(loaded).items() if k.startswith(PRETRAINED_PARTS)} == \
         {k: v for k, v in reference.items() if k.startswith(PRETRAINED_PARTS)}
+
+
+# --- through-plane convolutions (through_plane_convs) ------------------------------------------------------
+
+def _tp_pair(preset, seed=3):
+    """The same network without and with through-plane convolutions (shared keys copied over)."""
+    plain = _net3d(preset, seed=seed)
+    torch.manual_seed(seed)
+    tp = SliceWiseUNet3D(1, 3, True, preset.to_dict(), through_plane_convs=True)
+    tp.apply(tp.initialize)
+    missing, unexpected = tp.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(k.startswith("through_plane.") for k in missing)
+    return plain, tp
+
+
+def test_through_plane_convs_start_as_the_identity(preset):
+    """Zero-initialised (also after nnU-Net's He initialisation): the network computes exactly what the one
+    without them computes, so pretrained features reach fine-tuning unchanged."""
+    plain, tp = _tp_pair(preset)
+    assert len(tp.through_plane) == preset.encoder.n_stages
+    assert all(float(b.conv.weight.abs().sum()) == 0 for b in tp.through_plane)
+    x = torch.randn(2, 1, 5, *IN_PLANE)
+    plain.eval(), tp.eval()
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(plain(x), tp(x)))
+
+
+def test_through_plane_convs_mix_neighbouring_slices_and_learn(preset):
+    plain, tp = _tp_pair(preset)
+    x = torch.randn(1, 1, 6, *IN_PLANE)
+    # the first backward gives the zero kernels a gradient (the residual path carries it)
+    tp.train()
+    sum(o.square().mean() for o in tp(x)).backward()
+    assert all(b.conv.weight.grad is not None and float(b.conv.weight.grad.abs().sum()) > 0
+               for b in tp.through_plane)
+    with torch.no_grad():
+        for block in tp.through_plane:
+            block.conv.weight.normal_(0, 0.1)
+    changed = x.clone()
+    changed[:, :, 3] += 1.0  # only slice 3 of the input
+    plain.eval(), tp.eval()
+    with torch.no_grad():
+        for net, neighbours_move in ((plain, False), (tp, True)):
+            before = net._encode(x.transpose(1, 2).reshape(6, 1, *IN_PLANE), 1)[0]
+            after = net._encode(changed.transpose(1, 2).reshape(6, 1, *IN_PLANE), 1)[0]
+            moved = [bool((after[z] - before[z]).abs().max() > 1e-6) for z in range(6)]
+            # stage 0: the changed slice, and with the convolutions its two neighbours, nothing further
+            assert moved == [False, False, neighbours_move, True, neighbours_move, False]
+
+
+def test_through_plane_convs_with_recompute_change_nothing(preset):
+    x = torch.randn(2, 1, 5, *IN_PLANE)
+    results = {}
+    for recompute in (True, False):
+        torch.manual_seed(4)
+        net = SliceWiseUNet3D(1, 3, True, preset.to_dict(), recompute_encoder=recompute,
+                              through_plane_convs=True)
+        net.apply(net.initialize)
+        with torch.no_grad():
+            for block in net.through_plane:
+                block.conv.weight.normal_(0, 0.1)
+        net.train()
+        torch.manual_seed(9)
+        out = net(x)
+        sum(o.square().mean() for o in out).backward()
+        results[recompute] = ([o.detach() for o in out],
+                              {k: p.grad.clone() for k, p in net.named_parameters() if p.grad is not None})
+    assert all(torch.allclose(a, b) for a, b in zip(results[True][0], results[False][0]))
+    assert results[True][1].keys() == results[False][1].keys()
+    for k in results[True][1]:
+        assert torch.allclose(results[True][1][k], results[False][1][k], rtol=1e-4, atol=1e-7), k
+    size = (8, *IN_PLANE)
+    assert net.compute_conv_feature_map_size(size) > _net3d(preset).compute_conv_feature_map_size(size)
+    with pytest.raises(TypeError, match="through_plane_convs"):
+        SliceWiseUNet3D(1, 3, True, preset.to_dict(), through_plane_convs="yes")

@@ -79,6 +79,17 @@ def test_pretraining_checkpoint_instead_of_the_exported_file(files):
           "it is a pretraining checkpoint, not a downstream file", HINT)
 
 
+def test_through_plane_network_with_the_file_of_the_paper_network(files):
+    """A pretraining run's pretrained_for_3d_fullres.pth has no through-plane convolutions: the message
+    says so and points to an export for the plans, instead of calling it a pretraining checkpoint."""
+    from nnssl_joint.models.downstream import SliceWiseUNet3D
+
+    net = SliceWiseUNet3D(1, 2, True, CPU, through_plane_convs=True)
+    message = fails(net, files["3d_fullres"], CPU, "through_plane_convs: true", "export for these plans",
+                    HINT)
+    assert "pretraining checkpoint" not in message
+
+
 def test_network_from_plans_without_the_plugin(files):
     from dynamic_network_architectures.architectures.unet import PlainConvUNet
 
