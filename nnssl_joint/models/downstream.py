@@ -414,13 +414,15 @@ class SliceWiseUNet3D(_PresetUNet):
         _check_in_plane(self.preset, (h, w))
         encoder = z * self.encoder.compute_conv_feature_map_size([h, w])
         decoder = self.decoder.compute_conv_feature_map_size([z, h, w])
-        pooled = 0
+        pooled = through_plane = 0
         sy = sx = 1
         for f, (ty, tx), ch in zip(self.slice_factors, self.preset.encoder.stage_strides,
                                    self.preset.encoder.features_per_stage):
             sy, sx = sy * ty, sx * tx
             if f > 1:
                 pooled += ch * -(-z // f) * (h // sy) * (w // sx)
+            if self.through_plane is not None:  # each block's convolution output and residual sum
+                through_plane += 2 * ch * z * (h // sy) * (w // sx)
         bottleneck = self.preset.encoder.features_per_stage[-1] * -(-z // self.slice_factors[-1]) * \
             (h // sy) * (w // sx)
         t = self.preset.transformer
@@ -429,13 +431,6 @@ class SliceWiseUNet3D(_PresetUNet):
         # per layer: q, k, v, attention output, two residual sums/norms, FFN hidden
         transformer = z * (sum(self.preset.encoder.features_per_stage) + d) + \
             t.depth * z * (4 * inner + 4 * d + t.ffn_dim)
-        through_plane = 0
-        if self.through_plane is not None:  # each block's convolution output and residual sum
-            sy = sx = 1
-            encoder_spec = self.preset.encoder
-            for (ty, tx), ch in zip(encoder_spec.stage_strides, encoder_spec.features_per_stage):
-                sy, sx = sy * ty, sx * tx
-                through_plane += 2 * ch * z * (h // sy) * (w // sx)
         return np.int64(encoder + decoder + pooled + bottleneck + transformer + through_plane)
 
 

@@ -314,13 +314,11 @@ class ObjectiveConfig:
             value = getattr(self, spec.name)
             default = spec.default
             if default is None:  # optional float: None (the documented fallback) or a number
-                ok = value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
-                if ok and value is not None:
-                    object.__setattr__(self, spec.name, float(value))
-                if not ok:
-                    raise ValueError(
-                        f"ObjectiveConfig.{spec.name} must be a number or null, got {value!r}."
-                    )
+                if value is None:
+                    continue
+                if not isinstance(value, (int, float)) or isinstance(value, bool):
+                    raise ValueError(f"ObjectiveConfig.{spec.name} must be a number or null, got {value!r}.")
+                object.__setattr__(self, spec.name, float(value))
                 continue
             if isinstance(default, bool):
                 ok = isinstance(value, bool)
