@@ -32,7 +32,9 @@ class FinetuneConfig:
     val_iterations_per_epoch: int = 50
     initial_lr: float = 1e-2
     weight_decay: float = 3e-5
-    warmup_epochs: int = 0  # linear warm-up of every learning rate before nnU-Net's poly decay
+    #: linear warm-up of every learning rate before nnU-Net's poly decay (runs from pretrained weights only:
+    #: a run from random initialisation follows stock nnU-Net's schedule, poly decay from the first epoch)
+    warmup_epochs: int = 0
     #: pretrained parts get no updates for this many epochs (runs from pretrained weights only)
     freeze_pretrained_epochs: int = 0
     #: learning rate of the pretrained parts relative to the rest (runs from pretrained weights only)
@@ -84,6 +86,15 @@ class FinetuneConfig:
         if pretrained and self.pretrained_initial_lr is not None:
             return self.pretrained_initial_lr
         return self.initial_lr
+
+    def warmup_epochs_for(self, pretrained: bool) -> int:
+        """Warm-up epochs of a run from pretrained weights (``warmup_epochs``) or from scratch (0).
+
+        A run from random initialisation trains exactly as stock nnU-Net's ``nnUNetTrainer`` does (poly decay
+        from the full initial rate; nnU-Net warms up only in its pretrained-weights trainer). Measured on the
+        demo's 3d_fullres task (docs/finetuning.md, issue 16): with one warm-up epoch at half the rate, the
+        stock network itself, in this trainer, never learnt the two small organs it learns without it."""
+        return self.warmup_epochs if pretrained else 0
 
     def pretrained_parts_schedule(self, pretrained: bool) -> tuple[float, int]:
         """(learning-rate factor, frozen epochs) of the pretrained parts (encoder, slice embedding, slice

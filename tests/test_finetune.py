@@ -45,6 +45,26 @@ def test_recipe_settings_are_checked_with_the_fix(values, match):
         FinetuneConfig.from_dict(values)
 
 
+@pytest.mark.parametrize("recipe", ["plugin", "nnunet_warmup"])
+def test_warm_up_acts_only_on_runs_from_pretrained_weights(recipe):
+    """From random initialisation the schedule is stock nnU-Net's poly decay (nnUNetTrainer's
+    PolyLRScheduler) at every epoch, whatever warmup_epochs says; from pretrained weights it warms up."""
+    from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
+    config = FinetuneConfig(warmup_epochs=2, num_epochs=10, recipe=recipe)
+    assert config.warmup_epochs_for(pretrained=True) == 2 and config.warmup_epochs_for(pretrained=False) == 0
+    scratch = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-2)
+    stock = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-2)
+    ours = GroupPolyLR(scratch, [1e-2], 10, config.warmup_epochs_for(pretrained=False), recipe=recipe)
+    reference = PolyLRScheduler(stock, 1e-2, 10)
+    for epoch in range(10):
+        ours.step(epoch)
+        reference.step(epoch)
+        assert scratch.param_groups[0]["lr"] == pytest.approx(stock.param_groups[0]["lr"], rel=1e-12), epoch
+    warm = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-2)
+    GroupPolyLR(warm, [1e-2], 10, config.warmup_epochs_for(pretrained=True), recipe=recipe).step(0)
+    assert warm.param_groups[0]["lr"] < 1e-2
+
+
 def test_freezing_and_the_lower_rate_act_only_on_runs_from_pretrained_weights():
     config = FinetuneConfig(freeze_pretrained_epochs=3, pretrained_lr_factor=0.1)
     assert config.pretrained_parts_schedule(pretrained=True) == (0.1, 3)

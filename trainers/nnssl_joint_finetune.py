@@ -5,7 +5,8 @@
         -pretrained_weights .../pretrained_for_3d_fullres.pth
 
 nnU-Net's trainer plus: learning-rate warm-up, optionally frozen pretrained parts for the first
-epochs and a lower learning rate for the pretrained parts (both only in runs from pretrained weights),
+epochs and a lower learning rate for the pretrained parts (all three only in runs from pretrained weights;
+a run from random initialisation trains with stock nnU-Net's schedule),
 epochs/iterations from a JSON file
 (``NNSSL_JOINT_FINETUNE_CONFIG``), and a check of ``-pretrained_weights`` before training starts.
 """
@@ -48,6 +49,7 @@ class JointSSLFinetuneTrainer(nnUNetTrainer):
         # learning-rate factor and frozen epochs of the pretrained parts, set in initialize() once it is known
         # whether the run starts from pretrained weights
         self._lr_factor, self._freeze_epochs = 1.0, 0
+        self._warmup_epochs = 0
 
     def initialize(self):
         # before the network is built: its initial weights and (with nnUNet_n_proc_DA=0) every batch and
@@ -61,6 +63,7 @@ class JointSSLFinetuneTrainer(nnUNetTrainer):
         # before super().initialize(), which builds the optimizer from them
         self.initial_lr = self.finetune_config.initial_lr_for(pretrained=pretrained)
         self._lr_factor, self._freeze_epochs = self.finetune_config.pretrained_parts_schedule(pretrained)
+        self._warmup_epochs = self.finetune_config.warmup_epochs_for(pretrained)
         super().initialize()
         if self.local_rank == 0 and (weights is not None or not isfile(start_record)):
             atomic_write_text(json.dumps({"pretrained_weights": weights}), start_record)
@@ -71,10 +74,11 @@ class JointSSLFinetuneTrainer(nnUNetTrainer):
                               join(self.output_folder, "nnssl_joint_finetune_config.json"))
         self.print_to_log_file(f"recipe '{self.finetune_config.recipe}', initial learning rate "
                                f"{self.initial_lr:g} ({'pretrained' if pretrained else 'random'} "
-                               f"initialisation); pretrained parts: learning rate x {self._lr_factor:g}, "
-                               f"frozen for {self._freeze_epochs} epoch(s)"
-                               + ("" if pretrained else " (freeze_pretrained_epochs and pretrained_lr_factor "
-                                  "act only on runs from pretrained weights)"))
+                               f"initialisation), {self._warmup_epochs} warm-up epoch(s); pretrained "
+                               f"parts: learning rate x {self._lr_factor:g}, frozen for "
+                               f"{self._freeze_epochs} epoch(s)"
+                               + ("" if pretrained else " (warmup_epochs, freeze_pretrained_epochs and "
+                                  "pretrained_lr_factor act only on runs from pretrained weights)"))
         if weights is not None:
             module = unwrap(self.network)
             preset = self.configuration_manager.network_arch_init_kwargs.get("preset")
@@ -91,7 +95,7 @@ class JointSSLFinetuneTrainer(nnUNetTrainer):
         groups = [{"params": pretrained, "lr": lrs[0]}, {"params": other, "lr": lrs[1]}]
         optimizer = torch.optim.SGD(groups, self.initial_lr, weight_decay=self.weight_decay, momentum=0.99,
                                     nesterov=True)
-        return optimizer, GroupPolyLR(optimizer, lrs, self.num_epochs, self.finetune_config.warmup_epochs,
+        return optimizer, GroupPolyLR(optimizer, lrs, self.num_epochs, self._warmup_epochs,
                                       self.finetune_config.recipe)
 
     def on_train_epoch_start(self):

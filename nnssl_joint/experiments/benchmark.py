@@ -862,7 +862,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fine-tuning recipe of the plugin's arms: plugin (default: warm-up inside "
                         "nnU-Net's poly schedule, lr 1e-2) or nnunet_warmup (nnU-Net's pretrained-weights "
                         "recipe: linear warm-up of the whole network, then poly; lr 1e-3 for pretrained "
-                        "networks)")
+                        "networks); the warm-up acts on runs from pretrained weights only, scratch runs "
+                        "follow nnU-Net's schedule")
     parser.add_argument("--pretrain-objective", default=None, metavar="JSON|FILE.json",
                         help="objective keys for every pretraining arm, as JSON text or a file, e.g. "
                              "'{\"lambda_dense\": 1.0, \"dense_stage\": 1}' (the recommended dense term, "

@@ -273,7 +273,8 @@ class TrainingBudget:
                         overrides: dict[str, Any] | None = None) -> dict[str, Any]:
         """The fine-tuning configuration (``NNSSL_JOINT_FINETUNE_CONFIG``), identical for every arm of a
         seed; ``seed``: seed the fine-tuning (the demo's is not seeded, the benchmark's is). ``recipe``:
-        ``plugin`` (warm-up ``finetune_warmup_epochs`` then poly, lr 1e-2 for every arm) or
+        ``plugin`` (warm-up ``finetune_warmup_epochs`` then poly, lr 1e-2 for every arm; the trainer warms up
+        runs from pretrained weights only, so scratch runs follow stock nnU-Net's schedule) or
         ``nnunet_warmup`` (nnU-Net's pretrained-weights recipe: linear warm-up of the whole network, then
         poly from the end of the warm-up; initial lr :data:`PRETRAINED_INITIAL_LR` when the run starts
         from pretrained weights). ``overrides``: further :class:`nnssl_joint.finetune.FinetuneConfig` keys

@@ -128,15 +128,16 @@ def test_finetune_from_pretrained_weights_and_predict(workspace, configuration):
     weights = root / "res" / PRETRAIN_RUN / f"pretrained_for_{configuration}.pth"
     ft = root / "finetune.json"
     # pretrained parts frozen during the only epoch: their tensors must still equal the pretrained ones
-    # after it
+    # after it; the warm-up epoch runs at half the rate, from pretrained weights only
     ft.write_text(json.dumps({"num_epochs": 1, "iterations_per_epoch": 1, "val_iterations_per_epoch": 1,
-                              "freeze_pretrained_epochs": 1}))
+                              "freeze_pretrained_epochs": 1, "warmup_epochs": 1}))
     train_env = dict(env, nnUNet_n_proc_DA="0", NNSSL_JOINT_FINETUNE_CONFIG=str(ft))
     log = run([str(BIN / "nnUNetv2_train"), "503", configuration, "0", "-p", "nnsslJointPlans", "-tr",
                "JointSSLFinetuneTrainer", "-device", "cpu", "-pretrained_weights", str(weights)], train_env,
               root)
     assert "non-segmentation-head keys present with matching shapes" in log
     assert "pretrained parts: learning rate x 1, frozen for 1 epoch(s)" in log
+    assert "1 warm-up epoch(s)" in log and "Current learning rate: 0.005" in log
     out_dir = (root / "res" / "Dataset503_SynthOrgans"
                / f"JointSSLFinetuneTrainer__nnsslJointPlans__{configuration}")
     final = torch.load(out_dir / "fold_0" / "checkpoint_final.pth", weights_only=False)["network_weights"]
@@ -154,6 +155,13 @@ def test_finetune_from_pretrained_weights_and_predict(workspace, configuration):
          "-f", "0", "-chk", "checkpoint_final.pth", "-device", "cpu", "-npp", "1", "-nps", "1"],
         dict(env, nnUNet_n_proc_DA="0"), root)
     assert len(list(pred.glob("*.nii.gz"))) == 2
+    if configuration == "2d":
+        # the same fine-tuning file from random initialisation (fold 'all', its own folder): stock nnU-Net's
+        # schedule, no warm-up, full rate in the first epoch
+        log = run([str(BIN / "nnUNetv2_train"), "503", configuration, "all", "-p", "nnsslJointPlans", "-tr",
+                   "JointSSLFinetuneTrainer", "-device", "cpu"], train_env, root)
+        assert "(random initialisation), 0 warm-up epoch(s)" in log
+        assert "Current learning rate: 0.01" in log and "Current learning rate: 0.005" not in log
 
 
 def test_find_best_configuration_works_unchanged(workspace):

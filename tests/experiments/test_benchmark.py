@@ -365,7 +365,8 @@ def test_fine_tuning_overrides_act_on_the_pretrained_run_only(benchmark_run):
             for arm in ("joint", "scratch")}
     assert "learning rate x 1, frozen for 1 epoch(s)" in logs["joint"]
     assert "pretrained parts frozen" in logs["joint"] and "pretrained parts trainable" in logs["joint"]
-    assert "frozen for 0 epoch(s) (freeze_pretrained_epochs and pretrained_lr_factor act" in logs["scratch"]
+    assert "frozen for 0 epoch(s) (warmup_epochs, freeze_pretrained_epochs and pretrained_lr_factor act" \
+        in logs["scratch"]
     assert "pretrained parts frozen" not in logs["scratch"]
     assert runs["joint/L1_s0"]["finetune_overrides"] == {"freeze_pretrained_epochs": 1}
     assert runs["nnunet/L1_s0"]["finetune_overrides"] == {}
