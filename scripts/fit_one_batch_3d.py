@@ -19,6 +19,7 @@ from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
 from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+from paired_fit_3d import hard_dice  # scripts/ is on sys.path when this file runs as a script
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
@@ -64,12 +65,6 @@ if __name__ == "__main__":
                 opt.step()
                 if (i + 1) % 10 == 0:
                     curve.append(round(float(loss.detach()), 3))
-            net.eval()
-            with torch.no_grad():
-                pred = net(x).argmax(1)
-            dice = []
-            for c in (1, 2, 3):
-                p, t = pred == c, y[:, 0] == c
-                dice.append(round(float(2 * (p & t).sum() / max(1, int(p.sum() + t.sum()))), 3))
+            dice = hard_dice(net, x, y, [1, 2, 3])
             print(json.dumps({"seed": seed, "net": name, "loss_every_10": curve, "train_dice": dice,
                               "s_per_step": round((time.time() - t0) / steps, 2)}), flush=True)

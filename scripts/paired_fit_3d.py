@@ -55,16 +55,16 @@ def _load_cases(folder: Path, keys: list[str], patch: list[int]) -> tuple[torch.
     return torch.from_numpy(np.stack(xs)).float(), torch.from_numpy(np.stack(ys)).long().clamp(min=0)
 
 
-def _dice(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, labels: list[int]) -> list[float]:
+def hard_dice(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, labels: list[int]) -> list[float]:
+    """Hard Dice per label of ``net``'s full-resolution output on the batch (pooled over its cases)."""
+    from nnssl_joint.experiments.pipeline import dice_per_class
+
     net.eval()
     with torch.no_grad():
         out = net(x)
         pred = (out[0] if isinstance(out, (list, tuple)) else out).argmax(1)
-    result = []
-    for c in labels:
-        p, t = pred == c, y[:, 0] == c
-        result.append(round(float(2 * (p & t).sum() / max(1, int(p.sum() + t.sum()))), 3))
-    return result
+    scores = dice_per_class(pred.numpy(), y[:, 0].numpy(), labels)
+    return [round(scores[c], 3) for c in labels]
 
 
 def main() -> None:
@@ -90,6 +90,7 @@ def main() -> None:
     from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
     from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
     from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+    from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
     np.random.seed(args.data_seed)
@@ -132,11 +133,11 @@ def main() -> None:
         loss_fn = DeepSupervisionWrapper(base_loss, weights / weights.sum())
         downsample = DownsampleSegForDSTransform(ds_scales=scales)
         optimizer = torch.optim.SGD(net.parameters(), 1e-2, weight_decay=3e-5, momentum=0.99, nesterov=True)
+        scheduler = PolyLRScheduler(optimizer, 1e-2, args.steps)  # nnU-Net's poly decay, stepped per batch
         losses, record = [], []
         start = time.time()
         for step, (x, y) in enumerate(batches):
-            for group in optimizer.param_groups:
-                group["lr"] = 1e-2 * (1 - step / args.steps) ** 0.9
+            scheduler.step(step)
             per_case = [downsample._apply_to_segmentation(y[i]) for i in range(y.shape[0])]
             target = [torch.stack(level) for level in zip(*per_case)]
             net.train()
@@ -148,7 +149,7 @@ def main() -> None:
             losses.append(float(loss.detach()))
             if (step + 1) % args.every == 0 or step + 1 == args.steps:
                 record.append({"step": step + 1, "loss": round(float(np.mean(losses[-args.every:])), 3),
-                               **{k: _dice(net, *v, labels) for k, v in cases.items()}})
+                               **{k: hard_dice(net, *v, labels) for k, v in cases.items()}})
         print(json.dumps({"network": name, "data_seed": args.data_seed, "init_seed": args.init_seed,
                           "record": record, "s_per_step": round((time.time() - start) / args.steps, 2)}),
               flush=True)
