@@ -7,6 +7,7 @@ named by ``NNSSL_JOINT_FINETUNE_CONFIG`` (partial: only the keys to change).
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -136,6 +137,21 @@ def pretrained_weights_from_argv(argv: list[str] | None = None) -> str | None:
         if arg == "-pretrained_weights":
             return argv[i + 1]
     return None
+
+
+#: the checkpoints nnU-Net's ``--c`` looks for, in order (``nnunetv2.run.run_training.maybe_load_checkpoint``)
+RESUME_CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
+
+
+def continues_from_checkpoint(output_folder: str | os.PathLike, argv: list[str] | None = None) -> bool:
+    """Whether nnU-Net will load a checkpoint of ``output_folder`` instead of starting a new training:
+    ``--c`` with one of :data:`RESUME_CHECKPOINTS` present (without one nnU-Net starts anew), or ``--val`` /
+    ``--val_best`` (validation of a finished run). A plain start in a folder that holds an earlier run is a
+    new training, whatever that run was."""
+    argv = sys.argv if argv is None else argv
+    if "--val" in argv or "--val_best" in argv:
+        return True
+    return "--c" in argv and any(os.path.isfile(os.path.join(output_folder, f)) for f in RESUME_CHECKPOINTS)
 
 
 def check_pretrained_weights(network: nn.Module, path: str, plans_preset: dict | None,

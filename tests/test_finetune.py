@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from nnssl_joint.errors import NnsslJointError
-from nnssl_joint.finetune import FinetuneConfig, GroupPolyLR, poly_with_warmup, warmup_then_poly
+from nnssl_joint.finetune import (
+    RESUME_CHECKPOINTS,
+    FinetuneConfig,
+    GroupPolyLR,
+    continues_from_checkpoint,
+    poly_with_warmup,
+    warmup_then_poly,
+)
 
 
 def test_nnunet_warmup_recipe_matches_nnunets_own_schedulers():
@@ -71,3 +78,18 @@ def test_freezing_and_the_lower_rate_act_only_on_runs_from_pretrained_weights():
     # from scratch nothing is pretrained: the encoder trains like the rest, so one file serves both arms
     assert config.pretrained_parts_schedule(pretrained=False) == (1.0, 0)
     assert FinetuneConfig().pretrained_parts_schedule(pretrained=True) == (1.0, 0)
+
+
+@pytest.mark.parametrize("checkpoint", RESUME_CHECKPOINTS)
+def test_only_a_resume_that_finds_a_checkpoint_continues_the_earlier_run(tmp_path, checkpoint):
+    train = ["nnUNetv2_train", "503", "2d", "0", "-tr", "JointSSLFinetuneTrainer"]
+    # nothing to continue from: nnU-Net starts a new training, so the earlier start record must not count
+    assert not continues_from_checkpoint(tmp_path, train + ["--c"])
+    (tmp_path / checkpoint).write_bytes(b"")
+    assert continues_from_checkpoint(tmp_path, train + ["--c"])
+    # a plain start in a folder with an earlier run is a new training (scratch after a pretrained run)
+    assert not continues_from_checkpoint(tmp_path, train)
+    assert not continues_from_checkpoint(tmp_path, train + ["-pretrained_weights", "w.pth"])
+    # validation of a finished run: nnU-Net loads checkpoint_final, the start record stays as it was
+    assert continues_from_checkpoint(tmp_path, train + ["--val"])
+    assert continues_from_checkpoint(tmp_path, train + ["--val", "--val_best"])

@@ -25,6 +25,7 @@ from nnssl_joint.common.seeding import seed_everything
 from nnssl_joint.finetune import (
     GroupPolyLR,
     check_pretrained_weights,
+    continues_from_checkpoint,
     freeze_pretrained,
     load_finetune_config,
     pretrained_weights_from_argv,
@@ -56,16 +57,18 @@ class JointSSLFinetuneTrainer(nnUNetTrainer):
         # augmentation follow from the seed
         seed_everything(self.finetune_config.seed, self.local_rank)
         weights = pretrained_weights_from_argv()
-        # a run resumed with --c gets no -pretrained_weights; the record of its start says how it began
+        # a run resumed with --c gets no -pretrained_weights; the record of its start says how it began. A new
+        # start (no --c, or --c without a checkpoint) ignores and replaces the record of an earlier run there
         start_record = join(self.output_folder, "nnssl_joint_finetune_start.json")
-        pretrained = weights is not None or (isfile(start_record)
+        resuming = continues_from_checkpoint(self.output_folder)
+        pretrained = weights is not None or (resuming and isfile(start_record)
                                              and load_json(start_record)["pretrained_weights"] is not None)
         # before super().initialize(), which builds the optimizer from them
         self.initial_lr = self.finetune_config.initial_lr_for(pretrained=pretrained)
         self._lr_factor, self._freeze_epochs = self.finetune_config.pretrained_parts_schedule(pretrained)
         self._warmup_epochs = self.finetune_config.warmup_epochs_for(pretrained)
         super().initialize()
-        if self.local_rank == 0 and (weights is not None or not isfile(start_record)):
+        if self.local_rank == 0 and not resuming:
             atomic_write_text(json.dumps({"pretrained_weights": weights}), start_record)
         self.print_to_log_file(f"fine-tuning configuration ({', '.join(self.finetune_sources)}): "
                                f"{json.dumps(self.finetune_config.to_dict())}")

@@ -333,11 +333,12 @@ DEMO_BUDGETS = {
     "tiny": _demo_budget("tiny", n_3d=4, n_2d=8, n_test=2, pretrain_epochs=2, pretrain_iterations=4,
                          finetune_epochs=2, finetune_iterations=4, finetune_val_iterations=1,
                          finetune_warmup_epochs=0, test_time_augmentation=False),
-    # the default: 26 minutes on 2 CPU cores (2026-12-01, next to a test run), probe step included
+    # the default: 32-45 minutes on 2 CPU cores with the stock nnU-Net arm and the probe (README; measured
+    # 2026-12-01 and 2026-12-03 next to other jobs)
     "small": _demo_budget("small", n_3d=8, n_2d=16, n_test=4, pretrain_epochs=8, pretrain_iterations=50,
                           finetune_epochs=20, finetune_iterations=25, finetune_val_iterations=4,
                           finetune_warmup_epochs=1, test_time_augmentation=False),
-    # about an hour on 2 CPU cores
+    # not timed: 6x the pretraining and 2x the fine-tuning iterations of small
     "medium": _demo_budget("medium", n_3d=16, n_2d=32, n_test=8, pretrain_epochs=25, pretrain_iterations=100,
                            finetune_epochs=40, finetune_iterations=25, finetune_val_iterations=5,
                            finetune_warmup_epochs=2, test_time_augmentation=True),

@@ -156,12 +156,14 @@ def test_finetune_from_pretrained_weights_and_predict(workspace, configuration):
         dict(env, nnUNet_n_proc_DA="0"), root)
     assert len(list(pred.glob("*.nii.gz"))) == 2
     if configuration == "2d":
-        # the same fine-tuning file from random initialisation (fold 'all', its own folder): stock nnU-Net's
-        # schedule, no warm-up, full rate in the first epoch
-        log = run([str(BIN / "nnUNetv2_train"), "503", configuration, "all", "-p", "nnsslJointPlans", "-tr",
+        # the same fine-tuning file from random initialisation, started anew in the folder of the pretrained
+        # run: stock nnU-Net's schedule (no warm-up, full rate in the first epoch), whatever ran there before
+        log = run([str(BIN / "nnUNetv2_train"), "503", configuration, "0", "-p", "nnsslJointPlans", "-tr",
                    "JointSSLFinetuneTrainer", "-device", "cpu"], train_env, root)
         assert "(random initialisation), 0 warm-up epoch(s)" in log
         assert "Current learning rate: 0.01" in log and "Current learning rate: 0.005" not in log
+        record = json.loads((out_dir / "fold_0" / "nnssl_joint_finetune_start.json").read_text())
+        assert record == {"pretrained_weights": None}
 
 
 def test_find_best_configuration_works_unchanged(workspace):
