@@ -29,7 +29,6 @@ from nnssl_joint.errors import NnsslJointError
 from nnssl_joint.models.preset import ArchitecturePreset
 
 RANDOM = "random"
-CHECKPOINT_NAMES = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
 
 
 class ProbeWeightsError(NnsslJointError):
