@@ -22,8 +22,15 @@ py="$venv/bin/python"
 
 if ! "$py" -c "import torch, torchvision" >/dev/null 2>&1; then
     echo "[setup] installing PyTorch: $torch_spec"
+    # The default pair is a CUDA build from PyPI: about 5.6 GB once installed. pip stops half-way with
+    # "[Errno 28] No space left on device" when the disk is short, so say so before it starts.
+    free_kb="$(df -Pk "$(dirname "$venv")" | awk 'NR == 2 {print $4}')"
+    if [ -n "$free_kb" ] && [ "$free_kb" -lt 7000000 ]; then
+        echo "[setup] WARNING: $((free_kb / 1024)) MB free under $(dirname "$venv"); PyTorch needs about" \
+             "6 GB. Free some space, or set NNSSL_VENV to a folder on a larger disk." >&2
+    fi
     # shellcheck disable=SC2086
-    "$py" -m pip install --disable-pip-version-check $torch_spec
+    "$py" -m pip install --disable-pip-version-check --no-cache-dir $torch_spec
 else
     echo "[setup] PyTorch present: $("$py" -c 'import torch, torchvision; print(torch.__version__, torchvision.__version__)')"
 fi
