@@ -149,6 +149,20 @@ class JointSSLUNet2D(_PresetUNet):
         _check_in_plane(self.preset, x.shape[2:])
         return self.decoder(self.encoder(x))
 
+    def initialize(self, module: nn.Module) -> None:
+        """nnU-Net calls ``network.apply(network.initialize)`` after construction.
+
+        Draws the same initial weights as stock nnU-Net's ``PlainConvUNet`` of the same topology and seed.
+        There the decoder holds the encoder as a child, so ``apply`` visits the encoder twice: its weights
+        are drawn, drawn again, and the decoder's come after the second draw. Here the decoder holds no
+        encoder, so the second draw happens when ``apply`` reaches the encoder module itself (after its
+        children). A 2d run from random initialisation then starts exactly where stock nnU-Net starts.
+        """
+        _PresetUNet.initialize(module)
+        if module is self.encoder:
+            for child in self.encoder.children():
+                child.apply(_PresetUNet.initialize)
+
     def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> np.int64:
         """Feature-map elements per sample, counted like dynamic_network_architectures' U-Nets (which
         nnU-Net's planner calibrates its memory budget against). ``input_size`` = (H, W)."""

@@ -66,3 +66,39 @@ def test_plans_with_other_building_blocks_are_refused_with_the_reason():
         preset_from_nnunet_plans(plans)
     with pytest.raises(ValueError, match="3d_lowres.*does not exist"):
         preset_from_nnunet_plans(plans, "3d_lowres")
+
+
+def test_from_the_same_seed_the_2d_network_starts_with_stock_nnunets_initial_weights():
+    # nnU-Net builds both through get_network_from_plans (construction, then apply(initialize)); with the
+    # same seed a 2d run from random initialisation must start exactly where stock nnU-Net starts
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+    plans = _stock_plans([[1, 1], [2, 2], [2, 2], [2, 1]])
+    arch = plans["configurations"]["2d"]["architecture"]
+    preset = preset_from_nnunet_plans(plans, "2d", base="cpu")
+
+    def build(class_name, kwargs, requires_import):
+        torch.manual_seed(3)
+        return get_network_from_plans(class_name, kwargs, requires_import, 1, 3, allow_init=True,
+                                      deep_supervision=True)
+
+    stock = build(arch["network_class_name"], arch["arch_kwargs"], arch["_kw_requires_import"])
+    ours = build("nnssl_joint.models.downstream.JointSSLUNet2D", {"preset": preset.to_dict()}, [])
+    assert isinstance(stock, PlainConvUNet) and isinstance(ours, JointSSLUNet2D)
+    stock_sd, ours_sd = stock.state_dict(), ours.state_dict()
+    # stock also lists its encoder under decoder.encoder.*; every other key must match, tensor for tensor
+    assert set(ours_sd) == {k for k in stock_sd if not k.startswith("decoder.encoder.")}
+    unequal = [k for k in ours_sd if not torch.equal(ours_sd[k], stock_sd[k])]
+    assert not unequal, unequal
+    x = torch.randn(2, 1, 32, 16)
+    with torch.no_grad():
+        for a, b in zip(stock.eval()(x), ours.eval()(x)):
+            assert torch.equal(a, b)
+    # the initialisation is nnU-Net's He init, not a no-op: a second seed gives other weights
+    torch.manual_seed(4)
+    other = get_network_from_plans("nnssl_joint.models.downstream.JointSSLUNet2D",
+                                   {"preset": preset.to_dict()}, [], 1, 3, allow_init=True,
+                                   deep_supervision=True)
+    assert not torch.equal(other.state_dict()["encoder.stages.0.0.convs.0.conv.weight"],
+                           ours_sd["encoder.stages.0.0.convs.0.conv.weight"])
