@@ -33,7 +33,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -47,6 +47,8 @@ from nnssl_joint.experiments.budgets import (
     PRETRAIN_RUNS,
     DemoBudget,
     default_preset,
+    read_objective_overrides,
+    read_pretrain_options,
 )
 from nnssl_joint.experiments.pipeline import (
     NNUNET_PRESET,
@@ -105,6 +107,10 @@ class DemoSettings:
     #: architecture preset of pretraining and downstream planning (None: follows the device,
     #: budgets.DEMO_DEFAULT_PRESETS)
     preset: str | None = None
+    #: objective keys for both pretraining runs (``--pretrain-objective``); {}: the defaults
+    pretrain_objective: dict[str, Any] = field(default_factory=dict)
+    #: ``data`` and ``optim`` keys for both pretraining runs (``--pretrain-options``); {}: the defaults
+    pretrain_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.out = Path(self.out).expanduser().resolve()
@@ -116,6 +122,12 @@ class DemoSettings:
             raise NnsslJointError(f"--budget must be one of {sorted(DEMO_BUDGETS)}, got {self.budget!r}")
         if self.labeled < 1:
             raise NnsslJointError(f"--labeled must be at least 1, got {self.labeled}")
+        self.pretrain_objective = dict(self.pretrain_objective or {})
+        self.pretrain_options = dict(self.pretrain_options or {})
+        for run in PRETRAIN_RUNS:  # refused here, before any step runs: a key the 2D-only run sets itself
+            self.budget_spec.training.pretrain_config(run, self.seed,
+                                                      objective_overrides=self.pretrain_objective,
+                                                      options=self.pretrain_options)
         if self.device not in ("cpu", "cuda"):
             raise NnsslJointError(f"--device must be cpu or cuda, got {self.device!r}")
 
@@ -127,7 +139,9 @@ class DemoSettings:
         """What a resumed run must share with the run that created the folder."""
         return {"seed": self.seed, "labeled": self.labeled, "budget": self.budget_spec.to_dict(),
                 "real": self.real, "device": self.device,
-                **({} if self.preset == "cpu" else {"preset": self.preset})}  # earlier records: cpu
+                **({} if self.preset == "cpu" else {"preset": self.preset}),  # earlier records: cpu
+                **({"pretrain_objective": self.pretrain_objective} if self.pretrain_objective else {}),
+                **({"pretrain_options": self.pretrain_options} if self.pretrain_options else {})}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -236,7 +250,9 @@ class Demo(Pipeline):
 
     def step_pretrain(self, run: str, progress: StepProgress) -> dict[str, Any]:
         training = self.budget.training
-        config = training.pretrain_config(run, self.settings.seed, self.preset_file(self.settings.preset))
+        config = training.pretrain_config(run, self.settings.seed, self.preset_file(self.settings.preset),
+                                          objective_overrides=self.settings.pretrain_objective,
+                                          options=self.settings.pretrain_options)
         return self.pretrain(run, config, PRETRAIN_ID, self.pretrain_dataset,
                              training.pretrain_epochs,
                              ("checkpoint_final.pth", "pretrained_for_3d_fullres.pth"),
@@ -560,11 +576,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "the gap); "
                         "nnunet: the 2D encoder topology of nnU-Net's own 2d plans of the labeled task (the "
                         "default of nnssl_joint benchmark on CPU)")
+    parser.add_argument("--pretrain-objective", default=None, metavar="JSON|FILE.json",
+                        help="objective keys for both pretraining runs, as JSON text or a file (e.g. "
+                        "'{\"lambda_dense\": 1.0}'; keys: docs/pretraining.md); a key the 2D-only run sets "
+                        "itself is refused. Default: the pretraining defaults")
+    parser.add_argument("--pretrain-options", default=None, metavar="JSON|FILE.json",
+                        help="'data' and 'optim' keys for both pretraining runs (e.g. "
+                        "'{\"data\": {\"batch_size_3d\": 8}}'), not the lengths the budget sets")
 
 
 def _settings_from_args(args: argparse.Namespace) -> DemoSettings:
     return DemoSettings(out=Path(args.out), seed=args.seed, labeled=args.labeled, budget=args.budget,
-                        real=args.real, device=args.device, preset=args.preset)
+                        real=args.real, device=args.device, preset=args.preset,
+                        pretrain_objective=read_objective_overrides(args.pretrain_objective),
+                        pretrain_options=read_pretrain_options(args.pretrain_options))
 
 
 def run_demo(settings: DemoSettings, stream: TextIO | None = None) -> dict[str, Any]:

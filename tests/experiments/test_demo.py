@@ -3,6 +3,7 @@ inputs; the full demo runs only in the slow test at the end (``bash scripts/test
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import math
@@ -442,3 +443,29 @@ def test_pretraining_and_downstream_plans_of_different_presets_are_refused(tmp_p
     with pytest.raises(NnsslJointError,
                        match="planned with preset 'cpu' but .* pretrained with preset 'gpu'.*one --preset"):
         pipeline.check_presets_agree(plans, weights)
+
+
+def test_pretraining_objective_and_options_reach_both_runs_and_are_checked_first(tmp_path):
+    # the switch that lets a demo pretrain with an ablation arm (docs/pretraining.md), e.g. the 3D queue off
+    args = argparse.ArgumentParser()
+    demo.add_arguments(args)
+    parsed = args.parse_args(["--out", str(tmp_path), "--pretrain-objective", '{"queue_length_3d": 0}',
+                              "--pretrain-options", '{"data": {"batch_size_3d": 8}}'])
+    settings = demo._settings_from_args(parsed)
+    assert settings.record()["pretrain_objective"] == {"queue_length_3d": 0}
+    assert settings.record()["pretrain_options"] == {"data": {"batch_size_3d": 8}}
+    assert "pretrain_objective" not in demo.DemoSettings(out=tmp_path).record()  # earlier records unchanged
+    run = demo.Demo(settings, io.StringIO())
+    seen = {}
+    run.pretrain = lambda name, config, *rest: seen.setdefault(name, config)
+    for name in demo.PRETRAIN_RUNS:
+        run.step_pretrain(name, None)
+        assert seen[name]["objective"]["queue_length_3d"] == 0
+        assert seen[name]["data"] == {"batch_size_3d": 8}
+        assert seen[name]["optim"]["num_epochs"] == settings.budget_spec.training.pretrain_epochs
+    assert seen["intra"]["objective"]["lambda_inter"] == 0.0  # the 2D-only run stays 2D-only
+    # refused before any step runs, naming the key: 2D-only switches the volume terms off itself
+    with pytest.raises(NnsslJointError, match="lambda_inter=1.0 contradicts arm 'intra'"):
+        demo.DemoSettings(out=tmp_path, pretrain_objective={"lambda_inter": 1.0})
+    with pytest.raises(NnsslJointError, match="--pretrain-options: 'objective' is set with"):
+        demo.DemoSettings(out=tmp_path, pretrain_options={"objective": {"lambda_dense": 1.0}})
