@@ -328,7 +328,11 @@ def render_markdown(data: dict[str, Any], summary: dict[str, Any]) -> str:
               f"seed {settings['seed']}, {len(data['test_cases'])} held-back test cases "
               f"({', '.join(data['test_cases'])}) that never enter training or model selection. "
               f"Pretraining pool: {budget['n_3d']} synthetic volumes + {budget['n_2d']} synthetic 2D images"
-              + (" + the real image pool" if settings.get("real") else "") + ".", ""]
+              + (" + the real image pool" if settings.get("real") else "") + "."
+              # records before the preset existed, and every record with the default, carry no key: cpu
+              + f" Preset `{settings.get('preset', 'cpu')}`."
+              + "".join(f" {label} {json.dumps(settings[key])}." for key, label in _SETTING_LABELS
+                        if key in settings and key != "preset"), ""]
     lines += ["## Dice on the test cases", ""]
     header = "| arm | " + " | ".join(classes.values()) + " | mean |"
     lines += [header, "|" + " --- |" * (len(classes) + 2)]

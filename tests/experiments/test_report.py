@@ -117,6 +117,8 @@ def test_write_report_writes_the_numbers_it_was_given(tmp_path):
     assert "nan" not in markdown and "2D-only" not in markdown
     assert "Targets:" not in markdown  # both targets need an arm that did not run (2D-only, stock nnU-Net)
     assert "seed 7, 2 held-back test cases (a, b)" in markdown
+    # a record without a preset key is the default preset; no overrides, no override sentence
+    assert "Preset `cpu`." in markdown and "overrides" not in markdown
     # the final finite L_intra (the NaN of the last epoch is skipped)
     assert "| joint pretraining | 2.500 | 1.250 | n/a | n/a | n/a | n/a | n/a |" in markdown
     assert "| from scratch | n/a (random initialisation) | n/a | 0.250 |" in markdown
@@ -210,3 +212,13 @@ def test_write_benchmark_report_files_and_numbers(tmp_path):
     record = json.loads(files["json"].read_text())
     assert record["summary"]["joint"]["4"]["per_seed"] == {"0": 0.7, "1": None}
     assert record["summary"]["joint"]["1"]["gain_vs_scratch_points"]["mean"] == pytest.approx(10.0)
+
+
+def test_the_demo_report_names_the_preset_and_the_pretraining_overrides(tmp_path):
+    data = _minimal_demo_data()
+    data["settings"].update(preset="nnunet", pretrain_objective={"queue_length_3d": 0},
+                            pretrain_options={"data": {"batch_size_3d": 8}})
+    markdown = report.write_report(data, tmp_path / "r")["markdown"].read_text()
+    assert "Preset `nnunet`." in markdown
+    assert 'Pretraining objective overrides {"queue_length_3d": 0}.' in markdown
+    assert 'Pretraining data/optim options {"data": {"batch_size_3d": 8}}.' in markdown
