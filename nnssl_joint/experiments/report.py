@@ -317,6 +317,19 @@ def _seconds(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
+#: settings a demo or benchmark records only when they differ from the defaults, as the reports name them
+_SETTING_LABELS = (("preset", "Preset"), ("recipe", "Fine-tuning recipe"),
+                   ("pretrain_objective", "Pretraining objective overrides"),
+                   ("pretrain_options", "Pretraining data/optim options"),
+                   ("finetune", "Fine-tuning overrides (plugin networks)"))
+
+
+def _recorded_settings(settings: dict[str, Any], skip: tuple[str, ...] = ()) -> str:
+    """One sentence per :data:`_SETTING_LABELS` key the record holds (each led by a space), ``skip`` aside."""
+    return "".join(f" {label} {json.dumps(settings[key])}." for key, label in _SETTING_LABELS
+                   if key in settings and key not in skip)
+
+
 def render_markdown(data: dict[str, Any], summary: dict[str, Any]) -> str:
     arms = data["arms"]
     classes = data["classes"]
@@ -331,8 +344,7 @@ def render_markdown(data: dict[str, Any], summary: dict[str, Any]) -> str:
               + (" + the real image pool" if settings.get("real") else "") + "."
               # records before the preset existed, and every record with the default, carry no key: cpu
               + f" Preset `{settings.get('preset', 'cpu')}`."
-              + "".join(f" {label} {json.dumps(settings[key])}." for key, label in _SETTING_LABELS
-                        if key in settings and key != "preset"), ""]
+              + _recorded_settings(settings, skip=("preset",)), ""]
     lines += ["## Dice on the test cases", ""]
     header = "| arm | " + " | ".join(classes.values()) + " | mean |"
     lines += [header, "|" + " --- |" * (len(classes) + 2)]
@@ -615,11 +627,6 @@ def _mean_std(entry: dict[str, Any] | None) -> str:
     return f"{entry['mean']:.3f}{std} (n={entry['n']})"
 
 
-#: settings a benchmark records only when they differ from the defaults, as the report names them
-_SETTING_LABELS = (("preset", "Preset"), ("recipe", "Fine-tuning recipe"),
-                   ("pretrain_objective", "Pretraining objective overrides"),
-                   ("pretrain_options", "Pretraining data/optim options"),
-                   ("finetune", "Fine-tuning overrides (plugin networks)"))
 
 
 def render_benchmark_markdown(data: dict[str, Any]) -> str:
@@ -630,7 +637,7 @@ def render_benchmark_markdown(data: dict[str, Any]) -> str:
     lines = ["# nnssl_joint label-efficiency benchmark", "",
              (f"Target `{data['target']}`, pretraining on {sources}; configuration `{s['configuration']}`; "
               f"{s['seeds']} seed(s); budget {json.dumps(s['budget'])}."
-              + "".join(f" {label} {json.dumps(s[key])}." for key, label in _SETTING_LABELS if key in s)),
+              + _recorded_settings(s)),
              (f"Finished runs: {data['finished_runs']} of {data['planned_runs']} "
               f"(report written {data['written']})."),
              "",
