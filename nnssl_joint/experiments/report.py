@@ -627,8 +627,6 @@ def _mean_std(entry: dict[str, Any] | None) -> str:
     return f"{entry['mean']:.3f}{std} (n={entry['n']})"
 
 
-
-
 def render_benchmark_markdown(data: dict[str, Any]) -> str:
     s = data["settings"]
     summary = data["summary"]
