@@ -53,6 +53,7 @@ from nnssl_joint.experiments.budgets import (
     read_finetune_overrides,
     read_objective_overrides,
     read_pretrain_options,
+    set_aside_sentence,
 )
 from nnssl_joint.experiments.pipeline import (
     NNUNET_PRESET,
@@ -791,6 +792,8 @@ class Benchmark(Pipeline):
               + (f", fine-tuning overrides {json.dumps(s.finetune)}" if s.finetune else "")
               + f"; output in {s.out}",
               file=self.stream, flush=True)
+        if "intra" in s.arms and set_aside_sentence(s.pretrain_objective):
+            print(set_aside_sentence(s.pretrain_objective), file=self.stream, flush=True)
         self.run_steps(self.steps())
         report = json.loads((self.report_folder / "benchmark.json").read_text())
         print(summary_text(report, time.monotonic() - start), file=self.stream)

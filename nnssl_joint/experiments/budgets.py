@@ -18,10 +18,12 @@ from typing import Any
 from nnssl_joint.common.typed_config import build, read_json_file
 from nnssl_joint.errors import NnsslJointError
 
+#: weights of the terms that read 3D windows (the volume terms); the 2D-only arm switches every one off
+VOLUME_TERM_WEIGHTS = ("lambda_intra_3d", "lambda_inter", "lambda_mask", "lambda_volume_contrast")
 #: pretraining runs of the demo: objective weights (a weight 0 switches a term off)
 PRETRAIN_RUNS: dict[str, dict[str, Any]] = {
     "joint": {},  # the plugin's defaults: every term
-    "intra": {"lambda_intra_3d": 0.0, "lambda_inter": 0.0, "lambda_mask": 0.0},
+    "intra": {key: 0.0 for key in VOLUME_TERM_WEIGHTS},
 }
 PRETRAIN_LABELS = {
     "joint": "joint (L_intra + L_intra_3d + L_inter + L_mask)",
@@ -74,12 +76,35 @@ def pretrain_objective(arm: str, epochs: int) -> dict[str, Any]:
                           f"{', '.join([*PRETRAIN_RUNS, 'staged'])}")
 
 
+def overrides_not_applied(arm: str, objective: dict[str, Any], overrides: dict[str, Any] | None
+                          ) -> dict[str, Any]:
+    """The ``overrides`` that the run behind ``arm`` does not take: the weights of the terms the arm switches
+    off (``objective`` sets them to 0: the 2D-only arm's volume terms). ``--pretrain-objective`` is the same
+    for every arm, so ``{"lambda_volume_contrast": 1}`` means "in the arms that have volume terms"; applied
+    to 2D-only it would make that arm joint pretraining under another name."""
+    return {key: value for key, value in (overrides or {}).items()
+            if key in VOLUME_TERM_WEIGHTS and objective.get(key) == 0.0}
+
+
+def set_aside_sentence(overrides: dict[str, Any] | None) -> str:
+    """A sentence naming the ``--pretrain-objective`` keys the 2D-only arm does not take ("" if none)."""
+    keys = overrides_not_applied("intra", PRETRAIN_RUNS["intra"], overrides)
+    if not keys:
+        return ""
+    return (f"2D-only pretraining leaves out {', '.join(f'{k}={v!r}' for k, v in keys.items())} "
+            "(a volume term; the arm has none).")
+
+
 def merge_objective(arm: str, objective: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
-    """``objective`` (the arm's) plus ``overrides`` (the same for every arm); an override may not change a
-    key the arm sets (2D-only switches the volume terms off: a benchmark that turned them on again would
-    compare nothing)."""
+    """``objective`` (the arm's) plus ``overrides`` (the same for every arm). A weight of a term the arm
+    switches off stays 0 (:func:`overrides_not_applied`: the 2D-only arm stays 2D-only); any other override
+    of a key the arm sets is refused (the staged arm's schedule: a benchmark that changed it would compare
+    nothing)."""
     merged = dict(objective)
+    set_aside = overrides_not_applied(arm, objective, overrides)
     for key, value in (overrides or {}).items():
+        if key in set_aside:
+            continue
         if key in objective and objective[key] != value:
             raise NnsslJointError(f"the pretraining objective override {key}={value!r} contradicts arm "
                                   f"{arm!r}, which sets {key}={objective[key]!r}; leave {key} out of the "

@@ -49,6 +49,7 @@ from nnssl_joint.experiments.budgets import (
     default_preset,
     read_objective_overrides,
     read_pretrain_options,
+    set_aside_sentence,
 )
 from nnssl_joint.experiments.pipeline import (
     NNUNET_PRESET,
@@ -330,6 +331,8 @@ class Demo(Pipeline):
               f"{self.settings.seed}{', real image pool' if self.settings.real else ''}; "
               f"output in {self.settings.out}",
               file=self.stream, flush=True)
+        if set_aside_sentence(self.settings.pretrain_objective):
+            print(set_aside_sentence(self.settings.pretrain_objective), file=self.stream, flush=True)
         self.run_steps(steps)
         report = json.loads((self.report_folder / "report.json").read_text())
         wall = time.monotonic() - total_start

@@ -395,6 +395,26 @@ class Pipeline:
         atomic_write_text(json.dumps(config, indent=2) + "\n", path)
         return path
 
+    def check_same_config(self, name: str, config: dict[str, Any], run_folder: Path) -> None:
+        """Before ``run_folder`` is resumed: ``configs/<name>.json``, which the interrupted run trained with,
+        must equal ``config`` (a loss weight is not part of the checkpoint, so a run resumed under another
+        configuration, e.g. after an update of the plugin changed an arm's keys, would mix two objectives)."""
+        path = self.configs / f"{name}.json"
+        if not path.is_file():
+            return
+        try:
+            previous = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            previous = None
+        current = json.loads(json.dumps(config))
+        if previous == current:
+            return
+        changed = _changed_keys(previous, current) if isinstance(previous, dict) else ["the whole file"]
+        raise NnsslJointError(
+            f"{run_folder} was trained with {path}, and this run would continue it with another configuration "
+            f"(differences: {', '.join(changed)}); delete {run_folder} to train that run anew, or choose "
+            "another --out")
+
     # -------------------------------------------------------------- steps the demo and the benchmark share
     def prepare_pretraining(self, source_ids: Sequence[int], dataset_id: int, name: str,
                             progress: StepProgress) -> None:
@@ -455,10 +475,12 @@ class Pipeline:
                  required: Sequence[str], progress: StepProgress) -> dict[str, Any]:
         """One ``JointSSLPretrainTrainer`` run (resumed with ``--c`` when interrupted) into its own results
         root; ``required``: files the run folder must hold afterwards."""
-        config_file = self.write_config(f"pretrain_{run}", config)
         folder = self.pretrain_run_folder(run, dataset_name)
         cmd, resume, _ = self.train_command(dataset_id, PRETRAINING_CONFIGURATION, PRETRAIN_FOLD,
                                             PRETRAIN_TRAINER, PLANS_NAME, folder)
+        if resume:
+            self.check_same_config(f"pretrain_{run}", config, folder)
+        config_file = self.write_config(f"pretrain_{run}", config)
         progress.expect(epochs, "epoch", "exporting the pretrained weights")
         self.run_command(cmd, self.env(self.results_root("pretrain", run), training=True,
                                        NNSSL_JOINT_CONFIG=str(config_file)), f"pretrain_{run}", progress)
@@ -609,3 +631,16 @@ def run_interruptibly(name: str, run: Callable[[], Any]) -> int:
         print(f"\n{name}: interrupted; re-run the same command to continue", file=sys.stderr)
         return 130
     return 0
+
+
+def _changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted names of the keys whose values differ between two nested dictionaries."""
+    changed = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += _changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b or (key in old) != (key in new):
+            changed.append(f"{prefix}{key}")
+    return changed
+

@@ -326,8 +326,12 @@ _SETTING_LABELS = (("preset", "Preset"), ("recipe", "Fine-tuning recipe"),
 
 def _recorded_settings(settings: dict[str, Any], skip: tuple[str, ...] = ()) -> str:
     """One sentence per :data:`_SETTING_LABELS` key the record holds (each led by a space), ``skip`` aside."""
-    return "".join(f" {label} {json.dumps(settings[key])}." for key, label in _SETTING_LABELS
+    from nnssl_joint.experiments.budgets import set_aside_sentence
+
+    text = "".join(f" {label} {json.dumps(settings[key])}." for key, label in _SETTING_LABELS
                    if key in settings and key not in skip)
+    aside = set_aside_sentence(settings.get("pretrain_objective"))
+    return text + (f" {aside}" if aside else "")
 
 
 def render_markdown(data: dict[str, Any], summary: dict[str, Any]) -> str:

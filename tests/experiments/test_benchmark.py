@@ -221,7 +221,7 @@ def test_the_default_preset_on_cpu_is_nnunets_own_topology_and_is_recorded(tmp_p
     assert bm.BenchmarkSettings(**kwargs, device="cuda").preset == "gpu"
 
 
-def test_a_pretraining_objective_reaches_every_arm_and_is_part_of_the_experiment(tmp_path):
+def test_a_pretraining_objective_reaches_every_arm_and_is_part_of_the_experiment(tmp_path, monkeypatch):
     from nnssl_joint.experiments.budgets import read_objective_overrides
     from nnssl_joint.pretrain.config import PretrainConfig
 
@@ -241,9 +241,25 @@ def test_a_pretraining_objective_reaches_every_arm_and_is_part_of_the_experiment
     bench.check_settings()
     with pytest.raises(NnsslJointError, match="differences: pretrain_objective"):
         _FakeBenchmark(bm.BenchmarkSettings(**kwargs), io.StringIO()).check_settings()
+    # a volume term's weight reaches the joint arm only: 2D-only keeps every volume term at 0, and says so
+    volume = {"lambda_volume_contrast": 1.0, "lambda_inter": 0.5, "lambda_dense": 1.0}
+    with_volume = bm.BenchmarkSettings(**kwargs, pretrain_objective=volume)
+    intra = PretrainConfig.from_dict(with_volume.budget_spec.pretrain_config("intra", 0, None, volume)).objective
+    joint = PretrainConfig.from_dict(with_volume.budget_spec.pretrain_config("joint", 0, None, volume)).objective
+    assert (intra.lambda_volume_contrast, intra.lambda_inter, intra.lambda_dense) == (0.0, 0.0, 1.0)
+    assert (joint.lambda_volume_contrast, joint.lambda_inter, joint.lambda_dense) == (1.0, 0.5, 1.0)
+    assert intra.stage_at(0).active_terms == ("intra", "dense")
+    stream = io.StringIO()
+    with_volume.out = tmp_path / "other"
+    bench = _FakeBenchmark(with_volume, stream)
+    bench.run_steps = lambda steps: None
+    monkeypatch.setattr(bm, "check_inputs", lambda settings: {})
+    with pytest.raises(FileNotFoundError):  # stopped after the header: no report was written
+        bench.run()
+    assert "2D-only pretraining leaves out lambda_volume_contrast=1.0, lambda_inter=0.5" in stream.getvalue()
     # refused before anything runs: a key an arm sets, an unknown key, bad JSON, a missing file
-    with pytest.raises(NnsslJointError, match="lambda_inter=1.0 contradicts arm 'intra'"):
-        bm.BenchmarkSettings(**kwargs, pretrain_objective={"lambda_inter": 1.0})
+    with pytest.raises(NnsslJointError, match="stage_a_epochs=1 contradicts arm 'staged'"):
+        bm.BenchmarkSettings(**{**kwargs, "arms": ["staged"]}, pretrain_objective={"stage_a_epochs": 1})
     with pytest.raises(NnsslJointError, match="lambda_dens"):
         read_objective_overrides('{"lambda_dens": 1.0}')
     with pytest.raises(NnsslJointError, match="not valid JSON"):

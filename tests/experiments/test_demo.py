@@ -464,8 +464,14 @@ def test_pretraining_objective_and_options_reach_both_runs_and_are_checked_first
         assert seen[name]["data"] == {"batch_size_3d": 8}
         assert seen[name]["optim"]["num_epochs"] == settings.budget_spec.training.pretrain_epochs
     assert seen["intra"]["objective"]["lambda_inter"] == 0.0  # the 2D-only run stays 2D-only
-    # refused before any step runs, naming the key: 2D-only switches the volume terms off itself
-    with pytest.raises(NnsslJointError, match="lambda_inter=1.0 contradicts arm 'intra'"):
-        demo.DemoSettings(out=tmp_path, pretrain_objective={"lambda_inter": 1.0})
+    # a volume term's weight (the thirteenth pass's contrastive term) reaches the joint run only
+    volume = demo.DemoSettings(out=tmp_path, pretrain_objective={"lambda_volume_contrast": 1.0})
+    seen.clear()
+    run = demo.Demo(volume, io.StringIO())
+    run.pretrain = lambda name, config, *rest: seen.setdefault(name, config)
+    for name in demo.PRETRAIN_RUNS:
+        run.step_pretrain(name, None)
+    assert seen["intra"]["objective"]["lambda_volume_contrast"] == 0.0
+    assert seen["joint"]["objective"]["lambda_volume_contrast"] == 1.0
     with pytest.raises(NnsslJointError, match="--pretrain-options: 'objective' is set with"):
         demo.DemoSettings(out=tmp_path, pretrain_options={"objective": {"lambda_dense": 1.0}})

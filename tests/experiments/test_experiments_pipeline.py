@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 import signal
 import sys
 from pathlib import Path
@@ -147,6 +148,30 @@ def test_train_command_resumes_from_a_checkpoint_else_starts_from_the_weights(tm
         # nnU-Net refuses --c with -pretrained_weights; the checkpoint holds them
         assert cmd[-1] == "--c" and "-pretrained_weights" not in cmd
         assert (resumed, passed) == (True, None)
+
+
+def test_an_interrupted_pretraining_is_not_resumed_under_another_configuration(tmp_path, monkeypatch):
+    # loss weights are not in the checkpoint: resuming under changed keys would mix two objectives
+    p = Pipeline(tmp_path, device="cpu", stream=io.StringIO())
+    _fake_nnunet(p, monkeypatch)
+    ran = []
+    monkeypatch.setattr(p, "run_command", lambda cmd, env, key, progress: ran.append(cmd))
+    progress = StepProgress(1, 1, "x", io.StringIO())
+    folder = p.pretrain_run_folder("intra", "Dataset900_X")
+    config = {"objective": {"lambda_inter": 0.0, "lambda_volume_contrast": 1}, "optim": {"num_epochs": 2}}
+    with pytest.raises(NnsslJointError, match="pretraining finished without"):
+        p.pretrain("intra", config, 900, "Dataset900_X", 2, ["checkpoint_final.pth"], progress)  # fresh run
+    folder.mkdir(parents=True)
+    (folder / "checkpoint_latest.pth").write_bytes(b"")
+    changed = {"objective": {"lambda_inter": 0.0, "lambda_volume_contrast": 0.0}, "optim": {"num_epochs": 2}}
+    with pytest.raises(NnsslJointError, match=r"(?s)differences: objective.lambda_volume_contrast\); delete "
+                                              + re.escape(str(folder))):
+        p.pretrain("intra", changed, 900, "Dataset900_X", 2, ["checkpoint_final.pth"], progress)
+    assert len(ran) == 1 and "--c" not in ran[0]  # nothing was resumed
+    assert json.loads((p.configs / "pretrain_intra.json").read_text()) == config  # the record is kept
+    (folder / "checkpoint_final.pth").write_bytes(b"")
+    p.pretrain("intra", config, 900, "Dataset900_X", 2, ["checkpoint_final.pth"], progress)  # same: resumes
+    assert ran[-1][-1] == "--c"
 
 
 def test_predict_command_uses_the_final_checkpoint_and_tta_flag(tmp_path, monkeypatch):
