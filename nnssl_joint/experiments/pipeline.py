@@ -411,9 +411,9 @@ class Pipeline:
             return
         changed = _changed_keys(previous, current) if isinstance(previous, dict) else ["the whole file"]
         raise NnsslJointError(
-            f"{run_folder} was trained with {path}, and this run would continue it with another configuration "
-            f"(differences: {', '.join(changed)}); delete {run_folder} to train that run anew, or choose "
-            "another --out")
+            f"{run_folder} was trained with {path}, and this run would continue it with another "
+            f"configuration (differences: {', '.join(changed)}); delete {run_folder} to train that run anew, "
+            "or choose another --out")
 
     # -------------------------------------------------------------- steps the demo and the benchmark share
     def prepare_pretraining(self, source_ids: Sequence[int], dataset_id: int, name: str,

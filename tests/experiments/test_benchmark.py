@@ -244,8 +244,8 @@ def test_a_pretraining_objective_reaches_every_arm_and_is_part_of_the_experiment
     # a volume term's weight reaches the joint arm only: 2D-only keeps every volume term at 0, and says so
     volume = {"lambda_volume_contrast": 1.0, "lambda_inter": 0.5, "lambda_dense": 1.0}
     with_volume = bm.BenchmarkSettings(**kwargs, pretrain_objective=volume)
-    intra = PretrainConfig.from_dict(with_volume.budget_spec.pretrain_config("intra", 0, None, volume)).objective
-    joint = PretrainConfig.from_dict(with_volume.budget_spec.pretrain_config("joint", 0, None, volume)).objective
+    intra, joint = (PretrainConfig.from_dict(with_volume.budget_spec.pretrain_config(arm, 0, None, volume))
+                    .objective for arm in ("intra", "joint"))
     assert (intra.lambda_volume_contrast, intra.lambda_inter, intra.lambda_dense) == (0.0, 0.0, 1.0)
     assert (joint.lambda_volume_contrast, joint.lambda_inter, joint.lambda_dense) == (1.0, 0.5, 1.0)
     assert intra.stage_at(0).active_terms == ("intra", "dense")

@@ -24,7 +24,8 @@ def test_configs_share_the_finetuning_budget_and_switch_terms_off():
     assert joint["optim"] == intra["optim"] and joint["seed"] == 3
     assert "objective" not in joint and "preset" not in joint
     assert intra["objective"] == PRETRAIN_RUNS["intra"] == {"lambda_intra_3d": 0.0, "lambda_inter": 0.0,
-                                                               "lambda_mask": 0.0, "lambda_volume_contrast": 0.0}
+                                                               "lambda_mask": 0.0,
+                                                               "lambda_volume_contrast": 0.0}
     FinetuneConfig.from_dict(ft)  # every key is a real fine-tuning key
     assert PretrainConfig.from_dict(intra).objective.stage_at(0).active_terms == ("intra",)
     assert PretrainConfig.from_dict(budget.pretrain_config("joint", 0, preset="gpu")).preset == "gpu"
