@@ -87,6 +87,19 @@ def held_back_volumes(raw: Path) -> dict[str, np.ndarray]:
     return out
 
 
+def extra_held_back_volumes(work: Path, data_seed: int, count: int) -> dict[str, np.ndarray]:
+    """``count`` more volumes of the labeled task's kind for the spread read-outs: ``make_synthetic`` with
+    the generator's defaults and seed ``data_seed + 1`` (other cases than the pretraining pool's and the
+    labeled task's), in ``work/raw_extra_<count>``; pretraining never sees them either."""
+    if count <= 0:
+        return {}
+    from nnssl_joint.datasets.synthetic import make_synthetic
+
+    raw = work / f"raw_extra_{count}"
+    make_synthetic(raw, seed=data_seed + 1, n_3d=1, n_2d=1, n_labeled_train=count, n_labeled_test=0, ids=IDS)
+    return {f"extra_{name}": volume for name, volume in held_back_volumes(raw).items()}
+
+
 def merge(base: dict, update: dict) -> dict:
     out = dict(base)
     for k, v in update.items():
@@ -130,23 +143,13 @@ def load_model(checkpoint: Path):
         return model.eval(), meta
 
 
-def evaluate(run_dir: Path, volumes: dict[str, np.ndarray], seed: int,
-             checkpoint: str = "checkpoint_final.pth") -> dict:
+def windows_of(volumes: dict[str, np.ndarray], n: int):
+    """Non-overlapping windows of ``n`` slices (the last one zero-padded), their valid slices and the index
+    of the volume each comes from."""
     import torch
 
-    from nnssl_joint.data.augment import STRONG, WEAK, volume_view_transforms
-    from nnssl_joint.ssl.diagnostics import volume_diagnostics
-
-    ckpt = torch.load(run_dir / checkpoint, map_location="cpu", weights_only=False)
-    log = ckpt["logging"]
-    model, meta = load_model(run_dir / checkpoint)
-    resolved = meta["resolved"]
-    n, view = int(resolved["n_slices"]), int(resolved["view_size"])
-    k2, k3 = int(resolved["num_prototypes_2d"]), int(resolved["num_prototypes_3d"])
-    strength = {"weak": WEAK, "strong": STRONG}[meta["config"]["data"]["augmentation"]]
-    transform = volume_view_transforms((view, view), config=strength)
-    windows, valid = [], []
-    for volume in volumes.values():
+    windows, valid, groups = [], [], []
+    for g, volume in enumerate(volumes.values()):
         z = volume.shape[1]
         starts = [0] if z <= n else list(range(0, z - n + 1, n))  # non-overlapping windows
         for s in starts:
@@ -156,21 +159,70 @@ def evaluate(run_dir: Path, volumes: dict[str, np.ndarray], seed: int,
                 stack = torch.cat([stack, torch.zeros((stack.shape[0], pad, *stack.shape[2:]))], 1)
             windows.append(stack)
             valid.append(torch.arange(n) < n - pad)
-    raw_windows = torch.stack(windows)
-    valid_t = torch.stack(valid)
-    resized = torch.nn.functional.interpolate(raw_windows.flatten(1, 2), size=(view, view), mode="bilinear",
-                                              align_corners=False).view(*raw_windows.shape[:3], view, view)
+            groups.append(g)
+    return torch.stack(windows), torch.stack(valid), groups
+
+
+def evaluate(run_dir: Path, volumes: dict[str, np.ndarray], seed: int,
+             checkpoint: str = "checkpoint_final.pth", view_draws: int = 1,
+             extra_volumes: dict[str, np.ndarray] | None = None) -> dict:
+    """The read-outs of one run folder. ``view_draws`` > 1 or ``extra_volumes``: also the view-dependent
+    read-outs pooled over that many draws of the two views, with intervals over volumes
+    (``held_back_draws``: the labeled task's windows, draw 0 being the one of the plain read-outs;
+    ``held_back_draws_extended``: those and the extra volumes' windows, one gallery)."""
+    import torch
+
+    from nnssl_joint.data.augment import STRONG, WEAK, volume_view_transforms
+    from nnssl_joint.ssl.diagnostics import view_draw_readouts, volume_diagnostics, window_features
+
+    ckpt = torch.load(run_dir / checkpoint, map_location="cpu", weights_only=False)
+    log = ckpt["logging"]
+    model, meta = load_model(run_dir / checkpoint)
+    resolved = meta["resolved"]
+    n, view = int(resolved["n_slices"]), int(resolved["view_size"])
+    k2, k3 = int(resolved["num_prototypes_2d"]), int(resolved["num_prototypes_3d"])
+    strength = {"weak": WEAK, "strong": STRONG}[meta["config"]["data"]["augmentation"]]
+    transform = volume_view_transforms((view, view), config=strength)
+    raw_windows, valid_t, groups = windows_of(volumes, n)
+    extra = windows_of(extra_volumes, n) if extra_volumes else None
+
+    def resize(stack):
+        return torch.nn.functional.interpolate(stack.flatten(1, 2), size=(view, view), mode="bilinear",
+                                               align_corners=False).view(*stack.shape[:3], view, view)
+
+    def draw_views(stack, mask):  # two views per window through the run's own view pipeline, full size
+        views = [torch.stack([transform(image=w.clone())["image"] for w in stack]) for _ in range(2)]
+        for v in views:
+            v[~mask[:, None, :, None, None].expand_as(v)] = 0
+        return views
+
+    resized = resize(raw_windows)
     state = torch.get_rng_state(), np.random.get_state()
     torch.manual_seed(seed)
     np.random.seed(seed)
-    try:  # two views per window through the run's own view pipeline, from the full-size window
-        views = [torch.stack([transform(image=w.clone())["image"] for w in raw_windows]) for _ in range(2)]
+    try:  # draw 0 of the labeled task's windows first: the plain read-outs are those of earlier versions
+        draws = [draw_views(raw_windows, valid_t) for _ in range(max(1, view_draws))]
+        extra_draws = [draw_views(extra[0], extra[1]) for _ in draws] if extra else []
     finally:
         torch.set_rng_state(state[0])
         np.random.set_state(state[1])
-    for v in views:
-        v[~valid_t[:, None, :, None, None].expand_as(v)] = 0
+    views = draws[0]
     diag = volume_diagnostics(model, resized, valid_t, views[0], views[1], seed=seed)
+    spread = {}
+    if view_draws > 1 or extra:
+        features = [tuple(window_features(model, v, valid_t) for v in pair) for pair in draws]
+        plain_z = window_features(model, resized, valid_t)["z"]
+        spread["held_back_draws"] = view_draw_readouts(features, plain_z, groups, seed=seed)
+        if extra:
+            extra_features = [tuple(window_features(model, v, extra[1]) for v in pair)
+                              for pair in extra_draws]
+            joined = [tuple({key: torch.cat([f[key], g[key]]) for key in ("z", "head", "scores_3d")}
+                            for f, g in zip(pair, extra_pair))
+                      for pair, extra_pair in zip(features, extra_features)]
+            plain_extra = window_features(model, resize(extra[0]), extra[1])["z"]
+            offset = max(groups) + 1
+            spread["held_back_draws_extended"] = view_draw_readouts(
+                joined, torch.cat([plain_z, plain_extra]), groups + [g + offset for g in extra[2]], seed=seed)
     last = {key: float(log[key][-1]) for key in ("loss_intra", "loss_intra_3d", "loss_inter", "loss_mask",
                                                  "loss_volume_contrast", "entropy_2d", "entropy_3d")
             if log.get(key)}
@@ -186,6 +238,7 @@ def evaluate(run_dir: Path, volumes: dict[str, np.ndarray], seed: int,
                "view_size", "n_slices", "batch_size_2d", "batch_size_3d", "num_prototypes_2d",
                "num_prototypes_3d")}}
     out.update(diag)
+    out.update(spread)
     return out
 
 
@@ -206,6 +259,12 @@ def main() -> int:
                         help="only evaluate an existing run folder (holding --checkpoint) with --seeds[0]")
     parser.add_argument("--checkpoint", default="checkpoint_final.pth",
                         help="with --evaluate: checkpoint file of the run folder (e.g. checkpoint_best.pth)")
+    parser.add_argument("--view-draws", type=int, default=1,
+                        help="draws of the two views for the view-dependent read-outs (top-1, 3D usage), "
+                             "pooled with 95%% intervals over held-back volumes (default 1: plain read-outs)")
+    parser.add_argument("--extra-held-back", type=int, default=0, metavar="N",
+                        help="N more generated volumes of the labeled task's kind (data seed + 1) for the "
+                             "pooled read-outs, in one gallery with the labeled task's windows")
     args = parser.parse_args()
 
     import torch
@@ -217,9 +276,11 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     raw, pre = build_data(work, args.data_seed, args.preprocessed)
     volumes = held_back_volumes(raw)
+    extra = extra_held_back_volumes(work, args.data_seed, args.extra_held_back)
     if args.evaluate is not None:
         print(json.dumps({"tag": args.tag, "evaluated": str(args.evaluate),
-                          **evaluate(args.evaluate.resolve(), volumes, args.seeds[0], args.checkpoint)},
+                          **evaluate(args.evaluate.resolve(), volumes, args.seeds[0], args.checkpoint,
+                                     args.view_draws, extra)},
                          indent=1))
         return 0
     runs = {}
@@ -231,7 +292,9 @@ def main() -> int:
         res = work / f"res_{args.tag}_s{seed}"
         with contextlib.redirect_stdout(sys.stderr):
             run_dir = train(raw, pre, res, config)
-        runs[str(seed)] = {**evaluate(run_dir, volumes, seed), "seconds": round(time.time() - start, 1)}
+        runs[str(seed)] = {**evaluate(run_dir, volumes, seed, view_draws=args.view_draws,
+                                      extra_volumes=extra),
+                           "seconds": round(time.time() - start, 1)}
         (work / f"{args.tag}_s{seed}.json").write_text(json.dumps(runs[str(seed)], indent=1))
         if not args.keep:
             shutil.rmtree(res)

@@ -66,3 +66,42 @@ def test_volume_diagnostics_report_the_trace_with_the_other_read_outs():
     assert {f"finter_shared_layer{k}" for k in range(depth)} <= set(out)
     assert 0.0 <= out["finter_shared_input"] <= 1.0 and out["finter_ffn_gain_layer0"] > 0
     assert out["n_windows"] == 3 and 0.0 <= out["z_mean_pairwise_cosine"] <= 1.0
+
+
+def _features(z: torch.Tensor, assigned: torch.Tensor, k: int = 4) -> dict[str, torch.Tensor]:
+    return {"z": z, "head": z, "scores_3d": torch.nn.functional.one_hot(assigned, k).float()}
+
+
+def test_view_draws_pool_retrieval_usage_and_cosine_with_intervals_over_volumes():
+    from nnssl_joint.ssl.diagnostics import per_window_hits, view_draw_readouts
+
+    torch.manual_seed(0)
+    w = 12
+    groups = [i // 2 for i in range(w)]  # two windows per volume, as in the harness
+    z = torch.randn(w, 16)
+    spread = torch.arange(w) % 4  # every prototype used equally often
+    swapped = z[torch.arange(w) ^ 1]  # every window's other view looks like its sibling's
+    assert per_window_hits(z, z).tolist() == [1.0] * w and per_window_hits(z, swapped).sum() == 0
+    good = view_draw_readouts([(_features(z, spread), _features(z, spread))], z, groups, n_boot=200)
+    assert good["z_top1_cross_view"]["value"] == 1.0 and good["z_top1_cross_view"]["ci95"] == [1.0, 1.0]
+    assert good["entropy_3d"]["value"] == pytest.approx(1.0)
+    assert good["n"] == {"windows": w, "volumes": 6, "draws": 1, "bootstrap": 200}
+    # two draws, one right and one wrong: pooled 0.5, per draw [1, 0], an interval around the value
+    mixed = view_draw_readouts([(_features(z, spread), _features(z, spread)),
+                                (_features(z, spread), _features(swapped, spread))], z, groups, n_boot=200)
+    assert mixed["z_top1_cross_view"]["per_draw"] == [1.0, 0.0]
+    assert mixed["z_top1_cross_view"]["value"] == 0.5 == mixed["head3d_top1_cross_view"]["value"]
+    # one prototype for every window: usage 0; identical windows: cosine 1 (pairs of different windows only)
+    one = torch.zeros(w, dtype=torch.long)
+    collapsed = view_draw_readouts([(_features(z, one), _features(z, one))], z[:1].repeat(w, 1), groups,
+                                   n_boot=50)
+    assert collapsed["entropy_3d"]["value"] == 0.0 and collapsed["entropy_3d"]["ci95"] == [0.0, 0.0]
+    assert collapsed["z_mean_pairwise_cosine"]["value"] == pytest.approx(1.0)
+    # half the volumes retrieved, half not: the interval over volumes is wide and holds the value
+    half = z.clone()
+    half[6:] = swapped[6:]
+    split = view_draw_readouts([(_features(z, spread), _features(half, spread))], z, groups, n_boot=500)
+    low, high = split["z_top1_cross_view"]["ci95"]
+    assert split["z_top1_cross_view"]["value"] == 0.5 and low < 0.3 and high > 0.7
+    with pytest.raises(ValueError, match="groups has 3 entries for 12 windows"):
+        view_draw_readouts([(_features(z, spread), _features(z, spread))], z, [0, 1, 2])
