@@ -12,7 +12,11 @@
    ``nnUNet_n_proc_DA=0``: deterministic), config = --config merged over {seed, epochs, iterations}.
 3. Read-outs: the run's last-epoch training log (L_inter vs log K_3D, 2D/3D usage entropy, collapse
    warnings) and :func:`nnssl_joint.ssl.diagnostics.volume_diagnostics` on non-overlapping held-back
-   windows (two augmented views each, the run's own view pipeline).
+   windows (two augmented views each, the run's own view pipeline, one draw seeded by the run's seed), and
+   ``held_back_draws``: the view-dependent read-outs pooled over --view-draws draws with 95% intervals over
+   held-back volumes (:func:`nnssl_joint.ssl.diagnostics.view_draw_readouts`). Judge bar 1 on those: one
+   draw moves Z top-1 by several windows, and seed 0's draw is an easy one (docs/pretraining.md,
+   fourteenth pass).
 """
 
 from __future__ import annotations
@@ -259,9 +263,10 @@ def main() -> int:
                         help="only evaluate an existing run folder (holding --checkpoint) with --seeds[0]")
     parser.add_argument("--checkpoint", default="checkpoint_final.pth",
                         help="with --evaluate: checkpoint file of the run folder (e.g. checkpoint_best.pth)")
-    parser.add_argument("--view-draws", type=int, default=1,
+    parser.add_argument("--view-draws", type=int, default=10,
                         help="draws of the two views for the view-dependent read-outs (top-1, 3D usage), "
-                             "pooled with 95%% intervals over held-back volumes (default 1: plain read-outs)")
+                             "pooled with 95%% intervals over held-back volumes (default 10; 1: only the "
+                             "plain read-outs of one draw, as before 2026-12-04)")
     parser.add_argument("--extra-held-back", type=int, default=0, metavar="N",
                         help="N more generated volumes of the labeled task's kind (data seed + 1) for the "
                              "pooled read-outs, in one gallery with the labeled task's windows")

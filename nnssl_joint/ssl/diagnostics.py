@@ -203,7 +203,7 @@ def per_window_hits(a: Tensor, b: Tensor) -> Tensor:
 def _normalised_entropy(assignments: Tensor, k: int) -> float:
     counts = torch.bincount(assignments, minlength=k).double()
     p = counts[counts > 0] / counts.sum()
-    return float(-(p * p.log()).sum() / math.log(k)) if k > 1 else 0.0
+    return max(0.0, float(-(p * p.log()).sum() / math.log(k))) if k > 1 else 0.0  # one prototype: 0, not -0
 
 
 @torch.no_grad()
