@@ -222,3 +222,8 @@ def test_the_demo_report_names_the_preset_and_the_pretraining_overrides(tmp_path
     assert "Preset `nnunet`." in markdown
     assert 'Pretraining objective overrides {"queue_length_3d": 0}.' in markdown
     assert 'Pretraining data/optim options {"data": {"batch_size_3d": 8}}.' in markdown
+    assert "2D-only pretraining leaves out" not in markdown  # no volume-term weight among the overrides
+    data["settings"]["pretrain_objective"] = {"lambda_volume_contrast": 1, "lambda_dense": 1.0}
+    markdown = report.write_report(data, tmp_path / "r2")["markdown"].read_text()
+    assert ('Pretraining objective overrides {"lambda_volume_contrast": 1, "lambda_dense": 1.0}. 2D-only '
+            "pretraining leaves out lambda_volume_contrast=1 (a volume term; the arm has none).") in markdown
