@@ -328,10 +328,13 @@ def _recorded_settings(settings: dict[str, Any], skip: tuple[str, ...] = ()) -> 
     """One sentence per :data:`_SETTING_LABELS` key the record holds (each led by a space), ``skip`` aside."""
     from nnssl_joint.experiments.budgets import set_aside_sentence
 
-    text = "".join(f" {label} {json.dumps(settings[key])}." for key, label in _SETTING_LABELS
-                   if key in settings and key not in skip)
-    aside = set_aside_sentence(settings.get("pretrain_objective"))
-    return text + (f" {aside}" if aside else "")
+    sentences = []
+    for key, label in _SETTING_LABELS:
+        if key in settings and key not in skip:
+            sentences.append(f" {label} {json.dumps(settings[key])}.")
+            if key == "pretrain_objective" and set_aside_sentence(settings[key]):
+                sentences.append(f" {set_aside_sentence(settings[key])}")
+    return "".join(sentences)
 
 
 def render_markdown(data: dict[str, Any], summary: dict[str, Any]) -> str:
