@@ -792,8 +792,9 @@ class Benchmark(Pipeline):
               + (f", fine-tuning overrides {json.dumps(s.finetune)}" if s.finetune else "")
               + f"; output in {s.out}",
               file=self.stream, flush=True)
-        if "intra" in s.arms and set_aside_sentence(s.pretrain_objective):
-            print(set_aside_sentence(s.pretrain_objective), file=self.stream, flush=True)
+        aside = set_aside_sentence(s.pretrain_objective) if "intra" in s.arms else ""
+        if aside:
+            print(aside, file=self.stream, flush=True)
         self.run_steps(self.steps())
         report = json.loads((self.report_folder / "benchmark.json").read_text())
         print(summary_text(report, time.monotonic() - start), file=self.stream)

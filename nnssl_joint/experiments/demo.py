@@ -331,8 +331,9 @@ class Demo(Pipeline):
               f"{self.settings.seed}{', real image pool' if self.settings.real else ''}; "
               f"output in {self.settings.out}",
               file=self.stream, flush=True)
-        if set_aside_sentence(self.settings.pretrain_objective):
-            print(set_aside_sentence(self.settings.pretrain_objective), file=self.stream, flush=True)
+        aside = set_aside_sentence(self.settings.pretrain_objective)
+        if aside:
+            print(aside, file=self.stream, flush=True)
         self.run_steps(steps)
         report = json.loads((self.report_folder / "report.json").read_text())
         wall = time.monotonic() - total_start

@@ -332,8 +332,9 @@ def _recorded_settings(settings: dict[str, Any], skip: tuple[str, ...] = ()) -> 
     for key, label in _SETTING_LABELS:
         if key in settings and key not in skip:
             sentences.append(f" {label} {json.dumps(settings[key])}.")
-            if key == "pretrain_objective" and set_aside_sentence(settings[key]):
-                sentences.append(f" {set_aside_sentence(settings[key])}")
+            aside = set_aside_sentence(settings[key]) if key == "pretrain_objective" else ""
+            if aside:
+                sentences.append(f" {aside}")
     return "".join(sentences)
 
 

@@ -52,10 +52,15 @@ def mean_pairwise_cosine(z: Tensor | np.ndarray) -> float:
 def retrieval_top1(a: Tensor, b: Tensor) -> float:
     """Top-1 retrieval by cosine of row i of ``b`` from row i of ``a`` and back,
     averaged over both directions."""
+    return float(retrieval_hits(a, b).mean())
+
+
+def retrieval_hits(a: Tensor, b: Tensor) -> Tensor:
+    """Per row i: the share of the two directions of :func:`retrieval_top1` (row i of ``a`` finds row i
+    of ``b`` by cosine, and back) that hit (0, 0.5 or 1); their mean is :func:`retrieval_top1`."""
     sims = F.normalize(a.double(), dim=1) @ F.normalize(b.double(), dim=1).T
     target = torch.arange(len(a))
-    return float(((sims.argmax(1) == target).double().mean()
-                  + (sims.argmax(0) == target).double().mean()) / 2)
+    return ((sims.argmax(1) == target).double() + (sims.argmax(0) == target).double()) / 2
 
 
 def ridge_r2(x_fit: Tensor, y_fit: Tensor, x_test: Tensor, y_test: Tensor,

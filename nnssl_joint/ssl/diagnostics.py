@@ -22,14 +22,13 @@ own view pipeline, the masked-prediction check against interpolation) is here un
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from nnssl_joint.ssl.swav import prototype_usage_entropy
+from nnssl_joint.ssl.swav import assignment_usage_entropy, prototype_usage_entropy
 
 
 def usage_entropy(scores: Tensor) -> float:
@@ -193,17 +192,15 @@ def volume_diagnostics(model, windows: Tensor, valid: Tensor, view_a: Tensor, vi
 
 
 def per_window_hits(a: Tensor, b: Tensor) -> Tensor:
-    """(W,) share of the two retrieval directions that find window w's other view (0, 0.5 or 1): row w of
-    ``a`` must find row w of ``b`` by cosine and back; the mean is :func:`cross_view_top1`."""
-    sims = F.normalize(a.double(), dim=1) @ F.normalize(b.double(), dim=1).T
-    target = torch.arange(len(a))
-    return ((sims.argmax(1) == target).double() + (sims.argmax(0) == target).double()) / 2
+    """(W,) share of the two retrieval directions that find window w's other view (0, 0.5 or 1); the mean
+    is :func:`cross_view_top1` (the probe's ``retrieval_hits``)."""
+    from nnssl_joint.probe.diagnostics import retrieval_hits
+
+    return retrieval_hits(a, b)
 
 
 def _normalised_entropy(assignments: Tensor, k: int) -> float:
-    counts = torch.bincount(assignments, minlength=k).double()
-    p = counts[counts > 0] / counts.sum()
-    return max(0.0, float(-(p * p.log()).sum() / math.log(k))) if k > 1 else 0.0  # one prototype: 0, not -0
+    return abs(assignment_usage_entropy(assignments, k))  # one prototype: 0, not -0
 
 
 @torch.no_grad()

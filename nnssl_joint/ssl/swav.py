@@ -279,10 +279,15 @@ def prototype_usage_entropy(scores_or_codes: Tensor) -> float:
     """
     if scores_or_codes.dim() != 2:
         raise ValueError(f"expected a (batch, prototypes) matrix, got shape {tuple(scores_or_codes.shape)}.")
-    num_prototypes = scores_or_codes.shape[1]
-    if num_prototypes < 2 or scores_or_codes.shape[0] == 0:
+    return assignment_usage_entropy(scores_or_codes.argmax(dim=1), scores_or_codes.shape[1])
+
+
+@torch.no_grad()
+def assignment_usage_entropy(assignments: Tensor, num_prototypes: int) -> float:
+    """:func:`prototype_usage_entropy` of samples already assigned to prototypes (1-D prototype indices)."""
+    if num_prototypes < 2 or assignments.numel() == 0:
         return 0.0
-    counts = torch.bincount(scores_or_codes.argmax(dim=1), minlength=num_prototypes).double()
+    counts = torch.bincount(assignments.reshape(-1), minlength=num_prototypes).double()
     probabilities = counts[counts > 0] / counts.sum()
     entropy = -(probabilities * probabilities.log()).sum().item()
     return float(entropy / math.log(num_prototypes))
