@@ -5,7 +5,9 @@ zero-padded), nnU-Net's DC+CE loss on the full-resolution output (no deep superv
 thread. Prints one JSON line per (seed, network): the loss every 10 steps, the hard Dice per class on the
 batch itself, seconds per step.
 
-    python scripts/fit_one_batch_3d.py PREPROCESSED/Dataset503_SynthOrgans [STEPS]
+    python scripts/fit_one_batch_3d.py PREPROCESSED/Dataset503_SynthOrgans [STEPS] [NET,NET...]
+
+NET: stock, plugin, plugin_nopool, plugin_tp, plugin_volnorm (default: all).
 
 PREPROCESSED/DatasetXXX must hold nnUNetPlans.json and nnsslJointPlans.json with their 3d_fullres data (a
 `nnssl_joint benchmark -c 3d_fullres --preset nnunet` output folder's preprocessed/ has both)."""
@@ -40,8 +42,14 @@ if __name__ == "__main__":
         "plugin": (f"{root}/nnsslJointPlans.json", {}),
         "plugin_nopool": (f"{root}/nnsslJointPlans.json", {"pool_slices_from_stage": None}),
         "plugin_tp": (f"{root}/nnsslJointPlans.json", {"through_plane_convs": True}),
+        "plugin_volnorm": (f"{root}/nnsslJointPlans.json", {"norm_over_volume": True}),
     }
     steps = int(sys.argv[2]) if len(sys.argv) > 2 else 60
+    if len(sys.argv) > 3:
+        unknown = set(sys.argv[3].split(",")) - set(variants)
+        if unknown:
+            raise SystemExit(f"unknown network(s) {sorted(unknown)}; choose from {sorted(variants)}")
+        variants = {k: v for k, v in variants.items() if k in sys.argv[3].split(",")}
     for seed in (0, 1):
         for name, (plans, extra) in variants.items():
             with open(plans) as f:

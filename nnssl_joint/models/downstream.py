@@ -218,6 +218,59 @@ class ThroughPlaneConv(nn.Module):
         return x + self.conv(x)
 
 
+class VolumeInstanceNorm2d(nn.InstanceNorm2d):
+    """The encoder's InstanceNorm2d, with its statistics taken over all slices of one volume.
+
+    The slice-wise encoder runs on (B*Z, C, Y, X); a plain InstanceNorm2d normalises every slice by its
+    own mean and variance (Y*X values per channel), so a slice's features lose how bright and how varied it
+    is relative to its neighbours, and slices with little content are stretched to unit variance. Stock
+    nnU-Net's InstanceNorm3d normalises over the whole Z*Y*X patch. With ``slices`` = Z this module groups
+    the Z consecutive slices of each volume and normalises them together, as InstanceNorm3d does, with the
+    same affine weight and bias (parameter names and shapes are InstanceNorm2d's, so pretrained weights
+    load unchanged). ``slices`` = 1 is exactly InstanceNorm2d. The owning network sets ``slices`` before
+    every forward (:meth:`SliceWiseUNet3D.forward`); pretraining keeps per-slice statistics.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = False) -> None:
+        if track_running_stats:
+            raise ValueError("VolumeInstanceNorm2d does not track running statistics (nnU-Net's InstanceNorm "
+                             "does not either)")
+        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine)
+        #: consecutive batch entries (slices of one volume) that share statistics
+        self.slices = 1
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.slices == 1:
+            return super().forward(x)
+        n = x.shape[0]
+        if n % self.slices:
+            raise ValueError(f"VolumeInstanceNorm2d: {n} slices are not a whole number of volumes of "
+                             f"{self.slices} slices")
+        volumes = x.unflatten(0, (n // self.slices, self.slices)).transpose(1, 2)  # (B, C, Z, Y, X)
+        out = F.instance_norm(volumes, weight=self.weight, bias=self.bias, eps=self.eps)
+        return out.transpose(1, 2).flatten(0, 1)
+
+
+def use_volume_statistics(encoder: nn.Module) -> list[VolumeInstanceNorm2d]:
+    """Replace every ``nn.InstanceNorm2d`` inside ``encoder`` by a :class:`VolumeInstanceNorm2d` holding the
+    same parameters (a module registered under two names, as dynamic_network_architectures' conv blocks
+    register their norm as ``norm`` and in ``all_modules``, stays one module). Returns the new modules."""
+    replaced: dict[int, VolumeInstanceNorm2d] = {}
+    for parent in list(encoder.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is not nn.InstanceNorm2d:
+                continue
+            if id(child) not in replaced:
+                new = VolumeInstanceNorm2d(child.num_features, eps=child.eps, momentum=child.momentum,
+                                           affine=child.affine)
+                if child.affine:
+                    new.weight, new.bias = child.weight, child.bias
+                replaced[id(child)] = new
+            setattr(parent, name, replaced[id(child)])
+    return list(replaced.values())
+
+
 def slice_strides(preset: ArchitecturePreset, pool_slices_from_stage: int | None) -> list[int]:
     """The decoder's stride along the slice axis per encoder stage: 2 at the stages from
     ``pool_slices_from_stage`` on that downsample in-plane, else 1 (``None``: 1 everywhere)."""
@@ -337,6 +390,11 @@ class SliceWiseUNet3D(_PresetUNet):
     with ``nnssl_joint export -p PLANS``. Costs one C x C x 3 kernel per stage (about a sixth of a stage's
     convolutions).
 
+    ``norm_over_volume`` (bool, default ``False``): the encoder's InstanceNorms take their statistics over
+    all Z slices of each sample (:class:`VolumeInstanceNorm2d`, as stock nnU-Net's InstanceNorm3d over the
+    patch) instead of over each slice alone. Same parameters, so pretrained weights load as they are; the
+    pretrained features then see other statistics than in pretraining (per slice).
+
     Why the bottleneck, additive and zero-initialised: f_inter's outputs are slice-level descriptors
     computed from globally pooled features, and the bottleneck is the level with the widest receptive
     field and the most semantic channels, where such a vector is meaningful as a per-slice channel
@@ -354,10 +412,12 @@ class SliceWiseUNet3D(_PresetUNet):
                  preset: ArchitecturePreset | dict[str, Any] | str = "cpu",
                  strides: Sequence[Sequence[int]] | None = None,
                  pool_slices_from_stage: int | None = DEFAULT_POOL_SLICES_FROM_STAGE,
-                 recompute_encoder: bool = True, through_plane_convs: bool = False) -> None:
+                 recompute_encoder: bool = True, through_plane_convs: bool = False,
+                 norm_over_volume: bool = False) -> None:
         super().__init__(preset)
         for name, value in (("recompute_encoder", recompute_encoder),
-                            ("through_plane_convs", through_plane_convs)):
+                            ("through_plane_convs", through_plane_convs),
+                            ("norm_over_volume", norm_over_volume)):
             if not isinstance(value, bool):
                 raise TypeError(f"{name} must be true or false, got {value!r}")
         self.recompute_encoder = recompute_encoder
@@ -368,6 +428,8 @@ class SliceWiseUNet3D(_PresetUNet):
         #: per encoder stage, how many input slices one decoder slice averages (1, .., 2, 4, ...)
         self.slice_factors = [int(f) for f in np.cumprod(z_strides)]
         self.encoder = build_encoder_2d(self.preset, input_channels, return_skips=True)
+        #: the encoder's norms when they take statistics over the volume (``norm_over_volume``), else []
+        self.volume_norms = use_volume_statistics(self.encoder) if norm_over_volume else []
         #: one :class:`ThroughPlaneConv` per encoder stage, or None (the network of the paper)
         features = self.preset.encoder.features_per_stage
         self.through_plane = (nn.ModuleList([ThroughPlaneConv(c) for c in features])
@@ -387,6 +449,8 @@ class SliceWiseUNet3D(_PresetUNet):
         b, c, z, h, w = x.shape
         _check_in_plane(self.preset, (h, w))
         slices = x.transpose(1, 2).reshape(b * z, c, h, w)
+        for norm in self.volume_norms:
+            norm.slices = z
         skips_2d = self._encode(slices, b)
         tokens = self.slice_embedding(skips_2d).unflatten(0, (b, z))
         per_slice, _ = self.slice_transformer(tokens)

@@ -12,6 +12,7 @@ from nnssl_joint.models.downstream import (
     PRETRAINED_PARTS,
     JointSSLUNet2D,
     SliceWiseUNet3D,
+    VolumeInstanceNorm2d,
     pool_op_kernel_sizes,
     pretrained_key_groups,
     slice_strides,
@@ -302,7 +303,8 @@ def test_gradients_reach_every_encoder_stage_and_recompute_changes_nothing(prese
 
 
 @pytest.mark.parametrize("arch_extra", [{}, {"pool_slices_from_stage": None}, {"pool_slices_from_stage": 2},
-                                        {"recompute_encoder": False}, {"through_plane_convs": True}])
+                                        {"recompute_encoder": False}, {"through_plane_convs": True},
+                                        {"norm_over_volume": True}])
 def test_nnunet_loader_accepts_pretraining_weights_every_decoder_option(preset, tmp_path, arch_extra):
     """The pretrained parts are the same for every option: a pretraining checkpoint's encoder, slice
     embedding and Transformer load with every key matched (plans JSON round trip included)."""
@@ -397,3 +399,66 @@ def test_through_plane_convs_with_recompute_change_nothing(preset):
     assert net.compute_conv_feature_map_size(size) > _net3d(preset).compute_conv_feature_map_size(size)
     with pytest.raises(TypeError, match="through_plane_convs"):
         SliceWiseUNet3D(1, 3, True, preset.to_dict(), through_plane_convs="yes")
+
+
+# --- encoder statistics over the volume (norm_over_volume) ------------------------------------------------
+
+def test_volume_instance_norm_is_instancenorm3d_over_the_slices_and_2d_for_one_slice():
+    torch.manual_seed(0)
+    norm = VolumeInstanceNorm2d(4)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2.0)
+        norm.bias.uniform_(-1.0, 1.0)
+    reference_3d = torch.nn.InstanceNorm3d(4, affine=True)
+    reference_3d.load_state_dict(norm.state_dict())
+    volumes = torch.randn(3, 4, 5, 6, 7) * torch.arange(1.0, 6.0)[None, None, :, None, None]  # slices differ
+    norm.slices = 5
+    got = norm(volumes.transpose(1, 2).flatten(0, 1)).unflatten(0, (3, 5)).transpose(1, 2)
+    assert torch.allclose(got, reference_3d(volumes), atol=1e-5)
+    # per-slice statistics would have given every slice unit variance; the volume keeps them apart
+    per_slice_std = ((got - norm.bias[None, :, None, None, None]) / norm.weight[None, :, None, None, None]) \
+        .std(dim=(3, 4)).mean(dim=(0, 1))
+    assert per_slice_std[0] < 0.5 and per_slice_std[-1] > 1.3  # 1/sqrt(11) and 5/sqrt(11)
+    reference_2d = torch.nn.InstanceNorm2d(4, affine=True)
+    reference_2d.load_state_dict(norm.state_dict())
+    norm.slices = 1
+    x = torch.randn(6, 4, 8, 8)
+    assert torch.equal(norm(x), reference_2d(x))
+    norm.slices = 4
+    with pytest.raises(ValueError, match="6 slices are not a whole number of volumes of 4"):
+        norm(x)
+
+
+def test_norm_over_volume_keeps_the_parameters_and_makes_slices_depend_on_each_other(preset):
+    """Same state_dict keys, shapes and initial values as the default network (pretrained weights load
+    unchanged; the loader test above covers it); every encoder norm replaced, the shared norm / all_modules
+    registration kept one module; a change in one slice now reaches the stage-0 features of every slice."""
+    plain = _net3d(preset, seed=3)
+    torch.manual_seed(3)
+    vol = SliceWiseUNet3D(1, 3, True, preset.to_dict(), norm_over_volume=True)
+    vol.apply(vol.initialize)
+    assert vol.state_dict().keys() == plain.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(vol.state_dict().values(), plain.state_dict().values()))
+    norms = [m for m in vol.encoder.modules() if isinstance(m, torch.nn.InstanceNorm2d)]
+    assert norms and all(type(m) is VolumeInstanceNorm2d for m in norms)
+    block = vol.encoder.stages[0][0].convs[0]
+    assert block.norm is block.all_modules[1]
+    x = torch.randn(1, 1, 6, *IN_PLANE)
+    changed = x.clone()
+    changed[:, :, 3] = 3.0 * changed[:, :, 3] + torch.randn(IN_PLANE)  # only slice 3 (not a pure rescaling,
+    # to which a per-slice InstanceNorm after a convolution is blind)
+    for net, others_move in ((plain, False), (vol, True)):
+        net.eval()
+        with torch.no_grad():
+            net(x)  # sets the slice count of the volume norms
+            flat = x.transpose(1, 2).reshape(6, 1, *IN_PLANE)
+            before = net._encode(flat, 1)[0]
+            after = net._encode(changed.transpose(1, 2).reshape(6, 1, *IN_PLANE), 1)[0]
+        moved = [bool((after[z] - before[z]).abs().max() > 1e-5) for z in range(6)]
+        assert moved == [others_move] * 3 + [True] + [others_move] * 2
+    vol.train()
+    out = vol(torch.randn(2, 1, 5, *IN_PLANE))
+    sum(o.square().mean() for o in out).backward()
+    assert all(p.grad is not None for p in vol.encoder.parameters())
+    with pytest.raises(TypeError, match="norm_over_volume"):
+        SliceWiseUNet3D(1, 3, True, preset.to_dict(), norm_over_volume=1)
