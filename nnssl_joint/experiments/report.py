@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -324,15 +325,17 @@ _SETTING_LABELS = (("preset", "Preset"), ("recipe", "Fine-tuning recipe"),
                    ("finetune", "Fine-tuning overrides (plugin networks)"))
 
 
-def _recorded_settings(settings: dict[str, Any], skip: tuple[str, ...] = ()) -> str:
-    """One sentence per :data:`_SETTING_LABELS` key the record holds (each led by a space), ``skip`` aside."""
+def _recorded_settings(settings: dict[str, Any], arms: Iterable[str], skip: tuple[str, ...] = ()) -> str:
+    """One sentence per :data:`_SETTING_LABELS` key the record holds (each led by a space), ``skip`` aside;
+    what the 2D-only arm set aside of the objective overrides only where that arm is among ``arms``."""
     from nnssl_joint.experiments.budgets import set_aside_sentence
 
     sentences = []
     for key, label in _SETTING_LABELS:
         if key in settings and key not in skip:
             sentences.append(f" {label} {json.dumps(settings[key])}.")
-            aside = set_aside_sentence(settings[key]) if key == "pretrain_objective" else ""
+            aside = (set_aside_sentence(settings[key])
+                     if key == "pretrain_objective" and "intra" in arms else "")
             if aside:
                 sentences.append(f" {aside}")
     return "".join(sentences)
@@ -352,7 +355,7 @@ def render_markdown(data: dict[str, Any], summary: dict[str, Any]) -> str:
               + (" + the real image pool" if settings.get("real") else "") + "."
               # records before the preset existed, and every record with the default, carry no key: cpu
               + f" Preset `{settings.get('preset', 'cpu')}`."
-              + _recorded_settings(settings, skip=("preset",)), ""]
+              + _recorded_settings(settings, arms, skip=("preset",)), ""]
     lines += ["## Dice on the test cases", ""]
     header = "| arm | " + " | ".join(classes.values()) + " | mean |"
     lines += [header, "|" + " --- |" * (len(classes) + 2)]
@@ -643,7 +646,7 @@ def render_benchmark_markdown(data: dict[str, Any]) -> str:
     lines = ["# nnssl_joint label-efficiency benchmark", "",
              (f"Target `{data['target']}`, pretraining on {sources}; configuration `{s['configuration']}`; "
               f"{s['seeds']} seed(s); budget {json.dumps(s['budget'])}."
-              + _recorded_settings(s)),
+              + _recorded_settings(s, data["arms"])),
              (f"Finished runs: {data['finished_runs']} of {data['planned_runs']} "
               f"(report written {data['written']})."),
              "",
