@@ -214,12 +214,6 @@ def test_write_benchmark_report_files_and_numbers(tmp_path):
     assert record["summary"]["joint"]["1"]["gain_vs_scratch_points"]["mean"] == pytest.approx(10.0)
 
 
-def _demo_markdown(data):
-    summary = report.summarize_dice(data["dice"], data["classes"])
-    summary["collapse"] = report.collapse_verdicts(data)
-    return report.render_markdown(data, summary)
-
-
 def test_the_demo_report_names_the_preset_and_the_pretraining_overrides(tmp_path):
     data = _minimal_demo_data()
     data["settings"].update(preset="nnunet", pretrain_objective={"queue_length_3d": 0},
@@ -230,11 +224,11 @@ def test_the_demo_report_names_the_preset_and_the_pretraining_overrides(tmp_path
     assert 'Pretraining data/optim options {"data": {"batch_size_3d": 8}}.' in markdown
     assert "2D-only pretraining leaves out" not in markdown  # no volume-term weight among the overrides
     data["settings"]["pretrain_objective"] = {"lambda_volume_contrast": 1, "lambda_dense": 1.0}
-    markdown = _demo_markdown(data)
+    markdown = report.write_report(data, tmp_path / "r2")["markdown"].read_text()
     assert "2D-only pretraining leaves out" not in markdown  # this report has no 2D-only arm
     data["arms"]["intra"] = "2D-only pretraining"  # the demo's arms
     data["dice"]["intra"] = data["dice"]["joint"]
-    markdown = _demo_markdown(data)
+    markdown = report.write_report(data, tmp_path / "r3")["markdown"].read_text()
     assert ('Pretraining objective overrides {"lambda_volume_contrast": 1, "lambda_dense": 1.0}. 2D-only '
             "pretraining leaves out lambda_volume_contrast=1 (a volume term; the arm has none).") in markdown
 
