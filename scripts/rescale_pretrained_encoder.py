@@ -7,9 +7,10 @@ by 1 / c and the relative size of an SGD step by 1 / c^2. The pretraining model 
 initialisation (weight norm about 0.41x that of nnU-Net's ``InitWeights_He(1e-2)``, which a run from scratch
 gets), and after pretraining the encoder's convolutions are 0.40-0.75x the He norm: at the same learning
 rate fine-tuning then moves them 2-6x further, relative to their size, than a run from scratch moves its
-own. This script scales each encoder convolution (weight and bias, under both of its state_dict names) to
-the expected He norm sqrt(2 * out_channels / (1 + 0.01^2)) and writes the file in place (temp file, then
-rename), printing the factors.
+own. This script scales each encoder convolution (weight and bias, under all of its state_dict names: 2d
+files also carry the encoder as ``decoder.encoder.*`` for stock networks) to the expected He norm
+sqrt(2 * out_channels / (1 + 0.01^2)) and writes the file in place (temp file, then rename), printing the
+factors.
 
     python scripts/rescale_pretrained_encoder.py RUN/fold_all/pretrained_for_3d_fullres.pth [more files]
 """
@@ -24,7 +25,8 @@ from nnssl_joint.common.checkpoint_io import atomic_torch_save
 from nnssl_joint.export import load_pretraining_checkpoint
 
 NEG_SLOPE = 1e-2  # nnU-Net's InitWeights_He(1e-2)
-CONV = re.compile(r"^(encoder\.stages\.\d+\.\d+\.convs\.\d+)\.conv\.weight$")
+# the encoder's convolutions, and their copies under decoder.encoder.* (2d files, for stock PlainConvUNet)
+CONV = re.compile(r"^((?:decoder\.)?encoder\.stages\.\d+\.\d+\.convs\.\d+)\.conv\.weight$")
 
 
 def he_norm(weight: torch.Tensor) -> float:

@@ -66,3 +66,15 @@ def test_rescaling_keeps_the_function_and_reaches_the_he_norm(tmp_path, rescale)
                             text=True)
     assert again.returncode != 0 and "was rescaled before" in again.stderr
     assert torch.equal(torch.load(path, weights_only=False)["network_weights"][convs[0]], after[convs[0]])
+
+    # a 2d file carries the encoder twice (encoder.* and decoder.encoder.*, for stock PlainConvUNet): both
+    # copies are rescaled alike, so a stock network that loads both names gets one consistent encoder
+    path_2d = tmp_path / "pretrained_for_2d.pth"
+    result = subprocess.run([sys.executable, str(SCRIPT), str(path_2d)], check=False, capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr
+    weights_2d = torch.load(path_2d, weights_only=False)["network_weights"]
+    aliases = [k for k in weights_2d if k.startswith("decoder.encoder.stages")]
+    assert aliases and all(torch.equal(weights_2d[k], weights_2d[k[len("decoder."):]]) for k in aliases)
+    assert all(float(weights_2d[k].norm()) == pytest.approx(rescale.he_norm(weights_2d[k]), rel=1e-5)
+               for k in weights_2d if rescale.CONV.match(k))
