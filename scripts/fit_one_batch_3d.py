@@ -46,10 +46,11 @@ if __name__ == "__main__":
     }
     steps = int(sys.argv[2]) if len(sys.argv) > 2 else 60
     if len(sys.argv) > 3:
-        unknown = set(sys.argv[3].split(",")) - set(variants)
+        chosen = set(sys.argv[3].split(","))
+        unknown = chosen - set(variants)
         if unknown:
             raise SystemExit(f"unknown network(s) {sorted(unknown)}; choose from {sorted(variants)}")
-        variants = {k: v for k, v in variants.items() if k in sys.argv[3].split(",")}
+        variants = {k: v for k, v in variants.items() if k in chosen}
     for seed in (0, 1):
         for name, (plans, extra) in variants.items():
             with open(plans) as f:
