@@ -792,7 +792,7 @@ class Benchmark(Pipeline):
               + (f", fine-tuning overrides {json.dumps(s.finetune)}" if s.finetune else "")
               + f"; output in {s.out}",
               file=self.stream, flush=True)
-        aside = set_aside_sentence(s.pretrain_objective) if "intra" in s.arms else ""
+        aside = set_aside_sentence(s.pretrain_objective, s.arms)
         if aside:
             print(aside, file=self.stream, flush=True)
         self.run_steps(self.steps())

@@ -11,6 +11,7 @@ and :meth:`TrainingBudget.finetune_config` build the partial JSON files the trai
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -86,8 +87,11 @@ def overrides_not_applied(arm: str, objective: dict[str, Any], overrides: dict[s
             if key in VOLUME_TERM_WEIGHTS and objective.get(key) == 0.0}
 
 
-def set_aside_sentence(overrides: dict[str, Any] | None) -> str:
-    """A sentence naming the ``--pretrain-objective`` keys the 2D-only arm does not take ("" if none)."""
+def set_aside_sentence(overrides: dict[str, Any] | None, arms: Iterable[str]) -> str:
+    """A sentence naming the ``--pretrain-objective`` keys the 2D-only arm does not take ("" if none, or if
+    ``arms`` of the run have no 2D-only arm)."""
+    if "intra" not in arms:
+        return ""
     keys = overrides_not_applied("intra", PRETRAIN_RUNS["intra"], overrides)
     if not keys:
         return ""

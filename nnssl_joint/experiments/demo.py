@@ -331,7 +331,7 @@ class Demo(Pipeline):
               f"{self.settings.seed}{', real image pool' if self.settings.real else ''}; "
               f"output in {self.settings.out}",
               file=self.stream, flush=True)
-        aside = set_aside_sentence(self.settings.pretrain_objective)
+        aside = set_aside_sentence(self.settings.pretrain_objective, ARMS)
         if aside:
             print(aside, file=self.stream, flush=True)
         self.run_steps(steps)

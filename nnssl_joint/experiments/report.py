@@ -334,8 +334,7 @@ def _recorded_settings(settings: dict[str, Any], arms: Iterable[str], skip: tupl
     for key, label in _SETTING_LABELS:
         if key in settings and key not in skip:
             sentences.append(f" {label} {json.dumps(settings[key])}.")
-            aside = (set_aside_sentence(settings[key])
-                     if key == "pretrain_objective" and "intra" in arms else "")
+            aside = set_aside_sentence(settings[key], arms) if key == "pretrain_objective" else ""
             if aside:
                 sentences.append(f" {aside}")
     return "".join(sentences)
