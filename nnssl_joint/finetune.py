@@ -24,6 +24,8 @@ FINETUNE_ENV_VAR = "NNSSL_JOINT_FINETUNE_CONFIG"
 FINETUNE_PLANS_SECTION = "nnssl_joint_finetune"
 #: learning-rate recipes of :class:`FinetuneConfig`
 RECIPES = ("plugin", "nnunet_warmup")
+#: where the non-pretrained parts of a run from pretrained weights start (``FinetuneConfig.new_parts_init``)
+NEW_PARTS_INIT = ("file", "run")
 
 
 @dataclass
@@ -52,6 +54,13 @@ class FinetuneConfig:
     #: seeds Python, NumPy and torch before the network is built; with nnUNet_n_proc_DA=0 (augmentation
     #: in the training process) a CPU run then repeats exactly. null: nnU-Net's behaviour (no seeding)
     seed: int | None = None
+    #: where the parts outside the pretrained ones (decoder, segmentation layers, slice context,
+    #: through-plane convolutions) start in a run from pretrained weights. ``file``: the tensors of the
+    #: ``-pretrained_weights`` file (nnU-Net's loader copies every key but ``.seg_layers.``; a file exported
+    #: by nnssl_joint carries a decoder drawn once, with the export's seed, so every fine-tuning seed starts
+    #: from the same decoder). ``run``: this run's own draw, from ``seed``: the decoder a run from scratch
+    #: with the same seed starts from, so a seed means the same draw in every arm of a comparison
+    new_parts_init: str = "file"
 
     def __post_init__(self) -> None:
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
@@ -72,6 +81,9 @@ class FinetuneConfig:
         if self.recipe not in RECIPES:
             raise NnsslJointError(f"fine-tuning config: recipe must be one of {', '.join(RECIPES)}, "
                                   f"got {self.recipe!r}")
+        if self.new_parts_init not in NEW_PARTS_INIT:
+            raise NnsslJointError(f"fine-tuning config: new_parts_init must be one of "
+                                  f"{', '.join(NEW_PARTS_INIT)}, got {self.new_parts_init!r}")
         if self.recipe == "nnunet_warmup":
             if self.freeze_pretrained_epochs or self.pretrained_lr_factor != 1.0:
                 raise NnsslJointError(
@@ -127,6 +139,19 @@ def split_parameters(network: nn.Module) -> tuple[list[nn.Parameter], list[nn.Pa
     for name, p in unwrap(network).named_parameters():
         (pretrained if name.split(".", 1)[0] in PRETRAINED_PARTS else other).append(p)
     return pretrained, other
+
+
+def new_parts_state(network: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of the state-dict entries of ``network`` outside the pretrained parts (decoder, segmentation
+    layers, ...). Entries that are a second name of a pretrained tensor (stock PlainConvUNet registers its
+    encoder again as ``decoder.encoder.*``) are left out, so restoring the copy never touches a pretrained
+    tensor."""
+    module = unwrap(network)
+    parts = [getattr(module, name) for name in PRETRAINED_PARTS
+             if isinstance(getattr(module, name, None), nn.Module)]
+    pretrained = {t.data_ptr() for part in parts for t in (*part.parameters(), *part.buffers())}
+    return {k: v.detach().clone() for k, v in module.state_dict().items()
+            if k.split(".", 1)[0] not in PRETRAINED_PARTS and v.data_ptr() not in pretrained}
 
 
 def pretrained_weights_from_argv(argv: list[str] | None = None) -> str | None:

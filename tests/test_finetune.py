@@ -11,6 +11,7 @@ from nnssl_joint.finetune import (
     FinetuneConfig,
     GroupPolyLR,
     continues_from_checkpoint,
+    new_parts_state,
     poly_with_warmup,
     warmup_then_poly,
 )
@@ -46,6 +47,7 @@ def test_pretrained_networks_start_at_their_own_learning_rate():
     ({"recipe": "nnunet_warmup", "warmup_epochs": 5, "num_epochs": 5},
      r"warmup_epochs \(5\) < num_epochs \(5\)"),
     ({"pretrained_initial_lr": 0}, "pretrained_initial_lr must be > 0"),
+    ({"new_parts_init": "seed"}, "new_parts_init must be one of file, run, got 'seed'"),
 ])
 def test_recipe_settings_are_checked_with_the_fix(values, match):
     with pytest.raises(NnsslJointError, match=match):
@@ -93,3 +95,24 @@ def test_only_a_resume_that_finds_a_checkpoint_continues_the_earlier_run(tmp_pat
     # validation of a finished run: nnU-Net loads checkpoint_final, the start record stays as it was
     assert continues_from_checkpoint(tmp_path, train + ["--val"])
     assert continues_from_checkpoint(tmp_path, train + ["--val", "--val_best"])
+
+
+def test_new_parts_state_leaves_out_every_pretrained_tensor_and_its_second_name():
+    """Stock PlainConvUNet registers its encoder twice (encoder.*, decoder.encoder.*): restoring the copy of
+    the new parts must not touch the pretrained encoder under either name."""
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet
+
+    net = PlainConvUNet(1, 3, (8, 16, 32), torch.nn.Conv2d, 3, (1, 2, 2), 2, 3, (1, 1), False,
+                        torch.nn.InstanceNorm2d, {"affine": True}, nonlin=torch.nn.LeakyReLU)
+    state = net.state_dict()
+    assert any(k.startswith("decoder.encoder.") for k in state)
+    kept = new_parts_state(net)
+    assert kept and all(k.startswith("decoder.") and not k.startswith("decoder.encoder.") for k in kept)
+    assert set(kept) == {k for k in state if k.startswith(("decoder.stages", "decoder.transpconvs",
+                                                           "decoder.seg_layers"))}
+    # copies, not views: a later change of the network leaves them as they were
+    before = {k: v.clone() for k, v in kept.items()}
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+    assert all(torch.equal(kept[k], before[k]) for k in kept)

@@ -28,6 +28,7 @@ from nnssl_joint.finetune import (
     continues_from_checkpoint,
     freeze_pretrained,
     load_finetune_config,
+    new_parts_state,
     pretrained_weights_from_argv,
     split_parameters,
 )
@@ -51,6 +52,9 @@ class JointSSLFinetuneTrainer(nnUNetTrainer):
         # whether the run starts from pretrained weights
         self._lr_factor, self._freeze_epochs = 1.0, 0
         self._warmup_epochs = 0
+        # new_parts_init 'run': this run's own initialisation of the non-pretrained parts, taken before
+        # nnU-Net's loader overwrites it with the file's and put back by keep_run_initialisation()
+        self._run_new_parts: dict[str, torch.Tensor] | None = None
 
     def initialize(self):
         # before the network is built: its initial weights and (with nnUNet_n_proc_DA=0) every batch and
@@ -90,6 +94,28 @@ class JointSSLFinetuneTrainer(nnUNetTrainer):
                     f"-p {self.plans_manager.plans_name} -o pretrained_for_this_task.pth, then pass that "
                     f"file")
             self.print_to_log_file(check_pretrained_weights(module, weights, preset, hint))
+            if self.finetune_config.new_parts_init == "run":
+                # after super().initialize(): under DDP every rank holds rank 0's draw by now
+                self._run_new_parts = new_parts_state(self.network)
+
+    def keep_run_initialisation(self) -> int:
+        """With ``new_parts_init: run``, put this run's own initialisation of the non-pretrained parts back
+        after nnU-Net's loader (``maybe_load_checkpoint``, after :meth:`initialize`) replaced it with the
+        file's; returns how many tensors were restored (0 otherwise; called once, from on_train_start)."""
+        if self._run_new_parts is None:
+            return 0
+        restored, self._run_new_parts = self._run_new_parts, None
+        result = unwrap(self.network).load_state_dict(restored, strict=False)
+        if result.unexpected_keys:
+            raise RuntimeError(f"keep_run_initialisation: unexpected keys {result.unexpected_keys[:4]}")
+        self.print_to_log_file(f"new_parts_init 'run': {len(restored)} tensors outside the pretrained parts "
+                               f"keep this run's own initialisation (seed {self.finetune_config.seed}) "
+                               "instead of the file's")
+        return len(restored)
+
+    def on_train_start(self):
+        self.keep_run_initialisation()
+        super().on_train_start()
 
     def configure_optimizers(self):
         module = unwrap(self.network)

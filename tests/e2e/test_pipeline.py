@@ -113,9 +113,8 @@ print('STATE-IDENTICAL')
     assert resumed["logging"]["loss_intra"][:2] == saved["logging"]["loss_intra"]
 
 
-@pytest.mark.parametrize("configuration", ["3d_fullres", "2d"])
-def test_finetune_from_pretrained_weights_and_predict(workspace, configuration):
-    root, env = workspace["root"], workspace["env"]
+def plan_downstream(root: Path, env: dict) -> None:
+    """The labeled task planned with the plugin's downstream planner (once per module)."""
     if not (root / "pre" / "Dataset503_SynthOrgans" / "nnsslJointPlans.json").is_file():
         out = run([str(BIN / "nnssl_joint"), "plan_and_preprocess", "-d", "503", "--downstream", "-np", "1",
                    "-npfp", "1"], env, root)
@@ -125,6 +124,12 @@ def test_finetune_from_pretrained_weights_and_predict(workspace, configuration):
                        for p in (root / "raw" / "Dataset503_SynthOrgans" / "labelsTr").iterdir())
         (root / "pre" / "Dataset503_SynthOrgans" / "splits_final.json").write_text(
             json.dumps([{"train": cases[:2], "val": cases[2:]}]))
+
+
+@pytest.mark.parametrize("configuration", ["3d_fullres", "2d"])
+def test_finetune_from_pretrained_weights_and_predict(workspace, configuration):
+    root, env = workspace["root"], workspace["env"]
+    plan_downstream(root, env)
     weights = root / "res" / PRETRAIN_RUN / f"pretrained_for_{configuration}.pth"
     ft = root / "finetune.json"
     # pretrained parts frozen during the only epoch: their tensors must still equal the pretrained ones
@@ -164,6 +169,56 @@ def test_finetune_from_pretrained_weights_and_predict(workspace, configuration):
         assert "Current learning rate: 0.01" in log and "Current learning rate: 0.005" not in log
         record = json.loads((out_dir / "fold_0" / "nnssl_joint_finetune_start.json").read_text())
         assert record == {"pretrained_weights": None}
+
+
+@pytest.mark.parametrize("configuration", ["3d_fullres", "2d"])
+def test_new_parts_init_run_keeps_the_seeds_own_decoder(workspace, configuration, tmp_path):
+    """new_parts_init 'run': after nnU-Net's loader (maybe_load_checkpoint, as nnUNetv2_train calls it) and
+    the trainer's on_train_start step, the pretrained parts equal the file's and every other tensor equals
+    the initialisation of a run from scratch with the same seed; with 'file' the decoder is the file's."""
+    root, env = workspace["root"], workspace["env"]
+    plan_downstream(root, env)
+    weights = root / "res" / PRETRAIN_RUN / f"pretrained_for_{configuration}.pth"
+    script = f"""
+import json, os, sys, torch
+from nnunetv2.run.run_training import get_trainer_from_args, maybe_load_checkpoint
+W = r'{weights}'
+def trainer(new_parts_init, pretrained):
+    cfg = os.path.join(r'{tmp_path}', new_parts_init + '.json')
+    with open(cfg, 'w') as f:
+        json.dump({{'seed': 3, 'new_parts_init': new_parts_init}}, f)
+    os.environ['NNSSL_JOINT_FINETUNE_CONFIG'] = cfg
+    sys.argv = ['nnUNetv2_train'] + (['-pretrained_weights', W] if pretrained else [])
+    t = get_trainer_from_args('503', '{configuration}', '0', 'JointSSLFinetuneTrainer', 'nnsslJointPlans',
+                              device=torch.device('cpu'))
+    if pretrained:
+        maybe_load_checkpoint(t, False, False, W)
+    else:
+        t.initialize()
+    return t
+run_init = trainer('run', True)
+restored = run_init.keep_run_initialisation()
+assert run_init.keep_run_initialisation() == 0
+file_init = trainer('file', True)
+assert file_init.keep_run_initialisation() == 0
+scratch = trainer('run', False)
+f = torch.load(W, weights_only=False)['network_weights']
+a, b, c = (t.network.state_dict() for t in (run_init, file_init, scratch))
+parts = ('encoder.', 'slice_embedding.', 'slice_transformer.')
+new = [k for k in a if not k.startswith(parts)]
+assert restored == len(new) > 10, (restored, len(new))
+for k in a:
+    if k.startswith(parts):
+        assert torch.equal(a[k], f[k]) and torch.equal(b[k], f[k]), k
+    else:
+        assert torch.equal(a[k], c[k]), k
+        if '.seg_layers.' not in k:
+            assert torch.equal(b[k], f[k]), k
+assert not all(torch.equal(a[k], f[k]) for k in new if '.seg_layers.' not in k)
+print('NEW-PARTS-OK', restored)
+"""
+    out = run([sys.executable, "-c", script], dict(env, nnUNet_results=str(tmp_path / "res")), root)
+    assert "NEW-PARTS-OK" in out and "tensors outside the pretrained parts keep this run's own" in out
 
 
 def test_find_best_configuration_works_unchanged(workspace):
