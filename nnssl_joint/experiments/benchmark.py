@@ -88,6 +88,11 @@ ARM_LABELS = {
 }
 #: arms that start from random weights: the baselines every pretrained arm is compared with
 BASELINES = ("scratch", "nnunet")
+#: the fine-tuning key ``new_parts_init`` of every plugin arm unless ``--finetune`` sets it: ``run``, so a run
+#: from pretrained weights keeps its own seed's decoder (the one the scratch run of that seed starts from)
+#: instead of the exported file's single draw, and a seed varies the same things in every arm. Earlier
+#: benchmarks used the file's decoder (``file``; docs/pretraining.md, sixteenth pass)
+BENCHMARK_NEW_PARTS_INIT = "run"
 
 
 def parse_labeled(text: str) -> list[int]:
@@ -407,9 +412,20 @@ class BenchmarkSettings:
             record["pretrain_objective"] = self.pretrain_objective
         if self.pretrain_options:
             record["pretrain_options"] = self.pretrain_options
-        if self.finetune:
-            record["finetune"] = self.finetune
+        finetune = {k: v for k, v in self.finetune.items() if k != "new_parts_init"}
+        if finetune:
+            record["finetune"] = finetune
+        # records of earlier versions have no key and meant the file's decoder: such experiments continue with
+        # --finetune '{"new_parts_init": "file"}'
+        if self.new_parts_init != "file":
+            record["new_parts_init"] = self.new_parts_init
         return record
+
+    @property
+    def new_parts_init(self) -> str:
+        """Where the decoder of the pretrained arms starts (:data:`BENCHMARK_NEW_PARTS_INIT` unless
+        ``--finetune`` says otherwise)."""
+        return self.finetune.get("new_parts_init", BENCHMARK_NEW_PARTS_INIT)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -681,9 +697,10 @@ class Benchmark(Pipeline):
         s = self.settings
         recipe = "plugin" if arm == "nnunet" else s.recipe
         overrides = {} if arm == "nnunet" else dict(s.finetune)
+        protocol = {} if arm == "nnunet" else {"new_parts_init": s.new_parts_init}
         name = (f"finetune_seed{seed}" + ("" if recipe == "plugin" else f"_{recipe}")
                 + ("_overrides" if overrides else ""))
-        return recipe, overrides, name, self.budget.finetune_config(seed, recipe, overrides)
+        return recipe, overrides, name, self.budget.finetune_config(seed, recipe, {**protocol, **overrides})
 
     def step_finetune(self, arm: str, labeled: int, seed: int, progress: StepProgress) -> dict[str, Any]:
         s = self.settings

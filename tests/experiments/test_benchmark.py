@@ -281,15 +281,26 @@ def test_fine_tuning_overrides_reach_every_plugin_arm_but_not_stock_nnunet(tmp_p
     settings = bm.BenchmarkSettings(**kwargs, finetune=layerwise)
     assert settings.record()["finetune"] == layerwise
     assert "finetune" not in bm.BenchmarkSettings(**kwargs).record()  # earlier records continue
+    # the pretrained arms keep their own seed's decoder; recorded, so a folder of an earlier version (the
+    # file's decoder, no key) is not continued with the other protocol by accident ...
+    assert settings.record()["new_parts_init"] == "run"
+    # ... and continues, with the record of that version, when --finetune asks for the file's decoder
+    old = bm.BenchmarkSettings(**kwargs, finetune={"new_parts_init": "file"}).record()
+    assert "new_parts_init" not in old and "finetune" not in old
     bench = _FakeBenchmark(settings, io.StringIO())
     for arm in ("scratch", "joint"):  # the same file for both: they differ only in their start
         recipe, overrides, name, config = bench.finetune_config_of(arm, 3)
         assert (recipe, overrides, name) == ("plugin", layerwise, "finetune_seed3_overrides")
         cfg = FinetuneConfig.from_dict(config)
         assert (cfg.pretrained_lr_factor, cfg.freeze_pretrained_epochs, cfg.seed) == (0.1, 2, 3)
+        assert cfg.new_parts_init == "run"
         assert cfg.num_epochs == settings.budget_spec.finetune_epochs  # the budget's lengths stay
     _, overrides, name, config = bench.finetune_config_of("nnunet", 3)
     assert overrides == {} and name == "finetune_seed3" and "pretrained_lr_factor" not in config
+    assert "new_parts_init" not in config
+    file_decoder = _FakeBenchmark(bm.BenchmarkSettings(**kwargs, finetune={"new_parts_init": "file"}),
+                                  io.StringIO())
+    assert FinetuneConfig.from_dict(file_decoder.finetune_config_of("joint", 3)[3]).new_parts_init == "file"
     bench.check_settings()
     with pytest.raises(NnsslJointError, match="differences: finetune"):
         _FakeBenchmark(bm.BenchmarkSettings(**kwargs), io.StringIO()).check_settings()
@@ -384,6 +395,9 @@ def test_fine_tuning_overrides_act_on_the_pretrained_run_only(benchmark_run):
     assert "frozen for 0 epoch(s) (warmup_epochs, freeze_pretrained_epochs and pretrained_lr_factor act" \
         in logs["scratch"]
     assert "pretrained parts frozen" not in logs["scratch"]
+    # the benchmark's protocol: the pretrained run keeps its own seed's decoder (the scratch run's)
+    assert "tensors outside the pretrained parts keep this run's own initialisation (seed 0)" in logs["joint"]
+    assert "keep this run's own initialisation" not in logs["scratch"]
     assert runs["joint/L1_s0"]["finetune_overrides"] == {"freeze_pretrained_epochs": 1}
     assert runs["nnunet/L1_s0"]["finetune_overrides"] == {}
     markdown = (benchmark_run["out"] / "report" / "benchmark.md").read_text()
