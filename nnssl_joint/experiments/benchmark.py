@@ -516,6 +516,12 @@ class Benchmark(Pipeline):
     def settings_record(self) -> dict[str, Any]:
         return self.settings.record()
 
+    def settings_hint(self, changed: list[str]) -> str:
+        if "new_parts_init" not in changed:
+            return ""
+        return ("; a folder of an earlier version fine-tuned the pretrained arms from the exported file's "
+                "decoder: continue it with --finetune '{\"new_parts_init\": \"file\"}'")
+
     def state(self) -> dict[str, Any]:
         return {"target_name": self.target_name, "target_id": self.target_id, "pretrain_id": self.pretrain_id,
                 "pretrain_ids": self.pretrain_ids}

@@ -244,6 +244,10 @@ class Pipeline:
         """What a resumed run must share with the run that created the folder."""
         return {}
 
+    def settings_hint(self, changed: list[str]) -> str:
+        """How to continue a folder whose recorded settings differ in ``changed`` ('' if no hint)."""
+        return ""
+
     def state(self) -> dict[str, Any]:
         """Values a later step needs that an earlier (possibly skipped) step found; saved in markers."""
         return {}
@@ -502,7 +506,8 @@ class Pipeline:
                 raise NnsslJointError(
                     f"{self.out} holds a {self.kind} with other settings "
                     f"(differences: {', '.join(changed)}); "
-                    "re-run with the same flags to continue it, or choose another --out")
+                    "re-run with the same flags to continue it, or choose another --out"
+                    + self.settings_hint(changed))
         else:
             record_file.write_text(json.dumps(record, indent=2) + "\n")
 

@@ -287,6 +287,12 @@ def test_fine_tuning_overrides_reach_every_plugin_arm_but_not_stock_nnunet(tmp_p
     # ... and continues, with the record of that version, when --finetune asks for the file's decoder
     old = bm.BenchmarkSettings(**kwargs, finetune={"new_parts_init": "file"}).record()
     assert "new_parts_init" not in old and "finetune" not in old
+    earlier = tmp_path / "earlier"
+    _FakeBenchmark(bm.BenchmarkSettings(**{**kwargs, "out": earlier}, finetune={"new_parts_init": "file"}),
+                   io.StringIO()).check_settings()
+    with pytest.raises(NnsslJointError, match="differences: new_parts_init.*continue it with --finetune "
+                                              r"'\{\"new_parts_init\": \"file\"\}'"):
+        _FakeBenchmark(bm.BenchmarkSettings(**{**kwargs, "out": earlier}), io.StringIO()).check_settings()
     bench = _FakeBenchmark(settings, io.StringIO())
     for arm in ("scratch", "joint"):  # the same file for both: they differ only in their start
         recipe, overrides, name, config = bench.finetune_config_of(arm, 3)
