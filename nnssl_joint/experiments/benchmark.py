@@ -699,11 +699,14 @@ class Benchmark(Pipeline):
     def finetune_config_of(self, arm: str, seed: int) -> tuple[str, dict[str, Any], str, dict[str, Any]]:
         """(recipe, --finetune overrides, file name, configuration) of the fine-tuning runs of ``arm`` and
         ``seed``. The stock arm keeps the plugin recipe's lengths and nothing else (its trainer reads only
-        those); every plugin arm of a seed gets the same file, so the arms differ only in their start."""
+        those); every plugin arm of a seed gets the same file, so the arms differ only in their start. A file
+        name means one content: without overrides or another recipe the stock arm shares the plugin arms'
+        file, ``new_parts_init`` included (its trainer ignores the key), because a stock run rewriting that
+        file without it could hand a plugin run started beside it (two workers) the trainer's default."""
         s = self.settings
         recipe = "plugin" if arm == "nnunet" else s.recipe
         overrides = {} if arm == "nnunet" else dict(s.finetune)
-        protocol = {} if arm == "nnunet" else {"new_parts_init": s.new_parts_init}
+        protocol = {"new_parts_init": s.new_parts_init}
         name = (f"finetune_seed{seed}" + ("" if recipe == "plugin" else f"_{recipe}")
                 + ("_overrides" if overrides else ""))
         return recipe, overrides, name, self.budget.finetune_config(seed, recipe, {**protocol, **overrides})

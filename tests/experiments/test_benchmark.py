@@ -303,7 +303,11 @@ def test_fine_tuning_overrides_reach_every_plugin_arm_but_not_stock_nnunet(tmp_p
         assert cfg.num_epochs == settings.budget_spec.finetune_epochs  # the budget's lengths stay
     _, overrides, name, config = bench.finetune_config_of("nnunet", 3)
     assert overrides == {} and name == "finetune_seed3" and "pretrained_lr_factor" not in config
-    assert "new_parts_init" not in config
+    # one file name, one content: without overrides the stock arm shares the plugin arms' file (a worker
+    # writing the stock arm's version must not take new_parts_init away from a plugin run beside it)
+    plain = _FakeBenchmark(bm.BenchmarkSettings(**kwargs), io.StringIO())
+    assert plain.finetune_config_of("nnunet", 3)[2:] == plain.finetune_config_of("joint", 3)[2:]
+    assert plain.finetune_config_of("joint", 3)[3]["new_parts_init"] == "run"
     file_decoder = _FakeBenchmark(bm.BenchmarkSettings(**kwargs, finetune={"new_parts_init": "file"}),
                                   io.StringIO())
     assert FinetuneConfig.from_dict(file_decoder.finetune_config_of("joint", 3)[3]).new_parts_init == "file"
