@@ -61,6 +61,12 @@ class FinetuneConfig:
     #: from the same decoder). ``run``: this run's own draw, from ``seed``: the decoder a run from scratch
     #: with the same seed starts from, so a seed means the same draw in every arm of a comparison
     new_parts_init: str = "file"
+    #: how many encoder stages, from the input side, start from the file (null: all of them, with the slice
+    #: embedding and slice Transformer). With N set, encoder stages N and deeper, the slice embedding and the
+    #: slice Transformer start from this run's own draw like the decoder (needs ``new_parts_init: run``) and
+    #: count as new parts for ``pretrained_lr_factor`` and ``freeze_pretrained_epochs``: transfer of the
+    #: shallow, generic layers only (runs from pretrained weights only)
+    pretrained_encoder_stages: int | None = None
 
     def __post_init__(self) -> None:
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
@@ -84,6 +90,17 @@ class FinetuneConfig:
         if self.new_parts_init not in NEW_PARTS_INIT:
             raise NnsslJointError(f"fine-tuning config: new_parts_init must be one of "
                                   f"{', '.join(NEW_PARTS_INIT)}, got {self.new_parts_init!r}")
+        stages = self.pretrained_encoder_stages
+        if stages is not None:
+            if isinstance(stages, bool) or not isinstance(stages, int) or stages < 1:
+                raise NnsslJointError(f"fine-tuning config: pretrained_encoder_stages must be an integer "
+                                      f">= 1 or null (all stages), got {stages!r}")
+            if self.new_parts_init != "run":
+                raise NnsslJointError(
+                    f"fine-tuning config: pretrained_encoder_stages {stages} re-initialises the deeper "
+                    f"encoder stages, the slice embedding and the slice Transformer from this run's own "
+                    f"draw, which needs new_parts_init 'run' (got {self.new_parts_init!r}); add "
+                    '"new_parts_init": "run"')
         if self.recipe == "nnunet_warmup":
             if self.freeze_pretrained_epochs or self.pretrained_lr_factor != 1.0:
                 raise NnsslJointError(
@@ -133,25 +150,52 @@ def load_finetune_config(plans_configuration: dict | None = None) -> tuple[Finet
     return loaded.config, list(loaded.sources)
 
 
-def split_parameters(network: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """(pretrained parts, the rest) of a downstream network."""
+def is_transferred(key: str, pretrained_encoder_stages: int | None = None) -> bool:
+    """Whether the state-dict entry ``key`` of a downstream network starts from the pretrained file: the
+    pretrained parts (encoder, slice embedding, slice Transformer), or with ``pretrained_encoder_stages`` N
+    only encoder stages 0 to N-1 (``encoder.stages.<i>.``)."""
+    top = key.split(".", 1)[0]
+    if top not in PRETRAINED_PARTS:
+        return False
+    if pretrained_encoder_stages is None:
+        return True
+    parts = key.split(".")
+    return top == "encoder" and parts[1] == "stages" and int(parts[2]) < pretrained_encoder_stages
+
+
+def count_encoder_stages(network: nn.Module) -> int:
+    """Number of stages of the downstream network's 2D encoder (``encoder.stages``)."""
+    return len(unwrap(network).encoder.stages)
+
+
+def check_pretrained_encoder_stages(network: nn.Module, pretrained_encoder_stages: int | None) -> None:
+    n = count_encoder_stages(network)
+    if pretrained_encoder_stages is not None and pretrained_encoder_stages > n:
+        raise NnsslJointError(f"fine-tuning config: pretrained_encoder_stages {pretrained_encoder_stages} "
+                              f"but the network's encoder has {n} stages; use 1 to {n}, or null for all")
+
+
+def split_parameters(network: nn.Module, pretrained_encoder_stages: int | None = None
+                     ) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(pretrained parts, the rest) of a downstream network; with ``pretrained_encoder_stages`` N the
+    pretrained group is encoder stages 0 to N-1 only (:func:`is_transferred`)."""
     pretrained, other = [], []
     for name, p in unwrap(network).named_parameters():
-        (pretrained if name.split(".", 1)[0] in PRETRAINED_PARTS else other).append(p)
+        (pretrained if is_transferred(name, pretrained_encoder_stages) else other).append(p)
     return pretrained, other
 
 
-def new_parts_state(network: nn.Module) -> dict[str, torch.Tensor]:
-    """A copy of the state-dict entries of ``network`` outside the pretrained parts (decoder, segmentation
-    layers, ...). Entries that are a second name of a pretrained tensor (stock PlainConvUNet registers its
-    encoder again as ``decoder.encoder.*``) are left out, so restoring the copy never touches a pretrained
-    tensor."""
-    module = unwrap(network)
-    parts = [getattr(module, name) for name in PRETRAINED_PARTS
-             if isinstance(getattr(module, name, None), nn.Module)]
-    pretrained = {t.data_ptr() for part in parts for t in (*part.parameters(), *part.buffers())}
-    return {k: v.detach().clone() for k, v in module.state_dict().items()
-            if k.split(".", 1)[0] not in PRETRAINED_PARTS and v.data_ptr() not in pretrained}
+def new_parts_state(network: nn.Module, pretrained_encoder_stages: int | None = None
+                    ) -> dict[str, torch.Tensor]:
+    """A copy of the state-dict entries of ``network`` that do not start from the file (decoder,
+    segmentation layers, ...; with ``pretrained_encoder_stages`` N also encoder stages N and deeper, slice
+    embedding and slice Transformer). Entries that are a second name of a transferred tensor (stock
+    PlainConvUNet registers its encoder again as ``decoder.encoder.*``) are left out, so restoring the copy
+    never touches a transferred tensor."""
+    state = unwrap(network).state_dict()
+    transferred = {v.data_ptr() for k, v in state.items() if is_transferred(k, pretrained_encoder_stages)}
+    return {k: v.detach().clone() for k, v in state.items()
+            if not is_transferred(k, pretrained_encoder_stages) and v.data_ptr() not in transferred}
 
 
 def pretrained_weights_from_argv(argv: list[str] | None = None) -> str | None:
@@ -242,9 +286,10 @@ def check_pretrained_weights(network: nn.Module, path: str, plans_preset: dict |
                           f"Fix: {command_hint}")
 
 
-def freeze_pretrained(network: nn.Module, frozen: bool) -> int:
-    """Set requires_grad of the pretrained parts; returns how many tensors were touched."""
-    pretrained, _ = split_parameters(network)
+def freeze_pretrained(network: nn.Module, frozen: bool, pretrained_encoder_stages: int | None = None) -> int:
+    """Set requires_grad of the pretrained parts (:func:`split_parameters`); returns how many tensors were
+    touched."""
+    pretrained, _ = split_parameters(network, pretrained_encoder_stages)
     for p in pretrained:
         p.requires_grad_(not frozen)
     return len(pretrained)

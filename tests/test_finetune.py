@@ -10,9 +10,12 @@ from nnssl_joint.finetune import (
     RESUME_CHECKPOINTS,
     FinetuneConfig,
     GroupPolyLR,
+    check_pretrained_encoder_stages,
     continues_from_checkpoint,
+    freeze_pretrained,
     new_parts_state,
     poly_with_warmup,
+    split_parameters,
     warmup_then_poly,
 )
 
@@ -48,6 +51,9 @@ def test_pretrained_networks_start_at_their_own_learning_rate():
      r"warmup_epochs \(5\) < num_epochs \(5\)"),
     ({"pretrained_initial_lr": 0}, "pretrained_initial_lr must be > 0"),
     ({"new_parts_init": "seed"}, "new_parts_init must be one of file, run, got 'seed'"),
+    ({"pretrained_encoder_stages": 0, "new_parts_init": "run"}, "pretrained_encoder_stages must be an int"),
+    ({"pretrained_encoder_stages": True, "new_parts_init": "run"}, "got True"),
+    ({"pretrained_encoder_stages": 2}, "needs new_parts_init 'run' \\(got 'file'\\)"),
 ])
 def test_recipe_settings_are_checked_with_the_fix(values, match):
     with pytest.raises(NnsslJointError, match=match):
@@ -116,3 +122,36 @@ def test_new_parts_state_leaves_out_every_pretrained_tensor_and_its_second_name(
         for p in net.parameters():
             p.add_(1.0)
     assert all(torch.equal(kept[k], before[k]) for k in kept)
+
+
+def test_pretrained_encoder_stages_transfers_the_shallow_stages_only():
+    """pretrained_encoder_stages N: encoder stages 0..N-1 are the transferred (pretrained) group; deeper
+    stages, slice embedding and slice Transformer join the new parts (restored from the run's draw, trained
+    and frozen like the decoder)."""
+    from nnssl_joint.models.downstream import SliceWiseUNet3D
+
+    net = SliceWiseUNet3D(1, 3, True, "cpu")
+    n_stages = len(net.encoder.stages)
+    assert n_stages >= 3
+    state = net.state_dict()
+    everything = new_parts_state(net)
+    shallow = new_parts_state(net, 2)
+    moved = set(shallow) - set(everything)
+    assert set(everything) < set(shallow)
+    assert moved == {k for k in state if k.startswith(("slice_embedding.", "slice_transformer."))
+                     or (k.startswith("encoder.stages.") and int(k.split(".")[2]) >= 2)}
+    assert any(k.startswith("encoder.stages.2.") for k in moved) and not any(
+        k.startswith(("encoder.stages.0.", "encoder.stages.1.")) for k in shallow)
+    pretrained, other = split_parameters(net, 2)
+    names = {id(p): n for n, p in net.named_parameters()}
+    assert {names[id(p)].split(".")[2] for p in pretrained} == {"0", "1"}
+    assert all(names[id(p)].startswith("encoder.stages.") for p in pretrained)
+    assert len(pretrained) + len(other) == len(list(net.parameters()))
+    assert len(split_parameters(net)[0]) > len(pretrained)
+    assert freeze_pretrained(net, True, 2) == len(pretrained)
+    frozen = {n for n, p in net.named_parameters() if not p.requires_grad}
+    assert frozen == {names[id(p)] for p in pretrained}
+    check_pretrained_encoder_stages(net, n_stages)
+    with pytest.raises(NnsslJointError, match=f"pretrained_encoder_stages {n_stages + 1} but the network's "
+                                              f"encoder has {n_stages} stages"):
+        check_pretrained_encoder_stages(net, n_stages + 1)

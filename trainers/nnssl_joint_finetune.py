@@ -24,6 +24,7 @@ from nnssl_joint.common.modules import unwrap
 from nnssl_joint.common.seeding import seed_everything
 from nnssl_joint.finetune import (
     GroupPolyLR,
+    check_pretrained_encoder_stages,
     check_pretrained_weights,
     continues_from_checkpoint,
     freeze_pretrained,
@@ -52,6 +53,8 @@ class JointSSLFinetuneTrainer(nnUNetTrainer):
         # whether the run starts from pretrained weights
         self._lr_factor, self._freeze_epochs = 1.0, 0
         self._warmup_epochs = 0
+        # pretrained_encoder_stages of a run from pretrained weights (None: every pretrained part transfers)
+        self._stages: int | None = None
         # new_parts_init 'run': this run's own initialisation of the non-pretrained parts, taken before
         # nnU-Net's loader overwrites it with the file's and put back by keep_run_initialisation()
         self._run_new_parts: dict[str, torch.Tensor] | None = None
@@ -71,6 +74,9 @@ class JointSSLFinetuneTrainer(nnUNetTrainer):
         self.initial_lr = self.finetune_config.initial_lr_for(pretrained=pretrained)
         self._lr_factor, self._freeze_epochs = self.finetune_config.pretrained_parts_schedule(pretrained)
         self._warmup_epochs = self.finetune_config.warmup_epochs_for(pretrained)
+        # the re-initialised encoder stages are new parts for the learning rate and freezing (a resumed run
+        # builds the same groups as its start)
+        self._stages = self.finetune_config.pretrained_encoder_stages if pretrained else None
         super().initialize()
         if self.local_rank == 0 and not resuming:
             atomic_write_text(json.dumps({"pretrained_weights": weights}), start_record)
@@ -95,8 +101,15 @@ class JointSSLFinetuneTrainer(nnUNetTrainer):
                     f"file")
             self.print_to_log_file(check_pretrained_weights(module, weights, preset, hint))
             if self.finetune_config.new_parts_init == "run":
+                stages = self.finetune_config.pretrained_encoder_stages
+                check_pretrained_encoder_stages(module, stages)
                 # after super().initialize(): under DDP every rank holds rank 0's draw by now
-                self._run_new_parts = new_parts_state(self.network)
+                self._run_new_parts = new_parts_state(self.network, stages)
+                if stages is not None:
+                    self.print_to_log_file(
+                        f"pretrained_encoder_stages {stages}: encoder stages 0-{stages - 1} start from the "
+                        f"file; the deeper stages, the slice embedding and the slice Transformer start, like "
+                        f"the decoder, from this run's own initialisation")
 
     def keep_run_initialisation(self) -> int:
         """With ``new_parts_init: run``, put this run's own initialisation of the non-pretrained parts back
@@ -108,7 +121,7 @@ class JointSSLFinetuneTrainer(nnUNetTrainer):
         result = unwrap(self.network).load_state_dict(restored, strict=False)
         if result.unexpected_keys:
             raise RuntimeError(f"keep_run_initialisation: unexpected keys {result.unexpected_keys[:4]}")
-        self.print_to_log_file(f"new_parts_init 'run': {len(restored)} tensors outside the pretrained parts "
+        self.print_to_log_file(f"new_parts_init 'run': {len(restored)} tensors outside the transferred parts "
                                f"keep this run's own initialisation (seed {self.finetune_config.seed}) "
                                "instead of the file's")
         return len(restored)
@@ -119,7 +132,7 @@ class JointSSLFinetuneTrainer(nnUNetTrainer):
 
     def configure_optimizers(self):
         module = unwrap(self.network)
-        pretrained, other = split_parameters(module)
+        pretrained, other = split_parameters(module, self._stages)
         lrs = [self.initial_lr * self._lr_factor, self.initial_lr]
         groups = [{"params": pretrained, "lr": lrs[0]}, {"params": other, "lr": lrs[1]}]
         optimizer = torch.optim.SGD(groups, self.initial_lr, weight_decay=self.weight_decay, momentum=0.99,
@@ -130,7 +143,7 @@ class JointSSLFinetuneTrainer(nnUNetTrainer):
     def on_train_epoch_start(self):
         frozen = self.current_epoch < self._freeze_epochs
         if frozen != self._frozen:
-            n = freeze_pretrained(unwrap(self.network), frozen)
+            n = freeze_pretrained(unwrap(self.network), frozen, self._stages)
             self.print_to_log_file(f"pretrained parts {'frozen' if frozen else 'trainable'} ({n} tensors)")
             self._frozen = frozen
         super().on_train_epoch_start()

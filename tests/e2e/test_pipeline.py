@@ -175,7 +175,8 @@ def test_finetune_from_pretrained_weights_and_predict(workspace, configuration):
 def test_new_parts_init_run_keeps_the_seeds_own_decoder(workspace, configuration, tmp_path):
     """new_parts_init 'run': after nnU-Net's loader (maybe_load_checkpoint, as nnUNetv2_train calls it) and
     the trainer's on_train_start step, the pretrained parts equal the file's and every other tensor equals
-    the initialisation of a run from scratch with the same seed; with 'file' the decoder is the file's."""
+    the initialisation of a run from scratch with the same seed; with 'file' the decoder is the file's; with
+    pretrained_encoder_stages 1 only the first encoder stage is the file's."""
     root, env = workspace["root"], workspace["env"]
     plan_downstream(root, env)
     weights = root / "res" / PRETRAIN_RUN / f"pretrained_for_{configuration}.pth"
@@ -183,10 +184,10 @@ def test_new_parts_init_run_keeps_the_seeds_own_decoder(workspace, configuration
 import json, os, sys, torch
 from nnunetv2.run.run_training import get_trainer_from_args, maybe_load_checkpoint
 W = r'{weights}'
-def trainer(new_parts_init, pretrained):
-    cfg = os.path.join(r'{tmp_path}', new_parts_init + '.json')
+def trainer(new_parts_init, pretrained, **keys):
+    cfg = os.path.join(r'{tmp_path}', new_parts_init + str(len(keys)) + '.json')
     with open(cfg, 'w') as f:
-        json.dump({{'seed': 3, 'new_parts_init': new_parts_init}}, f)
+        json.dump({{'seed': 3, 'new_parts_init': new_parts_init, **keys}}, f)
     os.environ['NNSSL_JOINT_FINETUNE_CONFIG'] = cfg
     sys.argv = ['nnUNetv2_train'] + (['-pretrained_weights', W] if pretrained else [])
     t = get_trainer_from_args('503', '{configuration}', '0', 'JointSSLFinetuneTrainer', 'nnsslJointPlans',
@@ -215,10 +216,18 @@ for k in a:
         if '.seg_layers.' not in k:
             assert torch.equal(b[k], f[k]), k
 assert not all(torch.equal(a[k], f[k]) for k in new if '.seg_layers.' not in k)
+# pretrained_encoder_stages 1: only the first encoder stage comes from the file, everything else is scratch's
+shallow = trainer('run', True, pretrained_encoder_stages=1)
+assert shallow.keep_run_initialisation() > restored
+d = shallow.network.state_dict()
+first = [k for k in d if k.startswith('encoder.stages.0.')]
+assert first and len(first) < len([k for k in d if k.startswith('encoder.')])
+for k in d:
+    assert torch.equal(d[k], f[k] if k.startswith('encoder.stages.0.') else c[k]), k
 print('NEW-PARTS-OK', restored)
 """
     out = run([sys.executable, "-c", script], dict(env, nnUNet_results=str(tmp_path / "res")), root)
-    assert "NEW-PARTS-OK" in out and "tensors outside the pretrained parts keep this run's own" in out
+    assert "NEW-PARTS-OK" in out and "tensors outside the transferred parts keep this run's own" in out
 
 
 def test_find_best_configuration_works_unchanged(workspace):
