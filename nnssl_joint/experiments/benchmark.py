@@ -23,6 +23,12 @@ evaluation after a network has finished training: not by planning, pretraining, 
 selection (fine-tuning keeps nnU-Net's final checkpoint; its validation uses training-pool cases).
 When the target is also a pretraining source, only its training pool enters pretraining.
 
+``--heldout ID``: a labeled dataset of the target's distribution that nothing trains or tunes on (not the
+target, not a pretraining source; the target's labels, file ending and channels). After fine-tuning, every
+run's final checkpoint also predicts its ``imagesTs``/``labelsTs`` (else all of ``imagesTr``/``labelsTr``),
+scored and summarised as the test cases, in a report section of its own. A read-out, not part of the
+experiment's settings: adding it to a finished folder runs only the read-out steps.
+
 Nothing is written into your nnU-Net folders: ``OUT/raw`` holds links to the source datasets and a
 linked copy of the target with the test split made explicit; preprocessed data, results, predictions,
 logs and reports live under ``OUT`` too. Every step leaves a marker: re-running the same command
@@ -274,6 +280,84 @@ def link_target_dataset(source: Path, destination: Path, test_fraction: float, s
 
 
 # ----------------------------------------------------------------------------------------------------
+# the held-out read-out (--heldout): a labeled dataset of the target's distribution nothing trains or tunes on
+
+
+@dataclass
+class HeldoutSet:
+    """The labeled cases of a ``--heldout`` dataset, found by :func:`read_heldout_set` (nothing written, no
+    label read)."""
+
+    source: Path
+    dataset_json: dict[str, Any]
+    #: case -> its image files in channel order
+    images: dict[str, list[Path]]
+    #: case -> its label file
+    labels: dict[str, Path]
+    own_test: bool
+
+    @property
+    def test_source(self) -> str:
+        return "imagesTs/labelsTs" if self.own_test else "all of imagesTr/labelsTr"
+
+
+def read_heldout_set(source: Path) -> HeldoutSet:
+    """The cases of a held-out read-out: ``imagesTs``/``labelsTs`` when both exist, otherwise every case of
+    ``imagesTr``/``labelsTr`` (nothing trains on the dataset). Every label needs its images and every
+    ``imagesTr`` case its label; refused otherwise, naming the file."""
+    from nnssl_joint.planning.raw import channel_names_of, list_cases, load_dataset_json
+
+    source = Path(source)
+    dataset_json = load_dataset_json(source)
+    ending = dataset_json["file_ending"]
+    n_channels = len(channel_names_of(dataset_json))
+    images_ts, labels_ts = source / "imagesTs", source / "labelsTs"
+    own_test = images_ts.is_dir() and labels_ts.is_dir() and any(labels_ts.glob(f"*{ending}"))
+    if own_test:
+        ids = case_identifiers(labels_ts, ending)
+        images = {c: [images_ts / f"{c}_{i:04d}{ending}" for i in range(n_channels)] for c in ids}
+        absent = [p.name for files in images.values() for p in files if not p.is_file()]
+        if absent:
+            raise NnsslJointError(f"--heldout {source.name}: {labels_ts} has labels whose images are "
+                                  f"missing in {images_ts}: {', '.join(absent[:5])}"
+                                  f"{' ...' if len(absent) > 5 else ''}; add them or remove those labels")
+        return HeldoutSet(source, dataset_json, images, {c: labels_ts / f"{c}{ending}" for c in ids}, True)
+    try:
+        cases = list_cases(source, dataset_json)
+    except NnsslJointError as e:
+        raise NnsslJointError(f"--heldout {source.name} has no labeled case in imagesTs/labelsTs, and its "
+                              f"imagesTr cannot be read: {e}") from None
+    labels = {c.identifier: _label_file(source, dataset_json, c.identifier) for c in cases}
+    missing = [p for p in labels.values() if not p.is_file()]
+    if len(missing) == len(labels):
+        raise NnsslJointError(f"--heldout {source.name} has no labeled case: no labels in {labels_ts} (with "
+                              f"images in {images_ts}) and none for its imagesTr cases, e.g. {missing[0]}; "
+                              "a held-out read-out needs labeled cases")
+    if missing:
+        raise NnsslJointError(f"--heldout {source.name}: {len(missing)} of its {len(labels)} imagesTr "
+                              f"case(s) have no label file, e.g. {missing[0]}; without imagesTs/labelsTs "
+                              "every imagesTr case is a held-out case: add the labels or remove those images")
+    return HeldoutSet(source, dataset_json, {c.identifier: [Path(f) for f in c.files] for c in cases}, labels,
+                      False)
+
+
+def link_heldout_set(held: HeldoutSet, destination: Path) -> None:
+    """``destination/imagesTs`` and ``labelsTs``: links to exactly the held-out cases, named as nnU-Net's
+    predictor wants them. Written into a temporary folder and renamed: no half-built folder."""
+    ending = held.dataset_json["file_ending"]
+    tmp = destination.with_name(f".{destination.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    for case, files in held.images.items():
+        for channel, f in enumerate(files):
+            _link(f, tmp / "imagesTs" / f"{case}_{channel:04d}{ending}")
+        _link(held.labels[case], tmp / "labelsTs" / f"{case}{ending}")
+    if destination.exists():
+        shutil.rmtree(destination)
+    os.replace(tmp, destination)
+
+
+# ----------------------------------------------------------------------------------------------------
 # statistics
 
 
@@ -365,11 +449,15 @@ class BenchmarkSettings:
     #: fine-tuning keys for every run of the plugin's networks (``--finetune``: JSON text or file), e.g. a
     #: lower learning rate for the pretrained parts; {}: the recipe's defaults. Not for the stock arm
     finetune: dict[str, Any] = field(default_factory=dict)
+    #: labeled datasets of the target's distribution that every fine-tuned run also predicts (``--heldout``):
+    #: a read-out, not part of the experiment, so not in :meth:`record` (an existing folder takes it)
+    heldout: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.out = Path(self.out).expanduser().resolve()
         self.arms = parse_arms(",".join(self.arms))
         self.pretrain = [str(p) for p in self.pretrain]
+        self.heldout = list(dict.fromkeys(str(h) for h in self.heldout))
         if self.seeds < 1:
             raise NnsslJointError(f"--seeds must be >= 1, got {self.seeds}")
         if self.val_cases < 0:
@@ -454,8 +542,9 @@ def check_inputs(settings: BenchmarkSettings) -> dict[str, Any]:
 
     s = settings
     target = find_raw_dataset(s.target, s.raw)
-    for source in s.pretrain:
-        load_dataset_json(find_raw_dataset(source, s.raw))  # exists, readable dataset.json
+    sources = [find_raw_dataset(source, s.raw) for source in s.pretrain]
+    for source in sources:
+        load_dataset_json(source)  # exists, readable dataset.json
     keep = max(s.labeled) + s.val_cases
     split = split_target(target, s.test_fraction, s.seed, keep)
     if not split.test:
@@ -493,8 +582,69 @@ def check_inputs(settings: BenchmarkSettings) -> dict[str, Any]:
                                   f"{by_id[case].files[0]} has {image_size}; every label must have its "
                                   "image's geometry")
     n_channels = len(split.dataset_json.get("channel_names", {}))
-    return {"target": target.name, "training_pool": len(pool), "test_cases": len(split.test),
-            "labeled_and_validation_cases_checked": len(used), "channels": n_channels, "2d": is_2d}
+    checked = {"target": target.name, "training_pool": len(pool), "test_cases": len(split.test),
+               "labeled_and_validation_cases_checked": len(used), "channels": n_channels, "2d": is_2d}
+    if s.heldout:
+        checked["heldout_cases"] = check_heldout(s, target, split.dataset_json, sources, is_2d)
+    return checked
+
+
+def check_heldout(settings: BenchmarkSettings, target: Path, target_json: dict[str, Any],
+                  pretrain_sources: Sequence[Path], target_is_2d: bool) -> dict[str, int]:
+    """The ``--heldout`` datasets, before anything runs: neither the target nor a pretraining source, the
+    target's labels, file ending, channels and dimensionality, and labeled cases with their images (label
+    files are only checked to exist). Returns the number of cases of each."""
+    from nnssl_joint.planning.raw import (
+        channel_names_of,
+        find_raw_dataset,
+        load_dataset_json,
+        parse_dataset_folder_name,
+    )
+
+    pretrain_ids = {parse_dataset_folder_name(p.name)[0] for p in pretrain_sources}
+    target_id = parse_dataset_folder_name(target.name)[0]
+    target_channels = len(channel_names_of(target_json))
+    checked: dict[str, int] = {}
+    for name in settings.heldout:
+        source = find_raw_dataset(name, settings.raw)
+        dataset_id = parse_dataset_folder_name(source.name)[0]
+        if dataset_id == target_id:
+            raise NnsslJointError(f"--heldout {name} is the target {target.name} itself: its cases train, "
+                                  "validate and test the runs. Pass a labeled dataset of the same "
+                                  "distribution that nothing trains or tunes on")
+        if dataset_id in pretrain_ids:
+            raise NnsslJointError(f"--heldout {name} ({source.name}) is one of the --pretrain sources: "
+                                  "pretraining sees its images, so it is not held out. Drop it from "
+                                  "--pretrain (another experiment, in another --out) or choose another "
+                                  "--heldout dataset")
+        held_json = load_dataset_json(source)
+        path, target_path = source / "dataset.json", target / "dataset.json"
+        if held_json.get("labels") != target_json["labels"]:
+            raise NnsslJointError(f"{path}: labels {held_json.get('labels')} differ from "
+                                  f"{target_json['labels']} of the target ({target_path}); the held-out "
+                                  "read-out scores the target's classes, so names and values must be the "
+                                  "same: fix its 'labels' (and label files) or choose another --heldout "
+                                  "dataset")
+        if held_json["file_ending"] != target_json["file_ending"]:
+            raise NnsslJointError(f"{path}: file_ending {held_json['file_ending']!r} differs from "
+                                  f"the target's {target_json['file_ending']!r} ({target_path}); the "
+                                  "fine-tuned networks predict files of the target's format: convert the "
+                                  "held-out images and labels")
+        channels = len(channel_names_of(held_json))
+        if channels != target_channels:
+            raise NnsslJointError(f"{path}: {channels} channel(s) (channel_names), the target has "
+                                  f"{target_channels} ({target_path}); the fine-tuned networks take the "
+                                  "target's channels: choose a held-out dataset with the same channels")
+        held = read_heldout_set(source)  # labeled cases with their images
+        first = held.images[min(held.images)][0]
+        is_2d, size = _is_2d(first)
+        if is_2d != target_is_2d:
+            raise NnsslJointError(f"--heldout {source.name} holds {'2D' if is_2d else '3D'} images "
+                                  f"({first.name}{f', size {size}' if size else ''}), the target "
+                                  f"{'2D' if target_is_2d else '3D'} ones; choose a held-out dataset of the "
+                                  "target's kind")
+        checked[source.name] = len(held.labels)
+    return checked
 
 
 class Benchmark(Pipeline):
@@ -511,6 +661,8 @@ class Benchmark(Pipeline):
         self.pretrain_id = 0
         self.pretrain_ids: list[int] = []
         self.results: dict[str, dict[str, Any]] = {}
+        #: held-out dataset -> ``arm/run`` -> the read-out of that run
+        self.heldout_results: dict[str, dict[str, dict[str, Any]]] = {}
 
     # -------------------------------------------------------------- state
     def settings_record(self) -> dict[str, Any]:
@@ -574,6 +726,24 @@ class Benchmark(Pipeline):
     def predictions(self, arm: str, labeled: int, seed: int) -> Path:
         return self.out / "predictions" / arm / run_name(labeled, seed)
 
+    @property
+    def heldout_names(self) -> list[str]:
+        """Folder names of this invocation's ``--heldout`` datasets, each once."""
+        from nnssl_joint.planning.raw import find_raw_dataset
+
+        return list(dict.fromkeys(find_raw_dataset(h, self.settings.raw).name for h in self.settings.heldout))
+
+    def heldout_folder(self, name: str) -> Path:
+        """imagesTs/labelsTs: links to the held-out cases of dataset ``name``."""
+        return self.out / "heldout" / name
+
+    def heldout_predictions(self, name: str, arm: str, labeled: int, seed: int) -> Path:
+        return self.out / "predictions_heldout" / name / arm / run_name(labeled, seed)
+
+    @staticmethod
+    def heldout_key(name: str, arm: str, labeled: int, seed: int) -> str:
+        return f"heldout_{name}_{arm}_{run_name(labeled, seed)}"
+
     # -------------------------------------------------------------- steps
     def steps(self) -> list[Step]:
         steps = [Step("link", "linking the datasets (test split made explicit)", self.step_link)]
@@ -600,6 +770,14 @@ class Benchmark(Pipeline):
             steps.append(Step(f"finetune_{arm}_{run_name(k, seed)}",
                               f"seed {seed}, {k} labeled: fine-tuning {arm} + predicting + evaluating",
                               lambda p, s=seed, k=k, a=arm: self.step_finetune(a, k, s, p), parallel=True))
+        for name in self.heldout_names:
+            steps.append(Step(f"link_heldout_{name}", f"held-out read-out {name}: linking its labeled cases",
+                              lambda p, n=name: self.step_link_heldout(n, p)))
+            for seed, k, arm in self.runs:
+                steps.append(Step(self.heldout_key(name, arm, k, seed),
+                                  f"seed {seed}, {k} labeled: {arm} predicting + evaluating held-out {name}",
+                                  lambda p, n=name, s=seed, k=k, a=arm: self.step_heldout(n, a, k, s, p),
+                                  parallel=True))
         steps.append(Step("report", "writing the report", self.step_report, always=True))
         return steps
 
@@ -759,6 +937,75 @@ class Benchmark(Pipeline):
         self.write_report()
         return result
 
+    def step_link_heldout(self, name: str, progress: StepProgress) -> dict[str, Any]:
+        """Links to the labeled cases of held-out dataset ``name`` (its source is only read)."""
+        from nnssl_joint.planning.raw import find_raw_dataset
+
+        held = read_heldout_set(find_raw_dataset(name, self.settings.raw))
+        link_heldout_set(held, self.heldout_folder(name))
+        progress.note(f"{len(held.labels)} held-out cases ({held.test_source})")
+        return {"dataset": name, "source": str(held.source), "test_source": held.test_source,
+                "cases": sorted(held.labels)}
+
+    def finished_finetune(self, key: str, progress: StepProgress) -> dict[str, Any]:
+        """The marker info of fine-tuning step ``key``; waits (blocking ``flock`` on its lock, as
+        :meth:`Pipeline._lock`) while another worker runs it. No marker afterwards (the fine-tuning failed or
+        was stopped): NnsslJointError naming the run."""
+        import fcntl
+
+        path = self.state_folder / f"{key}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a+") as handle:  # held only while the marker is read: a worker may want to train
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                progress.note(f"waiting for {handle.read().strip() or 'another process'} to finish {key}")
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            marker = self.marker(key)
+            if not marker.is_file():
+                raise NnsslJointError(f"the run {key.removeprefix('finetune_')} has no finished fine-tuning "
+                                      f"(no {marker}): it failed or was stopped in another worker, see "
+                                      f"{self.logs / (key + '.log')}. Re-run the benchmark: it trains the "
+                                      "run, then reads it out")
+            return json.loads(marker.read_text())["info"]
+
+    def step_heldout(self, name: str, arm: str, labeled: int, seed: int, progress: StepProgress
+                     ) -> dict[str, Any]:
+        """The final checkpoint of one run predicts the held-out cases of ``name``; Dice per class and case
+        against their labels, as :meth:`step_finetune` does for the test cases."""
+        s = self.settings
+        finetune_key = f"finetune_{arm}_{run_name(labeled, seed)}"
+        run = self.finished_finetune(finetune_key, progress)
+        checkpoint = Path(run["run_folder"]) / "checkpoint_final.pth"
+        if not checkpoint.is_file():
+            raise NnsslJointError(f"{checkpoint} is missing although the run {arm} {run_name(labeled, seed)} "
+                                  f"finished; delete {self.marker(finetune_key)} to train it again")
+        trainer, plans = self.trainer_and_plans(arm)
+        held = self.heldout_folder(name)
+        dataset_json = json.loads((self.raw / self.target_name / "dataset.json").read_text())
+        ending = dataset_json["file_ending"]
+        out = self.heldout_predictions(name, arm, labeled, seed)
+        if out.exists():
+            shutil.rmtree(out)
+        cmd = self.predict_command(held / "imagesTs", out, self.target_id, s.configuration, run["fold"],
+                                   trainer, plans, self.budget.test_time_augmentation)
+        progress.expect(len(case_identifiers(held / "labelsTs", ending)), "case")
+        self.run_command(cmd, self.env(self.results_root("finetune", arm)),
+                         self.heldout_key(name, arm, labeled, seed), progress)
+        # the held-out labels are read here, after prediction, and nowhere before (check_heldout and the link
+        # see file names only); their dataset.json declares the target's labels (check_heldout)
+        labels = sorted(int(v) for v in dataset_json["labels"].values() if int(v) > 0)
+        dice = evaluate_predictions(out, held / "labelsTs", ending, labels)
+        dice_json = {case: {str(c): v for c, v in scores.items()} for case, scores in dice.items()}
+        result = {"dataset": name, "arm": arm, "labeled": labeled, "seed": seed, "fold": run["fold"],
+                  "run_folder": run["run_folder"], "predictions": str(out), "dice": dice_json,
+                  "mean_dice": run_mean_dice(dice_json)}
+        self.heldout_results.setdefault(name, {})[f"{arm}/{run_name(labeled, seed)}"] = result
+        progress.note(f"mean Dice {result['mean_dice']:.3f} on {name}")
+        self.write_report()
+        return result
+
     def step_report(self, progress: StepProgress) -> dict[str, Any]:
         files = self.write_report()
         return {"files": {k: str(v) for k, v in files.items()}}
@@ -779,11 +1026,12 @@ class Benchmark(Pipeline):
         wanted = {f"{a}/{run_name(k, seed)}" for seed, k, a in self.runs}
         link = self.marker("link")
         link_info = json.loads(link.read_text())["info"] if link.is_file() else {}
+        heldout = {name: self.collect_heldout(name, classes) for name in self.heldout_report_names()}
         import platform
 
         return {
             "settings": {**s.record(), "labeled": s.labeled, "seeds": s.seeds, "arms": s.arms,
-                         "device": s.device, "out": str(s.out), "raw": str(s.raw)},
+                         "device": s.device, "out": str(s.out), "raw": str(s.raw), "heldout": s.heldout},
             "target": self.target_name, "classes": classes,
             "test_cases": link_info.get("test_cases"), "test_source": link_info.get("test_source"),
             "pretraining_sources": link_info.get("pretraining_sources"),
@@ -791,12 +1039,39 @@ class Benchmark(Pipeline):
             "finished_runs": len(wanted & set(self.results)), "planned_runs": len(wanted),
             "summary": aggregate(self.results, s.arms, s.labeled, seeds, classes),
             "runs": {k: v for k, v in sorted(self.results.items()) if k in wanted},
+            "heldout": heldout,
             "probe": (json.loads(self.marker("probe").read_text())["info"]
                       if self.marker("probe").is_file() else None),
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                         "python": platform.python_version()},
             "written": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
+
+    def heldout_report_names(self) -> list[str]:
+        """Held-out datasets whose cases are linked in this folder: this invocation's first, then those an
+        earlier invocation (or another worker) added, so a run without ``--heldout`` keeps them in the
+        report."""
+        prefix, suffix = "link_heldout_", ".done.json"
+        linked = sorted(p.name[len(prefix):-len(suffix)]
+                        for p in self.state_folder.glob(f"{prefix}*{suffix}"))
+        return [n for n in dict.fromkeys([*self.heldout_names, *linked]) if n in linked]
+
+    def collect_heldout(self, name: str, classes: dict[str, str]) -> dict[str, Any]:
+        """The read-out of held-out dataset ``name``: per-run results (from the markers) and their statistics,
+        computed as the test set's."""
+        s = self.settings
+        results = self.heldout_results.setdefault(name, {})
+        for seed, k, arm in self.runs:
+            marker = self.marker(self.heldout_key(name, arm, k, seed))
+            if f"{arm}/{run_name(k, seed)}" not in results and marker.is_file():
+                results[f"{arm}/{run_name(k, seed)}"] = json.loads(marker.read_text())["info"]
+        link_info = json.loads(self.marker(f"link_heldout_{name}").read_text())["info"]
+        wanted = {f"{a}/{run_name(k, seed)}" for seed, k, a in self.runs}
+        return {"dataset": name, "cases": len(link_info["cases"]), "case_ids": link_info["cases"],
+                "test_source": link_info["test_source"], "source": link_info["source"],
+                "finished_runs": len(wanted & set(results)), "planned_runs": len(wanted),
+                "summary": aggregate(results, s.arms, s.labeled, list(range(s.seeds)), classes),
+                "runs": {k: v for k, v in sorted(results.items()) if k in wanted}}
 
     def write_report(self) -> dict[str, Path]:
         from nnssl_joint.experiments.report import write_benchmark_report
@@ -816,6 +1091,7 @@ class Benchmark(Pipeline):
               f"arms {','.join(s.arms)}, labeled {','.join(map(str, s.labeled))}, {s.seeds} seed(s), "
               f"budget {s.budget!r}, preset {s.preset!r}, recipe {s.recipe!r}"
               + (f", fine-tuning overrides {json.dumps(s.finetune)}" if s.finetune else "")
+              + (f", held-out read-out on {', '.join(s.heldout)}" if s.heldout else "")
               + f"; output in {s.out}",
               file=self.stream, flush=True)
         aside = set_aside_sentence(s.pretrain_objective, s.arms)
@@ -831,7 +1107,19 @@ class Benchmark(Pipeline):
 def summary_text(report: dict[str, Any], seconds: float) -> str:
     lines = [(f"Dice (mean ± std over seeds; {report['finished_runs']}/{report['planned_runs']} runs, "
               f"{format_seconds(seconds)} this invocation):")]
-    for arm, per_k in report["summary"].items():
+    lines += _arm_lines(report["summary"])
+    for name, held in (report.get("heldout") or {}).items():
+        lines.append(f"Held-out read-out {name} ({held['cases']} cases; {held['finished_runs']}/"
+                     f"{held['planned_runs']} runs):")
+        lines += _arm_lines(held["summary"])
+    return "\n".join(lines)
+
+
+def _arm_lines(summary: dict[str, Any]) -> list[str]:
+    """One line per arm of an :func:`aggregate` summary: mean ± std per labeled count, gains over the
+    baselines."""
+    lines = []
+    for arm, per_k in summary.items():
         parts = []
         for k, entry in per_k.items():
             d = entry["dice"]
@@ -843,7 +1131,7 @@ def summary_text(report: dict[str, Any], seconds: float) -> str:
                     text += f" ({gain['mean']:+.1f} pts vs {baseline})"
             parts.append(f"{k} labeled {text}")
         lines.append(f"  {arm:8s} " + " | ".join(parts))
-    return "\n".join(lines)
+    return lines
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -915,6 +1203,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="training device (default cpu)")
     parser.add_argument("--raw", default=None, help="where the datasets are (default: $nnUNet_raw)")
+    parser.add_argument("--heldout", nargs="+", action="extend", default=[], metavar="ID",
+                        help="labeled raw datasets of the target's distribution (same labels, file ending "
+                        "and channels) that nothing trains or tunes on: every fine-tuned run also predicts "
+                        "their imagesTs/labelsTs (else all of imagesTr/labelsTr) and the report gets a "
+                        "section per dataset. A read-out, not part of the experiment: add it to an existing "
+                        "--out, only the read-out steps run")
 
 
 def settings_from_args(args: argparse.Namespace) -> BenchmarkSettings:
@@ -927,7 +1221,7 @@ def settings_from_args(args: argparse.Namespace) -> BenchmarkSettings:
                              recipe=args.recipe,
                              pretrain_objective=read_objective_overrides(args.pretrain_objective),
                              pretrain_options=read_pretrain_options(args.pretrain_options),
-                             finetune=read_finetune_overrides(args.finetune))
+                             finetune=read_finetune_overrides(args.finetune), heldout=args.heldout)
 
 
 def run_benchmark(settings: BenchmarkSettings, stream: TextIO | None = None) -> dict[str, Any]:

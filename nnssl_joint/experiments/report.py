@@ -637,6 +637,64 @@ def _mean_std(entry: dict[str, Any] | None) -> str:
     return f"{entry['mean']:.3f}{std} (n={entry['n']})"
 
 
+def _summary_tables(summary: dict[str, Any], arm_labels: dict[str, str], classes: dict[str, str],
+                    ks: list[str], level: str = "##", cases: str = "test cases") -> list[str]:
+    """Markdown of an :func:`nnssl_joint.experiments.benchmark.aggregate` summary: Dice per arm and labeled
+    count, the paired gains over each baseline, Dice per class; ``level``: the headings' level, ``cases``:
+    what the Dice is a mean over."""
+    lines = [f"{level} Dice (mean over classes and {cases}; mean ± std over seeds)", "",
+             "| arm | " + " | ".join(f"{k} labeled" for k in ks) + " |",
+             "|---|" + "---|" * len(ks)]
+    for arm, per_k in summary.items():
+        lines.append(f"| {arm_labels.get(arm, arm)} | "
+                     + " | ".join(_mean_std(per_k.get(k, {}).get("dice")) for k in ks)
+                     + " |")
+    for baseline in ("scratch", "nnunet"):
+        compared = [a for a in summary if f"gain_vs_{baseline}_points" in next(iter(summary[a].values()), {})]
+        if not compared:
+            continue
+        lines += ["", (f"{level} Gain over {arm_labels.get(baseline, baseline)} (Dice points, paired by "
+                       f"seed; wins = seeds where the arm beat {baseline})"), "",
+                  "| arm | " + " | ".join(f"{k} labeled" for k in ks) + " |", "|---|" + "---|" * len(ks)]
+        for arm in compared:
+            cells = []
+            for k in ks:
+                entry = summary[arm].get(k, {})
+                gain = entry.get(f"gain_vs_{baseline}_points") or {}
+                if gain.get("mean") is None:
+                    cells.append("n/a")
+                    continue
+                std = "" if gain.get("std") is None else f" ± {gain['std']:.1f}"
+                cells.append(f"{gain['mean']:+.1f}{std} pts, wins {entry[f'wins_vs_{baseline}']}")
+            lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    lines += ["", f"{level} Per class (mean ± std over seeds)", ""]
+    for arm, per_k in summary.items():
+        for k in ks:
+            per_class = per_k.get(k, {}).get("per_class", {})
+            parts = ", ".join(f"{classes.get(c, c)} {_mean_std(v)}" for c, v in per_class.items())
+            lines.append(f"- {arm}, {k} labeled: {parts}")
+    return lines
+
+
+def _heldout_section(held: dict[str, Any], data: dict[str, Any], ks: list[str]) -> list[str]:
+    """The read-out of one ``--heldout`` dataset: the test set's tables on its cases, and each run's mean
+    Dice next to the run's test-set mean Dice."""
+    lines = ["", (f"## Held-out read-out: {held['dataset']} ({held['cases']} cases; nothing trains or tunes "
+                  "on them)"), "",
+             (f"Cases: {held.get('test_source')} of `{held.get('source')}`, predicted by the final "
+              f"checkpoint of every run as the test cases are; finished {held['finished_runs']} of "
+              f"{held['planned_runs']} runs. Their labels are read only by the evaluation after "
+              "prediction."), ""]
+    lines += _summary_tables(held["summary"], data["arms"], data["classes"], ks, "###", "held-out cases")
+    lines += ["", "### Runs", "", "| arm | labeled | seed | mean Dice (held-out) | mean Dice (test) |",
+              "|---|---|---|---|---|"]
+    for key, run in held["runs"].items():
+        test = (data["runs"].get(key) or {}).get("mean_dice")
+        lines.append(f"| {run['arm']} | {run['labeled']} | {run['seed']} | {_fmt(run['mean_dice'])} | "
+                     f"{_fmt(test)} |")
+    return lines
+
+
 def render_benchmark_markdown(data: dict[str, Any]) -> str:
     s = data["settings"]
     summary = data["summary"]
@@ -653,43 +711,15 @@ def render_benchmark_markdown(data: dict[str, Any]) -> str:
               "are read only by the evaluation after training; fine-tuning keeps nnU-Net's final "
               "checkpoint (no model selection) and validates on training-pool cases. Each seed draws its "
               "own labeled cases (nested across counts) and seeds the fine-tuning; every arm of a seed "
-              "gets the same cases and seed, so gains are paired."), "",
-             "## Dice (mean over classes and test cases; mean ± std over seeds)", "",
-             "| arm | " + " | ".join(f"{k} labeled" for k in ks) + " |",
-             "|---|" + "---|" * len(ks)]
-    for arm, per_k in summary.items():
-        lines.append(f"| {data['arms'].get(arm, arm)} | "
-                     + " | ".join(_mean_std(per_k.get(k, {}).get("dice")) for k in ks)
-                     + " |")
-    for baseline in ("scratch", "nnunet"):
-        compared = [a for a in summary if f"gain_vs_{baseline}_points" in next(iter(summary[a].values()), {})]
-        if not compared:
-            continue
-        lines += ["", (f"## Gain over {data['arms'].get(baseline, baseline)} (Dice points, paired by seed; "
-                       f"wins = seeds where the arm beat {baseline})"), "",
-                  "| arm | " + " | ".join(f"{k} labeled" for k in ks) + " |", "|---|" + "---|" * len(ks)]
-        for arm in compared:
-            cells = []
-            for k in ks:
-                entry = summary[arm].get(k, {})
-                gain = entry.get(f"gain_vs_{baseline}_points") or {}
-                if gain.get("mean") is None:
-                    cells.append("n/a")
-                    continue
-                std = "" if gain.get("std") is None else f" ± {gain['std']:.1f}"
-                cells.append(f"{gain['mean']:+.1f}{std} pts, wins {entry[f'wins_vs_{baseline}']}")
-            lines.append(f"| {arm} | " + " | ".join(cells) + " |")
-    lines += ["", "## Per class (mean ± std over seeds)", ""]
-    for arm, per_k in summary.items():
-        for k in ks:
-            per_class = per_k.get(k, {}).get("per_class", {})
-            parts = ", ".join(f"{data['classes'].get(c, c)} {_mean_std(v)}" for c, v in per_class.items())
-            lines.append(f"- {arm}, {k} labeled: {parts}")
+              "gets the same cases and seed, so gains are paired."), ""]
+    lines += _summary_tables(summary, data["arms"], data["classes"], ks)
     lines += ["", "![label efficiency](benchmark.png)", "",
               ("Paired view: per seed, a line from each baseline to each arm (same cases and fine-tuning "
                "seed)."), "",
-              "![paired](benchmark_paired.png)", "", "![per class](benchmark_classes.png)", "",
-              "## Runs", "",
+              "![paired](benchmark_paired.png)", "", "![per class](benchmark_classes.png)"]
+    for held in (data.get("heldout") or {}).values():
+        lines += _heldout_section(held, data, ks)
+    lines += ["", "## Runs", "",
               ("| arm | labeled | seed | nnU-Net fold | mean Dice | validation cases "
                "| trainer / plans / network | run folder |"),
               "|---|---|---|---|---|---|---|---|"]

@@ -406,7 +406,8 @@ def test_fine_tuning_overrides_act_on_the_pretrained_run_only(benchmark_run):
         in logs["scratch"]
     assert "pretrained parts frozen" not in logs["scratch"]
     # the benchmark's protocol: the pretrained run keeps its own seed's decoder (the scratch run's)
-    assert "tensors outside the pretrained parts keep this run's own initialisation (seed 0)" in logs["joint"]
+    assert ("tensors outside the transferred parts keep this run's own initialisation (seed 0)"
+            in logs["joint"])
     assert "keep this run's own initialisation" not in logs["scratch"]
     assert runs["joint/L1_s0"]["finetune_overrides"] == {"freeze_pretrained_epochs": 1}
     assert runs["nnunet/L1_s0"]["finetune_overrides"] == {}
@@ -465,6 +466,61 @@ def test_rerun_skips_everything_and_a_deleted_run_repeats_exactly(benchmark_run)
     after = json.loads((out / "report" / "benchmark.json").read_text())
     assert after["runs"]["scratch/L1_s0"]["dice"] == before["runs"]["scratch/L1_s0"]["dice"]
     assert after["summary"] == before["summary"]
+
+
+def test_a_heldout_read_out_joins_a_finished_folder_and_scores_the_heldout_labels(benchmark_run):
+    """--heldout is no part of the experiment: the finished folder continues with it and only the read-out
+    runs. The held-out dataset (imagesTr/labelsTr only) holds the target's test image twice: 'same' with its
+    label, 'swapped' with the two organ labels exchanged. 'same' scores exactly as the test case; 'swapped'
+    scores the (same) prediction against its own label, so the evaluation reads the held-out labels."""
+    import shutil
+
+    out, root = benchmark_run["out"], benchmark_run["root"]
+    before = json.loads((out / "report" / "benchmark.json").read_text())
+    case = before["test_cases"][0]
+    target, held = root / "raw" / "Dataset623_SynthOrgans", root / "raw" / "Dataset624_HeldOut"
+    image, label = target / "imagesTr" / f"{case}_0000.nrrd", target / "labelsTr" / f"{case}.nrrd"
+    reference = sitk.ReadImage(str(label))
+    array = sitk.GetArrayFromImage(reference)
+    assert {1, 2} <= set(np.unique(array).tolist())
+    swapped = np.where(array == 1, 2, np.where(array == 2, 1, array)).astype(array.dtype)
+    (held / "imagesTr").mkdir(parents=True)
+    (held / "labelsTr").mkdir()
+    for name in ("same", "swapped"):
+        shutil.copy(image, held / "imagesTr" / f"{name}_0000.nrrd")
+    shutil.copy(label, held / "labelsTr" / "same.nrrd")
+    swapped_image = sitk.GetImageFromArray(swapped)
+    swapped_image.CopyInformation(reference)
+    sitk.WriteImage(swapped_image, str(held / "labelsTr" / "swapped.nrrd"))
+    (held / "dataset.json").write_text((target / "dataset.json").read_text())
+
+    result = _cli(*benchmark_run["args"], "--heldout", "624", cwd=root)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for arm in ("scratch", "nnunet", "joint"):  # nothing trained again
+        assert f"fine-tuning {arm} + predicting + evaluating: done in an earlier run" in result.stdout
+    report = json.loads((out / "report" / "benchmark.json").read_text())
+    assert report["runs"] == before["runs"] and report["summary"] == before["summary"]
+    read_out = report["heldout"]["Dataset624_HeldOut"]
+    assert read_out["cases"] == 2 and read_out["test_source"] == "all of imagesTr/labelsTr"
+    assert read_out["finished_runs"] == read_out["planned_runs"] == 3
+    for arm in ("scratch", "nnunet", "joint"):
+        run = read_out["runs"][f"{arm}/L1_s0"]
+        assert set(run["dice"]) == {"same", "swapped"}
+        assert run["dice"]["same"] == report["runs"][f"{arm}/L1_s0"]["dice"][case]
+        predictions = out / "predictions_heldout" / "Dataset624_HeldOut" / arm / "L1_s0"
+        prediction = pipeline.read_label(predictions / "swapped.nrrd")
+        assert np.array_equal(prediction, pipeline.read_label(predictions / "same.nrrd"))
+        expected = pipeline.dice_per_class(prediction, swapped, [1, 2])
+        assert run["dice"]["swapped"] == {str(c): None if np.isnan(v) else pytest.approx(v)
+                                          for c, v in expected.items()}
+        assert read_out["summary"][arm]["1"]["dice"]["mean"] == pytest.approx(run["mean_dice"])
+    assert "gain_vs_scratch_points" in read_out["summary"]["joint"]["1"]
+    markdown = (out / "report" / "benchmark.md").read_text()
+    section = markdown.split("## Held-out read-out: Dataset624_HeldOut (2 cases; nothing trains or tunes on "
+                             "them)")[1].split("\n## ")[0]
+    assert "| joint 2D/3D pretraining |" in section and "| from scratch |" in section
+    assert "### Gain over stock nnU-Net" in section and "| joint | 1 | 0 |" in section
+    assert "Held-out read-out Dataset624_HeldOut (2 cases; 3/3 runs):" in result.stdout
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -564,6 +620,203 @@ def test_the_checks_pass_for_a_one_case_target_validating_on_itself(check_raw, t
         bm.BenchmarkSettings(pretrain=[], target="633", out=tmp_path, raw=check_raw, labeled=[1],
                              arms=["nnunet", "intra"])
     bm.BenchmarkSettings(pretrain=[], target="633", out=tmp_path, raw=check_raw, labeled=[1], arms=["nnunet"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# the held-out read-out (--heldout): a read-out, checked before anything runs, waiting for its fine-tuning
+
+
+def test_heldout_is_a_read_out_not_part_of_the_experiment(tmp_path):
+    """A folder made without --heldout continues with it (and one made with it, without it)."""
+    import argparse
+
+    kwargs = {"pretrain": [], "target": "2", "out": tmp_path / "out", "raw": tmp_path, "labeled": [1],
+              "arms": ["scratch"]}
+    plain = bm.BenchmarkSettings(**kwargs)
+    with_heldout = bm.BenchmarkSettings(**kwargs, heldout=["7", "8", "7"])
+    assert with_heldout.heldout == ["7", "8"] and with_heldout.record() == plain.record()
+    assert "heldout" not in json.dumps(with_heldout.record())
+    _FakeBenchmark(plain, io.StringIO()).check_settings()
+    _FakeBenchmark(with_heldout, io.StringIO()).check_settings()  # the same experiment
+    parser = argparse.ArgumentParser()
+    bm.add_arguments(parser)
+    args = parser.parse_args(["--target", "2", "--raw", str(tmp_path), "--arms", "scratch",
+                              "--heldout", "7", "8", "--heldout", "Dataset009_X"])
+    assert bm.settings_from_args(args).heldout == ["7", "8", "Dataset009_X"]
+    assert parser.parse_args(["--target", "2"]).heldout == []
+    with pytest.raises(SystemExit):  # --heldout names at least one dataset
+        parser.parse_args(["--target", "2", "--heldout"])
+
+
+def _heldout_copy(raw: Path, new_id: int, change=None) -> str:
+    """A copy of the labeled target 633 (imagesTs/labelsTs: 2 cases) as Dataset<new_id>_Held, changed by
+    ``change(folder, dataset_json)``."""
+    import shutil
+
+    destination = raw / f"Dataset{new_id}_Held"
+    if destination.exists():
+        shutil.rmtree(destination)
+    shutil.copytree(next(raw.glob("Dataset633_*")), destination)
+    dataset_json = json.loads((destination / "dataset.json").read_text())
+    if change is not None:
+        change(destination, dataset_json)
+    (destination / "dataset.json").write_text(json.dumps(dataset_json))
+    return str(new_id)
+
+
+def _renamed_label(folder, dataset_json):
+    dataset_json["labels"] = {("tumour" if v == 2 else k): v for k, v in dataset_json["labels"].items()}
+
+
+def _two_channels(folder, dataset_json):
+    dataset_json["channel_names"] = {"0": "T1", "1": "T2"}
+
+
+def _one_image_missing(folder, dataset_json):
+    next((folder / "imagesTs").iterdir()).unlink()
+
+
+def _no_labels(folder, dataset_json):
+    import shutil
+
+    shutil.rmtree(folder / "labelsTs")
+    shutil.rmtree(folder / "labelsTr")
+
+
+def _flat_first_image(folder, dataset_json):
+    first = min((folder / "imagesTs").iterdir())
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((32, 32), np.float32)), str(first))
+
+
+@pytest.mark.parametrize("case, heldout, match", [
+    ("not found", lambda raw: "698", "No dataset with id 698"),
+    ("the target itself", lambda raw: "633", "--heldout 633 is the target Dataset633_SynthOrgans itself"),
+    ("a pretraining source", lambda raw: "631", r"--heldout 631 \(Dataset631_\w+\) is one of the --pretrain"),
+    ("other labels", lambda raw: _heldout_copy(raw, 651, _renamed_label),
+     r"Dataset651_Held/dataset.json: labels .*tumour.* differ from .* of the target .*Dataset633"),
+    ("other file ending", lambda raw: _heldout_copy(raw, 652, lambda f, d: d.update(file_ending=".nrrd")),
+     r"Dataset652_Held/dataset.json: file_ending '.nrrd' differs from the target's '.nii.gz'"),
+    ("other channels", lambda raw: _heldout_copy(raw, 653, _two_channels),
+     r"Dataset653_Held/dataset.json: 2 channel\(s\).*target has 1"),
+    ("a label without its image", lambda raw: _heldout_copy(raw, 654, _one_image_missing),
+     r"--heldout Dataset654_Held: .*labelsTs has labels whose images"),
+    ("no labeled case", lambda raw: _heldout_copy(raw, 655, _no_labels),
+     r"--heldout Dataset655_Held has no labeled case.*labelsTr"),
+    ("2D images for a 3D target", lambda raw: _heldout_copy(raw, 656, _flat_first_image),
+     r"--heldout Dataset656_Held holds 2D images"),
+])
+def test_every_heldout_refusal_fires_before_anything_is_written(check_raw, tmp_path, case, heldout, match):
+    settings = bm.BenchmarkSettings(pretrain=["631", "632"], target="633", out=tmp_path / "out",
+                                    raw=check_raw, labeled=[1], seeds=1, arms=["scratch"], budget="tiny",
+                                    heldout=[heldout(check_raw)])
+    with pytest.raises(NnsslJointError, match=match):
+        bm.Benchmark(settings, io.StringIO()).run()
+    assert not (tmp_path / "out" / "raw").exists() and not (tmp_path / "out" / ".benchmark").exists()
+
+
+def test_heldout_cases_are_its_test_split_or_else_all_its_training_cases(check_raw, tmp_path):
+    settings = bm.BenchmarkSettings(pretrain=["631"], target="633", out=tmp_path, raw=check_raw, labeled=[1],
+                                    seeds=1, arms=["scratch"], heldout=[_heldout_copy(check_raw, 657)])
+    assert bm.check_inputs(settings)["heldout_cases"] == {"Dataset657_Held": 2}  # imagesTs/labelsTs
+    held = bm.read_heldout_set(check_raw / "Dataset657_Held")
+    assert held.own_test and sorted(held.labels) == sorted(
+        p.name.removesuffix(".nii.gz") for p in (check_raw / "Dataset657_Held" / "labelsTs").iterdir())
+    import shutil
+
+    shutil.rmtree(check_raw / "Dataset657_Held" / "labelsTs")  # no test split: every training case
+    held = bm.read_heldout_set(check_raw / "Dataset657_Held")
+    assert not held.own_test and held.test_source == "all of imagesTr/labelsTr" and len(held.labels) == 3
+    bm.link_heldout_set(held, tmp_path / "linked")
+    assert sorted(p.name for p in (tmp_path / "linked" / "labelsTs").iterdir()) == sorted(
+        f"{c}.nii.gz" for c in held.labels)
+    assert all(p.is_symlink() for p in (tmp_path / "linked" / "imagesTs").iterdir())
+
+
+def test_a_heldout_step_waits_for_its_fine_tuning_and_names_a_run_that_never_finished(tmp_path, monkeypatch):
+    """Without training: the fine-tuning marker is missing (error naming the run), or another worker holds
+    the fine-tuning's lock (the step waits, then predicts with that run's checkpoint and scores the held-out
+    labels)."""
+    import dataclasses
+    import fcntl
+    import threading
+    import time
+
+    (tmp_path / "raw" / "Dataset660_Held").mkdir(parents=True)
+    settings = bm.BenchmarkSettings(pretrain=[], target="2", out=tmp_path / "out", raw=tmp_path / "raw",
+                                    labeled=[1], seeds=1, arms=["scratch"], heldout=["660"])
+    stream = io.StringIO()
+    bench = bm.Benchmark(settings, stream)
+    bench.target_name, bench.target_id = "Dataset002_T", 2
+    target = bench.raw / bench.target_name
+    target.mkdir(parents=True)
+    (target / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "a": 1, "b": 2},
+                                                     "file_ending": ".nii.gz", "channel_names": {"0": "x"}}))
+    labels = bench.heldout_folder("Dataset660_Held") / "labelsTs"
+    labels.mkdir(parents=True)
+    for case, value in (("h0", 1), ("h1", 2)):
+        array = np.zeros((4, 4, 4), np.uint8)
+        array[1:3, 1:3, 1:3] = value
+        sitk.WriteImage(sitk.GetImageFromArray(array), str(labels / f"{case}.nii.gz"))
+    commands = []
+
+    def predict(cmd, env, log_name, progress=None):  # a "prediction" of label 1 everywhere in the cube
+        commands.append(cmd)
+        out = Path(cmd[cmd.index("-o") + 1])
+        out.mkdir(parents=True)
+        for label in labels.iterdir():
+            array = (sitk.GetArrayFromImage(sitk.ReadImage(str(label))) > 0).astype(np.uint8)
+            sitk.WriteImage(sitk.GetImageFromArray(array), str(out / label.name))
+
+    monkeypatch.setattr(bench, "run_command", predict)
+    monkeypatch.setattr(bench, "write_report", dict)
+    progress = pipeline.StepProgress(1, 1, "held-out", stream)
+    with pytest.raises(NnsslJointError, match=r"the run scratch_L1_s0 has no finished fine-tuning \(no .*"
+                                              r"finetune_scratch_L1_s0.done.json\)"):
+        bench.step_heldout("Dataset660_Held", "scratch", 1, 0, progress)
+    assert not commands
+
+    run_folder = tmp_path / "out" / "results" / "fold_3"
+    run_folder.mkdir(parents=True)
+    (run_folder / "checkpoint_final.pth").write_bytes(b"")
+    lock = open(bench.state_folder / "finetune_scratch_L1_s0.lock", "a+")  # noqa: SIM115
+    fcntl.flock(lock, fcntl.LOCK_EX)  # another worker is fine-tuning the run
+    lock.write("process 4242 on another host")
+    lock.flush()
+    results = []
+    worker = threading.Thread(target=lambda: results.append(
+        bench.step_heldout("Dataset660_Held", "scratch", 1, 0, progress)))
+    worker.start()
+    time.sleep(0.5)
+    assert worker.is_alive() and not commands  # waiting, not predicting
+    bench.marker("finetune_scratch_L1_s0").write_text(json.dumps(
+        {"info": {"run_folder": str(run_folder), "fold": 3, "mean_dice": 0.9, "dice": {"t": {"1": 0.9}}}}))
+    lock.close()  # the fine-tuning finished
+    worker.join(timeout=30)
+    assert not worker.is_alive() and results
+    assert "waiting for process 4242 on another host to finish finetune_scratch_L1_s0" in stream.getvalue()
+    cmd = commands[0]
+    assert cmd[cmd.index("-i") + 1] == str(bench.heldout_folder("Dataset660_Held") / "imagesTs")
+    assert cmd[cmd.index("-f") + 1] == "3" and cmd[cmd.index("-chk") + 1] == "checkpoint_final.pth"
+    assert cmd[cmd.index("-o") + 1] == str(tmp_path / "out" / "predictions_heldout" / "Dataset660_Held"
+                                           / "scratch" / "L1_s0")
+    result = results[0]
+    # h0 (class 1): the prediction is right; h1 (class 2): label 1 predicted where 2 is
+    assert result["dice"]["h0"] == {"1": 1.0, "2": pytest.approx(float("nan"), nan_ok=True)}
+    assert result["dice"]["h1"] == {"1": 0.0, "2": 0.0}
+    assert result["mean_dice"] == pytest.approx(0.5)
+
+    # the report: the read-out of every linked held-out dataset, also in an invocation without --heldout
+    marker = bench.marker(bench.heldout_key("Dataset660_Held", "scratch", 1, 0))
+    marker.write_text(json.dumps({"info": result}))
+    bench.marker("link_heldout_Dataset660_Held").write_text(json.dumps(
+        {"info": {"cases": ["h0", "h1"], "test_source": "imagesTs/labelsTs", "source": "x"}}))
+    for heldout in (["660"], []):
+        later = bm.Benchmark(dataclasses.replace(settings, heldout=heldout), io.StringIO())
+        later.target_name = bench.target_name
+        read_out = later.collect()["heldout"]["Dataset660_Held"]
+        assert read_out["cases"] == 2 and read_out["finished_runs"] == read_out["planned_runs"] == 1
+        assert read_out["summary"]["scratch"]["1"]["dice"]["mean"] == pytest.approx(0.5)
+        assert read_out["runs"]["scratch/L1_s0"]["dice"]["h1"] == {"1": 0.0, "2": 0.0}
 
 
 def test_pretraining_options_reach_every_arm_are_part_of_the_experiment_and_bad_ones_are_refused(tmp_path):

@@ -245,3 +245,37 @@ def test_the_benchmark_report_names_what_2d_only_set_aside_only_when_that_arm_ra
     markdown = report.render_benchmark_markdown(data)
     assert ("2D-only pretraining leaves out lambda_volume_contrast=1 (a volume term; the arm has none)."
             in markdown)
+
+
+def test_the_benchmark_report_has_a_section_per_heldout_read_out_with_the_test_sets_tables():
+    """A held-out read-out is summarised as the test set (aggregate) and rendered with the same tables, under
+    its own heading, with each run's held-out Dice next to its test Dice."""
+    data = _benchmark_data()
+    classes = data["classes"]
+    # held-out Dice: every run 0.1 below its test Dice, except joint L1_s1 (0.2 below)
+    heldout = {key: {**run, "mean_dice": run["mean_dice"] - (0.2 if key == "joint/L1_s1" else 0.1),
+                     "dice": {"h0": {"1": run["mean_dice"] - 0.1, "2": run["mean_dice"] - 0.1}}}
+               for key, run in data["runs"].items()}
+    heldout["joint/L1_s1"]["dice"] = {"h0": {"1": 0.4, "2": 0.4}}
+    data["heldout"] = {"Dataset624_H": {
+        "dataset": "Dataset624_H", "cases": 7, "test_source": "imagesTs/labelsTs", "source": "/raw/D624_H",
+        "finished_runs": len(heldout), "planned_runs": 12, "runs": heldout,
+        "summary": benchmark.aggregate(heldout, ("scratch", "nnunet", "joint"), LABELED, SEEDS, classes)}}
+    markdown = report.render_benchmark_markdown(data)
+    test_part, section = markdown.split(
+        "## Held-out read-out: Dataset624_H (7 cases; nothing trains or tunes on them)")
+    section = section.split("\n## Runs")[0]
+    # the test set's tables are unchanged, the held-out section has the same layout one level down
+    assert "| SCRATCH | 0.400 ± 0.141 (n=2) | 0.650 ± 0.071 (n=2) |" in test_part
+    assert "### Dice (mean over classes and held-out cases; mean ± std over seeds)" in section
+    assert "| SCRATCH | 0.300 ± 0.141 (n=2) | 0.550 ± 0.071 (n=2) |" in section
+    assert "| JOINT | 0.350 ± 0.071 (n=2) | 0.600 (n=1) |" in section
+    assert "### Gain over SCRATCH" in section and "### Gain over NNUNET" in section
+    assert "| joint | +5.0 ± 7.1 pts, wins 1/2 | +10.0 pts, wins 1/1 |" in section  # +10 and 0 points
+    assert "- scratch, 1 labeled: liver 0.300 ± 0.141 (n=2), lesion 0.300 ± 0.141 (n=2)" in section
+    assert "| joint | 1 | 1 | 0.400 | 0.600 |" in section  # held-out next to test
+    assert "finished 11 of 12 runs" in section
+    text = benchmark.summary_text(data, 5.0)
+    assert "Held-out read-out Dataset624_H (7 cases; 11/12 runs):" in text
+    assert "  joint    1 labeled 0.350±0.071 (+5.0 pts vs scratch)" in text
+    assert "## Held-out read-out" not in report.render_benchmark_markdown(_benchmark_data())
