@@ -478,7 +478,9 @@ class BenchmarkSettings:
         for arm in pretrained:  # a contradiction with an arm's own keys is refused before anything runs
             self.budget_spec.pretrain_config(arm, self.seed, objective_overrides=self.pretrain_objective,
                                              options=self.pretrain_options)
-        self.budget_spec.finetune_config(self.seed, self.recipe, self.finetune)  # same, for --finetune
+        # same, for --finetune, with the protocol's new_parts_init the runs get (finetune_config_of)
+        self.budget_spec.finetune_config(self.seed, self.recipe,
+                                         {"new_parts_init": self.new_parts_init, **self.finetune})
         if self.raw is None:
             from nnssl_joint.naming import nnunet_raw
 

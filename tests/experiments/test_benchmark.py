@@ -324,6 +324,12 @@ def test_fine_tuning_overrides_reach_every_plugin_arm_but_not_stock_nnunet(tmp_p
         bm.BenchmarkSettings(**kwargs, finetune={"pretrained_lr_factor": "low"})
     with pytest.raises(NnsslJointError, match="recipe 'nnunet_warmup' trains the whole network"):
         bm.BenchmarkSettings(**kwargs, recipe="nnunet_warmup", finetune={"pretrained_lr_factor": 0.1})
+    # a key that needs the protocol's new_parts_init 'run' passes with it, and is refused with the file's
+    shallow = bm.BenchmarkSettings(**kwargs, finetune={"pretrained_encoder_stages": 2})
+    shallow_config = _FakeBenchmark(shallow, io.StringIO()).finetune_config_of("joint", 3)[3]
+    assert FinetuneConfig.from_dict(shallow_config).pretrained_encoder_stages == 2
+    with pytest.raises(NnsslJointError, match="pretrained_encoder_stages 2 .*needs new_parts_init 'run'"):
+        bm.BenchmarkSettings(**kwargs, finetune={"pretrained_encoder_stages": 2, "new_parts_init": "file"})
     with pytest.raises(NnsslJointError, match="--finetune is not valid JSON"):
         read_finetune_overrides('{"pretrained_lr_factor": }')
     spec = tmp_path / "finetune.json"
