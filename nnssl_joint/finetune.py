@@ -65,7 +65,8 @@ class FinetuneConfig:
     #: embedding and slice Transformer). With N set, encoder stages N and deeper, the slice embedding and the
     #: slice Transformer start from this run's own draw like the decoder (needs ``new_parts_init: run``) and
     #: count as new parts for ``pretrained_lr_factor`` and ``freeze_pretrained_epochs``: transfer of the
-    #: shallow, generic layers only (runs from pretrained weights only)
+    #: shallow, generic layers only (runs from pretrained weights only). 0 transfers nothing: the control
+    #: for everything a run from pretrained weights does besides its start (warm-up, initial rate)
     pretrained_encoder_stages: int | None = None
 
     def __post_init__(self) -> None:
@@ -92,9 +93,9 @@ class FinetuneConfig:
                                   f"{', '.join(NEW_PARTS_INIT)}, got {self.new_parts_init!r}")
         stages = self.pretrained_encoder_stages
         if stages is not None:
-            if isinstance(stages, bool) or not isinstance(stages, int) or stages < 1:
+            if isinstance(stages, bool) or not isinstance(stages, int) or stages < 0:
                 raise NnsslJointError(f"fine-tuning config: pretrained_encoder_stages must be an integer "
-                                      f">= 1 or null (all stages), got {stages!r}")
+                                      f">= 0 or null (all stages), got {stages!r}")
             if self.new_parts_init != "run":
                 raise NnsslJointError(
                     f"fine-tuning config: pretrained_encoder_stages {stages} re-initialises the deeper "
@@ -172,7 +173,7 @@ def check_pretrained_encoder_stages(network: nn.Module, pretrained_encoder_stage
     n = count_encoder_stages(network)
     if pretrained_encoder_stages is not None and pretrained_encoder_stages > n:
         raise NnsslJointError(f"fine-tuning config: pretrained_encoder_stages {pretrained_encoder_stages} "
-                              f"but the network's encoder has {n} stages; use 1 to {n}, or null for all")
+                              f"but the network's encoder has {n} stages; use 0 to {n}, or null for all")
 
 
 def split_parameters(network: nn.Module, pretrained_encoder_stages: int | None = None

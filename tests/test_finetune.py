@@ -51,7 +51,7 @@ def test_pretrained_networks_start_at_their_own_learning_rate():
      r"warmup_epochs \(5\) < num_epochs \(5\)"),
     ({"pretrained_initial_lr": 0}, "pretrained_initial_lr must be > 0"),
     ({"new_parts_init": "seed"}, "new_parts_init must be one of file, run, got 'seed'"),
-    ({"pretrained_encoder_stages": 0, "new_parts_init": "run"}, "pretrained_encoder_stages must be an int"),
+    ({"pretrained_encoder_stages": -1, "new_parts_init": "run"}, "pretrained_encoder_stages must be an int"),
     ({"pretrained_encoder_stages": True, "new_parts_init": "run"}, "got True"),
     ({"pretrained_encoder_stages": 2}, "needs new_parts_init 'run' \\(got 'file'\\)"),
 ])
@@ -151,6 +151,9 @@ def test_pretrained_encoder_stages_transfers_the_shallow_stages_only():
     assert freeze_pretrained(net, True, 2) == len(pretrained)
     frozen = {n for n, p in net.named_parameters() if not p.requires_grad}
     assert frozen == {names[id(p)] for p in pretrained}
+    # 0 transfers nothing: every tensor is the run's own, no parameter is in the pretrained group
+    assert set(new_parts_state(net, 0)) == set(state)
+    assert split_parameters(net, 0)[0] == []
     check_pretrained_encoder_stages(net, n_stages)
     with pytest.raises(NnsslJointError, match=f"pretrained_encoder_stages {n_stages + 1} but the network's "
                                               f"encoder has {n_stages} stages"):

@@ -106,10 +106,11 @@ class JointSSLFinetuneTrainer(nnUNetTrainer):
                 # after super().initialize(): under DDP every rank holds rank 0's draw by now
                 self._run_new_parts = new_parts_state(self.network, stages)
                 if stages is not None:
+                    which = f"encoder stages 0-{stages - 1} start" if stages else "nothing starts"
                     self.print_to_log_file(
-                        f"pretrained_encoder_stages {stages}: encoder stages 0-{stages - 1} start from the "
-                        f"file; the deeper stages, the slice embedding and the slice Transformer start, like "
-                        f"the decoder, from this run's own initialisation")
+                        f"pretrained_encoder_stages {stages}: {which} from the file; the deeper stages, the "
+                        f"slice embedding and the slice Transformer start, like the decoder, from this run's "
+                        f"own initialisation")
 
     def keep_run_initialisation(self) -> int:
         """With ``new_parts_init: run``, put this run's own initialisation of the non-pretrained parts back
