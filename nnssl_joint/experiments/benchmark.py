@@ -909,20 +909,9 @@ class Benchmark(Pipeline):
             self.run_command(cmd, self.env(self.results_root("finetune", arm), training=True,
                                            NNSSL_JOINT_FINETUNE_CONFIG=str(config_file)),
                              f"finetune_{arm}_{run_name(labeled, seed)}", progress)
-        raw = self.raw / self.target_name
-        dataset_json = json.loads((raw / "dataset.json").read_text())
-        out = self.predictions(arm, labeled, seed)
-        if out.exists():
-            shutil.rmtree(out)
-        cmd = self.predict_command(raw / "imagesTs", out, self.target_id, s.configuration, fold, trainer,
-                                   plans, self.budget.test_time_augmentation)
-        progress.expect(len(case_identifiers(raw / "labelsTs", dataset_json["file_ending"])), "case")
-        self.run_command(cmd, self.env(self.results_root("finetune", arm)),
-                         f"predict_{arm}_{run_name(labeled, seed)}", progress)
-        # the test labels are read here, after training and prediction finished, and nowhere before
-        labels = sorted(int(v) for v in dataset_json["labels"].values() if int(v) > 0)
-        dice = evaluate_predictions(out, raw / "labelsTs", dataset_json["file_ending"], labels)
-        dice_json = {case: {str(c): v for c, v in scores.items()} for case, scores in dice.items()}
+        # the test labels are read there, after training and prediction finished, and nowhere before
+        dice_json = self.predict_and_score(self.raw / self.target_name, self.predictions(arm, labeled, seed),
+                                           arm, fold, f"predict_{arm}_{run_name(labeled, seed)}", progress)
         split = json.loads((self.preprocessed / self.target_name / "splits_final.json").read_text())[fold]
         run_plans = json.loads((folder.parent / "plans.json").read_text())
         result = {"arm": arm, "labeled": labeled, "seed": seed, "fold": fold, "run_folder": str(folder),
@@ -976,30 +965,17 @@ class Benchmark(Pipeline):
                      ) -> dict[str, Any]:
         """The final checkpoint of one run predicts the held-out cases of ``name``; Dice per class and case
         against their labels, as :meth:`step_finetune` does for the test cases."""
-        s = self.settings
         finetune_key = f"finetune_{arm}_{run_name(labeled, seed)}"
         run = self.finished_finetune(finetune_key, progress)
         checkpoint = Path(run["run_folder"]) / "checkpoint_final.pth"
         if not checkpoint.is_file():
             raise NnsslJointError(f"{checkpoint} is missing although the run {arm} {run_name(labeled, seed)} "
                                   f"finished; delete {self.marker(finetune_key)} to train it again")
-        trainer, plans = self.trainer_and_plans(arm)
-        held = self.heldout_folder(name)
-        dataset_json = json.loads((self.raw / self.target_name / "dataset.json").read_text())
-        ending = dataset_json["file_ending"]
         out = self.heldout_predictions(name, arm, labeled, seed)
-        if out.exists():
-            shutil.rmtree(out)
-        cmd = self.predict_command(held / "imagesTs", out, self.target_id, s.configuration, run["fold"],
-                                   trainer, plans, self.budget.test_time_augmentation)
-        progress.expect(len(case_identifiers(held / "labelsTs", ending)), "case")
-        self.run_command(cmd, self.env(self.results_root("finetune", arm)),
-                         self.heldout_key(name, arm, labeled, seed), progress)
-        # the held-out labels are read here, after prediction, and nowhere before (check_heldout and the link
+        # the held-out labels are read there, after prediction, and nowhere before (check_heldout and the link
         # see file names only); their dataset.json declares the target's labels (check_heldout)
-        labels = sorted(int(v) for v in dataset_json["labels"].values() if int(v) > 0)
-        dice = evaluate_predictions(out, held / "labelsTs", ending, labels)
-        dice_json = {case: {str(c): v for c, v in scores.items()} for case, scores in dice.items()}
+        dice_json = self.predict_and_score(self.heldout_folder(name), out, arm, run["fold"],
+                                           self.heldout_key(name, arm, labeled, seed), progress)
         result = {"dataset": name, "arm": arm, "labeled": labeled, "seed": seed, "fold": run["fold"],
                   "run_folder": run["run_folder"], "predictions": str(out), "dice": dice_json,
                   "mean_dice": run_mean_dice(dice_json)}
@@ -1007,6 +983,24 @@ class Benchmark(Pipeline):
         progress.note(f"mean Dice {result['mean_dice']:.3f} on {name}")
         self.write_report()
         return result
+
+    def predict_and_score(self, folder: Path, out: Path, arm: str, fold: int, log_key: str,
+                          progress: StepProgress) -> dict[str, dict[str, float]]:
+        """The final checkpoint of ``arm``'s run in nnU-Net fold ``fold`` predicts ``folder/imagesTs`` into
+        ``out`` (replaced); returns Dice per case and class (class values as strings) against
+        ``folder/labelsTs``, which is read only here, after the prediction finished."""
+        dataset_json = json.loads((self.raw / self.target_name / "dataset.json").read_text())
+        ending = dataset_json["file_ending"]
+        trainer, plans = self.trainer_and_plans(arm)
+        if out.exists():
+            shutil.rmtree(out)
+        cmd = self.predict_command(folder / "imagesTs", out, self.target_id, self.settings.configuration,
+                                   fold, trainer, plans, self.budget.test_time_augmentation)
+        progress.expect(len(case_identifiers(folder / "labelsTs", ending)), "case")
+        self.run_command(cmd, self.env(self.results_root("finetune", arm)), log_key, progress)
+        labels = sorted(int(v) for v in dataset_json["labels"].values() if int(v) > 0)
+        dice = evaluate_predictions(out, folder / "labelsTs", ending, labels)
+        return {case: {str(c): v for c, v in scores.items()} for case, scores in dice.items()}
 
     def step_report(self, progress: StepProgress) -> dict[str, Any]:
         files = self.write_report()
