@@ -670,11 +670,16 @@ class Benchmark(Pipeline):
     def settings_record(self) -> dict[str, Any]:
         return self.settings.record()
 
-    def settings_hint(self, changed: list[str]) -> str:
+    def settings_hint(self, changed: list[str], previous: dict[str, Any]) -> str:
+        hint = super().settings_hint(changed, previous)
+        if hint:  # the budgets' old warm-up: a --budget file keeps it
+            old = previous["budget"]["finetune_warmup_epochs"]
+            hint += (", or continue it with a --budget file that sets "
+                     f"\"finetune_warmup_epochs\": {old}")
         if "new_parts_init" not in changed:
-            return ""
-        return ("; a folder of an earlier version fine-tuned the pretrained arms from the exported file's "
-                "decoder: continue it with --finetune '{\"new_parts_init\": \"file\"}'")
+            return hint
+        return hint + ("; a folder of an earlier version fine-tuned the pretrained arms from the exported "
+                       "file's decoder: continue it with --finetune '{\"new_parts_init\": \"file\"}'")
 
     def state(self) -> dict[str, Any]:
         return {"target_name": self.target_name, "target_id": self.target_id, "pretrain_id": self.pretrain_id,
@@ -1153,7 +1158,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="training lengths: tiny, small (default), medium, large (the demo's) or a JSON "
                         "file overriding keys of small: pretrain_epochs, pretrain_iterations, "
                         "finetune_epochs, finetune_iterations, finetune_val_iterations, "
-                        "finetune_warmup_epochs, test_time_augmentation")
+                        "finetune_warmup_epochs (0 in every built-in budget: the same schedule for "
+                        "every arm), test_time_augmentation")
     parser.add_argument("--out", default="benchmark_output",
                         help="output folder (default ./benchmark_output); re-run with the same folder to "
                         "continue or extend")
@@ -1173,11 +1179,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "nnUNetPlans 2d networks; cpu: the narrow CPU preset (faster, far behind stock "
                         "nnU-Net from scratch, docs/finetuning.md)")
     parser.add_argument("--recipe", default="plugin", choices=FINETUNE_RECIPES,
-                        help="fine-tuning recipe of the plugin's arms: plugin (default: warm-up inside "
-                        "nnU-Net's poly schedule, lr 1e-2) or nnunet_warmup (nnU-Net's pretrained-weights "
-                        "recipe: linear warm-up of the whole network, then poly; lr 1e-3 for pretrained "
-                        "networks); the warm-up acts on runs from pretrained weights only, scratch runs "
-                        "follow nnU-Net's schedule")
+                        help="fine-tuning recipe of the plugin's arms: plugin (default: nnU-Net's poly "
+                        "schedule, lr 1e-2, with the budget's warm-up, none in the built-in budgets) or "
+                        "nnunet_warmup (nnU-Net's pretrained-weights recipe: linear warm-up of the "
+                        "whole network, 5%% of the epochs unless the budget sets a warm-up, then poly; lr "
+                        "1e-3 for pretrained networks); the warm-up acts on runs from pretrained weights "
+                        "only, scratch runs follow nnU-Net's schedule")
     parser.add_argument("--pretrain-objective", default=None, metavar="JSON|FILE.json",
                         help="objective keys for every pretraining arm, as JSON text or a file, e.g. "
                              "'{\"lambda_dense\": 1.0, \"dense_stage\": 1}' (the recommended dense term, "

@@ -37,6 +37,14 @@ FINETUNE_RECIPES = ("plugin", "nnunet_warmup")
 #: initial learning rate of pretrained networks under the ``nnunet_warmup`` recipe: nnU-Net's 1e-2 divided
 #: by 10, as nnU-Net's pretrained-weights fine-tuning lowers it for networks that start from weights
 PRETRAINED_INITIAL_LR = 1e-3
+#: share of the epochs nnU-Net's pretrained-weights trainer (``nnUNetTrainer_warmup``) warms up: 50 of 1000
+NNUNET_WARMUP_FRACTION = 50 / 1000
+
+
+def nnunet_warmup_epochs(num_epochs: int) -> int:
+    """Warm-up epochs of the ``nnunet_warmup`` recipe when the budget sets none: nnU-Net's share
+    (:data:`NNUNET_WARMUP_FRACTION`) of ``num_epochs``, at least 1, and fewer than ``num_epochs``."""
+    return min(max(1, round(NNUNET_WARMUP_FRACTION * num_epochs)), num_epochs - 1)
 
 
 #: ``--preset`` of the demo and the benchmark when none is given, by ``--device``. On CPU ``nnunet``: the 2D
@@ -230,7 +238,13 @@ def check_finetune_override_keys(overrides: dict[str, Any]) -> None:
 
 @dataclass(frozen=True)
 class TrainingBudget:
-    """How long each pretraining and each fine-tuning run trains (the same for every arm)."""
+    """How long each pretraining and each fine-tuning run trains (the same for every arm).
+
+    ``finetune_warmup_epochs``: warm-up epochs of the fine-tuning runs from pretrained weights (recipe
+    ``plugin``; runs from scratch never warm up). 0 in every built-in budget, so every arm trains with the
+    same schedule, stock nnU-Net's: one warm-up epoch, given only to the pretrained arms, cost 2.6 held-out
+    Dice points by itself on the demo's task (docs/pretraining.md, seventeenth pass). Under the
+    ``nnunet_warmup`` recipe 0 means nnU-Net's own share, :func:`nnunet_warmup_epochs`."""
 
     pretrain_epochs: int
     pretrain_iterations: int
@@ -302,11 +316,12 @@ class TrainingBudget:
                         overrides: dict[str, Any] | None = None) -> dict[str, Any]:
         """The fine-tuning configuration (``NNSSL_JOINT_FINETUNE_CONFIG``), identical for every arm of a
         seed; ``seed``: seed the fine-tuning (the demo's is not seeded, the benchmark's is). ``recipe``:
-        ``plugin`` (warm-up ``finetune_warmup_epochs`` then poly, lr 1e-2 for every arm; the trainer warms up
-        runs from pretrained weights only, so scratch runs follow stock nnU-Net's schedule) or
-        ``nnunet_warmup`` (nnU-Net's pretrained-weights recipe: linear warm-up of the whole network, then
-        poly from the end of the warm-up; initial lr :data:`PRETRAINED_INITIAL_LR` when the run starts
-        from pretrained weights). ``overrides``: further :class:`nnssl_joint.finetune.FinetuneConfig` keys
+        ``plugin`` (warm-up ``finetune_warmup_epochs``, 0 in the built-in budgets, then poly, lr 1e-2 for
+        every arm; the trainer warms up runs from pretrained weights only, so scratch runs follow stock
+        nnU-Net's schedule) or ``nnunet_warmup`` (nnU-Net's pretrained-weights recipe: linear warm-up of the
+        whole network for ``finetune_warmup_epochs``, or :func:`nnunet_warmup_epochs` where that is 0, then
+        poly from the end of the warm-up; initial lr :data:`PRETRAINED_INITIAL_LR` when the run starts from
+        pretrained weights). ``overrides``: further :class:`nnssl_joint.finetune.FinetuneConfig` keys
         (``--finetune``), not the ones set here (:data:`FINETUNE_KEYS_SET_ELSEWHERE`)."""
         if recipe not in FINETUNE_RECIPES:
             raise NnsslJointError(f"fine-tuning recipe {recipe!r}: choose from {', '.join(FINETUNE_RECIPES)}")
@@ -315,6 +330,8 @@ class TrainingBudget:
                                   "val_iterations_per_epoch": self.finetune_val_iterations,
                                   "initial_lr": 1e-2,
                                   "warmup_epochs": self.finetune_warmup_epochs, "save_every": 1}
+        if recipe == "nnunet_warmup" and not self.finetune_warmup_epochs:
+            config["warmup_epochs"] = nnunet_warmup_epochs(self.finetune_epochs)
         if recipe != "plugin":
             config["recipe"] = recipe
             config["pretrained_initial_lr"] = PRETRAINED_INITIAL_LR
@@ -366,13 +383,13 @@ DEMO_BUDGETS = {
     # 2026-12-01 and 2026-12-03 next to other jobs)
     "small": _demo_budget("small", n_3d=8, n_2d=16, n_test=4, pretrain_epochs=8, pretrain_iterations=50,
                           finetune_epochs=20, finetune_iterations=25, finetune_val_iterations=4,
-                          finetune_warmup_epochs=1, test_time_augmentation=False),
+                          finetune_warmup_epochs=0, test_time_augmentation=False),
     # not timed: 6x the pretraining and 2x the fine-tuning iterations of small
     "medium": _demo_budget("medium", n_3d=16, n_2d=32, n_test=8, pretrain_epochs=25, pretrain_iterations=100,
                            finetune_epochs=40, finetune_iterations=25, finetune_val_iterations=5,
-                           finetune_warmup_epochs=2, test_time_augmentation=True),
+                           finetune_warmup_epochs=0, test_time_augmentation=True),
     # several hours on CPU; well under an hour on a GPU
     "large": _demo_budget("large", n_3d=48, n_2d=96, n_test=16, pretrain_epochs=50, pretrain_iterations=250,
                           finetune_epochs=100, finetune_iterations=50, finetune_val_iterations=10,
-                          finetune_warmup_epochs=5, test_time_augmentation=True),
+                          finetune_warmup_epochs=0, test_time_augmentation=True),
 }

@@ -244,9 +244,14 @@ class Pipeline:
         """What a resumed run must share with the run that created the folder."""
         return {}
 
-    def settings_hint(self, changed: list[str]) -> str:
-        """How to continue a folder whose recorded settings differ in ``changed`` ('' if no hint)."""
-        return ""
+    def settings_hint(self, changed: list[str], previous: dict[str, Any]) -> str:
+        """How to continue a folder whose recorded settings (``previous``) differ in ``changed`` ('' if no
+        hint). The one shared by the demo and the benchmark: the built-in budgets' warm-up, which became 0."""
+        old = (previous.get("budget") or {}).get("finetune_warmup_epochs") if "budget" in changed else None
+        if not old:
+            return ""
+        return (f"; it was made when the built-in budgets warmed up the runs from pretrained weights ({old} "
+                "epoch(s)), which they no longer do (docs/label_efficiency.md): choose another --out")
 
     def state(self) -> dict[str, Any]:
         """Values a later step needs that an earlier (possibly skipped) step found; saved in markers."""
@@ -507,7 +512,7 @@ class Pipeline:
                     f"{self.out} holds a {self.kind} with other settings "
                     f"(differences: {', '.join(changed)}); "
                     "re-run with the same flags to continue it, or choose another --out"
-                    + self.settings_hint(changed))
+                    + self.settings_hint(changed, previous))
         else:
             record_file.write_text(json.dumps(record, indent=2) + "\n")
 

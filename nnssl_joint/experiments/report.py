@@ -444,8 +444,10 @@ def render_markdown(data: dict[str, Any], summary: dict[str, Any]) -> str:
     ft = budget
     lines += [(f"Same budget for every arm: {ft['finetune_epochs']} epochs x {ft['finetune_iterations']} "
               "iterations (nnU-Net 3d_fullres with the plugin's plans, JointSSLFinetuneTrainer, "
-              f"initial lr 0.01, {ft['finetune_warmup_epochs']} warm-up epoch(s) for the runs from "
-              "pretrained weights, none from scratch"
+              + ("initial lr 0.01 and nnU-Net's poly schedule for every arm, no warm-up"
+                 if not ft["finetune_warmup_epochs"] else
+                 f"initial lr 0.01, {ft['finetune_warmup_epochs']} warm-up epoch(s) for the runs from "
+                 "pretrained weights, none from scratch")
               + ("; stock nnU-Net: nnUNetPlans, nnUNetTrainerBudget, nnU-Net's own schedule without warm-up"
                  if "nnunet" in arms else "")
               + f"); prediction with nnU-Net's checkpoint_final "

@@ -271,6 +271,28 @@ def test_a_pretraining_objective_reaches_every_arm_and_is_part_of_the_experiment
     assert read_objective_overrides(str(spec)) == {"lambda_dense": 0.5}
 
 
+def test_a_folder_of_the_budgets_with_a_warm_up_is_refused_with_the_budget_file_that_continues_it(tmp_path):
+    """The built-in budgets stopped warming up the pretrained runs; a folder recorded before (small: 1 epoch)
+    is not continued with the other schedule by accident, and the refusal names the --budget file that keeps
+    the old one."""
+    kwargs = {"pretrain": ["1"], "target": "2", "out": tmp_path / "out", "raw": tmp_path, "labeled": [1]}
+    bench = _FakeBenchmark(bm.BenchmarkSettings(**kwargs), io.StringIO())
+    bench.check_settings()
+    record_file = bench.state_folder / "settings.json"
+    record = json.loads(record_file.read_text())
+    assert record["budget"]["finetune_warmup_epochs"] == 0
+    record["budget"]["finetune_warmup_epochs"] = 1  # as the small budget recorded it until 2026-12-05
+    record_file.write_text(json.dumps(record))
+    refusal = (r"differences: budget\);.*warmed up the runs from pretrained weights \(1 epoch\(s\)\).*"
+               r"choose another --out, or continue it with a --budget file that sets "
+               r"\"finetune_warmup_epochs\": 1")
+    with pytest.raises(NnsslJointError, match=refusal):
+        _FakeBenchmark(bm.BenchmarkSettings(**kwargs), io.StringIO()).check_settings()
+    old_budget = tmp_path / "warmup1.json"
+    old_budget.write_text(json.dumps({"finetune_warmup_epochs": 1}))
+    _FakeBenchmark(bm.BenchmarkSettings(**kwargs, budget=str(old_budget)), io.StringIO()).check_settings()
+
+
 def test_fine_tuning_overrides_reach_every_plugin_arm_but_not_stock_nnunet(tmp_path):
     from nnssl_joint.experiments.budgets import read_finetune_overrides
     from nnssl_joint.finetune import FinetuneConfig

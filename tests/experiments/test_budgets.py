@@ -82,6 +82,34 @@ def test_finetune_config_of_the_budget_is_a_valid_seeded_config():
         FinetuneConfig.from_dict({"seed": -1})
 
 
+@pytest.mark.parametrize("name", list(DEMO_BUDGETS))
+def test_built_in_budgets_give_every_arm_the_same_schedule(name):
+    """No built-in budget warms up the runs from pretrained weights (a warm-up only they get cost 2.6
+    held-out Dice points on the demo's task); the nnunet_warmup recipe keeps nnU-Net's own warm-up share."""
+    from nnssl_joint.experiments.budgets import nnunet_warmup_epochs
+    from nnssl_joint.finetune import FinetuneConfig
+
+    budget = DEMO_BUDGETS[name].training
+    plugin = FinetuneConfig.from_dict(budget.finetune_config(seed=0))
+    assert plugin.warmup_epochs_for(pretrained=True) == plugin.warmup_epochs_for(pretrained=False) == 0
+    nnunet = FinetuneConfig.from_dict(budget.finetune_config(seed=0, recipe="nnunet_warmup"))
+    assert nnunet.warmup_epochs == nnunet_warmup_epochs(budget.finetune_epochs) >= 1
+    assert nnunet.warmup_epochs_for(pretrained=False) == 0
+
+
+def test_nnunet_warmup_share_and_an_explicit_budget_warmup(tmp_path):
+    from nnssl_joint.experiments.budgets import nnunet_warmup_epochs
+
+    # nnU-Net's 50 of 1000 epochs: the earlier small / medium / large values 1, 2, 5 at 20, 40, 100 epochs
+    assert [nnunet_warmup_epochs(n) for n in (2, 20, 40, 100, 1000)] == [1, 1, 2, 5, 50]
+    assert nnunet_warmup_epochs(1) == 0  # fewer than the epochs, as FinetuneConfig requires
+    spec = tmp_path / "budget.json"
+    spec.write_text(json.dumps({"finetune_warmup_epochs": 3}))
+    budget = TrainingBudget.resolve(str(spec))
+    assert budget.finetune_config()["warmup_epochs"] == 3
+    assert budget.finetune_config(recipe="nnunet_warmup")["warmup_epochs"] == 3
+
+
 def test_demo_and_benchmark_do_not_import_each_other():
     import ast
     from pathlib import Path

@@ -74,6 +74,12 @@ def test_every_pretrained_arm_is_compared_with_stock_nnunet_and_scratch():
     assert f"{stock} n/a (random initialisation) | n/a | 0.750 |" in markdown
     assert "within 1 point of stock nnU-Net: **not met** in this run" in markdown
     assert "stock nnU-Net: nnUNetPlans, nnUNetTrainerBudget" in markdown
+    # the schedule sentence follows the budget's warm-up (1 here; 0 in the built-in budgets)
+    assert "1 warm-up epoch(s) for the runs from pretrained weights, none from scratch" in markdown
+    data["settings"]["budget"]["finetune_warmup_epochs"] = 0
+    markdown = report.render_markdown(data, summary)
+    assert "nnU-Net's poly schedule for every arm, no warm-up" in markdown
+    assert "warm-up epoch(s)" not in markdown
 
 
 @pytest.mark.filterwarnings("ignore:Mean of empty slice:RuntimeWarning")
