@@ -102,6 +102,19 @@ def test_weights_pretrained_with_the_nnunet_preset_load_into_stock_nnunet_2d(tmp
                 and facts["decoder_encoder_equal"]), (weights, facts)
         assert facts["encoder_changed"], weights  # the loader really replaced the random initialisation
 
+    # --encoder-scale nnunet: the same tensors at the norm of nnU-Net's initial weights, both copies alike
+    from nnssl_joint.export import RESCALE_RECORD, scale_encoder_to_nnunet_init
+
+    scaled = tmp_path / "for_nnUNetPlans_scaled.pth"
+    _run([sys.executable, "-m", "nnssl_joint.cli", "export", "--checkpoint", str(checkpoint), "-d", "653",
+          "-c", "2d", "--plans", "nnUNetPlans", "-o", str(scaled), "--encoder-scale", "nnunet"], env)
+    saved = torch.load(scaled, weights_only=False)
+    expected, factors = scale_encoder_to_nnunet_init(model.state_dict())
+    assert saved["nnssl_joint"][RESCALE_RECORD] == pytest.approx(factors)
+    encoder = [k for k in saved["network_weights"] if k.startswith("encoder.")]
+    assert encoder and all(torch.equal(saved["network_weights"][k], expected[k]) for k in encoder)
+    assert all(torch.equal(saved["network_weights"][f"decoder.{k}"], expected[k]) for k in encoder)
+
 
 def test_a_checkpoint_of_another_topology_is_refused_for_stock_plans_with_the_fix(tmp_path):
     pytest.importorskip("nnunetv2")

@@ -98,11 +98,14 @@ def _sub_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.T
 
 
 def _from_downstream_file(path: Path, ckpt: dict[str, Any], name: str) -> ProbeWeights:
+    from nnssl_joint.export import RESCALE_RECORD, scale_encoder_blocks
     from nnssl_joint.models.encoder import build_encoder_2d, build_slice_embedding, build_slice_transformer
 
     meta = ckpt["nnssl_joint"]
     preset = ArchitecturePreset.from_dict(meta["preset"])
     state = ckpt["network_weights"]
+    if meta.get(RESCALE_RECORD):  # the export's scale undone: the probe reads the encoder as pretrained
+        state = scale_encoder_blocks(state, meta[RESCALE_RECORD], inverse=True)
     channels = _stem_channels(state)
     encoder = build_encoder_2d(preset, channels, return_skips=True)
     encoder.load_state_dict(_sub_state(state, "encoder."))
