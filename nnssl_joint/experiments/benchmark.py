@@ -906,6 +906,7 @@ class Benchmark(Pipeline):
         weights = None
         # trains unless checkpoint_final.pth exists; else only prediction/evaluation were interrupted
         if not (folder / "checkpoint_final.pth").is_file():
+            self.forget_heldout_read_outs(arm, labeled, seed, progress)
             start = (None if arm in BASELINES
                      else self.pretrain_folder(arm) / f"pretrained_for_{s.configuration}.pth")
             cmd, _, weights = self.train_command(self.target_id, s.configuration, fold, trainer, plans,
@@ -942,6 +943,16 @@ class Benchmark(Pipeline):
         progress.note(f"{len(held.labels)} held-out cases ({held.test_source})")
         return {"dataset": name, "source": str(held.source), "test_source": held.test_source,
                 "cases": sorted(held.labels)}
+
+    def forget_heldout_read_outs(self, arm: str, labeled: int, seed: int, progress: StepProgress) -> None:
+        """Remove the held-out markers of a run about to be trained (again): they scored a checkpoint that
+        no longer exists, and a later ``--heldout`` invocation would otherwise skip them and report it."""
+        suffix = f"_{arm}_{run_name(labeled, seed)}.done.json"
+        stale = [m for m in self.state_folder.glob("heldout_*.done.json") if m.name.endswith(suffix)]
+        for marker in stale:
+            marker.unlink()
+        if stale:
+            progress.note(f"removed {len(stale)} held-out read-out(s) of the earlier checkpoint")
 
     def finished_finetune(self, key: str, progress: StepProgress) -> dict[str, Any]:
         """The marker info of fine-tuning step ``key``; waits (blocking ``flock`` on its lock, as

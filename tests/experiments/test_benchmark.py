@@ -550,6 +550,22 @@ def test_a_heldout_read_out_joins_a_finished_folder_and_scores_the_heldout_label
     assert "### Gain over stock nnU-Net" in section and "| joint | 1 | 0 |" in section
     assert "Held-out read-out Dataset624_HeldOut (2 cases; 3/3 runs):" in result.stdout
 
+    # a run trained again (its marker and results deleted, here without --heldout) loses its held-out
+    # read-out, which scored the earlier checkpoint; the next --heldout invocation reads the new one out
+    shutil.rmtree(out / "results" / "finetune_scratch")
+    (out / ".benchmark" / "finetune_scratch_L1_s0.done.json").unlink()
+    retrained = _cli(*benchmark_run["args"], cwd=root)
+    assert retrained.returncode == 0, retrained.stdout[-3000:] + retrained.stderr[-3000:]
+    assert not (out / ".benchmark" / "heldout_Dataset624_HeldOut_scratch_L1_s0.done.json").exists()
+    assert (out / ".benchmark" / "heldout_Dataset624_HeldOut_joint_L1_s0.done.json").is_file()
+    again = _cli(*benchmark_run["args"], "--heldout", "624", cwd=root)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "scratch predicting + evaluating held-out Dataset624_HeldOut: done in an earlier run" \
+        not in again.stdout
+    assert "joint predicting + evaluating held-out Dataset624_HeldOut: done in an earlier run" in again.stdout
+    assert json.loads((out / "report" / "benchmark.json").read_text())["heldout"]["Dataset624_HeldOut"][
+        "finished_runs"] == 3
+
 
 # ----------------------------------------------------------------------------------------------------
 # every constraint on the datasets and the split is checked before anything is merged, planned or trained
