@@ -955,19 +955,15 @@ class Benchmark(Pipeline):
             progress.note(f"removed {len(stale)} held-out read-out(s) of the earlier checkpoint")
 
     def finished_finetune(self, key: str, progress: StepProgress) -> dict[str, Any]:
-        """The marker info of fine-tuning step ``key``; waits (blocking ``flock`` on its lock, as
-        :meth:`Pipeline._lock`) while another worker runs it. No marker afterwards (the fine-tuning failed or
-        was stopped): NnsslJointError naming the run."""
+        """The marker info of fine-tuning step ``key``; waits (on its lock, :meth:`Pipeline.try_lock`) while
+        another worker runs it. No marker afterwards (the fine-tuning failed or was stopped): NnsslJointError
+        naming the run."""
         import fcntl
 
-        path = self.state_folder / f"{key}.lock"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a+") as handle:  # held only while the marker is read: a worker may want to train
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                handle.seek(0)
-                progress.note(f"waiting for {handle.read().strip() or 'another process'} to finish {key}")
+        handle, owner = self.try_lock(key)
+        with handle:  # held only while the marker is read: a worker may want to train
+            if owner is not None:
+                progress.note(f"waiting for {owner} to finish {key}")
                 fcntl.flock(handle, fcntl.LOCK_EX)
             marker = self.marker(key)
             if not marker.is_file():

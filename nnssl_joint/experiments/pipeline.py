@@ -549,18 +549,29 @@ class Pipeline:
         self.records.append(StepRecord(step.key, step.title, done["seconds"], True, done.get("info", {})))
         return True
 
-    def _lock(self, step: Step, index: int, total: int) -> Any:
-        """The open, locked lock file; False when the step is ``parallel`` and another process runs it."""
+    def try_lock(self, key: str) -> tuple[Any, str | None]:
+        """Open ``<key>.lock`` in the state folder and try to take its exclusive ``flock`` without waiting:
+        (the open file, None) when taken, (the open file, the holder it names) when another process holds
+        it; then ``fcntl.flock(handle, fcntl.LOCK_EX)`` waits for it. The kernel drops the lock when the
+        holder dies, so a killed run leaves no stale lock."""
         import fcntl
 
-        path = self.state_folder / f"{step.key}.lock"
+        path = self.state_folder / f"{key}.lock"
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(path, "a+")  # noqa: SIM115 (held open for the duration of the step)
+        handle = open(path, "a+")  # noqa: SIM115 (the caller holds it for as long as it needs the lock)
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
-            owner = handle.read().strip() or "another process"
+            return handle, handle.read().strip() or "another process"
+        return handle, None
+
+    def _lock(self, step: Step, index: int, total: int) -> Any:
+        """The open, locked lock file; False when the step is ``parallel`` and another process runs it."""
+        import fcntl
+
+        handle, owner = self.try_lock(step.key)
+        if owner is not None:
             if step.parallel:
                 handle.close()
                 print(f"[{index}/{total}] {step.title}: running in {owner}, skipped here", file=self.stream,
