@@ -379,8 +379,8 @@ DEMO_BUDGETS = {
     "tiny": _demo_budget("tiny", n_3d=4, n_2d=8, n_test=2, pretrain_epochs=2, pretrain_iterations=4,
                          finetune_epochs=2, finetune_iterations=4, finetune_val_iterations=1,
                          finetune_warmup_epochs=0, test_time_augmentation=False),
-    # the default: 32-45 minutes on 2 CPU cores with the stock nnU-Net arm and the probe (README; measured
-    # 2026-12-01 and 2026-12-03 next to other jobs)
+    # the default: about 20 minutes on 2 idle CPU cores with the stock nnU-Net arm and the probe, 32-45 beside
+    # other jobs (README; measured 2026-12-01 to 2026-12-05)
     "small": _demo_budget("small", n_3d=8, n_2d=16, n_test=4, pretrain_epochs=8, pretrain_iterations=50,
                           finetune_epochs=20, finetune_iterations=25, finetune_val_iterations=4,
                           finetune_warmup_epochs=0, test_time_augmentation=False),

@@ -563,9 +563,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="labeled training cases for fine-tuning (default 2); one more labeled case "
                         "validates")
     parser.add_argument("--budget", choices=sorted(DEMO_BUDGETS), default="small",
-                        help="small (default, 32-45 minutes on 2 CPU cores, README), medium (not timed: "
-                        "6x the pretraining and 2x the fine-tuning iterations of small), large (hours on "
-                        "CPU): more data, pretraining and fine-tuning; tiny: a smoke test of the pipeline "
+                        help="small (default, about 20 minutes on 2 idle CPU cores, README), medium (not "
+                        "timed: 6x the pretraining and 2x the fine-tuning iterations of small), large (hours "
+                        "on CPU): more data, pretraining and fine-tuning; tiny: a smoke test of the pipeline "
                         "whose numbers mean nothing")
     parser.add_argument("--real", action="store_true",
                         help="add the real image pool (medical images shipped inside PyPI packages) to the "
