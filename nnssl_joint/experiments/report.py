@@ -697,6 +697,22 @@ def _heldout_section(held: dict[str, Any], data: dict[str, Any], ks: list[str]) 
     return lines
 
 
+def _schedule_sentence(budget: dict[str, Any], recipe: str) -> str:
+    """The fine-tuning schedule of a benchmark's arms (led by a space; '' for a budget record without the
+    fine-tuning lengths)."""
+    from nnssl_joint.experiments.budgets import nnunet_warmup_epochs
+
+    warmup = budget.get("finetune_warmup_epochs")
+    if warmup is None or "finetune_epochs" not in budget:
+        return ""
+    if recipe == "nnunet_warmup" and not warmup:
+        warmup = nnunet_warmup_epochs(budget["finetune_epochs"])
+    if not warmup:
+        return " Every arm fine-tunes with the same schedule, nnU-Net's poly decay, no warm-up."
+    return (f" Runs from pretrained weights warm up for {warmup} epoch(s) (recipe {recipe}); scratch and "
+            "stock nnU-Net do not, so a pretrained arm's difference includes its schedule.")
+
+
 def render_benchmark_markdown(data: dict[str, Any]) -> str:
     s = data["settings"]
     summary = data["summary"]
@@ -705,6 +721,7 @@ def render_benchmark_markdown(data: dict[str, Any]) -> str:
     lines = ["# nnssl_joint label-efficiency benchmark", "",
              (f"Target `{data['target']}`, pretraining on {sources}; configuration `{s['configuration']}`; "
               f"{s['seeds']} seed(s); budget {json.dumps(s['budget'])}."
+              + _schedule_sentence(s["budget"], s.get("recipe", "plugin"))
               + _recorded_settings(s, data["arms"])),
              (f"Finished runs: {data['finished_runs']} of {data['planned_runs']} "
               f"(report written {data['written']})."),

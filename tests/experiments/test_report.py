@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -251,6 +252,19 @@ def test_the_benchmark_report_names_what_2d_only_set_aside_only_when_that_arm_ra
     markdown = report.render_benchmark_markdown(data)
     assert ("2D-only pretraining leaves out lambda_volume_contrast=1 (a volume term; the arm has none)."
             in markdown)
+
+
+def test_the_benchmark_report_states_the_fine_tuning_schedule():
+    from nnssl_joint.experiments.budgets import TrainingBudget
+
+    data = _benchmark_data()
+    data["settings"]["budget"] = asdict(TrainingBudget.named("small"))
+    assert "same schedule, nnU-Net's poly decay, no warm-up." in report.render_benchmark_markdown(data)
+    data["settings"]["recipe"] = "nnunet_warmup"  # nnU-Net's 5% of 20 epochs
+    assert ("Runs from pretrained weights warm up for 1 epoch(s) (recipe nnunet_warmup); scratch and "
+            "stock nnU-Net do not" in report.render_benchmark_markdown(data))
+    data["settings"]["budget"]["finetune_warmup_epochs"] = 3
+    assert "warm up for 3 epoch(s)" in report.render_benchmark_markdown(data)
 
 
 def test_the_benchmark_report_has_a_section_per_heldout_read_out_with_the_test_sets_tables():
