@@ -672,10 +672,9 @@ class Benchmark(Pipeline):
 
     def settings_hint(self, changed: list[str], previous: dict[str, Any]) -> str:
         hint = super().settings_hint(changed, previous)
-        if hint:  # the budgets' old warm-up: a --budget file keeps it
-            old = previous["budget"]["finetune_warmup_epochs"]
-            hint += (", or continue it with a --budget file that sets "
-                     f"\"finetune_warmup_epochs\": {old}")
+        old = self.old_budget_warmup(changed, previous)
+        if old is not None:  # the budgets' old warm-up: a --budget file keeps it
+            hint += f", or continue it with a --budget file that sets \"finetune_warmup_epochs\": {old}"
         if "new_parts_init" not in changed:
             return hint
         return hint + ("; a folder of an earlier version fine-tuned the pretrained arms from the exported "

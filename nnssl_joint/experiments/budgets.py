@@ -47,6 +47,14 @@ def nnunet_warmup_epochs(num_epochs: int) -> int:
     return min(max(1, round(NNUNET_WARMUP_FRACTION * num_epochs)), num_epochs - 1)
 
 
+def warmup_epochs_of(budget_warmup: int, finetune_epochs: int, recipe: str) -> int:
+    """Warm-up epochs the runs from pretrained weights get: the budget's ``finetune_warmup_epochs``, or under
+    the ``nnunet_warmup`` recipe, where the budget sets none, :func:`nnunet_warmup_epochs`."""
+    if recipe == "nnunet_warmup" and not budget_warmup:
+        return nnunet_warmup_epochs(finetune_epochs)
+    return budget_warmup
+
+
 #: ``--preset`` of the demo and the benchmark when none is given, by ``--device``. On CPU ``nnunet``: the 2D
 #: topology nnU-Net's own planner gives the target, so the plugin's network from scratch is stock nnU-Net's
 #: (issue 16: the narrow ``cpu`` preset trailed stock nnU-Net by 22 Dice points from scratch on a generated
@@ -329,9 +337,9 @@ class TrainingBudget:
                                   "iterations_per_epoch": self.finetune_iterations,
                                   "val_iterations_per_epoch": self.finetune_val_iterations,
                                   "initial_lr": 1e-2,
-                                  "warmup_epochs": self.finetune_warmup_epochs, "save_every": 1}
-        if recipe == "nnunet_warmup" and not self.finetune_warmup_epochs:
-            config["warmup_epochs"] = nnunet_warmup_epochs(self.finetune_epochs)
+                                  "warmup_epochs": warmup_epochs_of(self.finetune_warmup_epochs,
+                                                                    self.finetune_epochs, recipe),
+                                  "save_every": 1}
         if recipe != "plugin":
             config["recipe"] = recipe
             config["pretrained_initial_lr"] = PRETRAINED_INITIAL_LR

@@ -244,11 +244,19 @@ class Pipeline:
         """What a resumed run must share with the run that created the folder."""
         return {}
 
+    @staticmethod
+    def old_budget_warmup(changed: list[str], previous: dict[str, Any]) -> int | None:
+        """The fine-tuning warm-up a folder's differing budget record holds (the built-in budgets had one
+        until 2026-12-05), None where the budget does not differ or had none."""
+        if "budget" not in changed:
+            return None
+        return (previous.get("budget") or {}).get("finetune_warmup_epochs") or None
+
     def settings_hint(self, changed: list[str], previous: dict[str, Any]) -> str:
         """How to continue a folder whose recorded settings (``previous``) differ in ``changed`` ('' if no
         hint). The one shared by the demo and the benchmark: the built-in budgets' warm-up, which became 0."""
-        old = (previous.get("budget") or {}).get("finetune_warmup_epochs") if "budget" in changed else None
-        if not old:
+        old = self.old_budget_warmup(changed, previous)
+        if old is None:
             return ""
         return (f"; it was made when the built-in budgets warmed up the runs from pretrained weights ({old} "
                 "epoch(s)), which they no longer do (docs/label_efficiency.md): choose another --out")

@@ -700,13 +700,11 @@ def _heldout_section(held: dict[str, Any], data: dict[str, Any], ks: list[str]) 
 def _schedule_sentence(budget: dict[str, Any], recipe: str) -> str:
     """The fine-tuning schedule of a benchmark's arms (led by a space; '' for a budget record without the
     fine-tuning lengths)."""
-    from nnssl_joint.experiments.budgets import nnunet_warmup_epochs
+    from nnssl_joint.experiments.budgets import warmup_epochs_of
 
-    warmup = budget.get("finetune_warmup_epochs")
-    if warmup is None or "finetune_epochs" not in budget:
+    if "finetune_warmup_epochs" not in budget or "finetune_epochs" not in budget:
         return ""
-    if recipe == "nnunet_warmup" and not warmup:
-        warmup = nnunet_warmup_epochs(budget["finetune_epochs"])
+    warmup = warmup_epochs_of(budget["finetune_warmup_epochs"], budget["finetune_epochs"], recipe)
     if not warmup:
         return " Every arm fine-tunes with the same schedule, nnU-Net's poly decay, no warm-up."
     return (f" Runs from pretrained weights warm up for {warmup} epoch(s) (recipe {recipe}); scratch and "
