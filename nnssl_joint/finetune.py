@@ -61,13 +61,14 @@ class FinetuneConfig:
     #: from the same decoder). ``run``: this run's own draw, from ``seed``: the decoder a run from scratch
     #: with the same seed starts from, so a seed means the same draw in every arm of a comparison
     new_parts_init: str = "file"
-    #: how many encoder stages, from the input side, start from the file (null: all of them, with the slice
-    #: embedding and slice Transformer). With N set, encoder stages N and deeper, the slice embedding and the
-    #: slice Transformer start from this run's own draw like the decoder (needs ``new_parts_init: run``) and
-    #: count as new parts for ``pretrained_lr_factor`` and ``freeze_pretrained_epochs``: transfer of the
-    #: shallow, generic layers only (runs from pretrained weights only). 0 transfers nothing: the control
-    #: for everything a run from pretrained weights does besides its start (warm-up, initial rate)
-    pretrained_encoder_stages: int | None = None
+    #: which encoder stages start from the file (null: all of them, with the slice embedding and slice
+    #: Transformer). An integer N: stages 0 to N-1, from the input side (the shallow, generic layers); a list
+    #: of stage indices: those stages only (e.g. [1, 2, 3, 4]: every stage but the first). The other stages,
+    #: the slice embedding and the slice Transformer start from this run's own draw like the decoder (needs
+    #: ``new_parts_init: run``) and count as new parts for ``pretrained_lr_factor`` and
+    #: ``freeze_pretrained_epochs`` (runs from pretrained weights only). 0 or [] transfers nothing: the
+    #: control for everything a run from pretrained weights does besides its start (warm-up, initial rate)
+    pretrained_encoder_stages: int | list[int] | None = None
 
     def __post_init__(self) -> None:
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
@@ -93,14 +94,19 @@ class FinetuneConfig:
                                   f"{', '.join(NEW_PARTS_INIT)}, got {self.new_parts_init!r}")
         stages = self.pretrained_encoder_stages
         if stages is not None:
-            if isinstance(stages, bool) or not isinstance(stages, int) or stages < 0:
+            if isinstance(stages, (list, tuple)):
+                if (not all(_is_index(i) for i in stages)) or len(set(stages)) != len(stages):
+                    raise NnsslJointError(f"fine-tuning config: pretrained_encoder_stages as a list must "
+                                          f"hold distinct stage indices >= 0, got {stages!r}")
+                self.pretrained_encoder_stages = sorted(stages)
+            elif not _is_index(stages):
                 raise NnsslJointError(f"fine-tuning config: pretrained_encoder_stages must be an integer "
-                                      f">= 0 or null (all stages), got {stages!r}")
+                                      f">= 0, a list of stage indices or null (all stages), got {stages!r}")
             if self.new_parts_init != "run":
                 raise NnsslJointError(
-                    f"fine-tuning config: pretrained_encoder_stages {stages} re-initialises the deeper "
-                    f"encoder stages, the slice embedding and the slice Transformer from this run's own "
-                    f"draw, which needs new_parts_init 'run' (got {self.new_parts_init!r}); add "
+                    f"fine-tuning config: pretrained_encoder_stages {stages} re-initialises the encoder "
+                    f"stages it does not name, the slice embedding and the slice Transformer from this "
+                    f"run's own draw, which needs new_parts_init 'run' (got {self.new_parts_init!r}); add "
                     '"new_parts_init": "run"')
         if self.recipe == "nnunet_warmup":
             if self.freeze_pretrained_epochs or self.pretrained_lr_factor != 1.0:
@@ -151,17 +157,41 @@ def load_finetune_config(plans_configuration: dict | None = None) -> tuple[Finet
     return loaded.config, list(loaded.sources)
 
 
-def is_transferred(key: str, pretrained_encoder_stages: int | None = None) -> bool:
+def _is_index(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def transferred_stages(pretrained_encoder_stages: int | list[int] | None) -> set[int] | None:
+    """The encoder stage indices ``pretrained_encoder_stages`` transfers (None: every pretrained part)."""
+    if pretrained_encoder_stages is None:
+        return None
+    if isinstance(pretrained_encoder_stages, int):
+        return set(range(pretrained_encoder_stages))
+    return set(pretrained_encoder_stages)
+
+
+def describe_stages(pretrained_encoder_stages: int | list[int] | None) -> str:
+    """What ``pretrained_encoder_stages`` transfers, in words, for the training log."""
+    stages = transferred_stages(pretrained_encoder_stages)
+    if stages is None:
+        return "every pretrained part starts from the file"
+    if not stages:
+        return "nothing starts from the file"
+    return f"encoder stage(s) {', '.join(str(i) for i in sorted(stages))} start from the file"
+
+
+def is_transferred(key: str, pretrained_encoder_stages: int | list[int] | None = None) -> bool:
     """Whether the state-dict entry ``key`` of a downstream network starts from the pretrained file: the
-    pretrained parts (encoder, slice embedding, slice Transformer), or with ``pretrained_encoder_stages`` N
-    only encoder stages 0 to N-1 (``encoder.stages.<i>.``)."""
+    pretrained parts (encoder, slice embedding, slice Transformer), or with ``pretrained_encoder_stages``
+    only the encoder stages it names (N: stages 0 to N-1; a list: those indices; ``encoder.stages.<i>.``)."""
     top = key.split(".", 1)[0]
     if top not in PRETRAINED_PARTS:
         return False
-    if pretrained_encoder_stages is None:
+    stages = transferred_stages(pretrained_encoder_stages)
+    if stages is None:
         return True
     parts = key.split(".")
-    return top == "encoder" and parts[1] == "stages" and int(parts[2]) < pretrained_encoder_stages
+    return top == "encoder" and parts[1] == "stages" and int(parts[2]) in stages
 
 
 def count_encoder_stages(network: nn.Module) -> int:
@@ -169,28 +199,33 @@ def count_encoder_stages(network: nn.Module) -> int:
     return len(unwrap(network).encoder.stages)
 
 
-def check_pretrained_encoder_stages(network: nn.Module, pretrained_encoder_stages: int | None) -> None:
+def check_pretrained_encoder_stages(network: nn.Module,
+                                    pretrained_encoder_stages: int | list[int] | None) -> None:
     n = count_encoder_stages(network)
-    if pretrained_encoder_stages is not None and pretrained_encoder_stages > n:
-        raise NnsslJointError(f"fine-tuning config: pretrained_encoder_stages {pretrained_encoder_stages} "
-                              f"but the network's encoder has {n} stages; use 0 to {n}, or null for all")
+    spec = pretrained_encoder_stages
+    if isinstance(spec, int) and spec > n:
+        raise NnsslJointError(f"fine-tuning config: pretrained_encoder_stages {spec} but the network's "
+                              f"encoder has {n} stages; use 0 to {n}, or null for all")
+    if isinstance(spec, list) and spec and max(spec) >= n:
+        raise NnsslJointError(f"fine-tuning config: pretrained_encoder_stages {spec} names stage {max(spec)} "
+                              f"but the network's encoder has {n} stages (indices 0 to {n - 1})")
 
 
-def split_parameters(network: nn.Module, pretrained_encoder_stages: int | None = None
+def split_parameters(network: nn.Module, pretrained_encoder_stages: int | list[int] | None = None
                      ) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """(pretrained parts, the rest) of a downstream network; with ``pretrained_encoder_stages`` N the
-    pretrained group is encoder stages 0 to N-1 only (:func:`is_transferred`)."""
+    """(pretrained parts, the rest) of a downstream network; with ``pretrained_encoder_stages`` the
+    pretrained group is the encoder stages it names only (:func:`is_transferred`)."""
     pretrained, other = [], []
     for name, p in unwrap(network).named_parameters():
         (pretrained if is_transferred(name, pretrained_encoder_stages) else other).append(p)
     return pretrained, other
 
 
-def new_parts_state(network: nn.Module, pretrained_encoder_stages: int | None = None
+def new_parts_state(network: nn.Module, pretrained_encoder_stages: int | list[int] | None = None
                     ) -> dict[str, torch.Tensor]:
     """A copy of the state-dict entries of ``network`` that do not start from the file (decoder,
-    segmentation layers, ...; with ``pretrained_encoder_stages`` N also encoder stages N and deeper, slice
-    embedding and slice Transformer). Entries that are a second name of a transferred tensor (stock
+    segmentation layers, ...; with ``pretrained_encoder_stages`` also the encoder stages it does not name,
+    the slice embedding and slice Transformer). Entries that are a second name of a transferred tensor (stock
     PlainConvUNet registers its encoder again as ``decoder.encoder.*``) are left out, so restoring the copy
     never touches a transferred tensor."""
     state = unwrap(network).state_dict()
@@ -287,7 +322,8 @@ def check_pretrained_weights(network: nn.Module, path: str, plans_preset: dict |
                           f"Fix: {command_hint}")
 
 
-def freeze_pretrained(network: nn.Module, frozen: bool, pretrained_encoder_stages: int | None = None) -> int:
+def freeze_pretrained(network: nn.Module, frozen: bool,
+                      pretrained_encoder_stages: int | list[int] | None = None) -> int:
     """Set requires_grad of the pretrained parts (:func:`split_parameters`); returns how many tensors were
     touched."""
     pretrained, _ = split_parameters(network, pretrained_encoder_stages)

@@ -54,6 +54,11 @@ def test_pretrained_networks_start_at_their_own_learning_rate():
     ({"pretrained_encoder_stages": -1, "new_parts_init": "run"}, "pretrained_encoder_stages must be an int"),
     ({"pretrained_encoder_stages": True, "new_parts_init": "run"}, "got True"),
     ({"pretrained_encoder_stages": 2}, "needs new_parts_init 'run' \\(got 'file'\\)"),
+    ({"pretrained_encoder_stages": [1, 1], "new_parts_init": "run"},
+     "distinct stage indices >= 0, got \\[1, 1\\]"),
+    ({"pretrained_encoder_stages": [2, -1], "new_parts_init": "run"}, "distinct stage indices"),
+    ({"pretrained_encoder_stages": [True], "new_parts_init": "run"}, "distinct stage indices"),
+    ({"pretrained_encoder_stages": "1-4", "new_parts_init": "run"}, "pretrained_encoder_stages"),
 ])
 def test_recipe_settings_are_checked_with_the_fix(values, match):
     with pytest.raises(NnsslJointError, match=match):
@@ -158,3 +163,34 @@ def test_pretrained_encoder_stages_transfers_the_shallow_stages_only():
     with pytest.raises(NnsslJointError, match=f"pretrained_encoder_stages {n_stages + 1} but the network's "
                                               f"encoder has {n_stages} stages"):
         check_pretrained_encoder_stages(net, n_stages + 1)
+
+
+def test_pretrained_encoder_stages_as_a_list_transfers_the_named_stages_only():
+    """pretrained_encoder_stages [1, ..., n-1]: every stage but the first is transferred; stage 0, the slice
+    embedding and the slice Transformer are new parts. A list naming a stage the network does not have is
+    refused with the stage count."""
+    from nnssl_joint.models.downstream import SliceWiseUNet3D
+
+    net = SliceWiseUNet3D(1, 3, True, "cpu")
+    n_stages = len(net.encoder.stages)
+    deep = list(range(1, n_stages))
+    config = FinetuneConfig.from_dict({"pretrained_encoder_stages": [n_stages - 1, *deep[:-1]],
+                                       "new_parts_init": "run"})
+    assert config.pretrained_encoder_stages == deep  # stored sorted, as JSON writes it
+    state = net.state_dict()
+    new = set(new_parts_state(net, deep))
+    assert new == {k for k in state if not k.startswith("encoder.")
+                   or k.startswith(("slice_embedding.", "slice_transformer.", "encoder.stages.0."))}
+    assert {k.split(".")[2] for k in state if k.startswith("encoder.stages.") and k not in new} == {
+        str(i) for i in deep}
+    pretrained, _ = split_parameters(net, deep)
+    names = {id(p): n for n, p in net.named_parameters()}
+    assert {names[id(p)].split(".")[2] for p in pretrained} == {str(i) for i in deep}
+    assert freeze_pretrained(net, True, deep) == len(pretrained)
+    assert all(p.requires_grad for p in net.encoder.stages[0].parameters())
+    # the empty list transfers nothing, like 0
+    assert set(new_parts_state(net, [])) == set(state) and split_parameters(net, [])[0] == []
+    check_pretrained_encoder_stages(net, deep)
+    with pytest.raises(NnsslJointError, match=f"names stage {n_stages} but the network's encoder has "
+                                              f"{n_stages} stages"):
+        check_pretrained_encoder_stages(net, [0, n_stages])

@@ -27,6 +27,7 @@ from nnssl_joint.finetune import (
     check_pretrained_encoder_stages,
     check_pretrained_weights,
     continues_from_checkpoint,
+    describe_stages,
     freeze_pretrained,
     load_finetune_config,
     new_parts_state,
@@ -106,11 +107,10 @@ class JointSSLFinetuneTrainer(nnUNetTrainer):
                 # after super().initialize(): under DDP every rank holds rank 0's draw by now
                 self._run_new_parts = new_parts_state(self.network, stages)
                 if stages is not None:
-                    which = f"encoder stages 0-{stages - 1} start" if stages else "nothing starts"
                     self.print_to_log_file(
-                        f"pretrained_encoder_stages {stages}: {which} from the file; the deeper stages, the "
-                        f"slice embedding and the slice Transformer start, like the decoder, from this run's "
-                        f"own initialisation")
+                        f"pretrained_encoder_stages {stages}: {describe_stages(stages)}; the other stages, "
+                        f"the slice embedding and the slice Transformer start, like the decoder, from this "
+                        f"run's own initialisation")
 
     def keep_run_initialisation(self) -> int:
         """With ``new_parts_init: run``, put this run's own initialisation of the non-pretrained parts back

@@ -176,7 +176,7 @@ def test_new_parts_init_run_keeps_the_seeds_own_decoder(workspace, configuration
     """new_parts_init 'run': after nnU-Net's loader (maybe_load_checkpoint, as nnUNetv2_train calls it) and
     the trainer's on_train_start step, the pretrained parts equal the file's and every other tensor equals
     the initialisation of a run from scratch with the same seed; with 'file' the decoder is the file's; with
-    pretrained_encoder_stages 1 only the first encoder stage is the file's."""
+    pretrained_encoder_stages 1 only the first encoder stage is the file's, with [1] only the second."""
     root, env = workspace["root"], workspace["env"]
     plan_downstream(root, env)
     weights = root / "res" / PRETRAIN_RUN / f"pretrained_for_{configuration}.pth"
@@ -224,6 +224,12 @@ first = [k for k in d if k.startswith('encoder.stages.0.')]
 assert first and len(first) < len([k for k in d if k.startswith('encoder.')])
 for k in d:
     assert torch.equal(d[k], f[k] if k.startswith('encoder.stages.0.') else c[k]), k
+# pretrained_encoder_stages [1]: the second encoder stage only; the first is scratch's
+second = trainer('run', True, pretrained_encoder_stages=[1])
+second.keep_run_initialisation()
+e = second.network.state_dict()
+for k in e:
+    assert torch.equal(e[k], f[k] if k.startswith('encoder.stages.1.') else c[k]), k
 print('NEW-PARTS-OK', restored)
 """
     out = run([sys.executable, "-c", script], dict(env, nnUNet_results=str(tmp_path / "res")), root)
