@@ -200,6 +200,27 @@ class TargetSplit:
         return sorted(c.identifier for c in self.pool)
 
 
+def labels_ts_cases(source: Path, dataset_json: dict, context: str = "") -> dict[str, list[Path]] | None:
+    """The dataset's own test cases (every ``labelsTs`` label, sorted) with their ``imagesTs`` files, one
+    per channel; None when it has no ``imagesTs``/``labelsTs`` with labels. A label whose images are
+    missing is refused, naming the files (``context`` prefixes the message)."""
+    from nnssl_joint.planning.raw import channel_names_of
+
+    ending = dataset_json["file_ending"]
+    images_ts, labels_ts = Path(source) / "imagesTs", Path(source) / "labelsTs"
+    if not (images_ts.is_dir() and labels_ts.is_dir() and any(labels_ts.glob(f"*{ending}"))):
+        return None
+    n_channels = len(channel_names_of(dataset_json))
+    images = {c: [images_ts / f"{c}_{i:04d}{ending}" for i in range(n_channels)]
+              for c in case_identifiers(labels_ts, ending)}
+    absent = [p.name for files in images.values() for p in files if not p.is_file()]
+    if absent:
+        raise NnsslJointError(f"{context}{labels_ts} has labels whose images are missing in {images_ts}: "
+                              f"{', '.join(absent[:5])}{' ...' if len(absent) > 5 else ''}; add them or "
+                              "remove those labels")
+    return images
+
+
 def split_target(source: Path, test_fraction: float, seed: int, keep: int = 2) -> TargetSplit:
     """Check the target (labels declared, every training case labeled, test images complete) and split it
     into training pool and test cases: the source's own imagesTs/labelsTs, or ``test_fraction`` of its
@@ -208,7 +229,6 @@ def split_target(source: Path, test_fraction: float, seed: int, keep: int = 2) -
 
     source = Path(source)
     dataset_json = load_dataset_json(source)
-    ending = dataset_json["file_ending"]
     if "labels" not in dataset_json or len(dataset_json["labels"]) < 2:
         raise NnsslJointError(f"{source / 'dataset.json'}: the target needs 'labels' with at least one "
                               "foreground class; is this an unlabeled (pretraining) dataset?")
@@ -218,17 +238,10 @@ def split_target(source: Path, test_fraction: float, seed: int, keep: int = 2) -
         raise NnsslJointError(f"{len(missing)} training case(s) of {source.name} have no label file, e.g. "
                               f"{_label_file(source, dataset_json, missing[0])}; the target must be "
                               "fully labeled")
-    images_ts, labels_ts = source / "imagesTs", source / "labelsTs"
-    own_test = images_ts.is_dir() and labels_ts.is_dir() and any(labels_ts.glob(f"*{ending}"))
+    own_images = labels_ts_cases(source, dataset_json)
+    own_test = own_images is not None
     if own_test:
-        test = case_identifiers(labels_ts, ending)
-        n_channels = len(dataset_json.get("channel_names", dataset_json.get("modality", {})))
-        absent = [f"{c}_{i:04d}{ending}" for c in test for i in range(n_channels)
-                  if not (images_ts / f"{c}_{i:04d}{ending}").is_file()]
-        if absent:
-            raise NnsslJointError(f"{labels_ts} has labels whose images are missing in {images_ts}: "
-                                  f"{', '.join(absent[:5])}{' ...' if len(absent) > 5 else ''}; add them "
-                                  "or remove those labels")
+        test = list(own_images)
         pool = cases
     else:
         held = set(held_out_cases([c.identifier for c in cases], test_fraction, seed, keep))
@@ -305,23 +318,15 @@ def read_heldout_set(source: Path) -> HeldoutSet:
     """The cases of a held-out read-out: ``imagesTs``/``labelsTs`` when both exist, otherwise every case of
     ``imagesTr``/``labelsTr`` (nothing trains on the dataset). Every label needs its images and every
     ``imagesTr`` case its label; refused otherwise, naming the file."""
-    from nnssl_joint.planning.raw import channel_names_of, list_cases, load_dataset_json
+    from nnssl_joint.planning.raw import list_cases, load_dataset_json
 
     source = Path(source)
     dataset_json = load_dataset_json(source)
     ending = dataset_json["file_ending"]
-    n_channels = len(channel_names_of(dataset_json))
     images_ts, labels_ts = source / "imagesTs", source / "labelsTs"
-    own_test = images_ts.is_dir() and labels_ts.is_dir() and any(labels_ts.glob(f"*{ending}"))
-    if own_test:
-        ids = case_identifiers(labels_ts, ending)
-        images = {c: [images_ts / f"{c}_{i:04d}{ending}" for i in range(n_channels)] for c in ids}
-        absent = [p.name for files in images.values() for p in files if not p.is_file()]
-        if absent:
-            raise NnsslJointError(f"--heldout {source.name}: {labels_ts} has labels whose images are "
-                                  f"missing in {images_ts}: {', '.join(absent[:5])}"
-                                  f"{' ...' if len(absent) > 5 else ''}; add them or remove those labels")
-        return HeldoutSet(source, dataset_json, images, {c: labels_ts / f"{c}{ending}" for c in ids}, True)
+    images = labels_ts_cases(source, dataset_json, f"--heldout {source.name}: ")
+    if images is not None:
+        return HeldoutSet(source, dataset_json, images, {c: labels_ts / f"{c}{ending}" for c in images}, True)
     try:
         cases = list_cases(source, dataset_json)
     except NnsslJointError as e:
