@@ -774,6 +774,7 @@ class Benchmark(Pipeline):
             steps.append(Step("plan_target", "planning + preprocessing the target dataset",
                               self.step_plan_target))
             if self.pretrain_arms:
+                self.forget_stale_probe()
                 steps.append(Step("probe", "probing the pretrained encoders against random initialisations",
                                   self.step_probe))
         steps.append(Step("splits", "fine-tuning splits", self.step_splits, always=True))
@@ -848,9 +849,28 @@ class Benchmark(Pipeline):
         from nnssl_joint.probe.run import probe_pretraining_runs
 
         return probe_pretraining_runs({ARM_LABELS[arm]: self.pretrain_folder(arm)
-                                       for arm in self.pretrain_arms},
+                                       for arm in self.probe_arms()},
                                       self.target_id, self.settings.configuration, self.logs / "probe.log",
                                       out=self.report_folder, seed=self.settings.seed)
+
+    def probe_arms(self) -> list[str]:
+        """The pretraining arms the probe covers: this invocation's and every arm an earlier invocation
+        pretrained into the same folder (``--arms`` may grow between invocations)."""
+        return [a for a in ARM_LABELS if a not in BASELINES
+                and (a in self.pretrain_arms or self.marker(f"pretrain_{a}").is_file())]
+
+    def forget_stale_probe(self) -> None:
+        """Remove the probe's marker when the folder holds a pretraining arm the probe did not read (one added
+        by a later invocation), so the probe runs again over every arm instead of reporting without it."""
+        marker = self.marker("probe")
+        if not marker.is_file():
+            return
+        probed = {w.get("name") for w in json.loads(marker.read_text()).get("info", {}).get("weights", [])}
+        missing = [a for a in self.probe_arms() if ARM_LABELS[a] not in probed]
+        if missing:
+            marker.unlink()
+            print(f"probe: arm(s) {', '.join(missing)} not probed yet; the probe runs again over "
+                  f"{', '.join(self.probe_arms())}", file=self.stream, flush=True)
 
     def fold_of(self, labeled: int, seed: int) -> int:
         """nnU-Net fold index of (labeled, seed); the registry only grows, so indices never change. Guarded

@@ -692,6 +692,32 @@ def test_heldout_is_a_read_out_not_part_of_the_experiment(tmp_path):
         parser.parse_args(["--target", "2", "--heldout"])
 
 
+def test_an_arm_pretrained_by_a_later_invocation_is_probed_with_the_earlier_ones(tmp_path):
+    """--arms intra first, then --arms joint into the same folder: the probe's marker (intra only) is
+    dropped, so the probe runs again over both arms; once it holds both, it stays done."""
+    kwargs = {"pretrain": ["1"], "target": "2", "out": tmp_path / "out", "raw": tmp_path, "labeled": [1]}
+    later = bm.Benchmark(bm.BenchmarkSettings(**kwargs, arms=["joint"]), stream := io.StringIO())
+    later.state_folder.mkdir(parents=True)
+    for key in ("pretrain_intra", "pretrain_joint"):
+        later.marker(key).write_text(json.dumps({"seconds": 1, "info": {}}))
+    assert later.probe_arms() == ["intra", "joint"]
+    probed_intra = {"seconds": 1, "info": {"weights": [{"name": bm.ARM_LABELS["intra"]}]}}
+    later.marker("probe").write_text(json.dumps(probed_intra))
+    later.forget_stale_probe()
+    assert not later.marker("probe").exists() and "arm(s) joint not probed yet" in stream.getvalue()
+    both = {"seconds": 1, "info": {"weights": [{"name": bm.ARM_LABELS[a]} for a in ("intra", "joint")]}}
+    later.marker("probe").write_text(json.dumps(both))
+    later.forget_stale_probe()
+    assert later.marker("probe").exists()
+    # an invocation with the earlier arm only keeps a marker that covers it
+    earlier = bm.Benchmark(bm.BenchmarkSettings(**kwargs, arms=["intra"]), io.StringIO())
+    earlier.marker("pretrain_joint").unlink()
+    earlier.marker("probe").write_text(json.dumps(probed_intra))
+    assert earlier.probe_arms() == ["intra"]
+    earlier.forget_stale_probe()
+    assert earlier.marker("probe").exists()
+
+
 def _heldout_copy(raw: Path, new_id: int, change=None) -> str:
     """A copy of the labeled target 633 (imagesTs/labelsTs: 2 cases) as Dataset<new_id>_Held, changed by
     ``change(folder, dataset_json)``."""
