@@ -866,11 +866,12 @@ class Benchmark(Pipeline):
         if not marker.is_file():
             return
         probed = {w.get("name") for w in json.loads(marker.read_text()).get("info", {}).get("weights", [])}
-        missing = [a for a in self.probe_arms() if ARM_LABELS[a] not in probed]
+        arms = self.probe_arms()
+        missing = [a for a in arms if ARM_LABELS[a] not in probed]
         if missing:
             marker.unlink()
             print(f"probe: arm(s) {', '.join(missing)} not probed yet; the probe runs again over "
-                  f"{', '.join(self.probe_arms())}", file=self.stream, flush=True)
+                  f"{', '.join(arms)}", file=self.stream, flush=True)
 
     def fold_of(self, labeled: int, seed: int) -> int:
         """nnU-Net fold index of (labeled, seed); the registry only grows, so indices never change. Guarded
