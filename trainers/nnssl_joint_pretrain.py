@@ -34,6 +34,7 @@ from nnssl_joint.common.seeding import capture_rng, restore_rng, seed_everything
 from nnssl_joint.models.preset import load_preset
 from nnssl_joint.pretrain import runtime
 from nnssl_joint.pretrain.autoconfig import DatasetStats, SelfConfiguration, auto_configure, describe
+from nnssl_joint.pretrain.checkpoint import load_initial_weights
 from nnssl_joint.pretrain.config import load_pretrain_config
 from nnssl_joint.pretrain.model import JointSSLModel
 from nnssl_joint.pretrain.run_logging import IterationLossFile, JointSSLLocalLogger
@@ -179,6 +180,14 @@ class JointSSLPretrainTrainer(nnUNetTrainer):
             dropped = self.loss_file.restart_at(self.iteration)
             if dropped:
                 self.print_to_log_file(f"losses.tsv: dropped {dropped} row(s) written after the checkpoint")
+        if self.ssl_config.init_from is not None and self.iteration == 0:  # a fresh start, not --c
+            loaded = load_initial_weights(self.model, self.ssl_config.init_from, self.preset,
+                                          self.num_input_channels)
+            self.print_to_log_file(
+                f"init_from {self.ssl_config.init_from}: {loaded['loaded']} tensors loaded"
+                + (f"; this run's own draw: {', '.join(loaded['own_draw'])}" if loaded["own_draw"] else "")
+                + (f"; in the file, not in this network: {', '.join(loaded['unused'])}"
+                   if loaded["unused"] else ""))
         self.print_to_log_file(
             f"JointSSLPretrainTrainer: preset '{self.preset.name}', "
             f"schedule '{self.ssl_config.objective.schedule}', "

@@ -169,6 +169,9 @@ def read_objective_overrides(spec: str | None) -> dict[str, Any]:
 #: sections of a pretraining configuration ``--pretrain-options`` may set; the objective has
 #: ``--pretrain-objective``, the preset ``--preset`` and the seed ``--seed``
 PRETRAIN_OPTION_SECTIONS = ("data", "optim")
+#: top-level keys of the pretraining configuration that ``--pretrain-options`` also takes (``init_from``: a
+#: pretraining checkpoint every pretraining arm starts from, e.g. to continue a 2D-only run with volume terms)
+PRETRAIN_OPTION_KEYS = ("init_from",)
 #: pretraining keys the budget sets (a longer run is another budget, not an option)
 PRETRAIN_KEYS_SET_ELSEWHERE = ("optim.num_epochs", "optim.iterations_per_epoch", "optim.save_every")
 
@@ -176,12 +179,15 @@ PRETRAIN_KEYS_SET_ELSEWHERE = ("optim.num_epochs", "optim.iterations_per_epoch",
 def read_pretrain_options(spec: str | None) -> dict[str, Any]:
     """``--pretrain-options``: JSON text (``{"data": {"batch_size_3d": 8}, "optim": {"grad_clip_mode":
     "per_part"}}``) or a JSON file of ``data`` and ``optim`` keys of the pretraining configuration
-    (:class:`nnssl_joint.pretrain.config.PretrainConfig`) for every pretraining arm; other sections and the
-    keys the budget sets (:data:`PRETRAIN_KEYS_SET_ELSEWHERE`) are refused; names, types, ranges checked."""
+    (:class:`nnssl_joint.pretrain.config.PretrainConfig`) for every pretraining arm, and ``init_from`` (made
+    absolute); other sections and the keys the budget sets (:data:`PRETRAIN_KEYS_SET_ELSEWHERE`) are
+    refused; names, types, ranges checked."""
     if spec is None or not spec.strip():
         return {}
     values = _read_json_object(spec, "--pretrain-options", "pretraining configuration sections")
     check_pretrain_options(values)
+    if isinstance(values.get("init_from"), str):  # the pretraining runs in another working directory
+        values["init_from"] = str(Path(values["init_from"]).resolve())
     return values
 
 
@@ -192,12 +198,18 @@ def check_pretrain_options(options: dict[str, Any]) -> None:
 
     elsewhere = {"objective": "--pretrain-objective", "preset": "--preset", "seed": "--seed"}
     for section, values in options.items():
+        if section in PRETRAIN_OPTION_KEYS:
+            if values is not None and not Path(str(values)).is_file():
+                raise NnsslJointError(f"--pretrain-options: {section} {values!r} is not a file; name "
+                                      "checkpoint_final.pth of a JointSSLPretrainTrainer run")
+            continue
         if section in elsewhere:
             raise NnsslJointError(f"--pretrain-options: {section!r} is set with {elsewhere[section]}, "
                                   f"not here")
         if section not in PRETRAIN_OPTION_SECTIONS:
             raise NnsslJointError(f"--pretrain-options: unknown section {section!r}; sections: "
-                                  f"{', '.join(PRETRAIN_OPTION_SECTIONS)}")
+                                  f"{', '.join(PRETRAIN_OPTION_SECTIONS)}; keys: "
+                                  f"{', '.join(PRETRAIN_OPTION_KEYS)}")
         if not isinstance(values, dict):
             raise NnsslJointError(f"--pretrain-options: {section!r} must be an object of keys, "
                                   f"got {values!r}")
@@ -302,7 +314,8 @@ class TrainingBudget:
         ``preset``: an architecture preset name or file (None: the pretraining default);
         ``objective_overrides``: objective keys for every arm (e.g. ``{"lambda_dense": 1.0}``), which may
         not change a key the arm itself sets (:func:`merge_objective`); ``options``: ``data`` and ``optim``
-        keys for every arm (:func:`read_pretrain_options`), not the lengths the budget sets."""
+        keys and ``init_from`` for every arm (:func:`read_pretrain_options`), not the lengths the budget
+        sets."""
         if options:
             check_pretrain_options(options)
         options = options or {}
@@ -313,6 +326,9 @@ class TrainingBudget:
                                             "save_every": 1}}
         if options.get("data"):
             config["data"] = dict(options["data"])
+        for key in PRETRAIN_OPTION_KEYS:
+            if options.get(key) is not None:
+                config[key] = options[key]
         if preset is not None:
             config["preset"] = str(preset)
         objective = merge_objective(arm, pretrain_objective(arm, self.pretrain_epochs), objective_overrides)

@@ -110,6 +110,10 @@ class PretrainConfig:
     #: seeds Python, NumPy and torch at the start of a run (rank r of a DDP run uses seed + r); with
     #: nnUNet_n_proc_DA=0 a CPU run is then repeatable exactly. null: no seeding (OS entropy)
     seed: int | None = 0
+    #: a JointSSLPretrainTrainer checkpoint whose network weights start this run (tensors matched by name
+    #: and shape; e.g. a 2D-only pretraining continued with the volume terms); read at a fresh start only,
+    #: not when a run resumes with --c. null: the run's own random draw
+    init_from: str | None = None
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

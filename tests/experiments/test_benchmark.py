@@ -923,3 +923,24 @@ def test_pretraining_options_reach_every_arm_are_part_of_the_experiment_and_bad_
         read_pretrain_options('{"data": {"batch_size_3e": 8}}')
     with pytest.raises(NnsslJointError, match="--pretrain-options"):
         bm.BenchmarkSettings(**kwargs, pretrain_options={"optim": {"save_every": 2}})
+
+
+def test_init_from_in_the_pretraining_options_starts_every_arm_from_the_file(tmp_path, monkeypatch):
+    from nnssl_joint.experiments.budgets import read_pretrain_options
+    from nnssl_joint.pretrain.config import PretrainConfig
+
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "checkpoint_final.pth").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    options = read_pretrain_options('{"init_from": "runs/checkpoint_final.pth", '
+                                    '"data": {"batch_size_3d": 8}}')
+    absolute = str(tmp_path / "runs" / "checkpoint_final.pth")
+    assert options["init_from"] == absolute  # the pretraining runs in another working directory
+    settings = bm.BenchmarkSettings(pretrain=["1"], target="2", out=tmp_path / "out", raw=tmp_path,
+                                    labeled=[1], arms=["scratch", "intra", "joint"], pretrain_options=options)
+    assert settings.record()["pretrain_options"]["init_from"] == absolute
+    for arm in ("intra", "joint"):
+        config = PretrainConfig.from_dict(settings.budget_spec.pretrain_config(arm, 0, None, None, options))
+        assert config.init_from == absolute and config.data.batch_size_3d == 8
+    with pytest.raises(NnsslJointError, match=r"init_from 'runs/missing\.pth' is not a file"):
+        read_pretrain_options('{"init_from": "runs/missing.pth"}')
