@@ -39,10 +39,10 @@ def load_pretraining_model(checkpoint_file: str | Path) -> tuple[JointSSLModel, 
     return model, record
 
 
-#: modules whose tensors are a run's own state, not weights: queues of earlier embeddings, DeepCluster-v2's
-#: memory banks and k-means results (indexed by the source run's samples), and the momentum key network
-#: (copied from the loaded online network instead)
 def _run_state_prefixes(model: JointSSLModel) -> list[str]:
+    """State-dict prefixes of the modules whose tensors are a run's own state, not weights: queues of earlier
+    embeddings, DeepCluster-v2's memory banks and k-means results (indexed by the source run's samples), and
+    the momentum key network (copied from the loaded online network instead)."""
     from nnssl_joint.ssl.deepcluster import DeepClusterV2Loss, MemoryBank
     from nnssl_joint.ssl.queue import FeatureQueue
 
@@ -69,9 +69,10 @@ def load_initial_weights(model: JointSSLModel, checkpoint_file: str | Path, pres
     from nnssl_joint.export import load_pretraining_checkpoint
 
     hint = "set init_from to checkpoint_final.pth of a JointSSLPretrainTrainer run of the same preset"
-    if not Path(checkpoint_file).is_file():
-        raise NnsslJointError(f"init_from: {checkpoint_file} does not exist; {hint}, or to null")
-    ckpt = load_pretraining_checkpoint(checkpoint_file)
+    try:  # the export's checks of the file (missing, unreadable, not the plugin's), said as init_from's
+        ckpt = load_pretraining_checkpoint(checkpoint_file)
+    except NnsslJointError as e:
+        raise NnsslJointError(f"init_from: {e}; {hint}, or to null") from e
     record = ckpt["nnssl_joint"]
     if record["preset"] != preset.to_dict():
         raise NnsslJointError(f"init_from: {checkpoint_file} was pretrained with preset "
