@@ -50,13 +50,16 @@ class JointSSLDownstreamPlanner(ThreadIndependentEstimateMixin, ExperimentPlanne
         self.lowres_creation_threshold = 0.0  # never search a 3d_lowres configuration
 
     def architecture(self, dims: int) -> dict[str, Any]:
-        return {
-            "network_class_name": ARCHITECTURES[dims],
-            # nnU-Net reads arch_kwargs['strides'] for the deep-supervision scales
-            "arch_kwargs": {"preset": self.preset.to_dict(),
-                            "strides": pool_op_kernel_sizes(self.preset, dims)},
-            "_kw_requires_import": [],
-        }
+        # nnU-Net reads arch_kwargs['strides'] for the deep-supervision scales
+        kwargs: dict[str, Any] = {"preset": self.preset.to_dict(),
+                                  "strides": pool_op_kernel_sizes(self.preset, dims)}
+        if dims == 3:
+            # the 2D encoder's InstanceNorms take their statistics over the patch, as stock nnU-Net's
+            # InstanceNorm3d (docs/finetuning.md: per-slice statistics cost the large organ 7 points on the
+            # benchmark target). Written into the plans rather than made the class default, so plans written
+            # before it keep the network they were trained with.
+            kwargs["norm_over_volume"] = True
+        return {"network_class_name": ARCHITECTURES[dims], "arch_kwargs": kwargs, "_kw_requires_import": []}
 
     def get_plans_for_configuration(self, spacing, median_shape, data_identifier: str,
                                     approximate_n_voxels_dataset: float, _cache: dict) -> dict:

@@ -119,6 +119,11 @@ def plan_downstream(root: Path, env: dict) -> None:
         out = run([str(BIN / "nnssl_joint"), "plan_and_preprocess", "-d", "503", "--downstream", "-np", "1",
                    "-npfp", "1"], env, root)
         assert "SliceWiseUNet3D" in out and "JointSSLUNet2D" in out
+        # new 3d_fullres plans normalise the encoder over the patch; 2d has no such key; the class default
+        # stays per slice, so plans written before the key keep their network
+        plans = json.loads((root / "pre" / "Dataset503_SynthOrgans" / "nnsslJointPlans.json").read_text())
+        assert plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["norm_over_volume"] is True
+        assert "norm_over_volume" not in plans["configurations"]["2d"]["architecture"]["arch_kwargs"]
         # three labeled cases: nnU-Net's 5-fold split needs more, so fold 0 gets an explicit split
         cases = sorted(p.name[: -len(".nii.gz")]
                        for p in (root / "raw" / "Dataset503_SynthOrgans" / "labelsTr").iterdir())
