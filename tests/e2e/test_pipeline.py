@@ -122,8 +122,8 @@ def plan_downstream(root: Path, env: dict) -> None:
         # new 3d_fullres plans normalise the encoder over the patch; 2d has no such key; the class default
         # stays per slice, so plans written before the key keep their network
         plans = json.loads((root / "pre" / "Dataset503_SynthOrgans" / "nnsslJointPlans.json").read_text())
-        assert plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["norm_over_volume"] is True
-        assert "norm_over_volume" not in plans["configurations"]["2d"]["architecture"]["arch_kwargs"]
+        arch = {c: plans["configurations"][c]["architecture"]["arch_kwargs"] for c in ("3d_fullres", "2d")}
+        assert arch["3d_fullres"]["norm_over_volume"] is True and "norm_over_volume" not in arch["2d"]
         # three labeled cases: nnU-Net's 5-fold split needs more, so fold 0 gets an explicit split
         cases = sorted(p.name[: -len(".nii.gz")]
                        for p in (root / "raw" / "Dataset503_SynthOrgans" / "labelsTr").iterdir())
