@@ -393,7 +393,8 @@ class SliceWiseUNet3D(_PresetUNet):
     ``norm_over_volume`` (bool, default ``False``): the encoder's InstanceNorms take their statistics over
     all Z slices of each sample (:class:`VolumeInstanceNorm2d`, as stock nnU-Net's InstanceNorm3d over the
     patch) instead of over each slice alone. Same parameters, so pretrained weights load as they are; the
-    pretrained features then see other statistics than in pretraining (per slice).
+    pretrained features then see other statistics than in pretraining (per slice). The downstream planner
+    writes ``true`` into new 3d_fullres plans; the default here stays ``False`` for plans without the key.
 
     Why the bottleneck, additive and zero-initialised: f_inter's outputs are slice-level descriptors
     computed from globally pooled features, and the bottleneck is the level with the widest receptive
