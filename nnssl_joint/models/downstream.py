@@ -37,6 +37,7 @@ from nnssl_joint.models.encoder import (
     encoder_spec_2d,
     encoder_spec_slicewise_3d,
 )
+from nnssl_joint.models.norms import use_volume_statistics
 from nnssl_joint.models.preset import ArchitecturePreset, load_preset
 
 #: Top-level parts whose weights come from pretraining; everything else is initialised for the task.
@@ -216,59 +217,6 @@ class ThroughPlaneConv(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return x + self.conv(x)
-
-
-class VolumeInstanceNorm2d(nn.InstanceNorm2d):
-    """The encoder's InstanceNorm2d, with its statistics taken over all slices of one volume.
-
-    The slice-wise encoder runs on (B*Z, C, Y, X); a plain InstanceNorm2d normalises every slice by its
-    own mean and variance (Y*X values per channel), so a slice's features lose how bright and how varied it
-    is relative to its neighbours, and slices with little content are stretched to unit variance. Stock
-    nnU-Net's InstanceNorm3d normalises over the whole Z*Y*X patch. With ``slices`` = Z this module groups
-    the Z consecutive slices of each volume and normalises them together, as InstanceNorm3d does, with the
-    same affine weight and bias (parameter names and shapes are InstanceNorm2d's, so pretrained weights
-    load unchanged). ``slices`` = 1 is exactly InstanceNorm2d. The owning network sets ``slices`` before
-    every forward (:meth:`SliceWiseUNet3D.forward`); pretraining keeps per-slice statistics.
-    """
-
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
-                 affine: bool = True, track_running_stats: bool = False) -> None:
-        if track_running_stats:
-            raise ValueError("VolumeInstanceNorm2d does not track running statistics (nnU-Net's InstanceNorm "
-                             "does not either)")
-        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine)
-        #: consecutive batch entries (slices of one volume) that share statistics
-        self.slices = 1
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.slices == 1:
-            return super().forward(x)
-        n = x.shape[0]
-        if n % self.slices:
-            raise ValueError(f"VolumeInstanceNorm2d: {n} slices are not a whole number of volumes of "
-                             f"{self.slices} slices")
-        volumes = x.unflatten(0, (n // self.slices, self.slices)).transpose(1, 2)  # (B, C, Z, Y, X)
-        out = F.instance_norm(volumes, weight=self.weight, bias=self.bias, eps=self.eps)
-        return out.transpose(1, 2).flatten(0, 1)
-
-
-def use_volume_statistics(encoder: nn.Module) -> list[VolumeInstanceNorm2d]:
-    """Replace every ``nn.InstanceNorm2d`` inside ``encoder`` by a :class:`VolumeInstanceNorm2d` holding the
-    same parameters (a module registered under two names, as dynamic_network_architectures' conv blocks
-    register their norm as ``norm`` and in ``all_modules``, stays one module). Returns the new modules."""
-    replaced: dict[int, VolumeInstanceNorm2d] = {}
-    for parent in list(encoder.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is not nn.InstanceNorm2d:
-                continue
-            if id(child) not in replaced:
-                new = VolumeInstanceNorm2d(child.num_features, eps=child.eps, momentum=child.momentum,
-                                           affine=child.affine)
-                if child.affine:
-                    new.weight, new.bias = child.weight, child.bias
-                replaced[id(child)] = new
-            setattr(parent, name, replaced[id(child)])
-    return list(replaced.values())
 
 
 def slice_strides(preset: ArchitecturePreset, pool_slices_from_stage: int | None) -> list[int]:

@@ -51,6 +51,7 @@ from nnssl_joint.models.masked_prediction import (
     sample_slice_mask,
     standardize_targets,
 )
+from nnssl_joint.models.norms import use_volume_statistics, window_statistics
 from nnssl_joint.models.preset import ArchitecturePreset
 from nnssl_joint.models.slice_embedding import ProjectionHead
 from nnssl_joint.models.slice_transformer import masked_slice_mean
@@ -112,6 +113,8 @@ class JointSSLModel(nn.Module):
         d = preset.embedding_dim
         proj = preset.projection
         self.encoder = build_encoder_2d(preset, input_channels)
+        if objective.norm_over_window:  # before the momentum copy below, which then has them too
+            use_volume_statistics(self.encoder)
         self.slice_embedding = build_slice_embedding(preset)
         self.slice_transformer = build_slice_transformer(preset)
         # SwAV's BatchNorm removes the component all embeddings share, which the pooled descriptors of an
@@ -325,7 +328,12 @@ class JointSSLModel(nn.Module):
         if not same_size:
             return out
         with torch.set_grad_enabled(torch.is_grad_enabled() and not freeze):
-            skips = self.encoder(torch.cat(same_size, 0))
+            if want_3d:  # window statistics where the encoder has them (objective.norm_over_window)
+                leading = b2 * n_global if want_intra else 0
+                with window_statistics(self.encoder, self._window_valid(volumes["valid"], n_views), leading):
+                    skips = self.encoder(torch.cat(same_size, 0))
+            else:
+                skips = self.encoder(torch.cat(same_size, 0))
             emb = self.slice_embedding(skips)
             # per-cell projections of the chosen skip (rows, dense_dim, *grid): 2D items, then window slices
             cells = self.dense_head(skips[self.objective.dense_stage]) if want_dense else None
@@ -440,6 +448,11 @@ class JointSSLModel(nn.Module):
         b3, n_views, c, n, h, w = views.shape
         return views.permute(0, 1, 3, 2, 4, 5).reshape(b3 * n_views * n, c, h, w)
 
+    @staticmethod
+    def _window_valid(valid: Tensor, n_views: int) -> Tensor:
+        """(B3, N) valid slices -> (B3 * views, N), one row per window in :meth:`_window_slices` order."""
+        return valid.to(torch.bool).repeat_interleave(n_views, 0)
+
     @torch.no_grad()
     def _momentum_keys(self, views: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
         """The volume features of both views (B3, 2, C, N, h, w) from the momentum key network, after its
@@ -454,7 +467,9 @@ class JointSSLModel(nn.Module):
                 for key_b, b in zip(keys[name].buffers(), online.buffers()):
                     key_b.copy_(b)
         b3, n_views, _, n = views.shape[:4]
-        emb = keys["slice_embedding"](keys["encoder"](self._window_slices(views))).view(b3, n_views, n, -1)
+        with window_statistics(keys["encoder"], self._window_valid(valid, n_views)):
+            skips = keys["encoder"](self._window_slices(views))
+        emb = keys["slice_embedding"](skips).view(b3, n_views, n, -1)
         features = [keys["slice_transformer"](emb[:, view], valid)[1] for view in range(2)]
         return features[0], features[1]
 

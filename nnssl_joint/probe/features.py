@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from nnssl_joint.models.norms import window_statistics
+
 
 def module_device(module: nn.Module) -> torch.device:
     """Where a module's parameters live (CPU for a module without any): inputs are moved there."""
@@ -93,7 +95,8 @@ def embed_windows(encoder: nn.Module, slice_embedding: nn.Module, slice_transfor
     valid = torch.zeros((w, n), dtype=torch.bool, device=device)
     for i, k in enumerate(valid_slices):
         valid[i, :k] = True
-    emb = slice_embedding(encoder(x.permute(0, 2, 1, 3, 4).reshape(w * n, c, h, wd))).view(w, n, -1)
+    with window_statistics(encoder, valid):  # an encoder pretrained with objective.norm_over_window
+        emb = slice_embedding(encoder(x.permute(0, 2, 1, 3, 4).reshape(w * n, c, h, wd))).view(w, n, -1)
     per_slice, z = slice_transformer(emb, valid)
     return per_slice.float().cpu(), z.float().cpu()
 

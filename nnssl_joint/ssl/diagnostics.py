@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from nnssl_joint.models.norms import window_statistics
 from nnssl_joint.ssl.swav import assignment_usage_entropy, prototype_usage_entropy
 
 
@@ -109,7 +110,8 @@ def f_inter_trace(transformer, tokens: Tensor, valid: Tensor | None = None) -> d
 def window_features(model, views: Tensor, valid: Tensor) -> dict[str, Tensor]:
     """views (W, C, N, H, W') -> slice embeddings (W, N, d), Z (W, d), 3D head output and 3D scores."""
     w, c, n, h, wd = views.shape
-    emb = model.embed_slices(views.permute(0, 2, 1, 3, 4).reshape(w * n, c, h, wd)).view(w, n, -1)
+    with window_statistics(model.encoder, valid):  # objective.norm_over_window, as in training
+        emb = model.embed_slices(views.permute(0, 2, 1, 3, 4).reshape(w * n, c, h, wd)).view(w, n, -1)
     per_slice, z = model.slice_transformer(emb, valid)
     head = model.projection_3d(z)
     scores_3d = model.inter_loss.prototypes(head)

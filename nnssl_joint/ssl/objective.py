@@ -159,6 +159,13 @@ class ObjectiveConfig:
         mask_loss_all_positions: False = MSE on the masked slices only (BERT, ours); True = the
             authors' release, which averaged the masked MSE over all slices.
 
+    Encoder statistics:
+        norm_over_window: False (default, the paper) = every slice of a volume window is normalised by its
+            own InstanceNorm statistics, like a 2D image; True = the encoder's InstanceNorms take their
+            statistics over the valid slices of each window (2D images keep their own; padding slices keep
+            theirs and do not enter the window's), as ``SliceWiseUNet3D`` with ``norm_over_volume`` does
+            over a fine-tuning patch (twenty-second pass). Same parameters either way.
+
     Gradient routing:
         volume_terms_train_encoder: True (default, the paper) = L_inter and L_mask reach f_intra and g
             through the slice tokens; False = f_inter reads detached slice embeddings, so L_inter and L_mask
@@ -230,6 +237,7 @@ class ObjectiveConfig:
     volume_terms_train_encoder: bool = True
     volume_encoder_gradient_scale: float = 1.0
     inter_trains_transformer: bool = True
+    norm_over_window: bool = False
 
     _CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"schedule": SCHEDULES, "clustering": CLUSTERING_METHODS,
                                                       "head_norm_3d": HEAD_NORMS_3D,

@@ -12,12 +12,12 @@ from nnssl_joint.models.downstream import (
     PRETRAINED_PARTS,
     JointSSLUNet2D,
     SliceWiseUNet3D,
-    VolumeInstanceNorm2d,
     pool_op_kernel_sizes,
     pretrained_key_groups,
     slice_strides,
 )
 from nnssl_joint.models.encoder import build_encoder_2d, encoder_arch_kwargs
+from nnssl_joint.models.norms import VolumeInstanceNorm2d
 from nnssl_joint.models.preset import load_preset
 from nnssl_joint.models.slice_embedding import SliceEmbeddingHead
 from nnssl_joint.models.slice_transformer import SliceTransformer

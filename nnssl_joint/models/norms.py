@@ -1,0 +1,120 @@
+"""Instance normalisation over several slices of one volume, for the slice-wise 2D encoder.
+
+The encoder f_intra is a 2D network: a volume (or a pretraining window) enters it as a batch of slices, and
+a plain ``nn.InstanceNorm2d`` normalises every slice by its own mean and variance. Stock nnU-Net's 3D
+networks normalise over the whole patch instead. :class:`VolumeInstanceNorm2d` is an InstanceNorm2d (same
+parameter names and shapes, so weights load unchanged either way) that can take its statistics over groups
+of consecutive batch rows:
+
+- ``slices`` = Z: every Z consecutive rows are one volume (:class:`~nnssl_joint.models.downstream.
+  SliceWiseUNet3D` with ``norm_over_volume``, where every slice of a patch is real).
+- ``windows`` = (leading rows, valid (W, N)): the first rows are 2D items with their own statistics, the
+  rest are W windows of N slices each, normalised over their valid slices; padding slices keep per-slice
+  statistics and do not enter their window's (pretraining with ``objective.norm_over_window``, set for one
+  forward by :func:`window_statistics`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+
+class VolumeInstanceNorm2d(nn.InstanceNorm2d):
+    """The encoder's InstanceNorm2d, with its statistics taken over all slices of one volume.
+
+    The slice-wise encoder runs on (B*Z, C, Y, X); a plain InstanceNorm2d normalises every slice by its
+    own mean and variance (Y*X values per channel), so a slice's features lose how bright and how varied it
+    is relative to its neighbours, and slices with little content are stretched to unit variance. Stock
+    nnU-Net's InstanceNorm3d normalises over the whole Z*Y*X patch. With ``slices`` = Z this module groups
+    the Z consecutive slices of each volume and normalises them together, as InstanceNorm3d does, with the
+    same affine weight and bias (parameter names and shapes are InstanceNorm2d's, so pretrained weights
+    load unchanged). ``slices`` = 1 is exactly InstanceNorm2d. The owning network sets ``slices`` before
+    every forward (:meth:`SliceWiseUNet3D.forward`). ``windows`` (set by :func:`window_statistics`, takes
+    precedence over ``slices``) normalises pretraining windows with padding slices: see the module docstring.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = False) -> None:
+        if track_running_stats:
+            raise ValueError("VolumeInstanceNorm2d does not track running statistics (nnU-Net's InstanceNorm "
+                             "does not either)")
+        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine)
+        #: consecutive batch entries (slices of one volume) that share statistics
+        self.slices = 1
+        #: (rows with their own statistics, valid slices (W, N) of the windows after them), or None
+        self.windows: tuple[int, Tensor] | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.windows is not None:
+            return self._window_forward(x, *self.windows)
+        if self.slices == 1:
+            return super().forward(x)
+        n = x.shape[0]
+        if n % self.slices:
+            raise ValueError(f"VolumeInstanceNorm2d: {n} slices are not a whole number of volumes of "
+                             f"{self.slices} slices")
+        volumes = x.unflatten(0, (n // self.slices, self.slices)).transpose(1, 2)  # (B, C, Z, Y, X)
+        out = F.instance_norm(volumes, weight=self.weight, bias=self.bias, eps=self.eps)
+        return out.transpose(1, 2).flatten(0, 1)
+
+    def _window_forward(self, x: Tensor, leading: int, valid: Tensor) -> Tensor:
+        w, n = valid.shape
+        if x.shape[0] != leading + w * n:
+            raise ValueError(f"VolumeInstanceNorm2d: {x.shape[0]} rows, but the windows set for this forward "
+                             f"need {leading} leading rows + {w} windows x {n} slices = {leading + w * n}")
+        parts = [super().forward(x[:leading])] if leading else []
+        if w:
+            win = x[leading:].unflatten(0, (w, n)).float()  # (W, N, C, Y, X); statistics in float32
+            keep = valid.to(device=x.device, dtype=torch.bool)[:, :, None, None, None]
+            weight = keep.float()
+            count = (weight.sum(1, keepdim=True) * win.shape[3] * win.shape[4]).clamp_min(1.0)  # (W,1,1,1,1)
+            mean = (win * weight).sum((1, 3, 4), keepdim=True) / count  # (W, 1, C, 1, 1)
+            centred = win - mean
+            var = (centred.square() * weight).sum((1, 3, 4), keepdim=True) / count
+            pooled = centred * torch.rsqrt(var + self.eps)
+            own = F.instance_norm(win.flatten(0, 1), eps=self.eps).view_as(win)  # padding: per slice
+            out = torch.where(keep, pooled, own)
+            if self.affine:
+                out = out * self.weight.float()[:, None, None] + self.bias.float()[:, None, None]
+            parts.append(out.to(x.dtype).flatten(0, 1))
+        return torch.cat(parts, 0) if len(parts) > 1 else parts[0]
+
+
+def use_volume_statistics(encoder: nn.Module) -> list[VolumeInstanceNorm2d]:
+    """Replace every ``nn.InstanceNorm2d`` inside ``encoder`` by a :class:`VolumeInstanceNorm2d` holding the
+    same parameters (a module registered under two names, as dynamic_network_architectures' conv blocks
+    register their norm as ``norm`` and in ``all_modules``, stays one module). Returns the new modules."""
+    replaced: dict[int, VolumeInstanceNorm2d] = {}
+    for parent in list(encoder.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is not nn.InstanceNorm2d:
+                continue
+            if id(child) not in replaced:
+                new = VolumeInstanceNorm2d(child.num_features, eps=child.eps, momentum=child.momentum,
+                                           affine=child.affine)
+                if child.affine:
+                    new.weight, new.bias = child.weight, child.bias
+                replaced[id(child)] = new
+            setattr(parent, name, replaced[id(child)])
+    return list(replaced.values())
+
+
+@contextmanager
+def window_statistics(encoder: nn.Module, valid: Tensor, leading_rows: int = 0) -> Iterator[None]:
+    """Within the block, every :class:`VolumeInstanceNorm2d` of ``encoder`` takes the statistics of the
+    window each row belongs to: the batch is ``leading_rows`` 2D items (own statistics), then the slices of
+    ``valid.shape[0]`` windows, window by window (``valid`` (W, N): which slices are real). An encoder
+    without such modules (per-slice statistics) is left as it is."""
+    norms = [m for m in encoder.modules() if isinstance(m, VolumeInstanceNorm2d)]
+    for norm in norms:
+        norm.windows = (leading_rows, valid)
+    try:
+        yield
+    finally:
+        for norm in norms:
+            norm.windows = None
