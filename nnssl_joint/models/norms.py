@@ -63,26 +63,33 @@ class VolumeInstanceNorm2d(nn.InstanceNorm2d):
         return out.transpose(1, 2).flatten(0, 1)
 
     def _window_forward(self, x: Tensor, leading: int, valid: Tensor) -> Tensor:
+        """Per-row statistics (one pass over ``x``), pooled per window with the exact formula for equal-sized
+        parts (the mean of the row means; the mean of row variance + squared deviation of the row mean), then
+        one affine pass: no copy of the activations, as fast as the per-slice norm."""
         w, n = valid.shape
         if x.shape[0] != leading + w * n:
             raise ValueError(f"VolumeInstanceNorm2d: {x.shape[0]} rows, but the windows set for this forward "
                              f"need {leading} leading rows + {w} windows x {n} slices = {leading + w * n}")
-        parts = [super().forward(x[:leading])] if leading else []
+        stats_input = x if x.dtype == torch.float64 else x.float()  # statistics in float32 under autocast
+        var, mean = torch.var_mean(stats_input, dim=(2, 3), correction=0)  # (M, C) per row
         if w:
-            win = x[leading:].unflatten(0, (w, n)).float()  # (W, N, C, Y, X); statistics in float32
-            keep = valid.to(device=x.device, dtype=torch.bool)[:, :, None, None, None]
-            weight = keep.float()
-            count = (weight.sum(1, keepdim=True) * win.shape[3] * win.shape[4]).clamp_min(1.0)  # (W,1,1,1,1)
-            mean = (win * weight).sum((1, 3, 4), keepdim=True) / count  # (W, 1, C, 1, 1)
-            centred = win - mean
-            var = (centred.square() * weight).sum((1, 3, 4), keepdim=True) / count
-            pooled = centred * torch.rsqrt(var + self.eps)
-            own = F.instance_norm(win.flatten(0, 1), eps=self.eps).view_as(win)  # padding: per slice
-            out = torch.where(keep, pooled, own)
-            if self.affine:
-                out = out * self.weight.float()[:, None, None] + self.bias.float()[:, None, None]
-            parts.append(out.to(x.dtype).flatten(0, 1))
-        return torch.cat(parts, 0) if len(parts) > 1 else parts[0]
+            keep = valid.to(device=x.device, dtype=torch.bool)[:, :, None]  # (W, N, 1)
+            weight = keep.to(mean.dtype)
+            count = weight.sum(1, keepdim=True).clamp_min(1.0)  # (W, 1, 1)
+            row_mean, row_var = mean[leading:].unflatten(0, (w, n)), var[leading:].unflatten(0, (w, n))
+            window_mean = (row_mean * weight).sum(1, keepdim=True) / count  # (W, 1, C)
+            window_var = ((row_var + (row_mean - window_mean).square()) * weight).sum(1, keepdim=True) / count
+            # padding slices keep their own statistics and do not enter their window's
+            pooled_mean = torch.where(keep, window_mean, row_mean).flatten(0, 1)
+            pooled_var = torch.where(keep, window_var, row_var).flatten(0, 1)
+            mean = torch.cat([mean[:leading], pooled_mean]) if leading else pooled_mean
+            var = torch.cat([var[:leading], pooled_var]) if leading else pooled_var
+        scale = torch.rsqrt(var + self.eps)
+        shift = -mean * scale
+        if self.affine:
+            scale = scale * self.weight
+            shift = shift * self.weight + self.bias
+        return torch.addcmul(shift[:, :, None, None].to(x.dtype), x, scale[:, :, None, None].to(x.dtype))
 
 
 def use_volume_statistics(encoder: nn.Module) -> list[VolumeInstanceNorm2d]:

@@ -25,11 +25,13 @@ def _batch(leading: int, windows: int, slices: int, channels: int = 3) -> torch.
     return torch.randn(rows, channels, 6, 7, generator=g) * scale + scale
 
 
-def test_window_rows_share_the_statistics_of_their_valid_slices_and_nothing_else():
+@pytest.mark.parametrize("padded", [True, False])  # the masked statistics, and the fused path without padding
+def test_window_rows_share_the_statistics_of_their_valid_slices_and_nothing_else(padded: bool):
     norm = _norm()
     leading, w, n = 4, 3, 5
     valid = torch.ones(w, n, dtype=torch.bool)
-    valid[1, 3:] = False  # window 1: two padding slices
+    if padded:
+        valid[1, 3:] = False  # window 1: two padding slices
     x = _batch(leading, w, n)
     with window_statistics(norm, valid, leading_rows=leading):
         got = norm(x)
