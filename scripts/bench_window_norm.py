@@ -4,7 +4,7 @@ statistics over each volume window (``objective.norm_over_window``), in one proc
 The pass is the one JointSSLModel.forward runs: the 2D global views and the slices of every 3D view of every
 window in one batch through f_intra, forward and backward (a sum of the skips as the loss). Sizes default to
 the demo's self-configured pretraining (cpu preset, view 48, 16 2D items and 8 windows of 16 slices, two
-views each). Modes: ``per_slice``; ``window`` (no padding slices: one fused InstanceNorm3d per norm);
+views each). Modes: ``per_slice``; ``window`` (no padding slices);
 ``window_padded`` (every other window with its last quarter of slices padding: the masked statistics);
 ``volume`` (fine-tuning's ``norm_over_volume``: every --slices consecutive rows one volume, 2D rows included).
 Modes take turns for --rounds rounds so that a shared machine's slow phases fall on all of them; time is the

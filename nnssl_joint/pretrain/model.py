@@ -37,6 +37,7 @@ buffers: checkpoints hold them and a resumed run continues exactly.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Any
 
@@ -327,12 +328,11 @@ class JointSSLModel(nn.Module):
             same_size.append(self._window_slices(v))
         if not same_size:
             return out
+        leading = b2 * n_global if want_intra else 0  # window slices follow the 2D items
+        windows = (self._window_statistics(self.encoder, volumes["valid"], n_views, leading) if want_3d
+                   else contextlib.nullcontext())
         with torch.set_grad_enabled(torch.is_grad_enabled() and not freeze):
-            if want_3d:  # window statistics where the encoder has them (objective.norm_over_window)
-                leading = b2 * n_global if want_intra else 0
-                with window_statistics(self.encoder, self._window_valid(volumes["valid"], n_views), leading):
-                    skips = self.encoder(torch.cat(same_size, 0))
-            else:
+            with windows:
                 skips = self.encoder(torch.cat(same_size, 0))
             emb = self.slice_embedding(skips)
             # per-cell projections of the chosen skip (rows, dense_dim, *grid): 2D items, then window slices
@@ -448,10 +448,14 @@ class JointSSLModel(nn.Module):
         b3, n_views, c, n, h, w = views.shape
         return views.permute(0, 1, 3, 2, 4, 5).reshape(b3 * n_views * n, c, h, w)
 
-    @staticmethod
-    def _window_valid(valid: Tensor, n_views: int) -> Tensor:
-        """(B3, N) valid slices -> (B3 * views, N), one row per window in :meth:`_window_slices` order."""
-        return valid.to(torch.bool).repeat_interleave(n_views, 0)
+    def _window_statistics(self, encoder: nn.Module, valid: Tensor, n_views: int,
+                           leading_rows: int = 0) -> contextlib.AbstractContextManager:
+        """With ``objective.norm_over_window``, the context in which ``encoder`` normalises each window (valid
+        slices ``valid`` (B3, N)) over its valid slices (:func:`window_statistics`; one row per window in
+        :meth:`_window_slices` order, after ``leading_rows`` 2D items); without it, nothing."""
+        if not self.objective.norm_over_window:
+            return contextlib.nullcontext()
+        return window_statistics(encoder, valid.to(torch.bool).repeat_interleave(n_views, 0), leading_rows)
 
     @torch.no_grad()
     def _momentum_keys(self, views: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
@@ -467,7 +471,7 @@ class JointSSLModel(nn.Module):
                 for key_b, b in zip(keys[name].buffers(), online.buffers()):
                     key_b.copy_(b)
         b3, n_views, _, n = views.shape[:4]
-        with window_statistics(keys["encoder"], self._window_valid(valid, n_views)):
+        with self._window_statistics(keys["encoder"], valid, n_views):
             skips = keys["encoder"](self._window_slices(views))
         emb = keys["slice_embedding"](skips).view(b3, n_views, n, -1)
         features = [keys["slice_transformer"](emb[:, view], valid)[1] for view in range(2)]

@@ -25,7 +25,7 @@ def _batch(leading: int, windows: int, slices: int, channels: int = 3) -> torch.
     return torch.randn(rows, channels, 6, 7, generator=g) * scale + scale
 
 
-@pytest.mark.parametrize("padded", [True, False])  # the masked statistics, and the fused path without padding
+@pytest.mark.parametrize("padded", [True, False])  # with and without padding slices
 def test_window_rows_share_the_statistics_of_their_valid_slices_and_nothing_else(padded: bool):
     norm = _norm()
     leading, w, n = 4, 3, 5
