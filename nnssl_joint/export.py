@@ -68,6 +68,21 @@ def load_pretraining_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
+#: record of an exported file: whether the encoder was pretrained with ``objective.norm_over_window`` (the
+#: probe then reads its windows with window statistics, as the pretraining's own read-outs do)
+NORM_OVER_WINDOW_RECORD = "norm_over_window"
+
+
+def pretraining_record(ckpt: dict) -> dict[str, Any]:
+    """What an exported file keeps of the pretraining it came from besides the weights: whether its encoder
+    took window statistics (:data:`NORM_OVER_WINDOW_RECORD`; a checkpoint that does not record the key had
+    per-slice statistics, the only kind before it existed)."""
+    objective = ckpt["nnssl_joint"].get("config", {}).get("objective", {})
+    if NORM_OVER_WINDOW_RECORD in ckpt["nnssl_joint"]:  # an exported file, exported again
+        return {NORM_OVER_WINDOW_RECORD: bool(ckpt["nnssl_joint"][NORM_OVER_WINDOW_RECORD])}
+    return {NORM_OVER_WINDOW_RECORD: bool(objective.get("norm_over_window", False))}
+
+
 def he_norm(weight: torch.Tensor) -> float:
     """Expected Frobenius norm of ``weight`` under nnU-Net's ``InitWeights_He(1e-2)`` (kaiming_normal_, fan
     in): sqrt(numel * 2 / ((1 + a^2) * fan_in)) = sqrt(2 * out_channels / (1 + a^2))."""
@@ -225,7 +240,7 @@ def export_for_presets(checkpoint_path: str | Path, out_folder: str | Path, seed
         fill_pretrained(net, weights, adapt_channels=False)
         written.append(export_file(net, {"preset": meta["preset"], "input_channels": meta["input_channels"],
                                          "source": str(checkpoint_path), "configuration": configuration,
-                                         **record},
+                                         **record, **pretraining_record(ckpt)},
                                    Path(out_folder) / f"pretrained_for_{configuration}.pth"))
     return written
 
@@ -282,7 +297,7 @@ def export_for_plans(checkpoint_path: str | Path, dataset: str | int, configurat
                               f"{plans_file}, or --preset nnunet in the demo/benchmark)") from None
     meta = {"preset": ckpt["nnssl_joint"]["preset"] if stock else net.preset.to_dict(),
             "source": str(checkpoint_path), "dataset": name, "configuration": configuration,
-            "plans": plans_identifier, **record}
+            "plans": plans_identifier, **record, **pretraining_record(ckpt)}
     return export_file(net, meta, out), report
 
 

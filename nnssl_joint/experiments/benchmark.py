@@ -8,7 +8,7 @@ is fine-tuned on k labeled cases of the target dataset, once per arm, with the s
 training cases, the same validation case(s) and the same fine-tuning seed:
 
 * ``scratch``: random initialisation;
-* ``intra``: from 2D-only pretraining (L_intra) on the ``--pretrain`` datasets;
+* ``intra``: from 2D-only pretraining (L_intra and the dense term) on the ``--pretrain`` datasets;
 * ``joint``: from joint 2D/3D pretraining (all terms, the plugin's default);
 * ``staged``: from the authors' staged schedule (L_intra, then L_mask with f_intra frozen, then L_inter).
 
@@ -87,7 +87,7 @@ PRETRAIN_NAME = "BenchmarkPretrain"
 
 ARM_LABELS = {
     "scratch": "from scratch",
-    "intra": "2D-only pretraining (L_intra)",
+    "intra": "2D-only pretraining (L_intra + dense)",
     "joint": "joint 2D/3D pretraining",
     "staged": "staged pretraining (authors' schedule)",
     "nnunet": "stock nnU-Net (nnUNetPlans, from scratch)",
@@ -1219,13 +1219,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "only, scratch runs follow nnU-Net's schedule")
     parser.add_argument("--pretrain-objective", default=None, metavar="JSON|FILE.json",
                         help="objective keys for every pretraining arm, as JSON text or a file, e.g. "
-                             "'{\"lambda_dense\": 1.0, \"dense_stage\": 1}' (the recommended dense term, "
-                             "docs/pretraining.md); a key an arm sets itself (2D-only's volume weights) is "
-                             "refused")
+                             "'{\"dense_stage\": 1}' (the dense term on stage 1, docs/pretraining.md), or "
+                             "'paper' (the paper's objective, with --pretrain-options paper its whole "
+                             "configuration); a key an arm sets itself (2D-only's volume weights) is refused")
     parser.add_argument("--pretrain-options", default=None, metavar="JSON|FILE.json",
                         help="data and optim keys of the pretraining configuration for every pretraining "
-                             "arm, as JSON text or a file, e.g. '{\"data\": {\"batch_size_3d\": 8}, "
-                             "\"optim\": {\"grad_clip_mode\": \"per_part\", \"volume_lr_factor\": 0.1}}' "
+                             "arm, as JSON text or a file, e.g. '{\"data\": {\"batch_size_3d\": 4}, "
+                             "\"optim\": {\"grad_clip_mode\": \"global\", \"volume_lr_factor\": 1.0}}' "
                              "(docs/pretraining.md); the lengths come from --budget")
     parser.add_argument("--finetune", default=None, metavar="JSON|FILE.json",
                         help="fine-tuning keys for every run of the plugin's networks (not the stock arm), "

@@ -27,8 +27,8 @@ PRETRAIN_RUNS: dict[str, dict[str, Any]] = {
     "intra": {key: 0.0 for key in VOLUME_TERM_WEIGHTS},
 }
 PRETRAIN_LABELS = {
-    "joint": "joint (L_intra + L_intra_3d + L_inter + L_mask)",
-    "intra": "2D-only (L_intra)",
+    "joint": "joint (L_intra + L_intra_3d + L_inter + L_mask + volume contrast + dense)",
+    "intra": "2D-only (L_intra + dense)",
     "staged": "staged (L_intra, then L_mask with f_intra frozen, then L_inter)",
 }
 
@@ -100,7 +100,7 @@ def overrides_not_applied(arm: str, objective: dict[str, Any], overrides: dict[s
     for every arm, so ``{"lambda_volume_contrast": 1}`` means "in the arms that have volume terms"; applied
     to 2D-only it would make that arm joint pretraining under another name."""
     return {key: value for key, value in (overrides or {}).items()
-            if key in VOLUME_TERM_WEIGHTS and objective.get(key) == 0.0}
+            if key in VOLUME_TERM_WEIGHTS and objective.get(key) == 0.0 and value != 0.0}
 
 
 def set_aside_sentence(overrides: dict[str, Any] | None, arms: Iterable[str]) -> str:
@@ -151,13 +151,21 @@ def _read_json_object(spec: str, option: str, what: str) -> dict[str, Any]:
     return dict(values)
 
 
+#: ``--pretrain-objective`` / ``--pretrain-options`` value that names the paper's objective / optimiser
+#: settings (``objective.PAPER_OBJECTIVE``, ``config.PAPER_OPTIM``: the defaults before the twenty-third pass)
+PAPER = "paper"
+
+
 def read_objective_overrides(spec: str | None) -> dict[str, Any]:
-    """``--pretrain-objective``: JSON text (``{"lambda_dense": 1.0}``) or a JSON file of objective keys,
-    checked against :class:`nnssl_joint.ssl.objective.ObjectiveConfig` (unknown keys, types, ranges)."""
+    """``--pretrain-objective``: JSON text (``{"lambda_mask": 0.0}``), a JSON file of objective keys, or
+    ``paper`` (:data:`PAPER`: the paper's objective where it differs from the defaults), checked against
+    :class:`nnssl_joint.ssl.objective.ObjectiveConfig` (unknown keys, types, ranges)."""
     if spec is None or not spec.strip():
         return {}
-    from nnssl_joint.ssl.objective import ObjectiveConfig
+    from nnssl_joint.ssl.objective import PAPER_OBJECTIVE, ObjectiveConfig
 
+    if spec.strip() == PAPER:
+        return dict(PAPER_OBJECTIVE)
     values = _read_json_object(spec, "--pretrain-objective", "objective keys")
     try:
         ObjectiveConfig.from_dict(values)
@@ -181,9 +189,14 @@ def read_pretrain_options(spec: str | None) -> dict[str, Any]:
     "per_part"}}``) or a JSON file of ``data`` and ``optim`` keys of the pretraining configuration
     (:class:`nnssl_joint.pretrain.config.PretrainConfig`) for every pretraining arm, and ``init_from`` (made
     absolute); other sections and the keys the budget sets (:data:`PRETRAIN_KEYS_SET_ELSEWHERE`) are
-    refused; names, types, ranges checked."""
+    refused; names, types, ranges checked. ``paper`` (:data:`PAPER`): the paper's optimiser settings where
+    they differ from the defaults (``config.PAPER_OPTIM``)."""
     if spec is None or not spec.strip():
         return {}
+    if spec.strip() == PAPER:
+        from nnssl_joint.pretrain.config import PAPER_OPTIM
+
+        return {"optim": dict(PAPER_OPTIM)}
     values = _read_json_object(spec, "--pretrain-options", "pretraining configuration sections")
     check_pretrain_options(values)
     if isinstance(values.get("init_from"), str):  # the pretraining runs in another working directory
@@ -312,7 +325,7 @@ class TrainingBudget:
                         options: dict[str, Any] | None = None) -> dict[str, Any]:
         """The partial pretraining configuration (``NNSSL_JOINT_CONFIG``) of the run behind ``arm``;
         ``preset``: an architecture preset name or file (None: the pretraining default);
-        ``objective_overrides``: objective keys for every arm (e.g. ``{"lambda_dense": 1.0}``), which may
+        ``objective_overrides``: objective keys for every arm (e.g. ``{"lambda_mask": 0.0}``), which may
         not change a key the arm itself sets (:func:`merge_objective`); ``options``: ``data`` and ``optim``
         keys and ``init_from`` for every arm (:func:`read_pretrain_options`), not the lengths the budget
         sets."""

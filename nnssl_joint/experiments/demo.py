@@ -94,7 +94,7 @@ STOCK_ARMS = ("nnunet",)
 ARM_LABELS = {
     "scratch": "from scratch",
     "nnunet": "stock nnU-Net (nnUNetPlans, from scratch)",
-    "intra": "2D-only pretraining (L_intra)",
+    "intra": "2D-only pretraining (L_intra + dense)",
     "joint": "joint 2D/3D pretraining",
 }
 @dataclass
@@ -582,11 +582,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "default of nnssl_joint benchmark on CPU)")
     parser.add_argument("--pretrain-objective", default=None, metavar="JSON|FILE.json",
                         help="objective keys for both pretraining runs, as JSON text or a file (e.g. "
-                        "'{\"lambda_dense\": 1.0}'; keys: docs/pretraining.md); a key the 2D-only run sets "
-                        "itself is refused. Default: the pretraining defaults")
+                        "'{\"lambda_mask\": 0.0}'; keys: docs/pretraining.md); a key the 2D-only run sets "
+                        "itself is refused; 'paper': the paper's objective (docs/pretraining.md, 23rd "
+                        "pass). Default: the pretraining defaults")
     parser.add_argument("--pretrain-options", default=None, metavar="JSON|FILE.json",
                         help="'data' and 'optim' keys for both pretraining runs (e.g. "
-                        "'{\"data\": {\"batch_size_3d\": 8}}'), not the lengths the budget sets")
+                        "'{\"data\": {\"batch_size_3d\": 4}}'), not the lengths the budget sets; 'paper': "
+                        "the paper's optimiser settings")
 
 
 def _settings_from_args(args: argparse.Namespace) -> DemoSettings:

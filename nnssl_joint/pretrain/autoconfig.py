@@ -205,7 +205,9 @@ def auto_configure(
     b3 = data_cfg.batch_size_3d
     if is_auto(b3):
         if has_3d:
-            cap = 16 if on_gpu else 2
+            # 8 windows per step on CPU: with 2, Z's in-batch negatives are too few and it collapses
+            # (docs/pretraining.md, seventh and twenty-third passes)
+            cap = 16 if on_gpu else 8
             b3 = int(max(1,
                          min(cap, stats.n_volumes,
                              budget_bytes * (1 - share_2d) // (2 * n_slices * per_slice))))

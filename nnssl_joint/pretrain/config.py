@@ -25,6 +25,10 @@ CONFIG_ENV_VAR = "NNSSL_JOINT_CONFIG"
 PLANS_SECTION = "nnssl_joint_pretrain"
 
 GRAD_CLIP_MODES = ("global", "per_part")
+#: the paper's optimiser settings where they differ from the defaults (the plugin's defaults before the
+#: twenty-third pass; with ``objective.PAPER_OBJECTIVE`` the paper's configuration,
+#: ``plans/pretrain/paper.json``)
+PAPER_OPTIM: dict[str, Any] = {"grad_clip_mode": "global", "volume_lr_factor": 1.0}
 #: optimisers the trainer builds (``optim.optimizer``); AdamW with decoupled weight decay
 OPTIMIZERS = ("adamw",)
 
@@ -55,14 +59,15 @@ class OptimConfig:
     warmup_epochs: int = 2
     min_lr_ratio: float = 0.01  # cosine decay to lr * min_lr_ratio
     grad_clip: float = 3.0
-    #: "global": one norm over all gradients is clipped to ``grad_clip`` (default); "per_part": each top-level
-    #: part of the network (encoder, slice embedding g, f_inter, each head, each loss's prototypes) is clipped
-    #: to ``grad_clip`` on its own, so a term with large gradients on its own head cannot shrink the steps of
-    #: the parts it does not reach (docs/pretraining.md, eighth pass)
-    grad_clip_mode: str = "global"
+    #: "global": one norm over all gradients is clipped to ``grad_clip`` (the paper's setting, PAPER_OPTIM);
+    #: "per_part" (default): each top-level part of the network (encoder, slice embedding g, f_inter, each
+    #: head, each loss's prototypes) is clipped to ``grad_clip`` on its own, so a term with large gradients on
+    #: its own head cannot shrink the steps of the parts it does not reach (docs/pretraining.md, eighth pass)
+    grad_clip_mode: str = "per_part"
     #: learning rate of the parts only the volume terms train (f_inter, the 3D projection head and prototypes,
-    #: the masked-slice decoder) relative to ``lr``; 1.0: one rate for the whole network
-    volume_lr_factor: float = 1.0
+    #: the masked-slice decoder) relative to ``lr``; 1.0: one rate for the whole network (PAPER_OPTIM); 0.1
+    #: (default): f_inter's feed-forward blocks otherwise grow one output shared by every slice (sixth pass)
+    volume_lr_factor: float = 0.1
     #: learning rate of the 3D projection head and the 3D prototypes (what L_inter trains once
     #: ``objective.inter_trains_transformer`` is false) relative to ``lr``; null: ``volume_lr_factor``
     volume_head_lr_factor: float | None = None

@@ -273,6 +273,13 @@ def check_resume_compatible(checkpoint: dict, current: dict) -> dict:
             f"the checkpoint was trained with objective.clustering={old_clustering!r} but this run sets "
             f"{new_clustering!r}; their clustering state differs (prototypes and queues vs. memory banks and "
             "k-means centroids). Resume with the same value or start a new run")
+    changed_objective = _changed_training_keys(extra.get("config", {}), current.get("config", {}))
+    if changed_objective:
+        raise NnsslJointError(
+            f"the checkpoint was trained with another objective or optimiser than this run resolves to (old, "
+            f"new): {changed_objective}; resume with the checkpoint's values (set them in the file named by "
+            "NNSSL_JOINT_CONFIG; for a run started before the defaults changed in the twenty-third pass, "
+            "plans/pretrain/paper.json holds the old defaults) or start a new run")
     old, new = extra["resolved"], current["resolved"]
     changed = {k: (old.get(k), new.get(k)) for k in ("view_size", "n_slices", "num_prototypes_2d",
                                                       "num_prototypes_3d") if old.get(k) != new.get(k)}
@@ -282,6 +289,30 @@ def check_resume_compatible(checkpoint: dict, current: dict) -> dict:
             "resume with the same configuration (pin these values in the file named by "
             "NNSSL_JOINT_CONFIG) or start a new run")
     return extra
+
+
+#: optimiser keys that shape the optimiser's parameter groups or the clipping: a resume must keep them
+RESUME_OPTIM_KEYS = ("grad_clip_mode", "volume_lr_factor", "volume_head_lr_factor")
+
+
+def _changed_training_keys(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
+    """Objective keys and :data:`RESUME_OPTIM_KEYS` whose values differ between a checkpoint's configuration
+    (``old``) and this run's (``new``), as ``{"objective.key": (old, new)}``. A key a checkpoint does not
+    record (written before the key existed) had its default of then: the paper's value
+    (:data:`PAPER_OBJECTIVE`, :data:`PAPER_OPTIM`) where the defaults changed since, else it is not
+    compared."""
+    from nnssl_joint.pretrain.config import PAPER_OPTIM
+    from nnssl_joint.ssl.objective import PAPER_OBJECTIVE
+
+    changed: dict[str, tuple[Any, Any]] = {}
+    sections = (("objective", None, PAPER_OBJECTIVE), ("optim", RESUME_OPTIM_KEYS, PAPER_OPTIM))
+    for section, keys, then in sections:
+        before = {**then, **old.get(section, {})}
+        after = new.get(section, {})
+        for key in (keys if keys is not None else sorted(set(before) | set(after))):
+            if key in before and key in after and before[key] != after[key]:
+                changed[f"{section}.{key}"] = (before[key], after[key])
+    return changed
 
 
 def export_downstream_weights(trainer: Any, final_checkpoint: str) -> list[str]:

@@ -98,8 +98,9 @@ def _sub_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.T
 
 
 def _from_downstream_file(path: Path, ckpt: dict[str, Any], name: str) -> ProbeWeights:
-    from nnssl_joint.export import RESCALE_RECORD, scale_encoder_blocks
+    from nnssl_joint.export import NORM_OVER_WINDOW_RECORD, RESCALE_RECORD, scale_encoder_blocks
     from nnssl_joint.models.encoder import build_encoder_2d, build_slice_embedding, build_slice_transformer
+    from nnssl_joint.models.norms import use_volume_statistics
 
     meta = ckpt["nnssl_joint"]
     preset = ArchitecturePreset.from_dict(meta["preset"])
@@ -109,6 +110,8 @@ def _from_downstream_file(path: Path, ckpt: dict[str, Any], name: str) -> ProbeW
     channels = _stem_channels(state)
     encoder = build_encoder_2d(preset, channels, return_skips=True)
     encoder.load_state_dict(_sub_state(state, "encoder."))
+    if meta.get(NORM_OVER_WINDOW_RECORD):  # pretrained with window statistics: read windows with them
+        use_volume_statistics(encoder)
     weights = ProbeWeights(name=name, kind=f"pretrained_for_{meta.get('configuration', 'unknown')}",
                            source=str(path), preset=preset, input_channels=channels, encoder=encoder)
     if any(k.startswith("slice_embedding.") for k in state):

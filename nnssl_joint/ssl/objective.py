@@ -11,17 +11,24 @@ Representation Learning with Intra-Inter Contrastive Clustering" (AAAI 2023), as
 - ``mask``: masked slice-embedding prediction (MSE).
 - ``varcov`` (ours, off by default): VICReg's variance and covariance terms on the slice embeddings e and the
   un-normalised volume feature (:mod:`nnssl_joint.ssl.varcov`); active in every stage when its weight is > 0.
-- ``dense`` (ours, off by default): InfoNCE between corresponding cells of one skip level of f_intra in the
-  two global views of 2D items and of volume windows (:mod:`nnssl_joint.ssl.dense`); active in every stage
-  when its weight is > 0 (not while f_intra is frozen).
-- ``volume_contrast`` (ours, off by default): InfoNCE between the volume features Z of the two 3D views of a
-  window, the other windows (of other cases) and a queue of earlier ones as negatives
+- ``dense`` (ours, on by default since the twenty-third pass): InfoNCE between corresponding cells of one
+  skip level of f_intra in the two global views of 2D items and of volume windows
+  (:mod:`nnssl_joint.ssl.dense`); active in every stage when its weight is > 0 (not while f_intra is frozen).
+- ``volume_contrast`` (ours, on by default since the twenty-third pass): InfoNCE between the volume features Z
+  of the two 3D views of a window, the other windows (of other cases) and a queue of earlier ones as negatives
   (:mod:`nnssl_joint.ssl.volume_contrast`); active wherever the volume terms are (every epoch of ``joint``,
   stage C of ``staged``) when its weight is > 0.
 
 Two schedules: ``joint`` (every term in every iteration; our default) and ``staged`` (the authors'
 runs): stage A L_intra only; stage B L_mask with f_intra frozen; stage C L_inter (+ L_intra and
 L_intra_3d if ``staged_keep_intra``) with everything trainable.
+
+Defaults (twenty-third pass, docs/pretraining.md): the configuration whose volume path does not collapse on
+the generated data and on ``--real`` (the twenty-second pass's): the paper's four terms plus the contrastive
+volume term with momentum keys and the dense term, L_inter on a detached Z without a 3D queue, a tenth of the
+volume terms' gradient into the encoder, window statistics in the encoder. :data:`PAPER_OBJECTIVE` holds the
+values of the paper's objective for the keys where they differ (:meth:`ObjectiveConfig.paper`;
+``plans/pretrain/paper.json`` for ``NNSSL_JOINT_CONFIG``).
 """
 
 from __future__ import annotations
@@ -47,6 +54,21 @@ CLUSTERING_METHODS = ("swav", "deepcluster")
 HEAD_NORMS_3D = ("layer", "running_batch")
 INTER_CODES = ("sinkhorn", "centering")
 MASK_TARGET_NORMALIZATIONS = ("none", "standardize")
+#: the paper's objective where it differs from the defaults (the plugin's defaults before the twenty-third
+#: pass, docs/pretraining.md): no contrastive volume term and no dense term, L_inter's and L_mask's whole
+#: gradient through f_inter into the encoder, a 3D SwAV queue, per-slice encoder statistics.
+#: ``plans/pretrain/paper.json`` holds the same values (and the optimiser's) for ``NNSSL_JOINT_CONFIG``; a
+#: test keeps the two equal.
+PAPER_OBJECTIVE: dict[str, Any] = {
+    "lambda_dense": 0.0,
+    "dense_slice_offset": 0,
+    "lambda_volume_contrast": 0.0,
+    "volume_contrast_momentum": 0.0,
+    "queue_length_3d": 256,
+    "volume_encoder_gradient_scale": 1.0,
+    "inter_trains_transformer": True,
+    "norm_over_window": False,
+}
 
 
 @dataclass(frozen=True)
@@ -106,9 +128,10 @@ class ObjectiveConfig:
         num_prototypes_3d: K for L_inter (few, since there are few volumes).
         freeze_prototypes_iterations: prototypes get no update for this many iterations (SwAV);
             250 = one nnU-Net epoch.
-        queue_length_2d, queue_length_3d: SwAV feature queue per code view (0 = off). Volume batches
-            are tiny, and Sinkhorn's equal partition over 2-4 samples is nearly meaningless, hence
-            the 3D queue by default.
+        queue_length_2d, queue_length_3d: SwAV feature queue per code view (0 = off, the default of both).
+            The paper's objective (:data:`PAPER_OBJECTIVE`) keeps a 3D queue of 256, since Sinkhorn's equal
+            partition over 2-4 windows is nearly meaningless; with 8 windows per step and a detached Z the
+            queue made L_inter swing between epochs (twelfth pass), hence 0.
         queue_start_iteration: the queue fills from iteration 0 and joins the codes from here on.
         inter_code_standardization: L_inter only; centre and scale each 3D prototype's scores over the
             rows entering Sinkhorn (queue + global batch) before the codes are computed (the prediction keeps
@@ -125,7 +148,8 @@ class ObjectiveConfig:
         kmeans_iterations: spherical k-means iterations per recompute (DC-v2: 10).
 
     Dense term (ours; :mod:`nnssl_joint.ssl.dense`):
-        lambda_dense: weight, 0 (off) by default. The loaders then also carry each view's coordinate maps.
+        lambda_dense: weight, 1.0 by default (0 = off, the paper). The loaders then also carry each view's
+            coordinate maps.
         dense_stage: the encoder stage (skip) whose feature map the term acts on (0 = full resolution).
         dense_dim: output channels of the per-cell projection head (1x1 conv, ReLU, 1x1 conv).
         dense_temperature: InfoNCE temperature.
@@ -134,22 +158,22 @@ class ObjectiveConfig:
         dense_keys: 0 (default): every usable cell of the other view is a key (the positive and the
             negatives); K > 0: the negatives are a random K of them (torch's generator), the positive is
             still the nearest cell of the query's own row. Stage 1 has 9-18k keys per batch part.
-        dense_slice_offset: volume windows only. 0 (default): slice n of view A is paired with slice n of
-            view B, as a 2D item's two views. D > 0: with slice n + d of view B, d drawn per window
-            uniformly from +-1..+-D (torch's generator), so the positive is the same in-plane position one
-            to D slices away: a through-plane correspondence that 2D images cannot give.
+        dense_slice_offset: volume windows only. 0: slice n of view A is paired with slice n of
+            view B, as a 2D item's two views. D > 0 (default 2): with slice n + d of view B, d drawn per
+            window uniformly from +-1..+-D (torch's generator), so the positive is the same in-plane position
+            one to D slices away: a through-plane correspondence that 2D images cannot give.
 
     Contrastive volume term (ours; :mod:`nnssl_joint.ssl.volume_contrast`):
-        lambda_volume_contrast: weight, 0 (off) by default. InfoNCE on the L2-normalised volume features Z of
-            the two 3D views: the other view of the same window is the positive, the other windows of the
-            batch (both views) and the queue are negatives, windows of the same case never.
-        volume_contrast_temperature: InfoNCE temperature.
+        lambda_volume_contrast: weight, 1.0 by default (0 = off, the paper). InfoNCE on the L2-normalised
+            volume features Z of the two 3D views: the other view of the same window is the positive, the
+            other windows of the batch (both views) and the queue are negatives, windows of the same case
+        never. volume_contrast_temperature: InfoNCE temperature.
         volume_contrast_queue: length of the FIFO queue of earlier, detached Z (both views of every window
             of every training step, with their case numbers); 0 = in-batch negatives only.
-        volume_contrast_momentum: 0 (default): the keys are the online volume features themselves; m in
-            (0, 1): the keys (positives, in-batch negatives, the queue) come from a momentum copy of the
-            encoder, g and f_inter, updated as m * copy + (1 - m) * online before every training forward
-            (MoCo); without it the queue holds features of earlier weights (measured: collapse).
+        volume_contrast_momentum: 0: the keys are the online volume features themselves; m in
+            (0, 1) (default 0.99): the keys (positives, in-batch negatives, the queue) come from a momentum
+            copy of the encoder, g and f_inter, updated as m * copy + (1 - m) * online before every training
+            forward (MoCo); without it the queue holds features of earlier weights (measured: collapse).
 
     Masked slice prediction:
         mask_ratio: fraction of slices masked per volume (at least one); paper 0.1.
@@ -160,11 +184,11 @@ class ObjectiveConfig:
             authors' release, which averaged the masked MSE over all slices.
 
     Encoder statistics:
-        norm_over_window: False (default, the paper) = every slice of a volume window is normalised by its
+        norm_over_window: False (the paper) = every slice of a volume window is normalised by its
             own InstanceNorm statistics, like a 2D image; True = the encoder's InstanceNorms take their
             statistics over the valid slices of each window (2D images keep their own; padding slices keep
             theirs and do not enter the window's), as ``SliceWiseUNet3D`` with ``norm_over_volume`` does
-            over a fine-tuning patch (twenty-second pass). Same parameters either way.
+            over a fine-tuning patch (twenty-second pass; the default). Same parameters either way.
 
     Gradient routing:
         volume_terms_train_encoder: True (default, the paper) = L_inter and L_mask reach f_intra and g
@@ -172,14 +196,14 @@ class ObjectiveConfig:
             train f_inter, the mask decoder and the 3D head only, and f_intra / g learn from L_intra and
             L_intra_3d (session-4 ablation: L_inter is the term that collapses the slice embeddings).
         volume_encoder_gradient_scale: with ``volume_terms_train_encoder``, the factor on the volume terms'
-            gradient where it enters the encoder (the slice tokens f_inter reads); 1.0 (default, the paper) =
-            unchanged, 0.1 = the encoder gets a tenth of it while f_inter and the heads get all of theirs
-            (eighth pass: the whole gradient collapses the slice embeddings and, with them, Z).
-        inter_trains_transformer: True (default, the paper) = L_inter's gradient reaches f_inter (and, with
+            gradient where it enters the encoder (the slice tokens f_inter reads); 1.0 (the paper) =
+            unchanged, 0.1 (default) = the encoder gets a tenth of it while f_inter and the heads get all of
+            theirs (eighth pass: the whole gradient collapses the slice embeddings and, with them, Z).
+        inter_trains_transformer: True (the paper) = L_inter's gradient reaches f_inter (and, with
             ``volume_terms_train_encoder``, the encoder) through Z; False = L_inter clusters a detached Z, so
-            it trains the 3D projection head and the 3D prototypes only, and f_inter learns from L_mask and
-            the contrastive volume term (eighth pass: L_inter's gradient is what collapses Z when the
-            contrastive term spreads it).
+            it trains the 3D projection head and the 3D prototypes only (default), and f_inter learns from
+            L_mask and the contrastive volume term (eighth pass: L_inter's gradient is what collapses Z when
+            the contrastive term spreads it).
 
     Release behaviour:
         slice_level_3d_loss: True (default) = the paper-intended slice-level loss between 3D views,
@@ -194,17 +218,17 @@ class ObjectiveConfig:
     lambda_varcov: float = 0.0
     varcov_target_std: float = 1.0
     varcov_covariance_weight: float = 0.04
-    lambda_dense: float = 0.0
+    lambda_dense: float = 1.0
     dense_stage: int = 2
     dense_dim: int = 64
     dense_temperature: float = 0.2
     dense_queries: int = 1024
-    dense_slice_offset: int = 0
+    dense_slice_offset: int = 2
     dense_keys: int = 0
-    lambda_volume_contrast: float = 0.0
+    lambda_volume_contrast: float = 1.0
     volume_contrast_temperature: float = 0.2
     volume_contrast_queue: int = 128
-    volume_contrast_momentum: float = 0.0
+    volume_contrast_momentum: float = 0.99
 
     schedule: str = "joint"
     stage_a_epochs: int = 100
@@ -220,7 +244,7 @@ class ObjectiveConfig:
     num_prototypes_3d: int = 64
     freeze_prototypes_iterations: int = 250
     queue_length_2d: int = 0
-    queue_length_3d: int = 256
+    queue_length_3d: int = 0
     queue_start_iteration: int = 1000
     inter_code_standardization: bool = False
     head_norm_3d: str = "layer"
@@ -235,9 +259,9 @@ class ObjectiveConfig:
     mask_target_normalization: str = "none"
     slice_level_3d_loss: bool = True
     volume_terms_train_encoder: bool = True
-    volume_encoder_gradient_scale: float = 1.0
-    inter_trains_transformer: bool = True
-    norm_over_window: bool = False
+    volume_encoder_gradient_scale: float = 0.1
+    inter_trains_transformer: bool = False
+    norm_over_window: bool = True
 
     _CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"schedule": SCHEDULES, "clustering": CLUSTERING_METHODS,
                                                       "head_norm_3d": HEAD_NORMS_3D,
@@ -264,10 +288,18 @@ class ObjectiveConfig:
         self._validate_values()
 
     @classmethod
+    def paper(cls, **overrides: Any) -> ObjectiveConfig:
+        """The paper's objective (:data:`PAPER_OBJECTIVE` over the defaults): the four terms, L_inter and
+        L_mask trained through f_inter into the encoder, a 3D queue, per-slice statistics; the plugin's
+        defaults before the twenty-third pass."""
+        return cls.from_dict({**PAPER_OBJECTIVE, **overrides})
+
+    @classmethod
     def authors_release(cls, **overrides: Any) -> ObjectiveConfig:
-        """The behaviour of the authors' released code: staged schedule, masked MSE averaged over
-        all slices, no slice-level loss between 3D views."""
+        """The behaviour of the authors' released code: the paper's objective (:meth:`paper`) with the staged
+        schedule, masked MSE averaged over all slices, no slice-level loss between 3D views."""
         values: dict[str, Any] = {
+            **PAPER_OBJECTIVE,
             "schedule": "staged",
             "mask_loss_all_positions": True,
             "slice_level_3d_loss": False,

@@ -14,6 +14,7 @@ from nnssl_joint.experiments.budgets import DEMO_BUDGETS, PRETRAIN_RUNS, Trainin
 def test_configs_share_the_finetuning_budget_and_switch_terms_off():
     from nnssl_joint.finetune import FinetuneConfig
     from nnssl_joint.pretrain.config import PretrainConfig
+    from nnssl_joint.ssl.objective import PAPER_OBJECTIVE
 
     budget = DEMO_BUDGETS["small"].training
     ft = budget.finetune_config()
@@ -27,7 +28,16 @@ def test_configs_share_the_finetuning_budget_and_switch_terms_off():
                                                                "lambda_mask": 0.0,
                                                                "lambda_volume_contrast": 0.0}
     FinetuneConfig.from_dict(ft)  # every key is a real fine-tuning key
-    assert PretrainConfig.from_dict(intra).objective.stage_at(0).active_terms == ("intra",)
+    # the defaults (twenty-third pass): the dense term is on and is not a volume term, so 2D-only keeps it
+    assert PretrainConfig.from_dict(intra).objective.stage_at(0).active_terms == ("intra", "dense")
+    assert PretrainConfig.from_dict(joint).objective.stage_at(0).active_terms == (
+        "intra", "intra_3d", "inter", "mask", "dense", "volume_contrast")
+    # on the paper's objective 2D-only is L_intra alone and joint the paper's four terms
+    paper_intra = budget.pretrain_config("intra", seed=3, objective_overrides=PAPER_OBJECTIVE)
+    paper_joint = budget.pretrain_config("joint", seed=3, objective_overrides=PAPER_OBJECTIVE)
+    assert PretrainConfig.from_dict(paper_intra).objective.stage_at(0).active_terms == ("intra",)
+    assert PretrainConfig.from_dict(paper_joint).objective.stage_at(0).active_terms == (
+        "intra", "intra_3d", "inter", "mask")
     assert PretrainConfig.from_dict(budget.pretrain_config("joint", 0, preset="gpu")).preset == "gpu"
 
 

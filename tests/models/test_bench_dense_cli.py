@@ -27,3 +27,22 @@ def test_bad_arguments_are_refused(bench):
     for argv in (["--repeats", "0"], ["--stages", "-1"], ["--keys", "0"]):
         with pytest.raises(SystemExit):
             bench.parse_args(argv)
+
+
+def test_every_arm_states_the_papers_objective_and_only_the_dense_keys_differ(bench):
+    """The arms do not follow the defaults (the dense and contrastive volume terms, on since the twenty-third
+    pass): the base arms are the paper's objective without the dense term, the others add the dense keys."""
+    from nnssl_joint.ssl.objective import PAPER_OBJECTIVE, ObjectiveConfig
+
+    arms = bench.arms([2], [16])
+    for name, values in arms.items():
+        objective = ObjectiveConfig(**values)
+        assert objective.lambda_volume_contrast == 0.0
+        assert objective.lambda_dense == (1.0 if "+" in name else 0.0), name
+        assert {k: getattr(objective, k) for k in PAPER_OBJECTIVE if k != "lambda_dense"} == {
+            k: v for k, v in PAPER_OBJECTIVE.items() if k != "lambda_dense"}, name
+        base = arms[name.split("+")[0]]
+        assert set(values) - set(base) <= {"dense_stage", "dense_keys"}
+        assert {k: v for k, v in values.items() if k in base and k != "lambda_dense"} == {
+            k: v for k, v in base.items() if k != "lambda_dense"}, name
+    assert arms["2d_only"]["lambda_inter"] == arms["2d_only"]["lambda_mask"] == 0.0

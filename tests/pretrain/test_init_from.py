@@ -15,14 +15,17 @@ from nnssl_joint.models.preset import ArchitecturePreset, load_preset
 from nnssl_joint.pretrain.checkpoint import load_initial_weights
 from nnssl_joint.pretrain.config import PretrainConfig
 from nnssl_joint.pretrain.model import JointSSLModel
-from nnssl_joint.ssl.objective import ObjectiveConfig
+from nnssl_joint.ssl.objective import PAPER_OBJECTIVE, ObjectiveConfig
 
 PROTOTYPES = {"num_prototypes_2d": 8, "num_prototypes_3d": 4}
-#: the 2D-only arm's objective (no volume term; the benchmark's "intra" run)
-INTRA = ObjectiveConfig(**PROTOTYPES, lambda_intra_3d=0.0, lambda_inter=0.0, lambda_mask=0.0,
-                        lambda_dense=1.0)
-#: a joint objective with a queue and a momentum key network: run state the file must not overwrite
-JOINT = ObjectiveConfig(**PROTOTYPES, lambda_dense=1.0, lambda_volume_contrast=1.0,
+#: L_inter's 3D SwAV queue (the paper's length; the defaults have none since the twenty-third pass): run state
+#: in the file and in the new network that must stay the run's own
+SWAV_QUEUE = {"queue_length_3d": PAPER_OBJECTIVE["queue_length_3d"]}
+#: the 2D-only arm's objective (no volume term; the benchmark's "intra" run), with a 3D SwAV queue
+INTRA = ObjectiveConfig(**PROTOTYPES, **SWAV_QUEUE, lambda_intra_3d=0.0, lambda_inter=0.0, lambda_mask=0.0,
+                        lambda_volume_contrast=0.0, lambda_dense=1.0)
+#: a joint objective with queues and a momentum key network: run state the file must not overwrite
+JOINT = ObjectiveConfig(**PROTOTYPES, **SWAV_QUEUE, lambda_dense=1.0, lambda_volume_contrast=1.0,
                         volume_contrast_momentum=0.99, volume_contrast_queue=16)
 
 
@@ -85,13 +88,43 @@ def test_a_joint_file_into_a_2d_only_run_names_what_it_leaves_out(tmp_path):
 
 
 def test_a_network_without_the_dense_head_keeps_its_own_draw_of_it(tmp_path):
-    no_dense = ObjectiveConfig(**PROTOTYPES, lambda_intra_3d=0.0, lambda_inter=0.0, lambda_mask=0.0)
+    # the paper's 2D-only arm (L_intra alone): no dense head in its file
+    no_dense = ObjectiveConfig.paper(**PROTOTYPES, lambda_intra_3d=0.0, lambda_inter=0.0, lambda_mask=0.0)
+    assert _trained(no_dense).dense_head is None
     path = _save(_trained(no_dense), tmp_path / "plain.pth")
     model = _model(INTRA, seed=2)
     own = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("dense_head.")}
+    assert own
     loaded = load_initial_weights(model, path, model.preset, 1)
     assert loaded["own_draw"] == ["dense_head"]
     assert all(torch.equal(model.state_dict()[k], v) for k, v in own.items())
+
+
+def test_the_default_2d_only_run_starts_the_default_joint_run(tmp_path):
+    """The defaults (twenty-third pass): the 2D-only arm (the volume weights 0) has the dense head, the joint
+    run the dense head, the contrastive volume term's queue and the momentum key network, no SwAV queue."""
+    intra = ObjectiveConfig(**PROTOTYPES, lambda_intra_3d=0.0, lambda_inter=0.0, lambda_mask=0.0,
+                            lambda_volume_contrast=0.0)
+    source = _trained(intra)
+    assert source.dense_head is not None and source.volume_contrast is None
+    path = _save(source, tmp_path / "checkpoint_final.pth")
+    model = _model(ObjectiveConfig(**PROTOTYPES), seed=2)
+    assert model.dense_head is not None and model.volume_key_network is not None
+    queues_before = {k: v.clone() for k, v in model.state_dict().items() if _is_queue(k)}
+    assert queues_before and all(k.startswith("volume_contrast.queue") for k in queues_before)
+
+    loaded = load_initial_weights(model, path, model.preset, 1)
+
+    state = model.state_dict()
+    assert loaded["loaded"] == len(source.state_dict())
+    assert loaded["own_draw"] == [] and loaded["unused"] == []
+    for name, tensor in source.state_dict().items():  # the dense head included
+        assert torch.equal(state[name], tensor), name
+    for name, tensor in queues_before.items():
+        assert torch.equal(state[name], tensor), name
+    for part in ("encoder", "slice_embedding", "slice_transformer"):
+        for name, tensor in getattr(model, part).state_dict().items():
+            assert torch.equal(state[f"volume_key_network.{part}.{name}"], tensor), (part, name)
 
 
 def test_files_that_do_not_fit_are_refused_naming_the_file_and_the_fix(tmp_path):

@@ -9,7 +9,7 @@ import torch
 
 from nnssl_joint.errors import NnsslJointError
 from nnssl_joint.models.preset import load_preset
-from nnssl_joint.pretrain.config import PretrainConfig
+from nnssl_joint.pretrain.config import PAPER_OPTIM, PretrainConfig
 from nnssl_joint.pretrain.model import JointSSLModel
 from nnssl_joint.pretrain.runtime import (
     VOLUME_HEAD_PARTS,
@@ -21,11 +21,17 @@ from nnssl_joint.pretrain.runtime import (
 from nnssl_joint.pretrain.schedule import WarmupCosineLR
 from nnssl_joint.ssl.objective import ObjectiveConfig
 
+PROTOTYPES = {"num_prototypes_2d": 8, "num_prototypes_3d": 4}
 
-@pytest.fixture(scope="module")
-def model() -> JointSSLModel:
+
+@pytest.fixture(scope="module", params=["default", "paper"])
+def model(request) -> JointSSLModel:
+    """The default objective's network (with the dense head and the momentum key network of the contrastive
+    volume term, whose parameters the optimiser does not train) and the paper's (neither)."""
     torch.manual_seed(0)
-    return JointSSLModel(load_preset("cpu"), 1, ObjectiveConfig(num_prototypes_2d=8, num_prototypes_3d=4))
+    objective = (ObjectiveConfig(**PROTOTYPES) if request.param == "default"
+                 else ObjectiveConfig.paper(**PROTOTYPES))
+    return JointSSLModel(load_preset("cpu"), 1, objective)
 
 
 def _names(model, group) -> set[str]:
@@ -33,11 +39,31 @@ def _names(model, group) -> set[str]:
     return {n for n, p in model.named_parameters() if id(p) in ids}
 
 
+def _trainable(model) -> set[str]:
+    """The parameters the optimiser trains: all but the momentum key network's (a moving average)."""
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_the_momentum_key_network_is_in_no_group_and_the_dense_head_at_the_base_rate(model):
+    default = model.objective.lambda_volume_contrast > 0
+    assert (model.volume_key_network is not None) == default and (model.dense_head is not None) == default
+    frozen = {n for n, _ in model.named_parameters()} - _trainable(model)
+    assert frozen == {n for n, _ in model.named_parameters() if n.startswith("volume_key_network.")}
+    assert bool(frozen) == default
+    groups = parameter_groups(model, 0.05, volume_lr_factor=0.1)
+    grouped = set().union(*(_names(model, g) for g in groups))
+    assert grouped == _trainable(model) and grouped.isdisjoint(frozen)
+    dense = {n for n in grouped if n.startswith("dense_head.")}
+    assert bool(dense) == default and dense <= _names(model, groups[0]) | _names(model, groups[1])
+
+
 def test_one_rate_keeps_the_two_groups_of_earlier_checkpoints(model):
-    groups = parameter_groups(model, 0.05)
+    # one rate: the paper's configuration (the default before the twenty-third pass); the default is 0.1
+    assert PAPER_OPTIM["volume_lr_factor"] == 1.0 and PretrainConfig().optim.volume_lr_factor == 0.1
+    groups = parameter_groups(model, 0.05, PAPER_OPTIM["volume_lr_factor"])
     assert [(g["weight_decay"], g["lr_factor"]) for g in groups] == [(0.05, 1.0), (0.0, 1.0)]
     decay, no_decay = (_names(model, g) for g in groups)
-    assert decay.isdisjoint(no_decay) and decay | no_decay == {n for n, _ in model.named_parameters()}
+    assert decay.isdisjoint(no_decay) and decay | no_decay == _trainable(model)
     assert any("prototypes" in n for n in no_decay) and all(not n.endswith(".bias") for n in decay)
 
 
@@ -46,9 +72,10 @@ def test_the_volume_parts_get_their_own_rate_and_nothing_else_does(model):
     assert [(g["weight_decay"], g["lr_factor"]) for g in groups] == [(0.05, 1.0), (0.0, 1.0), (0.05, 0.1),
                                                                      (0.0, 0.1)]
     names = [_names(model, g) for g in groups]
-    assert sum(len(n) for n in names) == len(list(model.named_parameters()))  # each parameter once
+    assert sum(len(n) for n in names) == len(_trainable(model))  # each trained parameter once
+    assert set().union(*names) == _trainable(model)
     slow = names[2] | names[3]
-    assert slow == {n for n, _ in model.named_parameters() if n.split(".", 1)[0] in VOLUME_PARTS}
+    assert slow == {n for n in _trainable(model) if n.split(".", 1)[0] in VOLUME_PARTS}
     assert any(n.startswith("slice_transformer.") for n in slow)
     assert any(n.startswith("encoder.") for n in names[0])
     # the schedule keeps the ratio at every epoch
@@ -100,7 +127,11 @@ def test_per_part_clipping_keeps_one_part_from_shrinking_another(model):
 
 
 def test_the_clip_mode_is_typed_and_refused_with_the_key():
-    assert PretrainConfig().optim.grad_clip_mode == "global"
+    # the default since the twenty-third pass; the paper's configuration clips one global norm
+    assert PretrainConfig().optim.grad_clip_mode == "per_part"
+    assert PretrainConfig.from_dict({"optim": PAPER_OPTIM}).optim.grad_clip_mode == "global"
+    loaded = PretrainConfig.from_dict({"optim": {"grad_clip_mode": "global"}})
+    assert loaded.optim.grad_clip_mode == "global"
     loaded = PretrainConfig.from_dict({"optim": {"grad_clip_mode": "per_part"}})
     assert loaded.optim.grad_clip_mode == "per_part"
     with pytest.raises(NnsslJointError, match="optim.grad_clip_mode must be one of"):
@@ -115,7 +146,7 @@ def test_an_optimizer_the_trainer_does_not_build_is_refused_with_the_key():
 
 
 def test_the_3d_head_rate_sets_apart_only_the_head_and_prototypes(model):
-    all_names = {n for n, _ in model.named_parameters()}
+    all_names = _trainable(model)
     # null (the default) keeps the groups of the test above; the head at volume_lr_factor's own value is the
     # same configuration, so it must give those groups too, not a second pair at the same rate
     null, explicit = parameter_groups(model, 0.05, 0.1), parameter_groups(model, 0.05, 0.1, 0.1)

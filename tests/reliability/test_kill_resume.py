@@ -130,7 +130,9 @@ def assert_trainer_restores_exactly(ws: Workspace, config: Path, checkpoint: Pat
             rng = capture_rng()
         ckpt = load(checkpoint)
         state = trainer.network.state_dict()
-        assert any(".prototypes." in k for k in state) and any(".queues." in k for k in state)
+        # the defaults' state beyond the weights: prototypes, volume-term queue, momentum key network
+        assert any(".prototypes." in k for k in state) and any(".queue." in k for k in state)
+        assert any(k.startswith("volume_key_network.") for k in state)
         assert_same_tensors(state, ckpt["network_weights"], "network")
         opt, saved = trainer.optimizer.state_dict(), ckpt["optimizer_state"]
         assert opt["param_groups"] == saved["param_groups"] and opt["state"].keys() == saved["state"].keys()

@@ -19,6 +19,9 @@ from reliability_helpers import (
     write_config,
 )
 
+from nnssl_joint.pretrain.config import PAPER_OPTIM
+from nnssl_joint.ssl.objective import PAPER_OBJECTIVE
+
 BAD_CASE = "D501_vol2"  # the 12-slice volume
 
 
@@ -37,9 +40,12 @@ def test_nan_steps_are_skipped_named_and_training_recovers(base, tmp_path):
         return data
 
     ws = copy_preprocessed(base["ws"], base["dataset"], tmp_path, one_nan_slice)
-    # the 3D queue takes part from the first iteration: a NaN pushed into it would poison every later step
+    # the 3D queue takes part from the first iteration: a NaN pushed into it would poison every later step.
+    # L_inter's 3D SwAV queue is the paper's (none by default since the twenty-third pass); the contrastive
+    # volume term's queue (a default) is run state the final check covers as well
     config = _config(optim={"num_epochs": 1, "iterations_per_epoch": 8, "max_consecutive_nonfinite": 8},
-                     objective={"queue_start_iteration": 0})
+                     objective={"queue_start_iteration": 0,
+                                "queue_length_3d": PAPER_OBJECTIVE["queue_length_3d"]})
     res = train_cli(ws, BASE_ID, write_config(tmp_path / "nan.json", config))
     rows = read_losses(ws.run_dir(base["dataset"]))
     assert len(rows) == 8
@@ -53,7 +59,10 @@ def test_nan_steps_are_skipped_named_and_training_recovers(base, tmp_path):
     assert [int(i) for i, _ in warnings] == [r["iteration"] for r in rows if not r["finite"]]
     assert all(f"'{BAD_CASE}'" in cases for _, cases in warnings)
     final = load(ws.run_dir(base["dataset"]) / "checkpoint_final.pth")
-    assert all(bool(v.isfinite().all()) for v in final["network_weights"].values() if v.is_floating_point())
+    weights = final["network_weights"]  # both queues are there, and finite with the rest
+    assert any(k.startswith("inter_loss.queues.") for k in weights)
+    assert "volume_contrast.queue.features" in weights
+    assert all(bool(v.isfinite().all()) for v in weights.values() if v.is_floating_point())
     assert sum(final["logging"]["nonfinite_steps"]) == flags.count(False)
     assert all(math.isfinite(v) for v in final["logging"]["train_losses"])
 
@@ -72,11 +81,18 @@ def test_consecutive_nonfinite_losses_stop_the_run_with_a_clear_message(base, tm
     assert not (run_dir / "checkpoint_final.pth").exists()
 
 
-#: a deliberately collapsing 3D objective: the LayerNorm 3D head with Sinkhorn codes over a queue that joins
-#: after the first epoch (the default before the running-statistics head): the volume features share one
-#: dominant component, the stale queue rows take the other prototypes and every window lands on one
-COLLAPSING_OBJECTIVE = {"head_norm_3d": "layer", "inter_codes": "sinkhorn",
+#: a deliberately collapsing 3D objective: the paper's (PAPER_OBJECTIVE: L_inter's whole gradient through
+#: f_inter, no contrastive volume term, per-slice statistics) with the LayerNorm 3D head and Sinkhorn codes
+#: over its 3D queue, which joins after the first epoch (the default before the running-statistics head): the
+#: volume features share one dominant component, the stale queue rows take the other prototypes and every
+#: window lands on one. Stated in full: the defaults since the twenty-third pass do not collapse (3D entropy
+#: about 0.9)
+COLLAPSING_OBJECTIVE = {**PAPER_OBJECTIVE, "head_norm_3d": "layer", "inter_codes": "sinkhorn",
                         "inter_code_standardization": False}
+#: the paper's optimiser (one global clipping norm, one learning rate) and 2 volume windows per step, the
+#: configuration of the collapse
+COLLAPSING_OPTIM = dict(PAPER_OPTIM)
+COLLAPSING_DATA = {"batch_size_3d": 2}
 
 
 def test_prototype_collapse_is_detected_and_reported(base, tmp_path):
@@ -88,7 +104,9 @@ def test_prototype_collapse_is_detected_and_reported(base, tmp_path):
 
     ws = Workspace.create(tmp_path, raw=base["ws"].raw, pre=base["ws"].pre)
     res = train_cli(ws, BASE_ID,
-                    write_config(tmp_path / "collapse.json", _config(objective=COLLAPSING_OBJECTIVE)),
+                    write_config(tmp_path / "collapse.json", _config(objective=COLLAPSING_OBJECTIVE,
+                                                                     optim=COLLAPSING_OPTIM,
+                                                                     data=COLLAPSING_DATA)),
                     timeout=900)
     ckpt = load(ws.run_dir(base["dataset"]) / "checkpoint_final.pth")
     logged, meta = ckpt["logging"], ckpt["nnssl_joint"]

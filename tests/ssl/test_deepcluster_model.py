@@ -19,9 +19,11 @@ B2, B3, N = 4, 2, 6  # global batch: 2D items, windows, slices per window
 
 
 def _objective(**overrides) -> ObjectiveConfig:
+    """DeepCluster-v2 in place of SwAV in the paper's objective (the batches carry no coordinate maps or case
+    numbers for the default's dense and contrastive volume terms)."""
     values = {"clustering": "deepcluster", "num_prototypes_2d": 4, "num_prototypes_3d": 2,
               "deepcluster_heads": 2, "kmeans_iterations": 3}
-    return ObjectiveConfig(**{**values, **overrides})
+    return ObjectiveConfig.paper(**{**values, **overrides})
 
 
 def _model(objective: ObjectiveConfig | None = None,

@@ -150,15 +150,27 @@ def _batches(view: int = 32) -> tuple[dict, dict]:
 
 
 def _objective(**values) -> ObjectiveConfig:
-    return ObjectiveConfig(num_prototypes_2d=8, num_prototypes_3d=4, queue_length_3d=0, **values)
+    """The paper's objective (no dense term unless asked, slice n paired with slice n) with small heads."""
+    return ObjectiveConfig.paper(num_prototypes_2d=8, num_prototypes_3d=4, queue_length_3d=0, **values)
 
 
-def test_default_model_has_no_dense_head_and_no_term():
+def test_paper_model_has_no_dense_head_and_no_term_and_the_default_model_has_both():
     objective = _objective()
     model = JointSSLModel(load_preset("cpu"), 1, objective)
     assert not any(k.startswith("dense_head.") for k in model.state_dict())
     out = model(*_batches(), 0, objective.stage_at(0))
     assert TERM_DENSE not in out and TERM_DENSE not in objective.stage_at(0).weights
+    # the default objective has the term, across one to two slices of the windows
+    torch.manual_seed(0)
+    default = ObjectiveConfig(num_prototypes_2d=8, num_prototypes_3d=4)
+    assert (default.lambda_dense, default.dense_slice_offset) == (1.0, 2)
+    assert default.stage_at(0).weights[TERM_DENSE] == 1.0
+    model = JointSSLModel(load_preset("cpu"), 1, default)
+    assert any(k.startswith("dense_head.") for k in model.state_dict())
+    slices, volumes = _batches()
+    volumes["case"] = torch.tensor([0, 1])  # the default's contrastive volume term needs the case numbers
+    out = model(slices, volumes, 0, default.stage_at(0))
+    assert TERM_DENSE in out and torch.isfinite(out[TERM_DENSE]) and float(out[TERM_DENSE].detach()) > 0
 
 
 def test_dense_term_trains_the_encoder_and_its_head():

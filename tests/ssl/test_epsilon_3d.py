@@ -19,8 +19,9 @@ def _volumes() -> dict:
 
 def _losses(epsilon_3d: float | None) -> tuple[JointSSLModel, dict]:
     torch.manual_seed(0)
-    objective = ObjectiveConfig(num_prototypes_2d=8, num_prototypes_3d=4, queue_length_3d=0,
-                                epsilon_3d=epsilon_3d)
+    # the paper's objective: the volume batch carries no case numbers for the default's contrastive term
+    objective = ObjectiveConfig.paper(num_prototypes_2d=8, num_prototypes_3d=4, queue_length_3d=0,
+                                      epsilon_3d=epsilon_3d)
     model = JointSSLModel(load_preset("cpu"), 1, objective)
     with torch.no_grad():
         return model, model(None, _volumes(), 0, objective.stage_at(0))

@@ -1,5 +1,6 @@
 """objective.volume_terms_train_encoder and inter_trains_transformer: which parameters L_inter and L_mask
-reach."""
+reach. Each test isolates one routing key against the paper's objective (ObjectiveConfig.paper: L_inter and
+L_mask trained through f_inter into the encoder with their whole gradient)."""
 
 from __future__ import annotations
 
@@ -25,8 +26,8 @@ def _grad_norm(module: torch.nn.Module) -> float:
 @pytest.mark.parametrize("train_encoder", [True, False])
 def test_volume_terms_reach_the_encoder_only_when_asked(train_encoder: bool) -> None:
     torch.manual_seed(0)
-    objective = ObjectiveConfig(num_prototypes_2d=8, num_prototypes_3d=4, queue_length_3d=0,
-                                volume_terms_train_encoder=train_encoder)
+    objective = ObjectiveConfig.paper(num_prototypes_2d=8, num_prototypes_3d=4, queue_length_3d=0,
+                                      volume_terms_train_encoder=train_encoder)
     model = JointSSLModel(load_preset("cpu"), 1, objective)
     out = model(None, _volumes(), 0, objective.stage_at(0))
     (out[TERM_INTER] + out[TERM_MASK]).backward(retain_graph=True)
@@ -46,8 +47,11 @@ def test_volume_terms_reach_the_encoder_only_when_asked(train_encoder: bool) -> 
 
 def test_the_key_is_typed_and_recorded() -> None:
     assert ObjectiveConfig().volume_terms_train_encoder is True
-    assert ObjectiveConfig.from_dict({"volume_terms_train_encoder": False}).to_dict()[
-        "volume_terms_train_encoder"] is False
+    assert ObjectiveConfig.paper().volume_terms_train_encoder is True
+    # false needs the whole gradient scale (the paper's): the default's 0.1 would have no effect
+    off = ObjectiveConfig.from_dict({"volume_terms_train_encoder": False,
+                                     "volume_encoder_gradient_scale": 1.0})
+    assert off.to_dict()["volume_terms_train_encoder"] is False
     with pytest.raises((TypeError, ValueError), match="volume_terms_train_encoder"):
         ObjectiveConfig.from_dict({"volume_terms_train_encoder": "no"})
 
@@ -55,9 +59,9 @@ def test_the_key_is_typed_and_recorded() -> None:
 @pytest.mark.parametrize("inter_trains_transformer", [True, False])
 def test_inter_reaches_f_inter_only_when_asked(inter_trains_transformer: bool) -> None:
     torch.manual_seed(0)
-    objective = ObjectiveConfig(num_prototypes_2d=8, num_prototypes_3d=4, queue_length_3d=0,
-                                freeze_prototypes_iterations=0,
-                                inter_trains_transformer=inter_trains_transformer)
+    objective = ObjectiveConfig.paper(num_prototypes_2d=8, num_prototypes_3d=4, queue_length_3d=0,
+                                      freeze_prototypes_iterations=0,
+                                      inter_trains_transformer=inter_trains_transformer)
     model = JointSSLModel(load_preset("cpu"), 1, objective)
     out = model(None, _volumes(), 0, objective.stage_at(0))
     out[TERM_INTER].backward(retain_graph=True)
@@ -69,16 +73,18 @@ def test_inter_reaches_f_inter_only_when_asked(inter_trains_transformer: bool) -
         assert all(_grad_norm(module) > 0 for module in upstream)
     else:
         assert all(_grad_norm(module) == 0 for module in upstream)
-    # L_mask still trains f_inter (and, by default, the encoder) with L_inter's path cut
+    # L_mask still trains f_inter (and, with volume_terms_train_encoder, the encoder) with L_inter's path cut
     model.zero_grad()
     out[TERM_MASK].backward()
     assert _grad_norm(model.slice_transformer) > 0 and _grad_norm(model.encoder) > 0
 
 
 def test_inter_routing_key_is_typed_and_recorded() -> None:
-    assert ObjectiveConfig().inter_trains_transformer is True
-    assert ObjectiveConfig.from_dict({"inter_trains_transformer": False}).to_dict()[
-        "inter_trains_transformer"] is False
+    assert ObjectiveConfig.paper().inter_trains_transformer is True
+    assert ObjectiveConfig().inter_trains_transformer is False
+    for value in (True, False):
+        assert ObjectiveConfig.from_dict({"inter_trains_transformer": value}).to_dict()[
+            "inter_trains_transformer"] is value
     with pytest.raises((TypeError, ValueError), match="inter_trains_transformer"):
         ObjectiveConfig.from_dict({"inter_trains_transformer": 0})
 
@@ -87,8 +93,8 @@ def test_the_volume_gradient_into_the_encoder_is_scaled_and_nothing_else_changes
     grads, losses = {}, {}
     for scale in (1.0, 0.1):
         torch.manual_seed(0)
-        objective = ObjectiveConfig(num_prototypes_2d=8, num_prototypes_3d=4, queue_length_3d=0,
-                                    freeze_prototypes_iterations=0, volume_encoder_gradient_scale=scale)
+        objective = ObjectiveConfig.paper(num_prototypes_2d=8, num_prototypes_3d=4, queue_length_3d=0,
+                                          freeze_prototypes_iterations=0, volume_encoder_gradient_scale=scale)
         model = JointSSLModel(load_preset("cpu"), 1, objective)
         out = model(None, _volumes(), 0, objective.stage_at(0))
         losses[scale] = (out[TERM_INTER].item(), out[TERM_MASK].item())
@@ -107,9 +113,11 @@ def test_the_volume_gradient_into_the_encoder_is_scaled_and_nothing_else_changes
 
 
 def test_the_gradient_scale_is_typed_and_refused_where_it_means_nothing() -> None:
-    assert ObjectiveConfig().volume_encoder_gradient_scale == 1.0
-    assert ObjectiveConfig.from_dict({"volume_encoder_gradient_scale": 0.1}).to_dict()[
-        "volume_encoder_gradient_scale"] == 0.1
+    assert ObjectiveConfig.paper().volume_encoder_gradient_scale == 1.0
+    assert ObjectiveConfig().volume_encoder_gradient_scale == 0.1
+    for value in (0.1, 0.5, 1.0):
+        assert ObjectiveConfig.from_dict({"volume_encoder_gradient_scale": value}).to_dict()[
+            "volume_encoder_gradient_scale"] == value
     with pytest.raises(ValueError, match="volume_encoder_gradient_scale must lie in"):
         ObjectiveConfig.from_dict({"volume_encoder_gradient_scale": 0.0})
     with pytest.raises(ValueError, match="no effect with volume_terms_train_encoder: false"):

@@ -51,18 +51,22 @@ def test_integers_are_accepted_for_floats() -> None:
 
 
 def test_joint_schedule_activates_every_term_every_epoch() -> None:
-    config = ObjectiveConfig()
+    config = ObjectiveConfig.paper()  # the paper's four terms
+    default = ObjectiveConfig()  # and ours: the dense and the contrastive volume term beside them
     for epoch in (0, 1, 150, 999):
         plan = config.stage_at(epoch)
         assert plan.name == "joint"
         assert plan.active_terms == ("intra", "intra_3d", "inter", "mask")
         assert not plan.freeze_intra
-    weighted = ObjectiveConfig(lambda_inter=0.25, lambda_mask=0.0, slice_level_3d_loss=False).stage_at(3)
+        assert default.stage_at(epoch).active_terms == ("intra", "intra_3d", "inter", "mask", "dense",
+                                                        "volume_contrast")
+    weighted = ObjectiveConfig.paper(lambda_inter=0.25, lambda_mask=0.0,
+                                     slice_level_3d_loss=False).stage_at(3)
     assert dict(weighted.weights) == {"intra": 1.0, "inter": 0.25}
 
 
 def test_staged_schedule_stages() -> None:
-    config = ObjectiveConfig(schedule="staged", stage_a_epochs=10, stage_b_epochs=5, lambda_inter=0.5)
+    config = ObjectiveConfig.paper(schedule="staged", stage_a_epochs=10, stage_b_epochs=5, lambda_inter=0.5)
     for epoch in (0, 9):
         plan = config.stage_at(epoch)
         assert (plan.name, plan.active_terms, plan.freeze_intra) == ("A", ("intra",), False)
@@ -79,11 +83,11 @@ def test_staged_schedule_stages() -> None:
             False,
         )
         assert plan.weights["inter"] == 0.5
-    without_intra = ObjectiveConfig(
+    without_intra = ObjectiveConfig.paper(
         schedule="staged", stage_a_epochs=1, stage_b_epochs=1, staged_keep_intra=False
     )
     assert without_intra.stage_at(2).active_terms == ("inter",)
-    skipped_b = ObjectiveConfig(schedule="staged", stage_a_epochs=2, stage_b_epochs=0)
+    skipped_b = ObjectiveConfig.paper(schedule="staged", stage_a_epochs=2, stage_b_epochs=0)
     assert skipped_b.stage_at(2).name == "C"
     with pytest.raises(ValueError, match="epoch"):
         config.stage_at(-1)

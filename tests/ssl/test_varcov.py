@@ -103,8 +103,9 @@ def test_the_model_computes_the_term_and_it_reaches_encoder_and_transformer() ->
     from nnssl_joint.pretrain.model import JointSSLModel
 
     torch.manual_seed(0)
-    objective = ObjectiveConfig(num_prototypes_2d=8, num_prototypes_3d=4, queue_length_3d=0,
-                                lambda_varcov=1.0)
+    # the paper's objective (the volume gradient unscaled into the encoder), with the term added
+    objective = ObjectiveConfig.paper(num_prototypes_2d=8, num_prototypes_3d=4, queue_length_3d=0,
+                                      lambda_varcov=1.0)
     model = JointSSLModel(load_preset("cpu"), 1, objective)
     slices, volumes = _batches()
     out = model(slices, volumes, 0, objective.stage_at(0))
@@ -115,8 +116,8 @@ def test_the_model_computes_the_term_and_it_reaches_encoder_and_transformer() ->
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.slice_transformer.parameters())
 
     # stage B of the staged schedule freezes f_intra: only the volume-feature part remains
-    staged = ObjectiveConfig(schedule="staged", stage_a_epochs=0, stage_b_epochs=1, num_prototypes_2d=8,
-                             num_prototypes_3d=4, queue_length_3d=0, lambda_varcov=1.0)
+    staged = ObjectiveConfig.paper(schedule="staged", stage_a_epochs=0, stage_b_epochs=1, num_prototypes_2d=8,
+                                   num_prototypes_3d=4, queue_length_3d=0, lambda_varcov=1.0)
     model_b = JointSSLModel(load_preset("cpu"), 1, staged)
     stage_b = staged.stage_at(0)
     assert stage_b.freeze_intra

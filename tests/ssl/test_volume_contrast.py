@@ -9,9 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from nnssl_joint.data.augment import coordinate_maps
 from nnssl_joint.models.preset import load_preset
 from nnssl_joint.pretrain.model import JointSSLModel
-from nnssl_joint.ssl.objective import TERM_INTER, TERM_VOLUME_CONTRAST, ObjectiveConfig
+from nnssl_joint.ssl.objective import TERM_DENSE, TERM_INTER, TERM_VOLUME_CONTRAST, ObjectiveConfig
 from nnssl_joint.ssl.volume_contrast import VolumeContrast
 
 DIM = 8
@@ -141,7 +142,8 @@ def test_shape_errors_name_the_inputs():
 
 
 # ---------------------------------------------------------------------------------------------- the model
-def _batches(view: int = 32, with_case: bool = True) -> tuple[dict, dict]:
+def _batches(view: int = 32, with_case: bool = True, with_coords: bool = False) -> tuple[dict, dict]:
+    """with_coords: each view's coordinate maps (identity), which the dense term of the default needs."""
     g = torch.Generator().manual_seed(0)
     slices = {"global_views": torch.randn(4, 2, 1, view, view, generator=g), "small_views": None}
     valid = torch.ones(3, 6, dtype=torch.bool)
@@ -149,19 +151,37 @@ def _batches(view: int = 32, with_case: bool = True) -> tuple[dict, dict]:
     volumes = {"views": torch.randn(3, 2, 1, 6, view, view, generator=g), "valid": valid}
     if with_case:
         volumes["case"] = torch.tensor([0, 1, 2])
+    if with_coords:
+        maps = coordinate_maps(view, view)
+        slices["global_coords"] = maps[None, None].expand(4, 2, -1, -1, -1).clone()
+        volumes["coords"] = maps[None, None].expand(3, 2, -1, -1, -1).clone()
     return slices, volumes
 
 
 def _objective(**values) -> ObjectiveConfig:
-    return ObjectiveConfig(num_prototypes_2d=8, num_prototypes_3d=4, queue_length_3d=0, **values)
+    """The paper's objective (no contrastive volume term unless asked, no momentum keys, no dense term)."""
+    return ObjectiveConfig.paper(num_prototypes_2d=8, num_prototypes_3d=4, queue_length_3d=0, **values)
 
 
-def test_default_model_has_no_volume_contrast():
+def test_paper_model_has_no_volume_contrast_and_the_default_has_it_with_momentum_keys():
     objective = _objective()
     model = JointSSLModel(load_preset("cpu"), 1, objective)
-    assert model.volume_contrast is None
-    assert not any(k.startswith("volume_contrast.") for k in model.state_dict())
+    assert model.volume_contrast is None and model.volume_key_network is None
+    assert not any(k.startswith(("volume_contrast.", "volume_key_network.")) for k in model.state_dict())
     assert TERM_VOLUME_CONTRAST not in model(*_batches(), 0, objective.stage_at(0))
+    # the default objective: the term, weight 1, with keys from a momentum copy (m = 0.99)
+    torch.manual_seed(0)
+    default = ObjectiveConfig(num_prototypes_2d=8, num_prototypes_3d=4)
+    assert (default.lambda_volume_contrast, default.volume_contrast_momentum) == (1.0, 0.99)
+    assert default.stage_at(0).weights[TERM_VOLUME_CONTRAST] == 1.0
+    model = JointSSLModel(load_preset("cpu"), 1, default)
+    assert model.volume_contrast is not None and model.volume_key_network is not None
+    assert not any(p.requires_grad for p in model.volume_key_network.parameters())
+    assert "volume_contrast.queue.features" in model.state_dict()
+    out = model(*_batches(with_coords=True), 0, default.stage_at(0))
+    assert torch.isfinite(out[TERM_VOLUME_CONTRAST]) and float(out[TERM_VOLUME_CONTRAST].detach()) > 0
+    assert TERM_DENSE in out
+    assert model.volume_contrast.queue.labels[:6].tolist() == [0, 1, 2, 0, 1, 2]
 
 
 def test_volume_contrast_trains_f_inter_and_the_encoder_and_fills_its_queue():

@@ -15,8 +15,9 @@ from nnssl_joint.ssl.objective import TERM_INTER, TERM_INTRA, TERM_INTRA_3D, TER
 
 
 def _objective(**overrides) -> ObjectiveConfig:
-    return ObjectiveConfig(num_prototypes_2d=8, num_prototypes_3d=4, queue_length_3d=0,
-                           freeze_prototypes_iterations=0, **overrides)
+    """The paper's objective otherwise; every test sets norm_over_window itself."""
+    return ObjectiveConfig.paper(num_prototypes_2d=8, num_prototypes_3d=4, queue_length_3d=0,
+                                 freeze_prototypes_iterations=0, **overrides)
 
 
 def _model(seed: int = 0, **overrides) -> tuple[JointSSLModel, ObjectiveConfig]:
@@ -42,7 +43,7 @@ def _encoder_norms(module: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def test_same_parameters_and_2d_items_only_the_window_pass_changes():
-    plain, objective = _model()
+    plain, objective = _model(norm_over_window=False)
     window, _ = _model(norm_over_window=True)
     assert plain.state_dict().keys() == window.state_dict().keys()
     assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), window.state_dict().values()))
@@ -73,7 +74,7 @@ def test_a_slice_reaches_its_neighbours_in_the_read_outs_only_with_window_statis
     windows = volumes["views"][:, 0].numpy()  # (W, C, N, H, W')
     changed = windows.copy()
     changed[0, :, 4] = 3.0 * changed[0, :, 4] + 1.0  # slice 4 of window 0
-    for overrides, others_move in (({}, False), ({"norm_over_window": True}, True)):
+    for overrides, others_move in (({"norm_over_window": False}, False), ({"norm_over_window": True}, True)):
         model, _ = _model(**overrides)
         model.eval()
         with torch.no_grad():
@@ -98,8 +99,9 @@ def test_the_momentum_key_network_normalises_like_the_online_network():
 
 
 def test_the_key_is_typed_and_rebuilds_from_a_checkpoint_record():
-    assert ObjectiveConfig().norm_over_window is False
-    assert ObjectiveConfig.from_dict({"norm_over_window": True}).to_dict()["norm_over_window"] is True
+    assert ObjectiveConfig.paper().norm_over_window is False and ObjectiveConfig().norm_over_window is True
+    for value in (True, False):
+        assert ObjectiveConfig.from_dict({"norm_over_window": value}).to_dict()["norm_over_window"] is value
     with pytest.raises((TypeError, ValueError), match="norm_over_window"):
         ObjectiveConfig.from_dict({"norm_over_window": "yes"})
     model, objective = _model(norm_over_window=True)
