@@ -1217,12 +1217,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "whole network, 5%% of the epochs unless the budget sets a warm-up, then poly; lr "
                         "1e-3 for pretrained networks); the warm-up acts on runs from pretrained weights "
                         "only, scratch runs follow nnU-Net's schedule")
-    parser.add_argument("--pretrain-objective", default=None, metavar="JSON|FILE.json",
+    parser.add_argument("--pretrain-objective", default=None, metavar="JSON|FILE.json|paper",
                         help="objective keys for every pretraining arm, as JSON text or a file, e.g. "
                              "'{\"dense_stage\": 1}' (the dense term on stage 1, docs/pretraining.md), or "
                              "'paper' (the paper's objective, with --pretrain-options paper its whole "
                              "configuration); a key an arm sets itself (2D-only's volume weights) is refused")
-    parser.add_argument("--pretrain-options", default=None, metavar="JSON|FILE.json",
+    parser.add_argument("--pretrain-options", default=None, metavar="JSON|FILE.json|paper",
                         help="data and optim keys of the pretraining configuration for every pretraining "
                              "arm, as JSON text or a file, e.g. '{\"data\": {\"batch_size_3d\": 4}, "
                              "\"optim\": {\"grad_clip_mode\": \"global\", \"volume_lr_factor\": 1.0}}' "

@@ -580,12 +580,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "the gap); "
                         "nnunet: the 2D encoder topology of nnU-Net's own 2d plans of the labeled task (the "
                         "default of nnssl_joint benchmark on CPU)")
-    parser.add_argument("--pretrain-objective", default=None, metavar="JSON|FILE.json",
+    parser.add_argument("--pretrain-objective", default=None, metavar="JSON|FILE.json|paper",
                         help="objective keys for both pretraining runs, as JSON text or a file (e.g. "
                         "'{\"lambda_mask\": 0.0}'; keys: docs/pretraining.md); a key the 2D-only run sets "
                         "itself is refused; 'paper': the paper's objective (docs/pretraining.md, 23rd "
                         "pass). Default: the pretraining defaults")
-    parser.add_argument("--pretrain-options", default=None, metavar="JSON|FILE.json",
+    parser.add_argument("--pretrain-options", default=None, metavar="JSON|FILE.json|paper",
                         help="'data' and 'optim' keys for both pretraining runs (e.g. "
                         "'{\"data\": {\"batch_size_3d\": 4}}'), not the lengths the budget sets; 'paper': "
                         "the paper's optimiser settings")
