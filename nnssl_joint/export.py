@@ -77,10 +77,11 @@ def pretraining_record(ckpt: dict) -> dict[str, Any]:
     """What an exported file keeps of the pretraining it came from besides the weights: whether its encoder
     took window statistics (:data:`NORM_OVER_WINDOW_RECORD`; a checkpoint that does not record the key had
     per-slice statistics, the only kind before it existed)."""
-    objective = ckpt["nnssl_joint"].get("config", {}).get("objective", {})
-    if NORM_OVER_WINDOW_RECORD in ckpt["nnssl_joint"]:  # an exported file, exported again
-        return {NORM_OVER_WINDOW_RECORD: bool(ckpt["nnssl_joint"][NORM_OVER_WINDOW_RECORD])}
-    return {NORM_OVER_WINDOW_RECORD: bool(objective.get("norm_over_window", False))}
+    meta = ckpt["nnssl_joint"]
+    if NORM_OVER_WINDOW_RECORD in meta:  # an exported file, exported again
+        return {NORM_OVER_WINDOW_RECORD: bool(meta[NORM_OVER_WINDOW_RECORD])}
+    objective = meta.get("config", {}).get("objective", {})
+    return {NORM_OVER_WINDOW_RECORD: bool(objective.get(NORM_OVER_WINDOW_RECORD, False))}
 
 
 def he_norm(weight: torch.Tensor) -> float:
