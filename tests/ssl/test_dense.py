@@ -69,6 +69,59 @@ def test_near_cells_of_the_same_source_are_not_negatives():
     assert float(shared) < float(with_exclusion)
 
 
+def _reference_loss(fa, fb, ca, cb, source, temperature=0.2, radius=0.75, exclusion=2.0):
+    """The module docstring's definition, one query at a time: the cross-entropy of [positive, negatives]
+    with the positive at index 0, summed over the queries with a positive in both directions, divided by
+    their number."""
+    grid = tuple(fa.shape[-2:])
+    pa, ua, sa = pool_coordinates(ca, grid)
+    pb, ub, sb = pool_coordinates(cb, grid)
+    spacing = torch.maximum(sa, sb)
+    total, count = fa.sum() * 0.0, 0
+    for fq, fk, pq, pk, uq, uk in ((fa, fb, pa, pb, ua, ub), (fb, fa, pb, pa, ub, ua)):
+        fq, fk = fq.flatten(2).transpose(1, 2), fk.flatten(2).transpose(1, 2)
+        rows, cells = uq.shape
+        for r in range(rows):
+            for c in range(cells):
+                if not uq[r, c]:
+                    continue
+                d_own = (pk[r] - pq[r, c]).norm(dim=-1).masked_fill(~uk[r], float("inf"))
+                if float(d_own.min()) > radius * float(spacing[r]):
+                    continue
+                positive = fq[r, c] @ fk[r, int(d_own.argmin())] / temperature
+                negatives = [fq[r, c] @ fk[r2, c2] / temperature for r2 in range(rows) for c2 in range(cells)
+                             if uk[r2, c2] and not (source[r2] == source[r] and float(
+                                 (pk[r2, c2] - pq[r, c]).norm()) < exclusion * float(spacing[r]))]
+                logits = torch.stack([positive, *negatives])
+                total = total + torch.logsumexp(logits, 0) - positive
+                count += 1
+    return total / max(count, 1)
+
+
+@pytest.mark.parametrize("one_source", [False, True])
+def test_the_loss_is_the_per_query_cross_entropy_of_its_definition(one_source):
+    """Random features, views shifted by a cell fraction and partly outside the source. ``one_source``: the
+    rows are the slices of one window and the exclusion radius covers the whole view, so every negative is
+    left out: the loss is 0 for each query (only the positive is in its softmax), with a finite gradient."""
+    torch.manual_seed(0)
+    rows = 3
+    fa = torch.nn.functional.normalize(torch.randn(rows, 8, GRID, GRID), dim=1).requires_grad_(True)
+    fb = torch.nn.functional.normalize(torch.randn(rows, 8, GRID, GRID), dim=1).requires_grad_(True)
+    ca, cb = _maps(rows), _maps(rows, shift=1.5)
+    source = torch.zeros(rows, dtype=torch.long) if one_source else torch.arange(rows)
+    exclusion = 100.0 if one_source else 2.0
+    loss = dense_correspondence_loss(fa, fb, ca, cb, source, exclusion=exclusion)
+    reference = _reference_loss(fa, fb, ca, cb, source, exclusion=exclusion)
+    assert torch.allclose(loss, reference, atol=1e-5), (float(loss), float(reference))
+    if one_source:
+        assert abs(float(loss)) < 1e-6
+    grads = torch.autograd.grad(loss, (fa, fb))
+    reference_grads = torch.autograd.grad(reference, (fa, fb))
+    for grad, expected in zip(grads, reference_grads):
+        assert torch.isfinite(grad).all()
+        assert torch.allclose(grad, expected, atol=1e-5)
+
+
 def test_views_without_overlap_give_zero_in_the_graph():
     feats = _table(2).requires_grad_(True)
     loss = dense_correspondence_loss(feats, feats, _maps(2), _maps(2, shift=1000.0), torch.arange(2))
