@@ -1,17 +1,18 @@
 """Benchmark: one pretraining step of JointSSLModel (forward, backward, AdamW step) under the default
-objective and under variants that drop one cost each, in one process. Prints JSON.
+objective and under variants that change one cost each, in one process. Prints JSON.
 
-Sizes default to the demo's self-configured CPU pretraining (cpu preset, 2D global views of 48 px, 16 2D items
-with 2 global and 2 small views, 8 volume windows of 16 slices, two views each). Variants (each the default
-with one change): ``default``; ``no_key_network`` (``volume_contrast_momentum: 0``, the online network's own
-features as keys: no second encoder forward); ``no_dense`` (``lambda_dense: 0``); ``dense_keys_2048``;
-``no_window_statistics`` (``norm_over_window: false``); ``windows_4`` (4 windows per step); ``paper``
-(the paper's configuration at 2 windows, the defaults before 969a3e7). Variants take turns for --rounds rounds
-so that a shared machine's slow phases fall on all of them; time is the median over all timed steps, ratio =
-variant / default.
+Sizes default to the demo's self-configured CPU pretraining (cpu preset, 2D global views of 48 px, 16 2D
+items with 2 global and 2 small views, volume windows of 16 slices in two views each). Variants, each with
+its windows per step: ``default`` (8 windows; the baseline); from the default, ``windows_4`` (4 windows: bar 1
+fails, docs/pretraining.md, twenty-fourth pass), ``dense_keys_2048`` (2048 random dense negatives),
+``no_key_network`` (``volume_contrast_momentum: 0``: no second encoder forward), ``no_dense`` (``lambda_dense:
+0``), ``no_window_statistics`` (``norm_over_window: false``); ``paper`` (the paper's configuration at 2
+windows, the defaults before the twenty-third pass).
+Variants take turns for --rounds rounds so that a shared machine's slow phases fall on all of them; time is
+the median over all timed steps, ratio = variant / the first variant listed.
 
-    python scripts/bench_joint_step.py [--view 48] [--b2 16] [--b3 8] [--slices 16] [--iters 3]
-        [--rounds 2] [--variants default,no_dense,...] [--out FILE.json]
+    python scripts/bench_joint_step.py [--view 48] [--b2 16] [--slices 16] [--iters 3] [--rounds 2]
+        [--variants default,windows_4,...] [--threads N] [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -30,13 +31,13 @@ from nnssl_joint.models.preset import load_preset
 from nnssl_joint.pretrain.model import JointSSLModel
 from nnssl_joint.ssl.objective import ObjectiveConfig
 
-VARIANTS = {
-    "default": ({}, None),
-    "no_key_network": ({"volume_contrast_momentum": 0.0}, None),
-    "no_dense": ({"lambda_dense": 0.0}, None),
-    "dense_keys_2048": ({"dense_keys": 2048}, None),
-    "no_window_statistics": ({"norm_over_window": False}, None),
+VARIANTS: dict[str, tuple[dict | str, int]] = {
+    "default": ({}, 8),
     "windows_4": ({}, 4),
+    "dense_keys_2048": ({"dense_keys": 2048}, 8),
+    "no_key_network": ({"volume_contrast_momentum": 0.0}, 8),
+    "no_dense": ({"lambda_dense": 0.0}, 8),
+    "no_window_statistics": ({"norm_over_window": False}, 8),
     "paper": ("paper", 2),
 }
 
@@ -77,13 +78,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--view", type=int, default=48)
     ap.add_argument("--b2", type=int, default=16)
-    ap.add_argument("--b3", type=int, default=8)
     ap.add_argument("--slices", type=int, default=16)
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     names = args.variants.split(",")
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
@@ -96,9 +99,9 @@ def main() -> None:
         model = JointSSLModel(load_preset("cpu"), 1, objective).train()
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
         g = torch.Generator().manual_seed(0)
-        batches = _batches(args.b2, b3 or args.b3, args.slices, args.view, g)
+        batches = _batches(args.b2, b3, args.slices, args.view, g)
         _step(model, opt, objective, batches, 0)  # warm-up (allocator, lazy initialisation)
-        setups[name] = (model, opt, objective, batches, b3 or args.b3)
+        setups[name] = (model, opt, objective, batches, b3)
     times: dict[str, list[float]] = {n: [] for n in names}
     for _ in range(args.rounds):
         for name in names:
@@ -108,7 +111,7 @@ def main() -> None:
     result = {
         "benchmark": "joint_step", "torch": torch.__version__, "threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(),
-        "sizes": {"view": args.view, "b2": args.b2, "b3": args.b3, "slices": args.slices},
+        "sizes": {"view": args.view, "b2": args.b2, "slices": args.slices},
         "baseline": names[0],
         "variants": {n: {"windows": setups[n][4], "median_s": round(statistics.median(t), 3),
                          "ratio": round(statistics.median(t) / base, 3), "steps": len(t)}

@@ -3,6 +3,7 @@ import pytest
 from nnssl_joint.errors import NnsslJointError
 from nnssl_joint.models.preset import load_preset
 from nnssl_joint.pretrain.autoconfig import (
+    CPU_MAX_WINDOWS,
     DatasetStats,
     SelfConfiguration,
     auto_configure,
@@ -35,6 +36,19 @@ def test_autoconfig_follows_the_data_and_the_budget():
     roomy = auto_configure(stats, preset, "cpu", _cfg(data={"memory_budget_gb": 8}), 50)
     assert tight.batch_size_2d < roomy.batch_size_2d
     assert auto_configure(_stats(nvol=0), preset, "cpu", _cfg(), 50).batch_size_3d == 0
+
+
+def test_auto_windows_per_step_are_capped_by_device_volumes_and_budget():
+    """CPU: at most 8 windows per step (with 4, bar 1 fails on --real: docs/pretraining.md, twenty-fourth
+    pass), CUDA 16; never more than the pool's volumes, and fewer when the budget is tight."""
+    preset = load_preset("cpu")
+    roomy = _cfg(data={"memory_budget_gb": 64})
+    assert CPU_MAX_WINDOWS == 8
+    assert auto_configure(_stats(nvol=40), preset, "cpu", roomy, 50).batch_size_3d == 8
+    assert auto_configure(_stats(nvol=40), preset, "cuda", roomy, 50).batch_size_3d == 16
+    assert auto_configure(_stats(nvol=3), preset, "cpu", roomy, 50).batch_size_3d == 3
+    tight = auto_configure(_stats(nvol=40), preset, "cpu", _cfg(data={"memory_budget_gb": 0.05}), 50)
+    assert 1 <= tight.batch_size_3d < 8
 
 
 def test_autoconfig_keeps_explicit_values_and_rejects_bad_sizes():
