@@ -29,7 +29,7 @@ import torch
 from nnssl_joint.data.augment import coordinate_maps
 from nnssl_joint.models.preset import load_preset
 from nnssl_joint.pretrain.model import JointSSLModel
-from nnssl_joint.ssl.objective import ObjectiveConfig
+from nnssl_joint.ssl.objective import ObjectiveConfig, combine_losses
 
 VARIANTS: dict[str, tuple[dict | str, int]] = {
     "default": ({}, 8),
@@ -66,8 +66,7 @@ def _step(model: JointSSLModel, opt: torch.optim.Optimizer, objective: Objective
           iteration: int) -> float:
     t0 = time.perf_counter()
     stage = objective.stage_at(0)
-    out = model(*batches, iteration, stage)
-    loss = sum(stage.weights[k] * v for k, v in out.items() if not k.startswith("_") and k in stage.weights)
+    loss = combine_losses(model(*batches, iteration, stage), stage)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
