@@ -19,9 +19,11 @@ from nnssl_joint.ssl.objective import ObjectiveConfig
 if TYPE_CHECKING:
     from nnssl_joint.pretrain.config import PretrainConfig
 
-#: the most volume windows per step ``data.batch_size_3d: auto`` gives on CPU (16 on CUDA); 2 before the
-#: twenty-third pass. 4 cost bar 1 (twenty-fourth pass, docs/pretraining.md)
+#: the most volume windows per step ``data.batch_size_3d: auto`` gives on CPU; 2 before the twenty-third pass.
+#: 4 cost bar 1 (twenty-fourth pass, docs/pretraining.md)
 CPU_MAX_WINDOWS = 8
+#: the same on CUDA
+GPU_MAX_WINDOWS = 16
 
 
 @dataclass
@@ -212,7 +214,7 @@ def auto_configure(
             # up to 8 windows per step on CPU: with 2, Z's in-batch negatives are too few and it collapses
             # (docs/pretraining.md, seventh and twenty-third passes); with 4, L_inter and Z retrieval miss
             # bar 1 on --real (twenty-fourth pass)
-            cap = 16 if on_gpu else CPU_MAX_WINDOWS
+            cap = GPU_MAX_WINDOWS if on_gpu else CPU_MAX_WINDOWS
             b3 = int(max(1,
                          min(cap, stats.n_volumes,
                              budget_bytes * (1 - share_2d) // (2 * n_slices * per_slice))))

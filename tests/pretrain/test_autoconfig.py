@@ -4,6 +4,7 @@ from nnssl_joint.errors import NnsslJointError
 from nnssl_joint.models.preset import load_preset
 from nnssl_joint.pretrain.autoconfig import (
     CPU_MAX_WINDOWS,
+    GPU_MAX_WINDOWS,
     DatasetStats,
     SelfConfiguration,
     auto_configure,
@@ -43,7 +44,7 @@ def test_auto_windows_per_step_are_capped_by_device_volumes_and_budget():
     pass), CUDA 16; never more than the pool's volumes, and fewer when the budget is tight."""
     preset = load_preset("cpu")
     roomy = _cfg(data={"memory_budget_gb": 64})
-    assert CPU_MAX_WINDOWS == 8
+    assert (CPU_MAX_WINDOWS, GPU_MAX_WINDOWS) == (8, 16)
     assert auto_configure(_stats(nvol=40), preset, "cpu", roomy, 50).batch_size_3d == 8
     assert auto_configure(_stats(nvol=40), preset, "cuda", roomy, 50).batch_size_3d == 16
     assert auto_configure(_stats(nvol=3), preset, "cpu", roomy, 50).batch_size_3d == 3
