@@ -137,12 +137,12 @@ def _one_direction(fq: Tensor, fk: Tensor, pq: Tensor, pk: Tensor, uq: Tensor, u
     dist = torch.cdist(q_pos, pk.reshape(-1, 2)[k_idx])  # (Q, K) in source pixels
     excluded = (source[q_rows][:, None] == source[k_rows][None, :]) & (dist < exclusion * scale[:, None])
     flat_q = fq.reshape(-1, fq.shape[-1])[q_idx].float() / temperature  # (Q, D): 1/T on Q rows, not Q x K
-    flat_k = fk.reshape(-1, fk.shape[-1]).float()
-    positive_logit = (flat_q * flat_k[positive]).sum(-1)
+    flat_k = fk.reshape(-1, fk.shape[-1])  # cast per gathered row below: no float copy of the whole table
+    positive_logit = (flat_q * flat_k[positive].float()).sum(-1)
     # the (Q, K) matrix is written once (the product, masked in place): no copy for the concatenation with
     # the positive, no log-softmax output; cross-entropy with the positive at index 0 is
     # log(exp(pos) + sum exp(neg)) - pos, taken about the row maximum (finite: it includes the positive)
-    negative_logits = (flat_q @ flat_k[k_idx].T).masked_fill_(excluded, float("-inf"))
+    negative_logits = (flat_q @ flat_k[k_idx].float().T).masked_fill_(excluded, float("-inf"))
     top = torch.maximum(positive_logit, negative_logits.amax(1)).detach()
     total = torch.exp(negative_logits - top[:, None]).sum(1) + torch.exp(positive_logit - top)
     return (top + torch.log(total) - positive_logit).sum(), int(q_idx.numel())

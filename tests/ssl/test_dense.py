@@ -122,6 +122,25 @@ def test_the_loss_is_the_per_query_cross_entropy_of_its_definition(one_source):
         assert torch.allclose(grad, expected, atol=1e-5)
 
 
+def test_half_precision_features_give_the_float32_loss_of_their_values():
+    """Under CUDA autocast the features arrive in half precision; the logits are formed in float32 (the
+    queries and each gathered key row are cast before any product), so the loss is the float32 loss of the
+    rounded values, and the gradients come back in the features' dtype."""
+    torch.manual_seed(0)
+    rows = 3
+    fa, fb = (torch.nn.functional.normalize(torch.randn(rows, 8, GRID, GRID), dim=1).bfloat16()
+              for _ in range(2))
+    fa.requires_grad_(True)
+    fb.requires_grad_(True)
+    ca, cb = _maps(rows), _maps(rows, shift=1.5)
+    loss = dense_correspondence_loss(fa, fb, ca, cb, torch.arange(rows))
+    assert loss.dtype == torch.float32
+    expected = _reference_loss(fa.detach().float(), fb.detach().float(), ca, cb, torch.arange(rows))
+    assert torch.allclose(loss.detach(), expected, atol=1e-5), (float(loss), float(expected))
+    for grad in torch.autograd.grad(loss, (fa, fb)):
+        assert grad.dtype == torch.bfloat16 and torch.isfinite(grad.float()).all() and grad.abs().sum() > 0
+
+
 def test_views_without_overlap_give_zero_in_the_graph():
     feats = _table(2).requires_grad_(True)
     loss = dense_correspondence_loss(feats, feats, _maps(2), _maps(2, shift=1000.0), torch.arange(2))
