@@ -1,0 +1,135 @@
+"""Arm-level probe comparisons over pretraining seeds (nnssl_joint.probe.arms, scripts/probe_arms.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nnssl_joint.errors import NnsslJointError
+from nnssl_joint.probe.arms import compare_arms, group_arms, load_probe_runs
+
+CASES = [f"case_{i:03d}" for i in range(8)]
+
+
+def _run(name: str, per_case: dict[str, list[float]], seed: int | None = None,
+         kind: str = "checkpoint") -> dict:
+    return {"name": name, "kind": kind, "seed": seed,
+            "dice": {"logistic": {"per_case": per_case}, "knn": {"per_case": per_case}}}
+
+
+def _cases(values: np.ndarray) -> dict[str, list[float]]:
+    """(cases, classes) -> probe.json's per_case mapping."""
+    return {case: [float(v) for v in row] for case, row in zip(CASES, values)}
+
+
+def _write(path: Path, weights: list[dict], random_runs: list[dict], cases: list[str] = CASES,
+           dataset: str = "Dataset613_SynthOrgans") -> Path:
+    path.write_text(json.dumps({
+        "target": {"dataset": dataset, "configuration": "3d_fullres", "test_cases": cases},
+        "settings": {"seed": 0}, "weights": weights, "random_runs": random_runs}))
+    return path
+
+
+def _random_runs(rng: np.random.Generator, base: np.ndarray, n: int = 3) -> list[dict]:
+    return [_run(f"random#{s}", _cases(base + rng.normal(0, 0.005, base.shape)), seed=s, kind="random")
+            for s in range(n)]
+
+
+def test_an_arm_without_seed_spread_differs_from_another_by_exactly_its_shift(tmp_path):
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.1, 0.4, (len(CASES), 3))  # case-to-case spread, shared by every arm (paired by case)
+    a = [_run(f"a_s{s}", _cases(base)) for s in range(3)]
+    b = [_run(f"b_s{s}", _cases(base + 0.02)) for s in range(4)]
+    probe_a = _write(tmp_path / "a.json", a, _random_runs(rng, base - 0.05))
+    probe_b = _write(tmp_path / "b.json", b, [])
+    weights, random, cases = load_probe_runs([probe_a, probe_b])
+    assert cases == CASES and random.shape == (3, len(CASES))
+    arms = group_arms(weights, {"A": "a_s*", "B": "b_s*"})
+    assert arms == {"A": ["a_s0", "a_s1", "a_s2"], "B": ["b_s0", "b_s1", "b_s2", "b_s3"]}
+    result = compare_arms(weights, random, arms, samples=500)
+    diff = result["differences"]["B - A"]
+    assert diff["difference"] == pytest.approx(0.02)
+    # the cases are resampled together for both arms and neither arm varies over seeds: every draw is +0.02
+    assert diff["interval"][0] == pytest.approx(0.02) and diff["interval"][1] == pytest.approx(0.02)
+    assert diff["share_above_zero"] == 1.0
+    # against random (0.05 below, plus noise over its initialisations): the interval holds 0.05 and is narrow
+    low, high = result["arms"]["A"]["minus_random_interval"]
+    assert low < result["arms"]["A"]["minus_random"] < high
+    assert 0.04 < low and high < 0.06
+
+
+def test_seed_spread_widens_the_interval_and_a_difference_inside_it_is_not_resolved():
+    rng = np.random.default_rng(1)
+    base = rng.uniform(0.1, 0.4, len(CASES))
+    random = np.stack([base - 0.05] * 5)
+    shifts = [-0.04, 0.03, -0.02, 0.05, -0.01]  # seed-to-seed spread of several points, mean +0.002
+    weights = {f"a_s{s}": base.copy() for s in range(5)}
+    weights.update({f"b_s{s}": base + shift for s, shift in enumerate(shifts)})
+    result = compare_arms(weights, random, group_arms(weights, {"A": "a_*", "B": "b_*"}), samples=2000)
+    diff = result["differences"]["B - A"]
+    low, high = diff["interval"]
+    assert diff["difference"] == pytest.approx(np.mean(shifts))
+    assert low < 0 < high and high - low > 0.03
+    assert result["arms"]["B"]["per_seed"] == pytest.approx(list(base.mean() + np.array(shifts)))
+
+
+def test_files_of_other_test_cases_or_targets_are_refused_by_name(tmp_path):
+    rng = np.random.default_rng(2)
+    base = rng.uniform(0.1, 0.4, (len(CASES), 3))
+    first = _write(tmp_path / "first.json", [_run("a_s0", _cases(base))], _random_runs(rng, base))
+    other_cases = _write(tmp_path / "fewer.json", [_run("b_s0", _cases(base[:6]))], [], cases=CASES[:6])
+    with pytest.raises(NnsslJointError, match="fewer.json.*6 test cases"):
+        load_probe_runs([first, other_cases])
+    other_target = _write(tmp_path / "target.json", [_run("b_s0", _cases(base))], [], dataset="Dataset503_X")
+    with pytest.raises(NnsslJointError, match="target.json: probed Dataset503_X"):
+        load_probe_runs([first, other_target])
+
+
+def test_names_twice_disagreeing_random_seeds_and_no_random_runs_are_errors(tmp_path):
+    rng = np.random.default_rng(3)
+    base = rng.uniform(0.1, 0.4, (len(CASES), 3))
+    first = _write(tmp_path / "first.json", [_run("a_s0", _cases(base))], _random_runs(rng, base))
+    twice = _write(tmp_path / "twice.json", [_run("a_s0", _cases(base))], [])
+    with pytest.raises(NnsslJointError, match="twice.json.*'a_s0' appears twice.*NAME=PATH"):
+        load_probe_runs([first, twice])
+    other_random = _write(tmp_path / "other_random.json", [_run("b_s0", _cases(base))],
+                          _random_runs(rng, base))
+    with pytest.raises(NnsslJointError, match="other_random.json: random initialisation seed 0"):
+        load_probe_runs([first, other_random])
+    no_random = _write(tmp_path / "no_random.json", [_run("a_s0", _cases(base))], [])
+    with pytest.raises(NnsslJointError, match="--random-seeds"):
+        load_probe_runs([no_random])
+    with pytest.raises(NnsslJointError, match="missing.json: no such probe.json"):
+        load_probe_runs([tmp_path / "missing.json"])
+
+
+def test_patterns_must_match_and_must_not_overlap():
+    weights = {"joint_s0": np.zeros(2), "joint_s1": np.zeros(2), "intra_s0": np.zeros(2)}
+    with pytest.raises(NnsslJointError, match="arm 'x': no probed weights name matches 'x_\\*'.*intra_s0"):
+        group_arms(weights, {"x": "x_*"})
+    with pytest.raises(NnsslJointError, match="'joint_s0' match the patterns of arms 'all' and 'joint'"):
+        group_arms(weights, {"all": "*", "joint": "joint_*"})
+
+
+def test_the_script_prints_the_table_and_writes_the_numbers(tmp_path, capsys):
+    rng = np.random.default_rng(4)
+    base = rng.uniform(0.1, 0.4, (len(CASES), 3))
+    probe = _write(tmp_path / "probe.json", [_run(f"j_s{s}", _cases(base + 0.01 * s)) for s in range(3)],
+                   _random_runs(rng, base))
+    spec = importlib.util.spec_from_file_location(
+        "probe_arms", Path(__file__).resolve().parents[2] / "scripts" / "probe_arms.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "arms.json"
+    assert module.main([str(probe), "--arm", "joint=j_s*", "--samples", "200", "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "| joint | 3 |" in table and "| random init | 3 |" in table
+    written = json.loads(out.read_text())
+    assert written["arms"]["joint"]["weights"] == ["j_s0", "j_s1", "j_s2"]
+    assert written["test_cases"] == CASES
+    assert module.main([str(probe), "--arm", "joint=nothing*"]) == 2
+    assert "no probed weights name matches 'nothing*'" in capsys.readouterr().err
