@@ -51,6 +51,9 @@ class ProbeTarget:
     test: list[ProbeCase]
     split: str  # where the test cases come from
     network_builder: Callable[[], Any] = field(repr=False)
+    #: consecutive slices whose InstanceNorm statistics the target's network pools: the 3d_fullres patch depth
+    #: where the plans set ``norm_over_volume`` (SliceWiseUNet3D normalises over the patch), else 1
+    norm_slices: int = 1
 
     @property
     def num_classes(self) -> int:
@@ -61,7 +64,8 @@ class ProbeTarget:
                 "plans": str(self.plans_file), "preset": self.preset.name,
                 "input_channels": self.input_channels, "classes": self.class_names,
                 "fit_cases": [c.identifier for c in self.fit],
-                "test_cases": [c.identifier for c in self.test], "split": self.split}
+                "test_cases": [c.identifier for c in self.test], "split": self.split,
+                "norm_slices": self.norm_slices}
 
 
 def find_raw_dataset(target: str | int) -> Path:
@@ -127,6 +131,16 @@ def split_cases(raw: Path, ending: str, seed: int,
     test = sorted(train[i] for i in order[:n_test])
     pool = [c for c in train if c not in test]
     return pool, test, f"seeded split of labelsTr (seed {seed}, {n_test} test case(s))"
+
+
+def network_norm_slices(configuration: str, configuration_manager: Any) -> int:
+    """How many consecutive slices share InstanceNorm statistics in the target's plugin network: the patch
+    depth for a 3d_fullres ``SliceWiseUNet3D`` planned with ``norm_over_volume`` (the downstream planner's
+    choice since 2026-12-05), 1 for 2d and for plans without it (per-slice statistics)."""
+    kwargs = configuration_manager.network_arch_init_kwargs
+    if configuration == "3d_fullres" and kwargs.get("norm_over_volume"):
+        return int(configuration_manager.patch_size[0])
+    return 1
 
 
 def load_target(target: str | int, configuration: str = "3d_fullres", fit_cases: int | None = None,
@@ -199,4 +213,4 @@ def load_target(target: str | int, configuration: str = "3d_fullres", fit_cases:
                        preset=resolve_preset(cm.network_arch_init_kwargs["preset"]),
                        input_channels=input_channels,
                        class_names=class_names, fit=fit_cases_loaded, test=test_cases_loaded, split=split,
-                       network_builder=build_network)
+                       network_builder=build_network, norm_slices=network_norm_slices(configuration, cm))

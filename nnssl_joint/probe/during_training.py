@@ -82,7 +82,8 @@ def probe_model(model: Any, target: Any, resolved: dict[str, Any], seed: int = 0
             from nnssl_joint.probe.diagnostics import window_settings
 
             n_slices, view_size = window_settings([weights], net.preset.encoder.total_stride)
-            return probe_one(weights, target, n_slices, view_size, ReadoutSettings(seed=seed))
+            return probe_one(weights, target, n_slices, view_size,
+                             ReadoutSettings(seed=seed, norm_slices=target.norm_slices))
     finally:
         net.train(was_training)
 

@@ -4,13 +4,14 @@ windows and volume features Z (Nguyen et al., AAAI 2023: Z = normalize(mean_n f_
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nnssl_joint.models.norms import window_statistics
+from nnssl_joint.models.norms import VolumeInstanceNorm2d, window_statistics
 
 
 def module_device(module: nn.Module) -> torch.device:
@@ -25,22 +26,78 @@ def pad_in_plane(slices: Tensor, multiple: int) -> Tensor:
     return F.pad(slices, (0, pw, 0, ph)) if ph or pw else slices
 
 
+@contextmanager
+def grouped_statistics(encoder: nn.Module, slices: int) -> Iterator[None]:
+    """Within the block, every InstanceNorm of ``encoder`` takes its statistics over each ``slices``
+    consecutive batch rows (one volume's slices), as :class:`SliceWiseUNet3D` with ``norm_over_volume`` runs
+    it. Plain ``nn.InstanceNorm2d`` modules are swapped for :class:`VolumeInstanceNorm2d` sharing their
+    parameters and put back afterwards; every norm's ``slices`` is restored, so the encoder leaves the block
+    as it entered it (a training model's structure and state_dict keys are untouched)."""
+    swapped: list[tuple[nn.Module, str, nn.Module]] = []
+    replacements: dict[int, VolumeInstanceNorm2d] = {}
+    for parent in list(encoder.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.InstanceNorm2d:
+                if id(child) not in replacements:
+                    new = VolumeInstanceNorm2d(child.num_features, eps=child.eps, momentum=child.momentum,
+                                               affine=child.affine)
+                    if child.affine:
+                        new.weight, new.bias = child.weight, child.bias
+                    replacements[id(child)] = new
+                swapped.append((parent, name, child))
+                setattr(parent, name, replacements[id(child)])
+    norms = [m for m in encoder.modules() if isinstance(m, VolumeInstanceNorm2d)]
+    before = [norm.slices for norm in norms]
+    try:
+        for norm in norms:
+            norm.slices = slices
+        yield
+    finally:
+        for norm, value in zip(norms, before):
+            norm.slices = value
+        for parent, name, child in swapped:
+            setattr(parent, name, child)
+
+
+def statistics_chunks(z: int, group: int, batch_slices: int) -> list[tuple[int, int, int]]:
+    """(forward start, forward end, first slice to yield) per encoder forward over ``z`` slices.
+    ``group`` 1: chunks of ``batch_slices`` (per-slice statistics). ``group`` > 1: consecutive groups of
+    ``group`` slices share statistics (as the target network's patches of that depth do); the last group
+    ends at slice ``z`` and overlaps the one before it, yielding only its new slices, so every group has
+    ``min(group, z)`` slices."""
+    if group <= 1:
+        return [(s, min(s + batch_slices, z), s) for s in range(0, z, batch_slices)]
+    group = min(group, z)
+    chunks = []
+    for start in range(0, z, group):
+        begin = min(start, z - group)
+        chunks.append((begin, begin + group, start))
+    return chunks
+
+
 @torch.no_grad()
-def iter_dense_features(encoder: nn.Module, image: np.ndarray, total_stride: int, batch_slices: int = 16
-                        ) -> Iterator[tuple[int, Tensor]]:
+def iter_dense_features(encoder: nn.Module, image: np.ndarray, total_stride: int, batch_slices: int = 16,
+                        norm_slices: int = 1) -> Iterator[tuple[int, Tensor]]:
     """Dense features of every slice of a (C, Z, Y, X) volume: f_intra runs on each slice (axis Z),
     every skip is upsampled bilinearly to the slice's resolution and all skips are concatenated.
+    ``norm_slices`` > 1: the encoder's InstanceNorms pool their statistics over groups of that many
+    consecutive slices (:func:`statistics_chunks`, :func:`grouped_statistics`), as the target's 3d_fullres
+    network does over a patch of that depth; 1: every slice has its own statistics.
 
     Yields (first slice index, features (m, Y, X, F) float32) for consecutive chunks of slices."""
     volume = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
     _c, z, h, w = volume.shape
-    for start in range(0, z, batch_slices):
-        x = pad_in_plane(volume[:, start:start + batch_slices].transpose(0, 1), total_stride)
-        skips = encoder(x)
+    for begin, end, first in statistics_chunks(z, norm_slices, batch_slices):
+        x = pad_in_plane(volume[:, begin:end].transpose(0, 1), total_stride)
+        if norm_slices > 1:
+            with grouped_statistics(encoder, end - begin):
+                skips = encoder(x)
+        else:
+            skips = encoder(x)
         size = x.shape[-2:]
         up = [s if s.shape[-2:] == size else F.interpolate(s, size=size, mode="bilinear", align_corners=False)
               for s in skips]
-        yield start, torch.cat(up, 1)[..., :h, :w].permute(0, 2, 3, 1).float()
+        yield first, torch.cat(up, 1)[first - begin:, :, :h, :w].permute(0, 2, 3, 1).float()
 
 
 @torch.no_grad()

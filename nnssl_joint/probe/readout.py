@@ -37,6 +37,9 @@ class ReadoutSettings:
     lbfgs_iterations: int = 100
     min_std: float = 1e-6
     seed: int = 0
+    #: consecutive slices whose InstanceNorm statistics the encoder pools (1: each slice its own); the probe
+    #: sets the target network's (:attr:`nnssl_joint.probe.data.ProbeTarget.norm_slices`)
+    norm_slices: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -145,7 +148,8 @@ def dense_probe(encoder: nn.Module, fit: Sequence[ProbeCase], test: Sequence[Pro
     sampled = []
     for case, chosen in zip(fit, indices):
         h, w = case.label.shape[1:]
-        for start, feats in iter_dense_features(encoder, case.image, total_stride):
+        for start, feats in iter_dense_features(encoder, case.image, total_stride,
+                                                   norm_slices=settings.norm_slices):
             flat = feats.reshape(-1, feats.shape[-1])
             moments.update(flat)
             lo, hi = start * h * w, start * h * w + flat.shape[0]
@@ -183,7 +187,8 @@ def dense_probe(encoder: nn.Module, fit: Sequence[ProbeCase], test: Sequence[Pro
         pred_lr = np.full(shape, majority, dtype=np.int64)
         pred_knn = np.full(shape, majority, dtype=np.int64)
         if use_model:
-            for start, feats in iter_dense_features(encoder, case.image, total_stride):
+            for start, feats in iter_dense_features(encoder, case.image, total_stride,
+                                                   norm_slices=settings.norm_slices):
                 m = feats.shape[0]
                 flat = (feats.reshape(-1, feats.shape[-1]).double()[:, informative] - mean) / scale
                 pred_lr[start:start + m] = (flat @ weight + bias).argmax(1).view(m, *shape[1:]).numpy()

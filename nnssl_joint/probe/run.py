@@ -14,6 +14,7 @@ Writes ``probe.json``, ``probe.md`` and ``probe.png`` into ``--out`` and prints 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -34,6 +35,8 @@ DIAGNOSTIC_COLUMNS = (
     ("z_mean_pairwise_cosine", "cos Z"),
 )
 BOOTSTRAP_SAMPLES = 2000
+#: ``--statistics``: InstanceNorm statistics as the target's network takes them, or per slice
+STATISTICS = ("network", "slice")
 
 
 def summarize_dice(per_case: dict[str, list[float]]) -> dict[str, Any]:
@@ -223,19 +226,24 @@ def preserved_random_state() -> Iterator[None]:
 def run_probe(weights: Sequence[str], target: str | int, configuration: str = "3d_fullres",
               fit_cases: int | None = None, fit: Sequence[str] | None = None, random_seeds: int = 5,
               out: str | Path | None = None, seed: int = 0, settings: Any = None,
-              stream: TextIO | None = None) -> dict[str, Any]:
+              stream: TextIO | None = None, statistics: str = "network") -> dict[str, Any]:
     """Probe each of ``weights`` (paths or ``random``) on ``target``; returns the report dict. Progress
-    and the table go to ``stream`` (default: standard output)."""
+    and the table go to ``stream`` (default: standard output). ``statistics``: ``network``, the encoder's
+    InstanceNorms pool statistics as the target's network does (over the patch depth in a 3d_fullres
+    network planned with ``norm_over_volume``); ``slice``, every slice its own (the read-out before
+    2026-12-06)."""
     from nnssl_joint.probe.readout import ReadoutSettings
 
+    if statistics not in STATISTICS:
+        raise NnsslJointError(f"--statistics must be one of {STATISTICS}, got {statistics!r}")
     with preserved_random_state():
         return _run_probe(weights, target, configuration, fit_cases, fit, random_seeds, out, seed,
-                          settings or ReadoutSettings(seed=seed), stream)
+                          settings or ReadoutSettings(seed=seed), stream, statistics)
 
 
 def _run_probe(weights: Sequence[str], target: str | int, configuration: str, fit_cases: int | None,
                fit: Sequence[str] | None, random_seeds: int, out: str | Path | None, seed: int, settings: Any,
-               stream: TextIO | None) -> dict[str, Any]:
+               stream: TextIO | None, statistics: str) -> dict[str, Any]:
     from nnssl_joint.probe.data import load_target
     from nnssl_joint.probe.diagnostics import window_settings
     from nnssl_joint.probe.weights import (
@@ -256,6 +264,7 @@ def _run_probe(weights: Sequence[str], target: str | int, configuration: str, fi
     start = time.perf_counter()
     loaded = [load_weights_file(path, name) for name, path in distinct_names([str(f) for f in files])]
     tgt = load_target(target, configuration, fit_cases, fit, seed)
+    settings = dataclasses.replace(settings, norm_slices=tgt.norm_slices if statistics == "network" else 1)
     for w in loaded:
         check_compatible(w, tgt.preset, tgt.input_channels, tgt.dataset_name, tgt.plans_file)
     load_seconds = time.perf_counter() - start
@@ -265,7 +274,8 @@ def _run_probe(weights: Sequence[str], target: str | int, configuration: str, fi
         print(text, file=sys.stdout if stream is None else stream, flush=True)
 
     say(f"probe: {tgt.dataset_name} ({configuration}), fit {len(tgt.fit)} case(s), "
-        f"test {len(tgt.test)} case(s) [{tgt.split}], windows N={n_slices} view={view_size}")
+        f"test {len(tgt.test)} case(s) [{tgt.split}], windows N={n_slices} view={view_size}, "
+        f"encoder statistics over {settings.norm_slices} slice(s)")
     randoms = []
     for i in range(random_seeds):
         res = probe_one(random_weights(tgt.network_builder, seed + i), tgt, n_slices, view_size, settings)
@@ -327,7 +337,7 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     run_probe(args.weights, args.target, args.c, args.fit_cases, args.fit, args.random_seeds, args.out,
-              args.seed)
+              args.seed, statistics=args.statistics)
     return 0
 
 
@@ -358,5 +368,9 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the case split, pixel sampling and random inits")
     p.add_argument("--out", default=None, help="folder for probe.json, probe.md and probe.png")
+    p.add_argument("--statistics", choices=STATISTICS, default="network",
+                   help="the encoder's InstanceNorm statistics: 'network' (default), as the target's network "
+                   "takes them (over the patch depth for 3d_fullres plans with norm_over_volume); 'slice', "
+                   "each slice its own (the probe before 2026-12-06)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.set_defaults(func=_cmd_probe)

@@ -34,6 +34,7 @@ class _Target:
             image = (label + 0.3 * rng.standard_normal(label.shape))[None].astype(np.float32)
             cases.append(ProbeCase(f"c{i}", image, label))
         self.fit, self.test, self.num_classes = cases[:2], cases[2:], 2
+        self.norm_slices = 6  # a 3d_fullres target planned with norm_over_volume: statistics over the patch
 
 
 def _model() -> JointSSLModel:
