@@ -110,6 +110,14 @@ def compare_to_random(results: list[dict[str, Any]], randoms: list[dict[str, Any
     return baseline
 
 
+def statistics_phrase(settings: dict[str, Any]) -> str:
+    """How the encoder's InstanceNorms took their statistics in a probe (its ``settings`` record)."""
+    slices = int(settings.get("norm_slices", 1))
+    if slices > 1:
+        return f"encoder statistics over groups of {slices} consecutive slices, as the target's network"
+    return "encoder statistics per slice"
+
+
 def _fmt(value: Any, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and not np.isfinite(value)):
         return "-"
@@ -155,7 +163,8 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
              f"{t['split']}): {', '.join(t['test_cases'])}. Preprocessed with {t['plans']}."), "",
              ("Dense linear probe (logistic regression on class-balanced pixels of the frozen 2D encoder's "
              "upsampled, concatenated skips) and kNN label transfer (cosine, k = "
-             f"{report['settings']['knn_k']}); mean Dice over foreground classes and test cases. "
+             f"{report['settings']['knn_k']}); {statistics_phrase(report['settings'])}; mean Dice over "
+             "foreground classes and test cases. "
              "Intervals: bootstrap 95% over test cases and random seeds. Retrieval chance level: "
              f"{_fmt(report.get('retrieval_chance'))}."), "", format_table(report), "",
              "## Linear-probe Dice per class", "",
@@ -324,7 +333,7 @@ def report_section(report: dict[str, Any], heading: str = "##") -> list[str]:
     return [f"{heading} Frozen-encoder probe (`nnssl_joint probe`)", "",
             (f"Dense linear probe (logistic regression) and kNN read-out of each pretraining run's frozen "
              f"2D encoder on {t['dataset']} ({t['configuration']}; fit {len(t['fit_cases'])} case(s), "
-             f"test {len(t['test_cases'])} case(s), {t['split']}), "
+             f"test {len(t['test_cases'])} case(s), {t['split']}; {statistics_phrase(report['settings'])}), "
              f"against {len(report.get('random_runs', []))} random nnU-Net initialisations; "
              "intervals: bootstrap 95% over test cases and random seeds. Label-free diagnostics as in "
              f"docs/probe.md (retrieval chance {_fmt(report.get('retrieval_chance'))})."), "",
