@@ -68,15 +68,19 @@ def load_probe_runs(paths: Sequence[Path], readout: str = "logistic"
     for path in paths:
         data = _read_probe(Path(path))
         target = data["target"]
+        settings = data.get("settings", {})
+        # norm_slices: the encoder statistics of the read-out (--statistics; files before it read per slice)
         key = (target.get("dataset"), target.get("configuration"), tuple(target.get("test_cases", ())),
-               data.get("settings", {}).get("seed"))
+               settings.get("seed"), int(settings.get("norm_slices", 1)))
         if reference is None:
             reference, cases = key, list(key[2])
         elif key != reference:
+            def describe(k: tuple[Any, ...]) -> str:
+                return (f"{k[0]} ({k[1]}, {len(k[2])} test cases, --seed {k[3]}, encoder statistics over "
+                        f"{k[4]} slice(s))")
             raise NnsslJointError(
-                f"{path}: probed {key[0]} ({key[1]}, {len(key[2])} test cases, --seed {key[3]}), the first "
-                f"file {paths[0]} probed {reference[0]} ({reference[1]}, {len(reference[2])} test cases, "
-                f"--seed {reference[3]}); compare probes of one target, configuration and --seed only")
+                f"{path}: probed {describe(key)}, the first file {paths[0]} probed {describe(reference)}; "
+                "compare probes of one target, configuration, --seed and --statistics only")
         for run in data["weights"]:
             if run["name"] in weights:
                 raise NnsslJointError(f"{path}: the weights name {run['name']!r} appears twice among the "

@@ -27,10 +27,11 @@ def _cases(values: np.ndarray) -> dict[str, list[float]]:
 
 
 def _write(path: Path, weights: list[dict], random_runs: list[dict], cases: list[str] = CASES,
-           dataset: str = "Dataset613_SynthOrgans") -> Path:
+           dataset: str = "Dataset613_SynthOrgans", norm_slices: int | None = None) -> Path:
+    settings = {"seed": 0} if norm_slices is None else {"seed": 0, "norm_slices": norm_slices}
     path.write_text(json.dumps({
         "target": {"dataset": dataset, "configuration": "3d_fullres", "test_cases": cases},
-        "settings": {"seed": 0}, "weights": weights, "random_runs": random_runs}))
+        "settings": settings, "weights": weights, "random_runs": random_runs}))
     return path
 
 
@@ -87,6 +88,13 @@ def test_files_of_other_test_cases_or_targets_are_refused_by_name(tmp_path):
     other_target = _write(tmp_path / "target.json", [_run("b_s0", _cases(base))], [], dataset="Dataset503_X")
     with pytest.raises(NnsslJointError, match="target.json: probed Dataset503_X"):
         load_probe_runs([first, other_target])
+    # another read-out of the same runs (--statistics network: 32 slices) does not compare with per-slice ones
+    other_readout = _write(tmp_path / "network.json", [_run("b_s0", _cases(base))], [], norm_slices=32)
+    with pytest.raises(NnsslJointError, match="network.json: probed .*over 32 slice.*over 1 slice"):
+        load_probe_runs([first, other_readout])
+    same_readout = _write(tmp_path / "slice.json", [_run("b_s0", _cases(base))], [], norm_slices=1)
+    weights, _, _ = load_probe_runs([first, same_readout])  # files before --statistics read per slice
+    assert sorted(weights) == ["a_s0", "b_s0"]
 
 
 def test_names_twice_disagreeing_random_seeds_and_no_random_runs_are_errors(tmp_path):
