@@ -95,9 +95,13 @@ def iter_dense_features(encoder: nn.Module, image: np.ndarray, total_stride: int
         else:
             skips = encoder(x)
         size = x.shape[-2:]
-        up = [s if s.shape[-2:] == size else F.interpolate(s, size=size, mode="bilinear", align_corners=False)
-              for s in skips]
-        yield first, torch.cat(up, 1)[first - begin:, :, :h, :w].permute(0, 2, 3, 1).float()
+        # the upsampled, concatenated features are the large tensor (hundreds of channels at full resolution):
+        # build them for at most batch_slices slices at a time, also when a statistics group is deeper
+        for lo in range(first - begin, end - begin, batch_slices):
+            hi = min(lo + batch_slices, end - begin)
+            up = [s[lo:hi] if s.shape[-2:] == size else
+                  F.interpolate(s[lo:hi], size=size, mode="bilinear", align_corners=False) for s in skips]
+            yield begin + lo, torch.cat(up, 1)[..., :h, :w].permute(0, 2, 3, 1).float()
 
 
 @torch.no_grad()

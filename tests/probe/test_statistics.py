@@ -50,9 +50,10 @@ def test_grouped_features_are_the_target_networks_encoder_over_the_patch():
     for norm in net.volume_norms:
         norm.slices = 1
     stride = net.preset.encoder.total_stride
-    (start, grouped), = list(iter_dense_features(net.encoder, image, stride, norm_slices=8))
+    chunks = list(iter_dense_features(net.encoder, image, stride, batch_slices=3, norm_slices=8))
+    assert [start for start, _ in chunks] == [0, 3, 6]  # one statistics group, features 3 slices at a time
+    grouped = torch.cat([features for _, features in chunks])
     channels = expected.shape[-1]
-    assert start == 0
     torch.testing.assert_close(grouped[..., :channels], expected, atol=1e-5, rtol=1e-5)
     per_slice = torch.cat([f for _, f in iter_dense_features(net.encoder, image, stride, norm_slices=1)])
     assert (per_slice[..., :channels] - expected).abs().max() > 0.1
