@@ -92,11 +92,13 @@ class VolumeInstanceNorm2d(nn.InstanceNorm2d):
         return torch.addcmul(shift[:, :, None, None].to(x.dtype), x, scale[:, :, None, None].to(x.dtype))
 
 
-def use_volume_statistics(encoder: nn.Module) -> list[VolumeInstanceNorm2d]:
+def _swap_instance_norms(encoder: nn.Module) -> list[tuple[nn.Module, str, nn.Module, VolumeInstanceNorm2d]]:
     """Replace every ``nn.InstanceNorm2d`` inside ``encoder`` by a :class:`VolumeInstanceNorm2d` holding the
     same parameters (a module registered under two names, as dynamic_network_architectures' conv blocks
-    register their norm as ``norm`` and in ``all_modules``, stays one module). Returns the new modules."""
+    register their norm as ``norm`` and in ``all_modules``, stays one module). Returns (parent, name, old
+    module, new module) per registration, so that a caller can put the old modules back."""
     replaced: dict[int, VolumeInstanceNorm2d] = {}
+    swaps: list[tuple[nn.Module, str, nn.Module, VolumeInstanceNorm2d]] = []
     for parent in list(encoder.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is not nn.InstanceNorm2d:
@@ -108,7 +110,36 @@ def use_volume_statistics(encoder: nn.Module) -> list[VolumeInstanceNorm2d]:
                     new.weight, new.bias = child.weight, child.bias
                 replaced[id(child)] = new
             setattr(parent, name, replaced[id(child)])
-    return list(replaced.values())
+            swaps.append((parent, name, child, replaced[id(child)]))
+    return swaps
+
+
+def use_volume_statistics(encoder: nn.Module) -> list[VolumeInstanceNorm2d]:
+    """Replace every ``nn.InstanceNorm2d`` inside ``encoder`` by a :class:`VolumeInstanceNorm2d` holding the
+    same parameters (:func:`_swap_instance_norms`), for good. Returns the new modules."""
+    return list(dict.fromkeys(new for _, _, _, new in _swap_instance_norms(encoder)))
+
+
+@contextmanager
+def grouped_statistics(encoder: nn.Module, slices: int) -> Iterator[None]:
+    """Within the block, every InstanceNorm of ``encoder`` takes its statistics over each ``slices``
+    consecutive batch rows (one volume's slices), as :class:`SliceWiseUNet3D` with ``norm_over_volume`` runs
+    it. Plain ``nn.InstanceNorm2d`` modules are swapped for :class:`VolumeInstanceNorm2d` sharing their
+    parameters (:func:`_swap_instance_norms`) and put back afterwards; every norm's ``slices`` is restored, so
+    the encoder leaves the block as it entered it (a training model's structure and state_dict keys are
+    untouched)."""
+    swaps = _swap_instance_norms(encoder)
+    norms = [m for m in encoder.modules() if isinstance(m, VolumeInstanceNorm2d)]
+    before = [norm.slices for norm in norms]
+    try:
+        for norm in norms:
+            norm.slices = slices
+        yield
+    finally:
+        for norm, value in zip(norms, before):
+            norm.slices = value
+        for parent, name, old, _ in swaps:
+            setattr(parent, name, old)
 
 
 @contextmanager

@@ -4,14 +4,13 @@ windows and volume features Z (Nguyen et al., AAAI 2023: Z = normalize(mean_n f_
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nnssl_joint.models.norms import VolumeInstanceNorm2d, window_statistics
+from nnssl_joint.models.norms import grouped_statistics, window_statistics
 
 
 def module_device(module: nn.Module) -> torch.device:
@@ -24,39 +23,6 @@ def pad_in_plane(slices: Tensor, multiple: int) -> Tensor:
     h, w = slices.shape[-2:]
     ph, pw = (-h) % multiple, (-w) % multiple
     return F.pad(slices, (0, pw, 0, ph)) if ph or pw else slices
-
-
-@contextmanager
-def grouped_statistics(encoder: nn.Module, slices: int) -> Iterator[None]:
-    """Within the block, every InstanceNorm of ``encoder`` takes its statistics over each ``slices``
-    consecutive batch rows (one volume's slices), as :class:`SliceWiseUNet3D` with ``norm_over_volume`` runs
-    it. Plain ``nn.InstanceNorm2d`` modules are swapped for :class:`VolumeInstanceNorm2d` sharing their
-    parameters and put back afterwards; every norm's ``slices`` is restored, so the encoder leaves the block
-    as it entered it (a training model's structure and state_dict keys are untouched)."""
-    swapped: list[tuple[nn.Module, str, nn.Module]] = []
-    replacements: dict[int, VolumeInstanceNorm2d] = {}
-    for parent in list(encoder.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is nn.InstanceNorm2d:
-                if id(child) not in replacements:
-                    new = VolumeInstanceNorm2d(child.num_features, eps=child.eps, momentum=child.momentum,
-                                               affine=child.affine)
-                    if child.affine:
-                        new.weight, new.bias = child.weight, child.bias
-                    replacements[id(child)] = new
-                swapped.append((parent, name, child))
-                setattr(parent, name, replacements[id(child)])
-    norms = [m for m in encoder.modules() if isinstance(m, VolumeInstanceNorm2d)]
-    before = [norm.slices for norm in norms]
-    try:
-        for norm in norms:
-            norm.slices = slices
-        yield
-    finally:
-        for norm, value in zip(norms, before):
-            norm.slices = value
-        for parent, name, child in swapped:
-            setattr(parent, name, child)
 
 
 def statistics_chunks(z: int, group: int, batch_slices: int) -> list[tuple[int, int, int]]:

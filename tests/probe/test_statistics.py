@@ -11,10 +11,10 @@ from torch import nn
 
 from nnssl_joint.models.downstream import SliceWiseUNet3D
 from nnssl_joint.models.encoder import build_encoder_2d
-from nnssl_joint.models.norms import VolumeInstanceNorm2d
+from nnssl_joint.models.norms import VolumeInstanceNorm2d, grouped_statistics
 from nnssl_joint.models.preset import load_preset
 from nnssl_joint.probe.data import network_norm_slices
-from nnssl_joint.probe.features import grouped_statistics, iter_dense_features, statistics_chunks
+from nnssl_joint.probe.features import iter_dense_features, statistics_chunks
 
 
 @pytest.mark.parametrize("z,group,batch", [(32, 32, 16), (35, 16, 16), (10, 16, 16), (7, 1, 3), (16, 4, 16)])
