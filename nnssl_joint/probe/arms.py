@@ -69,18 +69,21 @@ def load_probe_runs(paths: Sequence[Path], readout: str = "logistic"
         data = _read_probe(Path(path))
         target = data["target"]
         settings = data.get("settings", {})
-        # norm_slices: the encoder statistics of the read-out (--statistics; files before it read per slice)
+        # norm_slices: the encoder statistics of the read-out (--statistics; files before it read per slice);
+        # volume_context: f_inter's output in the features (--volume-context; files before it had none)
         key = (target.get("dataset"), target.get("configuration"), tuple(target.get("test_cases", ())),
-               settings.get("seed"), int(settings.get("norm_slices", 1)))
+               settings.get("seed"), int(settings.get("norm_slices", 1)),
+               int(settings.get("volume_context", 0)))
         if reference is None:
             reference, cases = key, list(key[2])
         elif key != reference:
             def describe(k: tuple[Any, ...]) -> str:
                 return (f"{k[0]} ({k[1]}, {len(k[2])} test cases, --seed {k[3]}, encoder statistics over "
-                        f"{k[4]} slice(s))")
+                        f"{k[4]} slice(s), " + (f"f_inter context over {k[5]} slices)" if k[5] else
+                                                "no f_inter context)"))
             raise NnsslJointError(
                 f"{path}: probed {describe(key)}, the first file {paths[0]} probed {describe(reference)}; "
-                "compare probes of one target, configuration, --seed and --statistics only")
+                "compare probes of one target, configuration, --seed, --statistics and --volume-context only")
         for run in data["weights"]:
             if run["name"] in weights:
                 raise NnsslJointError(f"{path}: the weights name {run['name']!r} appears twice among the "

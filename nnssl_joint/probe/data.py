@@ -54,6 +54,8 @@ class ProbeTarget:
     #: consecutive slices whose InstanceNorm statistics the target's network pools: the 3d_fullres patch depth
     #: where the plans set ``norm_over_volume`` (SliceWiseUNet3D normalises over the patch), else 1
     norm_slices: int = 1
+    #: slices per patch of the 3d_fullres network (its f_inter reads that many slice tokens at once); 0 for 2d
+    patch_slices: int = 0
 
     @property
     def num_classes(self) -> int:
@@ -65,7 +67,7 @@ class ProbeTarget:
                 "input_channels": self.input_channels, "classes": self.class_names,
                 "fit_cases": [c.identifier for c in self.fit],
                 "test_cases": [c.identifier for c in self.test], "split": self.split,
-                "norm_slices": self.norm_slices}
+                "norm_slices": self.norm_slices, "patch_slices": self.patch_slices}
 
 
 def find_raw_dataset(target: str | int) -> Path:
@@ -213,4 +215,5 @@ def load_target(target: str | int, configuration: str = "3d_fullres", fit_cases:
                        preset=resolve_preset(cm.network_arch_init_kwargs["preset"]),
                        input_channels=input_channels,
                        class_names=class_names, fit=fit_cases_loaded, test=test_cases_loaded, split=split,
-                       network_builder=build_network, norm_slices=network_norm_slices(configuration, cm))
+                       network_builder=build_network, norm_slices=network_norm_slices(configuration, cm),
+                       patch_slices=int(cm.patch_size[0]) if configuration == "3d_fullres" else 0)

@@ -43,23 +43,42 @@ def statistics_chunks(z: int, group: int, batch_slices: int) -> list[tuple[int, 
 
 @torch.no_grad()
 def iter_dense_features(encoder: nn.Module, image: np.ndarray, total_stride: int, batch_slices: int = 16,
-                        norm_slices: int = 1) -> Iterator[tuple[int, Tensor]]:
+                        norm_slices: int = 1, context: tuple[nn.Module, nn.Module] | None = None,
+                        context_slices: int = 0) -> Iterator[tuple[int, Tensor]]:
     """Dense features of every slice of a (C, Z, Y, X) volume: f_intra runs on each slice (axis Z),
     every skip is upsampled bilinearly to the slice's resolution and all skips are concatenated.
     ``norm_slices`` > 1: the encoder's InstanceNorms pool their statistics over groups of that many
     consecutive slices (:func:`statistics_chunks`, :func:`grouped_statistics`), as the target's 3d_fullres
     network does over a patch of that depth; 1: every slice has its own statistics.
 
-    Yields (first slice index, features (m, Y, X, F) float32) for consecutive chunks of slices."""
+    ``context`` = (g, f_inter) and ``context_slices`` > 0 (the volume-context read-out): f_inter runs over
+    the slice embeddings of groups of ``context_slices`` consecutive slices (the target network's patch
+    depth; the same groups as the statistics when ``norm_slices`` > 1) and its per-slice output (d values)
+    is appended to every pixel of that slice, which is what ``SliceWiseUNet3D``'s ``slice_context`` reads
+    through a linear map.
+
+    Yields (first slice index, features (m, Y, X, F [+ d]) float32) for consecutive chunks of slices."""
+    if (context is None) != (context_slices <= 0):
+        raise ValueError("the volume context needs both the (slice_embedding, slice_transformer) pair and "
+                         f"context_slices > 0, got context={context is not None}, "
+                         f"context_slices={context_slices}")
+    if norm_slices > 1 and context_slices > 0 and norm_slices != context_slices:
+        raise ValueError(f"norm_slices ({norm_slices}) and context_slices ({context_slices}) are both the "
+                         "target network's patch depth and must agree")
     volume = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
     _c, z, h, w = volume.shape
-    for begin, end, first in statistics_chunks(z, norm_slices, batch_slices):
+    group = max(norm_slices, context_slices)
+    for begin, end, first in statistics_chunks(z, group, batch_slices):
         x = pad_in_plane(volume[:, begin:end].transpose(0, 1), total_stride)
         if norm_slices > 1:
             with grouped_statistics(encoder, end - begin):
                 skips = encoder(x)
         else:
             skips = encoder(x)
+        per_slice = None
+        if context is not None:
+            slice_embedding, slice_transformer = context
+            per_slice = slice_transformer(slice_embedding(skips)[None])[0][0].float()  # (end - begin, d)
         size = x.shape[-2:]
         # the upsampled, concatenated features are the large tensor (hundreds of channels at full resolution):
         # build them for at most batch_slices slices at a time, also when a statistics group is deeper
@@ -67,7 +86,11 @@ def iter_dense_features(encoder: nn.Module, image: np.ndarray, total_stride: int
             hi = min(lo + batch_slices, end - begin)
             up = [s[lo:hi] if s.shape[-2:] == size else
                   F.interpolate(s[lo:hi], size=size, mode="bilinear", align_corners=False) for s in skips]
-            yield begin + lo, torch.cat(up, 1)[..., :h, :w].permute(0, 2, 3, 1).float()
+            feats = torch.cat(up, 1)[..., :h, :w].permute(0, 2, 3, 1).float()
+            if per_slice is not None:
+                rows = per_slice[lo:hi, None, None, :].expand(hi - lo, h, w, per_slice.shape[1])
+                feats = torch.cat([feats, rows], -1)
+            yield begin + lo, feats
 
 
 @torch.no_grad()

@@ -40,6 +40,9 @@ class ReadoutSettings:
     #: consecutive slices whose InstanceNorm statistics the encoder pools (1: each slice its own); the probe
     #: sets the target network's (:attr:`nnssl_joint.probe.data.ProbeTarget.norm_slices`)
     norm_slices: int = 1
+    #: 0: the encoder's dense features only; N > 0 (``--volume-context``): f_inter's per-slice output over
+    #: groups of N consecutive slices (the target's 3d_fullres patch depth) is appended to every pixel
+    volume_context: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -136,9 +139,12 @@ def knn_predict(queries: Tensor, bank: Tensor, bank_labels: Tensor, num_classes:
 
 @torch.no_grad()
 def dense_probe(encoder: nn.Module, fit: Sequence[ProbeCase], test: Sequence[ProbeCase], num_classes: int,
-                total_stride: int, settings: ReadoutSettings = ReadoutSettings()) -> dict[str, Any]:
+                total_stride: int, settings: ReadoutSettings = ReadoutSettings(),
+                context: tuple[nn.Module, nn.Module] | None = None) -> dict[str, Any]:
     """Linear probe and kNN read-out of ``encoder``'s dense features (every skip upsampled to full
-    resolution and concatenated) on the fit cases, Dice on the test cases.
+    resolution and concatenated) on the fit cases, Dice on the test cases. With
+    ``settings.volume_context`` > 0, ``context`` = (slice_embedding, slice_transformer) adds f_inter's
+    per-slice output to every pixel's features (:func:`iter_dense_features`).
 
     Returns ``{"logistic": {case: [dice per foreground class]}, "knn": {...}, "fit": {...}}``."""
     rng = np.random.default_rng(settings.seed)
@@ -149,7 +155,8 @@ def dense_probe(encoder: nn.Module, fit: Sequence[ProbeCase], test: Sequence[Pro
     for case, chosen in zip(fit, indices):
         h, w = case.label.shape[1:]
         for start, feats in iter_dense_features(encoder, case.image, total_stride,
-                                                   norm_slices=settings.norm_slices):
+                                                norm_slices=settings.norm_slices, context=context,
+                                                context_slices=settings.volume_context):
             flat = feats.reshape(-1, feats.shape[-1])
             moments.update(flat)
             lo, hi = start * h * w, start * h * w + flat.shape[0]
@@ -188,7 +195,8 @@ def dense_probe(encoder: nn.Module, fit: Sequence[ProbeCase], test: Sequence[Pro
         pred_knn = np.full(shape, majority, dtype=np.int64)
         if use_model:
             for start, feats in iter_dense_features(encoder, case.image, total_stride,
-                                                   norm_slices=settings.norm_slices):
+                                                    norm_slices=settings.norm_slices, context=context,
+                                                    context_slices=settings.volume_context):
                 m = feats.shape[0]
                 flat = (feats.reshape(-1, feats.shape[-1]).double()[:, informative] - mean) / scale
                 pred_lr[start:start + m] = (flat @ weight + bias).argmax(1).view(m, *shape[1:]).numpy()

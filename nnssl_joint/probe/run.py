@@ -81,11 +81,27 @@ def probe_one(weights: Any, target: Any, n_slices: int, view_size: int, settings
 
     start = time.perf_counter()
     dense = dense_probe(weights.encoder, target.fit, target.test, target.num_classes,
-                        weights.preset.encoder.total_stride, settings)
+                        weights.preset.encoder.total_stride, settings,
+                        context=volume_context_parts(weights, settings))
     diagnostics = label_free_diagnostics(weights, target.fit, target.test, n_slices, view_size, settings.seed)
     return {"name": weights.name, "kind": weights.kind, "source": weights.source, "seed": weights.seed,
             "dice": {r: {"per_case": dense[r], **summarize_dice(dense[r])} for r in READOUTS},
             "fit": dense["fit"], "diagnostics": diagnostics, "seconds": round(time.perf_counter() - start, 2)}
+
+
+def volume_context_parts(weights: Any, settings: Any) -> tuple[Any, Any] | None:
+    """(g, f_inter) of ``weights`` for the volume-context read-out (``settings.volume_context`` > 0), else
+    None; an error naming the file when it holds no slice Transformer."""
+    if not getattr(settings, "volume_context", 0):
+        return None
+    if weights.slice_embedding is None or weights.slice_transformer is None:
+        from nnssl_joint.probe.weights import ProbeWeightsError
+
+        raise ProbeWeightsError(
+            f"{weights.source} holds no slice embedding and slice Transformer (f_inter), which "
+            "--volume-context reads; give the pretraining run folder, its checkpoint, or "
+            "pretrained_for_3d_fullres.pth instead of a 2D export")
+    return weights.slice_embedding, weights.slice_transformer
 
 
 def compare_to_random(results: list[dict[str, Any]], randoms: list[dict[str, Any]],
@@ -114,8 +130,14 @@ def statistics_phrase(settings: dict[str, Any]) -> str:
     """How the encoder's InstanceNorms took their statistics in a probe (its ``settings`` record)."""
     slices = int(settings.get("norm_slices", 1))
     if slices > 1:
-        return f"encoder statistics over groups of {slices} consecutive slices, as the target's network"
-    return "encoder statistics per slice"
+        phrase = f"encoder statistics over groups of {slices} consecutive slices, as the target's network"
+    else:
+        phrase = "encoder statistics per slice"
+    context = int(settings.get("volume_context", 0))
+    if context:
+        phrase += (f"; with f_inter's per-slice output (over groups of {context} consecutive slices) "
+                   "appended to every pixel's features")
+    return phrase
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -235,24 +257,26 @@ def preserved_random_state() -> Iterator[None]:
 def run_probe(weights: Sequence[str], target: str | int, configuration: str = "3d_fullres",
               fit_cases: int | None = None, fit: Sequence[str] | None = None, random_seeds: int = 5,
               out: str | Path | None = None, seed: int = 0, settings: Any = None,
-              stream: TextIO | None = None, statistics: str = "network") -> dict[str, Any]:
+              stream: TextIO | None = None, statistics: str = "network",
+              volume_context: bool = False) -> dict[str, Any]:
     """Probe each of ``weights`` (paths or ``random``) on ``target``; returns the report dict. Progress
     and the table go to ``stream`` (default: standard output). ``statistics``: ``network``, the encoder's
     InstanceNorms pool statistics as the target's network does (over the patch depth in a 3d_fullres
     network planned with ``norm_over_volume``); ``slice``, every slice its own (the read-out before
-    2026-12-06)."""
+    2026-12-06). ``volume_context``: append f_inter's per-slice output (over the 3d_fullres patch depth) to
+    the dense features (docs/probe.md)."""
     from nnssl_joint.probe.readout import ReadoutSettings
 
     if statistics not in STATISTICS:
         raise NnsslJointError(f"--statistics must be one of {STATISTICS}, got {statistics!r}")
     with preserved_random_state():
         return _run_probe(weights, target, configuration, fit_cases, fit, random_seeds, out, seed,
-                          settings or ReadoutSettings(seed=seed), stream, statistics)
+                          settings or ReadoutSettings(seed=seed), stream, statistics, volume_context)
 
 
 def _run_probe(weights: Sequence[str], target: str | int, configuration: str, fit_cases: int | None,
                fit: Sequence[str] | None, random_seeds: int, out: str | Path | None, seed: int, settings: Any,
-               stream: TextIO | None, statistics: str) -> dict[str, Any]:
+               stream: TextIO | None, statistics: str, volume_context: bool = False) -> dict[str, Any]:
     from nnssl_joint.probe.data import load_target
     from nnssl_joint.probe.diagnostics import window_settings
     from nnssl_joint.probe.weights import (
@@ -265,6 +289,9 @@ def _run_probe(weights: Sequence[str], target: str | int, configuration: str, fi
 
     if random_seeds < 0:
         raise NnsslJointError(f"--random-seeds must be >= 0, got {random_seeds}")
+    if volume_context and configuration != "3d_fullres":
+        raise NnsslJointError(f"--volume-context reads f_inter as the 3d_fullres network does; "
+                              f"-c {configuration} has no slice Transformer: use -c 3d_fullres")
     files = [w for w in weights if str(w) != RANDOM]
     if len(files) < len(weights):
         random_seeds = max(1, random_seeds)
@@ -273,9 +300,11 @@ def _run_probe(weights: Sequence[str], target: str | int, configuration: str, fi
     start = time.perf_counter()
     loaded = [load_weights_file(path, name) for name, path in distinct_names([str(f) for f in files])]
     tgt = load_target(target, configuration, fit_cases, fit, seed)
-    settings = dataclasses.replace(settings, norm_slices=tgt.norm_slices if statistics == "network" else 1)
+    settings = dataclasses.replace(settings, norm_slices=tgt.norm_slices if statistics == "network" else 1,
+                                   volume_context=tgt.patch_slices if volume_context else 0)
     for w in loaded:
         check_compatible(w, tgt.preset, tgt.input_channels, tgt.dataset_name, tgt.plans_file)
+        volume_context_parts(w, settings)  # fail before any probe runs
     load_seconds = time.perf_counter() - start
     n_slices, view_size = window_settings(loaded, tgt.preset.encoder.total_stride)
 
@@ -284,7 +313,8 @@ def _run_probe(weights: Sequence[str], target: str | int, configuration: str, fi
 
     say(f"probe: {tgt.dataset_name} ({configuration}), fit {len(tgt.fit)} case(s), "
         f"test {len(tgt.test)} case(s) [{tgt.split}], windows N={n_slices} view={view_size}, "
-        f"encoder statistics over {settings.norm_slices} slice(s)")
+        f"encoder statistics over {settings.norm_slices} slice(s)"
+        + (f", f_inter context over {settings.volume_context} slices" if settings.volume_context else ""))
     randoms = []
     for i in range(random_seeds):
         res = probe_one(random_weights(tgt.network_builder, seed + i), tgt, n_slices, view_size, settings)
@@ -346,7 +376,7 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     run_probe(args.weights, args.target, args.c, args.fit_cases, args.fit, args.random_seeds, args.out,
-              args.seed, statistics=args.statistics)
+              args.seed, statistics=args.statistics, volume_context=args.volume_context)
     return 0
 
 
@@ -381,5 +411,9 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
                    help="the encoder's InstanceNorm statistics: 'network' (default), as the target's network "
                    "takes them (over the patch depth for 3d_fullres plans with norm_over_volume); 'slice', "
                    "each slice its own (the probe before 2026-12-06)")
+    p.add_argument("--volume-context", action="store_true",
+                   help="append f_inter's per-slice output (slice Transformer over groups of the 3d_fullres "
+                   "patch depth) to every pixel's dense features, as the 3D network's slice_context reads it;"
+                   " random initialisations use their own f_inter (docs/probe.md)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.set_defaults(func=_cmd_probe)

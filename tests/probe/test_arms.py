@@ -27,8 +27,11 @@ def _cases(values: np.ndarray) -> dict[str, list[float]]:
 
 
 def _write(path: Path, weights: list[dict], random_runs: list[dict], cases: list[str] = CASES,
-           dataset: str = "Dataset613_SynthOrgans", norm_slices: int | None = None) -> Path:
+           dataset: str = "Dataset613_SynthOrgans", norm_slices: int | None = None,
+           volume_context: int | None = None) -> Path:
     settings = {"seed": 0} if norm_slices is None else {"seed": 0, "norm_slices": norm_slices}
+    if volume_context is not None:
+        settings["volume_context"] = volume_context
     path.write_text(json.dumps({
         "target": {"dataset": dataset, "configuration": "3d_fullres", "test_cases": cases},
         "settings": settings, "weights": weights, "random_runs": random_runs}))
@@ -94,6 +97,13 @@ def test_files_of_other_test_cases_or_targets_are_refused_by_name(tmp_path):
         load_probe_runs([first, other_readout])
     same_readout = _write(tmp_path / "slice.json", [_run("b_s0", _cases(base))], [], norm_slices=1)
     weights, _, _ = load_probe_runs([first, same_readout])  # files before --statistics read per slice
+    assert sorted(weights) == ["a_s0", "b_s0"]
+    # the volume-context read-out (f_inter's output appended) is another read-out too
+    with_context = _write(tmp_path / "context.json", [_run("b_s0", _cases(base))], [], volume_context=32)
+    with pytest.raises(NnsslJointError, match="context.json: probed .*f_inter context over 32 .*no f_inter"):
+        load_probe_runs([first, with_context])
+    without_context = _write(tmp_path / "plain.json", [_run("b_s0", _cases(base))], [], volume_context=0)
+    weights, _, _ = load_probe_runs([first, without_context])
     assert sorted(weights) == ["a_s0", "b_s0"]
 
 
