@@ -22,10 +22,26 @@ def sample_slice_mask(valid: Tensor, ratio: float = 0.1, generator: torch.Genera
         raise ValueError(f"mask ratio must lie in [0, 1], got {ratio}")
     n_valid = valid.sum(dim=1)
     n_mask = torch.floor(n_valid.double() * ratio + 0.5).long().clamp_min(1).minimum(n_valid)
+    return _random_valid(valid, n_mask, generator)
+
+
+def _random_valid(valid: Tensor, counts: Tensor | int, generator: torch.Generator | None) -> Tensor:
+    """``counts`` (per row, or one for all) valid slices of each row of ``valid`` at random."""
     scores = torch.rand(valid.shape, generator=generator, device=valid.device)
     scores = scores.masked_fill(~valid, 2.0)  # padded slices sort last
     rank = scores.argsort(dim=1).argsort(dim=1)
-    return (rank < n_mask[:, None]) & valid
+    counts = counts[:, None] if isinstance(counts, Tensor) else counts
+    return (rank < counts) & valid
+
+
+def sample_valid_slices(valid: Tensor, count: int, generator: torch.Generator | None = None) -> Tensor:
+    """(B, N) bool selecting ``count`` valid slices per sample at random (all of them where a sample has
+    fewer); padded slices are never selected. ``generator`` must live on ``valid.device``."""
+    if valid.dim() != 2 or valid.dtype != torch.bool:
+        raise ValueError(f"valid must be a (B, N) bool tensor, got {valid.dtype} {tuple(valid.shape)}")
+    if count < 1:
+        raise ValueError(f"count must be >= 1, got {count}")
+    return _random_valid(valid, count, generator)
 
 
 class MaskedSliceModeling(nn.Module):

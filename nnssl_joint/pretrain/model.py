@@ -50,6 +50,7 @@ from nnssl_joint.models.masked_prediction import (
     MaskedSliceModeling,
     masked_embedding_loss,
     sample_slice_mask,
+    sample_valid_slices,
     standardize_targets,
 )
 from nnssl_joint.models.norms import use_volume_statistics, window_statistics
@@ -379,9 +380,12 @@ class JointSSLModel(nn.Module):
                                                window_slices[window, 1, slice_b],
                                                coords[window, 0], coords[window, 1], window))
             if want_intra_3d:
-                zs = self.projection_2d(e3[:, 0][valid])
-                zt = self.projection_2d(e3[:, 1][valid])
-                slice_index = (self._batch_indices(volumes, "slice_indices", "volume").to(zs.device)[valid]
+                rows = valid
+                if self.objective.intra_3d_slices_per_window:
+                    rows = sample_valid_slices(valid, self.objective.intra_3d_slices_per_window)
+                zs = self.projection_2d(e3[:, 0][rows])
+                zt = self.projection_2d(e3[:, 1][rows])
+                slice_index = (self._batch_indices(volumes, "slice_indices", "volume").to(zs.device)[rows]
                                if self.deepcluster else None)
                 out[TERM_INTRA_3D], _ = self._clustering_term(self.intra_loss, [zs, zt], iteration,
                                                               slice_index, "3d_slices", assign=False)

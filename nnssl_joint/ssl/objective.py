@@ -208,6 +208,11 @@ class ObjectiveConfig:
     Release behaviour:
         slice_level_3d_loss: True (default) = the paper-intended slice-level loss between 3D views,
             which the authors' release lacked (False reproduces the release).
+        intra_3d_slices_per_window: 0 (default) = L_intra_3d over every valid slice of every window (one
+            Sinkhorn batch holds the N contiguous, nearly alike slices of each window); k > 0 = over k valid
+            slices per window drawn at random (torch's generator; the same slice positions in both views;
+            all of a window's valid slices when it has fewer), so the batch holds fewer near-duplicates
+            (twenty-sixth pass).
         :meth:`authors_release` returns a config with the release's choices.
     """
 
@@ -258,6 +263,7 @@ class ObjectiveConfig:
     mask_loss_all_positions: bool = False
     mask_target_normalization: str = "none"
     slice_level_3d_loss: bool = True
+    intra_3d_slices_per_window: int = 0
     volume_terms_train_encoder: bool = True
     volume_encoder_gradient_scale: float = 0.1
     inter_trains_transformer: bool = False
@@ -401,6 +407,7 @@ class ObjectiveConfig:
             "dense_stage",
             "dense_slice_offset",
             "dense_keys",
+            "intra_3d_slices_per_window",
             "volume_contrast_queue",
         ):
             if getattr(self, name) < 0:
