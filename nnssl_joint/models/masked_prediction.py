@@ -16,13 +16,17 @@ def sample_slice_mask(valid: Tensor, ratio: float = 0.1, generator: torch.Genera
     Rounding is half-up. Padded slices are never selected; a sample without valid slices gets none.
     ``generator`` must live on ``valid.device``.
     """
-    if valid.dim() != 2 or valid.dtype != torch.bool:
-        raise ValueError(f"valid must be a (B, N) bool tensor, got {valid.dtype} {tuple(valid.shape)}")
+    _check_valid(valid)
     if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"mask ratio must lie in [0, 1], got {ratio}")
     n_valid = valid.sum(dim=1)
     n_mask = torch.floor(n_valid.double() * ratio + 0.5).long().clamp_min(1).minimum(n_valid)
     return _random_valid(valid, n_mask, generator)
+
+
+def _check_valid(valid: Tensor) -> None:
+    if valid.dim() != 2 or valid.dtype != torch.bool:
+        raise ValueError(f"valid must be a (B, N) bool tensor, got {valid.dtype} {tuple(valid.shape)}")
 
 
 def _random_valid(valid: Tensor, counts: Tensor | int, generator: torch.Generator | None) -> Tensor:
@@ -37,8 +41,7 @@ def _random_valid(valid: Tensor, counts: Tensor | int, generator: torch.Generato
 def sample_valid_slices(valid: Tensor, count: int, generator: torch.Generator | None = None) -> Tensor:
     """(B, N) bool selecting ``count`` valid slices per sample at random (all of them where a sample has
     fewer); padded slices are never selected. ``generator`` must live on ``valid.device``."""
-    if valid.dim() != 2 or valid.dtype != torch.bool:
-        raise ValueError(f"valid must be a (B, N) bool tensor, got {valid.dtype} {tuple(valid.shape)}")
+    _check_valid(valid)
     if count < 1:
         raise ValueError(f"count must be >= 1, got {count}")
     return _random_valid(valid, count, generator)
