@@ -73,17 +73,19 @@ def load_probe_runs(paths: Sequence[Path], readout: str = "logistic"
         # volume_context: f_inter's output in the features (--volume-context; files before it had none)
         key = (target.get("dataset"), target.get("configuration"), tuple(target.get("test_cases", ())),
                settings.get("seed"), int(settings.get("norm_slices", 1)),
-               int(settings.get("volume_context", 0)))
+               int(settings.get("volume_context", 0)), int(settings.get("volume_context_dims", 0)))
         if reference is None:
             reference, cases = key, list(key[2])
         elif key != reference:
             def describe(k: tuple[Any, ...]) -> str:
                 return (f"{k[0]} ({k[1]}, {len(k[2])} test cases, --seed {k[3]}, encoder statistics over "
-                        f"{k[4]} slice(s), " + (f"f_inter context over {k[5]} slices)" if k[5] else
-                                                "no f_inter context)"))
+                        f"{k[4]} slice(s), " + (f"f_inter context over {k[5]} slices" if k[5] else
+                                                "no f_inter context")
+                        + (f", {k[6]} principal components)" if k[6] else ")"))
             raise NnsslJointError(
                 f"{path}: probed {describe(key)}, the first file {paths[0]} probed {describe(reference)}; "
-                "compare probes of one target, configuration, --seed, --statistics and --volume-context only")
+                "compare probes of one target, configuration, --seed, --statistics, --volume-context and "
+                "--volume-context-dims only")
         for run in data["weights"]:
             if run["name"] in weights:
                 raise NnsslJointError(f"{path}: the weights name {run['name']!r} appears twice among the "

@@ -3,7 +3,7 @@ windows and volume features Z (Nguyen et al., AAAI 2023: Z = normalize(mean_n f_
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -41,23 +41,8 @@ def statistics_chunks(z: int, group: int, batch_slices: int) -> list[tuple[int, 
     return chunks
 
 
-@torch.no_grad()
-def iter_dense_features(encoder: nn.Module, image: np.ndarray, total_stride: int, batch_slices: int = 16,
-                        norm_slices: int = 1, context: tuple[nn.Module, nn.Module] | None = None,
-                        context_slices: int = 0) -> Iterator[tuple[int, Tensor]]:
-    """Dense features of every slice of a (C, Z, Y, X) volume: f_intra runs on each slice (axis Z),
-    every skip is upsampled bilinearly to the slice's resolution and all skips are concatenated.
-    ``norm_slices`` > 1: the encoder's InstanceNorms pool their statistics over groups of that many
-    consecutive slices (:func:`statistics_chunks`, :func:`grouped_statistics`), as the target's 3d_fullres
-    network does over a patch of that depth; 1: every slice has its own statistics.
-
-    ``context`` = (g, f_inter) and ``context_slices`` > 0 (the volume-context read-out): f_inter runs over
-    the slice embeddings of groups of ``context_slices`` consecutive slices (the target network's patch
-    depth; the same groups as the statistics when ``norm_slices`` > 1) and its per-slice output (d values)
-    is appended to every pixel of that slice, which is what ``SliceWiseUNet3D``'s ``slice_context`` reads
-    through a linear map.
-
-    Yields (first slice index, features (m, Y, X, F [+ d]) float32) for consecutive chunks of slices."""
+def _check_context(norm_slices: int, context: tuple[nn.Module, nn.Module] | None,
+                   context_slices: int) -> None:
     if (context is None) != (context_slices <= 0):
         raise ValueError("the volume context needs both the (slice_embedding, slice_transformer) pair and "
                          f"context_slices > 0, got context={context is not None}, "
@@ -65,10 +50,17 @@ def iter_dense_features(encoder: nn.Module, image: np.ndarray, total_stride: int
     if norm_slices > 1 and context_slices > 0 and norm_slices != context_slices:
         raise ValueError(f"norm_slices ({norm_slices}) and context_slices ({context_slices}) are both the "
                          "target network's patch depth and must agree")
+
+
+def _group_forwards(encoder: nn.Module, image: np.ndarray, total_stride: int, batch_slices: int,
+                    norm_slices: int, context: tuple[nn.Module, nn.Module] | None, context_slices: int
+                    ) -> Iterator[tuple[int, int, int, Tensor, list[Tensor], Tensor | None]]:
+    """One encoder forward per statistics/context group of a (C, Z, Y, X) volume: yields (forward start,
+    forward end, first slice to yield, padded input, skips, f_inter's per-slice output or None)."""
+    _check_context(norm_slices, context, context_slices)
     volume = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
-    _c, z, h, w = volume.shape
     group = max(norm_slices, context_slices)
-    for begin, end, first in statistics_chunks(z, group, batch_slices):
+    for begin, end, first in statistics_chunks(volume.shape[1], group, batch_slices):
         x = pad_in_plane(volume[:, begin:end].transpose(0, 1), total_stride)
         if norm_slices > 1:
             with grouped_statistics(encoder, end - begin):
@@ -79,6 +71,48 @@ def iter_dense_features(encoder: nn.Module, image: np.ndarray, total_stride: int
         if context is not None:
             slice_embedding, slice_transformer = context
             per_slice = slice_transformer(slice_embedding(skips)[None])[0][0].float()  # (end - begin, d)
+        yield begin, end, first, x, skips, per_slice
+
+
+@torch.no_grad()
+def slice_context(encoder: nn.Module, image: np.ndarray, total_stride: int,
+                  context: tuple[nn.Module, nn.Module], context_slices: int, norm_slices: int = 1,
+                  batch_slices: int = 16) -> Tensor:
+    """f_inter's per-slice output (Z, d) of every slice of a (C, Z, Y, X) volume, over the same groups of
+    ``context_slices`` consecutive slices as :func:`iter_dense_features` appends it (no dense features
+    are built)."""
+    rows = [per_slice[first - begin:]
+            for begin, _end, first, _x, _skips, per_slice in _group_forwards(
+                encoder, image, total_stride, batch_slices, norm_slices, context, context_slices)]
+    return torch.cat(rows)
+
+
+@torch.no_grad()
+def iter_dense_features(encoder: nn.Module, image: np.ndarray, total_stride: int, batch_slices: int = 16,
+                        norm_slices: int = 1, context: tuple[nn.Module, nn.Module] | None = None,
+                        context_slices: int = 0, context_map: Callable[[Tensor], Tensor] | None = None
+                        ) -> Iterator[tuple[int, Tensor]]:
+    """Dense features of every slice of a (C, Z, Y, X) volume: f_intra runs on each slice (axis Z),
+    every skip is upsampled bilinearly to the slice's resolution and all skips are concatenated.
+    ``norm_slices`` > 1: the encoder's InstanceNorms pool their statistics over groups of that many
+    consecutive slices (:func:`statistics_chunks`, :func:`grouped_statistics`), as the target's 3d_fullres
+    network does over a patch of that depth; 1: every slice has its own statistics.
+
+    ``context`` = (g, f_inter) and ``context_slices`` > 0 (the volume-context read-out): f_inter runs over
+    the slice embeddings of groups of ``context_slices`` consecutive slices (the target network's patch
+    depth; the same groups as the statistics when ``norm_slices`` > 1) and its per-slice output (d values)
+    is appended to every pixel of that slice, which is what ``SliceWiseUNet3D``'s ``slice_context`` reads
+    through a linear map. ``context_map`` (e.g. a projection onto a few principal components, fitted by the
+    caller) maps the (slices, d) output to (slices, d') before it is appended.
+
+    Yields (first slice index, features (m, Y, X, F [+ d]) float32) for consecutive chunks of slices."""
+    if context_map is not None and context is None:
+        raise ValueError("context_map maps f_inter's output: it needs context and context_slices")
+    h, w = image.shape[-2:]
+    for begin, end, first, x, skips, per_slice in _group_forwards(encoder, image, total_stride, batch_slices,
+                                                                   norm_slices, context, context_slices):
+        if per_slice is not None and context_map is not None:
+            per_slice = context_map(per_slice).float()
         size = x.shape[-2:]
         # the upsampled, concatenated features are the large tensor (hundreds of channels at full resolution):
         # build them for at most batch_slices slices at a time, also when a statistics group is deeper

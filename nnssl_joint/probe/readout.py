@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nnssl_joint.probe.data import ProbeCase
-from nnssl_joint.probe.features import iter_dense_features
+from nnssl_joint.probe.features import iter_dense_features, slice_context
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,9 @@ class ReadoutSettings:
     #: 0: the encoder's dense features only; N > 0 (``--volume-context``): f_inter's per-slice output over
     #: groups of N consecutive slices (the target's 3d_fullres patch depth) is appended to every pixel
     volume_context: int = 0
+    #: with ``volume_context``: 0 appends all d values of f_inter's output; D > 0 appends its first D
+    #: principal components, fitted on the fit cases' slices (``--volume-context-dims``)
+    volume_context_dims: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -138,15 +141,50 @@ def knn_predict(queries: Tensor, bank: Tensor, bank_labels: Tensor, num_classes:
 
 
 @torch.no_grad()
+def fit_context_pca(encoder: nn.Module, fit: Sequence[ProbeCase], total_stride: int,
+                    settings: ReadoutSettings,
+                    context: tuple[nn.Module, nn.Module]) -> tuple[Tensor, Tensor, Tensor]:
+    """Principal components of f_inter's per-slice output over every slice of the fit cases (the same
+    groups as the read-out): returns (mean (d,), components (d, D), explained variance ratio (D,)), float64,
+    D = ``settings.volume_context_dims``. Only fit cases enter, so the test cases stay unseen."""
+    rows = torch.cat([slice_context(encoder, c.image, total_stride, context, settings.volume_context,
+                                    norm_slices=settings.norm_slices) for c in fit]).double()
+    dims = settings.volume_context_dims
+    if not 0 < dims <= min(rows.shape):
+        raise ValueError(f"volume_context_dims={dims}: the fit cases give {rows.shape[0]} slices of "
+                         f"{rows.shape[1]} context values, so at most {min(rows.shape)} components; "
+                         "choose fewer (--volume-context-dims)")
+    mean = rows.mean(0)
+    _, singular, vh = torch.linalg.svd(rows - mean, full_matrices=False)
+    variance = singular ** 2
+    explained = variance / variance.sum().clamp_min(torch.finfo(torch.float64).tiny)
+    return mean, vh[:dims].T.contiguous(), explained[:dims]
+
+
+@torch.no_grad()
 def dense_probe(encoder: nn.Module, fit: Sequence[ProbeCase], test: Sequence[ProbeCase], num_classes: int,
                 total_stride: int, settings: ReadoutSettings = ReadoutSettings(),
                 context: tuple[nn.Module, nn.Module] | None = None) -> dict[str, Any]:
     """Linear probe and kNN read-out of ``encoder``'s dense features (every skip upsampled to full
     resolution and concatenated) on the fit cases, Dice on the test cases. With
     ``settings.volume_context`` > 0, ``context`` = (slice_embedding, slice_transformer) adds f_inter's
-    per-slice output to every pixel's features (:func:`iter_dense_features`).
+    per-slice output to every pixel's features (:func:`iter_dense_features`); with
+    ``settings.volume_context_dims`` D > 0 only its first D principal components over the fit cases' slices
+    (:func:`fit_context_pca`), so the regression has D context inputs instead of d to fit from few cases.
 
     Returns ``{"logistic": {case: [dice per foreground class]}, "knn": {...}, "fit": {...}}``."""
+    if settings.volume_context_dims and not settings.volume_context:
+        raise ValueError("volume_context_dims needs the volume-context read-out (volume_context > 0)")
+    context_map = None
+    context_record: dict[str, Any] = {}
+    if settings.volume_context_dims:
+        pca_mean, components, explained = fit_context_pca(encoder, fit, total_stride, settings, context)
+
+        def context_map(per_slice: Tensor) -> Tensor:
+            return (per_slice.double() - pca_mean) @ components
+
+        context_record = {"context_dims": settings.volume_context_dims,
+                          "context_explained_variance": float(explained.sum())}
     rng = np.random.default_rng(settings.seed)
     indices, sampled_labels = balanced_pixel_indices([c.label for c in fit], num_classes,
                                                      settings.pixels_per_class, rng)
@@ -156,7 +194,8 @@ def dense_probe(encoder: nn.Module, fit: Sequence[ProbeCase], test: Sequence[Pro
         h, w = case.label.shape[1:]
         for start, feats in iter_dense_features(encoder, case.image, total_stride,
                                                 norm_slices=settings.norm_slices, context=context,
-                                                context_slices=settings.volume_context):
+                                                context_slices=settings.volume_context,
+                                                context_map=context_map):
             flat = feats.reshape(-1, feats.shape[-1])
             moments.update(flat)
             lo, hi = start * h * w, start * h * w + flat.shape[0]
@@ -172,7 +211,8 @@ def dense_probe(encoder: nn.Module, fit: Sequence[ProbeCase], test: Sequence[Pro
     majority = int(counts.argmax())
     fit_record = {"pixels": len(y),
                   "pixels_per_class": np.bincount(sampled_labels, minlength=num_classes).tolist(),
-                  "features": int(informative.numel()), "informative_features": int(informative.sum())}
+                  "features": int(informative.numel()), "informative_features": int(informative.sum()),
+                  **context_record}
 
     use_model = bool(informative.any())
     if use_model:
@@ -196,7 +236,8 @@ def dense_probe(encoder: nn.Module, fit: Sequence[ProbeCase], test: Sequence[Pro
         if use_model:
             for start, feats in iter_dense_features(encoder, case.image, total_stride,
                                                     norm_slices=settings.norm_slices, context=context,
-                                                    context_slices=settings.volume_context):
+                                                    context_slices=settings.volume_context,
+                                                    context_map=context_map):
                 m = feats.shape[0]
                 flat = (feats.reshape(-1, feats.shape[-1]).double()[:, informative] - mean) / scale
                 pred_lr[start:start + m] = (flat @ weight + bias).argmax(1).view(m, *shape[1:]).numpy()

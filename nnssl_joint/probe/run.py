@@ -135,7 +135,10 @@ def statistics_phrase(settings: dict[str, Any]) -> str:
         phrase = "encoder statistics per slice"
     context = int(settings.get("volume_context", 0))
     if context:
-        phrase += (f"; with f_inter's per-slice output (over groups of {context} consecutive slices) "
+        dims = int(settings.get("volume_context_dims", 0))
+        what = (f"the first {dims} principal components (over the fit cases' slices) of f_inter's per-slice "
+                "output" if dims else "f_inter's per-slice output")
+        phrase += (f"; with {what} (over groups of {context} consecutive slices) "
                    "appended to every pixel's features")
     return phrase
 
@@ -258,25 +261,28 @@ def run_probe(weights: Sequence[str], target: str | int, configuration: str = "3
               fit_cases: int | None = None, fit: Sequence[str] | None = None, random_seeds: int = 5,
               out: str | Path | None = None, seed: int = 0, settings: Any = None,
               stream: TextIO | None = None, statistics: str = "network",
-              volume_context: bool = False) -> dict[str, Any]:
+              volume_context: bool = False, volume_context_dims: int = 0) -> dict[str, Any]:
     """Probe each of ``weights`` (paths or ``random``) on ``target``; returns the report dict. Progress
     and the table go to ``stream`` (default: standard output). ``statistics``: ``network``, the encoder's
     InstanceNorms pool statistics as the target's network does (over the patch depth in a 3d_fullres
     network planned with ``norm_over_volume``); ``slice``, every slice its own (the read-out before
     2026-12-06). ``volume_context``: append f_inter's per-slice output (over the 3d_fullres patch depth) to
-    the dense features (docs/probe.md)."""
+    the dense features (docs/probe.md); ``volume_context_dims`` D > 0: only its first D principal components
+    over the fit cases' slices."""
     from nnssl_joint.probe.readout import ReadoutSettings
 
     if statistics not in STATISTICS:
         raise NnsslJointError(f"--statistics must be one of {STATISTICS}, got {statistics!r}")
     with preserved_random_state():
         return _run_probe(weights, target, configuration, fit_cases, fit, random_seeds, out, seed,
-                          settings or ReadoutSettings(seed=seed), stream, statistics, volume_context)
+                          settings or ReadoutSettings(seed=seed), stream, statistics, volume_context,
+                          volume_context_dims)
 
 
 def _run_probe(weights: Sequence[str], target: str | int, configuration: str, fit_cases: int | None,
                fit: Sequence[str] | None, random_seeds: int, out: str | Path | None, seed: int, settings: Any,
-               stream: TextIO | None, statistics: str, volume_context: bool = False) -> dict[str, Any]:
+               stream: TextIO | None, statistics: str, volume_context: bool = False,
+               volume_context_dims: int = 0) -> dict[str, Any]:
     from nnssl_joint.probe.data import load_target
     from nnssl_joint.probe.diagnostics import window_settings
     from nnssl_joint.probe.weights import (
@@ -289,6 +295,9 @@ def _run_probe(weights: Sequence[str], target: str | int, configuration: str, fi
 
     if random_seeds < 0:
         raise NnsslJointError(f"--random-seeds must be >= 0, got {random_seeds}")
+    if volume_context_dims < 0 or (volume_context_dims and not volume_context):
+        raise NnsslJointError(f"--volume-context-dims {volume_context_dims}: give a positive number of "
+                              "principal components together with --volume-context")
     if volume_context and configuration != "3d_fullres":
         raise NnsslJointError(f"--volume-context reads f_inter as the 3d_fullres network does; "
                               f"-c {configuration} has no slice Transformer: use -c 3d_fullres")
@@ -301,7 +310,8 @@ def _run_probe(weights: Sequence[str], target: str | int, configuration: str, fi
     loaded = [load_weights_file(path, name) for name, path in distinct_names([str(f) for f in files])]
     tgt = load_target(target, configuration, fit_cases, fit, seed)
     settings = dataclasses.replace(settings, norm_slices=tgt.norm_slices if statistics == "network" else 1,
-                                   volume_context=tgt.patch_slices if volume_context else 0)
+                                   volume_context=tgt.patch_slices if volume_context else 0,
+                                   volume_context_dims=volume_context_dims)
     for w in loaded:
         check_compatible(w, tgt.preset, tgt.input_channels, tgt.dataset_name, tgt.plans_file)
         volume_context_parts(w, settings)  # fail before any probe runs
@@ -314,7 +324,8 @@ def _run_probe(weights: Sequence[str], target: str | int, configuration: str, fi
     say(f"probe: {tgt.dataset_name} ({configuration}), fit {len(tgt.fit)} case(s), "
         f"test {len(tgt.test)} case(s) [{tgt.split}], windows N={n_slices} view={view_size}, "
         f"encoder statistics over {settings.norm_slices} slice(s)"
-        + (f", f_inter context over {settings.volume_context} slices" if settings.volume_context else ""))
+        + (f", f_inter context over {settings.volume_context} slices" if settings.volume_context else "")
+        + (f" ({settings.volume_context_dims} principal components)" if settings.volume_context_dims else ""))
     randoms = []
     for i in range(random_seeds):
         res = probe_one(random_weights(tgt.network_builder, seed + i), tgt, n_slices, view_size, settings)
@@ -376,7 +387,8 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     run_probe(args.weights, args.target, args.c, args.fit_cases, args.fit, args.random_seeds, args.out,
-              args.seed, statistics=args.statistics, volume_context=args.volume_context)
+              args.seed, statistics=args.statistics, volume_context=args.volume_context,
+              volume_context_dims=args.volume_context_dims)
     return 0
 
 
@@ -415,5 +427,8 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
                    help="append f_inter's per-slice output (slice Transformer over groups of the 3d_fullres "
                    "patch depth) to every pixel's dense features, as the 3D network's slice_context reads it;"
                    " random initialisations use their own f_inter (docs/probe.md)")
+    p.add_argument("--volume-context-dims", type=int, default=0, metavar="D",
+                   help="with --volume-context: append only the first D principal components of f_inter's "
+                   "output, fitted on the fit cases' slices (default 0: all of its values)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.set_defaults(func=_cmd_probe)

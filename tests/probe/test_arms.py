@@ -28,10 +28,12 @@ def _cases(values: np.ndarray) -> dict[str, list[float]]:
 
 def _write(path: Path, weights: list[dict], random_runs: list[dict], cases: list[str] = CASES,
            dataset: str = "Dataset613_SynthOrgans", norm_slices: int | None = None,
-           volume_context: int | None = None) -> Path:
+           volume_context: int | None = None, volume_context_dims: int | None = None) -> Path:
     settings = {"seed": 0} if norm_slices is None else {"seed": 0, "norm_slices": norm_slices}
     if volume_context is not None:
         settings["volume_context"] = volume_context
+    if volume_context_dims is not None:
+        settings["volume_context_dims"] = volume_context_dims
     path.write_text(json.dumps({
         "target": {"dataset": dataset, "configuration": "3d_fullres", "test_cases": cases},
         "settings": settings, "weights": weights, "random_runs": random_runs}))
@@ -105,6 +107,12 @@ def test_files_of_other_test_cases_or_targets_are_refused_by_name(tmp_path):
     without_context = _write(tmp_path / "plain.json", [_run("b_s0", _cases(base))], [], volume_context=0)
     weights, _, _ = load_probe_runs([first, without_context])
     assert sorted(weights) == ["a_s0", "b_s0"]
+    # so is the context reduced to its principal components (--volume-context-dims)
+    full = _write(tmp_path / "full.json", [_run("c_s0", _cases(base))], [], volume_context=32)
+    reduced = _write(tmp_path / "reduced.json", [_run("d_s0", _cases(base))], [], volume_context=32,
+                     volume_context_dims=8)
+    with pytest.raises(NnsslJointError, match="reduced.json: .*over 32 slices, 8 principal components"):
+        load_probe_runs([full, reduced])
 
 
 def test_names_twice_disagreeing_random_seeds_and_no_random_runs_are_errors(tmp_path):

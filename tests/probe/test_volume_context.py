@@ -10,8 +10,8 @@ import torch
 from nnssl_joint.errors import NnsslJointError
 from nnssl_joint.models.downstream import SliceWiseUNet3D
 from nnssl_joint.probe.data import ProbeCase
-from nnssl_joint.probe.features import iter_dense_features
-from nnssl_joint.probe.readout import ReadoutSettings, dense_probe
+from nnssl_joint.probe.features import iter_dense_features, slice_context
+from nnssl_joint.probe.readout import ReadoutSettings, dense_probe, fit_context_pca
 from nnssl_joint.probe.run import run_probe, statistics_phrase, volume_context_parts
 from nnssl_joint.probe.weights import ProbeWeights, ProbeWeightsError
 
@@ -143,3 +143,68 @@ def test_weights_without_a_slice_transformer_and_a_2d_target_are_refused():
     assert "f_inter's per-slice output (over groups of 8" in statistics_phrase({"norm_slices": 8,
                                                                                "volume_context": 8})
     assert "f_inter" not in statistics_phrase({"norm_slices": 8})
+
+
+def _labeled_case(name, seed, z=6):
+    label = np.zeros((z, 32, 32), dtype=np.int64)
+    label[:, 8:20, 8:20] = 1
+    label[2:4, 20:28, 4:12] = 2
+    rng = np.random.default_rng(seed)
+    image = (label + np.linspace(-1.0, 1.0, z)[:, None, None] + 0.1 * rng.normal(size=label.shape))
+    return ProbeCase(name, image[None].astype(np.float32), label)
+
+
+def test_principal_components_of_the_context_are_fitted_on_the_fit_slices_and_appended():
+    """--volume-context-dims D: the appended values are the fit slices' f_inter output centred and projected
+    onto its first D principal axes (orthonormal, variance in decreasing order, uncorrelated on the fit
+    slices); the test cases use the fit cases' projection."""
+    net = _network()
+    fit = [_labeled_case("a", 1), _labeled_case("b", 2)]
+    parts = (net.slice_embedding, net.slice_transformer)
+    stride = net.preset.encoder.total_stride
+    settings = ReadoutSettings(norm_slices=6, volume_context=6, volume_context_dims=3)
+    mean, components, explained = fit_context_pca(net.encoder, fit, stride, settings, parts)
+    d = net.preset.embedding_dim
+    assert components.shape == (d, 3) and mean.shape == (d,)
+    torch.testing.assert_close(components.T @ components, torch.eye(3, dtype=torch.float64))
+    assert 0 < explained.sum() <= 1 and bool((explained[:-1] >= explained[1:]).all())
+    rows = torch.cat([slice_context(net.encoder, c.image, stride, parts, 6, norm_slices=6) for c in fit])
+    projected = (rows.double() - mean) @ components
+    torch.testing.assert_close(projected.mean(0), torch.zeros(3, dtype=torch.float64), atol=1e-6, rtol=0)
+    covariance = projected.T @ projected
+    off_diagonal = covariance - torch.diag(torch.diag(covariance))
+    assert off_diagonal.abs().max() < 1e-6 * covariance.diag().max()
+    assert bool((covariance.diag()[:-1] >= covariance.diag()[1:]).all())
+    # a test volume gets the same map: its appended values are its own f_inter output projected
+    test_image = _labeled_case("c", 3).image
+    features = torch.cat([f for _, f in iter_dense_features(
+        net.encoder, test_image, stride, norm_slices=6, context=parts, context_slices=6,
+        context_map=lambda p: (p.double() - mean) @ components)])
+    own = slice_context(net.encoder, test_image, stride, parts, 6, norm_slices=6).double()
+    expected = ((own - mean) @ components).float()[:, None, None, :]
+    torch.testing.assert_close(features[..., -3:], expected.expand_as(features[..., -3:]),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_dense_probe_with_context_components_and_its_errors():
+    net = _network()
+    fit, test = [_labeled_case("a", 1), _labeled_case("b", 2)], [_labeled_case("c", 3)]
+    stride = net.preset.encoder.total_stride
+    parts = (net.slice_embedding, net.slice_transformer)
+    plain = dense_probe(net.encoder, fit, test, 3, stride,
+                        ReadoutSettings(norm_slices=6, pixels_per_class=200))
+    reduced = dense_probe(net.encoder, fit, test, 3, stride,
+                          ReadoutSettings(norm_slices=6, volume_context=6, volume_context_dims=4,
+                                          pixels_per_class=200), context=parts)
+    assert reduced["fit"]["features"] == plain["fit"]["features"] + 4
+    assert reduced["fit"]["context_dims"] == 4 and 0 < reduced["fit"]["context_explained_variance"] <= 1
+    assert "context_dims" not in plain["fit"]
+    with pytest.raises(ValueError, match="volume_context_dims=13: the fit cases give 12 slices .* most 12"):
+        dense_probe(net.encoder, fit, test, 3, stride,
+                    ReadoutSettings(norm_slices=6, volume_context=6, volume_context_dims=13), context=parts)
+    with pytest.raises(ValueError, match="volume_context_dims needs the volume-context read-out"):
+        dense_probe(net.encoder, fit, test, 3, stride, ReadoutSettings(volume_context_dims=4))
+    with pytest.raises(NnsslJointError, match="--volume-context-dims 8: .* together with --volume-context"):
+        run_probe(["random"], 613, volume_context_dims=8)
+    phrase = statistics_phrase({"norm_slices": 8, "volume_context": 8, "volume_context_dims": 8})
+    assert "the first 8 principal components (over the fit cases' slices) of f_inter's" in phrase
