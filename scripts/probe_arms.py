@@ -1,7 +1,7 @@
 """Compare pretraining arms (configurations pretrained with several seeds) on ``nnssl_joint probe`` results.
 
     python scripts/probe_arms.py probe_intra/probe.json probe_joint/probe.json \
-        --arm 2D-only='intra_s*' --arm joint='joint_s*' [--readout logistic] [--json out.json]
+        --arm 2D-only='intra_s*' --arm joint='joint_s*' [--readout logistic] [--class K] [--json out.json]
 
 Each ``--arm NAME=PATTERN`` groups the probed weights whose names (``--weights NAME=PATH`` of the probe)
 match the shell-style pattern; one of the files must hold random initialisations (``--random-seeds``).
@@ -41,18 +41,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("probes", nargs="+", type=Path, help="probe.json files of nnssl_joint probe")
     parser.add_argument("--arm", action="append", type=_arm, required=True, metavar="NAME=PATTERN")
     parser.add_argument("--readout", choices=("logistic", "knn"), default="logistic")
+    parser.add_argument("--class", dest="label_class", type=int, default=None, metavar="K",
+                        help="compare the Dice of foreground class K (1 = the first foreground label) "
+                        "instead of each case's mean over classes; cases without the class are left out")
     parser.add_argument("--samples", type=int, default=ARM_BOOTSTRAP_SAMPLES)
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap draws")
     parser.add_argument("--json", type=Path, default=None, help="write the numbers here")
     args = parser.parse_args(argv)
     try:
-        weights, random, cases = load_probe_runs(args.probes, args.readout)
+        weights, random, cases = load_probe_runs(args.probes, args.readout, args.label_class)
         arms = group_arms(weights, dict(args.arm))
     except NnsslJointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     result = compare_arms(weights, random, arms, samples=args.samples, seed=args.seed)
     result["readout"] = args.readout
+    result["label_class"] = args.label_class
     result["probes"] = [str(p) for p in args.probes]
     result["test_cases"] = cases
     print(render_table(result))

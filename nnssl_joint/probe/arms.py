@@ -44,21 +44,30 @@ def _read_probe(path: Path) -> dict[str, Any]:
     return data
 
 
-def _case_means(run: dict[str, Any], readout: str, cases: Sequence[str], where: str) -> np.ndarray:
+def _case_means(run: dict[str, Any], readout: str, cases: Sequence[str], where: str,
+                label_class: int | None = None) -> np.ndarray:
+    """Per-case mean Dice over the foreground classes, or one class's Dice (``label_class``, 1 = the first
+    foreground label; NaN where a case has neither prediction nor reference of it)."""
     per_case = run["dice"][readout]["per_case"]
     missing = [case for case in cases if case not in per_case]
     if missing:
         raise NnsslJointError(f"{where}: {run['name']!r} has no {readout} Dice for test case(s) {missing}")
     matrix = np.array([per_case[case] for case in cases], dtype=np.float64)
-    return np.nanmean(matrix, axis=1)
+    if label_class is None:
+        return np.nanmean(matrix, axis=1)
+    if not 1 <= label_class <= matrix.shape[1]:
+        raise NnsslJointError(f"{where}: --class {label_class}, but {run['name']!r} has Dice of "
+                              f"{matrix.shape[1]} foreground classes (1..{matrix.shape[1]})")
+    return matrix[:, label_class - 1]
 
 
-def load_probe_runs(paths: Sequence[Path], readout: str = "logistic"
+def load_probe_runs(paths: Sequence[Path], readout: str = "logistic", label_class: int | None = None
                     ) -> tuple[dict[str, np.ndarray], np.ndarray, list[str]]:
     """Per-case mean Dice of every probed weights file in ``paths`` (by its name in the table) and of the
     random initialisations (rows: the random runs of every file, one row per seed, which must agree where
     two files drew the same seed). The files must come from one target, one configuration and one test-case
-    list; returns ``(weights, random, test_cases)``."""
+    list; returns ``(weights, random, test_cases)``. ``label_class`` K: the Dice of foreground class K per
+    case instead of the mean over classes (``scripts/probe_arms.py --class K``)."""
     if not paths:
         raise NnsslJointError("no probe.json given")
     reference: tuple[Any, ...] | None = None
@@ -90,9 +99,9 @@ def load_probe_runs(paths: Sequence[Path], readout: str = "logistic"
             if run["name"] in weights:
                 raise NnsslJointError(f"{path}: the weights name {run['name']!r} appears twice among the "
                                       f"files; name each run (nnssl_joint probe --weights NAME=PATH)")
-            weights[run["name"]] = _case_means(run, readout, cases, str(path))
+            weights[run["name"]] = _case_means(run, readout, cases, str(path), label_class)
         for run in data["random_runs"]:
-            values = _case_means(run, readout, cases, str(path))
+            values = _case_means(run, readout, cases, str(path), label_class)
             seed = int(run["seed"])
             if seed in random_by_seed and not np.allclose(random_by_seed[seed], values, equal_nan=True):
                 raise NnsslJointError(f"{path}: random initialisation seed {seed} gives other Dice than in "
@@ -125,7 +134,7 @@ def group_arms(weights: Mapping[str, np.ndarray], patterns: Mapping[str, str]) -
 
 
 def _interval(draws: np.ndarray) -> tuple[float, float]:
-    low, high = np.percentile(draws, [2.5, 97.5])
+    low, high = np.nanpercentile(draws, [2.5, 97.5])  # NaN: a draw of cases without the class (--class)
     return float(low), float(high)
 
 

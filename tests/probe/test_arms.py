@@ -159,3 +159,36 @@ def test_the_script_prints_the_table_and_writes_the_numbers(tmp_path, capsys):
     assert written["test_cases"] == CASES
     assert module.main([str(probe), "--arm", "joint=nothing*"]) == 2
     assert "no probed weights name matches 'nothing*'" in capsys.readouterr().err
+
+
+def test_one_class_is_compared_on_its_own_and_cases_without_it_are_left_out(tmp_path, capsys):
+    """--class K: an arm that differs from another only in class 2 differs by exactly that shift there and
+    by nothing in class 1; a case where class 2 is absent (NaN in every run) does not enter."""
+    rng = np.random.default_rng(6)
+    base = rng.uniform(0.1, 0.4, (len(CASES), 3))
+    base[1, 1] = np.nan  # case 1 has no class 2 in prediction or reference
+    shifted = base.copy()
+    shifted[:, 1] += 0.05
+    probe = _write(tmp_path / "probe.json", [_run(f"a_s{s}", _cases(base)) for s in range(2)]
+                   + [_run(f"b_s{s}", _cases(shifted)) for s in range(2)], _random_runs(rng, base))
+    for label_class, expected in ((1, 0.0), (2, 0.05)):
+        weights, random, _ = load_probe_runs([probe], label_class=label_class)
+        result = compare_arms(weights, random, group_arms(weights, {"A": "a_s*", "B": "b_s*"}), samples=300)
+        diff = result["differences"]["B - A"]
+        assert diff["difference"] == pytest.approx(expected)
+        assert diff["interval"] == pytest.approx((expected, expected))
+        assert result["arms"]["A"]["mean"] == pytest.approx(np.nanmean(base[:, label_class - 1]))
+    weights, _, _ = load_probe_runs([probe])  # the mean over classes dilutes the shift to a third
+    assert np.nanmean(weights["b_s0"] - weights["a_s0"]) == pytest.approx(0.05 / 3, abs=0.01)
+    with pytest.raises(NnsslJointError, match="probe.json: --class 4, but 'a_s0' has Dice of 3 foreground"):
+        load_probe_runs([probe], label_class=4)
+    spec = importlib.util.spec_from_file_location(
+        "probe_arms", Path(__file__).resolve().parents[2] / "scripts" / "probe_arms.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "arms.json"
+    assert module.main([str(probe), "--arm", "A=a_s*", "--arm", "B=b_s*", "--class", "2", "--samples", "100",
+                        "--json", str(out)]) == 0
+    written = json.loads(out.read_text())
+    assert written["label_class"] == 2
+    assert written["differences"]["B - A"]["difference"] == pytest.approx(0.05)
