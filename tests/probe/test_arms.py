@@ -45,6 +45,15 @@ def _random_runs(rng: np.random.Generator, base: np.ndarray, n: int = 3) -> list
             for s in range(n)]
 
 
+def _probe_arms_script():
+    """scripts/probe_arms.py as a module (it is a script, not part of the package)."""
+    spec = importlib.util.spec_from_file_location(
+        "probe_arms", Path(__file__).resolve().parents[2] / "scripts" / "probe_arms.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_an_arm_without_seed_spread_differs_from_another_by_exactly_its_shift(tmp_path):
     rng = np.random.default_rng(0)
     base = rng.uniform(0.1, 0.4, (len(CASES), 3))  # case-to-case spread, shared by every arm (paired by case)
@@ -146,10 +155,7 @@ def test_the_script_prints_the_table_and_writes_the_numbers(tmp_path, capsys):
     base = rng.uniform(0.1, 0.4, (len(CASES), 3))
     probe = _write(tmp_path / "probe.json", [_run(f"j_s{s}", _cases(base + 0.01 * s)) for s in range(3)],
                    _random_runs(rng, base))
-    spec = importlib.util.spec_from_file_location(
-        "probe_arms", Path(__file__).resolve().parents[2] / "scripts" / "probe_arms.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _probe_arms_script()
     out = tmp_path / "arms.json"
     assert module.main([str(probe), "--arm", "joint=j_s*", "--samples", "200", "--json", str(out)]) == 0
     table = capsys.readouterr().out
@@ -182,10 +188,7 @@ def test_one_class_is_compared_on_its_own_and_cases_without_it_are_left_out(tmp_
     assert np.nanmean(weights["b_s0"] - weights["a_s0"]) == pytest.approx(0.05 / 3, abs=0.01)
     with pytest.raises(NnsslJointError, match="probe.json: --class 4, but 'a_s0' has Dice of 3 foreground"):
         load_probe_runs([probe], label_class=4)
-    spec = importlib.util.spec_from_file_location(
-        "probe_arms", Path(__file__).resolve().parents[2] / "scripts" / "probe_arms.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _probe_arms_script()
     out = tmp_path / "arms.json"
     assert module.main([str(probe), "--arm", "A=a_s*", "--arm", "B=b_s*", "--class", "2", "--samples", "100",
                         "--json", str(out)]) == 0

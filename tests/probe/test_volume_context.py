@@ -43,6 +43,16 @@ def _network_context(net: SliceWiseUNet3D, image: np.ndarray) -> torch.Tensor:
     return per_slice[0]
 
 
+def _labeled_case(name, seed, z=6, trend=1.0):
+    """Two labeled structures plus noise; ``trend``: a brightness ramp of that size along the slices."""
+    label = np.zeros((z, 32, 32), dtype=np.int64)
+    label[:, 8:20, 8:20] = 1
+    label[2:4, 20:28, 4:12] = 2
+    rng = np.random.default_rng(seed)
+    image = (label + trend * np.linspace(-1.0, 1.0, z)[:, None, None] + 0.1 * rng.normal(size=label.shape))
+    return ProbeCase(name, image[None].astype(np.float32), label)
+
+
 def test_context_is_the_target_networks_f_inter_output_broadcast_over_the_slice():
     net = _network()
     image = _volume(z=8)
@@ -107,15 +117,8 @@ def test_context_settings_must_agree():
 def test_dense_probe_reads_the_context_channels():
     """The read-out fits on encoder channels + d context channels, and its record says so."""
     net = _network()
-
-    def case(name, seed):
-        label = np.zeros((6, 32, 32), dtype=np.int64)
-        label[:, 8:20, 8:20] = 1
-        label[2:4, 20:28, 4:12] = 2
-        image = (label + 0.1 * np.random.default_rng(seed).normal(size=label.shape))[None].astype(np.float32)
-        return ProbeCase(name, image, label)
-
-    fit, test = [case("a", 1), case("b", 2)], [case("c", 3)]
+    fit = [_labeled_case("a", 1, trend=0.0), _labeled_case("b", 2, trend=0.0)]
+    test = [_labeled_case("c", 3, trend=0.0)]
     settings = ReadoutSettings(seed=0, norm_slices=6, volume_context=6, pixels_per_class=200)
     stride = net.preset.encoder.total_stride
     with_context = dense_probe(net.encoder, fit, test, 3, stride, settings,
@@ -144,14 +147,6 @@ def test_weights_without_a_slice_transformer_and_a_2d_target_are_refused():
                                                                                "volume_context": 8})
     assert "f_inter" not in statistics_phrase({"norm_slices": 8})
 
-
-def _labeled_case(name, seed, z=6):
-    label = np.zeros((z, 32, 32), dtype=np.int64)
-    label[:, 8:20, 8:20] = 1
-    label[2:4, 20:28, 4:12] = 2
-    rng = np.random.default_rng(seed)
-    image = (label + np.linspace(-1.0, 1.0, z)[:, None, None] + 0.1 * rng.normal(size=label.shape))
-    return ProbeCase(name, image[None].astype(np.float32), label)
 
 
 def test_principal_components_of_the_context_are_fitted_on_the_fit_slices_and_appended():
