@@ -273,7 +273,14 @@ def check_resume_compatible(checkpoint: dict, current: dict) -> dict:
             f"the checkpoint was trained with objective.clustering={old_clustering!r} but this run sets "
             f"{new_clustering!r}; their clustering state differs (prototypes and queues vs. memory banks and "
             "k-means centroids). Resume with the same value or start a new run")
-    changed_objective = _changed_training_keys(extra.get("config", {}), current.get("config", {}))
+    old_config, new_config = extra.get("config", {}), current.get("config", {})
+    if "init_from" in old_config and old_config["init_from"] != new_config.get("init_from"):
+        raise NnsslJointError(
+            f"the checkpoint's run started from init_from={old_config['init_from']!r} but this run sets "
+            f"init_from={new_config.get('init_from')!r}; init_from is read only at a fresh start, so --c "
+            f"would ignore the new value. Resume with init_from={old_config['init_from']!r} (the file need "
+            "not exist any more) or start a new run without --c")
+    changed_objective = _changed_training_keys(old_config, new_config)
     if changed_objective:
         raise NnsslJointError(
             f"the checkpoint was trained with another objective or optimiser than this run resolves to (old, "

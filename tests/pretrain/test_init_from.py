@@ -164,3 +164,30 @@ def test_init_from_is_a_typed_key_of_the_configuration():
         "/runs/a/checkpoint_final.pth"
     with pytest.raises(ValueError, match="init_from"):
         PretrainConfig.from_dict({"init_from": 3})
+
+
+def test_a_resume_that_changes_init_from_is_refused_naming_both_values():
+    """``--c`` keeps the checkpoint's weights and never reads init_from again, so a changed value would be
+    silently ignored; the same value (its file may be gone) resumes, and a checkpoint without the key (written
+    before init_from existed) is not compared."""
+    from nnssl_joint.pretrain import runtime
+
+    def record(init_from):
+        config = PretrainConfig.from_dict({"init_from": init_from}).to_dict()
+        return {"preset": {"name": "cpu"}, "config": config,
+                "resolved": {"view_size": 32, "n_slices": 8, "num_prototypes_2d": 8, "num_prototypes_3d": 2}}
+
+    started = record("/runs/2d/checkpoint_final.pth")
+    assert runtime.check_resume_compatible({"nnssl_joint": started}, record("/runs/2d/checkpoint_final.pth"))
+    for changed in (None, "/runs/other/checkpoint_final.pth"):
+        with pytest.raises(NnsslJointError) as error:
+            runtime.check_resume_compatible({"nnssl_joint": started}, record(changed))
+        message = str(error.value)
+        assert "'/runs/2d/checkpoint_final.pth'" in message and repr(changed) in message
+        assert "start a new run without --c" in message
+    own_draw = record(None)  # a run from its own draw, resumed with a file
+    with pytest.raises(NnsslJointError, match="init_from=None"):
+        runtime.check_resume_compatible({"nnssl_joint": own_draw}, record("/runs/2d/checkpoint_final.pth"))
+    before_the_key = record(None)
+    del before_the_key["config"]["init_from"]
+    assert runtime.check_resume_compatible({"nnssl_joint": before_the_key}, record("/x.pth"))
