@@ -82,12 +82,10 @@ def pretrain_objective(arm: str, epochs: int) -> dict[str, Any]:
     if arm in PRETRAIN_RUNS:
         return dict(PRETRAIN_RUNS[arm])
     if arm == "staged":
-        # the authors' proportions (A: L_intra, B: L_mask with f_intra frozen, C: L_inter + L_intra),
-        # scaled to the budget; stage C gets at least one epoch
-        if epochs >= 3:
-            a, b = round(0.4 * epochs), max(1, round(0.2 * epochs))
-        else:
-            a, b = epochs - 1, 0
+        # A: L_intra, B: L_mask with f_intra frozen, C: L_inter + L_intra, scaled to the budget
+        from nnssl_joint.ssl.objective import staged_stage_lengths
+
+        a, b = staged_stage_lengths(epochs)
         return {"schedule": "staged", "stage_a_epochs": a, "stage_b_epochs": b}
     raise NnsslJointError(f"no pretraining behind arm {arm!r}; pretraining arms are "
                           f"{', '.join([*PRETRAIN_RUNS, 'staged'])}")

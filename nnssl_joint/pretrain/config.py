@@ -19,7 +19,7 @@ from typing import Any, Union
 
 from nnssl_joint.common.typed_config import Layer, Loaded, layers_from, load_layered
 from nnssl_joint.errors import NnsslJointError
-from nnssl_joint.ssl.objective import ObjectiveConfig
+from nnssl_joint.ssl.objective import ObjectiveConfig, staged_stage_lengths
 
 CONFIG_ENV_VAR = "NNSSL_JOINT_CONFIG"
 PLANS_SECTION = "nnssl_joint_pretrain"
@@ -128,6 +128,17 @@ class PretrainConfig:
     #: the data and were not set (prototype counts, prototype freezing, queue start) are self-configured
     explicit_keys: frozenset[str] = field(default_factory=frozenset, repr=False, compare=False,
                                          metadata={"internal": True})
+
+    def __post_init__(self) -> None:
+        objective, epochs = self.objective, self.optim.num_epochs
+        if objective.schedule == "staged" and objective.stage_a_epochs + objective.stage_b_epochs >= epochs:
+            a, b = staged_stage_lengths(epochs)
+            raise ValueError(
+                f"objective.schedule 'staged' with stage_a_epochs={objective.stage_a_epochs} + "
+                f"stage_b_epochs={objective.stage_b_epochs} >= optim.num_epochs={epochs}: stage C (L_inter, "
+                f"the joint stage) would never run. Give stage C at least one epoch (e.g. stage_a_epochs "
+                f"{a}, stage_b_epochs {b}, the proportions of the benchmark's staged arm) or use schedule "
+                "'joint'")
 
     @property
     def explicit_objective_keys(self) -> set[str]:

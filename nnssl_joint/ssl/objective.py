@@ -472,6 +472,14 @@ class ObjectiveConfig:
             )
 
 
+def staged_stage_lengths(epochs: int) -> tuple[int, int]:
+    """``(stage_a_epochs, stage_b_epochs)`` for a staged run of ``epochs`` epochs: 0.4 and 0.2 of them (ours;
+    the authors report no lengths; the benchmark's staged arm), stage C at least one epoch."""
+    if epochs >= 3:
+        return round(0.4 * epochs), max(1, round(0.2 * epochs))
+    return max(epochs - 1, 0), 0
+
+
 def _active(weights: Mapping[str, float]) -> dict[str, float]:
     return {term: float(weight) for term, weight in weights.items() if weight > 0}
 

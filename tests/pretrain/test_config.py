@@ -69,3 +69,28 @@ def test_wrong_type_error_names_source_key_and_expected_type(tmp_path, monkeypat
     with pytest.raises(NnsslJointError) as e:
         load_pretrain_config(None)
     assert str(e.value) == f"{f}: key 'data.n_small_views' must be an integer, got 'two' (str)"
+
+
+def test_a_staged_schedule_whose_stage_c_never_runs_is_refused_with_lengths_that_fit(tmp_path, monkeypatch):
+    """The stage lengths' defaults (100 + 50) fill the default 100 epochs: ``schedule: staged`` alone would
+    train L_intra only, silently. The error names the file, the three keys and lengths that leave stage C
+    epochs."""
+    f = tmp_path / "cfg.json"
+    f.write_text(json.dumps({"objective": {"schedule": "staged"}}))
+    monkeypatch.setenv(CONFIG_ENV_VAR, str(f))
+    with pytest.raises(NnsslJointError) as e:
+        load_pretrain_config(None)
+    message = str(e.value)
+    assert str(f) in message and "stage_a_epochs=100 + stage_b_epochs=50 >= optim.num_epochs=100" in message
+    assert "stage_a_epochs 40, stage_b_epochs 20" in message
+    # the lengths it suggests are accepted, and their last epoch is stage C
+    config = PretrainConfig.from_dict({"objective": {"schedule": "staged", "stage_a_epochs": 40,
+                                                     "stage_b_epochs": 20}})
+    assert config.objective.stage_at(99).name == "C" and config.objective.stage_at(59).name == "B"
+    # one epoch short of stage C is refused, one epoch of stage C is not; the joint schedule ignores them
+    short = {"schedule": "staged", "stage_a_epochs": 6, "stage_b_epochs": 2}
+    with pytest.raises(NnsslJointError, match="stage C"):
+        PretrainConfig.from_dict({"optim": {"num_epochs": 8}, "objective": short})
+    assert PretrainConfig.from_dict({"optim": {"num_epochs": 9}, "objective": {
+        "schedule": "staged", "stage_a_epochs": 6, "stage_b_epochs": 2}}).objective.stage_at(8).name == "C"
+    assert PretrainConfig.from_dict({"optim": {"num_epochs": 8}}).objective.schedule == "joint"
