@@ -148,7 +148,6 @@ def test_weights_without_a_slice_transformer_and_a_2d_target_are_refused():
     assert "f_inter" not in statistics_phrase({"norm_slices": 8})
 
 
-
 def test_principal_components_of_the_context_are_fitted_on_the_fit_slices_and_appended():
     """--volume-context-dims D: the appended values are the fit slices' f_inter output centred and projected
     onto its first D principal axes (orthonormal, variance in decreasing order, uncorrelated on the fit
