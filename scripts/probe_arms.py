@@ -4,7 +4,8 @@
         --arm 2D-only='intra_s*' --arm joint='joint_s*' [--readout logistic] [--class K] [--json out.json]
 
 Each ``--arm NAME=PATTERN`` groups the probed weights whose names (``--weights NAME=PATH`` of the probe)
-match the shell-style pattern; one of the files must hold random initialisations (``--random-seeds``).
+match the shell-style pattern. With one arm, one of the files must hold random initialisations
+(``--random-seeds``); with two or more, files without them give the arm - arm comparisons alone.
 Prints a markdown table (arm - random, and every later arm minus every earlier one, in Dice points with
 bootstrap 95% intervals over pretraining seeds, random initialisations and test cases) and, with ``--json``,
 writes the numbers. See :mod:`nnssl_joint.probe.arms` and docs/probe.md.
@@ -49,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="write the numbers here")
     args = parser.parse_args(argv)
     try:
-        weights, random, cases = load_probe_runs(args.probes, args.readout, args.label_class)
+        weights, random, cases = load_probe_runs(args.probes, args.readout, args.label_class,
+                                                 require_random=len(args.arm) < 2)
         arms = group_arms(weights, dict(args.arm))
     except NnsslJointError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -61,13 +61,15 @@ def _case_means(run: dict[str, Any], readout: str, cases: Sequence[str], where: 
     return matrix[:, label_class - 1]
 
 
-def load_probe_runs(paths: Sequence[Path], readout: str = "logistic", label_class: int | None = None
-                    ) -> tuple[dict[str, np.ndarray], np.ndarray, list[str]]:
+def load_probe_runs(paths: Sequence[Path], readout: str = "logistic", label_class: int | None = None,
+                    require_random: bool = True) -> tuple[dict[str, np.ndarray], np.ndarray, list[str]]:
     """Per-case mean Dice of every probed weights file in ``paths`` (by its name in the table) and of the
     random initialisations (rows: the random runs of every file, one row per seed, which must agree where
     two files drew the same seed). The files must come from one target, one configuration and one test-case
     list; returns ``(weights, random, test_cases)``. ``label_class`` K: the Dice of foreground class K per
-    case instead of the mean over classes (``scripts/probe_arms.py --class K``)."""
+    case instead of the mean over classes (``scripts/probe_arms.py --class K``). ``require_random=False``
+    accepts files without random initialisations (``random`` then has no rows): enough for arm - arm
+    comparisons, which do not use them."""
     if not paths:
         raise NnsslJointError("no probe.json given")
     reference: tuple[Any, ...] | None = None
@@ -108,8 +110,10 @@ def load_probe_runs(paths: Sequence[Path], readout: str = "logistic", label_clas
                                       f"an earlier file; probe with the same code and --threads")
             random_by_seed[seed] = values
     if not random_by_seed:
-        raise NnsslJointError(f"none of {[str(p) for p in paths]} has random initialisations; run one of the "
-                              f"probes with --random-seeds 5")
+        if require_random:
+            raise NnsslJointError(f"none of {[str(p) for p in paths]} has random initialisations; run one of "
+                                  f"the probes with --random-seeds 5 (or compare two arms, which needs none)")
+        return weights, np.empty((0, len(cases))), cases
     random = np.stack([random_by_seed[seed] for seed in sorted(random_by_seed)])
     return weights, random, cases
 
@@ -142,32 +146,37 @@ def compare_arms(weights: Mapping[str, np.ndarray], random: np.ndarray, arms: Ma
                  samples: int = ARM_BOOTSTRAP_SAMPLES, seed: int = 0) -> dict[str, Any]:
     """Arm means, arm - random and every pairwise difference (later arm minus earlier), with percentile
     bootstrap 95% intervals (module docstring). ``weights``: name -> (cases,) per-case Dice; ``random``:
-    (random seeds, cases); ``arms``: arm -> weights names (its pretraining seeds)."""
+    (random seeds, cases), or no rows: then ``result["random"]`` is None and the arms carry no minus-random
+    entries (the draws then differ from those with random rows, so the arm - arm intervals of the two calls
+    agree in distribution, not to the digit); ``arms``: arm -> weights names (its pretraining seeds)."""
     rng = np.random.default_rng(seed)
     n_cases = random.shape[1]
+    has_random = random.shape[0] > 0
     seeds = {arm: np.stack([weights[name] for name in names]) for arm, names in arms.items()}
     arm_draws = {arm: np.empty(samples) for arm in arms}
     random_draws = np.empty(samples)
     for i in range(samples):
         cases = rng.integers(0, n_cases, n_cases)
-        rows = rng.integers(0, random.shape[0], random.shape[0])
-        random_draws[i] = np.nanmean(random[np.ix_(rows, cases)])
+        if has_random:
+            rows = rng.integers(0, random.shape[0], random.shape[0])
+            random_draws[i] = np.nanmean(random[np.ix_(rows, cases)])
         for arm, table in seeds.items():
             picked = rng.integers(0, table.shape[0], table.shape[0])
             arm_draws[arm][i] = np.nanmean(table[np.ix_(picked, cases)])
-    random_mean = float(np.nanmean(random))
+    random_mean = float(np.nanmean(random)) if has_random else None
     result: dict[str, Any] = {
         "random": {"mean": random_mean, "per_seed": np.nanmean(random, axis=1).tolist(),
-                   "interval": _interval(random_draws)},
+                   "interval": _interval(random_draws)} if has_random else None,
         "arms": {}, "differences": {}, "samples": samples, "cases": n_cases,
     }
     for arm, table in seeds.items():
         mean = float(np.nanmean(table))
-        result["arms"][arm] = {
-            "weights": list(arms[arm]), "per_seed": np.nanmean(table, axis=1).tolist(), "mean": mean,
-            "interval": _interval(arm_draws[arm]), "minus_random": mean - random_mean,
-            "minus_random_interval": _interval(arm_draws[arm] - random_draws),
-        }
+        entry = {"weights": list(arms[arm]), "per_seed": np.nanmean(table, axis=1).tolist(), "mean": mean,
+                 "interval": _interval(arm_draws[arm])}
+        if has_random:
+            entry["minus_random"] = mean - random_mean
+            entry["minus_random_interval"] = _interval(arm_draws[arm] - random_draws)
+        result["arms"][arm] = entry
     names = list(arms)
     for i, first in enumerate(names):
         for second in names[i + 1:]:
@@ -184,18 +193,26 @@ def render_table(result: dict[str, Any]) -> str:
     def points(value: float) -> str:
         return f"{100 * value:+.1f}"
 
-    lines = ["| arm | seeds | per seed | mean | arm - random [95% CI] |", "| --- | --- | --- | --- | --- |"]
-    rnd = result["random"]
     def per_seed(values: list[float]) -> str:
         return ", ".join(f"{v:.3f}" for v in values)
 
-    lines.append(f"| random init | {len(rnd['per_seed'])} | {per_seed(rnd['per_seed'])} | "
-                 f"{rnd['mean']:.3f} | |")
-    for arm, entry in result["arms"].items():
-        low, high = entry["minus_random_interval"]
-        lines.append(f"| {arm} | {len(entry['per_seed'])} | {per_seed(entry['per_seed'])} | "
-                     f"{entry['mean']:.3f} | {points(entry['minus_random'])} "
-                     f"[{points(low)}, {points(high)}] |")
+    rnd = result["random"]
+    if rnd is None:  # no random initialisations among the files: arms and their differences only
+        lines = ["| arm | seeds | per seed | mean [95% CI] |", "| --- | --- | --- | --- |"]
+        for arm, entry in result["arms"].items():
+            low, high = entry["interval"]
+            lines.append(f"| {arm} | {len(entry['per_seed'])} | {per_seed(entry['per_seed'])} | "
+                         f"{entry['mean']:.3f} [{low:.3f}, {high:.3f}] |")
+    else:
+        lines = ["| arm | seeds | per seed | mean | arm - random [95% CI] |",
+                 "| --- | --- | --- | --- | --- |"]
+        lines.append(f"| random init | {len(rnd['per_seed'])} | {per_seed(rnd['per_seed'])} | "
+                     f"{rnd['mean']:.3f} | |")
+        for arm, entry in result["arms"].items():
+            low, high = entry["minus_random_interval"]
+            lines.append(f"| {arm} | {len(entry['per_seed'])} | {per_seed(entry['per_seed'])} | "
+                         f"{entry['mean']:.3f} | {points(entry['minus_random'])} "
+                         f"[{points(low)}, {points(high)}] |")
     if result["differences"]:
         lines += ["", "| comparison | difference [95% CI] | share of draws above 0 |", "| --- | --- | --- |"]
         for name, entry in result["differences"].items():

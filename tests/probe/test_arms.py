@@ -195,3 +195,34 @@ def test_one_class_is_compared_on_its_own_and_cases_without_it_are_left_out(tmp_
     written = json.loads(out.read_text())
     assert written["label_class"] == 2
     assert written["differences"]["B - A"]["difference"] == pytest.approx(0.05)
+
+
+def test_two_arms_compare_without_random_initialisations_and_one_arm_needs_them(tmp_path, capsys):
+    """Files without --random-seeds runs: arm - arm is computed (the same difference as with random rows, and
+    an exact interval where neither arm varies over seeds); one arm alone has nothing to compare with."""
+    rng = np.random.default_rng(7)
+    base = rng.uniform(0.1, 0.4, (len(CASES), 3))
+    no_random = _write(tmp_path / "no_random.json", [_run(f"a_s{s}", _cases(base)) for s in range(2)]
+                       + [_run(f"b_s{s}", _cases(base + 0.03)) for s in range(3)], [])
+    weights, random, _ = load_probe_runs([no_random], require_random=False)
+    assert random.shape == (0, len(CASES))
+    result = compare_arms(weights, random, group_arms(weights, {"A": "a_s*", "B": "b_s*"}), samples=300)
+    assert result["random"] is None and "minus_random" not in result["arms"]["A"]
+    assert result["differences"]["B - A"]["difference"] == pytest.approx(0.03)
+    assert result["differences"]["B - A"]["interval"] == pytest.approx((0.03, 0.03))
+    with_random = _write(tmp_path / "with_random.json", json.loads(no_random.read_text())["weights"],
+                         _random_runs(rng, base))
+    weights_r, random_r, _ = load_probe_runs([with_random])
+    result_r = compare_arms(weights_r, random_r, group_arms(weights_r, {"A": "a_s*", "B": "b_s*"}),
+                            samples=300)
+    assert result_r["differences"]["B - A"]["difference"] == pytest.approx(0.03)
+    module = _probe_arms_script()
+    out = tmp_path / "arms.json"
+    assert module.main([str(no_random), "--arm", "A=a_s*", "--arm", "B=b_s*", "--samples", "100",
+                        "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "random init" not in table and "| B - A | +3.0 [+3.0, +3.0] |" in table
+    assert json.loads(out.read_text())["random"] is None
+    assert module.main([str(no_random), "--arm", "A=a_s*"]) == 2
+    assert "no_random.json'] has random initialisations; run one of the probes with --random-seeds" \
+        in capsys.readouterr().err
