@@ -47,6 +47,10 @@ def main(argv: list[str] | None = None) -> None:
     maybe_load_checkpoint(trainer, args.c, False, None)
     trainer.run_training()
     trainer.perform_actual_validation(False)
+    # every rank waits for the others before the group is torn down: a rank that destroyed it while another
+    # still had gloo work in flight was aborted at exit ("terminate called without an active exception",
+    # SIGABRT after "Training done.", seen once in a CI run of the torchrun test)
+    dist.barrier()
     dist.destroy_process_group()
 
 
