@@ -1,5 +1,5 @@
-"""Contrastive volume term (ours, off by default; term ``volume_contrast``): InfoNCE on the volume features Z
-of the two 3D views of every window, with the other windows as negatives.
+"""Contrastive volume term (ours, on by default since the twenty-third pass; term ``volume_contrast``):
+InfoNCE on the volume features Z of the two 3D views of every window, with the other windows as negatives.
 
 Why: L_inter is a clustering loss. Its Sinkhorn codes are uniform when all windows score alike, so when
 the windows' Z share almost all of their direction (docs/pretraining.md, sixth pass: 99.999% after f_inter's
@@ -20,8 +20,12 @@ earlier, detached features q_k:
 In-batch keys carry gradients (SimCLR); the queue does not (a memory bank of the model's own recent
 outputs, like SwAV's queue, without a momentum encoder). After a training step's forward both views' features
 enter the queue with their case numbers (skipped when not finite). A query without any negative (one window,
-empty queue) contributes 0. Under DDP each process contrasts its own share of the batch against its own
-queue, like the dense term (not a global-batch computation).
+empty queue) contributes 0. Under DDP with momentum keys (below; the default) the keys and case numbers of
+every process are gathered before the logits, so each process's queries meet the keys of the whole global
+batch and every queue receives the same global keys: the loss and, after DDP's gradient averaging, the update
+are those of one process on the concatenated batch (equal shares per process, as the trainer's loaders draw
+them). Without momentum keys the in-batch keys carry gradients and each process contrasts its own share
+against its own queue (not a global-batch computation).
 
 Measured (docs/pretraining.md, seventh pass): with keys from the online network, the queue holds features of
 earlier weights, and the term fell by moving every window's Z away from them together (f_inter's feed-forward
@@ -38,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from nnssl_joint.ssl.distributed import all_gather_cat, rank_sizes, use_distributed, world_size_and_rank
 from nnssl_joint.ssl.queue import FeatureQueue
 
 
@@ -48,7 +53,8 @@ class VolumeContrast(nn.Module):
     ``queue_length`` is 0) is made of buffers: saved in ``state_dict``, so a resumed run continues exactly.
     """
 
-    def __init__(self, dim: int, temperature: float = 0.2, queue_length: int = 128) -> None:
+    def __init__(self, dim: int, temperature: float = 0.2, queue_length: int = 128,
+                 distributed: bool | None = None) -> None:
         super().__init__()
         if dim < 1 or temperature <= 0 or queue_length < 0:
             raise ValueError(f"VolumeContrast needs dim >= 1, temperature > 0 and queue_length >= 0, got "
@@ -57,6 +63,7 @@ class VolumeContrast(nn.Module):
         self.temperature = float(temperature)
         self.queue_length = int(queue_length)
         self.queue = FeatureQueue(self.queue_length, dim, labelled=True) if self.queue_length > 0 else None
+        self.distributed = distributed  # None: gather the momentum keys whenever a process group is ready
 
     def forward(self, view_a: Tensor, view_b: Tensor, case: Tensor,
                 keys: tuple[Tensor, Tensor] | None = None) -> Tensor:
@@ -76,22 +83,35 @@ class VolumeContrast(nn.Module):
         b = view_a.shape[0]
         case = case.to(device=view_a.device, dtype=torch.long)
         queries = F.normalize(torch.cat([view_a, view_b]).float(), dim=1)
-        batch_keys = (queries if keys is None
-                      else F.normalize(torch.cat([keys[0], keys[1]]).detach().float(), dim=1))
-        all_keys, key_case = batch_keys, torch.cat([case, case])
+        offset, total = 0, b  # this process's first window in the global batch, and the global batch size
+        if keys is None:
+            batch_keys, key_case = queries, torch.cat([case, case])
+        else:
+            key_a, key_b = (F.normalize(k.detach().float(), dim=1) for k in keys)
+            key_case = case
+            distributed = use_distributed(self.distributed)
+            if distributed:  # keys carry no gradient: gathering them makes the term a global-batch one
+                sizes = rank_sizes(b, case.device, distributed)
+                offset, total = sum(sizes[:world_size_and_rank(distributed)[1]]), sum(sizes)
+                key_a, key_b = all_gather_cat(key_a, distributed), all_gather_cat(key_b, distributed)
+                key_case = all_gather_cat(case, distributed)
+            batch_keys, key_case = torch.cat([key_a, key_b]), torch.cat([key_case, key_case])
+        pushed, pushed_case = batch_keys.detach(), key_case
         if self.queue is not None:
-            all_keys = torch.cat([all_keys, self.queue.get().to(queries.device)])
+            batch_keys = torch.cat([batch_keys, self.queue.get().to(queries.device)])
             key_case = torch.cat([key_case, self.queue.get_labels().to(case.device)])
-        logits = queries @ all_keys.T / self.temperature  # (2B, 2B + queued rows)
+        logits = queries @ batch_keys.T / self.temperature  # (2B, 2 * global B + queued rows)
         rows = torch.arange(2 * b, device=queries.device)
-        positive = (rows + b) % (2 * b)
+        local = torch.arange(b, device=queries.device) + offset
+        own = torch.cat([local, local + total])  # each query's own key (in-batch column)
+        positive = torch.cat([local + total, local])  # the other view's key of the same window
         excluded = key_case[None, :] == torch.cat([case, case])[:, None]
         excluded[rows, positive] = False
-        excluded[rows, rows] = True
+        excluded[rows, own] = True
         logits = logits.masked_fill(excluded, float("-inf"))
         loss = F.cross_entropy(logits, positive)
         if self.training:
-            self._push(batch_keys.detach(), torch.cat([case, case]))
+            self._push(pushed, pushed_case)
         return loss
 
     @torch.no_grad()

@@ -25,8 +25,10 @@ def global_batch(channels: int, view: int, n_slices: int, b2: int, b3: int) -> d
     return {
         "slices": {"global_views": torch.randn(b2, 2, channels, view, view, generator=g), "small_views": None,
                    "keys": [f"s{i}" for i in range(b2)]},
+        # case numbers for the contrastive volume term: the middle two windows share a case across the ranks
         "volumes": {"views": torch.randn(b3, 2, channels, n_slices, view, view, generator=g), "valid": valid,
-                    "mask": mask, "keys": [f"v{i}" for i in range(b3)]},
+                    "mask": mask, "keys": [f"v{i}" for i in range(b3)],
+                    "case": torch.tensor([0] + [1] * (b3 - 2) + [2])[:b3]},
     }
 
 
@@ -69,7 +71,8 @@ def worker(rank: int, world: int, port: int, out_file: str) -> None:
     if rank == 0:
         with open(out_file, "w") as f:
             json.dump({"loss": sum(losses) / world, "per_rank": losses, "loader_batch_per_rank": sizes,
-                       "terms": {k: out[k] for k in ("intra", "intra_3d", "inter", "mask")},
+                       "terms": {k: out[k] for k in ("intra", "intra_3d", "inter", "mask",
+                                                     "volume_contrast")},
                        "checksums": {k: float(v.sum()) for k, v in params.items()},
                        "abs": {k: float(v.abs().sum()) for k, v in params.items()}}, f)
     if world > 1:

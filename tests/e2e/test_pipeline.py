@@ -265,10 +265,11 @@ def test_ddp_two_processes_match_one_process_on_the_same_global_batch(workspace)
     cfg = {"preset": str(root / "preset_nodrop.json"),
            "data": {"batch_size_2d": 8, "batch_size_3d": 4, "n_slices": 6, "view_size": 32,
                     "n_small_views": 0},
-           # the dense and the contrastive volume terms contrast each process's own share of the batch
-           # (docs/pretraining.md), so they are not global-batch computations: off here; the other defaults on
+           # the dense term contrasts each process's own share of the batch (docs/pretraining.md), so it
+           # is not a global-batch computation: off here; the other defaults on, the contrastive volume
+           # term with its momentum keys gathered over the processes included
            "objective": {"freeze_prototypes_iterations": 0, "num_prototypes_2d": 6, "num_prototypes_3d": 2,
-                         "lambda_dense": 0.0, "lambda_volume_contrast": 0.0}}
+                         "lambda_dense": 0.0}}
     (root / "ddp.json").write_text(json.dumps(cfg))
     env = dict(workspace["train_env"], NNSSL_JOINT_CONFIG=str(root / "ddp.json"), OMP_NUM_THREADS="1")
     script = Path(__file__).with_name("ddp_step.py")
@@ -283,7 +284,7 @@ def test_ddp_two_processes_match_one_process_on_the_same_global_batch(workspace)
     assert one["loader_batch_per_rank"] == [[8, 4]]
     assert two["loader_batch_per_rank"] == [[4, 2], [4, 2]]
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-4, abs=1e-5)
-    for term in ("intra", "intra_3d", "mask"):
+    for term in ("intra", "intra_3d", "mask", "volume_contrast"):
         assert two["terms"][term] != pytest.approx(0.0)
     assert len(one["checksums"]) > 50 and one["checksums"].keys() == two["checksums"].keys()
     for key, value in one["checksums"].items():
