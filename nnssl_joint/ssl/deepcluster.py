@@ -242,8 +242,9 @@ class MemoryBank(nn.Module):
             )
         rows = embeddings.detach().to(self.embeddings).transpose(0, 1).contiguous()  # (B, V, D)
         distributed = use_distributed(self.distributed)
-        indices = all_gather_cat(indices, distributed)
-        rows = all_gather_cat(rows, distributed)
+        sizes = rank_sizes(batch, self.embeddings.device, distributed)
+        indices = all_gather_cat(indices, distributed, sizes)
+        rows = all_gather_cat(rows, distributed, sizes)
         keep = _last_occurrence(indices)
         indices, rows = indices[keep], rows[keep]
         self.embeddings[:, indices] = rows.transpose(0, 1)

@@ -59,15 +59,21 @@ def rank_sizes(local_size: int, device: torch.device, distributed: bool) -> list
     return [int(s.item()) for s in sizes]
 
 
-def all_gather_cat(tensor: Tensor, distributed: bool) -> Tensor:
+def all_gather_cat(tensor: Tensor, distributed: bool, sizes: list[int] | None = None) -> Tensor:
     """Concatenate ``tensor`` from all ranks along dim 0 in rank order.
 
     Ranks may hold different leading sizes (including zero): tensors are padded to the largest
-    size for the collective and cut back afterwards. Not differentiable.
+    size for the collective and cut back afterwards. Not differentiable. ``sizes``, every rank's
+    leading size from :func:`rank_sizes`, saves that collective when the caller already has it
+    (several gathers of tensors with the same leading size).
     """
     if not distributed:
         return tensor
-    sizes = rank_sizes(tensor.shape[0], tensor.device, distributed)
+    if sizes is None:
+        sizes = rank_sizes(tensor.shape[0], tensor.device, distributed)
+    elif len(sizes) != dist.get_world_size() or sizes[dist.get_rank()] != tensor.shape[0]:
+        raise ValueError(f"all_gather_cat: sizes {sizes} do not fit this rank's leading size "
+                         f"{tensor.shape[0]} in a world of {dist.get_world_size()}.")
     largest = max(sizes)
     padded = tensor.new_zeros((largest, *tensor.shape[1:]))
     padded[: tensor.shape[0]] = tensor

@@ -93,8 +93,10 @@ class VolumeContrast(nn.Module):
             if distributed:  # keys carry no gradient: gathering them makes the term a global-batch one
                 sizes = rank_sizes(b, case.device, distributed)
                 offset, total = sum(sizes[:world_size_and_rank(distributed)[1]]), sum(sizes)
-                key_a, key_b = all_gather_cat(key_a, distributed), all_gather_cat(key_b, distributed)
-                key_case = all_gather_cat(case, distributed)
+                # 3 collectives per step: the sizes, both key views in one tensor, the case numbers
+                both = all_gather_cat(torch.stack([key_a, key_b], dim=1), distributed, sizes)
+                key_a, key_b = both.unbind(1)
+                key_case = all_gather_cat(case, distributed, sizes)
             batch_keys, key_case = torch.cat([key_a, key_b]), torch.cat([key_case, key_case])
         pushed, pushed_case = batch_keys.detach(), key_case
         if self.queue is not None:

@@ -58,6 +58,11 @@ def test_two_processes_with_momentum_keys_equal_one_process(run_ranks) -> None:
         torch.testing.assert_close(part["queue"], expected["queue"])
         assert torch.equal(part["queue_case"], expected["queue_case"])
     assert expected["queue"].shape[0] == QUEUE  # full after three steps of 12 keys: the queue was read
+    for part in parts:  # the sizes, both key views in one tensor, the case numbers
+        assert int(part["collectives_per_step"]) == 3
+    first, second = (part["wrong_sizes_error"] for part in parts)
+    assert "world of 2" in first and "sizes [3, 3, 3]" in first
+    assert "sizes [3, 4]" in second and "leading size 3" in second
     # each process on its own share alone (the behaviour before the keys were gathered) differs: the test
     # can tell
     alone = [_compute(slice(0, 3), 1, distributed=False), _compute(slice(3, None), 1, distributed=False)]
@@ -71,13 +76,53 @@ def test_auto_mode_without_a_process_group_is_the_single_process_term() -> None:
         torch.testing.assert_close(auto[key], off[key])
 
 
+def _count_collectives(rows: slice) -> int:
+    """torch.distributed collectives in one training step of the term."""
+    from nnssl_joint.ssl.volume_contrast import VolumeContrast
+
+    dist, calls = torch.distributed, []
+    originals = {name: getattr(dist, name) for name in ("all_gather", "all_reduce", "broadcast")}
+
+    def counting(name):
+        def call(*args, **kwargs):
+            calls.append(name)
+            return originals[name](*args, **kwargs)
+        return call
+
+    term = VolumeContrast(DIM, temperature=0.2, queue_length=QUEUE).train()
+    x = _inputs()[0]
+    for name in originals:
+        setattr(dist, name, counting(name))
+    try:
+        term(x["a"][rows], x["b"][rows], torch.tensor(CASES)[rows], keys=(x["key_a"][rows], x["key_b"][rows]))
+    finally:
+        for name, original in originals.items():
+            setattr(dist, name, original)
+    return len(calls)
+
+
+def _wrong_sizes_error(rank: int) -> str:
+    """The message all_gather_cat gives for ``sizes`` that do not fit this rank's tensor (before any
+    collective, so the other rank does not wait)."""
+    from nnssl_joint.ssl.distributed import all_gather_cat
+
+    try:
+        all_gather_cat(torch.zeros(3, 2), True, sizes=[3, 3, 3] if rank == 0 else [3, 4])
+    except ValueError as error:
+        return str(error)
+    return ""
+
+
 def _distributed_worker(rank: int, world_size: int, port: int, out_dir: Path) -> None:
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                          world_size=world_size, timeout=timedelta(seconds=60))
     try:
         share = WINDOWS // world_size
         rows = slice(rank * share, (rank + 1) * share)
-        torch.save(_compute(rows, world_size), out_dir / f"volume_contrast_rank{rank}.pt")
+        out = _compute(rows, world_size)
+        out["collectives_per_step"] = torch.tensor(_count_collectives(rows))
+        out["wrong_sizes_error"] = _wrong_sizes_error(rank)
+        torch.save(out, out_dir / f"volume_contrast_rank{rank}.pt")
         torch.distributed.barrier()  # both ranks done before either tears the group down
     finally:
         torch.distributed.destroy_process_group()
