@@ -24,11 +24,11 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "rescale_pretrained_e
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
+def checkpoint(module_tmp_path):
     preset = load_preset("cpu")
     torch.manual_seed(0)
     model = JointSSLModel(preset, 1, ObjectiveConfig())  # PyTorch's default initialisation, as pretraining
-    path = tmp_path_factory.mktemp("run") / "checkpoint_final.pth"
+    path = module_tmp_path / "checkpoint_final.pth"
     torch.save({"network_weights": model.state_dict(), "trainer_name": "JointSSLPretrainTrainer",
                 "nnssl_joint": {"preset": preset.to_dict(), "input_channels": 1}}, path)
     return path

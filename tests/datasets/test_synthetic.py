@@ -52,8 +52,9 @@ def _best_threshold_dice(image: np.ndarray, mask: np.ndarray) -> float:
 
 
 @pytest.fixture(scope="module")
-def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    root = tmp_path_factory.mktemp("raw")
+def synthetic_root(module_tmp_path: Path) -> tuple[Path, dict]:
+    root = module_tmp_path / "raw"
+    root.mkdir()
     return root, make_synthetic(root, **SMALL)
 
 

@@ -31,8 +31,9 @@ def run(cmd: list[str], env: dict, cwd: Path, timeout: int = 600) -> str:
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("e2e")
+def workspace(module_tmp_path):
+    root = module_tmp_path / "e2e"
+    root.mkdir()
     env = dict(os.environ)
     env.update(nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "pre"),
                nnUNet_results=str(root / "res"),

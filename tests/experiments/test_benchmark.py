@@ -90,8 +90,9 @@ def test_held_out_cases_fraction_and_limits():
 
 
 @pytest.fixture(scope="module")
-def synthetic_raw(tmp_path_factory) -> Path:
-    raw = tmp_path_factory.mktemp("raw")
+def synthetic_raw(module_tmp_path) -> Path:
+    raw = module_tmp_path / "raw"
+    raw.mkdir()
     make_synthetic(raw, seed=3, n_3d=3, n_2d=4, n_labeled_train=5, n_labeled_test=2, shape_3d=(16, 24, 24),
                    ids=(611, 612, 613), n_organs=2)
     return raw
@@ -378,8 +379,9 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def benchmark_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("benchmark")
+def benchmark_run(module_tmp_path):
+    root = module_tmp_path / "benchmark"
+    root.mkdir()
     raw = root / "raw"
     # a target without imagesTs (the held-out path), stored as .nrrd, that is also a pretraining source; of
     # its 2 cases one is held out for testing, so one labeled case remains and validates itself
@@ -572,8 +574,8 @@ def test_a_heldout_read_out_joins_a_finished_folder_and_scores_the_heldout_label
 
 
 @pytest.fixture(scope="module")
-def check_raw(tmp_path_factory):
-    raw = tmp_path_factory.mktemp("checks") / "raw"
+def check_raw(module_tmp_path):
+    raw = module_tmp_path / "checks" / "raw"
     make_synthetic(raw, seed=3, n_3d=2, n_2d=2, n_labeled_train=3, n_labeled_test=2, ids=(631, 632, 633),
                    n_organs=2, shape_3d=(16, 32, 32))
     flat = raw / "Dataset640_Flat"

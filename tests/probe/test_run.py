@@ -48,13 +48,14 @@ def save_checkpoint(folder: Path, preset: ArchitecturePreset, channels: int = 1,
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
+def workspace(module_tmp_path):
     from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprint_dataset
 
     from nnssl_joint.datasets.synthetic import write_labeled_3d
     from nnssl_joint.planning.downstream import JointSSLDownstreamPlanner
 
-    root = tmp_path_factory.mktemp("probe")
+    root = module_tmp_path / "probe"
+    root.mkdir()
     env = {"nnUNet_raw": root / "raw", "nnUNet_preprocessed": root / "pre",
            "nnUNet_results": root / "results"}
     with pytest.MonkeyPatch.context() as mp:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,8 +32,9 @@ DC_TERMS = ("L_intra", "L_intra_3d", "L_inter")
 
 
 @pytest.fixture(scope="module")
-def dc_run(base: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    root = tmp_path_factory.mktemp("deepcluster")
+def dc_run(base: dict, module_tmp_path: Path) -> dict:
+    root = module_tmp_path / "deepcluster"
+    root.mkdir()
     ws = Workspace.create(root, raw=base["ws"].raw, pre=base["ws"].pre)
     config = write_config(root / "dc.json", CONFIG)
     log = train_in_process(ws, BASE_ID, config)
