@@ -757,31 +757,40 @@ class Benchmark(Pipeline):
 
     # -------------------------------------------------------------- steps
     def steps(self) -> list[Step]:
-        steps = [Step("link", "linking the datasets (test split made explicit)", self.step_link)]
+        """The steps in the order one worker runs them; ``needs`` lets a second worker on the same folder
+        run what does not wait on the pretraining (nnU-Net's planning, the scratch and stock runs) while
+        the first pretrains (:meth:`Pipeline.run_steps`)."""
+        stock = ("plan_stock",) if self.needs_stock_plans else ()
+        steps = [Step("link", "linking the datasets (test split made explicit)", self.step_link, needs=())]
         if self.needs_stock_plans:
             steps.append(Step("plan_stock", "nnU-Net's own planning of the target (nnUNetPlans)",
-                              self.step_plan_stock))
+                              self.step_plan_stock, needs=("link",)))
         if self.pretrain_arms:
             steps += [Step("prepare", "merging the pretraining datasets",
                            lambda p: self.prepare_pretraining(self.pretrain_ids, self.pretrain_id,
-                                                              PRETRAIN_NAME, p)),
+                                                              PRETRAIN_NAME, p), needs=("link",)),
                       Step("plan_pretrain", "planning + preprocessing the pretraining dataset",
-                           lambda p: self.plan_pretraining(self.pretrain_id, p))]
-            for arm in self.pretrain_arms:
+                           lambda p: self.plan_pretraining(self.pretrain_id, p), needs=("link", "prepare"))]
+            for arm in self.pretrain_arms:  # --preset nnunet: the preset is written by plan_stock
                 steps.append(Step(f"pretrain_{arm}", f"pretraining for arm '{arm}'",
-                                  lambda p, arm=arm: self.step_pretrain(arm, p)))
+                                  lambda p, arm=arm: self.step_pretrain(arm, p),
+                                  needs=("link", *stock, "plan_pretrain")))
         if self.plugin_arms:
             steps.append(Step("plan_target", "planning + preprocessing the target dataset",
-                              self.step_plan_target))
+                              self.step_plan_target, needs=("link", *stock)))
             if self.pretrain_arms:
                 self.forget_stale_probe()
+                pretrainings = tuple(f"pretrain_{a}" for a in self.pretrain_arms)
                 steps.append(Step("probe", "probing the pretrained encoders against random initialisations",
-                                  self.step_probe))
-        steps.append(Step("splits", "fine-tuning splits", self.step_splits, always=True))
+                                  self.step_probe, needs=("link", "plan_target", *pretrainings)))
+        target = ("link", *stock, *(("plan_target",) if self.plugin_arms else ()))
+        steps.append(Step("splits", "fine-tuning splits", self.step_splits, always=True, needs=target))
         for seed, k, arm in self.runs:
+            pretrained = () if arm in BASELINES else (f"pretrain_{arm}",)
             steps.append(Step(f"finetune_{arm}_{run_name(k, seed)}",
                               f"seed {seed}, {k} labeled: fine-tuning {arm} + predicting + evaluating",
-                              lambda p, s=seed, k=k, a=arm: self.step_finetune(a, k, s, p), parallel=True))
+                              lambda p, s=seed, k=k, a=arm: self.step_finetune(a, k, s, p), parallel=True,
+                              needs=(*target, "splits", *pretrained)))
         for name in self.heldout_names:
             steps.append(Step(f"link_heldout_{name}", f"held-out read-out {name}: linking its labeled cases",
                               lambda p, n=name: self.step_link_heldout(n, p)))
@@ -837,17 +846,23 @@ class Benchmark(Pipeline):
     def step_plan_target(self, progress: StepProgress) -> dict[str, Any]:
         plans = self.plan_downstream(self.target_id, self.target_name, self.settings.configuration, progress,
                                      "plan_target", self.preset_argument)
-        for arm in self.pretrain_arms:  # pretraining and the downstream plans must share the preset
-            check_presets_agree(self.preprocessed / self.target_name / f"{PLANS_NAME}.json",
-                                self.pretrain_folder(arm)
-                                / f"pretrained_for_{self.settings.configuration}.pth")
         return {"configurations": sorted(plans["configurations"])}
+
+    def check_preset_of(self, arm: str) -> Path:
+        """The pretrained weights of ``arm``, checked to share the downstream plans' preset (the probe and
+        every fine-tuning of the arm check before they start; the planning of the target does not wait
+        for the pretraining)."""
+        weights = self.pretrain_folder(arm) / f"pretrained_for_{self.settings.configuration}.pth"
+        check_presets_agree(self.preprocessed / self.target_name / f"{PLANS_NAME}.json", weights)
+        return weights
 
     def step_probe(self, progress: StepProgress) -> dict[str, Any]:
         """``nnssl_joint probe`` of every pretraining arm next to 5 random initialisations
         (report: probe.*)."""
         from nnssl_joint.probe.run import probe_pretraining_runs
 
+        for arm in self.pretrain_arms:
+            self.check_preset_of(arm)
         return probe_pretraining_runs({ARM_LABELS[arm]: self.pretrain_folder(arm)
                                        for arm in self.probe_arms()},
                                       self.target_id, self.settings.configuration, self.logs / "probe.log",
@@ -932,8 +947,7 @@ class Benchmark(Pipeline):
         # trains unless checkpoint_final.pth exists; else only prediction/evaluation were interrupted
         if not (folder / "checkpoint_final.pth").is_file():
             self.forget_heldout_read_outs(arm, labeled, seed, progress)
-            start = (None if arm in BASELINES
-                     else self.pretrain_folder(arm) / f"pretrained_for_{s.configuration}.pth")
+            start = None if arm in BASELINES else self.check_preset_of(arm)
             cmd, _, weights = self.train_command(self.target_id, s.configuration, fold, trainer, plans,
                                                  folder, start)
             progress.expect(self.budget.finetune_epochs, "epoch", "validating on the validation case(s)")

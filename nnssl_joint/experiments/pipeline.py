@@ -214,6 +214,10 @@ class Step:
     #: independent of the other steps of its kind: when another process on the same output folder is
     #: running it, skip it instead of waiting (several workers, e.g. one per GPU, share the runs)
     parallel: bool = False
+    #: keys of the earlier steps this one needs; None: every earlier step. When another process runs a
+    #: step, a worker goes on with the later steps that do not need it (directly or through a step that
+    #: needs it) and comes back to it afterwards, instead of waiting at once
+    needs: tuple[str, ...] | None = None
 
 
 @dataclass
@@ -529,21 +533,67 @@ class Pipeline:
 
         A step runs under an exclusive lock on ``<key>.lock`` in the state folder (``flock``: the kernel
         drops it when the process dies, so a killed run leaves no stale lock). Several processes may
-        work on one output folder: a step another process is running is waited for, or skipped when it
-        is ``parallel``."""
-        for index, step in enumerate(steps, 1):
-            if self._skip_if_done(step, index, len(steps)):
-                continue
-            lock = None if step.always else self._lock(step, index, len(steps))
-            if lock is False:
-                continue
-            try:
-                if lock is not None and self._skip_if_done(step, index, len(steps)):
-                    continue  # another process finished it while we waited
-                self._run_step(step, index, len(steps))
-            finally:
-                if lock:
-                    lock.close()
+        work on one output folder: a ``parallel`` step another process is running is skipped; any other
+        step another process is running is put off, together with the later steps that need it
+        (:attr:`Step.needs`), while the steps that do not need it run; the put-off steps are taken up
+        again in order once those are done, and a worker waits for a step only when nothing else is left
+        that it could run."""
+        total = len(steps)
+        pending = [(index, step) for index, step in enumerate(steps, 1)]
+        announced: set[str] = set()
+        while pending:
+            put_off: list[tuple[int, Step]] = []
+            busy: set[str] = set()  # keys of the put-off steps
+            for position, (index, step) in enumerate(pending):
+                if busy and self._needs_any(step, [s.key for s in steps[:index - 1]], busy):
+                    put_off.append((index, step))
+                    busy.add(step.key)
+                    continue
+                # wait for a busy step only when no later pending step could run without it and without
+                # the steps already put off (so that every pass runs or waits for at least one step)
+                wait = not self._something_runs_without(busy | {step.key}, pending[position + 1:], steps)
+                outcome = self._attempt(step, index, total, wait, announce=step.key not in announced)
+                if outcome == "busy":
+                    announced.add(step.key)
+                    put_off.append((index, step))
+                    busy.add(step.key)
+            pending = put_off
+
+    @staticmethod
+    def _needs_any(step: Step, earlier: Sequence[str], keys: set[str]) -> bool:
+        needs = earlier if step.needs is None else step.needs
+        return any(k in keys for k in needs)
+
+    def _something_runs_without(self, keys: set[str], later: Sequence[tuple[int, Step]],
+                                steps: Sequence[Step]) -> bool:
+        """Whether one of the ``later`` pending steps needs none of the steps ``keys`` (directly or through
+        a step that needs one of them)."""
+        blocked = set(keys)
+        for index, candidate in later:
+            if self._needs_any(candidate, [s.key for s in steps[:index - 1]], blocked):
+                blocked.add(candidate.key)
+            else:
+                return True
+        return False
+
+    def _attempt(self, step: Step, index: int, total: int, wait: bool, announce: bool = True) -> str:
+        """Run ``step`` unless its marker exists: "done" (ran or skipped), or "busy" when another process
+        runs it and ``wait`` is False (a ``parallel`` step busy elsewhere is skipped: "done")."""
+        if self._skip_if_done(step, index, total):
+            return "done"
+        lock = None if step.always else self._lock(step, index, total, wait, announce)
+        if lock is False:
+            return "done"
+        if lock == "busy":
+            return "busy"
+        try:
+            if lock is not None and self._skip_if_done(step, index, total):
+                return "done"  # another process finished it while we waited
+            self._run_step(step, index, total)
+        finally:
+            if lock:
+                lock.close()
+        return "done"
 
     def _skip_if_done(self, step: Step, index: int, total: int) -> bool:
         marker = self.marker(step.key)
@@ -574,8 +624,9 @@ class Pipeline:
             return handle, handle.read().strip() or "another process"
         return handle, None
 
-    def _lock(self, step: Step, index: int, total: int) -> Any:
-        """The open, locked lock file; False when the step is ``parallel`` and another process runs it."""
+    def _lock(self, step: Step, index: int, total: int, wait: bool = True, announce: bool = True) -> Any:
+        """The open, locked lock file; False when the step is ``parallel`` and another process runs it;
+        "busy" when another process runs it and ``wait`` is False."""
         import fcntl
 
         handle, owner = self.try_lock(step.key)
@@ -585,6 +636,12 @@ class Pipeline:
                 print(f"[{index}/{total}] {step.title}: running in {owner}, skipped here", file=self.stream,
                       flush=True)
                 return False
+            if not wait:
+                handle.close()
+                if announce:
+                    print(f"[{index}/{total}] {step.title}: running in {owner}; going on with the steps that "
+                          "do not need it, back to it afterwards", file=self.stream, flush=True)
+                return "busy"
             print(f"[{index}/{total}] {step.title}: waiting for {owner}", file=self.stream, flush=True)
             fcntl.flock(handle, fcntl.LOCK_EX)
         handle.seek(0)

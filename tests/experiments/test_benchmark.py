@@ -197,6 +197,44 @@ class _FakeBenchmark(bm.Benchmark):
         return [pipeline.Step("splits", "splits", lambda p: {"fold": self.fold_of(2, 1)}, always=True)]
 
 
+def test_a_second_worker_runs_the_baselines_while_the_first_pretrains(tmp_path):
+    """The benchmark's real step list, each step replaced by a recorder: while another worker holds the
+    pretraining, this worker plans the target and trains the scratch and stock runs; the probe and the
+    pretrained runs wait for the pretraining; the report comes last."""
+    import dataclasses
+    import fcntl
+    import threading
+    import time
+
+    settings = bm.BenchmarkSettings(pretrain=["1"], target="2", out=tmp_path / "out", raw=tmp_path,
+                                    labeled=[1], seeds=2, arms=["scratch", "nnunet", "joint"])
+    bench = bm.Benchmark(settings, io.StringIO())
+    calls: list[str] = []
+    steps = [dataclasses.replace(step, run=lambda p, key=step.key: calls.append(key))
+             for step in bench.steps()]
+    assert [s.key for s in steps] == ["link", "plan_stock", "prepare", "plan_pretrain", "pretrain_joint",
+                                      "plan_target", "probe", "splits",
+                                      *(f"finetune_{arm}_L1_s{seed}" for seed in (0, 1)
+                                        for arm in ("scratch", "nnunet", "joint")), "report"]
+    bench.state_folder.mkdir(parents=True)
+    held = open(bench.state_folder / "pretrain_joint.lock", "a+")  # noqa: SIM115 (the other worker)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    worker = threading.Thread(target=bench.run_steps, args=(steps,), daemon=True)
+    worker.start()
+    end = time.monotonic() + 20
+    while "waiting for" not in bench.stream.getvalue():
+        assert time.monotonic() < end and worker.is_alive()
+        time.sleep(0.02)
+    assert calls == ["link", "plan_stock", "prepare", "plan_pretrain", "plan_target", "splits",
+                     "finetune_scratch_L1_s0", "finetune_nnunet_L1_s0", "finetune_scratch_L1_s1",
+                     "finetune_nnunet_L1_s1"]
+    bench.marker("pretrain_joint").write_text(json.dumps({"seconds": 1.0, "info": {}, "state": {}}))
+    held.close()
+    worker.join(timeout=20)
+    assert not worker.is_alive()
+    assert calls[10:] == ["probe", "finetune_joint_L1_s0", "finetune_joint_L1_s1", "report"]
+
+
 def test_settings_may_grow_but_not_change(tmp_path):
     kwargs = {"pretrain": ["1"], "target": "2", "out": tmp_path / "out", "raw": tmp_path, "labeled": [1]}
     first = _FakeBenchmark(bm.BenchmarkSettings(**kwargs, seeds=1), io.StringIO())

@@ -96,6 +96,126 @@ def test_finished_steps_are_skipped_and_their_state_restored_a_failed_step_is_re
     assert not list(third.state_folder.glob("*.tmp"))
 
 
+def _hold(pipe: Pipeline, key: str):
+    """Take ``key``'s lock as another worker would (its own open file: flock conflicts between open files
+    even inside one process)."""
+    import fcntl
+
+    handle = open(pipe.state_folder / f"{key}.lock", "a+")  # noqa: SIM115
+    fcntl.flock(handle, fcntl.LOCK_EX)
+    handle.write("process 4242 on another host")
+    handle.flush()
+    return handle
+
+
+def _finish_elsewhere(pipe: Pipeline, key: str, handle) -> None:
+    """The other worker finishes ``key``: its marker, then its lock released."""
+    pipe.marker(key).write_text(json.dumps({"seconds": 60.0, "info": {}, "state": {"found": "elsewhere"}}))
+    handle.close()
+
+
+def _run_in_thread(pipe: Pipeline, steps: list[Step]):
+    import threading
+
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            pipe.run_steps(steps)
+        except BaseException as error:  # noqa: BLE001 (re-raised by the test)
+            errors.append(error)
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    return thread, errors
+
+
+def _wait_until(condition, seconds: float = 20.0) -> None:
+    import time
+
+    end = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.02)
+
+
+def test_a_worker_runs_what_does_not_need_a_step_another_worker_runs_then_comes_back_to_it(tmp_path):
+    """Two workers on one folder: while the other holds ``pretrain``, this one runs the steps that do not
+    need it (``scratch``), waits only when nothing else is left, then skips the finished ``pretrain`` and
+    runs what needed it, in order; ``report`` (no ``needs``: every earlier step) comes last."""
+    calls: list[str] = []
+    pipe = _CountingPipeline(tmp_path)
+
+    def make(key: str):
+        return lambda progress: calls.append(key)
+
+    steps = [Step("link", "link", make("link"), needs=()),
+             Step("pretrain", "pretrain", make("pretrain"), needs=("link",)),
+             Step("probe", "probe", make("probe"), needs=("pretrain",)),
+             Step("scratch", "scratch", make("scratch"), needs=("link",), parallel=True),
+             Step("joint", "joint", make("joint"), needs=("probe",), parallel=True),
+             Step("report", "report", make("report"), always=True)]
+    pipe.state_folder.mkdir(parents=True)
+    held = _hold(pipe, "pretrain")
+    thread, errors = _run_in_thread(pipe, steps)
+    _wait_until(lambda: "waiting for process 4242" in pipe.stream.getvalue())
+    assert calls == ["link", "scratch"] and thread.is_alive()  # nothing that needs the pretraining ran
+    _finish_elsewhere(pipe, "pretrain", held)
+    thread.join(timeout=20)
+    assert not thread.is_alive() and not errors
+    assert calls == ["link", "scratch", "probe", "joint", "report"]
+    out = pipe.stream.getvalue()
+    assert out.count("[2/6] pretrain: running in process 4242 on another host; going on with the steps that "
+                     "do not need it") == 1
+    assert "[2/6] pretrain: done in an earlier run" in out
+    assert pipe.found == "elsewhere"  # the other worker's state, restored from its marker
+    assert [r.key for r in pipe.records] == ["link", "scratch", "pretrain", "probe", "joint", "report"]
+
+
+def test_without_needs_a_worker_waits_for_a_busy_step_at_once_and_keeps_the_order(tmp_path):
+    """Steps that do not declare ``needs`` need every earlier step (the demo's): nothing can go ahead of a
+    busy step, so the worker waits there as before and runs the rest in order."""
+    calls: list[str] = []
+    pipe = _CountingPipeline(tmp_path)
+    steps = _steps(pipe, calls, fail=set())
+    pipe.state_folder.mkdir(parents=True)
+    held = _hold(pipe, "discover")
+    thread, errors = _run_in_thread(pipe, steps)
+    _wait_until(lambda: "[1/3] discover: waiting for process 4242" in pipe.stream.getvalue())
+    assert calls == [] and thread.is_alive()
+    _finish_elsewhere(pipe, "discover", held)
+    thread.join(timeout=20)
+    assert not thread.is_alive() and not errors
+    assert calls == ["middle", "report"] and "going on" not in pipe.stream.getvalue()
+
+
+def test_a_busy_step_put_off_twice_is_announced_once_and_a_failed_one_is_run_here(tmp_path):
+    """Two busy steps with independent followers: each is put off; when the other worker stops without a
+    marker (it failed), this worker takes the step over and runs it."""
+    calls: list[str] = []
+    pipe = _CountingPipeline(tmp_path)
+
+    def make(key: str):
+        return lambda progress: calls.append(key)
+
+    steps = [Step("a", "a", make("a"), needs=()), Step("b", "b", make("b"), needs=()),
+             Step("after_a", "after_a", make("after_a"), needs=("a",)),
+             Step("free", "free", make("free"), needs=())]
+    pipe.state_folder.mkdir(parents=True)
+    held_a, held_b = _hold(pipe, "a"), _hold(pipe, "b")
+    thread, errors = _run_in_thread(pipe, steps)
+    _wait_until(lambda: "waiting for" in pipe.stream.getvalue())
+    assert calls == ["free"] and thread.is_alive()
+    held_b.close()  # b's worker died: no marker, so this worker runs b
+    _wait_until(lambda: "b" in calls)
+    held_a.close()
+    thread.join(timeout=20)
+    assert not thread.is_alive() and not errors
+    assert sorted(calls) == ["a", "after_a", "b", "free"] and calls.index("after_a") > calls.index("a")
+    out = pipe.stream.getvalue()
+    assert out.count("[1/4] a: running in process 4242") == 1 and out.count("[2/4] b: running in") == 1
+
+
 def test_settings_record_is_written_once_and_guards_the_folder(tmp_path):
     record = {"seed": 0, "out": tmp_path / "x"}  # a Path is recorded as its string
     _CountingPipeline(tmp_path, record).check_settings()
