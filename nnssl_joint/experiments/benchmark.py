@@ -386,11 +386,28 @@ def spread(values: Sequence[float]) -> dict[str, Any]:
             "min": float(v.min()), "max": float(v.max()), "n": int(v.size)}
 
 
+#: resamples of the seeds behind the 95% interval of a paired gain
+GAIN_BOOTSTRAP_SAMPLES = 10_000
+
+
+def bootstrap_interval(values: Sequence[float], samples: int = GAIN_BOOTSTRAP_SAMPLES,
+                       seed: int = 0) -> list[float] | None:
+    """Percentile 95% interval of the mean of ``values`` (one paired gain per seed), resampling the seeds
+    with replacement (fixed generator seed: the report is reproducible); None for fewer than two values,
+    where the seeds give no spread."""
+    v = np.asarray(values, dtype=float)
+    if v.size < 2:
+        return None
+    draws = v[np.random.default_rng(seed).integers(0, v.size, (samples, v.size))].mean(axis=1)
+    low, high = np.percentile(draws, [2.5, 97.5])
+    return [float(low), float(high)]
+
+
 def aggregate(results: dict[str, dict[str, Any]], arms: Sequence[str], labeled: Sequence[int],
               seeds: Sequence[int], classes: dict[str, str]) -> dict[str, Any]:
     """Per arm and labeled count: Dice mean/spread over seeds (overall and per class) and, for every other
     arm, the paired gain over each baseline (``scratch``, ``nnunet``: same split and fine-tuning seed) in
-    Dice points."""
+    Dice points, with its bootstrap 95% interval over seeds (``ci95``)."""
     table: dict[str, dict[str, Any]] = {}
     for arm in arms:
         table[arm] = {}
@@ -413,7 +430,7 @@ def aggregate(results: dict[str, dict[str, Any]], arms: Sequence[str], labeled: 
                     a, b = results.get(f"{arm}/{run_name(k, s)}"), results.get(f"{baseline}/{run_name(k, s)}")
                     if a is not None and b is not None:
                         diffs.append(100.0 * (a["mean_dice"] - b["mean_dice"]))
-                entry[f"gain_vs_{baseline}_points"] = spread(diffs)
+                entry[f"gain_vs_{baseline}_points"] = {**spread(diffs), "ci95": bootstrap_interval(diffs)}
                 entry[f"wins_vs_{baseline}"] = f"{sum(d > 0 for d in diffs)}/{len(diffs)}"
             table[arm][str(k)] = entry
     return table

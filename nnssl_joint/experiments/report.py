@@ -656,7 +656,8 @@ def _summary_tables(summary: dict[str, Any], arm_labels: dict[str, str], classes
         if not compared:
             continue
         lines += ["", (f"{level} Gain over {arm_labels.get(baseline, baseline)} (Dice points, paired by "
-                       f"seed; wins = seeds where the arm beat {baseline})"), "",
+                       "seed: mean ± std [bootstrap 95% interval over seeds]; wins = seeds where the arm "
+                       f"beat {baseline})"), "",
                   "| arm | " + " | ".join(f"{k} labeled" for k in ks) + " |", "|---|" + "---|" * len(ks)]
         for arm in compared:
             cells = []
@@ -667,7 +668,9 @@ def _summary_tables(summary: dict[str, Any], arm_labels: dict[str, str], classes
                     cells.append("n/a")
                     continue
                 std = "" if gain.get("std") is None else f" ± {gain['std']:.1f}"
-                cells.append(f"{gain['mean']:+.1f}{std} pts, wins {entry[f'wins_vs_{baseline}']}")
+                ci = "" if not gain.get("ci95") else " [{:+.1f}, {:+.1f}]".format(
+                    *(round(x, 1) + 0.0 for x in gain["ci95"]))  # + 0.0: no "-0.0" for a rounding residue
+                cells.append(f"{gain['mean']:+.1f}{std}{ci} pts, wins {entry[f'wins_vs_{baseline}']}")
             lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     lines += ["", f"{level} Per class (mean ± std over seeds)", ""]
     for arm, per_k in summary.items():

@@ -176,8 +176,22 @@ def test_aggregate_mean_spread_and_paired_gain():
     assert joint["gain_vs_scratch_points"]["mean"] == pytest.approx(10.0)
     assert joint["gain_vs_scratch_points"]["std"] == pytest.approx(0.0, abs=1e-9)
     assert joint["wins_vs_scratch"] == "2/2"
+    assert joint["gain_vs_scratch_points"]["ci95"] == pytest.approx([10.0, 10.0])  # equal gains: no spread
     assert "gain_vs_scratch_points" not in scratch
     assert table["joint"]["2"]["dice"]["n"] == 0 and table["joint"]["2"]["dice"]["mean"] is None
+
+
+def test_bootstrap_interval_of_the_paired_gain_over_seeds():
+    # two seeds, gains 0 and 10: a resample is both seeds 0 (p = 1/4), both 10 (1/4) or mixed, so the 2.5
+    # and 97.5 percentiles are the extremes
+    assert bm.bootstrap_interval([0.0, 10.0]) == pytest.approx([0.0, 10.0])
+    gains = [7.0, -1.0, 12.0, 3.0, 9.0]
+    low, high = bm.bootstrap_interval(gains)
+    assert min(gains) < low < np.mean(gains) < high < max(gains)
+    assert bm.bootstrap_interval(gains) == [low, high]  # reproducible
+    wider = bm.bootstrap_interval([x * 3 - 2 * np.mean(gains) for x in gains])  # 3x the spread, same mean
+    assert wider[1] - wider[0] == pytest.approx(3 * (high - low))
+    assert bm.bootstrap_interval([4.0]) is None and bm.bootstrap_interval([]) is None
 
 
 def test_spread_of_one_value_has_no_standard_deviation():

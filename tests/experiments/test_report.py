@@ -190,7 +190,8 @@ def test_paired_gains_of_the_benchmark_summary():
     joint_4 = summary["joint"]["4"]  # one seed missing: paired over the seed both arms finished
     assert joint_4["per_seed"] == {"0": 0.7, "1": None}
     ten = pytest.approx(10.0)
-    assert joint_4["gain_vs_scratch_points"] == {"mean": ten, "std": None, "min": ten, "max": ten, "n": 1}
+    assert joint_4["gain_vs_scratch_points"] == {"mean": ten, "std": None, "min": ten, "max": ten, "n": 1,
+                                                 "ci95": None}  # one seed: no interval
     assert joint_4["wins_vs_nnunet"] == "1/1"
     nnunet_4 = summary["nnunet"]["4"]  # -5 and +5 points: no mean gain, one win
     assert nnunet_4["gain_vs_scratch_points"]["mean"] == pytest.approx(0.0, abs=1e-9)
@@ -211,8 +212,9 @@ def test_write_benchmark_report_files_and_numbers(tmp_path):
     assert "| SCRATCH | 0.400 ± 0.141 (n=2) | 0.650 ± 0.071 (n=2) |" in markdown
     assert "| JOINT | 0.500 ± 0.141 (n=2) | 0.700 (n=1) |" in markdown
     assert "## Gain over SCRATCH" in markdown and "## Gain over NNUNET" in markdown
-    assert "| joint | +10.0 ± 0.0 pts, wins 2/2 | +10.0 pts, wins 1/1 |" in markdown
-    assert "| nnunet | +5.0 ± 0.0 pts, wins 2/2 | +0.0 ± 7.1 pts, wins 1/2 |" in markdown
+    assert "| joint | +10.0 ± 0.0 [+10.0, +10.0] pts, wins 2/2 | +10.0 pts, wins 1/1 |" in markdown
+    assert ("| nnunet | +5.0 ± 0.0 [+5.0, +5.0] pts, wins 2/2 | +0.0 ± 7.1 [-5.0, +5.0] pts, wins 1/2 |"
+            in markdown)
     assert "- scratch, 1 labeled: liver 0.400 ± 0.141 (n=2), lesion 0.400 ± 0.141 (n=2)" in markdown
     assert "| joint | 4 | 0 | 0 | 0.700 | v | T / P / Net | `/runs/joint/4/0` |" in markdown
 
@@ -291,7 +293,7 @@ def test_the_benchmark_report_has_a_section_per_heldout_read_out_with_the_test_s
     assert "| SCRATCH | 0.300 ± 0.141 (n=2) | 0.550 ± 0.071 (n=2) |" in section
     assert "| JOINT | 0.350 ± 0.071 (n=2) | 0.600 (n=1) |" in section
     assert "### Gain over SCRATCH" in section and "### Gain over NNUNET" in section
-    assert "| joint | +5.0 ± 7.1 pts, wins 1/2 | +10.0 pts, wins 1/1 |" in section  # +10 and 0 points
+    assert "| joint | +5.0 ± 7.1 [+0.0, +10.0] pts, wins 1/2 | +10.0 pts, wins 1/1 |" in section  # +10, 0
     assert "- scratch, 1 labeled: liver 0.300 ± 0.141 (n=2), lesion 0.300 ± 0.141 (n=2)" in section
     assert "| joint | 1 | 1 | 0.400 | 0.600 |" in section  # held-out next to test
     assert "finished 11 of 12 runs" in section
