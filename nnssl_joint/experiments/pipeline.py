@@ -539,19 +539,23 @@ class Pipeline:
         again in order once those are done, and a worker waits for a step only when nothing else is left
         that it could run."""
         total = len(steps)
+        needs: dict[str, set[str]] = {}  # step key -> the keys it needs (None in the step: every earlier one)
+        for index, step in enumerate(steps):
+            needs[step.key] = {s.key for s in steps[:index]} if step.needs is None else set(step.needs)
         pending = [(index, step) for index, step in enumerate(steps, 1)]
         announced: set[str] = set()
         while pending:
             put_off: list[tuple[int, Step]] = []
             busy: set[str] = set()  # keys of the put-off steps
             for position, (index, step) in enumerate(pending):
-                if busy and self._needs_any(step, [s.key for s in steps[:index - 1]], busy):
+                if needs[step.key] & busy:
                     put_off.append((index, step))
                     busy.add(step.key)
                     continue
                 # wait for a busy step only when no later pending step could run without it and without
                 # the steps already put off (so that every pass runs or waits for at least one step)
-                wait = not self._something_runs_without(busy | {step.key}, pending[position + 1:], steps)
+                later = [s for _, s in pending[position + 1:]]
+                wait = not self._something_runs_without(busy | {step.key}, later, needs)
                 outcome = self._attempt(step, index, total, wait, announce=step.key not in announced)
                 if outcome == "busy":
                     announced.add(step.key)
@@ -560,17 +564,12 @@ class Pipeline:
             pending = put_off
 
     @staticmethod
-    def _needs_any(step: Step, earlier: Sequence[str], keys: set[str]) -> bool:
-        needs = earlier if step.needs is None else step.needs
-        return any(k in keys for k in needs)
-
-    def _something_runs_without(self, keys: set[str], later: Sequence[tuple[int, Step]],
-                                steps: Sequence[Step]) -> bool:
+    def _something_runs_without(keys: set[str], later: Sequence[Step], needs: dict[str, set[str]]) -> bool:
         """Whether one of the ``later`` pending steps needs none of the steps ``keys`` (directly or through
         a step that needs one of them)."""
         blocked = set(keys)
-        for index, candidate in later:
-            if self._needs_any(candidate, [s.key for s in steps[:index - 1]], blocked):
+        for candidate in later:
+            if needs[candidate.key] & blocked:
                 blocked.add(candidate.key)
             else:
                 return True
