@@ -113,6 +113,14 @@ def parse_labeled(text: str) -> list[int]:
     return values
 
 
+def parse_seed_list(text: str) -> list[int]:
+    """``"2,3,4"`` -> ``[2, 3, 4]`` (``--run-seeds``; the range is checked against ``--seeds`` later)."""
+    try:
+        return sorted({int(v) for v in text.split(",") if v.strip()})
+    except ValueError:
+        raise NnsslJointError(f"--run-seeds {text!r}: expected comma-separated seeds such as 2,3,4") from None
+
+
 #: arms of a benchmark without --arms: both baselines and both pretrained arms
 DEFAULT_ARMS = ("scratch", "nnunet", "intra", "joint")
 
@@ -474,6 +482,10 @@ class BenchmarkSettings:
     #: labeled datasets of the target's distribution that every fine-tuned run also predicts (``--heldout``):
     #: a read-out, not part of the experiment, so not in :meth:`record` (an existing folder takes it)
     heldout: list[str] = field(default_factory=list)
+    #: which of the ``seeds`` seeds this invocation fine-tunes (``--run-seeds``), so that several machines
+    #: can share one experiment's runs; None: all of them. Not in :meth:`record`: the report still covers
+    #: every seed, with the runs another invocation finished in the same folder
+    run_seeds: list[int] | None = None
 
     def __post_init__(self) -> None:
         self.out = Path(self.out).expanduser().resolve()
@@ -482,6 +494,14 @@ class BenchmarkSettings:
         self.heldout = list(dict.fromkeys(str(h) for h in self.heldout))
         if self.seeds < 1:
             raise NnsslJointError(f"--seeds must be >= 1, got {self.seeds}")
+        if self.run_seeds is not None:
+            self.run_seeds = sorted(set(self.run_seeds))
+            outside = [v for v in self.run_seeds if not 0 <= v < self.seeds]
+            if not self.run_seeds or outside:
+                raise NnsslJointError(
+                    f"--run-seeds {','.join(map(str, outside or self.run_seeds)) or '(empty)'}: --seeds "
+                    f"{self.seeds} defines seeds 0-{self.seeds - 1}; name some of those (e.g. --run-seeds "
+                    f"{self.seeds - 1}) or raise --seeds")
         if self.val_cases < 0:
             raise NnsslJointError(f"--val-cases must be >= 0 (0: validate on the labeled cases), "
                                   f"got {self.val_cases}")
@@ -730,9 +750,16 @@ class Benchmark(Pipeline):
 
     @property
     def runs(self) -> list[tuple[int, int, str]]:
-        """(seed, labeled, arm) in the order they run: all arms and counts of seed 0 first."""
+        """(seed, labeled, arm) of the experiment, in the order they run: all arms and counts of seed 0
+        first. The folds and the report cover all of them."""
         return [(s, k, a) for s in range(self.settings.seeds) for k in self.settings.labeled
                 for a in self.settings.arms]
+
+    @property
+    def own_runs(self) -> list[tuple[int, int, str]]:
+        """The runs this invocation trains: those of ``--run-seeds`` (all without it)."""
+        chosen = self.settings.run_seeds
+        return [r for r in self.runs if chosen is None or r[0] in chosen]
 
     @property
     def pretrain_dataset(self) -> str:
@@ -802,7 +829,7 @@ class Benchmark(Pipeline):
                                   self.step_probe, needs=("link", "plan_target", *pretrainings)))
         target = ("link", *stock, *(("plan_target",) if self.plugin_arms else ()))
         steps.append(Step("splits", "fine-tuning splits", self.step_splits, always=True, needs=target))
-        for seed, k, arm in self.runs:
+        for seed, k, arm in self.own_runs:
             pretrained = () if arm in BASELINES else (f"pretrain_{arm}",)
             steps.append(Step(f"finetune_{arm}_{run_name(k, seed)}",
                               f"seed {seed}, {k} labeled: fine-tuning {arm} + predicting + evaluating",
@@ -811,7 +838,7 @@ class Benchmark(Pipeline):
         for name in self.heldout_names:
             steps.append(Step(f"link_heldout_{name}", f"held-out read-out {name}: linking its labeled cases",
                               lambda p, n=name: self.step_link_heldout(n, p)))
-            for seed, k, arm in self.runs:
+            for seed, k, arm in self.own_runs:
                 steps.append(Step(self.heldout_key(name, arm, k, seed),
                                   f"seed {seed}, {k} labeled: {arm} predicting + evaluating held-out {name}",
                                   lambda p, n=name, s=seed, k=k, a=arm: self.step_heldout(n, a, k, s, p),
@@ -1152,7 +1179,8 @@ class Benchmark(Pipeline):
         os.environ.update({k: v for k, v in self.env().items() if k.startswith("nnUNet_")})
         s = self.settings
         print(f"nnssl_joint benchmark: target {s.target}, pretraining on {', '.join(s.pretrain) or '-'}, "
-              f"arms {','.join(s.arms)}, labeled {','.join(map(str, s.labeled))}, {s.seeds} seed(s), "
+              f"arms {','.join(s.arms)}, labeled {','.join(map(str, s.labeled))}, {s.seeds} seed(s)"
+              + (f" (here: {','.join(map(str, s.run_seeds))})" if s.run_seeds is not None else "") + ", "
               f"budget {s.budget!r}, preset {s.preset!r}, recipe {s.recipe!r}"
               + (f", fine-tuning overrides {json.dumps(s.finetune)}" if s.finetune else "")
               + (f", held-out read-out on {', '.join(s.heldout)}" if s.heldout else "")
@@ -1213,6 +1241,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default 1,2,4)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per labeled count: each draws its own "
                         "labeled cases and fine-tuning seed (default 3)")
+    parser.add_argument("--run-seeds", default=None, metavar="S[,S...]",
+                        help="fine-tune only these of the --seeds seeds here (0-based, comma-separated), "
+                        "e.g. to share one experiment between machines or workers; pretraining, probe and "
+                        "report are the same, and the report includes the runs other invocations finished in "
+                        "--out "
+                        "(default: every seed)")
     parser.add_argument("--arms", default=",".join(DEFAULT_ARMS),
                         help=f"comma-separated, from {', '.join(ARM_LABELS)} (default "
                         f"{','.join(DEFAULT_ARMS)}: every pretrained arm is compared with the plugin's "
@@ -1287,7 +1321,8 @@ def settings_from_args(args: argparse.Namespace) -> BenchmarkSettings:
                              recipe=args.recipe,
                              pretrain_objective=read_objective_overrides(args.pretrain_objective),
                              pretrain_options=read_pretrain_options(args.pretrain_options),
-                             finetune=read_finetune_overrides(args.finetune), heldout=args.heldout)
+                             finetune=read_finetune_overrides(args.finetune), heldout=args.heldout,
+                             run_seeds=None if args.run_seeds is None else parse_seed_list(args.run_seeds))
 
 
 def run_benchmark(settings: BenchmarkSettings, stream: TextIO | None = None) -> dict[str, Any]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -247,6 +248,65 @@ def test_a_second_worker_runs_the_baselines_while_the_first_pretrains(tmp_path):
     worker.join(timeout=20)
     assert not worker.is_alive()
     assert calls[10:] == ["probe", "finetune_joint_L1_s0", "finetune_joint_L1_s1", "report"]
+
+
+def test_run_seeds_share_one_experiment_between_invocations(tmp_path):
+    """--run-seeds: this invocation fine-tunes only the named seeds; the rest of the experiment (pretraining,
+    probe, the folds of every seed in their usual order, the report over all seeds) is what a full invocation
+    has, so several machines can split one experiment's runs and the report gathers them."""
+    import dataclasses
+
+    kwargs = {"pretrain": ["1"], "target": "2", "out": tmp_path / "out", "raw": tmp_path / "raw",
+              "labeled": [1, 2], "seeds": 3, "arms": ["scratch", "joint"], "preset": "cpu"}
+    full = bm.Benchmark(bm.BenchmarkSettings(**kwargs), io.StringIO())
+    part = bm.Benchmark(bm.BenchmarkSettings(**kwargs, run_seeds=[2, 0, 2]), io.StringIO())
+    assert part.settings.run_seeds == [0, 2]
+    assert part.settings.record() == full.settings.record()  # the same experiment
+    full_keys = [s.key for s in full.steps()]
+    part_keys = [s.key for s in part.steps()]
+    assert [k for k in full_keys if "_s1" not in k] == part_keys
+    assert "pretrain_joint" in part_keys and "probe" in part_keys and part_keys[-1] == "report"
+    assert [k for k in part_keys if k.startswith("finetune_")] == [
+        f"finetune_{a}_L{k}_s{s}" for s in (0, 2) for k in (1, 2) for a in ("scratch", "joint")]
+
+    # the folds: every seed's, in the order a full invocation registers them, whichever seeds run here
+    target = part.raw / "Dataset002_T"  # the folder's linked target
+    (target / "labelsTr").mkdir(parents=True)
+    (target / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "organ": 1},
+                                                     "file_ending": ".nii.gz"}))
+    for i in range(6):
+        (target / "labelsTr" / f"c{i}.nii.gz").write_bytes(b"")
+    for bench in (part, full):
+        bench.target_name = target.name
+    folds = part.step_splits(None)["folds"]
+    assert list(folds) == [f"L{k}_s{s}" for s in range(3) for k in (1, 2)]
+    assert folds["L2_s1"] == bm.benchmark_split([f"c{i}" for i in range(6)], 2, 1, 1)
+    assert full.step_splits(None)["folds"] == folds
+
+    # the report: the planned runs of every seed, with the runs another invocation finished in the folder
+    part.state_folder.mkdir(parents=True, exist_ok=True)
+    part.marker("finetune_scratch_L1_s1").write_text(json.dumps(
+        {"info": {"mean_dice": 0.5, "dice": {"t": {"1": 0.5}}}}))
+    report = part.collect()
+    assert report["planned_runs"] == 12 and report["finished_runs"] == 1
+    assert report["runs"]["scratch/L1_s1"]["mean_dice"] == 0.5
+
+    for bad, shown in (([3], "--run-seeds 3: --seeds 3 defines seeds 0-2"), ([], "--run-seeds (empty)"),
+                       ([0, -1], "--run-seeds -1:")):
+        with pytest.raises(NnsslJointError, match=re.escape(shown)):
+            bm.BenchmarkSettings(**kwargs, run_seeds=bad)
+    assert bm.parse_seed_list("4, 2,2") == [2, 4]
+    with pytest.raises(NnsslJointError, match="--run-seeds '2-4': expected comma-separated seeds"):
+        bm.parse_seed_list("2-4")
+    assert dataclasses.replace(part.settings, run_seeds=None).run_seeds is None
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    bm.add_arguments(parser)
+    common = ["--target", "2", "--raw", str(tmp_path / "raw"), "--arms", "scratch", "--seeds", "3",
+              "--out", str(tmp_path / "out")]
+    assert bm.settings_from_args(parser.parse_args([*common, "--run-seeds", "2,0"])).run_seeds == [0, 2]
+    assert bm.settings_from_args(parser.parse_args(common)).run_seeds is None
 
 
 def test_settings_may_grow_but_not_change(tmp_path):
