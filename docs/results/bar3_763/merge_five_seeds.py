@@ -1,0 +1,37 @@
+"""Bar 3 on 763 over five seeds, runs of several folders paired by seed: the benchmark's own ``aggregate``.
+
+Runs are deterministic (pretraining losses and probe repeat to the digit across sessions, and each seed's
+training cases follow from the seed alone), so a seed's scratch and joint runs of different folders share
+training cases and fine-tuning seed.
+
+- 2 labeled cases: scratch seeds 0-1 from session 36 (scratch_session36_benchmark.json), joint seeds 0-1 from
+  session 37 (joint_L2_session37_runs.json), both arms of seeds 2-4 from session 38's folder::
+
+    python merge_five_seeds.py 2 bar3_session38_L2_seeds2-4_benchmark.json > bar3_L2_five_seeds_session38.json
+
+- 4 labeled cases: scratch from session 36 (precondition_benchmark.json), joint from session 38's folder::
+
+    python merge_five_seeds.py 4 bar3_session38_L4_joint_benchmark.json > bar3_L4_five_seeds_session38.json
+"""
+import json
+import sys
+from pathlib import Path
+
+from nnssl_joint.experiments.benchmark import aggregate
+
+res = Path(__file__).resolve().parent
+labeled, folder_report = int(sys.argv[1]), Path(sys.argv[2])
+runs: dict = {}
+if labeled == 2:
+    s36 = json.loads((res / "scratch_session36_benchmark.json").read_text())["runs"]
+    runs.update({k: v for k, v in s36.items() if k in ("scratch/L2_s0", "scratch/L2_s1")})
+    runs.update(json.loads((res / "joint_L2_session37_runs.json").read_text()))
+else:
+    s36 = json.loads((res / "precondition_benchmark.json").read_text())["runs"]
+    runs.update({k: v for k, v in s36.items() if k.startswith(f"scratch/L{labeled}_")})
+here = json.loads(folder_report.read_text())["runs"]
+runs.update({k: v for k, v in here.items() if k.split("/")[1].startswith(f"L{labeled}_") and k not in runs})
+classes = {"1": "liver_like", "2": "kidney_like"}
+seeds = sorted({int(k.split("_s")[1]) for k in runs})
+summary = aggregate(runs, ["scratch", "joint"], [labeled], seeds, classes)
+print(json.dumps({"runs_used": sorted(runs), "summary": summary}, indent=1))
