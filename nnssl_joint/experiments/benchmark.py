@@ -101,13 +101,17 @@ BASELINES = ("scratch", "nnunet")
 BENCHMARK_NEW_PARTS_INIT = "run"
 
 
+def _comma_integers(text: str, flag: str, expected: str) -> list[int]:
+    """``"4, 2,2"`` -> ``[2, 4]`` (sorted, unique); otherwise an error naming ``flag`` and ``expected``."""
+    try:
+        return sorted({int(v) for v in text.split(",") if v.strip()})
+    except ValueError:
+        raise NnsslJointError(f"{flag} {text!r}: expected {expected}") from None
+
+
 def parse_labeled(text: str) -> list[int]:
     """``"1,2,4"`` -> ``[1, 2, 4]`` (sorted, unique, each >= 1)."""
-    try:
-        values = sorted({int(v) for v in text.split(",") if v.strip()})
-    except ValueError:
-        raise NnsslJointError(f"--labeled {text!r}: expected comma-separated integers "
-                              "such as 1,2,4") from None
+    values = _comma_integers(text, "--labeled", "comma-separated integers such as 1,2,4")
     if not values or values[0] < 1:
         raise NnsslJointError(f"--labeled {text!r}: every count must be >= 1")
     return values
@@ -115,10 +119,7 @@ def parse_labeled(text: str) -> list[int]:
 
 def parse_seed_list(text: str) -> list[int]:
     """``"2,3,4"`` -> ``[2, 3, 4]`` (``--run-seeds``; the range is checked against ``--seeds`` later)."""
-    try:
-        return sorted({int(v) for v in text.split(",") if v.strip()})
-    except ValueError:
-        raise NnsslJointError(f"--run-seeds {text!r}: expected comma-separated seeds such as 2,3,4") from None
+    return _comma_integers(text, "--run-seeds", "comma-separated seeds such as 2,3,4")
 
 
 #: arms of a benchmark without --arms: both baselines and both pretrained arms
@@ -1245,8 +1246,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fine-tune only these of the --seeds seeds here (0-based, comma-separated), "
                         "e.g. to share one experiment between machines or workers; pretraining, probe and "
                         "report are the same, and the report includes the runs other invocations finished in "
-                        "--out "
-                        "(default: every seed)")
+                        "--out (default: every seed)")
     parser.add_argument("--arms", default=",".join(DEFAULT_ARMS),
                         help=f"comma-separated, from {', '.join(ARM_LABELS)} (default "
                         f"{','.join(DEFAULT_ARMS)}: every pretrained arm is compared with the plugin's "
