@@ -47,6 +47,40 @@ def sample_valid_slices(valid: Tensor, count: int, generator: torch.Generator | 
     return _random_valid(valid, count, generator)
 
 
+def sample_sub_window_starts(valid: Tensor, shift: int, n_views: int,
+                             generator: torch.Generator | None = None) -> Tensor:
+    """(B, n_views) int64 starts of sub-windows of ``N - shift`` consecutive positions of (B, N) windows.
+
+    Each start is uniform over 0..``shift``, independently per window and view, restricted to the starts
+    whose sub-window holds at least one valid position (a short volume is centred in its padded window);
+    ``shift`` must lie in [0, N). ``generator`` must live on ``valid.device``."""
+    _check_valid(valid)
+    n = valid.shape[1]
+    if not 0 <= shift < n:
+        raise ValueError(f"shift must lie in [0, {n}) for windows of {n} slices, got {shift}")
+    if not valid.any(dim=1).all():
+        raise ValueError("every window needs a valid slice to place a sub-window on")
+    length = n - shift
+    positions = torch.arange(n, device=valid.device)
+    first = torch.where(valid, positions, n).amin(dim=1)
+    last = torch.where(valid, positions, -1).amax(dim=1)
+    low = (first - length + 1).clamp_min(0)[:, None]
+    high = last.clamp_max(shift)[:, None]
+    u = torch.rand((valid.shape[0], n_views), generator=generator, device=valid.device)
+    return (low + (u * (high - low + 1)).long().clamp_max(high - low)).long()
+
+
+def take_sub_windows(x: Tensor, starts: Tensor, length: int) -> Tensor:
+    """The ``length`` positions from ``starts[b]`` on of each row b of ``x`` (B, N, ...): (B, length, ...)."""
+    if starts.shape != x.shape[:1]:
+        raise ValueError(f"starts must be ({x.shape[0]},), got {tuple(starts.shape)}")
+    index = starts[:, None] + torch.arange(length, device=x.device)
+    if length < 1 or index.min() < 0 or index.max() >= x.shape[1]:
+        raise ValueError(f"sub-windows of {length} positions from starts {starts.tolist()} do not fit in "
+                         f"{x.shape[1]} positions")
+    return x[torch.arange(x.shape[0], device=x.device)[:, None], index]
+
+
 class MaskedSliceModeling(nn.Module):
     """Learned mask token (dim,) and the linear decoder from f_inter outputs to slice embeddings."""
 

@@ -15,6 +15,9 @@ Forward computes the loss terms of Nguyen et al. (AAAI 2023) that the current st
   mask token, go through f_inter once; the decoder predicts the detached original embeddings at the
   masked slices (L_mask) and the pooled volume feature Z of the two views enters the 3D clustering
   loss (L_inter). One pass serves both terms: Z is the masked pass's, like BERT's sentence feature.
+  With ``objective.volume_view_shift`` = s > 0 each view's f_inter pass (and the contrastive volume term's
+  key pass) reads a sub-window of N - s window positions from its own random start in 0..s, so the views'
+  volume features differ along the slice axis; the mask stays on the same slices.
 * ``dense`` (ours, only when ``objective.lambda_dense > 0``; :mod:`nnssl_joint.ssl.dense`): InfoNCE between
   corresponding cells of the encoder skip ``objective.dense_stage`` in the two global views of the 2D items
   and of every valid window slice, from the views' coordinate maps (``'global_coords'`` / ``'coords'``); with
@@ -45,13 +48,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from nnssl_joint.errors import NnsslJointError
 from nnssl_joint.models.encoder import build_encoder_2d, build_slice_embedding, build_slice_transformer
 from nnssl_joint.models.masked_prediction import (
     MaskedSliceModeling,
     masked_embedding_loss,
     sample_slice_mask,
+    sample_sub_window_starts,
     sample_valid_slices,
     standardize_targets,
+    take_sub_windows,
 )
 from nnssl_joint.models.norms import use_volume_statistics, window_statistics
 from nnssl_joint.models.preset import ArchitecturePreset
@@ -397,6 +403,7 @@ class JointSSLModel(nn.Module):
                     mask = volumes.get("mask")
                     mask = (mask.to(torch.bool) if mask is not None
                             else sample_slice_mask(valid, self.objective.mask_ratio))
+                starts = self._sub_window_starts(valid, n_views)
                 zs_3d, mask_losses, pooled, volume_features = [], [], [], []
                 targets = e3.detach()
                 if mask is not None and self.objective.mask_target_normalization == "standardize":
@@ -408,19 +415,27 @@ class JointSSLModel(nn.Module):
                         tokens = tokens.detach()
                     else:
                         tokens = scale_gradient(tokens, self.objective.volume_encoder_gradient_scale)
+                    view_valid, view_mask, view_targets = valid, mask, targets[:, view]
+                    if starts is not None:  # this view's sub-window of the window positions
+                        tokens, view_valid, view_targets = (
+                            take_sub_windows(x, starts[:, view], n - self.objective.volume_view_shift)
+                            for x in (tokens, valid, view_targets))
+                        if mask is not None:
+                            view_mask = take_sub_windows(mask, starts[:, view],
+                                                         n - self.objective.volume_view_shift)
                     if mask is not None:
-                        tokens = self.masked_modeling.apply_mask(tokens, mask)
-                    per_slice, volume_feature = self.slice_transformer(tokens, valid)
+                        tokens = self.masked_modeling.apply_mask(tokens, view_mask)
+                    per_slice, volume_feature = self.slice_transformer(tokens, view_valid)
                     if mask is not None:
                         pred = self.masked_modeling(per_slice)
                         mask_losses.append(masked_embedding_loss(
-                            pred, targets[:, view], mask, valid,
+                            pred, view_targets, view_mask, view_valid,
                             all_positions=self.objective.mask_loss_all_positions))
                     zs_3d.append(self.projection_3d(volume_feature if self.objective.inter_trains_transformer
                                                     else volume_feature.detach()))
                     volume_features.append(volume_feature)
                     if want_varcov:
-                        pooled.append(masked_slice_mean(per_slice, valid))
+                        pooled.append(masked_slice_mean(per_slice, view_valid))
                 if mask is not None:
                     out[TERM_MASK] = torch.stack(mask_losses).mean()
                 if stage.is_active(TERM_INTER):
@@ -435,7 +450,8 @@ class JointSSLModel(nn.Module):
                                              "objective.lambda_volume_contrast > 0",
                                              "each window's case number",
                                              "sample_index=SampleIndex.from_summary(...)").long()
-                    keys = self._momentum_keys(v, valid) if self.volume_key_network is not None else None
+                    keys = (self._momentum_keys(v, valid, starts) if self.volume_key_network is not None
+                            else None)
                     out[TERM_VOLUME_CONTRAST] = self.volume_contrast(volume_features[0], volume_features[1],
                                                                      case, keys)
                 if pooled:
@@ -452,6 +468,20 @@ class JointSSLModel(nn.Module):
         b3, n_views, c, n, h, w = views.shape
         return views.permute(0, 1, 3, 2, 4, 5).reshape(b3 * n_views * n, c, h, w)
 
+    def _sub_window_starts(self, valid: Tensor, n_views: int) -> Tensor | None:
+        """The (B3, views) sub-window starts of ``objective.volume_view_shift`` (torch's generator), or None
+        when it is 0 (every view reads the whole window; nothing is drawn)."""
+        shift = self.objective.volume_view_shift
+        if not shift:
+            return None
+        n = valid.shape[1]
+        if shift >= n:
+            raise NnsslJointError(
+                f"objective.volume_view_shift={shift} leaves no window position for f_inter: the volume "
+                f"windows hold {n} slices (data.n_slices), so the shift must be < {n}; set "
+                f"volume_view_shift to at most {n // 2} (half the window) or use longer windows")
+        return sample_sub_window_starts(valid.to(torch.bool), shift, n_views)
+
     def _window_statistics(self, encoder: nn.Module, valid: Tensor, n_views: int,
                            leading_rows: int = 0) -> contextlib.AbstractContextManager:
         """With ``objective.norm_over_window``, the context in which ``encoder`` normalises each window (valid
@@ -462,9 +492,11 @@ class JointSSLModel(nn.Module):
         return window_statistics(encoder, valid.to(torch.bool).repeat_interleave(n_views, 0), leading_rows)
 
     @torch.no_grad()
-    def _momentum_keys(self, views: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+    def _momentum_keys(self, views: Tensor, valid: Tensor,
+                       starts: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """The volume features of both views (B3, 2, C, N, h, w) from the momentum key network, after its
-        update (training mode only): parameters m * key + (1 - m) * online, buffers copied."""
+        update (training mode only): parameters m * key + (1 - m) * online, buffers copied. With ``starts``
+        (B3, 2), each view's f_inter reads its sub-window of ``objective.volume_view_shift``."""
         keys = self.volume_key_network
         if self.training:
             m = self.objective.volume_contrast_momentum
@@ -478,7 +510,13 @@ class JointSSLModel(nn.Module):
         with self._window_statistics(keys["encoder"], valid, n_views):
             skips = keys["encoder"](self._window_slices(views))
         emb = keys["slice_embedding"](skips).view(b3, n_views, n, -1)
-        features = [keys["slice_transformer"](emb[:, view], valid)[1] for view in range(2)]
+        features = []
+        for view in range(2):
+            tokens, view_valid = emb[:, view], valid
+            if starts is not None:
+                length = n - self.objective.volume_view_shift
+                tokens, view_valid = (take_sub_windows(x, starts[:, view], length) for x in (tokens, valid))
+            features.append(keys["slice_transformer"](tokens, view_valid)[1])
         return features[0], features[1]
 
     @classmethod

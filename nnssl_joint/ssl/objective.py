@@ -213,6 +213,14 @@ class ObjectiveConfig:
             slices per window drawn at random (torch's generator; the same slice positions in both views;
             all of a window's valid slices when it has fewer), so the batch holds fewer near-duplicates
             (twenty-sixth pass).
+        volume_view_shift: 0 (default) = the volume-level terms (L_inter, L_mask, the contrastive volume
+            term) read both views over the whole window, slice n of view A against slice n of view B; s > 0 =
+            each view's f_inter reads a sub-window of N - s consecutive window positions whose start is drawn
+            per window and per view, uniformly from 0..s (torch's generator; clipped so that the sub-window
+            holds a valid slice), so the two views' volume features differ along the slice axis by up to s
+            slices. The per-slice terms (L_intra_3d, the dense term) and the window statistics keep the
+            whole window. Must be < N (checked at the first volume batch). Not the paper's (issue 12's
+            candidate "views that differ along the slice axis"; thirty-first pass).
         :meth:`authors_release` returns a config with the release's choices.
     """
 
@@ -264,6 +272,7 @@ class ObjectiveConfig:
     mask_target_normalization: str = "none"
     slice_level_3d_loss: bool = True
     intra_3d_slices_per_window: int = 0
+    volume_view_shift: int = 0
     volume_terms_train_encoder: bool = True
     volume_encoder_gradient_scale: float = 0.1
     inter_trains_transformer: bool = False
@@ -408,6 +417,7 @@ class ObjectiveConfig:
             "dense_slice_offset",
             "dense_keys",
             "intra_3d_slices_per_window",
+            "volume_view_shift",
             "volume_contrast_queue",
         ):
             if getattr(self, name) < 0:
