@@ -19,6 +19,7 @@ from nnssl_joint.common.modules import unwrap
 from nnssl_joint.common.typed_config import build, layers_from, load_layered
 from nnssl_joint.errors import NnsslJointError
 from nnssl_joint.models.downstream import PRETRAINED_PARTS
+from nnssl_joint.models.preset import same_preset
 
 FINETUNE_ENV_VAR = "NNSSL_JOINT_FINETUNE_CONFIG"
 FINETUNE_PLANS_SECTION = "nnssl_joint_finetune"
@@ -282,7 +283,7 @@ def check_pretrained_weights(network: nn.Module, path: str, plans_preset: dict |
             "--downstream` and train with -p nnsslJointPlans")
     if plans_preset is None:
         plans_preset = network.preset.to_dict()
-    if meta.get("preset") != plans_preset:
+    if not same_preset(meta.get("preset"), plans_preset):
         raise NnsslJointError(
             f"{path} was pretrained with architecture preset '{meta.get('preset', {}).get('name')}' but the "
             f"plans use preset '{plans_preset.get('name')}'; re-plan the downstream dataset with the "

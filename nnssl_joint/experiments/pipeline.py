@@ -687,9 +687,11 @@ def check_presets_agree(plans_file: Path, pretrained_file: Path) -> None:
     fine-tuning with both presets named."""
     import torch
 
+    from nnssl_joint.models.preset import same_preset
+
     plans_preset = json.loads(Path(plans_file).read_text()).get("nnssl_joint", {}).get("preset")
     meta = torch.load(pretrained_file, map_location="cpu", weights_only=False).get("nnssl_joint", {})
-    if plans_preset != meta.get("preset"):
+    if not same_preset(plans_preset, meta.get("preset")):
         raise NnsslJointError(
             f"{plans_file} was planned with preset '{(plans_preset or {}).get('name')}' but "
             f"{pretrained_file} was pretrained with preset '{meta.get('preset', {}).get('name')}'; "

@@ -63,7 +63,8 @@ def build_slice_transformer(preset: ArchitecturePreset) -> SliceTransformer:
     return SliceTransformer(preset.embedding_dim, depth=t.depth, heads=t.heads, dim_head=t.dim_head,
                             ffn_dim=t.ffn_dim, dropout=t.dropout, downsample=t.downsample,
                             offset_scale=t.offset_scale, offset_kernel=t.offset_kernel,
-                            attention=t.attention, input_norm=t.input_norm)
+                            attention=t.attention, input_norm=t.input_norm, norm_first=t.norm_first,
+                            zero_init_residual=t.zero_init_residual)
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,15 @@ class TransformerConfig:
     #: component every slice embedding shares before f_inter (models/slice_transformer.py, TokenBatchNorm).
     #: Presets without the key (and older checkpoints) get "none".
     input_norm: str = "none"
+    #: False (the authors' layer): post-norm, LayerNorm after each residual sum; True: pre-norm, LayerNorm
+    #: on each branch's input and one final LayerNorm over the per-slice outputs (a final_norm parameter).
+    #: Presets without the key (and older checkpoints) get False.
+    norm_first: bool = False
+    #: True: the last linear map of each residual branch (the attention's to_out, the FFN's second Linear)
+    #: starts at zero, so every layer starts as the identity on its residual stream (with norm_first, f_inter
+    #: starts as its final LayerNorm). False (the authors'): PyTorch's default initialisation. Presets
+    #: without the key (and older checkpoints) get False.
+    zero_init_residual: bool = False
 
 
 Pair = tuple[int, int]
@@ -131,6 +140,10 @@ class ArchitecturePreset:
         if self.transformer.input_norm not in INPUT_NORMS:
             raise ValueError(f"preset '{self.name}': transformer.input_norm must be one of "
                              f"{', '.join(INPUT_NORMS)}, got {self.transformer.input_norm!r}")
+        for key in ("norm_first", "zero_init_residual"):
+            if not isinstance(getattr(self.transformer, key), bool):  # ValueError like every preset error
+                raise ValueError(f"preset '{self.name}': transformer.{key} must be true or false, "  # noqa: TRY004
+                                 f"got {getattr(self.transformer, key)!r}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -168,6 +181,19 @@ class ArchitecturePreset:
         top["projection"] = ProjectionConfig(**build(ProjectionConfig, top.get("projection", {}),
                                                      "projection"))
         return cls(**top)
+
+
+def same_preset(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
+    """Whether two stored preset dicts (``ArchitecturePreset.to_dict()`` of a checkpoint, plans file or
+    run) describe one architecture: compared after :meth:`ArchitecturePreset.from_dict`, so a dict written
+    before a key existed equals one that holds the key at its default. Dicts that do not parse compare as
+    they are."""
+    if a is None or b is None:
+        return a == b
+    try:
+        return ArchitecturePreset.from_dict(a).to_dict() == ArchitecturePreset.from_dict(b).to_dict()
+    except (TypeError, ValueError):
+        return a == b
 
 
 def available_presets() -> list[str]:

@@ -52,11 +52,13 @@ class SliceTransformerLayer(nn.Module):
     Post-norm (``norm_first=False``) follows the authors' layer; with 4 layers it trains without
     warm-up tricks and its per-slice outputs are LayerNorm-ed, which keeps masked-prediction decoders
     on a fixed scale. ``norm_first=True`` gives the pre-norm variant for deeper stacks.
+    ``zero_init_residual=True`` zeroes the last linear map of both residual branches (the attention's
+    ``to_out``, the FFN's second Linear), so the layer starts as the identity on its residual stream.
     """
 
     def __init__(self, dim: int, heads: int, dim_head: int, ffn_dim: int, dropout: float, downsample: int,
                  offset_scale: float, offset_kernel: int, norm_first: bool = False,
-                 attention: str = "deformable") -> None:
+                 attention: str = "deformable", zero_init_residual: bool = False) -> None:
         super().__init__()
         self.norm_first = norm_first
         self.attention = DeformableSliceAttention(dim, heads=heads, dim_head=dim_head, downsample=downsample,
@@ -67,6 +69,10 @@ class SliceTransformerLayer(nn.Module):
         self.norm_attention = nn.LayerNorm(dim)
         self.norm_ffn = nn.LayerNorm(dim)
         self.dropout = nn.Dropout(dropout)
+        if zero_init_residual:
+            for last in (self.attention.to_out, self.ffn[-1]):
+                nn.init.zeros_(last.weight)
+                nn.init.zeros_(last.bias)
 
     def forward(self, x: Tensor, valid: Tensor | None = None) -> Tensor:
         if self.norm_first:
@@ -84,13 +90,15 @@ class SliceTransformer(nn.Module):
     ``attention`` (``deformable``, ``full``, ``auto``) picks what the same parameters compute; see
     :class:`DeformableSliceAttention` for the modes and what switching by N means for pretrained models.
     ``input_norm`` ``"batch"`` puts a :class:`TokenBatchNorm` in front of the first layer (``"none"``: the
-    tokens enter as they are, the paper's f_inter).
+    tokens enter as they are, the paper's f_inter). ``norm_first`` / ``zero_init_residual``: see
+    :class:`SliceTransformerLayer` (pre-norm adds one final LayerNorm over the per-slice outputs).
     """
 
     def __init__(self, dim: int, depth: int = 4, heads: int = 8, dim_head: int = 64,
                  ffn_dim: int | None = None,
                  dropout: float = 0.1, downsample: int = 4, offset_scale: float = 2.0, offset_kernel: int = 6,
-                 norm_first: bool = False, attention: str = "deformable", input_norm: str = "none") -> None:
+                 norm_first: bool = False, attention: str = "deformable", input_norm: str = "none",
+                 zero_init_residual: bool = False) -> None:
         super().__init__()
         if depth < 1:
             raise ValueError(f"SliceTransformer needs depth >= 1, got {depth}")
@@ -102,7 +110,7 @@ class SliceTransformer(nn.Module):
         self.input_norm = TokenBatchNorm(dim) if input_norm == "batch" else None
         self.layers = nn.ModuleList(
             SliceTransformerLayer(dim, heads, dim_head, ffn_dim, dropout, downsample, offset_scale,
-                                  offset_kernel, norm_first, attention)
+                                  offset_kernel, norm_first, attention, zero_init_residual)
             for _ in range(depth)
         )
         self.final_norm = nn.LayerNorm(dim) if norm_first else nn.Identity()

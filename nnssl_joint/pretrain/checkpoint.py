@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from nnssl_joint.models.preset import ArchitecturePreset
+from nnssl_joint.models.preset import ArchitecturePreset, same_preset
 from nnssl_joint.pretrain.autoconfig import SelfConfiguration
 from nnssl_joint.pretrain.model import JointSSLModel
 from nnssl_joint.ssl.objective import ObjectiveConfig
@@ -74,7 +74,7 @@ def load_initial_weights(model: JointSSLModel, checkpoint_file: str | Path, pres
     except NnsslJointError as e:
         raise NnsslJointError(f"init_from: {e}; {hint}, or to null") from e
     record = ckpt["nnssl_joint"]
-    if record["preset"] != preset.to_dict():
+    if not same_preset(record["preset"], preset.to_dict()):
         raise NnsslJointError(f"init_from: {checkpoint_file} was pretrained with preset "
                               f"'{record['preset'].get('name')}', this run uses '{preset.name}' (or a "
                               f"changed copy of it); {hint}")

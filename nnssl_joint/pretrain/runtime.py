@@ -15,6 +15,7 @@ from torch import nn
 
 from nnssl_joint.common.modules import unwrap
 from nnssl_joint.errors import NnsslJointError
+from nnssl_joint.models.preset import same_preset
 from nnssl_joint.pretrain.autoconfig import DatasetStats, SelfConfiguration
 from nnssl_joint.ssl.objective import LOSS_TERMS
 from nnssl_joint.ssl.swav import prototype_usage_entropy
@@ -261,7 +262,7 @@ def check_resume_compatible(checkpoint: dict, current: dict) -> dict:
             f"the checkpoint was written by {checkpoint.get('trainer_name', 'an unknown trainer')}, not by "
             "JointSSLPretrainTrainer; --c can only resume a JointSSLPretrainTrainer run "
             "(remove --c to start anew)")
-    if extra["preset"] != current["preset"]:
+    if not same_preset(extra["preset"], current["preset"]):
         raise NnsslJointError(
             f"the checkpoint used architecture preset '{extra['preset']['name']}' but this run resolves to "
             f"'{current['preset']['name']}'; resume with the same NNSSL_JOINT_CONFIG/plans, "
