@@ -415,14 +415,9 @@ class JointSSLModel(nn.Module):
                         tokens = tokens.detach()
                     else:
                         tokens = scale_gradient(tokens, self.objective.volume_encoder_gradient_scale)
-                    view_valid, view_mask, view_targets = valid, mask, targets[:, view]
-                    if starts is not None:  # this view's sub-window of the window positions
-                        tokens, view_valid, view_targets = (
-                            take_sub_windows(x, starts[:, view], n - self.objective.volume_view_shift)
-                            for x in (tokens, valid, view_targets))
-                        if mask is not None:
-                            view_mask = take_sub_windows(mask, starts[:, view],
-                                                         n - self.objective.volume_view_shift)
+                    tokens, view_valid, view_targets = self._view_sub_window(starts, view, tokens, valid,
+                                                                              targets[:, view])
+                    view_mask = None if mask is None else self._view_sub_window(starts, view, mask)[0]
                     if mask is not None:
                         tokens = self.masked_modeling.apply_mask(tokens, view_mask)
                     per_slice, volume_feature = self.slice_transformer(tokens, view_valid)
@@ -482,6 +477,14 @@ class JointSSLModel(nn.Module):
                 f"volume_view_shift to at most {n // 2} (half the window) or use longer windows")
         return sample_sub_window_starts(valid.to(torch.bool), shift, n_views)
 
+    def _view_sub_window(self, starts: Tensor | None, view: int, *tensors: Tensor) -> tuple[Tensor, ...]:
+        """``tensors`` (B3, N, ...) as view ``view``'s f_inter pass reads them: the N - volume_view_shift
+        positions from ``starts[:, view]`` (:meth:`_sub_window_starts`), or whole when ``starts`` is None."""
+        if starts is None:
+            return tensors
+        length = tensors[0].shape[1] - self.objective.volume_view_shift
+        return tuple(take_sub_windows(x, starts[:, view], length) for x in tensors)
+
     def _window_statistics(self, encoder: nn.Module, valid: Tensor, n_views: int,
                            leading_rows: int = 0) -> contextlib.AbstractContextManager:
         """With ``objective.norm_over_window``, the context in which ``encoder`` normalises each window (valid
@@ -510,13 +513,8 @@ class JointSSLModel(nn.Module):
         with self._window_statistics(keys["encoder"], valid, n_views):
             skips = keys["encoder"](self._window_slices(views))
         emb = keys["slice_embedding"](skips).view(b3, n_views, n, -1)
-        features = []
-        for view in range(2):
-            tokens, view_valid = emb[:, view], valid
-            if starts is not None:
-                length = n - self.objective.volume_view_shift
-                tokens, view_valid = (take_sub_windows(x, starts[:, view], length) for x in (tokens, valid))
-            features.append(keys["slice_transformer"](tokens, view_valid)[1])
+        features = [keys["slice_transformer"](*self._view_sub_window(starts, view, emb[:, view], valid))[1]
+                    for view in range(2)]
         return features[0], features[1]
 
     @classmethod
