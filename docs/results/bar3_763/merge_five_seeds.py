@@ -53,10 +53,10 @@ if labeled == 1:
 
     g0, g1 = gains(s37), gains(runs)
     both = [(a + b) / 2 for a, b in zip(g0, g1)]
+    change = [b - a for a, b in zip(g0, g1)]
     out["pretraining_seeds"] = {
         "gain_points_pretraining_seed_0": g0, "gain_points_pretraining_seed_1": g1,
-        "seed_1_minus_seed_0_points": {**spread([b - a for a, b in zip(g0, g1)]),
-                                       "per_seed": [b - a for a, b in zip(g0, g1)]},
+        "seed_1_minus_seed_0_points": {**spread(change), "per_seed": change},
         "gain_points_mean_of_both": {**spread(both), "ci95": bootstrap_interval(both), "per_seed": both,
                                      "wins": f"{sum(v > 0 for v in both)}/{len(both)}"}}
 print(json.dumps(out, indent=1))
